@@ -1,0 +1,3 @@
+from evaluations.cli import main
+
+raise SystemExit(main())

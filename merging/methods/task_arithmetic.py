@@ -1,0 +1,1 @@
+"""Task arithmetic family (filled in by the task-arithmetic issue)."""

@@ -1,0 +1,99 @@
+"""The SoK taxonomy of model-merging methods, as plain data (no torch).
+
+Families follow the SoK on model merging through loss-landscape geometry: interpolation
+(weight averaging, spherical and importance-weighted averages), permutation alignment (neuron
+alignment before averaging), task arithmetic (task vectors and their sparsified, sign-elected
+and subspace variants), and output ensembling, the reference that merges are compared with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from taxonomy.errors import BasinError
+
+
+class Family(str, Enum):
+    INTERPOLATION = "interpolation"
+    PERMUTATION_ALIGNMENT = "permutation_alignment"
+    TASK_ARITHMETIC = "task_arithmetic"
+    ENSEMBLE = "ensemble"
+
+
+class Kind(str, Enum):
+    """How the method runs: per tensor in the streaming engine, or over whole models and data."""
+
+    TENSORWISE = "tensorwise"  # a pure function over one tensor name's inputs; streams
+    MODELWISE = "modelwise"  # needs whole models and/or data (alignment, Fisher, RegMean, soups)
+    REFERENCE = "reference"  # not a merge: a baseline the benchmarks report (output ensemble)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter. `per_model` parameters are given per input model."""
+
+    name: str
+    default: Any
+    help: str
+    per_model: bool = False
+    low: float | None = None  # inclusive bounds; None = unbounded
+    high: float | None = None
+    low_open: bool = False  # True makes `low` exclusive (e.g. density in (0, 1])
+    choices: tuple[Any, ...] | None = None
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise BasinError naming `where` if `value` is out of range for this parameter."""
+        if self.choices is not None and value not in self.choices:
+            raise BasinError(f"{where}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if self.low is not None or self.high is not None:
+                if isinstance(self.default, bool) and isinstance(value, bool):
+                    return
+                raise BasinError(f"{where}: parameter {self.name!r} must be a number, got {value!r}")
+            return
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            bracket = "(" if self.low_open else "["
+            raise BasinError(
+                f"{where}: parameter {self.name!r} = {value} is outside {bracket}{self.low}, {self.high}]"
+            )
+        if self.high is not None and value > self.high:
+            raise BasinError(f"{where}: parameter {self.name!r} = {value} is above its maximum {self.high}")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's taxonomy entry: what it is, where it comes from, what it needs."""
+
+    name: str
+    family: Family
+    category: str  # the SoK sub-category, e.g. "weight averaging", "sign election"
+    paper: str  # "Authors Year, Title"
+    year: int
+    kind: Kind = Kind.TENSORWISE
+    needs_base: bool = False
+    needs_data: bool = False
+    needs_shared_init: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    params: tuple[Param, ...] = ()
+    in_mergekit: bool = False
+    summary: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "none"
+        raise BasinError(f"method {self.name!r} has no parameter {name!r} (known: {known})")
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["family"] = self.family.value
+        d["kind"] = self.kind.value
+        return d

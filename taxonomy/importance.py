@@ -1,0 +1,1 @@
+"""Taxonomy entries: importance (filled in by the issue that implements these methods)."""

@@ -1,0 +1,59 @@
+"""The registry of method entries that the CLI, the docs and the merge engine read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from taxonomy.core import Family, MethodInfo
+from taxonomy.errors import BasinError
+
+_ENTRIES: dict[str, MethodInfo] = {}
+
+
+def register(*infos: MethodInfo) -> None:
+    for info in infos:
+        for key in (info.name, *info.aliases):
+            if key in _ENTRIES and _ENTRIES[key] is not info:
+                raise RuntimeError(f"taxonomy entry {key!r} registered twice")
+            _ENTRIES[key] = info
+
+
+def _load() -> None:
+    # Importing the data modules registers their entries.
+    from taxonomy import families  # noqa: F401
+
+
+def get(name: str) -> MethodInfo:
+    _load()
+    try:
+        return _ENTRIES[name]
+    except KeyError:
+        close = sorted(k for k in _ENTRIES if k[:3] == name[:3]) or sorted(_ENTRIES)[:8]
+        raise BasinError(f"unknown merge method {name!r}; did you mean one of {close}?") from None
+
+
+def all_methods(family: Family | None = None) -> list[MethodInfo]:
+    _load()
+    seen: dict[str, MethodInfo] = {}
+    for info in _ENTRIES.values():
+        seen.setdefault(info.name, info)
+    out = [m for m in seen.values() if family is None or m.family == family]
+    return sorted(out, key=lambda m: (list(Family).index(m.family), m.category, m.name))
+
+
+def table(methods: Iterable[MethodInfo] | None = None) -> str:
+    """A plain-text table of methods: name, family, category, paper, needs."""
+    rows = [("method", "family", "category", "needs", "paper")]
+    for m in methods if methods is not None else all_methods():
+        needs = ",".join(
+            n for n, flag in (("base", m.needs_base), ("data", m.needs_data), ("shared-init", m.needs_shared_init))
+            if flag
+        ) or "-"
+        rows.append((m.name, m.family.value, m.category, needs, m.paper))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+    return "\n".join(lines)
