@@ -43,6 +43,7 @@ class Checkpoint(ABC, Mapping):
     label: str = "checkpoint"
     folder: Path | None = None
     revision: str | None = None
+    repo_id: str | None = None
 
     @abstractmethod
     def names(self) -> list[str]: ...
@@ -95,3 +96,139 @@ class StateDictCheckpoint(Checkpoint):
         if name not in self._state:
             raise self._missing(name)
         return self._state[name].detach()
+
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def open_checkpoint(ref: object, *, allow_pickle: bool = False, label: str | None = None) -> Checkpoint:
+    """Open a checkpoint lazily from any supported reference.
+
+    - a `Checkpoint` (returned as is), a state dict or an `nn.Module` (in memory);
+    - a `.safetensors` file, or a folder with `model.safetensors` or sharded files plus
+      `model.safetensors.index.json` (shard paths may not leave the folder);
+    - a Hub id `org/name[@revision]` (see `merging.hub.resolve`);
+    - `base+adapter` (mergekit's `model+lora`): the base with a PEFT LoRA adapter folded in;
+    - `pytorch_model.bin` only with `allow_pickle=True` (then `torch.load(weights_only=True)`).
+    """
+    if isinstance(ref, Checkpoint):
+        return ref
+    if isinstance(ref, (torch.nn.Module, Mapping)):
+        return StateDictCheckpoint(ref, label=label or "in-memory")
+    if not isinstance(ref, (str, Path)):
+        raise BasinError(f"cannot open a checkpoint from a {type(ref).__name__}")
+    text = str(ref)
+    if "+" in text and not Path(text).exists():
+        base_ref, adapter_ref = text.rsplit("+", 1)
+        return _open_lora(base_ref, adapter_ref, allow_pickle=allow_pickle)
+    from merging.hub import resolve
+
+    resolved = resolve(text, allow_pickle=allow_pickle)
+    return open_path(resolved.path, allow_pickle=allow_pickle, label=label or text, revision=resolved.revision,
+                     repo_id=resolved.repo_id)
+
+
+def open_path(path: Path, *, allow_pickle: bool = False, label: str | None = None, revision: str | None = None,
+              repo_id: str | None = None) -> Checkpoint:
+    """Open a local `.safetensors` / `.bin` file or an HF-format folder."""
+    from merging.safetensors_io import SafetensorsCheckpoint
+
+    label = label or str(path)
+    if not path.exists():
+        raise BasinError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            ckpt: Checkpoint = SafetensorsCheckpoint([path], label, folder=path.parent, revision=revision)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            ckpt = _open_pickle(path, allow_pickle, label)
+        else:
+            raise BasinError(f"{path}: expected a .safetensors file or a model folder")
+        ckpt.repo_id = repo_id
+        return ckpt
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = _read_index(index)
+        files = sorted(set(weight_map.values()))
+        ckpt = SafetensorsCheckpoint(files, label, folder=path, revision=revision, weight_map=weight_map)
+    elif (path / "model.safetensors").is_file():
+        ckpt = SafetensorsCheckpoint([path / "model.safetensors"], label, folder=path, revision=revision)
+    elif (path / "pytorch_model.bin").is_file():
+        ckpt = _open_pickle(path / "pytorch_model.bin", allow_pickle, label)
+        ckpt.folder, ckpt.revision = path, revision
+    elif (path / "pytorch_model.bin.index.json").is_file():
+        raise BasinError(f"{path}: sharded pytorch_model*.bin checkpoints are not supported; convert to safetensors")
+    else:
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise BasinError(f"{path}: no model.safetensors or {INDEX_NAME} in this folder (found {found})")
+    ckpt.repo_id = repo_id
+    return ckpt
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    import json
+
+    try:
+        data = json.loads(index.read_text())
+        raw_map = data["weight_map"]
+        assert isinstance(raw_map, dict)
+    except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+        raise BasinError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
+    root = index.parent.resolve()
+    out: dict[str, Path] = {}
+    for name, shard in raw_map.items():
+        target = (index.parent / str(shard)).resolve()
+        if Path(str(shard)).is_absolute() or not target.is_relative_to(root):
+            raise BasinError(f"{index}: shard path {shard!r} of tensor {name!r} escapes the checkpoint folder")
+        out[name] = index.parent / str(shard)
+    return out
+
+
+def _open_pickle(path: Path, allow_pickle: bool, label: str) -> Checkpoint:
+    if not allow_pickle:
+        raise BasinError(
+            f"{path}: PyTorch pickle checkpoints can run code when loaded; refused. Convert it to safetensors, "
+            "or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise BasinError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BasinError(f"{path}: does not hold a flat state dict of tensors")
+    return StateDictCheckpoint(state, label=label, folder=path.parent)
+
+
+def _open_lora(base_ref: str, adapter_ref: str, *, allow_pickle: bool) -> Checkpoint:
+    base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
+    adapter = Path(adapter_ref)
+    if not adapter.exists():
+        from merging.hub import resolve
+
+        adapter = resolve(adapter_ref, allow_pickle=allow_pickle).path
+    try:
+        from merging.lora import open_lora
+    except ImportError:
+        raise BasinError(f"{base_ref}+{adapter_ref}: LoRA adapters are not available in this build") from None
+    return open_lora(base, adapter)
+
+
+class HeaderCheckpoint(Checkpoint):
+    """Names, shapes and dtypes only (e.g. read from the Hub before downloading): for validation."""
+
+    def __init__(self, metas: dict[str, TensorMeta], label: str):
+        self._metas = dict(metas)
+        self.label = label
+
+    def names(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        if name not in self._metas:
+            raise self._missing(name)
+        return self._metas[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise BasinError(f"{self.label}: headers only, tensor data is not available here")

@@ -1,1 +1,40 @@
-"""Taxonomy entries: importance (filled in by the issue that implements these methods)."""
+"""Importance-weighted averaging (interpolation family): averages weighted per parameter by data.
+
+Matena and Raffel 2022 (Fisher merging), Jin et al. 2023 (RegMean). These run over whole models
+and data (merging.data_aware), not per tensor.
+"""
+
+from taxonomy.core import Family, Kind, MethodInfo, Param
+from taxonomy.registry import register
+
+CATEGORY = "importance-weighted averaging"
+
+register(
+    MethodInfo(
+        name="fisher",
+        family=Family.INTERPOLATION,
+        category=CATEGORY,
+        paper="Matena and Raffel 2022, Merging Models with Fisher-Weighted Averaging",
+        year=2022,
+        kind=Kind.MODELWISE,
+        needs_data=True,
+        min_models=2,
+        params=(Param("weight", 1.0, "relative weight of this model", per_model=True, low=0.0),
+                Param("eps", 1e-8, "added to every Fisher entry", low=0.0)),
+        summary="per parameter entry, average weighted by the diagonal empirical Fisher of each model",
+        aliases=("fisher_merging",),
+    ),
+    MethodInfo(
+        name="regmean",
+        family=Family.INTERPOLATION,
+        category=CATEGORY,
+        paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
+        year=2023,
+        kind=Kind.MODELWISE,
+        needs_data=True,
+        min_models=2,
+        params=(Param("alpha", 0.9, "scale of the Gram matrices' off-diagonal entries", low=0.0, high=1.0),),
+        summary="per Linear layer, the closed-form least-squares merge from the inputs' Gram matrices; "
+                "other parameters averaged",
+    ),
+)

@@ -1,1 +1,106 @@
-"""Taxonomy entries: task_arithmetic (filled in by the issue that implements these methods)."""
+"""Task arithmetic family: task vectors, sparsified and sign-elected variants, subspace merges.
+
+Names, parameters and defaults follow mergekit's where mergekit has the method (its
+generalized task arithmetic, `model_stock` and `sce`); `tsv` follows Gargiulo et al. 2025.
+"""
+
+from taxonomy.core import Family, MethodInfo, Param
+from taxonomy.registry import register
+
+WEIGHT = Param("weight", 1.0, "scale of this model's task vector (negative: forget the task)", per_model=True)
+DENSITY = Param(
+    "density", 1.0, "fraction of the task vector's entries kept", per_model=True, low=0.0, high=1.0, low_open=True
+)
+GAMMA = Param("gamma", 0.01, "fraction of the largest-magnitude entries removed (outliers)", per_model=True,
+              low=0.0, high=1.0)
+EPSILON = Param("epsilon", 0.15, "half-width of the keep-probability window around density", per_model=True,
+                low=0.0, high=1.0)
+LAMBDA = Param("lambda", 1.0, "scale of the merged task vector added to the base")
+INT8_MASK = Param("int8_mask", False, "accepted for mergekit compatibility; ignored (the engine merges per tensor)")
+RESCALE_CHOICES = (True, False, "unbiased")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, "divide the merged task vector by the sum of the (agreeing) weights")
+
+
+def _rescale(default: bool) -> Param:
+    return Param(
+        "rescale", default,
+        "after dropping: true = match the task vector's L1 norm (mergekit); 'unbiased' = divide by the keep "
+        "probability (the DARE/DELLA papers)",
+        choices=RESCALE_CHOICES,
+    )
+
+
+def _gta(name: str, category: str, paper: str, year: int, summary: str, *, normalize: bool, rescale: bool,
+         extra: tuple[Param, ...] = ()) -> MethodInfo:
+    return MethodInfo(
+        name=name, family=Family.TASK_ARITHMETIC, category=category, paper=paper, year=year, needs_base=True,
+        min_models=1, params=(WEIGHT, DENSITY, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK),
+        in_mergekit=True, summary=summary,
+    )
+
+
+TIES_PAPER = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models"
+DARE_PAPER = ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
+              "as a Free Lunch")
+BREADCRUMBS_PAPER = "Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks"
+DELLA_PAPER = "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling"
+
+register(
+    _gta("task_arithmetic", "task vectors", "Ilharco et al. 2023, Editing Models with Task Arithmetic", 2023,
+         "base + lambda * sum_i w_i (theta_i - base)", normalize=False, rescale=False),
+    _gta("ties", "sign election", TIES_PAPER, 2023,
+         "trim task vectors to their top-density magnitudes, elect a sign per entry, disjoint mean",
+         normalize=True, rescale=False),
+    _gta("dare_linear", "sparsification", DARE_PAPER, 2024,
+         "drop task-vector entries at random (keep density), rescale, weighted sum", normalize=False, rescale=True),
+    _gta("dare_ties", "sign election", DARE_PAPER, 2024,
+         "DARE random drop and rescale, then TIES sign election", normalize=False, rescale=True),
+    _gta("breadcrumbs", "sparsification", BREADCRUMBS_PAPER, 2024,
+         "drop the largest gamma and the smallest entries by magnitude, keep density, weighted sum",
+         normalize=False, rescale=False, extra=(GAMMA,)),
+    _gta("breadcrumbs_ties", "sign election", BREADCRUMBS_PAPER, 2024,
+         "Model Breadcrumbs masks, then TIES sign election", normalize=False, rescale=False, extra=(GAMMA,)),
+    _gta("della", "sign election", DELLA_PAPER, 2024,
+         "magnitude-ranked drop probabilities (density +- epsilon), rescale, TIES sign election",
+         normalize=True, rescale=True, extra=(EPSILON,)),
+    _gta("della_linear", "sparsification", DELLA_PAPER, 2024,
+         "DELLA magnitude-ranked random drop and rescale, weighted sum", normalize=False, rescale=True,
+         extra=(EPSILON,)),
+    MethodInfo(
+        name="model_stock", family=Family.TASK_ARITHMETIC, category="task vectors",
+        paper="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models", year=2024,
+        needs_base=True, min_models=2,
+        params=(Param("filter_wise", False, "one interpolation ratio per row instead of per tensor"),),
+        in_mergekit=True,
+        summary="interpolate the fine-tunes' average toward the base by a ratio from their task vectors' angle",
+    ),
+    MethodInfo(
+        name="sce", family=Family.TASK_ARITHMETIC, category="sign election",
+        paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE: select, calculate, erase)",
+        year=2024, needs_base=True, min_models=1,
+        params=(
+            Param("select_topk", 1.0, "fraction of entries kept, by variance across the task vectors",
+                  low=0.0, high=1.0),
+            INT8_MASK,
+        ),
+        in_mergekit=True,
+        summary="keep high-variance entries, weight task vectors by mean square, erase minority signs",
+    ),
+    MethodInfo(
+        name="tsv", family=Family.TASK_ARITHMETIC, category="subspace",
+        paper="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging", year=2025,
+        needs_base=True, min_models=1,
+        params=(
+            Param("lambda", 1.0, "scale of the merged task vector added to the base (alpha in the paper)"),
+            Param("sv_reduction", 0.0,
+                  "fraction of each task vector's singular components kept per matrix; 0 = 1/number of models",
+                  low=0.0, high=1.0),
+        ),
+        in_mergekit=False,
+        summary="per matrix: low-rank SVD of each task vector, orthogonalise the concatenated singular vectors",
+        aliases=("tsv_merge",),
+    ),
+)

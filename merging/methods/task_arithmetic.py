@@ -1,1 +1,227 @@
-"""Task arithmetic family (filled in by the task-arithmetic issue)."""
+"""Task arithmetic family: merges of task vectors tau_i = theta_i - theta_base.
+
+mergekit's "generalized task arithmetic" (task_arithmetic, ties, dare_*, breadcrumbs*, della*)
+is one pipeline, and so is this one: (1) task vectors; (2) per model, sparsify tau_i (top-k,
+random drop, outlier band, or DELLA MagPrune) with optional rescale; (3) weight, w_i tau_i;
+(4) combine: a sum, or TIES sign election with a disjoint sum; (5) optionally divide by the sum
+of the (agreeing) weights (`normalize`); (6) theta = base + lambda * merged.
+
+Where this follows mergekit rather than the papers (documented per method):
+- sign election uses the *weighted* task vectors (the TIES paper elects from unweighted ones;
+  identical when all weights are 1); zero sums elect +, zero entries never agree;
+- `rescale: true` (default for DARE/DELLA) matches the L1 norm of each task vector after the drop,
+  as mergekit does; `rescale: unbiased` divides by the keep probability as the DARE (eq. 2) and
+  DELLA papers do (exact in expectation);
+- `density >= 1` leaves a task vector untouched (no outlier removal, no rescale), as mergekit;
+- `int8_mask` is accepted and ignored: the engine already merges one tensor at a time.
+Randomness (DARE, DELLA) comes from the per-tensor generator, drawn model by model in input
+order; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from merging.methods import subspace  # noqa: F401  (registers tsv)
+from merging.methods.registry import merge_method
+from merging.methods.sparsify import (
+    magnitude_band_mask,
+    mask_and_rescale_,
+    random_mask,
+    rank_keep_probability,
+    sign_consensus_disjoint_sum_,
+    topk_mask,
+)
+from taxonomy.errors import BasinError
+
+Params = dict[str, Any]
+
+
+def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: Params,
+                          rng: torch.Generator) -> torch.Tensor:
+    """Sparsify model i's task vector in place: 'magnitude' (TIES), 'random' (DARE), 'outliers'
+    (Breadcrumbs), 'della' (MagPrune), or None."""
+    density = params["density"][i]
+    if how is None or density >= 1:
+        return delta
+    rescale = params["rescale"]
+    if how == "magnitude":
+        magnitude = delta.abs()
+        mask = topk_mask(magnitude, int(density * delta.numel()))
+        return mask_and_rescale_(delta, mask, rescale, density, magnitude)
+    if how == "outliers":
+        magnitude = delta.abs()
+        mask = magnitude_band_mask(magnitude, density, params["gamma"][i])
+        return mask_and_rescale_(delta, mask, rescale, density, magnitude)
+    if how == "random":
+        mask = random_mask(delta.shape, density, rng, delta.device)
+        return mask_and_rescale_(delta, mask, rescale, density)
+    if how == "della":
+        keep = rank_keep_probability(delta.abs(), density, params["epsilon"][i])
+        mask = random_mask(delta.shape, keep, rng, delta.device)
+        return mask_and_rescale_(delta, mask, rescale, keep)
+    raise ValueError(how)
+
+
+def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, params: Params,
+                                rng: torch.Generator, sparsify: str | None, consensus: bool) -> torch.Tensor:
+    """base + lambda * combine_i(w_i * sparsify(theta_i - base)), see the module docstring.
+
+    Without sign election the task vectors are summed as they are made (one in memory at a time).
+    """
+    weights = [float(w) for w in params["weight"]]
+    normalize = params["normalize"]
+
+    def weighted(i: int) -> torch.Tensor:
+        delta = sparsify_task_vector_(tensors[i] - base, sparsify, i, params, rng)
+        return delta.mul_(weights[i]) if weights[i] != 1 else delta
+
+    if consensus:
+        mixed, divisor = sign_consensus_disjoint_sum_([weighted(i) for i in range(len(tensors))], weights,
+                                                      with_divisor=normalize)
+        if normalize:
+            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed.div_(divisor)
+    else:
+        mixed = weighted(0)
+        for i in range(1, len(tensors)):
+            mixed.add_(weighted(i))
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
+    if params["lambda"] != 1:
+        mixed.mul_(params["lambda"])
+    return mixed.add_(base)
+
+
+@merge_method("task_arithmetic")
+def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                    rng: torch.Generator) -> torch.Tensor:
+    """Ilharco et al. 2023: base + lambda * sum_i w_i tau_i (divided by sum_i w_i with `normalize`).
+
+    Same as mergekit. A negative weight subtracts a task (forgetting).
+    """
+    return generalized_task_arithmetic(tensors, base, params, rng, None, consensus=False)
+
+
+@merge_method("ties")
+def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+    """Yadav et al. 2023 (TIES-Merging, Alg. 1): trim each tau_i to its int(density n) largest
+    magnitudes, elect the sign of sum_i w_i trim(tau_i), average agreeing entries weighted by w_i
+    (`normalize`, default true), scale by lambda.
+
+    As mergekit, except: ties at the trim threshold keep the lowest indices (mergekit: sort order),
+    and int(density n) == 0 keeps nothing instead of failing.
+    """
+    return generalized_task_arithmetic(tensors, base, params, rng, "magnitude", consensus=True)
+
+
+@merge_method("dare_linear")
+def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                rng: torch.Generator) -> torch.Tensor:
+    """Yu et al. 2024 (DARE, eq. 1-2): drop each entry of tau_i with probability 1 - density, rescale
+    (mergekit: L1 norm match; `rescale: unbiased`: 1 / density as the paper), weighted sum."""
+    return generalized_task_arithmetic(tensors, base, params, rng, "random", consensus=False)
+
+
+@merge_method("dare_ties")
+def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+              rng: torch.Generator) -> torch.Tensor:
+    """DARE drop and rescale (Yu et al. 2024), then TIES sign election and disjoint sum, as mergekit."""
+    return generalized_task_arithmetic(tensors, base, params, rng, "random", consensus=True)
+
+
+@merge_method("breadcrumbs")
+def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                rng: torch.Generator) -> torch.Tensor:
+    """Davari and Belilovsky 2024 (Model Breadcrumbs): per task vector, remove the int(gamma n)
+    largest magnitudes and then the smallest so that int(density n) remain; weighted sum.
+
+    As mergekit (whole tensor, not per layer row), except gamma * n < 1 removes no outliers where
+    mergekit's slice removes everything.
+    """
+    return generalized_task_arithmetic(tensors, base, params, rng, "outliers", consensus=False)
+
+
+@merge_method("breadcrumbs_ties")
+def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                     rng: torch.Generator) -> torch.Tensor:
+    """Model Breadcrumbs masks followed by TIES sign election and disjoint sum (mergekit's variant)."""
+    return generalized_task_arithmetic(tensors, base, params, rng, "outliers", consensus=True)
+
+
+@merge_method("della")
+def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+    """Deep et al. 2024 (DELLA, MagPrune): keep entry j of a row with probability
+    density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept), rescale,
+    TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""
+    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=True)
+
+
+@merge_method("della_linear")
+def della_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+    """DELLA's MagPrune drop and rescale followed by a weighted sum (mergekit's `della_linear`)."""
+    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=False)
+
+
+@merge_method("model_stock")
+def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                rng: torch.Generator) -> torch.Tensor:
+    """Jang et al. 2024 (Model Stock, eq. 2): t = N cos(theta) / (1 + (N - 1) cos(theta)),
+    theta_H = t * mean_i theta_i + (1 - t) * base.
+
+    cos(theta) is the mean over pairs i < j of the cosine between tau_i and tau_j (the paper states
+    the two-model case; mergekit's rule for more), over the whole tensor, or per row with
+    `filter_wise` (1-D tensors: one row). Norm products are clamped at 1e-6 as mergekit. The one
+    deviation: where 1 + (N - 1) cos(theta) = 0 (exactly opposite task vectors) t is undefined and
+    this raises, where mergekit would write inf/nan.
+    """
+    n = len(tensors)
+    shape = base.shape
+    per_row = params["filter_wise"] and base.dim() >= 2
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+
+    b = rows(base)
+    offsets = [rows(t) - b for t in tensors]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
+            cosines.append(((offsets[i] * offsets[j]).sum(-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    if bool((denominator.abs() < 1e-6).any()):
+        raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
+                         "the interpolation ratio is undefined")
+    t = n * cos / denominator
+    average = torch.stack([rows(x) for x in tensors]).mean(0)
+    return (t * average + (1 - t) * b).reshape(shape)
+
+
+@merge_method("sce")
+def sce(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+    """Wan et al. 2024 (FuseChat, SCE): Select the int(select_topk * nnz) entries of highest variance
+    across the task vectors (population variance; nnz counts entries of nonzero variance), Calculate
+    per-model weights mean(tau_i^2) / sum_j mean(tau_j^2) (uniform if that sum is < 1e-6), Erase
+    entries whose sign disagrees with the elected sign of sum_i tau_i; base + sum of kept weighted
+    entries / sum of their weights (clamped at 1e-6). As mergekit; ties in the variance ranking keep
+    the lowest indices.
+    """
+    tvs = torch.stack([t - base for t in tensors])
+    fraction = params["select_topk"]
+    if fraction < 1:
+        variance = tvs.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(variance)) * fraction)
+        tvs = tvs * topk_mask(variance.abs(), k)
+    energy = tvs.pow(2).reshape(len(tensors), -1).mean(1)
+    total = float(energy.sum())
+    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))
+    positive = tvs.sum(0) >= 0
+    agree = torch.where(positive, tvs > 0, tvs < 0)
+    erased = weights.view(-1, *[1] * base.dim()) * agree
+    return base + (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)

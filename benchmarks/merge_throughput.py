@@ -1,0 +1,301 @@
+"""Merge throughput and memory: basin vs the read+write floor vs mergekit, on generated checkpoints.
+
+Generates N Llama-shaped checkpoints of about --size-gb each (bf16, sharded, plus a base for
+methods that need one: the inputs are base + small random "fine-tuning" deltas), then for each
+method and N runs, each in a fresh subprocess:
+- floor: read every input tensor once (safetensors `safe_open` + `get_tensor`, which only maps
+  the file, then `clone()` to bring the bytes into memory) and write one output of the model's
+  size with `safetensors.torch.save_file`;
+- basin: `merging.merge` of the recipe;
+- mergekit (if --mergekit points at a `mergekit-yaml`): the same YAML.
+Records wall time, peak RSS (VmHWM) and RSS after imports (the interpreter's baseline) per run;
+for task_arithmetic and ties, the maximum absolute difference per tensor between basin's and
+mergekit's outputs. Data lives under --workdir (default /tmp), never in the repository.
+
+    python benchmarks/merge_throughput.py --size-gb 1 --n 2 4 --methods linear
+    python benchmarks/merge_throughput.py --n 4 --methods ties dare_ties task_arithmetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                "della_linear", "model_stock"}
+COMPARE = {"task_arithmetic", "ties", "linear"}
+
+
+def llama_shapes(size_gb: float) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Tensor shapes of a Llama-like model of about `size_gb` GB in bf16, and its config.json."""
+    hidden, inter, vocab, heads = 2048, 5504, 32000, 16
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    fixed = 2 * vocab * hidden + hidden
+    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    return shapes, config
+
+
+def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | None, shard_bytes: int) -> None:
+    """Write a sharded bf16 checkpoint: random (seed) or `base` + 1% noise."""
+    from safetensors.torch import load_file, save_file
+
+    if (folder / "model.safetensors.index.json").exists():
+        return
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    base_files = {}
+    if base is not None:
+        index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+        base_files = index
+    shard, size, k, weight_map = {}, 0, 0, {}
+    cache: dict[str, dict] = {}
+
+    def flush():
+        nonlocal shard, size, k
+        if shard:
+            k += 1
+            name = f"model-{k:05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({n: name for n in shard})
+            shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if base is None:
+            t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        else:
+            f = base_files[name]
+            if f not in cache:
+                cache.clear()
+                cache[f] = load_file(base / f)
+            t = (cache[f][name].float() + 0.0005 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        if size + t.nbytes > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.nbytes
+    flush()
+    total = k
+    renamed = {}
+    for i in range(1, total + 1):
+        new = f"model-{i:05d}-of-{total:05d}.safetensors"
+        os.replace(tmp / f"model-{i:05d}.safetensors", tmp / new)
+        renamed[f"model-{i:05d}.safetensors"] = new
+    total_size = sum(2 * int(torch.tensor(s).prod()) for s in shapes.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": {n: renamed[f] for n, f in weight_map.items()}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp / "config.json").write_text(json.dumps(config))
+    os.replace(tmp, folder)
+
+
+def recipe_for(method: str, models: list[Path], base: Path | None) -> dict:
+    if method in BASE_METHODS:
+        params = {"weight": 1.0 / len(models)}
+        if method not in ("task_arithmetic", "model_stock"):
+            params["density"] = 0.5
+        r = {"merge_method": method, "base_model": str(base),
+             "models": [{"model": str(m), "parameters": dict(params)} for m in models],
+             "dtype": "float32", "out_dtype": "bfloat16"}
+        return r
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": str(models[0]), "parameters": {"t": 0.5},
+                "models": [{"model": str(m)} for m in models[:2]], "dtype": "float32", "out_dtype": "bfloat16"}
+    return {"merge_method": method, "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+            "dtype": "float32", "out_dtype": "bfloat16"}
+
+
+RSS_PROBE = (
+    "def _rss(key):\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith(key):\n"
+    "            return int(line.split()[1]) / 1024\n"
+)
+
+BASIN_CHILD = RSS_PROBE + """
+import json, sys, time
+import torch
+from merging import merge
+baseline = _rss('VmRSS')
+t0 = time.perf_counter()
+report = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
+                  "content_hash": report.content_hash}))
+"""
+
+FLOOR_CHILD = RSS_PROBE + """
+import json, sys, time
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from pathlib import Path
+baseline = _rss('VmRSS')
+t0 = time.perf_counter()
+out = {}
+for k, folder in enumerate(sys.argv[2:]):
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted(set(index.values())):
+        with safe_open(str(Path(folder) / shard), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).clone()  # get_tensor maps the file; clone reads the bytes in
+                if k == 0:
+                    out[name] = t
+save_file(out, sys.argv[1] + "/model.safetensors", metadata={"format": "pt"})
+print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM')}))
+"""
+
+
+def run_child(code: str, args: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_mergekit(exe: str, recipe_path: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, str(recipe_path), str(out), "--allow-crimes", "--out-shard-size", "5B"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, _, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode not in (0, None) or not any(out.glob("*.safetensors")):
+        raise RuntimeError(err[-3000:])
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def compare(a: Path, b: Path) -> dict:
+    ta, tb = load_folder(a), load_folder(b)
+    diffs, differing, total = {}, 0, 0
+    for n in sorted(ta):
+        if n in tb:
+            d = (ta[n].float() - tb[n].float()).abs()
+            diffs[n] = float(d.max())
+            differing += int((d > 0).sum())
+            total += d.numel()
+    return {"max_abs_diff": max(diffs.values()) if diffs else None, "missing_in_mergekit": sorted(set(ta) - set(tb)),
+            "fraction_of_entries_differing": differing / total if total else None, "per_tensor": diffs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--n", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--methods", nargs="+", default=["linear"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/basin-bench"))
+    parser.add_argument("--mergekit", default="/tmp/peer-mergekit/bin/mergekit-yaml")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_throughput.json")
+    parser.add_argument("--note", default="", help="free text recorded in the JSON (e.g. machine load)")
+    args = parser.parse_args()
+
+    shapes, config = llama_shapes(args.size_gb)
+    size = sum(int(torch.tensor(s).prod()) for s in shapes.values()) * 2
+    data = args.workdir / f"llama-{args.size_gb:g}gb"
+    needs_base = any(m in BASE_METHODS for m in args.methods)
+    n_max = max(args.n)
+    print(f"generating {n_max} checkpoints of {size / 1e9:.2f} GB in {data}", file=sys.stderr)
+    base = data / "base"
+    if needs_base:
+        generate(base, shapes, config, 1000, None, 500 * 10**6)
+    models = []
+    for i in range(n_max):
+        models.append(data / f"m{i}")
+        generate(models[-1], shapes, config, i, base if needs_base else None, 500 * 10**6)
+    mergekit = args.mergekit if Path(args.mergekit).exists() else None
+    results = []
+    for method in args.methods:
+        for n in args.n:
+            inputs = models[:n]
+            recipe = recipe_for(method, inputs, base if method in BASE_METHODS else None)
+            recipe_path = args.workdir / f"recipe-{method}-{n}.yaml"
+            recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            n_read = n + (1 if method in BASE_METHODS else 0)
+            row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3)}
+            out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
+            floors, basins, mks = [], [], []
+            for _ in range(args.repeats):
+                shutil.rmtree(out_floor, ignore_errors=True)
+                out_floor.mkdir(parents=True)
+                floor_inputs = [str(p) for p in inputs] + ([str(base)] if method in BASE_METHODS else [])
+                floors.append(run_child(FLOOR_CHILD, [str(out_floor), *floor_inputs]))
+                basins.append(run_child(BASIN_CHILD, [str(recipe_path), str(out_basin)]))
+                if mergekit:
+                    try:
+                        mks.append(run_mergekit(mergekit, recipe_path, out_mk))
+                    except RuntimeError as err:
+                        row["mergekit_error"] = str(err)[-800:]
+            best = min(basins, key=lambda r: r["seconds"])
+            floor = min(floors, key=lambda r: r["seconds"])
+            row["floor"] = floor
+            row["basin"] = best
+            row["basin_over_floor"] = round(best["seconds"] / floor["seconds"], 3)
+            row["basin_rss_above_baseline_mb"] = round(best["peak_rss_mb"] - best["baseline_rss_mb"], 1)
+            if mks:
+                mk = min(mks, key=lambda r: r["seconds"])
+                row["mergekit"] = mk
+                row["mergekit_over_basin_time"] = round(mk["seconds"] / best["seconds"], 3)
+                if method in COMPARE:
+                    row["vs_mergekit"] = compare(out_basin, out_mk)
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "vs_mergekit"}), file=sys.stderr)
+            shutil.rmtree(out_floor, ignore_errors=True)
+            shutil.rmtree(out_basin, ignore_errors=True)
+            shutil.rmtree(out_mk, ignore_errors=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs = [r for r in previous.get("runs", [])
+            if not any(r["method"] == x["method"] and r["n_models"] == x["n_models"] for x in results)]
+    payload = {
+        "benchmark": "merge_throughput",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "note": args.note or previous.get("note", ""),
+        "targets": {"linear_time_over_floor": 1.5, "ties_time_over_floor": 2.0, "rss_above_baseline_mb": 1500,
+                    "mergekit_over_basin_time": 2.0},
+        "runs": runs + results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

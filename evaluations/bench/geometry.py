@@ -1,0 +1,58 @@
+"""Geometry of a model pool: task-vector norms and cosines, and pairwise barriers among fine-tunes.
+
+- Task vector tau_i = theta_i - theta_0 over the merged body (Ilharco et al. 2023, Editing Models
+  with Task Arithmetic); the table reports ||tau_i||_2 and cos(tau_i, tau_j).
+- Barrier between fine-tunes i and j: along the linear path of their bodies, v(alpha) is the mean
+  over tasks i and j (each through its own head, on its test split) of the loss or the error, and
+  the barrier is the chord form max_alpha [v(alpha) - ((1 - alpha) v(0) + alpha v(1))]
+  (Entezari et al. 2022, Definition 2.1), computed by `evaluations.landscape`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from evaluations.bench.pools import HeadedBody, ModelPool, State, TaskPool
+
+N_ALPHAS = 11
+
+
+def _flat(state: State, names: list[str]) -> torch.Tensor:
+    return torch.cat([state[n].double().reshape(-1) for n in names])
+
+
+def pair_path(pool: ModelPool, tasks: TaskPool, a: str, b: str, alphas: int = N_ALPHAS):
+    """The mean over tasks a and b of the landscape evaluator's PathResult from body a to body b."""
+    from evaluations.landscape.evaluate import PathResult, evaluate_path
+    from evaluations.landscape.paths import linear_path
+
+    ends = [{f"body.{k}": v for k, v in pool.models[m].items()} for m in (a, b)]
+    results = [evaluate_path(HeadedBody(pool.module(pool.base), tasks[t].head), linear_path(*ends), tasks[t].test,
+                             alphas=alphas, batched=False) for t in (a, b)]
+    return PathResult(results[0].alphas, np.mean([r.loss for r in results], 0),
+                      np.mean([r.accuracy for r in results], 0))
+
+
+def pool_geometry(pool: ModelPool, tasks: TaskPool) -> dict:
+    from evaluations.landscape.barriers import barrier
+
+    models = list(pool.models)
+    names = [n for n in pool.base if pool.base[n].is_floating_point()]
+    base = _flat(pool.base, names)
+    taus = [_flat(pool.models[m], names) - base for m in models]
+    n = len(models)
+    cos = [[float(torch.dot(taus[i], taus[j]) / (taus[i].norm() * taus[j].norm()).clamp_min(1e-300))
+            for j in range(n)] for i in range(n)]
+    loss_bar = [[0.0] * n for _ in range(n)]
+    err_bar = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            result = pair_path(pool, tasks, models[i], models[j])
+            loss_bar[i][j] = loss_bar[j][i] = barrier(result, "loss").value
+            err_bar[i][j] = err_bar[j][i] = barrier(result, "error").value
+    return {"models": models, "distance_from_base": [float(t.norm()) for t in taus], "cosine": cos,
+            "barrier": loss_bar, "error_barrier": err_bar, "alphas": N_ALPHAS,
+            "note": f"barrier: loss barrier (chord form, Entezari et al. 2022 def. 2.1) over {N_ALPHAS} points of the "
+                    "linear path between two fine-tuned bodies, on the mean test cross-entropy of the pair's two "
+                    "tasks (each through its own head); 0 on the diagonal. error_barrier in the JSON."}

@@ -1,0 +1,138 @@
+"""The method grid of a benchmark: merge methods with fixed and searched hyperparameters.
+
+A grid entry names a merge: any tensorwise method registered in `merging.methods` (simple average
+`linear`, `task_arithmetic`, `ties`, `dare_ties`, `breadcrumbs`, `della`, `model_stock`, ...), one
+of the model-level merges below, or a Python callable `fn(pool, tasks, params, seed) -> body state`.
+Hyperparameters in `search` are selected on the tasks' validation splits by the best average
+metric (grid search, first best on ties), as in the task arithmetic and TIES papers (Ilharco et
+al. 2023, sec. 3; Yadav et al. 2023, sec. 6).
+
+Model-level merges: `fisher` (Matena and Raffel 2022), `regmean` (Jin et al. 2023), and
+`weight_matching` (Ainsworth et al. 2023: permute every fine-tune's hidden units onto the first
+fine-tune's, then merge with `params["then"]`, default the simple average `linear`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evaluations.bench.pools import HeadedBody, ModelPool, State, TaskPool
+from taxonomy.errors import BasinError
+
+Merger = Callable[[ModelPool, TaskPool, dict[str, Any], int], State]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One row of the grid: `label` shown in the table, `method` a name or callable, fixed `params`,
+    and `search`: hyperparameter -> candidate values chosen on the validation split."""
+
+    label: str
+    method: str | Merger
+    params: Mapping[str, Any] = field(default_factory=dict)
+    search: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """Every parameter set the cell tries: fixed params updated with one point of the search grid."""
+        keys = list(self.search)
+        for k in keys:
+            if not list(self.search[k]):
+                raise BasinError(f"method {self.label!r}: search values for {k!r} are empty")
+        points = itertools.product(*(list(self.search[k]) for k in keys))
+        return [{**dict(self.params), **dict(zip(keys, p))} for p in points]
+
+    def describe(self) -> dict[str, Any]:
+        name = self.method if isinstance(self.method, str) else getattr(self.method, "__qualname__", "callable")
+        return {"label": self.label, "method": name, "params": _plain(self.params),
+                "search": {k: _plain(list(v)) for k, v in self.search.items()}}
+
+
+@dataclass(frozen=True)
+class MethodGrid:
+    entries: tuple[MethodEntry, ...]
+
+    def __post_init__(self) -> None:
+        labels = [e.label for e in self.entries]
+        if len(set(labels)) != len(labels):
+            raise BasinError(f"method grid: duplicate labels in {labels}")
+
+    def select(self, labels: Sequence[str] | None) -> MethodGrid:
+        """The entries whose label or method name is in `labels` (all when None), in grid order."""
+        if not labels:
+            return self
+        known = {e.label for e in self.entries} | {e.method for e in self.entries if isinstance(e.method, str)}
+        unknown = [x for x in labels if x not in known]
+        if unknown:
+            raise BasinError(f"--methods: unknown {unknown}; this suite has {[e.label for e in self.entries]}")
+        return MethodGrid(tuple(e for e in self.entries if e.label in labels or e.method in labels))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else repr(value)
+
+
+def _task_modules(pool: ModelPool, tasks: TaskPool) -> tuple[list[torch.nn.Module], list[Any]]:
+    """Each fine-tune as the network of its own task (head hidden), and its task's training sample."""
+    modules = [HeadedBody(pool.module(s), tasks[name].head) for name, s in pool.models.items()]
+    return modules, [tasks[name].data("train") for name in pool.models]
+
+
+def _body(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> State:
+    return {n: state["body." + n].clone() for n in names}
+
+
+def fisher(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
+    from merging.data_aware import fisher_merge
+
+    modules, data = _task_modules(pool, tasks)
+    return _body(fisher_merge(modules, data, eps=float(params.get("eps", 1e-8))), list(pool.base))
+
+
+def regmean(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
+    from merging.data_aware import regmean_merge
+
+    modules, data = _task_modules(pool, tasks)
+    return _body(regmean_merge(modules, data, alpha=float(params.get("alpha", 0.9))), list(pool.base))
+
+
+def weight_matching(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
+    from merging.alignment import apply_permutation, infer_spec
+    from merging.alignment import weight_matching as match
+
+    spec = infer_spec(pool.build())
+    states = list(pool.models.values())
+    aligned = [states[0]] + [apply_permutation(s, spec, match(states[0], s, spec, seed=seed).perms) for s in states[1:]]
+    then = str(params.get("then", "linear"))
+    rest = {k: v for k, v in params.items() if k != "then"}
+    return tensorwise(then, pool, rest, seed, models=aligned)
+
+
+def tensorwise(method: str, pool: ModelPool, params: Mapping[str, Any], seed: int,
+               models: Sequence[State] | None = None) -> State:
+    from merging.methods import get_method
+    from merging.tensor_merge import merge_state_dicts
+
+    needs_base = get_method(method).info.needs_base
+    models = list(pool.models.values()) if models is None else list(models)
+    return merge_state_dicts(method, models, base=pool.base if needs_base else None, params=params, seed=seed)
+
+
+MODEL_LEVEL: dict[str, Merger] = {"fisher": fisher, "regmean": regmean, "weight_matching": weight_matching}
+
+
+def run_merge(method: str | Merger, pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
+    """The merged body state of one grid entry with one parameter set."""
+    if callable(method):
+        return method(pool, tasks, params, seed)
+    if method in MODEL_LEVEL:
+        return MODEL_LEVEL[method](pool, tasks, params, seed)
+    return tensorwise(method, pool, params, seed)

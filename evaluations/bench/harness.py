@@ -1,0 +1,309 @@
+"""Run a merge benchmark: reference rows and one row per merge method, cached per cell.
+
+Rows as FusionBench reports them (Tang et al. 2024): the pretrained model, each individual
+fine-tune on its own task, the output ensemble of the fine-tunes (mean of their softmax outputs,
+each through the task's head), then one row per grid entry. Columns: the tasks' metric, its
+average, and the normalized score merged / individual fine-tune per task (Yadav et al. 2023,
+TIES-Merging, sec. 6; FusionBench), plus the merged body's L2 distance from the base. The pool's
+geometry (pairwise barriers among the fine-tunes, distances from the base, task-vector cosines)
+comes from `evaluations.bench.geometry`.
+
+Every cell's result is written to `cache_dir/<key>.json` as soon as it finishes; `key` hashes the
+suite's data and models, the cell and the seed, so a rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluations.bench.executors import Local, Ray
+from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
+from evaluations.bench.pools import ModelPool, TaskPool
+from taxonomy.errors import BasinError
+
+CACHE_VERSION = 2
+
+
+@dataclass
+class Suite:
+    name: str
+    models: ModelPool
+    tasks: TaskPool
+    methods: MethodGrid
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if sorted(self.models.models) != sorted(self.tasks.names):
+            raise BasinError(f"suite {self.name!r}: fine-tunes {sorted(self.models.models)} and tasks "
+                             f"{sorted(self.tasks.names)} must match one to one")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256((self.models.fingerprint() + self.tasks.fingerprint()).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a reference row ('pretrained', 'individual', 'ensemble'), a merge, or 'geometry'."""
+
+    kind: str
+    entry: MethodEntry | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **(self.entry.describe() if self.entry else {})}
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # reference | merge
+    scores: dict[str, float]
+    params: dict[str, Any] = field(default_factory=dict)
+    selection: list[dict[str, Any]] = field(default_factory=list)  # [{params, val}] when searched
+    distance_from_base: float | None = None
+    seconds: float = 0.0
+    normalized: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def average(self) -> float:
+        return sum(self.scores.values()) / len(self.scores)
+
+    @property
+    def normalized_average(self) -> float | None:
+        return sum(self.normalized.values()) / len(self.normalized) if self.normalized else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "average": self.average, "normalized_average": self.normalized_average}
+
+
+@dataclass
+class BenchmarkResult:
+    suite: str
+    tasks: list[str]
+    rows: list[Row]
+    geometry: dict[str, Any]
+    seed: int
+    executor: str
+    wall_seconds: float
+    cached_cells: int
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, label: str) -> Row:
+        for r in self.rows:
+            if r.label == label:
+                return r
+        raise KeyError(label)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suite": self.suite, "tasks": self.tasks, "rows": [r.to_json() for r in self.rows],
+                "geometry": self.geometry, "seed": self.seed, "executor": self.executor,
+                "wall_seconds": self.wall_seconds, "cached_cells": self.cached_cells, "environment": self.environment}
+
+    def table_rows(self) -> list[list[str]]:
+        head = ["method", *self.tasks, "avg", "norm. avg", "‖θ−θ₀‖", "params"]
+        out = [head]
+        for r in self.rows:
+            norm = r.normalized_average
+            out.append([r.label, *(f"{100 * r.scores[t]:.1f}" for t in self.tasks), f"{100 * r.average:.1f}",
+                        "" if norm is None else f"{100 * norm:.1f}",
+                        "" if r.distance_from_base is None else f"{r.distance_from_base:.2f}",
+                        ", ".join(f"{k}={v}" for k, v in r.params.items())])
+        return out
+
+    def to_markdown(self) -> str:
+        rows = self.table_rows()
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 2) + ["---"]) + "|"
+        lines = [f"## {self.suite}: accuracy (%) per task", "", "| " + " | ".join(rows[0]) + " |", rule]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        lines += ["", "norm. avg: mean over tasks of merged / individual fine-tune accuracy. "
+                  "‖θ−θ₀‖: L2 distance of the merged body from the pretrained body.", ""]
+        lines += geometry_markdown(self.geometry, list(self.geometry.get("models", [])))
+        prepared = self.environment.get("suite_seconds")
+        lines += ["", f"{len(self.rows)} rows, seed {self.seed}, executor {self.executor}, "
+                  f"cells wall {self.wall_seconds:.1f} s ({self.cached_cells} cells from cache)"
+                  + ("." if prepared is None else f"; suite loaded (training if not cached) in {prepared:.1f} s.")]
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["label", "kind", *self.tasks, "average", *(f"normalized_{t}" for t in self.tasks),
+                    "normalized_average", "distance_from_base", "params", "seconds"])
+        for r in self.rows:
+            w.writerow([r.label, r.kind, *(r.scores[t] for t in self.tasks), r.average,
+                        *(r.normalized.get(t, "") for t in self.tasks),
+                        "" if r.normalized_average is None else r.normalized_average,
+                        "" if r.distance_from_base is None else r.distance_from_base,
+                        json.dumps(r.params), r.seconds])
+        return buf.getvalue()
+
+    def save(self, out_dir: str | Path, stem: str = "bench", plots: bool = True) -> list[Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
+        paths[0].write_text(self.to_markdown())
+        paths[1].write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        paths[2].write_text(self.to_csv())
+        if plots:
+            from evaluations.bench.plots import save_plots
+
+            paths += save_plots(self, out, stem)
+        return paths
+
+
+def geometry_markdown(geometry: Mapping[str, Any], models: list[str]) -> list[str]:
+    if not geometry:
+        return []
+    lines = ["### Fine-tunes' geometry", "", "| model | ‖τ‖ (from base) | " + " | ".join(f"cos {m}" for m in models)
+             + " | " + " | ".join(f"barrier {m}" for m in models) + " |",
+             "|---|" + "---:|" * (1 + 2 * len(models))]
+    for i, m in enumerate(models):
+        cos = [f"{geometry['cosine'][i][j]:.3f}" for j in range(len(models))]
+        bar = [f"{geometry['barrier'][i][j]:.3f}" for j in range(len(models))]
+        lines.append(f"| {m} | {geometry['distance_from_base'][i]:.2f} | " + " | ".join(cos) + " | "
+                     + " | ".join(bar) + " |")
+    lines += ["", geometry.get("note", "")]
+    return lines
+
+
+def _cell_key(suite_fp: str, cell: Cell, seed: int) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "suite": suite_fp, "cell": cell.describe(), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a if a[k].is_floating_point()))
+
+
+@torch.no_grad()
+def _ensemble(suite: Suite) -> dict[str, float]:
+    bodies = [suite.models.module(s) for s in suite.models.models.values()]
+    out = {}
+    for task in suite.tasks.tasks:
+        probs = torch.stack([task.logits(b).softmax(-1) for b in bodies]).mean(0)
+        out[task.name] = float(task.metric(probs.log(), task.test[1]))
+    return out
+
+
+def run_cell(suite: Suite, cell: Cell, threads: int = 1) -> dict[str, Any]:
+    """Compute one cell; one intra-op thread so results do not depend on where the cell runs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        out = _compute(suite, cell)
+    finally:
+        torch.set_num_threads(old)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _compute(suite: Suite, cell: Cell) -> dict[str, Any]:
+    pool, tasks = suite.models, suite.tasks
+    if cell.kind == "pretrained":
+        return {"label": "pretrained", "kind": "reference", "scores": tasks.evaluate(pool.module(pool.base)),
+                "distance_from_base": 0.0}
+    if cell.kind == "individual":
+        scores = {t: tasks[t].score(pool.module(s)) for t, s in pool.models.items()}
+        return {"label": "individual fine-tunes", "kind": "reference", "scores": scores}
+    if cell.kind == "ensemble":
+        return {"label": "output ensemble", "kind": "reference", "scores": _ensemble(suite)}
+    if cell.kind == "geometry":
+        from evaluations.bench.geometry import pool_geometry
+
+        return {"geometry": pool_geometry(pool, tasks)}
+    if cell.kind != "merge" or cell.entry is None:
+        raise BasinError(f"unknown cell kind {cell.kind!r}")
+    entry = cell.entry
+    candidates = entry.candidates()
+    selection: list[dict[str, Any]] = []
+    best, best_val = candidates[0], -math.inf
+    if len(candidates) > 1:
+        for params in candidates:
+            merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
+            val = tasks.evaluate(pool.module(merged), "val")
+            score = sum(val.values()) / len(val)
+            selection.append({"params": params, "val": score})
+            if score > best_val:
+                best, best_val = params, score
+    merged = run_merge(entry.method, pool, tasks, dict(best), suite.seed)
+    return {"label": entry.label, "kind": "merge", "scores": tasks.evaluate(pool.module(merged)),
+            "params": dict(best), "selection": selection,
+            "distance_from_base": _distance(merged, pool.base)}
+
+
+def plan_cells(suite: Suite, geometry: bool = True) -> list[Cell]:
+    cells = [Cell("pretrained"), Cell("individual"), Cell("ensemble")]
+    cells += [Cell("merge", e) for e in suite.methods.entries]
+    return cells + ([Cell("geometry")] if geometry else [])
+
+
+def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: str | Path | None = None,
+                  methods: Sequence[str] | None = None, geometry: bool = True, progress: bool = True
+                  ) -> BenchmarkResult:
+    """Run every cell of `suite` (the grid narrowed to `methods`), reusing cells cached in `cache_dir`."""
+    executor = executor or Local()
+    start = time.perf_counter()
+    suite = Suite(suite.name, suite.models, suite.tasks, suite.methods.select(methods), suite.seed, suite.description)
+    cells = plan_cells(suite, geometry)
+    fp = suite.fingerprint()
+    keys = [_cell_key(fp, c, suite.seed) for c in cells]
+    cache = Path(cache_dir) if cache_dir is not None else None
+    results: dict[int, dict[str, Any]] = {}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for i, k in enumerate(keys):
+            path = cache / f"{k}.json"
+            if path.is_file():
+                results[i] = json.loads(path.read_text())
+    cached = len(results)
+    todo = [i for i in range(len(cells)) if i not in results]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), initial=cached, desc=f"bench {suite.name}", unit="cell")
+    try:
+        for j, out in executor.map(run_cell, suite, [cells[i] for i in todo]):
+            i = todo[j]
+            out = json.loads(json.dumps(out))  # the cached form, so fresh and resumed runs are identical
+            results[i] = out
+            if cache is not None:
+                tmp = cache / f"{keys[i]}.json.tmp"
+                tmp.write_text(json.dumps(out))
+                tmp.replace(cache / f"{keys[i]}.json")
+            if bar is not None:
+                bar.set_postfix_str(cells[i].entry.label if cells[i].entry else cells[i].kind)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    rows, geo = [], {}
+    for i, cell in enumerate(cells):
+        out = results[i]
+        if cell.kind == "geometry":
+            geo = out["geometry"]
+            continue
+        rows.append(Row(out["label"], out["kind"], out["scores"], out.get("params", {}), out.get("selection", []),
+                        out.get("distance_from_base"), out["seconds"]))
+    individual = next(r for r in rows if r.label == "individual fine-tunes")
+    for r in rows:
+        if r is not individual:
+            r.normalized = {t: r.scores[t] / individual.scores[t] if individual.scores[t] else math.nan
+                            for t in individual.scores}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "cpus_torch_threads": torch.get_num_threads()}
+    return BenchmarkResult(suite.name, suite.tasks.names, rows, geo, suite.seed, executor.name,
+                           time.perf_counter() - start, cached, env)

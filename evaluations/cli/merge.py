@@ -1,0 +1,57 @@
+"""`basin merge RECIPE OUT_DIR`: a thin layer over `merging.merge` (imports no transformers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "merge checkpoints as a YAML recipe says (mergekit schema)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe (mergekit schema)")
+    parser.add_argument("out_dir", nargs="?", help="output folder (not needed with --dry-run)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dry-run", action="store_true", help="validate inputs and print the per-tensor plan")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start afresh even if an interrupted run of the same merge left partial output")
+    parser.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from merging.api import merge
+    from taxonomy.errors import BasinError
+
+    if args.out_dir is None and not args.dry_run:
+        raise BasinError("OUT_DIR is required (or pass --dry-run)")
+    report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
+                   shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                   dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume)
+    if args.dry_run:
+        points = report.sweep or [{"folder": None, "values": {}, "plan": report.plan}]
+        if args.json:
+            print(json.dumps([{"folder": p["folder"], "values": p["values"], "plan": p["plan"].to_json()}
+                              for p in points] if report.sweep else report.plan.to_json(), indent=2))
+        else:
+            for p in points:
+                if p["folder"]:
+                    print(f"== sweep point {p['folder']}: {p['values']}")
+                print(p["plan"].table())
+        return 0
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        mb = report.bytes_written / 1e6
+        print(f"merged {report.tensors} tensors ({mb:.1f} MB, {len(report.shards)} shard(s)) with {report.method} "
+              f"into {report.out_dir} in {report.seconds:.2f} s; peak RSS {report.peak_rss_mb:.0f} MB")
+        for point in report.sweep or []:
+            print(f"  {point['folder']}: {point['values']} (content hash {point['content_hash'][:16]})")
+        if report.resumed_tensors:
+            print(f"resumed: {report.resumed_tensors} tensors kept from an interrupted run")
+        print(f"content hash {report.content_hash}")
+    return 0

@@ -1,0 +1,234 @@
+"""Loss and accuracy at many parameter points: a batched `vmap` pass or a loop, with optional BN re-estimation.
+
+`evaluate_points` is the engine shared by paths (`evaluate_path`) and landscape slices. In batched mode a
+chunk of P parameter points is stacked and `torch.func.vmap(functional_call)` evaluates all P models on each
+data batch in one pass; in loop mode each point is one `functional_call` per batch. Both give the same loss
+(mean over all examples of `loss_fn`, batch losses weighted by batch size) and accuracy (argmax match).
+
+BatchNorm re-estimation (`bn_reset_data`), needed for interpolated ResNets (Jordan et al. 2023, REPAIR;
+Frankle et al. 2020 reset BN stats along the path): at each point the running statistics are reset and
+recomputed as a cumulative average over `bn_reset_data` in train mode, then the point is evaluated in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from tqdm import tqdm
+
+from taxonomy.errors import BasinError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# batched="auto" stacks points while P * (parameters + widest activation * batch) stays under this many floats
+AUTO_BATCH_FLOATS = 16_000_000
+AUTO_MAX_PARAMS = 200_000
+# the loop builds this many floats of points at once: small enough to reuse heap memory (large chunks are
+# fresh mmaps that page-fault on every build: 64 MB chunks cost 6x more per point than 10 MB ones)
+LOOP_CHUNK_FLOATS = 2_500_000
+
+
+def default_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy for integer labels, mean squared error otherwise."""
+    if not y.is_floating_point():
+        return nn.functional.cross_entropy(outputs, y)
+    return nn.functional.mse_loss(outputs, y)
+
+
+def iter_batches(data: object, batch_size: int | None = None, generator: torch.Generator | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) tensors (one batch, or shuffled minibatches when `batch_size` is given) or an iterable of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise BasinError(f"data: x has {len(x)} rows but y has {len(y)}")
+        if batch_size is None:
+            yield x, y
+            return
+        order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+        for s in range(0, len(x), batch_size):
+            idx = order[s : s + batch_size]
+            yield x[idx], y[idx]
+        return
+    if isinstance(data, Iterable):
+        for batch in data:
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise BasinError("data: each batch must be an (x, y) pair")
+            yield batch[0], batch[1]
+        return
+    raise BasinError(f"data: expected (x, y) tensors or a DataLoader, got {type(data).__name__}")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _accuracy_hits(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() >= 2 and not y.is_floating_point() and out.shape[:-1] == y.shape:
+        return (out.argmax(-1) == y).sum().to(torch.float64)
+    return torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _choose_batched(model: nn.Module, batched: bool | str, bn_reset: bool, n_params: int) -> bool:
+    if batched == "auto":
+        return not bn_reset and not has_batchnorm(model) and n_params <= AUTO_MAX_PARAMS
+    if batched and bn_reset:
+        raise BasinError("batched=True cannot re-estimate BatchNorm statistics per point; use batched=False")
+    return bool(batched)
+
+
+def _chunk_size(n_params: int, n_points: int, batch_rows: int, widest: int) -> int:
+    per_point = n_params + batch_rows * max(widest, 1) * 2
+    return max(1, min(n_points, AUTO_BATCH_FLOATS // max(per_point, 1)))
+
+
+def _widest(model: nn.Module) -> int:
+    return max((p.shape[0] for p in model.parameters() if p.dim() >= 1), default=1)
+
+
+def reset_batchnorm(model: nn.Module, data: object) -> None:
+    """Recompute BatchNorm running statistics of `model` as the cumulative average over `data`."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in iter_batches(data):
+            model(x)
+    for m, mom in saved:
+        m.momentum = mom
+    model.eval()
+
+
+def evaluate_points(
+    model: nn.Module,
+    n_points: int,
+    points: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    data: object,
+    loss_fn: LossFn | None = None,
+    batched: bool | str = "auto",
+    bn_reset_data: object = None,
+    chunk: int | None = None,
+    progress: bool = False,
+    desc: str = "points",
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Loss and accuracy at `n_points` parameter points; `points(idx)` returns the stacked points `idx`.
+
+    Returns (loss[n_points], accuracy[n_points], batched_used).
+    """
+    loss_fn = loss_fn or default_loss
+    first = points(torch.arange(1))
+    n_params = sum(v[0].numel() for v in first.values() if v.is_floating_point())
+    use_vmap = _choose_batched(model, batched, bn_reset_data is not None, n_params)
+    batches = list(iter_batches(data))
+    if not batches:
+        raise BasinError("data: no batches")
+    n_total = sum(len(y) for _, y in batches)
+    loss = np.zeros(n_points)
+    hits = np.zeros(n_points)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n_points, desc=desc, disable=not progress)
+    try:
+        with torch.no_grad():
+            if use_vmap:
+                rows = max(len(y) for _, y in batches)
+                size = chunk or _chunk_size(n_params, n_points, rows, _widest(model))
+
+                def one(p, x, y):
+                    out = functional_call(model, p, (x,))
+                    return loss_fn(out, y), _accuracy_hits(out, y)
+
+                fn = vmap(one, in_dims=(0, None, None))
+                for s in range(0, n_points, size):
+                    idx = torch.arange(s, min(s + size, n_points))
+                    stacked = points(idx)
+                    for x, y in batches:
+                        lv, hv = fn(stacked, x, y)
+                        loss[idx.numpy()] += lv.double().numpy() * len(y)
+                        hits[idx.numpy()] += hv.numpy()
+                    bar.update(len(idx))
+            else:
+                # points are still built a chunk at a time (few large tensor ops instead of many small ones
+                # per point); each point is then one functional_call per batch
+                work = copy.deepcopy(model) if bn_reset_data is not None else model
+                size = chunk or max(1, min(n_points, LOOP_CHUNK_FLOATS // max(n_params, 1)))
+                for s in range(0, n_points, size):
+                    idx = torch.arange(s, min(s + size, n_points))
+                    stacked = points(idx)
+                    for j, i in enumerate(idx.tolist()):
+                        p = {k: v[j] for k, v in stacked.items()}
+                        if bn_reset_data is not None:
+                            work.load_state_dict(p, strict=False)
+                            reset_batchnorm(work, bn_reset_data)
+                            p = {**p, **{k: v.detach() for k, v in work.named_buffers()}}
+                        lv = torch.zeros((), dtype=torch.float64)
+                        hv = torch.zeros((), dtype=torch.float64)
+                        for x, y in batches:
+                            out = functional_call(work, p, (x,))
+                            lv = lv + loss_fn(out, y).double() * len(y)
+                            hv = hv + _accuracy_hits(out, y)
+                        loss[i], hits[i] = float(lv), float(hv)
+                        bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return loss / n_total, hits / n_total, use_vmap
+
+
+def alpha_grid(alphas: int | Iterable[float], lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    if isinstance(alphas, int):
+        if alphas < 2:
+            raise BasinError(f"alphas={alphas}: need at least 2 points")
+        return torch.linspace(lo, hi, alphas, dtype=torch.float64)
+    return torch.as_tensor(list(alphas) if not isinstance(alphas, torch.Tensor) else alphas, dtype=torch.float64)
+
+
+@dataclass
+class PathResult:
+    alphas: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    batched: bool = False
+
+    @property
+    def error(self) -> np.ndarray:
+        return 1.0 - self.accuracy
+
+    def to_json(self) -> dict:
+        return {"alphas": self.alphas.tolist(), "loss": self.loss.tolist(), "accuracy": self.accuracy.tolist(),
+                "error": self.error.tolist(), "batched": self.batched}
+
+
+def evaluate_path(
+    model: nn.Module,
+    path: Callable[[float], dict[str, torch.Tensor]],
+    data: object,
+    alphas: int | Iterable[float] = 25,
+    loss_fn: LossFn | None = None,
+    batched: bool | str = "auto",
+    bn_reset_data: object = None,
+    progress: bool = False,
+) -> PathResult:
+    """Loss and accuracy of `model` with parameters `path(alpha)` at each alpha (K evenly spaced when an int)."""
+    grid = alpha_grid(alphas)
+    if hasattr(path, "stacked"):
+        def points(idx):
+            return path.stacked(grid[idx])
+    else:
+        def points(idx):
+            pts = [path(float(grid[i])) for i in idx]
+            return {k: torch.stack([p[k] for p in pts]) for k in pts[0]}
+    loss, acc, used = evaluate_points(model, len(grid), points, data, loss_fn, batched, bn_reset_data,
+                                      progress=progress, desc="path")
+    return PathResult(alphas=grid.numpy(), loss=loss, accuracy=acc, batched=used)

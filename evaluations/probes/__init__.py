@@ -1,0 +1,50 @@
+"""Curvature and kernel probes: Hessian spectra (Lanczos, Hutchinson, SLQ), sharpness, and the empirical NTK."""
+
+from __future__ import annotations
+
+from evaluations.probes.density import Density, spectral_density
+from evaluations.probes.hvp import HessianOperator
+from evaluations.probes.kernel import (
+    activation_pattern_distance,
+    activation_patterns,
+    kernel_alignment,
+    kernel_distance,
+    kernel_velocity,
+)
+from evaluations.probes.lanczos import Eigen, lanczos, power_iteration
+from evaluations.probes.linearize import KernelRegression, LinearizedModel, linearize, ntk_regression
+from evaluations.probes.ntk import empirical_ntk
+from evaluations.probes.sharpness import Sharpness, adaptive_sharpness, epsilon_sharpness, top_to_trace_ratio
+from evaluations.probes.trace import Estimate, hutchinson_trace
+
+
+def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: int = 0) -> float:
+    """Largest Hessian eigenvalue of the mean loss over `data` (Lanczos to `tol` relative accuracy)."""
+    return float(lanczos(HessianOperator(model, loss_fn, data, params=params), k=1, tol=tol, seed=seed).values[0])
+
+
+__all__ = [
+    "KernelRegression",
+    "LinearizedModel",
+    "Sharpness",
+    "adaptive_sharpness",
+    "epsilon_sharpness",
+    "linearize",
+    "ntk_regression",
+    "top_to_trace_ratio",
+    "Density",
+    "Eigen",
+    "Estimate",
+    "HessianOperator",
+    "activation_pattern_distance",
+    "activation_patterns",
+    "empirical_ntk",
+    "hutchinson_trace",
+    "kernel_alignment",
+    "kernel_distance",
+    "kernel_velocity",
+    "lanczos",
+    "power_iteration",
+    "spectral_density",
+    "top_eigenvalue",
+]

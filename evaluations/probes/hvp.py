@@ -1,0 +1,175 @@
+"""Hessian-vector products of a loss over a dataset, as a linear operator on flat vectors.
+
+H v = d/dt grad L(w + t v) at t=0 (Pearlmutter 1994), computed by double backward (default, the
+faster on CPU for MLPs) or forward-over-reverse (`torch.func.jvp` of `torch.func.grad`) per batch,
+accumulated with batch-size weights, so the operator is the Hessian of the mean loss over the whole
+dataset. `params` restricts it to a subset of parameters (the others are held fixed): the result is
+the corresponding sub-block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from taxonomy.errors import BasinError
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(x, y)` tensors (optionally split into batches) or an iterable of `(x, y)` batches -> list of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise BasinError(f"data: x has {len(x)} examples but y has {len(y)}")
+        if batch_size is None or batch_size >= len(x):
+            return [(x, y)]
+        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    if isinstance(data, Iterable):
+        batches = [(b[0], b[1]) for b in data]
+        if not batches:
+            raise BasinError("data: no batches")
+        return batches
+    raise BasinError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
+
+
+def select_params(model: nn.Module, params: str | Sequence[str] | None) -> list[str]:
+    """Names of trainable parameters selected by `params`: None (all), a name prefix, or a list of names/prefixes."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return names
+    wanted = [params] if isinstance(params, str) else list(params)
+    chosen = [n for n in names if any(n == w or n.startswith(w.rstrip(".") + ".") for w in wanted)]
+    if not chosen:
+        raise BasinError(f"params: {wanted} match no parameter of the model (have {names[:8]}...)")
+    return chosen
+
+
+class HessianOperator:
+    """The Hessian of `loss_fn(model(x), y)` (mean over `data`) w.r.t. the selected parameters.
+
+    `op @ v` / `op.matvec(v)` take and return flat vectors of length `op.size` (float32, the
+    parameters' order in `op.names`). `op.matmat(V)` applies it to the rows of `V`.
+    `op.n_products` counts Hessian-vector products. `op.dense()` forms the matrix (tiny models only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data,
+        params: str | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        mode: str = "double_backward",
+        cache_graph: bool | None = None,
+    ):
+        if mode not in ("double_backward", "forward_over_reverse"):
+            raise BasinError(f"mode: expected 'double_backward' or 'forward_over_reverse', got {mode!r}")
+        self.mode = mode
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = as_batches(data, batch_size)
+        self.n_examples = sum(len(b[0]) for b in self.batches)
+        self.names = select_params(model, params)
+        state = {n: p.detach() for n, p in model.named_parameters()}
+        state.update({n: b.detach() for n, b in model.named_buffers()})
+        self.fixed = {n: t for n, t in state.items() if n not in self.names}
+        self.primals = {n: state[n] for n in self.names}
+        self.shapes = [self.primals[n].shape for n in self.names]
+        self.numels = [self.primals[n].numel() for n in self.names]
+        self.size = sum(self.numels)
+        self.dtype = next(iter(self.primals.values())).dtype
+        self.device = next(iter(self.primals.values())).device
+        self.n_products = 0
+        # double backward: keep each batch's gradient graph so an HVP costs one backward pass (default: one batch)
+        self.cache_graph = len(self.batches) == 1 if cache_graph is None else cache_graph
+        self._hvp = self._make_hvp()
+
+    def _make_hvp(self):
+        def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)
+
+        def hvp(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            return jvp(lambda p: grad(loss)(p, x, y), (self.primals,), (v,))[1]
+
+        graphs: dict[int, tuple] = {}  # batch id -> (leaf params, gradient with its graph), kept for reuse
+
+        def gradient_graph(x: torch.Tensor, y: torch.Tensor):
+            if id(x) in graphs:
+                return graphs[id(x)]
+            with torch.enable_grad():
+                p = {n: t.detach().requires_grad_(True) for n, t in self.primals.items()}
+                g = torch.autograd.grad(loss(p, x, y), list(p.values()), create_graph=True)
+            if self.cache_graph:
+                graphs[id(x)] = (p, g)
+            return p, g
+
+        def hvp_double(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            p, g = gradient_graph(x, y)
+            with torch.enable_grad():
+                hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[v[n] for n in p], allow_unused=True,
+                                         retain_graph=self.cache_graph)
+            return {n: torch.zeros_like(p[n]) if h is None else h for n, h in zip(p, hv)}
+
+        return hvp if self.mode == "forward_over_reverse" else hvp_double
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(v, self.numels)
+        return {n: part.reshape(s) for n, part, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def flat_params(self) -> torch.Tensor:
+        return self.flatten(self.primals)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape != (self.size,):
+            raise BasinError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
+        tangent = self.unflatten(v.to(self.dtype))
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.batches:
+                out += self.flatten(self._hvp(tangent, x, y)) * (len(x) / self.n_examples)
+        finally:
+            self.model.train(was_training)
+        self.n_products += 1
+        return out.to(v.dtype)
+
+    __matmul__ = matvec
+
+    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        """Apply to each row of `vs` ([k, size]) -> [k, size]."""
+        return torch.stack([self.matvec(v) for v in vs])
+
+    def dense(self) -> torch.Tensor:
+        """The full [size, size] matrix (size Hessian-vector products); for tiny models and tests."""
+        if self.size > 20_000:
+            raise BasinError(f"HessianOperator.dense: {self.size} parameters is too many to form the Hessian")
+        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+        return self.matmat(eye)
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the mean loss over `data`."""
+        def loss(p, x, y):
+            return self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)
+
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for x, y in self.batches:
+            out += self.flatten(grad(loss)(self.primals, x, y)) * (len(x) / self.n_examples)
+        return out
+
+    def loss(self, flat: torch.Tensor | None = None) -> float:
+        """Mean loss over `data` at the stored parameters, or at `flat` (a flat vector of the selected ones)."""
+        p = self.primals if flat is None else self.unflatten(flat)
+        total = 0.0
+        with torch.no_grad():
+            for x, y in self.batches:
+                total += float(self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)) * len(x)
+        return total / self.n_examples

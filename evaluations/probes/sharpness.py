@@ -1,0 +1,85 @@
+"""Sharpness measures around a trained model.
+
+- epsilon-sharpness (Keskar et al. 2017, eq. 3): 100 * (max_{z in C_eps} L(w + z) - L(w)) / (1 + L(w)),
+  C_eps = {z : |z_i| <= eps (|w_i| + 1)}, the max found by projected (sign) gradient ascent;
+- adaptive sharpness (Kwon et al. 2021, ASAM, eq. 6-8): max_{|T_w^-1 e|_2 <= rho} L(w + e) - L(w) with
+  T_w = diag(|w| + eta), by normalized gradient ascent in the rescaled coordinates (steps=1 is ASAM's update);
+- the ratio of the top Hessian eigenvalue to the Hessian trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.func import functional_call, grad
+
+from evaluations.probes.hvp import HessianOperator
+from evaluations.probes.lanczos import lanczos
+from evaluations.probes.trace import hutchinson_trace
+
+
+@dataclass
+class Sharpness:
+    value: float
+    loss: float
+    perturbed_loss: float
+    kind: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _loss_and_grad(op: HessianOperator):
+    def loss(p, x, y):
+        return op.loss_fn(functional_call(op.model, {**op.fixed, **p}, (x,)), y)
+
+    def at(flat: torch.Tensor) -> torch.Tensor:
+        p = op.unflatten(flat)
+        out = torch.zeros_like(flat)
+        for x, y in op.batches:
+            out += op.flatten(grad(loss)(p, x, y)) * (len(x) / op.n_examples)
+        return out
+
+    return at
+
+
+def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 10, params=None) -> Sharpness:
+    """Keskar et al.'s epsilon-sharpness (in percent), maximized over the box by `steps` projected sign-ascent steps."""
+    op = HessianOperator(model, loss_fn, data, params=params)
+    w = op.flat_params()
+    box = epsilon * (w.abs() + 1)
+    grad_at = _loss_and_grad(op)
+    base = op.loss()
+    z = torch.zeros_like(w)
+    best = base
+    for _ in range(steps):
+        z = torch.clamp(z + 2.0 * box / steps * torch.sign(grad_at(w + z)), -box, box)
+        best = max(best, op.loss(w + z))
+    return Sharpness(100.0 * (best - base) / (1.0 + base), base, best, "epsilon")
+
+
+def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01, steps: int = 1,
+                       params=None) -> Sharpness:
+    """ASAM's adaptive sharpness: L(w + e) - L(w) at the ascent point in the ball |T_w^-1 e|_2 <= rho."""
+    op = HessianOperator(model, loss_fn, data, params=params)
+    w = op.flat_params()
+    t = w.abs() + eta
+    grad_at = _loss_and_grad(op)
+    base = op.loss()
+    u = torch.zeros_like(w)  # e = T_w u, |u| <= rho
+    for _ in range(steps):
+        g = t * grad_at(w + t * u)  # gradient w.r.t. u
+        u = u + (rho / steps) * g / g.norm().clamp_min(1e-30)
+        u = u * min(1.0, rho / float(u.norm().clamp_min(1e-30)))
+    perturbed = op.loss(w + t * u)
+    return Sharpness(perturbed - base, base, perturbed, "adaptive")
+
+
+def top_to_trace_ratio(op, tol: float = 1e-3, rtol: float = 1e-2, seed: int = 0) -> dict:
+    """lambda_max / tr(H) with the trace's standard error propagated; `op` is a HessianOperator or a matrix."""
+    top = lanczos(op, k=1, tol=tol, seed=seed)
+    tr = hutchinson_trace(op, rtol=rtol, seed=seed)
+    ratio = float(top.values[0]) / tr.mean
+    return {"ratio": ratio, "stderr": abs(ratio) * tr.stderr / abs(tr.mean), "top": float(top.values[0]),
+            "trace": tr.mean, "converged": bool(top.converged and tr.converged)}

@@ -1,0 +1,145 @@
+"""Activation matching (Ainsworth et al. 2023, Git Re-Basin, section 3.1; Entezari et al. 2022).
+
+For every permutation group, the units' activations are read where the network consumes them:
+the input of each Linear/Conv whose weight axis 1 the group permutes (post-nonlinearity hidden
+units, the normalised residual stream, attention heads' context vectors in head_dim blocks).
+The cost is the sum over those sites (and over the positions within a block) of the Pearson
+correlation between unit i of A and unit j of B over the data; one linear assignment per group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from merging.alignment.spec import PermutationSpec
+from merging.alignment.weight_matching import MatchResult, check_same_architecture
+from taxonomy.errors import BasinError
+
+SITE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def batches(data: Any) -> Iterator[tuple[tuple, dict]]:
+    """Model inputs from `data`: a tensor, a dict of tensors (keyword inputs), a tuple (x, y, ...)
+    whose first item is the input, or a list/iterable (e.g. a DataLoader) of those."""
+    if isinstance(data, torch.Tensor):
+        yield (data,), {}
+    elif isinstance(data, dict):
+        yield (), dict(data)
+    elif isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor):
+        yield (data[0],), {}
+    elif isinstance(data, Iterable):
+        for item in data:
+            yield from batches(item)
+    else:
+        raise BasinError(f"data: expected a tensor, a dict, an (x, y) tuple or an iterable of batches, "
+                         f"got {type(data).__name__}")
+
+
+def run_model(model: nn.Module, args: tuple, kwargs: dict, label: str) -> Any:
+    try:
+        return model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)] or {
+            k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        raise BasinError(f"data: a batch of shape {shapes} does not fit {label} ({str(err).splitlines()[0]})") from None
+
+
+def sites(model: nn.Module, spec: PermutationSpec) -> dict[str, list[str]]:
+    """group -> names of the Linear/Conv modules that read the group's units (weight axis 1)."""
+    out: dict[str, list[str]] = {g: [] for g in spec.groups}
+    for name, mod in model.named_modules():
+        axes = spec.axes.get(f"{name}.weight" if name else "weight")
+        if isinstance(mod, SITE_TYPES) and axes and len(axes) > 1 and axes[1] is not None:
+            out[axes[1]].append(name)
+    return out
+
+
+def _unit_features(x: torch.Tensor, conv: bool, n: int) -> torch.Tensor:
+    """[samples, n, block] from a site's input (channels at axis 1 for convs, last axis for Linear)."""
+    x = x.detach().to(torch.float64)
+    x = x.movedim(1, -1) if conv else x
+    x = x.reshape(-1, x.shape[-1])
+    return x.reshape(x.shape[0], n, -1)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.n = 0
+        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        terms = (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), torch.einsum("sib,sjb->ijb", a, b))
+        if self.sa is None:
+            self.sa, self.sb, self.saa, self.sbb, self.sab = terms
+        else:
+            old = (self.sa, self.sb, self.saa, self.sbb, self.sab)
+            self.sa, self.sb, self.saa, self.sbb, self.sab = (x + t for x, t in zip(old, terms))
+        self.n += a.shape[0]
+
+    def correlation(self) -> torch.Tensor:
+        """[n, n]: sum over block positions of corr(unit i of A, unit j of B)."""
+        mean_a, mean_b = self.sa / self.n, self.sb / self.n
+        std_a = (self.saa / self.n - mean_a**2).clamp_min(0).sqrt() + 1e-8
+        std_b = (self.sbb / self.n - mean_b**2).clamp_min(0).sqrt() + 1e-8
+        cov = self.sab / self.n - mean_a[:, None, :] * mean_b[None, :, :]
+        return (cov / (std_a[:, None, :] * std_b[None, :, :])).sum(-1)
+
+
+@torch.no_grad()
+def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec) -> MatchResult:
+    """Permutations of B's units maximising the correlation of its activations with A's on `data`."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    check_same_architecture(model_a.state_dict(), model_b.state_dict(), spec)
+    where = sites(model_a, spec)
+    unread = [g for g, names in where.items() if not names]
+    if unread:
+        raise BasinError(f"activation matching: no Linear/Conv module reads the units of group {unread[0]!r} "
+                         "(use weight matching for this model)")
+    stats = {g: _Stats() for g in spec.groups}
+    captured: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+    handles = []
+    for key, model in (("a", model_a), ("b", model_b)):
+        modules = dict(model.named_modules())
+        for names in where.values():
+            for name in names:
+                def hook(mod, inputs, key=key, name=name):
+                    captured[key][name] = inputs[0]
+                handles.append(modules[name].register_forward_pre_hook(hook))
+    was_training = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    try:
+        seen = 0
+        for args, kwargs in batches(data):
+            run_model(model_a, args, kwargs, "model A")
+            run_model(model_b, args, kwargs, "model B")
+            seen += 1
+            for group, names in where.items():
+                n = spec.sizes[group]
+                for name in names:
+                    conv = not isinstance(dict(model_a.named_modules())[name], nn.Linear)
+                    stats[group].add(_unit_features(captured["a"][name], conv, n),
+                                     _unit_features(captured["b"][name], conv, n))
+        if not seen:
+            raise BasinError("data: no batches")
+    finally:
+        for h in handles:
+            h.remove()
+        model_a.train(was_training[0])
+        model_b.train(was_training[1])
+    perms: dict[str, torch.Tensor] = {}
+    objective: list[float] = []
+    for group in spec.groups:
+        corr = stats[group].correlation().numpy()
+        _, cols = linear_sum_assignment(np.nan_to_num(corr), maximize=True)
+        perms[group] = torch.as_tensor(cols, dtype=torch.long)
+        objective.append(float(corr[np.arange(len(cols)), cols].mean()))
+    return MatchResult(perms, objective, True, 1, time.perf_counter() - start, method="activation_matching",
+                       cpu_seconds=time.process_time() - cpu_start)

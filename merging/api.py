@@ -1,0 +1,319 @@
+"""`merging.merge(recipe, out_dir)`: the Python API behind `basin merge`.
+
+Order of work, so that mistakes cost seconds: parse and check the recipe (no I/O); refuse an
+existing output; resolve every model reference (Hub ids first fetch only config and index
+files); open checkpoints lazily and build the plan from headers (names, shapes, parameters);
+only then stream tensors through the engine into the writer; copy config and tokenizer
+files; write the model card; rename the output into place.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merging.checkpoint import Checkpoint, open_checkpoint
+from merging.modelcard import InputRecord, model_card
+from merging.plan import OUT_DTYPES, MergePlan, build_plan
+from merging.recipe import DTYPES, Recipe
+from merging.writer import DEFAULT_SHARD_SIZE, ShardWriter, parse_size
+from taxonomy.errors import BasinError
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+)
+
+
+@dataclass
+class MergeReport:
+    out_dir: str | None
+    method: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    merge_seconds: float
+    peak_rss_mb: float
+    content_hash: str | None
+    shards: list[str]
+    inputs: list[InputRecord]
+    dry_run: bool = False
+    resumed_tensors: int = 0
+    sweep: list[dict[str, Any]] | None = None  # per grid point: folder, values, content_hash (or plan)
+    plan: MergePlan | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": self.out_dir, "method": self.method, "tensors": self.tensors,
+            "bytes_written": self.bytes_written, "seconds": round(self.seconds, 4),
+            "merge_seconds": round(self.merge_seconds, 4), "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "content_hash": self.content_hash, "shards": self.shards, "inputs": [i.to_json() for i in self.inputs],
+            "dry_run": self.dry_run, "resumed_tensors": self.resumed_tensors,
+            "sweep": None if self.sweep is None else [{k: v for k, v in s.items() if k != "plan"} for s in self.sweep],
+        }
+
+
+def load_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
+    if isinstance(recipe, Recipe):
+        recipe.validate()
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+
+
+def open_inputs(recipe: Recipe, allow_pickle: bool = False,
+                validate: Callable[[dict[str, Checkpoint]], object] | None = None) -> dict[str, Checkpoint]:
+    """Resolve and open every model the recipe names.
+
+    Hub ids fetch config, index and tokenizer files first (a wrong id fails at once). When some
+    Hub model's weights are not cached yet and we are online, `validate` (e.g. `build_plan`)
+    first runs on checkpoints made of the Hub's safetensors headers, so a name or shape mismatch
+    fails before any weights are downloaded.
+    """
+    from huggingface_hub import constants
+
+    from merging.hub import HUB_ID, is_hub_id, remote_headers, resolve, weights_cached
+
+    refs = recipe.model_refs()
+    remote: dict[str, Checkpoint] = {}
+    for ref in refs + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else []):
+        for part in ref.rsplit("+", 1) if "+" in ref and not Path(ref).exists() else [ref]:
+            if Path(part).expanduser().exists():
+                continue
+            if not is_hub_id(part):
+                raise BasinError(f"{part}: no such file or folder (model reference in the recipe)")
+            folder = resolve(part, allow_pickle=allow_pickle, weights=False).path
+            if part == ref and ref in refs and not constants.HF_HUB_OFFLINE and not weights_cached(folder):
+                m = HUB_ID.match(ref)
+                assert m is not None
+                remote[ref] = remote_headers(m.group("repo"), m.group("rev"), ref)
+    if remote and validate is not None:
+        validate({ref: remote.get(ref) or open_checkpoint(ref, allow_pickle=allow_pickle, label=ref)
+                  for ref in refs})
+    return {ref: open_checkpoint(ref, allow_pickle=allow_pickle, label=ref) for ref in refs}
+
+
+def _align(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
+    options = dict(recipe.align or {})
+    method = options.get("method")
+    try:
+        from merging.alignment import align_checkpoints
+    except ImportError:
+        raise BasinError(f"align: {method}: alignment is not available in this build") from None
+    refs = list(ckpts)
+    reference = options.pop("reference", None) or recipe.base_model or refs[0]
+    if reference not in ckpts:
+        raise BasinError(f"align.reference {reference!r} is not one of the recipe's models")
+    aligned = align_checkpoints([ckpts[r] for r in refs], refs.index(reference), options)
+    return dict(zip(refs, aligned))
+
+
+def resume_key(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> str | None:
+    """A fingerprint of the plan, the versions and the input files (path, size, mtime); None for in-memory inputs."""
+    import hashlib
+
+    from merging.safetensors_io import SafetensorsCheckpoint
+    from taxonomy.version import versions
+
+    h = hashlib.sha256(json.dumps([plan.to_json(), versions()], sort_keys=True).encode())
+    for ref in plan.inputs:
+        ckpt = ckpts[ref]
+        if not isinstance(ckpt, SafetensorsCheckpoint):
+            return None
+        for path in sorted({ckpt.file_of(n) for n in ckpt.names()}):
+            st = path.stat()
+            h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _config_source(recipe: Recipe) -> str:
+    if recipe.base_model:
+        return recipe.base_model
+    if recipe.slices is not None:
+        return recipe.slices[0].sources[0].model
+    return recipe.models[0].model
+
+
+def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
+                     dtype: str | None) -> None:
+    """config.json (output dtype and layer count patched) and generation_config.json from the config
+    source; tokenizer files from `tokenizer_source` (or the config source). In-memory inputs have none."""
+    cfg_ref = _config_source(recipe)
+    cfg_folder = tok_folder = ckpts[cfg_ref].folder
+    if recipe.tokenizer_ref in ckpts:
+        tok_folder = ckpts[recipe.tokenizer_ref].folder
+    elif recipe.tokenizer_ref:
+        from merging.hub import resolve
+
+        tok_folder = resolve(recipe.tokenizer_ref, weights=False).path
+        tok_folder = tok_folder if tok_folder.is_dir() else tok_folder.parent
+    if cfg_folder is not None:
+        for name in CONFIG_FILES:
+            src = cfg_folder / name
+            if not src.is_file():
+                continue
+            if name == "config.json":
+                config = json.loads(src.read_text())
+                if dtype:
+                    for key in ("torch_dtype", "dtype"):
+                        if key in config or key == "torch_dtype":
+                            config[key] = dtype
+                if plan.num_layers is not None:
+                    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                        if key in config:
+                            config[key] = plan.num_layers
+                writer.write_text(name, json.dumps(config, indent=2) + "\n")
+            else:
+                writer.copy_file(src)
+    if tok_folder is not None:
+        for name in TOKENIZER_FILES:
+            if (tok_folder / name).is_file():
+                writer.copy_file(tok_folder / name)
+
+
+def merge(
+    recipe_or_path: Recipe | dict | str | Path,
+    out_dir: str | Path | None,
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    resume: bool = True,
+) -> MergeReport:
+    """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
+
+    With `resume` (default), a merge interrupted by Ctrl-C or a killed process continues where
+    it stopped when rerun with the same recipe, inputs and options: finished tensors whose
+    bytes still hash as journalled are kept.
+    """
+    start = time.perf_counter()
+    recipe = load_recipe(recipe_or_path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise BasinError(f"--dtype must be one of float32, float16, bfloat16; got {dtype!r}")
+        dtype = DTYPES[dtype]
+    out_dtype = dtype or (DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None)
+    size = parse_size(shard_size)
+    from merging.engine import resolve_device
+
+    resolve_device(device)  # an unknown or absent device fails before any input is opened
+    out = None if out_dir is None else Path(out_dir)
+    if not dry_run:
+        if out is None:
+            raise BasinError("an output folder is required unless dry_run")
+        if out.exists() and not overwrite:
+            raise BasinError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+    points = recipe.grid_points()
+    ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
+                        validate=lambda headers: [build_plan(r, headers, out_dtype) for _, r in points])
+    if len(points) > 1:
+        return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
+                      progress=progress, start=start)
+    plan = build_plan(recipe, ckpts, out_dtype)  # every check from headers, before any data is read
+    if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
+        ckpts = _align(recipe, ckpts)
+        plan = build_plan(recipe, ckpts, out_dtype)
+    inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plan.inputs]
+    if dry_run:
+        return MergeReport(None, plan.method, len(plan.tensors), 0, time.perf_counter() - start, 0.0,
+                           _peak_rss_mb(), None, [], inputs, dry_run=True, plan=plan)
+    assert out is not None
+    from merging.engine import run_plan
+
+    layout = [(tp.name, tp.shape, tp.out_dtype) for tp in plan.tensors]
+    key = resume_key(plan, ckpts) if resume else None
+    with ShardWriter(out, layout, size, overwrite=overwrite, resume_key=key) as writer:
+        if writer.done and progress:
+            print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
+        stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
+                         skip=writer.done)
+        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, recipe.name or out.name)
+    return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
+                       stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
+                       resumed_tensors=len(writer.done), plan=plan)
+
+
+def _finish(writer: ShardWriter, recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan,
+            inputs: list[InputRecord], out_dtype: str | None, title: str) -> str:
+    """Config and tokenizer files, model card, index; rename into place. Returns the content hash."""
+    from taxonomy.version import versions
+
+    _copy_side_files(recipe, ckpts, writer, plan, out_dtype)
+    digest = writer.content_hash()
+    writer.write_text("README.md", model_card(recipe, inputs, digest, versions(), title))
+    writer.close()
+    return digest
+
+
+def point_folder(index: int, values: dict[str, Any]) -> str:
+    """A sweep point's folder name, e.g. p01-weight=0.5 (characters outside [A-Za-z0-9._=-] become _)."""
+    import re
+
+    label = ",".join(f"{k}={v}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9._=,-]", "_", f"p{index:02d}-{label}")[:120]
+
+
+def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpoint], out: Path | None,
+           out_dtype: str | None, size: int, *, overwrite: bool, device: str, dry_run: bool, progress: bool,
+           start: float) -> MergeReport:
+    """One output per grid point under `out`, sharing each tensor's reads across the points."""
+    import shutil
+
+    from merging.engine import run_plans
+
+    plans = [build_plan(r, ckpts, out_dtype) for _, r in points]
+    if any(r.align for _, r in points):
+        raise BasinError("a sweep cannot be combined with align: yet; align first, then sweep the aligned models")
+    inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plans[0].inputs]
+    names = [point_folder(k, values) for k, (values, _) in enumerate(points)]
+    sweep = [{"folder": n, "values": v} for n, (v, _) in zip(names, points)]
+    if dry_run:
+        return MergeReport(None, plans[0].method, len(plans[0].tensors), 0, time.perf_counter() - start, 0.0,
+                           _peak_rss_mb(), None, [], inputs, dry_run=True, plan=plans[0],
+                           sweep=[dict(s, plan=p) for s, p in zip(sweep, plans)])
+    assert out is not None
+    if out.exists() and not overwrite:
+        raise BasinError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+    tmp = out.parent / f".{out.name}.basin-sweep-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writers: list[ShardWriter] = []
+    try:
+        for name, plan in zip(names, plans):
+            writers.append(ShardWriter(tmp / name, [(t.name, t.shape, t.out_dtype) for t in plan.tensors], size))
+        stats = run_plans(plans, [ckpts[r] for r in plans[0].inputs], [w.add for w in writers], device=device,
+                          progress=progress)
+        for entry, writer, plan, (_, recipe) in zip(sweep, writers, plans, points):
+            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, entry["folder"])
+        (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeReport(str(out), plans[0].method, len(plans[0].tensors), stats.bytes_written,
+                       time.perf_counter() - start, stats.seconds, _peak_rss_mb(), None, [], inputs,
+                       sweep=[dict(s, folder=str(out / s["folder"])) for s in sweep])
+
+
+__all__ = ["OUT_DTYPES", "MergeReport", "load_recipe", "merge", "open_inputs"]

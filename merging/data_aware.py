@@ -1,0 +1,181 @@
+"""Data-aware merges: Fisher merging and RegMean (importance-weighted averaging).
+
+- Fisher merging (Matena and Raffel 2022, Merging Models with Fisher-Weighted Averaging, eq. 3):
+  theta* = sum_i w_i F_i theta_i / sum_i w_i F_i per parameter entry, with F_i the diagonal
+  empirical Fisher of model i, the mean over examples of the squared gradient of the per-example
+  loss (negative log-likelihood of the true label), plus a small epsilon.
+- RegMean (Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models,
+  eq. 2-3): for every Linear layer, W*^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T with G_i = X_i^T X_i the
+  Gram matrix of the layer's inputs on model i's data and G~ = alpha G + (1 - alpha) diag(G); every
+  other parameter (biases included) is the weighted average.
+
+Both take nn.Modules of one architecture and data, and return a state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from taxonomy.errors import BasinError
+
+
+def _check_models(models: Sequence[nn.Module], weights: Sequence[float] | None) -> list[float]:
+    if len(models) < 1:
+        raise BasinError("merge: no models given")
+    ref = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
+    for i, m in enumerate(models[1:], 1):
+        other = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        if other != ref:
+            diff = sorted(set(ref.items()) ^ set(other.items()))[0][0]
+            raise BasinError(f"merge: model {i} differs from model 0 in architecture at tensor {diff!r}")
+    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
+    if len(w) != len(models) or sum(w) <= 0 or min(w) < 0:
+        raise BasinError(f"merge: weights must be {len(models)} non-negative numbers with a positive sum, got {w}")
+    return w
+
+
+def _per_model(data: Any, n: int) -> list[Any]:
+    """One dataset per model: a list of n datasets, or one dataset shared by all."""
+    if isinstance(data, list) and len(data) == n and n > 1:
+        return data
+    return [data] * n
+
+
+def _xy_batches(data: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [data]
+    try:
+        out = [tuple(b) for b in data]
+    except TypeError:
+        raise BasinError(f"data: expected (x, y) tensors or an iterable of (x, y) batches, got {type(data).__name__}"
+                         ) from None
+    if not out or not all(len(b) == 2 for b in out):
+        raise BasinError("data: expected (x, y) tensors or an iterable of (x, y) batches")
+    return out  # type: ignore[return-value]
+
+
+def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Mean over examples of the squared per-example gradient of `loss_fn` (default cross-entropy)."""
+    from torch.func import functional_call, grad, vmap
+
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    was_training = model.training
+    model.eval()
+
+    def example_loss(p, x, y):
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+    count = 0
+    try:
+        for x, y in _xy_batches(data):
+            try:
+                grads = per_example(params, x, y)
+            except RuntimeError as err:
+                raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
+                                 f"({str(err).splitlines()[0]})") from None
+            for k, g in grads.items():
+                total[k] += (g.double() ** 2).sum(0)
+            count += len(x)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise BasinError("data: no examples")
+    return {k: v / count for k, v in total.items()}
+
+
+def fisher_merge(models: Sequence[nn.Module], data: Any, loss_fn: Callable | None = None,
+                 weights: Sequence[float] | None = None, eps: float = 1e-8) -> dict[str, torch.Tensor]:
+    """Fisher-weighted average of `models` (see the module docstring); `data` is shared or one per model."""
+    w = _check_models(models, weights)
+    fishers = [diagonal_fisher(m, d, loss_fn) for m, d in zip(models, _per_model(data, len(models)))]
+    states = [m.state_dict() for m in models]
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in states[0].items():
+        if not ref.is_floating_point():
+            out[name] = ref.clone()
+            continue
+        if name in fishers[0]:
+            num = sum(wi * (f[name] + eps) * s[name].double() for wi, f, s in zip(w, fishers, states))
+            den = sum(wi * (f[name] + eps) for wi, f in zip(w, fishers))
+            out[name] = (num / den).to(ref.dtype)
+        else:
+            out[name] = (sum(wi * s[name].double() for wi, s in zip(w, states)) / sum(w)).to(ref.dtype)
+    return out
+
+
+def _inputs(data: Any) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor):
+        return [data[0]]
+    try:
+        return [b if isinstance(b, torch.Tensor) else b[0] for b in data]
+    except (TypeError, IndexError, KeyError):
+        raise BasinError(f"data: expected input tensors, (x, y) or an iterable of batches, got {type(data).__name__}"
+                         ) from None
+
+
+@torch.no_grad()
+def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
+    """G = X^T X (float64) of every Linear layer's inputs over `data` (leading axes flattened)."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(_m, inp, name=name):
+                x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+                grams[name] = grams.get(name, 0) + x.T @ x
+            handles.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for x in _inputs(data):
+            try:
+                model(x)
+            except RuntimeError as err:
+                raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
+                                 f"({str(err).splitlines()[0]})") from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+def regmean_merge(models: Sequence[nn.Module], data: Any, alpha: float = 0.9,
+                  weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """RegMean merge (see the module docstring); `data` is shared or one dataset per model."""
+    if not 0.0 <= alpha <= 1.0:
+        raise BasinError(f"regmean: alpha must lie in [0, 1], got {alpha}")
+    w = _check_models(models, weights)
+    grams = [gram_matrices(m, d) for m, d in zip(models, _per_model(data, len(models)))]
+    states = [m.state_dict() for m in models]
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in states[0].items():
+        if ref.is_floating_point():
+            out[name] = (sum(wi * s[name].double() for wi, s in zip(w, states)) / sum(w)).to(ref.dtype)
+        else:
+            out[name] = ref.clone()
+    for layer in grams[0]:
+        key = f"{layer}.weight" if layer else "weight"
+        scaled = []
+        for g in grams:
+            if layer not in g:
+                raise BasinError(f"regmean: layer {layer!r} saw no data in one of the models")
+            gi = g[layer]
+            scaled.append(alpha * gi + (1 - alpha) * torch.diag(torch.diag(gi)))
+        lhs = sum(scaled)
+        rhs = sum(si @ s[key].double().T for si, s in zip(scaled, states))
+        solution = torch.linalg.lstsq(lhs, rhs).solution if torch.linalg.matrix_rank(lhs) < len(lhs) else \
+            torch.linalg.solve(lhs, rhs)
+        out[key] = solution.T.to(states[0][key].dtype).contiguous()
+    return out

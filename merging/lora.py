@@ -1,0 +1,231 @@
+"""PEFT LoRA adapters as dense task vectors and as lazy "base+adapter" checkpoints.
+
+LoRA (Hu et al. 2022) adds Delta W = s * B @ A to a targeted weight W (A: r x in, B: out x r) with
+s = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora` (Kalajdzievski 2023). A PEFT adapter
+folder holds `adapter_config.json` and `adapter_model.safetensors` with tensors named
+`base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (embedding layers:
+`lora_embedding_A` / `lora_embedding_B`, Delta W = s * (B @ A)^T; `fan_in_fan_out` layers: transposed
+too). `alpha_pattern` overrides lora_alpha per module (PEFT's rule: the pattern matches a dotted
+suffix of the module name); r is read from A's shape, so `rank_pattern` needs no handling.
+Other tensors in the adapter (`modules_to_save` copies, trained biases) replace the base's.
+DoRA adapters (`use_dora`) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merging.checkpoint import Checkpoint, TensorMeta
+from taxonomy.errors import BasinError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<part>[AB])(?:\.[^.]+)?(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: Delta W = scale * B @ A, transposed when `transpose`."""
+
+    module: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transpose: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, inp = self.b.shape[0], self.a.shape[1]
+        return (inp, out) if self.transpose else (out, inp)
+
+    def delta(self) -> torch.Tensor:
+        product = self.scale * (self.b.to(torch.float32) @ self.a.to(torch.float32))
+        return product.T if self.transpose else product
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter read from a folder: its modules and any full tensors it replaces."""
+
+    folder: Path
+    config: dict
+    modules: dict[str, LoraModule]
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            return float(value)
+    return float(default)
+
+
+def read_adapter(folder: Path | str) -> LoraAdapter:
+    """Read and check a PEFT LoRA adapter folder (config and safetensors weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BasinError(f"{folder}: no such LoRA adapter folder")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise BasinError(f"{folder}: missing {CONFIG_NAME}; not a PEFT adapter folder")
+    if not weights_path.is_file():
+        pickle = (folder / "adapter_model.bin").exists()
+        hint = " (adapter_model.bin is a pickle; convert it to safetensors)" if pickle else ""
+        raise BasinError(f"{folder}: missing {WEIGHTS_NAME}{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+        assert isinstance(config, dict)
+    except (json.JSONDecodeError, AssertionError, UnicodeDecodeError):
+        raise BasinError(f"{config_path}: not a JSON object") from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise BasinError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise BasinError(f"{config_path}: DoRA adapters (use_dora) are not supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise BasinError(f"{config_path}: field {key!r} must be a number, got {config.get(key)!r}")
+
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types
+        raise BasinError(f"{weights_path}: cannot read: {err}") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    embedding: set[str] = set()
+    full: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if ".lora_" in name and name.endswith(".bias"):
+            raise BasinError(f"{weights_path}: tensor {key!r} is a LoRA bias (lora_bias); not supported")
+        if "lora_magnitude_vector" in name:
+            raise BasinError(f"{weights_path}: tensor {key!r} belongs to a DoRA adapter; not supported")
+        match = _LORA_KEY.match(name)
+        if match is None:
+            name = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.)", "", name)
+            full[name] = tensor
+            continue
+        module = match["module"]
+        parts.setdefault(module, {})[match["part"]] = tensor
+        if match["embedding"]:
+            embedding.add(module)
+
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    modules: dict[str, LoraModule] = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise BasinError(f"{weights_path}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise BasinError(f"{weights_path}: module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                             "do not form B @ A")
+        rank = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        modules[module] = LoraModule(module, a, b, scale, transpose=module in embedding or fan_in_fan_out)
+    if not modules and not full:
+        raise BasinError(f"{weights_path}: holds no LoRA tensors")
+    return LoraAdapter(folder, config, modules, full)
+
+
+def _resolve(module: str, suffix: str, names: list[str], label: str, what: str) -> str:
+    """The base tensor for `module` + `suffix`: exact, else the unique base name ending with it,
+    else the adapter name with leading components removed (adapters trained on a wrapper model)."""
+    target = module + suffix
+    if target in names:
+        return target
+    ending = [n for n in names if n.endswith("." + target)]
+    if len(ending) == 1:
+        return ending[0]
+    pieces = target.split(".")
+    for start in range(1, len(pieces) - 1):
+        shorter = ".".join(pieces[start:])
+        if shorter in names:
+            return shorter
+    raise BasinError(f"{label}: LoRA {what} {module!r} has no tensor {target!r} in the base model")
+
+
+def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """Map the adapter's modules and full tensors to base tensor names, checking shapes."""
+    names = base.names()
+    label = f"{adapter.folder}"
+    lora: dict[str, LoraModule] = {}
+    for module, lm in adapter.modules.items():
+        name = _resolve(module, ".weight", names, label, "target module")
+        shape = tuple(base.meta(name).shape)
+        if shape != lm.shape:
+            raise BasinError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape {shape}")
+        lora[name] = lm
+    full: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.full.items():
+        name = _resolve(key, "", names, label, "tensor")
+        shape = tuple(base.meta(name).shape)
+        if shape != tuple(tensor.shape):
+            raise BasinError(
+                f"{label}: tensor {key!r} has shape {tuple(tensor.shape)}, the base's {name!r} has {shape}"
+            )
+        full[name] = tensor
+    return lora, full
+
+
+class LoraCheckpoint(Checkpoint):
+    """The base with a LoRA adapter folded in, lazily: get(name) = W + s * B @ A for adapted weights."""
+
+    def __init__(self, base: Checkpoint, adapter: LoraAdapter):
+        self.base = base
+        self.adapter = adapter
+        self.label = f"{base.label}+{adapter.folder}"
+        self.folder = base.folder
+        self.revision = base.revision
+        self.repo_id = base.repo_id
+        self._lora, self._full = _bind(base, adapter)
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def meta(self, name: str) -> TensorMeta:
+        return self.base.meta(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._full:
+            return self._full[name].to(self.base.meta(name).dtype)
+        weight = self.base.get(name)
+        module = self._lora.get(name)
+        if module is None:
+            return weight
+        return (weight.to(torch.float32) + module.delta().to(weight.device)).to(weight.dtype)
+
+    def adapted_names(self) -> list[str]:
+        """Base tensor names that the adapter changes."""
+        return sorted({*self._lora, *self._full})
+
+
+def open_lora(base: Checkpoint, adapter_dir: Path | str) -> LoraCheckpoint:
+    """Open `base` with the PEFT LoRA adapter in `adapter_dir` folded in (mergekit's `model+lora`)."""
+    return LoraCheckpoint(base, read_adapter(adapter_dir))
+
+
+def lora_task_vector(adapter_dir: Path | str, base: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+    """The adapter as a dense task vector, float32: {weight name: s * B @ A}.
+
+    Without `base`, names are `<module>.weight` as in the adapter; with `base`, names are resolved
+    to the base's tensors and shapes are checked, and full tensors the adapter replaces contribute
+    their difference from the base.
+    """
+    adapter = read_adapter(adapter_dir)
+    if base is None:
+        return {module + ".weight": lm.delta() for module, lm in adapter.modules.items()}
+    lora, full = _bind(base, adapter)
+    out = {name: lm.delta() for name, lm in lora.items()}
+    for name, tensor in full.items():
+        out[name] = tensor.to(torch.float32) - base.get(name).to(torch.float32)
+    return out

@@ -1,0 +1,66 @@
+"""Subspace merges of task vectors: TSV-Merge (Gargiulo et al. 2025, Task Singular Vectors).
+
+For a 2-D tensor, each task vector tau_i = U_i S_i V_i^T is cut to its k = max(1, int(r * f))
+leading singular triplets (r = min(shape), f = `sv_reduction`, by default 1 / T for T models);
+the kept left vectors are concatenated into U = [U_1k ... U_Tk], the right ones into
+V = [V_1k ... V_Tk], the singular values into S. Interference between tasks is removed by
+replacing U and V with their nearest matrices with orthonormal columns (the polar factors,
+P Q^T for U = P Sigma Q^T: the Procrustes whitening of section 4 of the paper), and
+    theta = base + lambda * U_perp diag(S) V_perp^T.
+Tensors of other ranks (biases, norms) get the mean task vector, as the authors' code. Unlike
+the authors' CLIP code, no tensor is special-cased by name (they average `text_projection`), and
+components whose singular value is numerically zero (below numpy.linalg.matrix_rank's tolerance)
+are left out before orthogonalising: their singular vectors are arbitrary (a task vector that is
+zero on a tensor would otherwise rotate the other tasks' vectors), and they add nothing to Delta.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from merging.methods.registry import merge_method
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The closest matrix with orthonormal columns (or rows, if wide) in Frobenius norm: P Q^T."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def tsv_delta(task_vectors: list[torch.Tensor], sv_reduction: float) -> torch.Tensor:
+    """The TSV-Merge combination of 2-D task vectors (without lambda)."""
+    fraction = sv_reduction if sv_reduction > 0 else 1 / len(task_vectors)
+    us, ss, vhs = [], [], []
+    for tau in task_vectors:
+        if not bool(tau.any()):  # a zero task vector has no components (and its SVD's vectors are arbitrary)
+            continue
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        k = max(1, int(s.numel() * fraction))
+        # numerically zero components (numpy.linalg.matrix_rank's tolerance) have arbitrary singular
+        # vectors that would rotate the others in the orthogonalisation: leave them out
+        tolerance = float(s[0]) * max(tau.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+        k = min(k, int((s > tolerance).sum()))
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    if sum(values.numel() for values in ss) == 0:
+        return torch.zeros_like(task_vectors[0])
+    if len(ss) == 1:  # one task: its leading components are orthonormal already
+        return (us[0] * ss[0]) @ vhs[0]
+    u_perp = polar_factor(torch.cat(us, dim=1))
+    vh_perp = polar_factor(torch.cat(vhs, dim=0))
+    return (u_perp * torch.cat(ss)) @ vh_perp
+
+
+@merge_method("tsv")
+def tsv(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+        rng: torch.Generator) -> torch.Tensor:
+    """TSV-Merge (Gargiulo et al. 2025, Task Singular Vectors, Alg. 1); see the module docstring."""
+    task_vectors = [t - base for t in tensors]
+    if base.dim() == 2:
+        delta = tsv_delta(task_vectors, params["sv_reduction"])
+    else:
+        delta = torch.stack(task_vectors).mean(0)
+    return base + params["lambda"] * delta

@@ -1,0 +1,285 @@
+"""The merge plan: for every output tensor, its inputs, the method and the resolved parameters.
+
+Built from a recipe and the inputs' headers only (no tensor data), so every name, shape and
+parameter problem surfaces before any weight is read. Depth t follows mergekit's planner:
+layer k of an output slice of n layers has t = k / (n - 1) (t = 1 when n = 1); tensors before
+the layers (embeddings) have t = 0 and those after them (final norm, lm_head, pooler) t = 1.
+Parameter precedence (mergekit): a slice source's (or model's) parameters > the slice's >
+the global `parameters:`; within one level, the first matching filter entry wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from merging.checkpoint import Checkpoint
+from merging.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
+from taxonomy.errors import BasinError
+
+LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+PRE = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: `sources` are (input index, tensor name) pairs entering as `tensors`."""
+
+    name: str
+    sources: list[tuple[int, str]]
+    base: tuple[int, str] | None
+    params: dict[str, Any]
+    t: float
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+    def to_json(self, inputs: list[str]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "t": round(self.t, 6),
+            "inputs": [f"{inputs[i]}:{n}" for i, n in self.sources],
+            "base": None if self.base is None else f"{inputs[self.base[0]]}:{self.base[1]}",
+            "params": self.params,
+            "shape": list(self.shape),
+            "dtype": str(self.out_dtype).removeprefix("torch."),
+        }
+
+
+@dataclass
+class MergePlan:
+    method: str
+    inputs: list[str]  # model references, indexed by TensorPlan.sources
+    tensors: list[TensorPlan]
+    seed: int
+    num_layers: int | None = None  # output layer count (for config.json), None if unchanged
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
+                "tensors": [t.to_json(self.inputs) for t in self.tensors]}
+
+    def table(self) -> str:
+        """A readable per-tensor listing: name, shape, t, inputs, effective parameters."""
+        lines = [f"method {self.method}, seed {self.seed}, {len(self.tensors)} tensors, "
+                 f"{self.nbytes / 1e6:.1f} MB out"]
+        lines += [f"  input {i}: {ref}" for i, ref in enumerate(self.inputs)]
+        for tp in self.tensors:
+            srcs = ", ".join(f"{i}:{n}" if n != tp.name else str(i) for i, n in tp.sources)
+            base = ""
+            if tp.base is not None:
+                base = f" base={tp.base[0]}" + ("" if tp.base[1] == tp.name else f":{tp.base[1]}")
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in tp.params.items())
+            shape = "x".join(map(str, tp.shape)) or "scalar"
+            dtype = str(tp.out_dtype).removeprefix("torch.")
+            lines.append(f"{tp.name}  [{shape} {dtype}]  t={tp.t:.3f}  inputs=[{srcs}]{base}  {params}")
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer(name: str, index: int) -> str:
+    m = LAYER.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
+def num_layers(ckpt: Checkpoint) -> int:
+    idx = [i for i in (layer_index(n) for n in ckpt.names()) if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def _resolve(levels: list[dict[str, Any]], pname: str, tensor: str, t: float) -> Any:
+    for level in levels:
+        if pname in level:
+            value = evaluate_setting(level[pname], tensor, t)
+            if value is not None:
+                return value
+    return None
+
+
+def _check_same(ckpts: dict[str, Checkpoint], refs: list[str], names: list[str], context: str) -> None:
+    """Every named tensor exists in each checkpoint with one shape; lists the first few problems."""
+    first = refs[0]
+    for ref in refs[1:]:
+        have = set(ckpts[ref].names())
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise BasinError(f"{context}: {ref} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                             f"that {first} has ({len(missing)} in all)")
+        bad = [f"{n} {ckpts[first].meta(n).shape} vs {ckpts[ref].meta(n).shape}" for n in names
+               if ckpts[first].meta(n).shape != ckpts[ref].meta(n).shape]
+        if bad:
+            raise BasinError(f"{context}: tensor shapes differ between {first} and {ref}: {bad[:5]}"
+                             f"{' ...' if len(bad) > 5 else ''} ({len(bad)} in all)")
+
+
+def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None) -> MergePlan:
+    """Resolve every output tensor of `recipe` over the opened checkpoints (headers only)."""
+    from merging.methods import get_method
+    from merging.tensor_merge import full_params
+
+    method = get_method(recipe.merge_method)
+    dtype_name = out_dtype or recipe.out_dtype or recipe.dtype
+    dtype = OUT_DTYPES[_canonical_dtype(dtype_name)] if dtype_name else None
+    inputs = recipe.model_refs()
+    index = {ref: i for i, ref in enumerate(inputs)}
+    slices = recipe.slices if recipe.slices is not None else _models_as_slice(recipe, ckpts)
+    tensors: list[TensorPlan] = []
+    cache: dict[tuple, dict[str, Any]] = {}
+
+    def add(out_name: str, srcs: list[tuple[SliceSource, str]], base: tuple[str, str] | None,
+            slice_params: dict[str, Any], t: float) -> None:
+        info = method.info
+        resolved: dict[str, Any] = {}
+        for p in info.params:
+            if p.per_model:
+                vals = []
+                for src, src_name in srcs:
+                    v = _resolve([src.parameters, slice_params, recipe.parameters], p.name, src_name, t)
+                    vals.append(p.default if v is None else v)
+                resolved[p.name] = vals
+            else:
+                v = _resolve([slice_params, recipe.parameters], p.name, out_name, t)
+                if v is not None:
+                    resolved[p.name] = v
+        key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items())
+        if key not in cache:
+            cache[key] = full_params(method, resolved, len(srcs))
+        first_ref, first_name = (srcs[0][0].model, srcs[0][1]) if srcs else base
+        meta = ckpts[first_ref].meta(first_name)
+        tdtype = dtype if (dtype is not None and meta.dtype.is_floating_point) else meta.dtype
+        tensors.append(TensorPlan(
+            name=out_name,
+            sources=[(index[s.model], n) for s, n in srcs],
+            base=None if base is None else (index[base[0]], base[1]),
+            params=cache[key], t=t, shape=meta.shape, out_dtype=tdtype,
+        ))
+
+    def roles(sl: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
+        """The slice's sources entering as `tensors` (base first for methods without a base) and its base."""
+        info = method.info
+        base_ref = sl.base_model or recipe.base_model
+        base_src = next((s for s in sl.sources if s.model == base_ref), None)
+        if info.needs_base:
+            if base_ref is None:
+                raise BasinError(f"merge_method {info.name!r} needs a base_model")
+            if base_src is None:
+                if recipe.slices is not None:
+                    raise BasinError(f"slice sources {[s.model for s in sl.sources]} do not include the base "
+                                     f"model {base_ref!r}")
+                base_src = SliceSource(base_ref, sl.sources[0].layer_range)
+            sources = [s for s in sl.sources if s is not base_src]
+        else:
+            sources = sorted(sl.sources, key=lambda s: s.model != base_ref)  # base first (SLERP's t = 0)
+        n = len(sources)
+        if n < info.min_models or (info.max_models is not None and n > info.max_models):
+            most = info.max_models if info.max_models is not None else "any number of"
+            raise BasinError(f"{info.name!r} takes {info.min_models} to {most} models besides the base; "
+                             f"a slice has {n}: {[s.model for s in sources]}")
+        return sources, base_src
+
+    # layer counts and layer ranges
+    for sl in slices:
+        for src in sl.sources:
+            n = num_layers(ckpts[src.model])
+            if recipe.slices is not None and src.layer_range[1] > n:
+                raise BasinError(f"slices: layer_range {list(src.layer_range)} of {src.model} exceeds its {n} layers")
+
+    first_sources, first_base = roles(slices[0])
+    last_sources, last_base = roles(slices[-1])
+    ref_ckpt = ckpts[(first_sources[0] if first_sources else first_base).model]
+    non_layer = [n for n in ref_ckpt.names() if layer_index(n) is None]
+    pre = [n for n in non_layer if PRE.search(n)]
+    post = [n for n in non_layer if not PRE.search(n)]
+    all_refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]
+                                  + [b.model for b in (first_base, last_base) if b is not None]))
+    if recipe.slices is None:  # models mode: every input holds the same tensors
+        _check_names(ckpts, all_refs)
+    _check_same(ckpts, all_refs, non_layer, "models")
+    for name in pre:
+        add(name, [(s, name) for s in first_sources], None if first_base is None else (first_base.model, name),
+            slices[0].parameters, 0.0)
+    out_layer = 0
+    for sl in slices:
+        sources, base_src = roles(sl)
+        everyone = sources + ([base_src] if base_src is not None and base_src not in sources else [])
+        lead = everyone[0]
+        n = lead.layer_range[1] - lead.layer_range[0]
+        lead_names = ckpts[lead.model].names()
+        for k in range(n):
+            t = k / (n - 1) if n > 1 else 1.0
+            names = [x for x in lead_names if layer_index(x) == lead.layer_range[0] + k]
+            for s in everyone:
+                have = set(ckpts[s.model].names())
+                for x in names:
+                    sx = with_layer(x, s.layer_range[0] + k)
+                    if sx not in have:
+                        raise BasinError(f"{s.model} lacks tensor {sx!r} (needed for output layer {out_layer})")
+                    if ckpts[s.model].meta(sx).shape != ckpts[lead.model].meta(x).shape:
+                        raise BasinError(f"tensor shapes differ: {lead.model}:{x} {ckpts[lead.model].meta(x).shape}"
+                                         f" vs {s.model}:{sx} {ckpts[s.model].meta(sx).shape}")
+            for x in names:
+                srcs = [(s, with_layer(x, s.layer_range[0] + k)) for s in sources]
+                base = None if base_src is None else (base_src.model, with_layer(x, base_src.layer_range[0] + k))
+                add(with_layer(x, out_layer), srcs, base, sl.parameters, t)
+            out_layer += 1
+    for name in post:
+        add(name, [(s, name) for s in last_sources], None if last_base is None else (last_base.model, name),
+            slices[-1].parameters, 1.0)
+    layers_in = num_layers(ref_ckpt)
+    return MergePlan(method.info.name, inputs, tensors, recipe.seed,
+                     num_layers=out_layer if out_layer != layers_in else None)
+
+
+def _canonical_dtype(name: str) -> str:
+    from merging.recipe import DTYPES
+
+    if name not in DTYPES:
+        raise BasinError(f"dtype must be one of float32, float16, bfloat16; got {name!r}")
+    return DTYPES[name]
+
+
+def _models_as_slice(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> list[OutputSlice]:
+    """`models:` mode as one output slice spanning every layer (mergekit's normalize_config)."""
+    counts = {m.model: num_layers(ckpts[m.model]) for m in recipe.models}
+    if len(set(counts.values())) > 1:
+        raise BasinError(f"models have different layer counts: {counts}")
+    n = next(iter(counts.values()), 0)
+    return [OutputSlice([SliceSource(m.model, (0, n), m.parameters) for m in recipe.models])]
+
+
+def _check_names(ckpts: dict[str, Checkpoint], refs: list[str]) -> None:
+    first = refs[0]
+    names = set(ckpts[first].names())
+    for ref in refs[1:]:
+        other = set(ckpts[ref].names())
+        if other != names:
+            missing, extra = sorted(names - other), sorted(other - names)
+            raise BasinError(f"tensor names differ between {first} and {ref}: {ref} lacks {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, has extra {extra[:5]}"
+                             f"{' ...' if len(extra) > 5 else ''}")

@@ -1,0 +1,377 @@
+"""Merge recipes in mergekit's YAML schema, parsed into dataclasses and checked without any I/O.
+
+Parameter settings follow mergekit's `evaluate_setting`: a scalar; a list of numbers, a gradient
+read at the tensor's relative depth t in [0, 1] by piecewise-linear interpolation between
+evenly spaced anchors (numpy.interp); or a list of `{filter: substring, value: ...}` entries,
+the first whose filter occurs in the tensor name winning (an entry without a filter matches
+every name, so it goes last as the default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taxonomy.errors import BasinError
+
+TOP_LEVEL = {
+    "models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "seed", "align", "name",
+}
+UNSUPPORTED = {
+    "modules": "multi-module merges are not supported",
+    "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported yet; use tokenizer_source: base "
+    "or a model reference (copy only)",
+    "chat_template": "chat_template is not supported; the tokenizer files of tokenizer_source are copied as is",
+}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSource:
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputSlice:
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+
+
+@dataclass
+class Recipe:
+    """A merge recipe (mergekit's configuration, plus basin's `seed` and `align`)."""
+
+    merge_method: str
+    models: list[ModelSpec] = field(default_factory=list)
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    align: dict[str, Any] | None = None
+    name: str | None = None
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Recipe:
+        """From a YAML file path or YAML text."""
+        import yaml
+
+        where = "recipe"
+        text = str(source)
+        if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml", ".json"))):
+            path = Path(source)
+            if not path.is_file():
+                raise BasinError(f"{path}: no such recipe file")
+            where, text = str(path), path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BasinError(f"{where}: not valid YAML ({err})") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise BasinError(f"{where}: expected a mapping at the top level")
+        for key in data:
+            if key in UNSUPPORTED:
+                raise BasinError(f"{where}: field {key!r}: {UNSUPPORTED[key]}")
+            if key not in TOP_LEVEL:
+                raise BasinError(f"{where}: unknown field {key!r} (known: {', '.join(sorted(TOP_LEVEL))})")
+        if "merge_method" not in data:
+            raise BasinError(f"{where}: missing field 'merge_method'")
+        models = [_model_spec(m, f"{where}: models[{i}]") for i, m in enumerate(data.get("models") or [])]
+        slices = None
+        if data.get("slices") is not None:
+            slices = [_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(data["slices"])]
+        align = data.get("align")
+        if isinstance(align, str):
+            align = {"method": align}
+        recipe = cls(
+            merge_method=str(data["merge_method"]),
+            models=models,
+            slices=slices,
+            base_model=_ref(data.get("base_model"), f"{where}: base_model"),
+            parameters=_params(data.get("parameters"), f"{where}: parameters"),
+            dtype=data.get("dtype"),
+            out_dtype=data.get("out_dtype"),
+            tokenizer_source=data.get("tokenizer_source"),
+            seed=data.get("seed", 0),
+            align=align,
+            name=data.get("name"),
+        )
+        recipe.validate(where)
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.slices is None:
+            d.pop("slices")
+        else:
+            d.pop("models")
+        return {k: v for k, v in d.items() if v not in (None, {}, [])}
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.to_dict()))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_json(), sort_keys=False)
+
+    # --- checks without I/O ---------------------------------------------------------------
+    def validate(self, where: str = "recipe") -> None:
+        """Check method, parameter names and ranges, model counts, dtype, seed: no file is opened."""
+        from merging.methods import get_method
+        from taxonomy.core import Kind
+
+        method = get_method(self.merge_method)  # BasinError names unknown methods
+        info = method.info
+        if info.kind is not Kind.TENSORWISE:
+            raise BasinError(f"{where}: merge_method {info.name!r} is not a streaming (tensorwise) method")
+        if (self.slices is None) == (not self.models):
+            raise BasinError(f"{where}: give exactly one of 'models' or 'slices'")
+        if self.slices is not None and not self.slices:
+            raise BasinError(f"{where}: 'slices' is empty")
+        for key in ("dtype", "out_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in DTYPES:
+                raise BasinError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise BasinError(f"{where}: seed must be an integer, got {self.seed!r}")
+        if self.tokenizer_source == "union":
+            raise BasinError(f"{where}: tokenizer_source: union (vocabulary surgery) is not supported yet")
+        if self.tokenizer_source is not None and not isinstance(self.tokenizer_source, str):
+            raise BasinError(f"{where}: tokenizer_source must be 'base' or a model reference")
+        if self.align is not None:
+            if not isinstance(self.align, dict) or not isinstance(self.align.get("method"), str):
+                raise BasinError(f"{where}: align must be a method name or a mapping with a 'method'")
+        check_settings(info, self.parameters, f"{where}: parameters", per_model_level=False)
+        if self.slices is None:
+            for i, m in enumerate(self.models):
+                check_settings(info, m.parameters, f"{where}: models[{i}] ({m.model}) parameters", per_model_level=True)
+            n_inputs = len(self.merge_inputs())
+            if info.needs_base and self.base_model is None:
+                raise BasinError(f"{where}: merge_method {info.name!r} needs a base_model")
+            if n_inputs < info.min_models:
+                raise BasinError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
+            if info.max_models is not None and n_inputs > info.max_models:
+                raise BasinError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
+        else:
+            for i, s in enumerate(self.slices):
+                check_settings(info, s.parameters, f"{where}: slices[{i}] parameters", per_model_level=False)
+                for j, src in enumerate(s.sources):
+                    check_settings(info, src.parameters, f"{where}: slices[{i}].sources[{j}] parameters",
+                                   per_model_level=True)
+
+    # --- sweeps ------------------------------------------------------------------------------
+    def _param_levels(self) -> list[tuple[str, dict[str, Any]]]:
+        levels = [("", self.parameters)]
+        levels += [(f"models[{i}].", m.parameters) for i, m in enumerate(self.models)]
+        for i, sl in enumerate(self.slices or []):
+            levels.append((f"slices[{i}].", sl.parameters))
+            levels += [(f"slices[{i}].sources[{j}].", src.parameters) for j, src in enumerate(sl.sources)]
+        return levels
+
+    def grid_points(self) -> list[tuple[dict[str, Any], Recipe]]:
+        """Expand `{grid: [...]}` settings: one (chosen values, recipe) per point of the product."""
+        import copy
+        import itertools
+
+        axes = [(prefix + name, level, name, setting["grid"]) for prefix, level in self._param_levels()
+                for name, setting in level.items() if isinstance(setting, dict) and set(setting) == {"grid"}]
+        if not axes:
+            return [({}, self)]
+        points = []
+        for values in itertools.product(*(grid for _, _, _, grid in axes)):
+            for (_, level, name, _), value in zip(axes, values):
+                level[name] = value
+            points.append(({label: v for (label, _, _, _), v in zip(axes, values)}, copy.deepcopy(self)))
+        for _, level, name, grid in axes:
+            level[name] = {"grid": grid}
+        return points
+
+    # --- helpers ----------------------------------------------------------------------------
+    def model_refs(self) -> list[str]:
+        """Every model whose tensors the merge reads, each once, in order (base first).
+
+        A `tokenizer_source` that names another model is not among them: only its tokenizer
+        files are copied (see `tokenizer_ref`).
+        """
+        refs = [self.base_model] if self.base_model else []
+        if self.slices is None:
+            refs += [m.model for m in self.models]
+        else:
+            for s in self.slices:
+                refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        """The model whose tokenizer files are copied when it is named explicitly, else None."""
+        return None if self.tokenizer_source in (None, "base") else self.tokenizer_source
+
+    def merge_inputs(self) -> list[ModelSpec]:
+        """The models whose tensors enter the method as `tensors` (models mode).
+
+        Methods that need a base get it separately and it is not among these; for the others
+        the base model, when listed under `models:`, comes first (SLERP's t = 0 end).
+        """
+        from merging.methods import get_method
+
+        specs = list(self.models)
+        if get_method(self.merge_method).info.needs_base:
+            return [m for m in specs if m.model != self.base_model]
+        return sorted(specs, key=lambda m: m.model != self.base_model)
+
+
+def _ref(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and "model" in value:  # mergekit's {model: {path: ...}} form is not supported
+        raise BasinError(f"{where}: write the model reference as a string ('org/name@rev', a path, or base+adapter)")
+    if not isinstance(value, str) or not value.strip():
+        raise BasinError(f"{where}: expected a model reference string, got {value!r}")
+    return value.strip()
+
+
+def _params(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BasinError(f"{where}: expected a mapping of parameter names to values")
+    return dict(value)
+
+
+def _model_spec(item: Any, where: str) -> ModelSpec:
+    if isinstance(item, str):
+        return ModelSpec(_ref(item, where))
+    if not isinstance(item, dict) or "model" not in item:
+        raise BasinError(f"{where}: expected a mapping with a 'model' field")
+    extra = set(item) - {"model", "parameters"}
+    if extra:
+        raise BasinError(f"{where}: unknown field(s) {sorted(extra)}")
+    return ModelSpec(_ref(item["model"], f"{where}.model"), _params(item.get("parameters"), f"{where}.parameters"))
+
+
+def _slice(item: Any, where: str) -> OutputSlice:
+    if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
+        raise BasinError(f"{where}: expected a mapping with a non-empty 'sources' list")
+    extra = set(item) - {"sources", "parameters", "base_model"}
+    if extra:
+        raise BasinError(f"{where}: unknown field(s) {sorted(extra)}")
+    sources = []
+    for j, src in enumerate(item["sources"]):
+        w = f"{where}.sources[{j}]"
+        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+            raise BasinError(f"{w}: expected a mapping with 'model' and 'layer_range'")
+        extra = set(src) - {"model", "layer_range", "parameters"}
+        if extra:
+            raise BasinError(f"{w}: unknown field(s) {sorted(extra)}")
+        lr = src["layer_range"]
+        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) for x in lr)
+                or not 0 <= lr[0] < lr[1]):
+            raise BasinError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+        sources.append(SliceSource(_ref(src["model"], f"{w}.model"), (lr[0], lr[1]),
+                                   _params(src.get("parameters"), f"{w}.parameters")))
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+    if len(lengths) != 1:
+        raise BasinError(f"{where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
+    return OutputSlice(sources, _params(item.get("parameters"), f"{where}.parameters"),
+                       _ref(item.get("base_model"), f"{where}.base_model"))
+
+
+# --- parameter settings ------------------------------------------------------------------------
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, bool, str))
+
+
+def setting_values(setting: Any, where: str) -> list[Any]:
+    """Every scalar a setting can produce (gradient anchors, filter values); checks its form."""
+    if _is_scalar(setting):
+        return [setting]
+    if isinstance(setting, dict):
+        if set(setting) == {"grid"}:
+            grid = setting["grid"]
+            if not isinstance(grid, list) or not grid or any(isinstance(v, dict) for v in grid):
+                raise BasinError(f"{where}.grid: expected a non-empty list of settings to sweep, got {grid!r}")
+            return [v for k, point in enumerate(grid) for v in setting_values(point, f"{where}.grid[{k}]")]
+        if set(setting) <= {"filter", "value"} and "value" in setting:
+            setting = [setting]
+        else:
+            raise BasinError(f"{where}: expected a scalar, a list (gradient) or {{filter, value}} entries, "
+                             f"got {setting!r}")
+    if not isinstance(setting, list) or not setting:
+        raise BasinError(f"{where}: expected a scalar, a non-empty list (gradient) or filter entries, got {setting!r}")
+    if all(_is_scalar(v) for v in setting):
+        return list(setting)
+    out = []
+    for k, entry in enumerate(setting):
+        if not isinstance(entry, dict) or "value" not in entry or not set(entry) <= {"filter", "value"}:
+            raise BasinError(f"{where}[{k}]: expected {{filter: substring, value: ...}}, got {entry!r}")
+        if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+            raise BasinError(f"{where}[{k}].filter: expected a substring of tensor names")
+        if isinstance(entry["value"], dict) or (isinstance(entry["value"], list)
+                                                 and not all(_is_scalar(v) for v in entry["value"])):
+            raise BasinError(f"{where}[{k}].value: expected a scalar or a gradient list")
+        out += setting_values(entry["value"], f"{where}[{k}].value")
+    return out
+
+
+def check_settings(info: Any, params: dict[str, Any], where: str, per_model_level: bool) -> None:
+    for name, setting in params.items():
+        p = info.param(name)  # BasinError: unknown parameter, listing the known ones
+        if per_model_level and not p.per_model:
+            raise BasinError(f"{where}: {name!r} is a global parameter of {info.name!r}, not a per-model one")
+        for v in setting_values(setting, f"{where}.{name}"):
+            _check_type(p, v, f"{where}.{name}")
+            p.check(v, f"{where}.{name}")
+
+
+def _check_type(p: Any, value: Any, where: str) -> None:
+    """A value has its default's kind: a boolean for a boolean parameter, a number for a numeric one."""
+    default = p.default
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise BasinError(f"{where}: parameter {p.name!r} must be true or false, got {value!r}")
+    if (isinstance(default, (int, float)) and not isinstance(default, bool)
+            and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+        raise BasinError(f"{where}: parameter {p.name!r} must be a number, got {value!r}")
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of `setting` for `tensor_name` at relative depth `t`, or None if no filter matches."""
+    if isinstance(setting, dict):
+        if "grid" in setting:
+            raise BasinError(f"{tensor_name}: a {{grid: ...}} setting must be expanded with Recipe.grid_points()")
+        setting = [setting]
+    if _is_scalar(setting):
+        return setting
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        if len(setting) == 1:
+            return setting[0]
+        return float(np.interp(t, np.linspace(0.0, 1.0, len(setting)), np.asarray(setting, dtype=np.float64)))
+    if all(_is_scalar(v) for v in setting):  # strings/booleans: the anchor at or below t
+        return setting[int(t * (len(setting) - 1))]
+    for entry in setting:
+        f = entry.get("filter")
+        if f is None or f == "*" or f in tensor_name:
+            return evaluate_setting(entry["value"], tensor_name, t)
+    return None

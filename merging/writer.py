@@ -1,0 +1,235 @@
+"""Streaming sharded safetensors output, written into a temporary sibling folder.
+
+The layout (names, shapes, dtypes) is known from the plan before any tensor is computed, so
+every shard's header is written up front and each tensor's bytes go straight to their offset
+(`os.pwrite`): memory never holds more than the tensor being written. Shards are named as
+`transformers` names them (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
+`model.safetensors.index.json`). `close()` renames the folder into place; on error the
+temporary folder is removed.
+
+Resume: with a `resume_key` (a fingerprint of the plan and inputs), every finished tensor is
+appended with its sha256 to a journal in the temporary folder. An interrupted merge
+(Ctrl-C, a killed process) leaves that folder behind; a later writer with the same key and
+layout reopens it, re-hashes the journalled tensors on disk, keeps those that match (`done`)
+and lets the engine compute only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from merging.safetensors_io import DTYPE_NAMES, element_size
+from taxonomy.errors import BasinError
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise BasinError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a byte count") from None
+
+
+JOURNAL = ".basin-journal.jsonl"
+
+
+def temp_folder(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.basin-tmp"
+
+
+def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False) -> Path:
+    """Refuse an existing output unless `overwrite`; return the temporary sibling folder
+    (fresh, unless `keep_partial` and an interrupted merge left one)."""
+    if out_dir.exists() and not overwrite:
+        raise BasinError(f"{out_dir}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+    if not out_dir.parent.exists():
+        raise BasinError(f"{out_dir.parent}: parent folder of the output does not exist")
+    tmp = temp_folder(out_dir)
+    if tmp.exists() and not (keep_partial and (tmp / JOURNAL).is_file()):
+        shutil.rmtree(tmp)
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
+class ShardWriter:
+    """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`."""
+
+    def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, resume_key: str | None = None):
+        self.out_dir = Path(out_dir)
+        if shard_size <= 0:
+            raise BasinError(f"shard size must be positive, got {shard_size}")
+        self.tmp = prepare_output(self.out_dir, overwrite, keep_partial=resume_key is not None)
+        self.overwrite = overwrite
+        self._layout = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
+        self._hashes: dict[str, str] = {}
+        self._fds: list[int] = []
+        self._journal: int | None = None
+        key = None if resume_key is None else json.dumps({"key": resume_key, "shard_size": shard_size})
+        try:
+            previous = self._read_journal(key)
+            self._plan_shards(layout, shard_size, fresh=not previous)
+            self.done = self._verify(previous)
+            if key is not None:
+                path = self.tmp / JOURNAL
+                self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if previous else os.O_TRUNC))
+                if not previous:
+                    os.write(self._journal, (key + "\n").encode())
+        except BaseException:
+            self.abort()
+            raise
+
+    def _read_journal(self, key: str | None) -> dict[str, str]:
+        """name -> sha256 of the tensors a previous, interrupted run finished (same key), else {}."""
+        path = self.tmp / JOURNAL
+        if key is None or not path.is_file():
+            return {}
+        lines = path.read_text().splitlines()
+        if not lines or lines[0] != key:
+            shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+            return {}
+        done = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                done[entry["name"]] = entry["sha256"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a torn last line
+        return done
+
+    def _verify(self, previous: dict[str, str]) -> set[str]:
+        """Keep the journalled tensors whose bytes on disk still hash as recorded."""
+        kept = set()
+        for name, digest in previous.items():
+            if name not in self._where:
+                continue
+            k, offset, n = self._where[name]
+            data = os.pread(self._fds[k], n, offset)
+            if len(data) == n and hashlib.sha256(data).hexdigest() == digest:
+                self._hashes[name] = digest
+                kept.add(name)
+        return kept
+
+    def _plan_shards(self, layout, shard_size: int, fresh: bool = True) -> None:
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            n = element_size(dtype)
+            for s in shape:
+                n *= s
+            if groups[-1] and size + n > shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype, n))
+            size += n
+        total = len(groups)
+        self.shard_names = (["model.safetensors"] if total == 1 else
+                            [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)])
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd index, offset, nbytes)
+        for k, group in enumerate(groups):
+            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            pos = 0
+            for name, shape, dtype, n in group:
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+                pos += n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(self.tmp / self.shard_names[k], os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, 8 + len(raw) + pos)
+            start = 8 + len(raw)
+            for name, _, _, n in group:
+                self._where[name] = (k, start + header[name]["data_offsets"][0], n)
+        self.weight_map = {name: self.shard_names[k] for name, (k, _, _) in self._where.items()}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._layout:
+            raise BasinError(f"writer: tensor {name!r} is not in the output layout")
+        shape, dtype = self._layout[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            got = f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise BasinError(f"writer: tensor {name!r} is {got}, expected {shape} {dtype}")
+        k, offset, n = self._where[name]
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._hashes[name] = hashlib.sha256(data).hexdigest()
+        done = 0
+        while done < n:
+            done += os.pwrite(self._fds[k], data[done:], offset + done)
+        if self._journal is not None:
+            os.write(self._journal, (json.dumps({"name": name, "sha256": self._hashes[name]}) + "\n").encode())
+
+    def content_hash(self) -> str:
+        """sha256 over (name, dtype, shape, sha256 of bytes) in name order: order- and shard-independent."""
+        h = hashlib.sha256()
+        for name in sorted(self._layout):
+            shape, dtype = self._layout[name]
+            h.update(f"{name}\0{DTYPE_NAMES[dtype]}\0{list(shape)}\0{self._hashes[name]}\n".encode())
+        return h.hexdigest()
+
+    def write_text(self, relname: str, text: str) -> None:
+        (self.tmp / relname).write_text(text)
+
+    def copy_file(self, src: Path, relname: str | None = None) -> None:
+        shutil.copyfile(src, self.tmp / (relname or src.name))
+
+    def close(self) -> Path:
+        missing = [n for n in self._layout if n not in self._hashes]
+        if missing:
+            raise BasinError(f"writer: {len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+            (self.tmp / JOURNAL).unlink()
+        if len(self.shard_names) > 1:
+            total = sum(n for _, _, n in self._where.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        if self.out_dir.exists():
+            if not self.overwrite:
+                raise BasinError(f"{self.out_dir}: output folder appeared during the merge; not replaced")
+            shutil.rmtree(self.out_dir) if self.out_dir.is_dir() else self.out_dir.unlink()
+        os.replace(self.tmp, self.out_dir)
+        return self.out_dir
+
+    def abort(self, keep_partial: bool = False) -> None:
+        """Close files; remove the temporary folder unless `keep_partial` (resumable journal)."""
+        for fd in self._fds + ([self._journal] if self._journal is not None else []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds, self._journal = [], None
+        if not keep_partial:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Errors remove the temporary folder; an interruption keeps it when resumable."""
+        if exc_type is not None:
+            interrupted = issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+            self.abort(keep_partial=interrupted and (self.tmp / JOURNAL).is_file())
