@@ -162,8 +162,9 @@ def merge_state_dicts(
             extra = sorted(set(sd) - set(names))[:5]
             raise BasinError(f"model {i} tensor names differ from model 0: missing {missing}, extra {extra}")
     if base is not None and set(base) != set(names):
-        missing = sorted(set(names) - set(base))[:5]
-        raise BasinError(f"base tensor names differ from the models': base lacks {missing}")
+        lacks = sorted(set(names) - set(base))[:5]
+        extra = sorted(set(base) - set(names))[:5]
+        raise BasinError(f"base tensor names differ from the models': base lacks {lacks}, models lack {extra}")
     return {
         name: merge_tensor(m, name, [sd[name] for sd in models], None if base is None else base[name], resolved, seed)
         for name in names
