@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from merging.methods.chunking import CHUNK_ELEMENTS, is_two_phase, run_chunked, set_chunk_workers  # noqa: F401 (engine)
 from merging.methods.registry import RegisteredMethod, get_method
 from taxonomy.errors import BasinError
 
@@ -68,71 +69,17 @@ def merge_tensor(
     if base is not None and base.shape != first.shape:
         raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
     rng = tensor_rng(seed, name)
-    if is_elementwise(method) and first.numel() > CHUNK_ELEMENTS and first.device.type == "cpu":
-        return _merge_chunked(method, tensors, base, params, rng, dtype)
+    if is_two_phase(method.fn) or (is_elementwise(method) and first.numel() > CHUNK_ELEMENTS):
+        return run_chunked(method.fn, tensors, base, params, rng, dtype)
     f32 = [t.to(torch.float32) for t in tensors]
     b32 = base.to(torch.float32) if base is not None else None
     out = method.fn(f32, b32, params, rng)
     return out.to(dtype)
 
 
-# Methods whose output element i depends only on the inputs' elements i and that draw no random
-# numbers. Their large tensors are merged in chunks: the float32 working set stays a few MB
-# (cache-resident, reused by the allocator) instead of N float32 copies of the whole tensor.
-# A method joins by setting `fn.elementwise = True`; these two are elementwise by definition.
-ELEMENTWISE = {"linear", "task_arithmetic"}
-CHUNK_ELEMENTS = 1 << 18
-_chunk_pool: dict[int, Any] = {}  # workers -> ThreadPoolExecutor
-_chunk_workers = 1
-
-
-def set_chunk_workers(workers: int) -> int:
-    """Merge the chunks of one tensor on `workers` threads (torch ops release the GIL); returns the old value.
-
-    Results do not depend on it: every chunk is computed by the same elementwise code.
-    """
-    global _chunk_workers
-    old, _chunk_workers = _chunk_workers, max(1, int(workers))
-    return old
-
-
 def is_elementwise(method: RegisteredMethod) -> bool:
-    return bool(getattr(method.fn, "elementwise", method.info.name in ELEMENTWISE))
-
-
-def _merge_chunked(
-    method: RegisteredMethod,
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor | None,
-    params: dict[str, Any],
-    rng: torch.Generator,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    first = tensors[0] if tensors else base
-    out = torch.empty(first.shape, dtype=dtype, device=first.device)
-    flat_out = out.view(-1)
-    flats = [t.reshape(-1) for t in tensors]
-    flat_base = None if base is None else base.reshape(-1)
-    n = flat_out.numel()
-
-    def work(start: int) -> None:
-        stop = min(n, start + CHUNK_ELEMENTS)
-        chunk = [f[start:stop].to(torch.float32) for f in flats]
-        b = None if flat_base is None else flat_base[start:stop].to(torch.float32)
-        flat_out[start:stop] = method.fn(chunk, b, params, rng)
-
-    starts = range(0, n, CHUNK_ELEMENTS)
-    workers = _chunk_workers
-    if workers > 1 and len(starts) > 1:
-        if workers not in _chunk_pool:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _chunk_pool[workers] = ThreadPoolExecutor(workers, thread_name_prefix="basin-chunk")
-        list(_chunk_pool[workers].map(work, starts))
-    else:
-        for start in starts:
-            work(start)
-    return out
+    """Whether `method` runs on cache-sized chunks (`fn.elementwise`, or a two-phase `fn.prepare`/`fn.apply`)."""
+    return bool(getattr(method.fn, "elementwise", False)) or is_two_phase(method.fn)
 
 
 def merge_state_dicts(

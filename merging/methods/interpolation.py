@@ -51,6 +51,9 @@ def linear(
     return out
 
 
+linear.elementwise = True  # type: ignore[attr-defined]
+
+
 @merge_method("model_soup")
 def model_soup(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: torch.Generator

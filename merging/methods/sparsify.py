@@ -10,6 +10,11 @@
   ranks per row mapped linearly onto [density - epsilon, density + epsilon].
 - `mask_and_rescale_`: mergekit's rescale (match the L1 norm) or the papers' (divide by keep probability).
 - `sign_consensus_disjoint_sum_`: TIES steps 2-3 (elect, disjoint merge) over weighted task vectors.
+- `magnitude_cuts` / `MagnitudeCut`: the same exact top-k as `topk_mask`, found in one pass over the
+  chunks of a tensor (a sampled bracket around the k-th largest, then an exact selection among the
+  entries inside it, as in Floyd and Rivest's SELECT) and applied chunk by chunk, so TIES and
+  Breadcrumbs stream like elementwise methods; `random_masks`: DARE's Bernoulli masks drawn per chunk from
+  seeds derived from (tensor key, model, chunk), independent of thread count and chunk order.
 Functions ending in _ modify their first argument in place (the callers own those task vectors: in
 place saves the allocation of a fresh tensor per step, the costly part on CPU); the rest are pure.
 Randomness only through the generator passed in (drawn on CPU).
@@ -17,8 +22,12 @@ Randomness only through the generator passed in (drawn on CPU).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from merging.methods.chunking import ChunkedInputs
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -150,3 +159,186 @@ def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[flo
         if divisor is not None:
             divisor.add_(agree, alpha=w)
     return mixed, divisor
+
+
+def _below(value: float) -> float:
+    """The largest float32 strictly below `value`."""
+    v = torch.tensor(value, dtype=torch.float32)
+    return float(torch.nextafter(v, torch.tensor(float("-inf"))))
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """The `k` largest of `numel` magnitudes as a rule applied chunk by chunk: entries above `threshold`
+    are kept, and of the `ties_total` entries equal to it the first `ties_kept` in flat order (the rule of
+    `topk_mask`). `ties_before[c]` counts the ties in chunks before chunk c (only when some, not all,
+    ties are kept)."""
+
+    k: int
+    numel: int
+    threshold: float = 0.0
+    ties_kept: int = 0
+    ties_total: int = 0
+    ties_before: tuple[int, ...] | None = None
+
+    def keep(self, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`magnitude` where kept, 0 elsewhere (a new tensor); `magnitude` is chunk `chunk`."""
+        if self.k <= 0:
+            return torch.zeros_like(magnitude)
+        if self.k >= self.numel:
+            return magnitude.clone()
+        if self.ties_before is None:  # all ties kept, or none
+            keep_ties = self.ties_kept > 0
+        else:
+            allowed = self.ties_kept - self.ties_before[chunk]
+            keep_ties = allowed >= self.ties_before[chunk + 1] - self.ties_before[chunk]
+            if 0 < allowed and not keep_ties:
+                tied = magnitude == self.threshold
+                mask = (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed))
+                return magnitude * mask
+        threshold = _below(self.threshold) if keep_ties else self.threshold
+        return torch.nn.functional.threshold(magnitude, threshold, 0.0)
+
+
+_SAMPLE = 1 << 17
+
+
+def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[tuple[float, float] | None]]:
+    """Per cut, a value range [lo, hi] that likely holds the k-th largest magnitude: sample quantiles
+    (2^17 fixed pseudo-random positions) 4.5 standard deviations either side of the k-th's rank."""
+    n = inputs.numel
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(n, (min(n, _SAMPLE),), generator=g).sort().values
+    base = inputs.base[index].to(torch.float32)
+    out = []
+    for i, x in enumerate(inputs.tensors):
+        if not ks[i]:
+            out.append([])
+            continue
+        sample = (x[index].to(torch.float32) - base).abs_().sort().values
+        size = sample.numel()
+        row: list[tuple[float, float] | None] = []
+        for k in ks[i]:
+            if not 0 < k < n:
+                row.append(None)
+                continue
+            q = 1 - k / n  # fraction below the k-th largest
+            rank = q * size
+            spread = 4.5 * (q * (1 - q) * size) ** 0.5 + 2
+            low, high = int(rank - spread), int(rank + spread) + 1
+            row.append((float(sample[low]) if low > 0 else float("-inf"),
+                        float(sample[high]) if high < size else float("inf")))
+        out.append(row)
+    return out
+
+
+def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = False
+                   ) -> tuple[list[list[MagnitudeCut]], list[float], list[list[float]]]:
+    """For each model i and each k in ks[i], the exact top-k rule of |theta_i - base|.
+
+    One pass over the chunks counts, per cut, the magnitudes above a sampled bracket [lo, hi] and
+    collects those inside it (a few percent of the entries); the k-th largest is then found among them,
+    and its ties counted per chunk. A cut whose k-th largest falls outside its bracket (a sample far off,
+    which the 4.5-sigma bracket makes rare) gets a second pass with the bracket extended to that side, so
+    the result is always exact. With `sums`, also returns sum |tau_i| and, per cut, the sum of the kept
+    magnitudes (float32 sums per chunk, added in float64 in chunk order).
+    """
+    n, m = inputs.numel, len(inputs.tensors)
+    brackets = _brackets(inputs, ks)
+
+    def scan(with_totals: bool):
+        def visit(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list:
+            out = []
+            for i, x in enumerate(chunks):
+                if not ks[i]:
+                    out.append(None)
+                    continue
+                a = x.sub_(base).abs_()
+                cuts = []
+                for bracket in brackets[i]:
+                    if bracket is None:
+                        cuts.append(None)
+                        continue
+                    lo, hi = bracket
+                    above = a > hi
+                    inside = (a >= lo) & ~above
+                    above_sum = float(a.mul(above).sum()) if sums else 0.0
+                    cuts.append((int(torch.count_nonzero(above)), torch.masked_select(a, inside), above_sum))
+                out.append((cuts, float(a.sum()) if with_totals else 0.0))
+            return out
+
+        return inputs.map(visit)
+
+    per_chunk = scan(sums)
+    totals = [sum(c[i][1] for c in per_chunk) if ks[i] else 0.0 for i in range(m)]
+    cuts: list[list[MagnitudeCut]] = [[] for _ in range(m)]
+    kept_sums: list[list[float]] = [[] for _ in range(m)]
+    for i in range(m):
+        for j, k in enumerate(ks[i]):
+            if brackets[i][j] is None:
+                cuts[i].append(MagnitudeCut(k, n))
+                kept_sums[i].append(0.0 if k <= 0 else totals[i])
+                continue
+            above = sum(c[i][0][j][0] for c in per_chunk)
+            inside = [c[i][0][j][1] for c in per_chunk]
+            count = sum(t.numel() for t in inside)
+            if not above < k <= above + count:  # the sample missed: extend the bracket and rescan
+                lo, hi = brackets[i][j]
+                brackets[i][j] = (hi, float("inf")) if k <= above else (float("-inf"), lo)
+                rescan = scan(False)
+                above = sum(c[i][0][j][0] for c in rescan)
+                inside = [c[i][0][j][1] for c in rescan]
+                above_sum = sum(c[i][0][j][2] for c in rescan)
+            else:
+                above_sum = sum(c[i][0][j][2] for c in per_chunk)
+            candidates = torch.cat(inside)
+            need = k - above  # the need-th largest candidate is the k-th largest overall
+            threshold = float(torch.kthvalue(candidates, candidates.numel() - need + 1).values)
+            strictly_above = int(torch.count_nonzero(candidates > threshold))
+            tied_per_chunk = [int(torch.count_nonzero(t == threshold)) for t in inside]
+            ties_total, ties_kept = sum(tied_per_chunk), need - strictly_above
+            before = None
+            if 0 < ties_kept < ties_total:
+                before = [0]
+                for t in tied_per_chunk:
+                    before.append(before[-1] + t)
+                before = tuple(before)
+            cuts[i].append(MagnitudeCut(k, n, threshold, ties_kept, ties_total, before))
+            if sums:
+                inside_kept = float(candidates[candidates > threshold].sum())
+                kept_sums[i].append(above_sum + inside_kept + threshold * ties_kept)
+    return cuts, totals, kept_sums
+
+
+def chunk_generator(key: int, model: int, chunk: int) -> np.random.Generator:
+    """The random stream of one (tensor, model, chunk): PCG64 seeded from the three numbers."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([key, model, chunk])))
+
+
+def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool = False
+                 ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
+    """DARE's Bernoulli(keep[i]) masks of model i, one bool tensor per chunk (uniform < keep, float32),
+    drawn from `chunk_generator(key, i, chunk)`; models with keep >= 1 get none. With `sums`, also
+    sum |tau_i| and the sum of the kept |tau_i| (float32 per chunk, added in float64 in chunk order)."""
+    m = len(inputs.tensors)
+
+    def draw(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
+        out = []
+        for i, x in enumerate(chunks):
+            if keep[i] >= 1:
+                out.append((None, 0.0, 0.0))
+                continue
+            u = chunk_generator(key, i, index).random(x.numel(), dtype=np.float32)
+            mask = torch.from_numpy(u) < keep[i]
+            before = after = 0.0
+            if sums:
+                a = x.sub_(base).abs_()
+                before = float(a.sum())
+                after = float(a.mul_(mask).sum())
+            out.append((mask, before, after))
+        return out
+
+    per_chunk = inputs.map(draw)
+    masks = [[c[i][0] for c in per_chunk] for i in range(m)]
+    return masks, [sum(c[i][1] for c in per_chunk) for i in range(m)], [sum(c[i][2] for c in per_chunk)
+                                                                         for i in range(m)]

@@ -14,8 +14,12 @@ Where this follows mergekit rather than the papers (documented per method):
   DELLA papers do (exact in expectation);
 - `density >= 1` leaves a task vector untouched (no outlier removal, no rescale), as mergekit;
 - `int8_mask` is accepted and ignored: the engine already merges one tensor at a time.
-Randomness (DARE, DELLA) comes from the per-tensor generator, drawn model by model in input
-order; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
+Task arithmetic, TIES, DARE and Breadcrumbs stream: `TaskVectorMerge` finds each model's exact top-k
+threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, then merges chunk by chunk
+(merging.methods.chunking), never holding a float32 copy of a whole input. DELLA (per-row ranks),
+Model Stock and SCE work on whole tensors. DARE's masks come from PCG64 streams seeded by (a key drawn
+from the per-tensor generator, model index, chunk index), DELLA's from the per-tensor generator, drawn
+model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import Any
 import torch
 
 from merging.methods import subspace  # noqa: F401  (registers tsv)
+from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
     magnitude_band_mask,
+    magnitude_cuts,
     mask_and_rescale_,
     random_mask,
+    random_masks,
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
     topk_mask,
@@ -96,60 +103,156 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
     return mixed.add_(base)
 
 
-@merge_method("task_arithmetic")
-def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                    rng: torch.Generator) -> torch.Tensor:
-    """Ilharco et al. 2023: base + lambda * sum_i w_i tau_i (divided by sum_i w_i with `normalize`).
+def _rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's rescale: the L1 norm before the drop over the norm after (1 when either is < eps)."""
+    return before / after if before >= eps and after >= eps else 1.0
 
-    Same as mergekit. A negative weight subtracts a task (forgetting).
+
+class TaskVectorMerge:
+    """Streaming `generalized_task_arithmetic` for the sparsifiers whose per-model statistics can be
+    gathered in passes over chunks: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'random' (DARE).
+
+    `prepare` finds, per model, the exact top-k cut(s) of |tau_i| (`magnitude_cuts`) or draws the DARE
+    mask (`random_masks`), and the rescale factor; `apply` then merges one chunk with the same float32
+    operations, in the same order, as `generalized_task_arithmetic`. Calling the object merges whole
+    tensors through the same two phases.
     """
-    return generalized_task_arithmetic(tensors, base, params, rng, None, consensus=False)
+
+    def __init__(self, sparsify: str | None, consensus: bool, doc: str) -> None:
+        self.sparsify, self.consensus, self.__doc__ = sparsify, consensus, doc
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def _sparsified(self, params: Params, i: int) -> bool:
+        return self.sparsify is not None and params["density"][i] < 1
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        n, m = inputs.numel, len(inputs.tensors)
+        rescale = params["rescale"]
+        state: dict[str, Any] = {"scale": [1.0] * m}
+        if self.sparsify in ("magnitude", "outliers"):
+            ks: list[list[int]] = []
+            for i in range(m):
+                density = params["density"][i]
+                if not self._sparsified(params, i):
+                    ks.append([])
+                elif self.sparsify == "magnitude":
+                    ks.append([int(density * n)])
+                else:
+                    keep = int(density * n)
+                    top = min(int(params["gamma"][i] * n), n - keep)
+                    ks.append([keep + top, top])
+            cuts, totals, kept = magnitude_cuts(inputs, ks, sums=rescale is True)
+            state["cuts"] = cuts
+            if rescale is True:
+                state["scale"] = [_rescale_factor(totals[i], kept[i][0] - sum(kept[i][1:])) if ks[i] else 1.0
+                                  for i in range(m)]
+        elif self.sparsify == "random":
+            key = int(torch.randint(0, 2**62, (1,), generator=rng))
+            keep = [params["density"][i] if self._sparsified(params, i) else 1.0 for i in range(m)]
+            masks, totals, kept = random_masks(inputs, keep, key, sums=rescale is True)
+            state["masks"] = masks
+            if rescale is True:
+                state["scale"] = [_rescale_factor(totals[i], kept[i]) if keep[i] < 1 else 1.0 for i in range(m)]
+        elif self.sparsify is not None:
+            raise ValueError(self.sparsify)
+        return state
+
+    def _task_vector(self, x: torch.Tensor, base: torch.Tensor, i: int, params: Params, state: dict[str, Any],
+                     chunk: int) -> torch.Tensor:
+        """Model i's sparsified, rescaled task vector on one chunk (x is consumed)."""
+        tau = x.sub_(base)
+        if not self._sparsified(params, i):
+            return tau
+        rescale = params["rescale"]
+        if self.sparsify == "random":
+            tau.mul_(state["masks"][i][chunk])
+            if rescale == "unbiased":
+                return tau.div_(params["density"][i])
+        else:
+            magnitude = tau.abs()
+            cuts = state["cuts"][i]
+            kept = cuts[0].keep(magnitude, chunk)
+            if len(cuts) > 1:  # Breadcrumbs: the band between the two cuts
+                kept.sub_(cuts[1].keep(magnitude, chunk))
+            tau = torch.copysign(kept, tau, out=tau)  # tau * mask, signed zeros included
+            if rescale == "unbiased":
+                return tau.div_(params["density"][i])
+        if rescale is True and state["scale"][i] != 1.0:
+            tau.mul_(state["scale"][i])
+        return tau
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        weights = [float(w) for w in params["weight"]]
+        weighted = []
+        for i, x in enumerate(chunks):
+            tau = self._task_vector(x, base, i, params, state, chunk)
+            weighted.append(tau.mul_(weights[i]) if weights[i] != 1 else tau)
+        if self.consensus:
+            mixed = _elect_and_sum_(weighted, weights, params["normalize"])
+        else:
+            mixed = weighted[0]
+            for wd in weighted[1:]:
+                mixed.add_(wd)
+            total = sum(weights)
+            if params["normalize"] and abs(total) >= 1e-8:
+                mixed.div_(total)
+        if params["lambda"] != 1:
+            mixed.mul_(params["lambda"])
+        return mixed.add_(base)
 
 
-@merge_method("ties")
-def ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
-    """Yadav et al. 2023 (TIES-Merging, Alg. 1): trim each tau_i to its int(density n) largest
-    magnitudes, elect the sign of sum_i w_i trim(tau_i), average agreeing entries weighted by w_i
-    (`normalize`, default true), scale by lambda.
-
-    As mergekit, except: ties at the trim threshold keep the lowest indices (mergekit: sort order),
-    and int(density n) == 0 keeps nothing instead of failing.
-    """
-    return generalized_task_arithmetic(tensors, base, params, rng, "magnitude", consensus=True)
-
-
-@merge_method("dare_linear")
-def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                rng: torch.Generator) -> torch.Tensor:
-    """Yu et al. 2024 (DARE, eq. 1-2): drop each entry of tau_i with probability 1 - density, rescale
-    (mergekit: L1 norm match; `rescale: unbiased`: 1 / density as the paper), weighted sum."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "random", consensus=False)
-
-
-@merge_method("dare_ties")
-def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-              rng: torch.Generator) -> torch.Tensor:
-    """DARE drop and rescale (Yu et al. 2024), then TIES sign election and disjoint sum, as mergekit."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "random", consensus=True)
+def _elect_and_sum_(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES elect + disjoint (mean) as `sign_consensus_disjoint_sum_`, bit for bit, in fewer passes:
+    with e = +-1 the elected sign, relu(e w_i tau_i) is |w_i tau_i| where model i agrees and 0 elsewhere,
+    so the sum of agreeing entries is e * sum_i relu(e w_i tau_i) (negation is exact)."""
+    elected = weighted[0].clone()
+    for wd in weighted[1:]:
+        elected.add_(wd)
+    # copysign(1, s): +1 for s >= +0; -1 for s = -0, which only arises when every w_i tau_i is a zero,
+    # so no model agrees under either convention
+    elected = torch.ones_like(elected).copysign_(elected)
+    mixed, divisor = None, None
+    for w, wd in zip(weights, weighted):
+        agreeing = wd.mul_(elected).relu_()
+        if normalize:
+            indicator = torch.sign(agreeing)
+            divisor = indicator.mul_(w) if divisor is None else divisor.add_(indicator, alpha=w)
+        mixed = agreeing if mixed is None else mixed.add_(agreeing)
+    mixed.mul_(elected)
+    if normalize:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
+    return mixed
 
 
-@merge_method("breadcrumbs")
-def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                rng: torch.Generator) -> torch.Tensor:
-    """Davari and Belilovsky 2024 (Model Breadcrumbs): per task vector, remove the int(gamma n)
-    largest magnitudes and then the smallest so that int(density n) remain; weighted sum.
+task_arithmetic = merge_method("task_arithmetic")(TaskVectorMerge(None, False, """Ilharco et al. 2023: \
+base + lambda * sum_i w_i tau_i (divided by sum_i w_i with `normalize`). Same as mergekit. A negative weight
+subtracts a task (forgetting)."""))
 
-    As mergekit (whole tensor, not per layer row), except gamma * n < 1 removes no outliers where
-    mergekit's slice removes everything.
-    """
-    return generalized_task_arithmetic(tensors, base, params, rng, "outliers", consensus=False)
+ties = merge_method("ties")(TaskVectorMerge("magnitude", True, """Yadav et al. 2023 (TIES-Merging, Alg. 1): \
+trim each tau_i to its int(density n) largest magnitudes, elect the sign of sum_i w_i trim(tau_i), average
+agreeing entries weighted by w_i (`normalize`, default true), scale by lambda. As mergekit, except: ties at
+the trim threshold keep the lowest flat indices (mergekit: whatever order its argsort returns), and
+int(density n) == 0 keeps nothing instead of failing."""))
 
+dare_linear = merge_method("dare_linear")(TaskVectorMerge("random", False, """Yu et al. 2024 (DARE, eq. 1-2): \
+drop each entry of tau_i with probability 1 - density, rescale (mergekit: L1 norm match; `rescale: unbiased`:
+1 / density as the paper), weighted sum."""))
 
-@merge_method("breadcrumbs_ties")
-def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                     rng: torch.Generator) -> torch.Tensor:
-    """Model Breadcrumbs masks followed by TIES sign election and disjoint sum (mergekit's variant)."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "outliers", consensus=True)
+dare_ties = merge_method("dare_ties")(TaskVectorMerge("random", True, """DARE drop and rescale (Yu et al. 2024), \
+then TIES sign election and disjoint sum, as mergekit."""))
+
+breadcrumbs = merge_method("breadcrumbs")(TaskVectorMerge("outliers", False, """Davari and Belilovsky 2024 \
+(Model Breadcrumbs): per task vector, remove the int(gamma n) largest magnitudes and then the smallest so that
+int(density n) remain; weighted sum. As mergekit (whole tensor, not per layer row), except gamma * n < 1
+removes no outliers where mergekit's slice removes everything."""))
+
+breadcrumbs_ties = merge_method("breadcrumbs_ties")(TaskVectorMerge("outliers", True, """Model Breadcrumbs \
+masks followed by TIES sign election and disjoint sum (mergekit's variant)."""))
 
 
 @merge_method("della")

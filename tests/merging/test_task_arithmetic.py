@@ -161,11 +161,14 @@ def test_dare_against_formula_with_the_documented_draws():
     seed, name = 3, "layer.w"
     for rescale in (True, "unbiased"):
         out = run("dare_ties", models, base, seed=seed, name=name, density=0.4, rescale=rescale, weight=[1.0, 2.0])
-        rng = tensor_rng(seed, name)  # the contract: one uniform draw per model, in input order, keep if u < density
+        # the contract: a key from the tensor's generator; model i's chunk c draws float32 uniforms from
+        # PCG64(SeedSequence([key, i, c])), keep if u < density (one chunk here)
+        key = int(torch.randint(0, 2**62, (1,), generator=tensor_rng(seed, name)))
         weighted = []
-        for m, w in zip(models, [1.0, 2.0]):
+        for i, (m, w) in enumerate(zip(models, [1.0, 2.0])):
             tau = (m - base).numpy()
-            keep = torch.rand(tau.shape, generator=rng).numpy() < 0.4
+            u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([key, i, 0]))).random(40, dtype=np.float32)
+            keep = u.reshape(tau.shape) < 0.4
             kept = tau * keep
             scale = 1 / 0.4 if rescale == "unbiased" else np.abs(tau).sum() / np.abs(kept).sum()
             weighted.append(kept * scale * w)

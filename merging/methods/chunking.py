@@ -1,0 +1,121 @@
+"""Running a merge method over cache-sized chunks of one tensor.
+
+Two kinds of methods run here:
+- elementwise methods (`fn.elementwise = True`): output entry j depends only on the inputs' entries j,
+  so `fn` itself runs on each chunk;
+- two-phase methods (`fn.prepare` and `fn.apply`): `prepare(inputs, params, rng)` gathers whole-tensor
+  statistics in passes over the chunks (TIES' top-k thresholds, DARE's drop masks and L1 sums), then
+  `apply(chunks, base_chunk, params, state, chunk_index)` is elementwise given that state.
+
+Chunks are float32 copies of `CHUNK_ELEMENTS` consecutive entries of the flat inputs (converted from
+the stored dtype one chunk at a time), so the working set stays a few MB whatever the tensor size,
+and the inputs are never converted to float32 whole. Chunk boundaries are fixed by the tensor size
+alone, and every per-chunk result is combined in chunk order, so results do not depend on the number
+of worker threads (torch ops release the GIL, so threads do run in parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 18
+T = TypeVar("T")
+_pools: dict[int, ThreadPoolExecutor] = {}
+_workers = 1
+
+
+def set_chunk_workers(workers: int) -> int:
+    """Spread the chunks of one tensor over `workers` threads; returns the previous value."""
+    global _workers
+    old, _workers = _workers, max(1, int(workers))
+    return old
+
+
+def chunk_workers() -> int:
+    return _workers
+
+
+def _map(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
+    if workers <= 1 or n <= 1:
+        return [fn(i) for i in range(n)]
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="basin-chunk")
+    return list(_pools[workers].map(fn, range(n)))
+
+
+@dataclass
+class ChunkedInputs:
+    """Flat views of one tensor name's inputs (stored dtype) and a way to visit them chunk by chunk."""
+
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+    workers: int = 1
+
+    @property
+    def numel(self) -> int:
+        first = self.tensors[0] if self.tensors else self.base
+        return first.numel()
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, -(-self.numel // CHUNK_ELEMENTS))
+
+    def span(self, index: int) -> tuple[int, int]:
+        start = index * CHUNK_ELEMENTS
+        return start, min(self.numel, start + CHUNK_ELEMENTS)
+
+    def chunk(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Float32 copies of chunk `index` of every input and of the base."""
+        start, stop = self.span(index)
+        chunks = [t[start:stop].to(torch.float32, copy=True) for t in self.tensors]
+        base = None if self.base is None else self.base[start:stop].to(torch.float32, copy=True)
+        return chunks, base
+
+    def map(self, fn: Callable[[int, list[torch.Tensor], torch.Tensor | None], T]) -> list[T]:
+        """fn(chunk_index, float32 chunks, float32 base chunk) for every chunk; results in chunk order."""
+
+        def visit(index: int) -> T:
+            chunks, base = self.chunk(index)
+            return fn(index, chunks, base)
+
+        return _map(visit, self.num_chunks, self.workers)
+
+
+def is_two_phase(fn: Any) -> bool:
+    return hasattr(fn, "prepare") and hasattr(fn, "apply")
+
+
+def run_chunked(
+    fn: Any,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: dict[str, Any],
+    rng: torch.Generator,
+    out_dtype: torch.dtype,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """Merge one tensor chunk by chunk with an elementwise or two-phase method; result in `out_dtype`."""
+    first = tensors[0] if tensors else base
+    inputs = ChunkedInputs([t.reshape(-1) for t in tensors], None if base is None else base.reshape(-1),
+                           _workers if workers is None else workers)
+    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    flat_out = out.view(-1)
+    if is_two_phase(fn):
+        state = fn.prepare(inputs, params, rng)
+
+        def work(index: int, chunks: list[torch.Tensor], b: torch.Tensor | None) -> None:
+            start, stop = inputs.span(index)
+            flat_out[start:stop] = fn.apply(chunks, b, params, state, index)
+    else:
+
+        def work(index: int, chunks: list[torch.Tensor], b: torch.Tensor | None) -> None:
+            start, stop = inputs.span(index)
+            flat_out[start:stop] = fn(chunks, b, params, rng)
+
+    inputs.map(work)
+    return out

@@ -1,0 +1,116 @@
+"""Streaming (two-phase, chunked) task-vector merges against the whole-tensor reference implementation.
+
+The reference is `generalized_task_arithmetic`, which sorts nothing chunkwise: `topk_mask` on the whole
+tensor. Inputs are bf16-valued so that many magnitudes tie at the trim thresholds, across chunk borders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging.methods import get_method
+from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, run_chunked
+from merging.methods.sparsify import magnitude_cuts, topk_mask
+from merging.methods.task_arithmetic import generalized_task_arithmetic
+from merging.tensor_merge import full_params, tensor_rng
+
+N = 3 * CHUNK_ELEMENTS + 17
+
+
+def _inputs(seed: int = 0, n_models: int = 3, levels: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(N, generator=g) * 0.02).to(torch.bfloat16)
+    models = []
+    for _ in range(n_models):
+        delta = torch.randn(N, generator=g) * 0.002
+        if levels is not None:  # few distinct magnitudes: heavy ties at every threshold
+            delta = torch.randint(-levels, levels + 1, (N,), generator=g).float()
+        models.append((base.float() + delta).to(torch.bfloat16))
+    return models, base
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+def test_magnitude_cuts_equal_topk_mask_with_ties_across_chunks(levels):
+    models, base = _inputs(1, levels=levels)
+    ks = [[int(0.5 * N)], [int(0.1 * N), 7], [N // 3 + 5]]
+    cuts, _, _ = magnitude_cuts(ChunkedInputs([m.reshape(-1) for m in models], base.reshape(-1)), ks)
+    for i, m in enumerate(models):
+        magnitude = (m.float() - base.float()).abs()
+        for j, k in enumerate(ks[i]):
+            expected = topk_mask(magnitude, k)
+            got = torch.cat([cuts[i][j].keep(magnitude[s:s + CHUNK_ELEMENTS], c) != 0
+                             for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
+            # keep() returns magnitudes: exact zeros kept look dropped, so compare on nonzero entries
+            assert torch.equal(got, expected & (magnitude != 0)), (i, k)
+            assert int(expected.sum()) == k
+
+
+@pytest.mark.parametrize("method, sparsify, consensus", [
+    ("task_arithmetic", None, False), ("ties", "magnitude", True), ("breadcrumbs", "outliers", False),
+    ("breadcrumbs_ties", "outliers", True)])
+@pytest.mark.parametrize("levels", [None, 3])
+def test_streaming_merge_is_bit_identical_to_whole_tensor_reference(method, sparsify, consensus, levels):
+    models, base = _inputs(2, levels=levels)
+    m = get_method(method)
+    raw = {"weight": [0.5, 1.0, 0.3]}
+    if sparsify:
+        raw["density"] = [0.4, 0.7, 0.25]
+    if sparsify == "outliers":
+        raw["gamma"] = 0.02
+    params = full_params(m, raw, 3)
+    got = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
+                                           sparsify, consensus)
+    assert torch.equal(got, expected)
+
+
+def test_streaming_rescale_matches_reference_and_threads_do_not_matter():
+    models, base = _inputs(3)
+    m = get_method("ties")
+    params = full_params(m, {"weight": [1.0, 0.5, 0.5], "density": 0.3, "rescale": True}, 3)
+    one = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=1)
+    two = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    assert torch.equal(one, two)
+    expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
+                                           "magnitude", True)
+    torch.testing.assert_close(one, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_streams_deterministically_and_keeps_density(method):
+    models, base = _inputs(4, n_models=2)
+    m = get_method(method)
+    params = full_params(m, {"weight": 1.0, "density": 0.3, "rescale": "unbiased"}, 2)
+    one = run_chunked(m.fn, models, base, params, tensor_rng(5, "w"), torch.float32, workers=1)
+    two = run_chunked(m.fn, models, base, params, tensor_rng(5, "w"), torch.float32, workers=2)
+    assert torch.equal(one, two)
+    other = run_chunked(m.fn, models, base, params, tensor_rng(6, "w"), torch.float32, workers=1)
+    assert not torch.equal(one, other)
+    # one model at a time: the kept fraction is the density, kept entries are tau / density
+    single = full_params(m, {"weight": 1.0, "density": 0.3, "rescale": "unbiased"}, 1)
+    out = run_chunked(m.fn, models[:1], base, single, tensor_rng(5, "w"), torch.float32)
+    tau = models[0].float() - base.float()
+    kept = (out - base.float()) != 0
+    assert abs(int(kept.sum()) / int((tau != 0).sum()) - 0.3) < 0.005  # 4 sigma is 0.0017
+    torch.testing.assert_close((out - base.float())[kept], (tau / 0.3)[kept], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, side):
+    import merging.methods.sparsify as sparsify
+
+    models, base = _inputs(5, n_models=1)
+    magnitude = (models[0].float() - base.float()).abs()
+    k = N // 2
+    kth = float(magnitude.reshape(-1).kthvalue(N - k + 1).values)
+    # a bracket entirely above (or below) the true k-th largest, as a badly unlucky sample would give
+    wrong = (kth * 1.5, kth * 2.0) if side == "above" else (kth * 0.2, kth * 0.5)
+    monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[wrong]])
+    cuts, totals, kept = magnitude_cuts(ChunkedInputs([models[0].reshape(-1)], base.reshape(-1)), [[k]], sums=True)
+    got = torch.cat([cuts[0][0].keep(magnitude[s:s + CHUNK_ELEMENTS], c)
+                     for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
+    expected = topk_mask(magnitude, k)
+    assert torch.equal(got != 0, expected & (magnitude != 0))
+    assert totals[0] == pytest.approx(float(magnitude.double().sum()), rel=1e-6)
+    assert kept[0][0] == pytest.approx(float((magnitude * expected).double().sum()), rel=1e-6)
