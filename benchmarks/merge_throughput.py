@@ -34,15 +34,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BASE_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                 "della_linear", "model_stock"}
-COMPARE = {"task_arithmetic", "ties", "linear"}
+COMPARE = {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties"}
+# methods with top-k trims: (density, gamma); Breadcrumbs keeps ranks gamma n < r <= (density + gamma) n
+TRIMMED = {"ties": (0.5, 0.0), "breadcrumbs": (0.5, 0.01), "breadcrumbs_ties": (0.5, 0.01)}
 
 
-def llama_shapes(size_gb: float) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """Tensor shapes of a Llama-like model of about `size_gb` GB in bf16, and its config.json."""
+def llama_shapes(size_gb: float, itemsize: int = 2) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Tensor shapes of a Llama-like model of about `size_gb` GB (`itemsize` bytes per weight), and its config.json."""
     hidden, inter, vocab, heads = 2048, 5504, 32000, 16
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
-    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    layers = max(1, round((size_gb * 1e9 / itemsize - fixed) / per_layer))
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -59,13 +61,13 @@ def llama_shapes(size_gb: float) -> tuple[dict[str, tuple[int, ...]], dict]:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16" if itemsize == 2 else "float32",
     }
     return shapes, config
 
 
 def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | None, shard_bytes: int) -> None:
-    """Write a sharded bf16 checkpoint: random (seed) or `base` + 1% noise."""
+    """Write a sharded checkpoint (config's torch_dtype): random (seed) or `base` + 1% noise."""
     from safetensors.torch import load_file, save_file
 
     if (folder / "model.safetensors.index.json").exists():
@@ -74,6 +76,7 @@ def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | N
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, config["torch_dtype"])
     base_files = {}
     if base is not None:
         index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
@@ -92,13 +95,13 @@ def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | N
 
     for name, shape in shapes.items():
         if base is None:
-            t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+            t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
         else:
             f = base_files[name]
             if f not in cache:
                 cache.clear()
                 cache[f] = load_file(base / f)
-            t = (cache[f][name].float() + 0.0005 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            t = (cache[f][name].float() + 0.0005 * torch.randn(shape, generator=g)).to(dtype)
         if size + t.nbytes > shard_bytes:
             flush()
         shard[name] = t
@@ -110,7 +113,7 @@ def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | N
         new = f"model-{i:05d}-of-{total:05d}.safetensors"
         os.replace(tmp / f"model-{i:05d}.safetensors", tmp / new)
         renamed[f"model-{i:05d}.safetensors"] = new
-    total_size = sum(2 * int(torch.tensor(s).prod()) for s in shapes.values())
+    total_size = sum(dtype.itemsize * int(torch.tensor(s).prod()) for s in shapes.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": {n: renamed[f] for n, f in weight_map.items()}}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp / "config.json").write_text(json.dumps(config))
@@ -121,7 +124,7 @@ def recipe_for(method: str, models: list[Path], base: Path | None) -> dict:
     if method in BASE_METHODS:
         params = {"weight": 1.0 / len(models)}
         if method not in ("task_arithmetic", "model_stock"):
-            params["density"] = 0.5
+            params["density"] = TRIMMED.get(method, (0.5, 0.0))[0]
         r = {"merge_method": method, "base_model": str(base),
              "models": [{"model": str(m), "parameters": dict(params)} for m in models],
              "dtype": "float32", "out_dtype": "bfloat16"}
@@ -215,6 +218,52 @@ def compare(a: Path, b: Path) -> dict:
             "fraction_of_entries_differing": differing / total if total else None, "per_tensor": diffs}
 
 
+def threshold_ties(models: list[Path], base: Path, trim: tuple[float, float], out_a: Path, out_b: Path) -> dict:
+    """Where two top-k merges differ, is it only where some model's |tau| equals its trim threshold?
+
+    mergekit keeps the entries its (unstable) argsort puts first among those tied at the threshold, basin
+    the lowest flat indices; anything else differing would be a real disagreement.
+    """
+    from safetensors import safe_open
+
+    def reader(folder: Path):
+        index = folder / "model.safetensors.index.json"
+        files = json.loads(index.read_text())["weight_map"] if index.exists() else None
+
+        def get(name: str) -> torch.Tensor:
+            f = files[name] if files else next(p.name for p in folder.glob("*.safetensors"))
+            with safe_open(str(folder / f), framework="pt") as h:
+                return h.get_tensor(name)
+        return get
+
+    def names(folder: Path) -> list[str]:
+        out = []
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out += list(h.keys())
+        return out
+
+    get_a, get_b, get_base = reader(out_a), reader(out_b), reader(base)
+    gets = [reader(m) for m in models]
+    differing = outside = 0
+    for name in names(out_a):
+        diff = get_a(name).float() != get_b(name).float()
+        if not bool(diff.any()):
+            continue
+        b = get_base(name).float()
+        tied = torch.zeros_like(diff)
+        for get in gets:
+            magnitude = (get(name).float() - b).abs().reshape(-1)
+            n = magnitude.numel()
+            for k in (int(trim[0] * n) + int(trim[1] * n), int(trim[1] * n)):
+                if 0 < k < n:
+                    threshold = magnitude.kthvalue(n - k + 1).values
+                    tied |= (magnitude == threshold).view(diff.shape)
+        differing += int(diff.sum())
+        outside += int((diff & ~tied).sum())
+    return {"entries_differing": differing, "differing_where_no_model_ties_at_its_threshold": outside}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
@@ -225,11 +274,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_throughput.json")
     parser.add_argument("--note", default="", help="free text recorded in the JSON (e.g. machine load)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="of the generated checkpoints (float32 deltas have no ties at trim thresholds)")
     args = parser.parse_args()
 
-    shapes, config = llama_shapes(args.size_gb)
-    size = sum(int(torch.tensor(s).prod()) for s in shapes.values()) * 2
-    data = args.workdir / f"llama-{args.size_gb:g}gb"
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    shapes, config = llama_shapes(args.size_gb, itemsize)
+    size = sum(int(torch.tensor(s).prod()) for s in shapes.values()) * itemsize
+    data = args.workdir / f"llama-{args.size_gb:g}gb-{args.dtype}"
     needs_base = any(m in BASE_METHODS for m in args.methods)
     n_max = max(args.n)
     print(f"generating {n_max} checkpoints of {size / 1e9:.2f} GB in {data}", file=sys.stderr)
@@ -249,7 +301,8 @@ def main() -> None:
             recipe_path = args.workdir / f"recipe-{method}-{n}.yaml"
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             n_read = n + (1 if method in BASE_METHODS else 0)
-            row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3)}
+            row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3),
+                         "dtype": args.dtype}
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors, basins, mks = [], [], []
             for _ in range(args.repeats):
@@ -275,6 +328,9 @@ def main() -> None:
                 row["mergekit_over_basin_time"] = round(mk["seconds"] / best["seconds"], 3)
                 if method in COMPARE:
                     row["vs_mergekit"] = compare(out_basin, out_mk)
+                    if method in TRIMMED:
+                        row["vs_mergekit"]["at_threshold_ties"] = threshold_ties(inputs, base, TRIMMED[method],
+                                                                                 out_basin, out_mk)
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "vs_mergekit"}), file=sys.stderr)
             shutil.rmtree(out_floor, ignore_errors=True)
@@ -282,7 +338,8 @@ def main() -> None:
             shutil.rmtree(out_mk, ignore_errors=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = [r for r in previous.get("runs", [])
-            if not any(r["method"] == x["method"] and r["n_models"] == x["n_models"] for x in results)]
+            if not any(r["method"] == x["method"] and r["n_models"] == x["n_models"]
+                       and r.get("dtype", "bfloat16") == x["dtype"] for x in results)]
     payload = {
         "benchmark": "merge_throughput",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

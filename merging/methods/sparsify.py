@@ -124,8 +124,8 @@ def mask_and_rescale_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool | s
     before = after = None
     if rescale is True:
         magnitude = delta.abs() if magnitude is None else magnitude
-        before = magnitude.sum()
-        after = magnitude.mul_(mask).sum()
+        before = _sum64(magnitude)
+        after = _sum64(magnitude.mul_(mask))
     delta.mul_(mask)
     if rescale == "unbiased":
         delta.div_(keep_probability)
@@ -159,6 +159,13 @@ def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[flo
         if divisor is not None:
             divisor.add_(agree, alpha=w)
     return mixed, divisor
+
+
+def _sum64(x: torch.Tensor) -> float:
+    """Sum in float64, independent of torch's thread count (numpy's pairwise sum on CPU)."""
+    if x.device.type != "cpu":
+        return float(x.sum(dtype=torch.float64))
+    return float(x.numpy().sum(dtype=np.float64))
 
 
 def _below(value: float) -> float:
@@ -241,7 +248,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     and its ties counted per chunk. A cut whose k-th largest falls outside its bracket (a sample far off,
     which the 4.5-sigma bracket makes rare) gets a second pass with the bracket extended to that side, so
     the result is always exact. With `sums`, also returns sum |tau_i| and, per cut, the sum of the kept
-    magnitudes (float32 sums per chunk, added in float64 in chunk order).
+    magnitudes (float64, summed in chunk order: independent of thread counts).
     """
     n, m = inputs.numel, len(inputs.tensors)
     brackets = _brackets(inputs, ks)
@@ -262,9 +269,9 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
                     lo, hi = bracket
                     above = a > hi
                     inside = (a >= lo) & ~above
-                    above_sum = float(a.mul(above).sum()) if sums else 0.0
+                    above_sum = _sum64(a.mul(above)) if sums else 0.0
                     cuts.append((int(torch.count_nonzero(above)), torch.masked_select(a, inside), above_sum))
-                out.append((cuts, float(a.sum()) if with_totals else 0.0))
+                out.append((cuts, _sum64(a) if with_totals else 0.0))
             return out
 
         return inputs.map(visit)
@@ -305,7 +312,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
                 before = tuple(before)
             cuts[i].append(MagnitudeCut(k, n, threshold, ties_kept, ties_total, before))
             if sums:
-                inside_kept = float(candidates[candidates > threshold].sum())
+                inside_kept = _sum64(candidates[candidates > threshold])
                 kept_sums[i].append(above_sum + inside_kept + threshold * ties_kept)
     return cuts, totals, kept_sums
 
@@ -319,7 +326,7 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
     """DARE's Bernoulli(keep[i]) masks of model i, one bool tensor per chunk (uniform < keep, float32),
     drawn from `chunk_generator(key, i, chunk)`; models with keep >= 1 get none. With `sums`, also
-    sum |tau_i| and the sum of the kept |tau_i| (float32 per chunk, added in float64 in chunk order)."""
+    sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
     m = len(inputs.tensors)
 
     def draw(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
@@ -329,12 +336,12 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
                 out.append((None, 0.0, 0.0))
                 continue
             u = chunk_generator(key, i, index).random(x.numel(), dtype=np.float32)
-            mask = torch.from_numpy(u) < keep[i]
+            mask = (torch.from_numpy(u) < keep[i]).to(x.device)
             before = after = 0.0
             if sums:
                 a = x.sub_(base).abs_()
-                before = float(a.sum())
-                after = float(a.mul_(mask).sum())
+                before = _sum64(a)
+                after = _sum64(a.mul_(mask))
             out.append((mask, before, after))
         return out
 
