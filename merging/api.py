@@ -1,10 +1,12 @@
 """`merging.merge(recipe, out_dir)`: the Python API behind `basin merge`.
 
 Order of work, so that mistakes cost seconds: parse and check the recipe (no I/O); refuse an
-existing output; resolve every model reference (Hub ids first fetch only config and index
-files); open checkpoints lazily and build the plan from headers (names, shapes, parameters);
-only then stream tensors through the engine into the writer; copy config and tokenizer
-files; write the model card; rename the output into place.
+existing output; resolve every model reference (Hub ids first fetch only config, index and
+tokenizer files); open checkpoints lazily and build the plan from headers, config.json and
+tokenizer files (names, shapes, parameters, architectures, vocabularies);
+only then stream tensors through the engine into the writer; write config.json (dtype, layer
+count, vocab_size, tie_word_embeddings patched) and the output tokenizer (copied, or built by the
+tokenizer rule, see `merging.vocab`); write the model card; rename the output into place.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False,
                 m = HUB_ID.match(ref)
                 assert m is not None
                 remote[ref] = remote_headers(m.group("repo"), m.group("rev"), ref)
+                remote[ref].folder = folder  # config and tokenizer files are already here
     if remote and validate is not None:
         validate({ref: remote.get(ref) or open_checkpoint(ref, allow_pickle=allow_pickle, label=ref)
                   for ref in refs})
@@ -149,11 +152,16 @@ def _config_source(recipe: Recipe) -> str:
 
 def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
                      dtype: str | None) -> None:
-    """config.json (output dtype and layer count patched) and generation_config.json from the config
-    source; tokenizer files from `tokenizer_source` (or the config source). In-memory inputs have none."""
+    """config.json (output dtype, layer count, vocab_size and tie_word_embeddings patched) and
+    generation_config.json from the config source; the output tokenizer (built by the tokenizer rule,
+    else copied from the tokenizer source or the config source). In-memory inputs have none."""
+    from merging.arch import OUTPUT_EMBED
+
     cfg_ref = _config_source(recipe)
     cfg_folder = tok_folder = ckpts[cfg_ref].folder
-    if recipe.tokenizer_ref in ckpts:
+    if plan.vocab is not None:
+        tok_folder = plan.vocab.tokenizer_folder
+    elif recipe.tokenizer_ref in ckpts:
         tok_folder = ckpts[recipe.tokenizer_ref].folder
     elif recipe.tokenizer_ref:
         from merging.hub import resolve
@@ -175,10 +183,25 @@ def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: Shard
                     for key in ("num_hidden_layers", "n_layer", "num_layers"):
                         if key in config:
                             config[key] = plan.num_layers
+                if plan.vocab is not None:
+                    sub = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+                    sub["vocab_size"] = plan.vocab.size
+                if any(OUTPUT_EMBED.search(t.name) for t in plan.tensors):  # the tied-embedding rule's output
+                    for sub in (config, config.get("text_config") or {}):
+                        if sub.get("tie_word_embeddings") is True:
+                            sub["tie_word_embeddings"] = False
                 writer.write_text(name, json.dumps(config, indent=2) + "\n")
             else:
                 writer.copy_file(src)
-    if tok_folder is not None:
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="basin-tokenizer-") as tmp:
+            plan.vocab.tokenizer.save_pretrained(tmp)
+            for path in sorted(Path(tmp).iterdir()):
+                if path.is_file():
+                    writer.copy_file(path)
+    elif tok_folder is not None:
         for name in TOKENIZER_FILES:
             if (tok_folder / name).is_file():
                 writer.copy_file(tok_folder / name)
@@ -196,12 +219,14 @@ def merge(
     dry_run: bool = False,
     progress: bool = True,
     resume: bool = True,
+    allow_mixed_architectures: bool = False,
 ) -> MergeReport:
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
     With `resume` (default), a merge interrupted by Ctrl-C or a killed process continues where
     it stopped when rerun with the same recipe, inputs and options: finished tensors whose
-    bytes still hash as journalled are kept.
+    bytes still hash as journalled are kept. `allow_mixed_architectures` (or the recipe key of
+    that name) merges inputs whose config.json architectures differ, which is refused otherwise.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe_or_path)
@@ -221,15 +246,16 @@ def merge(
         if out.exists() and not overwrite:
             raise BasinError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
     points = recipe.grid_points()
+    mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
-                        validate=lambda headers: [build_plan(r, headers, out_dtype) for _, r in points])
+                        validate=lambda headers: [build_plan(r, headers, out_dtype, **mixed) for _, r in points])
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
-                      progress=progress, start=start)
-    plan = build_plan(recipe, ckpts, out_dtype)  # every check from headers, before any data is read
+                      progress=progress, start=start, mixed=allow_mixed_architectures)
+    plan = build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
     if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
         ckpts = _align(recipe, ckpts)
-        plan = build_plan(recipe, ckpts, out_dtype)
+        plan = build_plan(recipe, ckpts, out_dtype, **mixed)
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plan.inputs]
     if dry_run:
         return MergeReport(None, plan.method, len(plan.tensors), 0, time.perf_counter() - start, 0.0,
@@ -272,13 +298,13 @@ def point_folder(index: int, values: dict[str, Any]) -> str:
 
 def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpoint], out: Path | None,
            out_dtype: str | None, size: int, *, overwrite: bool, device: str, dry_run: bool, progress: bool,
-           start: float) -> MergeReport:
+           start: float, mixed: bool = False) -> MergeReport:
     """One output per grid point under `out`, sharing each tensor's reads across the points."""
     import shutil
 
     from merging.engine import run_plans
 
-    plans = [build_plan(r, ckpts, out_dtype) for _, r in points]
+    plans = [build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
     if any(r.align for _, r in points):
         raise BasinError("a sweep cannot be combined with align: yet; align first, then sweep the aligned models")
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plans[0].inputs]

@@ -4,6 +4,8 @@ For each planned tensor: read its inputs (a few tensors ahead, on a small thread
 them to the compute device, merge with `merging.tensor_merge.merge_tensor` (float32 compute,
 per-tensor seeding), and hand the result to a writer thread. At most `prefetch` tensors per
 input are in flight, so peak memory is a few tensors per input, never a whole model.
+Vocabulary-indexed tensors (embeddings, `lm_head`) are remapped to the output vocabulary right
+after their read (`merging.vocab`), one tensor at a time like the rest.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
         tp = lead.tensors[k]
         tensors = [checkpoints[i].get(name) for i, name in tp.sources]
         base = None if tp.base is None else checkpoints[tp.base[0]].get(tp.base[1])
+        if tp.vocab and lead.vocab is not None:  # embedding / lm_head rows onto the output vocabulary
+            tensors, base = lead.vocab.remap_inputs(tp.name, tp.sources, tp.base, tensors, base)
         return tensors, base
 
     bar = None

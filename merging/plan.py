@@ -6,18 +6,28 @@ layer k of an output slice of n layers has t = k / (n - 1) (t = 1 when n = 1); t
 the layers (embeddings) have t = 0 and those after them (final norm, lm_head, pooler) t = 1.
 Parameter precedence (mergekit): a slice source's (or model's) parameters > the slice's >
 the global `parameters:`; within one level, the first matching filter entry wins.
+
+Also from headers and config/tokenizer files, before any weight is read: mixed architectures are
+refused (`merging.arch`), tied models lacking `lm_head` read their embedding there (`merging.arch`),
+inputs whose vocabulary row counts differ are refused unless a tokenizer rule remaps them, and the
+rows of the vocabulary-indexed tensors are mapped to the output vocabulary (`merging.vocab`).
+Methods with an optional base (`fn.optional_base`, e.g. nuslerp, multislerp) receive a recipe
+`base_model` not listed under `models:` as their base, without merging it as a model.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from merging.arch import check_architectures, real_name, tie_hint, tie_inputs, vocab_rows, vocab_tensors
 from merging.checkpoint import Checkpoint
 from merging.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
+from merging.vocab import VocabMap, plan_vocab
 from taxonomy.errors import BasinError
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
@@ -36,6 +46,7 @@ class TensorPlan:
     t: float
     shape: tuple[int, ...]
     out_dtype: torch.dtype
+    vocab: bool = False  # rows remapped to the output vocabulary before merging (MergePlan.vocab)
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +64,7 @@ class TensorPlan:
             "params": self.params,
             "shape": list(self.shape),
             "dtype": str(self.out_dtype).removeprefix("torch."),
-        }
+        } | ({"remap_vocab": True} if self.vocab else {})
 
 
 @dataclass
@@ -63,6 +74,7 @@ class MergePlan:
     tensors: list[TensorPlan]
     seed: int
     num_layers: int | None = None  # output layer count (for config.json), None if unchanged
+    vocab: VocabMap | None = None  # output vocabulary and row maps (tokenizer rule), None if none applies
 
     @property
     def nbytes(self) -> int:
@@ -70,13 +82,18 @@ class MergePlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
-                "tensors": [t.to_json(self.inputs) for t in self.tensors]}
+                "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
+                    {"vocab": self.vocab.to_json()} if self.vocab is not None else {})
 
     def table(self) -> str:
         """A readable per-tensor listing: name, shape, t, inputs, effective parameters."""
         lines = [f"method {self.method}, seed {self.seed}, {len(self.tensors)} tensors, "
                  f"{self.nbytes / 1e6:.1f} MB out"]
         lines += [f"  input {i}: {ref}" for i, ref in enumerate(self.inputs)]
+        if self.vocab is not None:
+            v = self.vocab
+            what = "unchanged" if v.identity else "rows remapped (remap_vocab)"
+            lines.append(f"  vocabulary: {v.source}, {v.size} rows, {v.added} tokens added, {what}")
         for tp in self.tensors:
             srcs = ", ".join(f"{i}:{n}" if n != tp.name else str(i) for i, n in tp.sources)
             base = ""
@@ -85,7 +102,8 @@ class MergePlan:
             params = " ".join(f"{k}={_fmt(v)}" for k, v in tp.params.items())
             shape = "x".join(map(str, tp.shape)) or "scalar"
             dtype = str(tp.out_dtype).removeprefix("torch.")
-            lines.append(f"{tp.name}  [{shape} {dtype}]  t={tp.t:.3f}  inputs=[{srcs}]{base}  {params}")
+            remap = "  remap_vocab" if tp.vocab else ""
+            lines.append(f"{tp.name}  [{shape} {dtype}]  t={tp.t:.3f}  inputs=[{srcs}]{base}{remap}  {params}")
         return "\n".join(lines)
 
 
@@ -122,24 +140,69 @@ def _resolve(levels: list[dict[str, Any]], pname: str, tensor: str, t: float) ->
     return None
 
 
-def _check_same(ckpts: dict[str, Checkpoint], refs: list[str], names: list[str], context: str) -> None:
-    """Every named tensor exists in each checkpoint with one shape; lists the first few problems."""
+def _check_same(ckpts: dict[str, Checkpoint], refs: list[str], names: list[str], context: str,
+                vocab_names: frozenset[str] | set[str] = frozenset()) -> None:
+    """Every named tensor exists in each checkpoint with one shape (for `vocab_names`, one shape after
+    the first dimension: their rows are remapped); lists the first few problems."""
     first = refs[0]
     for ref in refs[1:]:
         have = set(ckpts[ref].names())
         missing = [n for n in names if n not in have]
         if missing:
             raise BasinError(f"{context}: {ref} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"that {first} has ({len(missing)} in all)")
+                             f"that {first} has ({len(missing)} in all){tie_hint(ckpts[ref], missing)}")
+
+        def shape(c: Checkpoint, n: str) -> tuple[int, ...]:
+            return c.meta(n).shape[1:] if n in vocab_names else c.meta(n).shape
+
         bad = [f"{n} {ckpts[first].meta(n).shape} vs {ckpts[ref].meta(n).shape}" for n in names
-               if ckpts[first].meta(n).shape != ckpts[ref].meta(n).shape]
+               if shape(ckpts[first], n) != shape(ckpts[ref], n)]
         if bad:
             raise BasinError(f"{context}: tensor shapes differ between {first} and {ref}: {bad[:5]}"
                              f"{' ...' if len(bad) > 5 else ''} ({len(bad)} in all)")
 
 
-def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None) -> MergePlan:
-    """Resolve every output tensor of `recipe` over the opened checkpoints (headers only)."""
+def _vocab_for(recipe: Recipe, ckpts: dict[str, Checkpoint], inputs: list[str]) -> VocabMap | None:
+    """The tokenizer rule's row maps; without a rule (or copy-only), equal vocabulary row counts are required."""
+    rows = {ref: vocab_rows(ckpts[ref]) for ref in inputs}
+    spec = recipe.tokenizer_spec()
+    vocab = None
+    if spec is not None:
+        source_folder = None
+        ref = spec.model_ref
+        if ref is not None and ref not in ckpts:
+            source_folder = _tokenizer_folder(ref)
+        vocab = plan_vocab(spec, inputs, {r: ckpts[r].folder for r in inputs}, rows, recipe.base_model,
+                           source_folder)
+    sized = {r: n for r, n in rows.items() if n is not None}
+    if vocab is None and len(set(sized.values())) > 1:
+        (a, na), (b, nb) = next(iter(sized.items())), next((r, n) for r, n in sized.items()
+                                                           if n != next(iter(sized.values())))
+        names = {r: next(iter(vocab_tensors(ckpts[r])), "embedding") for r in (a, b)}
+        why = ("no model has tokenizer files to remap them with" if spec is not None else
+               "set tokenizer_source: base | union | <model> (or a tokenizer: block) to remap them to one vocabulary")
+        raise BasinError(f"vocabulary sizes differ: {a} has {na} rows ({names[a]}), {b} has {nb} "
+                         f"({names[b]}); embeddings are never truncated: {why}")
+    return vocab
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_folder(ref: str):
+    """The local folder of a tokenizer source that is not a merged model (Hub: config and tokenizer files)."""
+    from pathlib import Path
+
+    from merging.hub import resolve
+
+    path = Path(ref).expanduser()
+    if not path.exists():
+        path = resolve(ref, weights=False).path
+    return path if path.is_dir() else path.parent
+
+
+def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None, *,
+               allow_mixed_architectures: bool = False) -> MergePlan:
+    """Resolve every output tensor of `recipe` over the opened checkpoints (headers, config and tokenizer
+    files only)."""
     from merging.methods import get_method
     from merging.tensor_merge import full_params
 
@@ -148,6 +211,11 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     dtype = OUT_DTYPES[_canonical_dtype(dtype_name)] if dtype_name else None
     inputs = recipe.model_refs()
     index = {ref: i for i, ref in enumerate(inputs)}
+    check_architectures({r: ckpts[r] for r in inputs}, allow_mixed_architectures or recipe.allow_mixed_architectures)
+    ckpts = tie_inputs({r: ckpts[r] for r in inputs})  # tied models read their embedding as lm_head
+    vocab = _vocab_for(recipe, ckpts, inputs)
+    remap = vocab is not None and not vocab.identity
+    vocab_names = {n for r in inputs for n in vocab_tensors(ckpts[r])} if remap else set()
     slices = recipe.slices if recipe.slices is not None else _models_as_slice(recipe, ckpts)
     tensors: list[TensorPlan] = []
     cache: dict[tuple, dict[str, Any]] = {}
@@ -173,19 +241,23 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
         first_ref, first_name = (srcs[0][0].model, srcs[0][1]) if srcs else base
         meta = ckpts[first_ref].meta(first_name)
         tdtype = dtype if (dtype is not None and meta.dtype.is_floating_point) else meta.dtype
+        rows = out_name in vocab_names
+        shape = (vocab.size,) + meta.shape[1:] if rows and vocab is not None else meta.shape
         tensors.append(TensorPlan(
             name=out_name,
-            sources=[(index[s.model], n) for s, n in srcs],
-            base=None if base is None else (index[base[0]], base[1]),
-            params=cache[key], t=t, shape=meta.shape, out_dtype=tdtype,
+            sources=[(index[s.model], real_name(ckpts[s.model], n)) for s, n in srcs],
+            base=None if base is None else (index[base[0]], real_name(ckpts[base[0]], base[1])),
+            params=cache[key], t=t, shape=shape, out_dtype=tdtype, vocab=rows,
         ))
+
+    optional_base = bool(getattr(method.fn, "optional_base", False))
 
     def roles(sl: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
         """The slice's sources entering as `tensors` (base first for methods without a base) and its base."""
         info = method.info
         base_ref = sl.base_model or recipe.base_model
         base_src = next((s for s in sl.sources if s.model == base_ref), None)
-        if info.needs_base:
+        if info.needs_base or (optional_base and base_ref is not None):
             if base_ref is None:
                 raise BasinError(f"merge_method {info.name!r} needs a base_model")
             if base_src is None:
@@ -193,9 +265,10 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                     raise BasinError(f"slice sources {[s.model for s in sl.sources]} do not include the base "
                                      f"model {base_ref!r}")
                 base_src = SliceSource(base_ref, sl.sources[0].layer_range)
+        if info.needs_base:
             sources = [s for s in sl.sources if s is not base_src]
-        else:
-            sources = sorted(sl.sources, key=lambda s: s.model != base_ref)  # base first (SLERP's t = 0)
+        else:  # base first (SLERP's t = 0); an optional base not listed is passed only as the base
+            sources = sorted(sl.sources, key=lambda s: s.model != base_ref)
         n = len(sources)
         if n < info.min_models or (info.max_models is not None and n > info.max_models):
             most = info.max_models if info.max_models is not None else "any number of"
@@ -220,7 +293,7 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                                   + [b.model for b in (first_base, last_base) if b is not None]))
     if recipe.slices is None:  # models mode: every input holds the same tensors
         _check_names(ckpts, all_refs)
-    _check_same(ckpts, all_refs, non_layer, "models")
+    _check_same(ckpts, all_refs, non_layer, "models", vocab_names)
     for name in pre:
         add(name, [(s, name) for s in first_sources], None if first_base is None else (first_base.model, name),
             slices[0].parameters, 0.0)
@@ -251,9 +324,22 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     for name in post:
         add(name, [(s, name) for s in last_sources], None if last_base is None else (last_base.model, name),
             slices[-1].parameters, 1.0)
+    if remap and vocab is not None:
+        for tp in tensors:
+            if tp.vocab:
+                _check_rule_models(tp, vocab)
     layers_in = num_layers(ref_ckpt)
     return MergePlan(method.info.name, inputs, tensors, recipe.seed,
-                     num_layers=out_layer if out_layer != layers_in else None)
+                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab)
+
+
+def _check_rule_models(tp: TensorPlan, vocab: VocabMap) -> None:
+    """Every model a `tokenizer.tokens` rule takes rows from enters the remapped tensor."""
+    entering = {i for i, _ in tp.sources} | ({tp.base[0]} if tp.base is not None else set())
+    for row, (_, src, _, _) in vocab.rules.items():
+        if src is not None and src not in entering:
+            raise BasinError(f"{tp.name}: tokenizer.tokens takes output row {row} from {vocab.inputs[src]}, "
+                             "which does not enter this tensor")
 
 
 def _canonical_dtype(name: str) -> str:
@@ -282,4 +368,5 @@ def _check_names(ckpts: dict[str, Checkpoint], refs: list[str]) -> None:
             missing, extra = sorted(names - other), sorted(other - names)
             raise BasinError(f"tensor names differ between {first} and {ref}: {ref} lacks {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}, has extra {extra[:5]}"
-                             f"{' ...' if len(extra) > 5 else ''}")
+                             f"{' ...' if len(extra) > 5 else ''}"
+                             f"{tie_hint(ckpts[ref], missing) or tie_hint(ckpts[first], extra)}")

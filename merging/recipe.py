@@ -20,13 +20,11 @@ from taxonomy.errors import BasinError
 
 TOP_LEVEL = {
     "models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "seed", "align", "name",
+    "tokenizer", "seed", "align", "name", "allow_mixed_architectures",
 }
 UNSUPPORTED = {
     "modules": "multi-module merges are not supported",
-    "tokenizer": "the `tokenizer:` block (vocabulary surgery) is not supported yet; use tokenizer_source: base "
-    "or a model reference (copy only)",
-    "chat_template": "chat_template is not supported; the tokenizer files of tokenizer_source are copied as is",
+    "chat_template": "chat_template is not supported; the output tokenizer keeps its source's chat template",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -64,9 +62,11 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None  # mergekit's tokenizer: block (source, tokens, pad_to_multiple_of)
     seed: int = 0
     align: dict[str, Any] | None = None
     name: str | None = None
+    allow_mixed_architectures: bool = False  # basin: merge inputs whose config.json architectures differ
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -114,9 +114,11 @@ class Recipe:
             dtype=data.get("dtype"),
             out_dtype=data.get("out_dtype"),
             tokenizer_source=data.get("tokenizer_source"),
+            tokenizer=data.get("tokenizer"),
             seed=data.get("seed", 0),
             align=align,
             name=data.get("name"),
+            allow_mixed_architectures=data.get("allow_mixed_architectures", False),
         )
         recipe.validate(where)
         return recipe
@@ -127,6 +129,8 @@ class Recipe:
             d.pop("slices")
         else:
             d.pop("models")
+        if not self.allow_mixed_architectures:
+            d.pop("allow_mixed_architectures")
         return {k: v for k, v in d.items() if v not in (None, {}, [])}
 
     def to_json(self) -> dict[str, Any]:
@@ -157,10 +161,16 @@ class Recipe:
                 raise BasinError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise BasinError(f"{where}: seed must be an integer, got {self.seed!r}")
-        if self.tokenizer_source == "union":
-            raise BasinError(f"{where}: tokenizer_source: union (vocabulary surgery) is not supported yet")
-        if self.tokenizer_source is not None and not isinstance(self.tokenizer_source, str):
-            raise BasinError(f"{where}: tokenizer_source must be 'base' or a model reference")
+        if not isinstance(self.allow_mixed_architectures, bool):
+            raise BasinError(f"{where}: allow_mixed_architectures must be true or false, "
+                             f"got {self.allow_mixed_architectures!r}")
+        spec = self.tokenizer_spec(where)
+        if spec is not None:
+            merged = self.model_refs()
+            for ref in spec.referenced_models():
+                if ref not in merged:
+                    raise BasinError(f"{where}: tokenizer.tokens names model {ref!r}, which is not one of the "
+                                     f"merged models {merged}")
         if self.align is not None:
             if not isinstance(self.align, dict) or not isinstance(self.align.get("method"), str):
                 raise BasinError(f"{where}: align must be a method name or a mapping with a 'method'")
@@ -213,8 +223,8 @@ class Recipe:
     def model_refs(self) -> list[str]:
         """Every model whose tensors the merge reads, each once, in order (base first).
 
-        A `tokenizer_source` that names another model is not among them: only its tokenizer
-        files are copied (see `tokenizer_ref`).
+        A tokenizer source that names another model is not among them: only its tokenizer
+        files are read (see `tokenizer_ref`).
         """
         refs = [self.base_model] if self.base_model else []
         if self.slices is None:
@@ -224,10 +234,18 @@ class Recipe:
                 refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return list(dict.fromkeys(refs))
 
+    def tokenizer_spec(self, where: str = "recipe"):
+        """`tokenizer_source` or the `tokenizer:` block as a `merging.vocab.TokenizerSpec`, or None."""
+        from merging.vocab import parse_tokenizer
+
+        return parse_tokenizer(self.tokenizer_source, self.tokenizer, where)
+
     @property
     def tokenizer_ref(self) -> str | None:
-        """The model whose tokenizer files are copied when it is named explicitly, else None."""
-        return None if self.tokenizer_source in (None, "base") else self.tokenizer_source
+        """The model named as the tokenizer source (`tokenizer_source: <model>` or `tokenizer: {source:
+        <model>}`), else None (base, union or no rule)."""
+        spec = self.tokenizer_spec()
+        return None if spec is None else spec.model_ref
 
     def merge_inputs(self) -> list[ModelSpec]:
         """The models whose tensors enter the method as `tensors` (models mode).

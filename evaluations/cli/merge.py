@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate inputs and print the per-tensor plan")
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh even if an interrupted run of the same merge left partial output")
+    parser.add_argument("--allow-mixed-architectures", action="store_true",
+                        help="merge inputs whose config.json architectures / model_type differ (refused otherwise)")
     parser.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise BasinError("OUT_DIR is required (or pass --dry-run)")
     report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
                    shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                   dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume)
+                   dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume,
+                   allow_mixed_architectures=args.allow_mixed_architectures)
     if args.dry_run:
         points = report.sweep or [{"folder": None, "values": {}, "plan": report.plan}]
         if args.json:

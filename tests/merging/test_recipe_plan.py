@@ -66,8 +66,19 @@ def test_plan_depth_and_precedence():
     ({"merge_method": "linear", "models": ["a"], "parameters": {"normalize": "maybe"}}, "must be true or false"),
     ({"merge_method": "linear", "models": ["a"], "dtype": "float8"}, "dtype must be one of"),
     ({"merge_method": "linear", "models": ["a"], "modules": {}}, "multi-module"),
-    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union"}}, "tokenizer"),
-    ({"merge_method": "linear", "models": ["a"], "tokenizer_source": "union"}, "union"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union"}, "tokenizer_source": "base"},
+     "either tokenizer_source or a tokenizer: block"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"tokens": {"<x>": {"source": {"kind": "one"}}}}},
+     r"tokens\['<x>'\].source"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"tokens": {"<x>": {"source": "c"}}}},
+     "names model 'c', which is not one of the merged models"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": "a"}}}}}, "exactly one of token or token_id"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"sauce": "union"}}, r"unknown field\(s\) \['sauce'\]"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer_source": 3}, "tokenizer_source must be"),
+    ({"merge_method": "linear", "models": ["a"], "allow_mixed_architectures": "yes"}, "allow_mixed_architectures"),
+    ({"merge_method": "linear", "models": ["a"], "chat_template": "x"}, "chat_template"),
     ({"merge_method": "linear", "models": ["a"], "mystery": 1}, "unknown field 'mystery'"),
     ({"merge_method": "linear"}, "exactly one of 'models' or 'slices'"),
     ({"models": ["a"]}, "missing field 'merge_method'"),
@@ -108,3 +119,35 @@ seed: 7
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     with pytest.raises(BasinError, match="no such recipe file"):
         Recipe.from_yaml(tmp_path / "missing.yaml")
+
+
+def _slerp_reference(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two flattened vectors (Shoemake), in float64."""
+    import math
+
+    x, y = a.double().reshape(-1), b.double().reshape(-1)
+    omega = math.acos(float(torch.dot(x, y) / (x.norm() * y.norm())))
+    out = (math.sin((1 - t) * omega) * x + math.sin(t * omega) * y) / math.sin(omega)
+    return out.reshape(a.shape)
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_optional_base_not_listed_under_models_is_the_base(tmp_path, llama_family, method):
+    """nuslerp / multislerp with a base_model that is not among `models:` use it as their base
+    (task vectors), without merging it as a model."""
+    from merging import merge, open_checkpoint
+
+    base, ft1, ft2 = (str(llama_family[k]) for k in ("BASE", "FT1", "FT2"))
+    recipe = {"merge_method": method, "base_model": base,
+              "models": [{"model": ft1, "parameters": {"weight": 1.0}}, {"model": ft2, "parameters": {"weight": 3.0}}]}
+    report = merge(recipe, tmp_path / "out", progress=False)
+    assert report.plan.inputs[0] == base
+    assert all(tp.base is not None and tp.base[0] == 0 for tp in report.plan.tensors)
+    assert all([i for i, _ in tp.sources] == [1, 2] for tp in report.plan.tensors)
+    if method != "nuslerp":
+        return
+    name = "model.layers.1.self_attn.v_proj.weight"
+    sb, s1, s2, so = (open_checkpoint(p).get(name).double() for p in (base, ft1, ft2, tmp_path / "out"))
+    expected = sb + _slerp_reference(0.75, s1 - sb, s2 - sb)
+    torch.testing.assert_close(so, expected.float().double(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(so, _slerp_reference(0.75, s1, s2).float().double(), atol=1e-6)  # not base-free

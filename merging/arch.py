@@ -1,0 +1,169 @@
+"""Architecture knowledge from tensor names and `config.json`: embeddings, tied `lm_head`, mixed architectures.
+
+No per-architecture files: the vocabulary-indexed tensors are found by name (`embed_tokens`, `wte`,
+`word_embeddings`, `embed_in`, `shared`, `lm_head`, `embed_out`, BERT's `predictions` head) and by their
+first dimension equal to the model's vocabulary rows (config.json `vocab_size` when an embedding has
+it, else the input embedding's row count).
+
+Tied embeddings (rule): a model whose config.json says `tie_word_embeddings: true` and whose
+checkpoint has no output embedding (`lm_head.weight`, `embed_out.weight`) while another input has
+one, takes its input embedding matrix as its output embedding. The output therefore has an
+`lm_head` unless every input lacks one, and its config.json then says `tie_word_embeddings: false`
+(`merging.api` patches it). A model without such a config line is never guessed to be tied.
+
+Mixed architectures: inputs whose config.json `architectures` or `model_type` differ are refused
+unless the user allows it (`allow_mixed_architectures`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from merging.checkpoint import Checkpoint, TensorMeta
+from taxonomy.errors import BasinError
+
+INPUT_EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$")
+OUTPUT_EMBED = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared|lm_head|embed_out)"
+                          r"\.weight$|(?:^|\.)(?:lm_head|embed_out)\.bias$"
+                          r"|(?:^|\.)predictions\.(?:bias|decoder\.weight|decoder\.bias)$")  # BERT's MLM head
+
+
+def read_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's config.json (None without a folder or file); a broken file is an error."""
+    cached = getattr(ckpt, "_basin_config", False)
+    if cached is not False:
+        return cached
+    config = None
+    folder = getattr(ckpt, "folder", None)
+    if folder is not None and (folder / "config.json").is_file():
+        path = folder / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise BasinError(f"{path}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise BasinError(f"{path}: expected a JSON object")
+    try:
+        ckpt._basin_config = config  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return config
+
+
+def config_vocab_size(config: dict[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("vocab_size"), int):
+            return c["vocab_size"]
+    return None
+
+
+def is_tied(config: dict[str, Any] | None) -> bool:
+    """Whether config.json says the output embedding is the input embedding (explicit `true` only)."""
+    if not config:
+        return False
+    return config.get("tie_word_embeddings") is True or (config.get("text_config") or {}).get(
+        "tie_word_embeddings") is True
+
+
+def vocab_rows(ckpt: Checkpoint) -> int | None:
+    """The model's number of vocabulary rows: config `vocab_size` if an embedding has it, else the
+    first input (then output) embedding's row count; None if no embedding is found by name."""
+    candidates = [n for n in ckpt.names() if INPUT_EMBED.search(n)] + [n for n in ckpt.names()
+                                                                       if OUTPUT_EMBED.search(n)]
+    shapes = [ckpt.meta(n).shape for n in candidates]
+    shapes = [s for s in shapes if len(s) == 2]
+    if not shapes:
+        return None
+    size = config_vocab_size(read_config(ckpt))
+    if size is not None and any(s[0] == size for s in shapes):
+        return size
+    return shapes[0][0]
+
+
+def vocab_tensors(ckpt: Checkpoint) -> list[str]:
+    """Names of the tensors indexed by token (embedding and output rows), in checkpoint order."""
+    rows = vocab_rows(ckpt)
+    if rows is None:
+        return []
+    return [n for n in ckpt.names() if VOCAB_TENSOR.search(n) and ckpt.meta(n).shape[:1] == (rows,)]
+
+
+class TiedView(Checkpoint):
+    """A checkpoint with extra names that read other tensors (a tied model's `lm_head` = its embedding)."""
+
+    def __init__(self, inner: Checkpoint, aliases: dict[str, str]):
+        self.inner = inner
+        self.aliases = dict(aliases)
+        self.label, self.folder = inner.label, inner.folder
+        self.revision, self.repo_id = inner.revision, inner.repo_id
+        self._names = inner.names() + [a for a in aliases if a not in set(inner.names())]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def real_name(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self.inner.meta(self.real_name(name))
+
+    def get(self, name: str):
+        return self.inner.get(self.real_name(name))
+
+
+def tie_inputs(ckpts: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
+    """Apply the tied-embedding rule: inputs that lack an output embedding another input has, and whose
+    config says `tie_word_embeddings: true`, get a `TiedView` aliasing it to their input embedding."""
+    heads = list(dict.fromkeys(n for c in ckpts.values() for n in c.names() if OUTPUT_EMBED.search(n)))
+    if not heads:
+        return dict(ckpts)
+    out: dict[str, Checkpoint] = {}
+    for ref, ckpt in ckpts.items():
+        names = set(ckpt.names())
+        missing = [h for h in heads if h not in names]
+        embeds = [n for n in ckpt.names() if INPUT_EMBED.search(n)]
+        if missing and len(embeds) == 1 and is_tied(read_config(ckpt)):
+            out[ref] = TiedView(ckpt, {h: embeds[0] for h in missing})
+        else:
+            out[ref] = ckpt
+    return out
+
+
+def real_name(ckpt: Checkpoint, name: str) -> str:
+    """The stored tensor a (possibly aliased) name reads."""
+    return ckpt.real_name(name) if isinstance(ckpt, TiedView) else name
+
+
+def tie_hint(ckpt: Checkpoint, missing: list[str]) -> str:
+    """A hint for an error about missing output embeddings."""
+    if not any(OUTPUT_EMBED.search(n) for n in missing):
+        return ""
+    return (f" ({ckpt.label} has no output embedding and its config.json does not say tie_word_embeddings: true, "
+            "so its input embedding is not used in its place)")
+
+
+def check_architectures(ckpts: dict[str, Checkpoint], allow: bool) -> None:
+    """Refuse inputs whose config.json `architectures` or `model_type` differ, unless `allow`."""
+    seen: dict[tuple, list[str]] = {}
+    for ref, ckpt in ckpts.items():
+        config = read_config(ckpt)
+        if config is None:
+            continue
+        arch = config.get("architectures")
+        key = (tuple(arch) if isinstance(arch, list) else arch, config.get("model_type"))
+        seen.setdefault(key, []).append(ref)
+    if len(seen) > 1 and not allow:
+        kinds = "; ".join(f"{', '.join(refs)}: {_arch_text(k[0])} ({k[1]})" for k, refs in seen.items())
+        raise BasinError(f"the models mix architectures ({kinds}); merging them is refused. Pass "
+                         "--allow-mixed-architectures (recipe: allow_mixed_architectures: true) to merge anyway")
+
+
+def _arch_text(arch: Any) -> str:
+    if isinstance(arch, tuple):
+        return "/".join(map(str, arch)) or "?"
+    return "?" if arch is None else str(arch)

@@ -1,0 +1,438 @@
+"""Tokenizer and vocabulary surgery (mergekit's `tokenizer_source` / `tokenizer:` semantics).
+
+The output vocabulary is `base` (the base model's tokenizer; the first model when the recipe has no
+base_model), a named model's tokenizer, or `union`: the base's tokens keep their ids, then every
+token of the other inputs that the base lacks is appended as an added token, model by model in
+recipe order and, within a model, by increasing id (deterministic). The output tokenizer is
+built with `transformers` from the inputs' local tokenizer files (never downloaded here, never
+`trust_remote_code`).
+
+Rows (embeddings, `lm_head`): every input's vocabulary-indexed tensor is remapped to the output
+vocabulary before the merge method runs, so the method sees aligned rows. For each output
+token, a model that has it contributes its own row; a model that lacks it gets a fill row:
+- the token's explicit rule in `tokenizer.tokens` (`source: <model>`: that model's row for it;
+  `{kind: zero}`; `{kind: model_token, model, token | token_id}`: that model's row for another token);
+- else, if exactly one input has it, that input's row (so the merge returns that row unchanged
+  for linear-type methods);
+- else, if several have it and the base is one of them, the base's row;
+- else, if several have it, the mean of their rows;
+- else (no input has it: a token only the tokenizer source knows, or padding from
+  `pad_to_multiple_of`), each model's mean embedding (the mean of its rows that carry a token).
+  This last case differs from mergekit, which writes zeros; `{kind: zero}` gives zeros.
+`force: true` makes every model take the fill row for that token, including those that have it.
+
+Rows beyond an input's tokenizer (padding some checkpoints carry) hold no token: for `base` or
+a named merged model as the source they are kept (the output keeps that model's row count, the
+other models take its rows there); a `union` that adds tokens does not carry them over (its
+added tokens take those ids), so pad with `pad_to_multiple_of` if needed.
+
+Inputs without tokenizer files are taken to use the base's vocabulary (`union`) or the source's
+(`base`, a model), which requires their row count to match it. When no merged input has tokenizer
+files nothing can be remapped: the source's tokenizer files are copied and the embeddings merged
+as they are (equal row counts required).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taxonomy.errors import BasinError
+
+TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                  "sentencepiece.bpe.model")
+ROW_CHUNK = 4096  # rows per step when averaging a model's embedding (bounded float32 working set)
+
+
+# --- the recipe's tokenizer settings (parsed without I/O) --------------------------------------------
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a token's fill row comes from: `model` (that model's row for the token), `zero`, or
+    `model_token` (that model's row for `token` or `token_id`)."""
+
+    kind: str
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    source: TokenSource
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """`source`: "base", "union" or a model reference."""
+
+    source: str
+    tokens: dict[str, TokenRule] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    @property
+    def model_ref(self) -> str | None:
+        return None if self.source in ("base", "union") else self.source
+
+    def referenced_models(self) -> list[str]:
+        return [r.source.model for r in self.tokens.values() if r.source.model is not None]
+
+
+def parse_tokenizer(tokenizer_source: Any, block: Any, where: str = "recipe") -> TokenizerSpec | None:
+    """The recipe's `tokenizer_source` or `tokenizer:` block (mergekit: at most one), checked."""
+    if tokenizer_source is not None and block is not None:
+        raise BasinError(f"{where}: give either tokenizer_source or a tokenizer: block, not both")
+    if tokenizer_source is not None:
+        if not isinstance(tokenizer_source, str) or not tokenizer_source.strip():
+            raise BasinError(f"{where}: tokenizer_source must be 'base', 'union' or a model reference, "
+                             f"got {tokenizer_source!r}")
+        return TokenizerSpec(tokenizer_source.strip())
+    if block is None:
+        return None
+    w = f"{where}: tokenizer"
+    if not isinstance(block, dict):
+        raise BasinError(f"{w}: expected a mapping with source, tokens, pad_to_multiple_of")
+    extra = set(block) - {"source", "tokens", "pad_to_multiple_of"}
+    if extra:
+        raise BasinError(f"{w}: unknown field(s) {sorted(extra)} (known: pad_to_multiple_of, source, tokens)")
+    source = block.get("source", "union")  # mergekit's default
+    if not isinstance(source, str) or not source.strip():
+        raise BasinError(f"{w}.source: expected 'base', 'union' or a model reference, got {source!r}")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise BasinError(f"{w}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    tokens_in = block.get("tokens") or {}
+    if not isinstance(tokens_in, dict):
+        raise BasinError(f"{w}.tokens: expected a mapping of token -> {{source, force}}")
+    tokens = {str(tok): _token_rule(cfg, f"{w}.tokens[{tok!r}]") for tok, cfg in tokens_in.items()}
+    return TokenizerSpec(source.strip(), tokens, pad)
+
+
+def _token_rule(cfg: Any, where: str) -> TokenRule:
+    if not isinstance(cfg, dict) or "source" not in cfg:
+        raise BasinError(f"{where}: expected a mapping with 'source' (and optional 'force')")
+    extra = set(cfg) - {"source", "force"}
+    if extra:
+        raise BasinError(f"{where}: unknown field(s) {sorted(extra)}")
+    force = cfg.get("force", False)
+    if not isinstance(force, bool):
+        raise BasinError(f"{where}.force: expected true or false, got {force!r}")
+    src = cfg["source"]
+    if isinstance(src, str) and src.strip():
+        return TokenRule(TokenSource("model", model=src.strip()), force)
+    if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
+        raise BasinError(f"{where}.source: expected a model reference, {{kind: zero}} or "
+                         f"{{kind: model_token, model: ..., token: ...}}, got {src!r}")
+    if src["kind"] == "zero":
+        if set(src) != {"kind"}:
+            raise BasinError(f"{where}.source: {{kind: zero}} takes no other field")
+        return TokenRule(TokenSource("zero"), force)
+    extra = set(src) - {"kind", "model", "token", "token_id"}
+    if extra:
+        raise BasinError(f"{where}.source: unknown field(s) {sorted(extra)}")
+    model, token, token_id = src.get("model"), src.get("token"), src.get("token_id")
+    if not isinstance(model, str) or not model.strip():
+        raise BasinError(f"{where}.source.model: expected a model reference, got {model!r}")
+    if (token is None) == (token_id is None):
+        raise BasinError(f"{where}.source: give exactly one of token or token_id")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        raise BasinError(f"{where}.source.token_id: expected a non-negative integer, got {token_id!r}")
+    return TokenRule(TokenSource("model_token", model.strip(), None if token is None else str(token), token_id),
+                     force)
+
+
+# --- tokenizer files ---------------------------------------------------------------------------------
+def has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((folder / name).is_file() for name in TOKENIZER_MAIN)
+
+
+def load_tokenizer(folder: Path, label: str) -> Any:
+    """A fresh tokenizer from local files with transformers (no download, no remote code)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise BasinError(f"{label}: tokenizer surgery needs the optional dependency transformers "
+                         "(pip install transformers)") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # transformers raises many types (OSError, ValueError, ImportError, ...)
+        raise BasinError(f"{label}: cannot load the tokenizer in {folder} with transformers: "
+                         f"{type(err).__name__}: {str(err)[:300]}") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _vocab_cached(folder: str, mtime: float, label: str) -> dict[str, int]:
+    return dict(load_tokenizer(Path(folder), label).get_vocab())
+
+
+def tokenizer_vocab(folder: Path, label: str) -> dict[str, int]:
+    """token -> id of a folder's tokenizer (added tokens included), cached per folder and file time."""
+    mtime = max((folder / n).stat().st_mtime for n in (*TOKENIZER_MAIN, "tokenizer_config.json")
+                if (folder / n).is_file())
+    return _vocab_cached(str(folder), mtime, label)
+
+
+@functools.lru_cache(maxsize=8)
+def union_tokenizer(base: tuple[str, str], others: tuple[tuple[str, str], ...]) -> tuple[Any, int]:
+    """The base tokenizer (folder, label) with every token of `others` it lacks appended as added tokens
+    (model by model, by increasing id); returns (tokenizer, number of tokens added)."""
+    out = load_tokenizer(Path(base[0]), base[1])
+    have = set(out.get_vocab())
+    new: list[Any] = []
+    for folder, label in others:
+        tok = load_tokenizer(Path(folder), label)
+        decoder = tok.added_tokens_decoder
+        for token, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if token not in have:
+                have.add(token)
+                new.append(decoder.get(i, token))  # an added token keeps its flags (special, normalized)
+    if new:
+        out.add_tokens(new)
+    vocab = out.get_vocab()
+    lost = [str(t) for t in new if str(t) not in vocab]
+    if lost:
+        raise BasinError(f"tokenizer union: {len(lost)} token(s) could not be added to {base[1]}'s tokenizer, "
+                         f"e.g. {lost[:3]}")
+    return out, len(new)
+
+
+# --- the row map ---------------------------------------------------------------------------------------
+@dataclass
+class VocabMap:
+    """How the vocabulary-indexed rows of each input map to the output rows.
+
+    `perms[i][r]` is input i's row for output row r, or -1 when input i lacks that token; `own[i]`
+    are input i's rows that carry a token (its mean embedding is taken over them); `rules` maps an
+    output row to (kind, input index, source row, force) from `tokenizer.tokens`.
+    """
+
+    source: str
+    size: int
+    inputs: list[str]
+    perms: list[torch.Tensor]
+    own: list[torch.Tensor]
+    base: int | None
+    rules: dict[int, tuple[str, int | None, int | None, bool]]
+    tokenizer: Any | None  # a built tokenizer to save (union with added tokens), else None
+    tokenizer_folder: Path | None  # None when `tokenizer` is set: tokenizer files are copied from here
+    added: int = 0
+    identity: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "size": self.size, "added_tokens": self.added, "identity": self.identity,
+                "rules": {str(k): list(v) for k, v in sorted(self.rules.items())},
+                "perm_fingerprint": _fingerprint(self.perms)}
+
+    def remap_inputs(self, name: str, sources: list[tuple[int, str]], base: tuple[int, str] | None,
+                     tensors: list[torch.Tensor], base_tensor: torch.Tensor | None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Remap one planned tensor's inputs (the base too) to the output rows."""
+        order = [i for i, _ in sources] + ([base[0]] if base is not None else [])
+        given = tensors + ([base_tensor] if base is not None else [])
+        unique: dict[int, torch.Tensor] = {}
+        for i, t in zip(order, given):
+            unique.setdefault(i, t)
+        idx = list(unique)
+        rules = {}
+        for row, (kind, src, src_row, force) in self.rules.items():
+            if src is not None and src not in unique:
+                raise BasinError(f"{name}: tokenizer.tokens takes output row {row} from {self.inputs[src]}, "
+                                 "which does not enter this tensor")
+            rules[row] = (kind, None if src is None else idx.index(src), src_row, force)
+        base_pos = idx.index(self.base) if self.base in unique else None
+        out = remap_rows([unique[i] for i in idx], [self.perms[i] for i in idx], [self.own[i] for i in idx],
+                         base_pos, rules)
+        by_input = dict(zip(idx, out))
+        mapped = [by_input[i] for i, _ in sources]
+        return mapped, (None if base is None else by_input[base[0]])
+
+
+def _fingerprint(perms: list[torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in perms:
+        h.update(p.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def mean_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float32 mean of `tensor[rows]`, summed in chunks of ROW_CHUNK rows (bounded working set)."""
+    if rows.numel() == 0:
+        return torch.zeros(tensor.shape[1:], dtype=torch.float32, device=tensor.device)
+    acc = torch.zeros(tensor.shape[1:], dtype=torch.float32, device=tensor.device)
+    for start in range(0, rows.numel(), ROW_CHUNK):
+        acc += tensor[rows[start:start + ROW_CHUNK].to(tensor.device)].to(torch.float32).sum(0)
+    return acc / rows.numel()
+
+
+def remap_rows(tensors: list[torch.Tensor], perms: list[torch.Tensor], own: list[torch.Tensor],
+               base: int | None = None, rules: dict[int, tuple[str, int | None, int | None, bool]] | None = None
+               ) -> list[torch.Tensor]:
+    """Each tensor's rows rearranged to the output vocabulary (module docstring: the fill rules).
+
+    `perms[i]` (LongTensor, one entry per output row): the source row of tensor i, or -1 where
+    model i lacks the token; `base` indexes the base model among `tensors`; `rules` as in `VocabMap`
+    (input positions among `tensors`). Results keep each tensor's dtype; fills are computed in float32.
+    """
+    rules = rules or {}
+    k = len(tensors)
+    dev = tensors[0].device
+    perms = [p.to(dev) for p in perms]
+    present = torch.stack([p >= 0 for p in perms])  # (k, n)
+    count = present.sum(0)
+    forced = torch.zeros_like(count, dtype=torch.bool)
+    ruled = torch.zeros_like(count, dtype=torch.bool)
+    for row, (_, _, _, force) in rules.items():
+        ruled[row] = True
+        forced[row] = force
+    out = [t[p.clamp(min=0)] for t, p in zip(tensors, perms)]  # a new tensor per input
+    rows = ((count < k) | forced).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return out
+    shape = (-1,) + (1,) * (tensors[0].dim() - 1)
+    pres = present[:, rows]
+    fill = torch.zeros((rows.numel(),) + tuple(tensors[0].shape[1:]), dtype=torch.float32, device=dev)
+    for o, pr in zip(out, pres):
+        fill += o[rows].to(torch.float32) * pr.view(shape)
+    n = count[rows]
+    fill /= n.clamp(min=1).view(shape).to(torch.float32)
+    if base is not None:
+        use = pres[base] & (n > 1)
+        fill[use] = out[base][rows[use]].to(torch.float32)
+    pos = {int(r): j for j, r in enumerate(rows.tolist())}
+    for row, (kind, src, src_row, _) in rules.items():
+        if row not in pos:
+            continue
+        if kind == "zero":
+            fill[pos[row]] = 0.0
+        elif kind == "model":
+            fill[pos[row]] = out[src][row].to(torch.float32)
+        else:
+            fill[pos[row]] = tensors[src][src_row].to(torch.float32)
+    absent = (n == 0) & ~ruled[rows]
+    for i in range(k):
+        take = ~pres[i] | forced[rows]
+        f = fill
+        if bool((absent & take).any()):
+            f = fill.clone()
+            f[absent] = mean_rows(tensors[i], own[i])
+        out[i][rows[take]] = f[take].to(out[i].dtype)
+    return out
+
+
+# --- building the map from the recipe and the inputs ------------------------------------------------------
+def plan_vocab(spec: TokenizerSpec, refs: list[str], folders: dict[str, Path | None], rows: dict[str, int | None],
+               base_ref: str | None, source_folder: Path | None) -> VocabMap | None:
+    """The output vocabulary and each input's row map, from tokenizer files and row counts (no weights).
+
+    `refs`: the merged inputs (plan order); `rows`: their vocabulary row counts (None: no embedding);
+    `base_ref`: the recipe's base model (None: the first input); `source_folder`: the folder of a
+    `source: <model>` that is not a merged input. None when nothing is remapped (copy-only, see the
+    module docstring).
+    """
+    base_ref = base_ref if base_ref in refs else refs[0]
+    with_tok = [r for r in refs if has_tokenizer(folders.get(r))]
+    if spec.model_ref is not None:
+        target_ref = spec.model_ref
+        target_folder = folders.get(target_ref) if target_ref in refs else source_folder
+    else:
+        target_ref, target_folder = base_ref, folders.get(base_ref)
+    if not with_tok:
+        if spec.source == "union" or spec.tokens or spec.pad_to_multiple_of:
+            raise BasinError(f"tokenizer: {_what(spec)} needs the models' tokenizer files, and none of "
+                             f"{refs} has any")
+        return None
+    if not has_tokenizer(target_folder):
+        raise BasinError(f"tokenizer_source {spec.source!r}: {target_ref} has no tokenizer files"
+                         + ("" if target_folder is None else f" in {target_folder}"))
+    vocabs = {r: tokenizer_vocab(folders[r], r) for r in with_tok}  # type: ignore[arg-type]
+    target_vocab = vocabs.get(target_ref) or tokenizer_vocab(target_folder, target_ref)  # type: ignore[arg-type]
+    tokenizer, tok_folder, added = None, target_folder, 0
+    if spec.source == "union":
+        others = tuple((str(folders[r]), r) for r in with_tok if r != base_ref)
+        built, added = union_tokenizer((str(target_folder), base_ref), others)
+        if added:
+            tokenizer, tok_folder = built, None
+            out_vocab = dict(built.get_vocab())
+        else:
+            out_vocab = target_vocab
+    else:
+        out_vocab = target_vocab
+    n_tok = max(out_vocab.values()) + 1
+    ref_rows = rows.get(target_ref) if target_ref in refs else None
+    keep_padding = spec.source != "union" or not added  # a union that adds nothing is the base's vocabulary
+    size = n_tok
+    if keep_padding and ref_rows is not None:
+        size = max(size, ref_rows)  # keep the source model's padding rows
+    for r in refs:
+        if r not in vocabs and rows.get(r) is not None:
+            want = rows.get(target_ref) if target_ref in refs else n_tok
+            if rows[r] != want:
+                raise BasinError(f"{r} has no tokenizer files and {rows[r]} embedding rows, while "
+                                 f"{target_ref} (whose vocabulary it would be taken to use) has {want}")
+    if spec.pad_to_multiple_of:
+        m = spec.pad_to_multiple_of
+        size = -(-size // m) * m
+    perms, own = [], []
+    for r in refs:
+        vocab = vocabs.get(r, target_vocab)
+        n_rows = rows.get(r) or 0
+        perm = torch.full((size,), -1, dtype=torch.long)
+        src, dst = [], []
+        for token, j in out_vocab.items():
+            i = vocab.get(token)
+            if i is not None and i < n_rows and j < size:
+                src.append(i)
+                dst.append(j)
+        perm[torch.tensor(dst, dtype=torch.long)] = torch.tensor(src, dtype=torch.long)
+        if keep_padding and (r == target_ref or r not in vocabs) and n_rows > n_tok:
+            perm[n_tok:n_rows] = torch.arange(n_tok, n_rows)
+        perms.append(perm)
+        own.append(torch.tensor(sorted({i for i in vocab.values() if i < n_rows}), dtype=torch.long))
+    rules = _resolve_rules(spec, refs, out_vocab, vocabs, target_vocab, rows, perms)
+    identity = not rules and all(
+        rows.get(r) == size and torch.equal(p, torch.arange(size)) for r, p in zip(refs, perms))
+    return VocabMap(spec.source, size, list(refs), perms, own,
+                    refs.index(base_ref), rules, tokenizer, tok_folder, added, identity)
+
+
+def _what(spec: TokenizerSpec) -> str:
+    if spec.source == "union":
+        return "source union"
+    return "tokens overrides" if spec.tokens else "pad_to_multiple_of"
+
+
+def _resolve_rules(spec: TokenizerSpec, refs: list[str], out_vocab: dict[str, int], vocabs: dict[str, dict[str, int]],
+                   target_vocab: dict[str, int], rows: dict[str, int | None], perms: list[torch.Tensor]
+                   ) -> dict[int, tuple[str, int | None, int | None, bool]]:
+    rules: dict[int, tuple[str, int | None, int | None, bool]] = {}
+    for token, rule in spec.tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if token not in out_vocab:
+            raise BasinError(f"{where}: the token is not in the output vocabulary ({spec.source})")
+        row = out_vocab[token]
+        s = rule.source
+        if s.kind == "zero":
+            rules[row] = ("zero", None, None, rule.force)
+            continue
+        if s.model not in refs:
+            raise BasinError(f"{where}: model {s.model!r} is not one of the merged models {refs}")
+        m = refs.index(s.model)
+        if s.kind == "model":
+            if int(perms[m][row]) < 0:
+                raise BasinError(f"{where}: {s.model} does not have this token")
+            rules[row] = ("model", m, None, rule.force)
+            continue
+        vocab = vocabs.get(s.model, target_vocab)
+        src_row = s.token_id if s.token is None else vocab.get(s.token)
+        if src_row is None:
+            raise BasinError(f"{where}: {s.model} has no token {s.token!r}")
+        if not 0 <= src_row < (rows.get(s.model) or 0):
+            raise BasinError(f"{where}: token id {src_row} is outside {s.model}'s {rows.get(s.model)} rows")
+        rules[row] = ("model_token", m, src_row, rule.force)
+    return rules
