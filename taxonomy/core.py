@@ -45,6 +45,8 @@ class Param:
 
     def check(self, value: Any, where: str) -> None:
         """Raise BasinError naming `where` if `value` is out of range for this parameter."""
+        if value is None and self.default is None:
+            raise BasinError(f"{where}: parameter {self.name!r} is required (it has no default): {self.help}")
         if self.choices is not None and value not in self.choices:
             raise BasinError(f"{where}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):

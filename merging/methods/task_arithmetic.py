@@ -76,6 +76,9 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
                                 rng: torch.Generator, sparsify: str | None, consensus: bool) -> torch.Tensor:
     """base + lambda * combine_i(w_i * sparsify(theta_i - base)), see the module docstring.
 
+    The whole-tensor form: DELLA runs on it, and the streaming `TaskVectorMerge` is tested bit for bit
+    against it.
+
     Without sign election the task vectors are summed as they are made (one in memory at a time).
     """
     weights = [float(w) for w in params["weight"]]

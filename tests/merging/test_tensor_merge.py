@@ -33,3 +33,9 @@ def test_wrong_weight_list_length_and_unknown_param():
 def test_shape_mismatch_names_tensor():
     with pytest.raises(BasinError, match="w: model 1 has shape"):
         merge_state_dicts("linear", [{"w": torch.zeros(2)}, {"w": torch.zeros(3)}])
+
+
+def test_a_required_parameter_left_out_is_named():
+    sd = {"w": torch.ones(3)}
+    with pytest.raises(BasinError, match="slerp: parameter 't' is required"):
+        merge_state_dicts("slerp", [sd], base=sd)
