@@ -9,7 +9,8 @@ the global `parameters:`; within one level, the first matching filter entry wins
 
 Also from headers and config/tokenizer files, before any weight is read: mixed architectures are
 refused (`merging.arch`), tied models lacking `lm_head` read their embedding there (`merging.arch`),
-inputs whose vocabulary row counts differ are refused unless a tokenizer rule remaps them, and the
+inputs whose vocabulary row counts (or, with equal counts, tokenizer vocabularies) differ are refused
+unless a tokenizer rule remaps them, and the
 rows of the vocabulary-indexed tensors are mapped to the output vocabulary (`merging.vocab`).
 Methods with an optional base (`fn.optional_base`, e.g. nuslerp, multislerp) receive a recipe
 `base_model` not listed under `models:` as their base, without merging it as a model.
@@ -27,7 +28,7 @@ import torch
 from merging.arch import check_architectures, real_name, tie_hint, tie_inputs, vocab_rows, vocab_tensors
 from merging.checkpoint import Checkpoint
 from merging.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
-from merging.vocab import VocabMap, plan_vocab
+from merging.vocab import VocabMap, check_same_vocab, plan_vocab
 from taxonomy.errors import BasinError
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
@@ -183,6 +184,8 @@ def _vocab_for(recipe: Recipe, ckpts: dict[str, Checkpoint], inputs: list[str]) 
                "set tokenizer_source: base | union | <model> (or a tokenizer: block) to remap them to one vocabulary")
         raise BasinError(f"vocabulary sizes differ: {a} has {na} rows ({names[a]}), {b} has {nb} "
                          f"({names[b]}); embeddings are never truncated: {why}")
+    if spec is None:  # rows are merged as they are: the tokenizers must agree too
+        check_same_vocab(inputs, {r: getattr(ckpts[r], "folder", None) for r in inputs}, rows, recipe.base_model)
     return vocab
 
 

@@ -30,11 +30,26 @@ Inputs without tokenizer files are taken to use the base's vocabulary (`union`) 
 (`base`, a model), which requires their row count to match it. When no merged input has tokenizer
 files nothing can be remapped: the source's tokenizer files are copied and the embeddings merged
 as they are (equal row counts required).
+
+Without a tokenizer rule (rule): the embeddings are merged row by row, so the inputs must share one
+vocabulary. Differing row counts are refused (`merging.plan`), and so are equal row counts with
+differing vocabularies (`check_same_vocab`): every merged input that has vocabulary rows and tokenizer
+files must map the same tokens to the same ids as the base (the first such input when the base has
+none), else the merge stops before any weight is read, naming both models, the number of tokens whose
+ids differ and a few of them, and the fix (`tokenizer_source: union | base | <model>` or a `tokenizer:`
+block). Inputs without tokenizer files are not compared. The check is cheap: byte-identical tokenizer
+files are not parsed; otherwise token -> id is read straight from `tokenizer.json` (`model.vocab` and
+`added_tokens`), else `vocab.json` or `vocab.txt` (with `added_tokens.json` and `tokenizer_config.json`'s
+`added_tokens_decoder`); transformers is loaded only for a folder these do not describe (a sentencepiece
+model alone, or added tokens these files disagree on). A folder transformers cannot read either is
+skipped with a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +189,160 @@ def tokenizer_vocab(folder: Path, label: str) -> dict[str, int]:
     mtime = max((folder / n).stat().st_mtime for n in (*TOKENIZER_MAIN, "tokenizer_config.json")
                 if (folder / n).is_file())
     return _vocab_cached(str(folder), mtime, label)
+
+
+# --- the no-rule check: one vocabulary for every input (module docstring) ------------------------------------
+VOCAB_FILES = (*TOKENIZER_MAIN, "added_tokens.json", "tokenizer_config.json")  # the files that define token -> id
+
+
+def _vocab_files(folder: Path) -> list[Path]:
+    return [folder / n for n in VOCAB_FILES if (folder / n).is_file()]
+
+
+def same_tokenizer_files(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same vocabulary-defining files, byte for byte."""
+    fa, fb = _vocab_files(a), _vocab_files(b)
+    if [f.name for f in fa] != [f.name for f in fb] or any(x.stat().st_size != y.stat().st_size
+                                                             for x, y in zip(fa, fb)):
+        return False
+    return all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _config_added(folder: Path) -> dict[str, int] | None:
+    """Added tokens of `added_tokens.json` and `tokenizer_config.json`'s `added_tokens_decoder` (None: unreadable)."""
+    added: dict[str, int] = {}
+    if (folder / "added_tokens.json").is_file():
+        data = _json(folder / "added_tokens.json")
+        if not isinstance(data, dict) or not all(isinstance(i, int) for i in data.values()):
+            return None
+        added.update(data)
+    if (folder / "tokenizer_config.json").is_file():
+        config = _json(folder / "tokenizer_config.json")
+        if not isinstance(config, dict):
+            return None
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            return None
+        for i, tok in decoder.items():
+            content = tok.get("content") if isinstance(tok, dict) else tok
+            if not isinstance(content, str) or not str(i).isdigit():
+                return None
+            added[content] = int(i)
+    return added
+
+
+def vocab_from_files(folder: Path) -> dict[str, int] | None:
+    """token -> id read from a folder's tokenizer files without transformers (module docstring); None when
+    they do not describe it (a sentencepiece model alone, an unknown layout, added tokens that disagree)."""
+    added = _config_added(folder)
+    if added is None:
+        return None
+    if (folder / "tokenizer.json").is_file():
+        data = _json(folder / "tokenizer.json")
+        model = data.get("model") if isinstance(data, dict) else None
+        raw = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(raw, dict) and all(isinstance(i, int) for i in raw.values()):
+            vocab = dict(raw)  # BPE, WordPiece, WordLevel
+        elif isinstance(raw, list) and all(isinstance(e, list) and e and isinstance(e[0], str) for e in raw):
+            vocab = {e[0]: i for i, e in enumerate(raw)}  # Unigram: [piece, score] by id
+        else:
+            return None
+        for tok in data.get("added_tokens") or []:
+            if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not isinstance(
+                    tok.get("id"), int):
+                return None
+            vocab[tok["content"]] = tok["id"]
+        # a fast tokenizer appends config-only added tokens at new ids: leave such folders to transformers
+        return vocab if all(vocab.get(t) == i for t, i in added.items()) else None
+    if (folder / "vocab.json").is_file():
+        raw = _json(folder / "vocab.json")
+        if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
+            return None
+        vocab = dict(raw)
+    elif (folder / "vocab.txt").is_file():
+        try:
+            lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if lines and lines[-1] == "":
+            lines.pop()
+        vocab = {line: i for i, line in enumerate(lines)}  # a repeated token keeps its last id (transformers)
+    else:
+        return None
+    vocab.update(added)
+    return vocab
+
+
+@functools.lru_cache(maxsize=32)
+def _file_vocab_cached(folder: str, stamp: tuple) -> dict[str, int] | None:
+    return vocab_from_files(Path(folder))
+
+
+def input_vocab(folder: Path, label: str) -> dict[str, int] | None:
+    """token -> id of an input's tokenizer: from its files, else with transformers; None (with a warning)
+    when neither can read it. Cached per folder and file times."""
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in _vocab_files(folder))
+    vocab = _file_vocab_cached(str(folder), stamp)
+    if vocab is not None:
+        return vocab
+    try:
+        return tokenizer_vocab(folder, label)
+    except BasinError as err:
+        warnings.warn(f"{label}: its vocabulary is not compared with the other inputs' ({err})", stacklevel=2)
+        return None
+
+
+def vocab_differences(a: dict[str, int], b: dict[str, int]) -> tuple[list[str], list[str], list[str]]:
+    """(tokens in both at different ids, tokens only in a, tokens only in b), each by its smallest id."""
+    moved = sorted((t for t, i in a.items() if t in b and b[t] != i), key=lambda t: (min(a[t], b[t]), t))
+    only_a = sorted((t for t in a if t not in b), key=lambda t: (a[t], t))
+    only_b = sorted((t for t in b if t not in a), key=lambda t: (b[t], t))
+    return moved, only_a, only_b
+
+
+def check_same_vocab(refs: list[str], folders: dict[str, Path | None], rows: dict[str, int | None],
+                     base_ref: str | None = None, examples: int = 5) -> None:
+    """Without a tokenizer rule: every input with vocabulary rows and tokenizer files has the base's
+    token -> id map (module docstring), else a BasinError naming both models and the fix."""
+    compared = [r for r in refs if rows.get(r) is not None and has_tokenizer(folders.get(r))]
+    if len(compared) < 2:
+        return
+    ref = base_ref if base_ref in compared else compared[0]
+    ref_folder: Path = folders[ref]  # type: ignore[assignment]
+    ref_vocab: dict[str, int] | None = None
+    for other in compared:
+        folder: Path = folders[other]  # type: ignore[assignment]
+        if other == ref or same_tokenizer_files(ref_folder, folder):
+            continue
+        if ref_vocab is None:
+            ref_vocab = input_vocab(ref_folder, ref)
+            if ref_vocab is None:
+                return
+        vocab = input_vocab(folder, other)
+        if vocab is None or vocab == ref_vocab:
+            continue
+        moved, only_a, only_b = vocab_differences(ref_vocab, vocab)
+        n = len(moved) + len(only_a) + len(only_b)
+        sample = sorted(moved + only_a + only_b,
+                        key=lambda t: min(ref_vocab.get(t, 1 << 62), vocab.get(t, 1 << 62)))[:examples]
+        shown = ", ".join(f"{t!r}: {ref_vocab.get(t, '-')}/{vocab.get(t, '-')}" for t in sample)
+        raise BasinError(
+            f"tokenizers differ: {ref} and {other} have {_rows_text(rows[ref], rows[other])} but {n} token(s) have "
+            f"different ids ({len(moved)} in both at other ids, {len(only_a)} only in {ref}, {len(only_b)} only in "
+            f"{other}; e.g. token: id in {ref}/in {other}: {shown}), so merging their embeddings row by row would "
+            "mix different tokens. Set tokenizer_source: union (or base, or a model reference) or a tokenizer: "
+            "block to match rows by token string")
+
+
+def _rows_text(a: int | None, b: int | None) -> str:
+    return f"{a} vocabulary rows each" if a == b else f"{a} and {b} vocabulary rows"
 
 
 @functools.lru_cache(maxsize=8)
