@@ -10,8 +10,8 @@ the global `parameters:`; within one level, the first matching filter entry wins
 Also from headers and config/tokenizer files, before any weight is read: mixed architectures are
 refused (`merging.arch`), tied models lacking `lm_head` read their embedding there (`merging.arch`),
 inputs whose vocabulary row counts (or, with equal counts, tokenizer vocabularies) differ are refused
-unless a tokenizer rule remaps them, and the
-rows of the vocabulary-indexed tensors are mapped to the output vocabulary (`merging.vocab`).
+unless a tokenizer rule remaps them, and the rows of the vocabulary-indexed tensors are mapped to
+the output vocabulary (`merging.vocab`).
 Methods with an optional base (`fn.optional_base`, e.g. nuslerp, multislerp) receive a recipe
 `base_model` not listed under `models:` as their base, without merging it as a model.
 """
