@@ -10,7 +10,8 @@ adversarial augmentation does not make the minima flatter. Reproduced here on sc
   eps (random start, `pgd_steps` steps of size 2.5 eps / steps), clipped to the pixel range.
 For each model: clean, FGSM and PGD test accuracy; at the minimum, on the clean training loss, the
 top Hessian eigenvalues (Lanczos), the Hessian trace (Hutchinson), 1D and 2D filter-normalized
-slices. Sharpness is compared on the same clean loss every model was partly trained on.
+slices (`evaluations.minimum.measure_minimum`). Sharpness is compared on the same clean loss every
+model was partly trained on.
 
     python examples/adversarial_flatness.py            # full size, a few minutes on 2 cores
     python examples/adversarial_flatness.py --quick    # seconds
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
+from evaluations.minimum import MinimumMeasures, measure_minimum
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 METHODS = ("standard", "fgsm", "pgd")
@@ -98,25 +100,37 @@ class AdversarialRun:
     method: str
     seed: int
     n_params: int
-    train_loss: float
-    clean_acc: float
+    train_loss: float  # clean training loss at the end of training
+    train_acc: float
+    clean_acc: float  # test accuracies
     fgsm_acc: float
     pgd_acc: float
-    top_eigenvalues: list[float]
-    lanczos_converged: bool
-    trace: float
-    trace_stderr: float
-    slice_1d: list[float]
-    slice_2d: list[list[float]]
-    seconds: float
+    minimum: MinimumMeasures
+    train_seconds: float
+    seconds: float  # training and measuring
+
+    @property
+    def top_eig(self) -> float:
+        return self.minimum.top_eigenvalues[0]
+
+    @property
+    def slice_curvature(self) -> float:
+        """Second difference of the 1D slice at its centre (filter-normalized units)."""
+        v, a = self.minimum.slice_1d, self.minimum.alphas_1d
+        mid, h = len(v) // 2, a[1] - a[0]
+        return (v[mid + 1] - 2 * v[mid] + v[mid - 1]) / h**2
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
 
 
 @dataclass
 class AdversarialFlatnessResult:
     config: dict
-    alphas_1d: list[float]
-    alphas_2d: list[float]
     runs: list[AdversarialRun] = field(default_factory=list)
+    seconds: float = 0.0
 
     def summary(self) -> list[dict]:
         rows = []
@@ -124,94 +138,79 @@ class AdversarialFlatnessResult:
             runs = [r for r in self.runs if r.method == method]
             if not runs:
                 continue
-            row: dict = {"method": method, "seeds": len(runs)}
-            for key in ("train_loss", "clean_acc", "fgsm_acc", "pgd_acc", "trace"):
-                vals = torch.tensor([getattr(r, key) for r in runs], dtype=torch.float64)
-                row[key + "_mean"] = float(vals.mean())
-                row[key + "_std"] = float(vals.std()) if len(runs) > 1 else 0.0
-            top = torch.tensor([r.top_eigenvalues[0] for r in runs], dtype=torch.float64)
-            row["top_eig_mean"], row["top_eig_std"] = float(top.mean()), float(top.std()) if len(runs) > 1 else 0.0
-            # curvature of the 1D slice at 0: second difference of the loss (filter-normalized units)
-            curv = []
-            for r in runs:
-                mid, h = len(r.slice_1d) // 2, self.alphas_1d[1] - self.alphas_1d[0]
-                curv.append((r.slice_1d[mid + 1] - 2 * r.slice_1d[mid] + r.slice_1d[mid - 1]) / h**2)
-            row["slice_curvature_mean"] = sum(curv) / len(curv)
+            row: dict = {"method": method, "seeds": len(runs),
+                         "lanczos_converged": all(r.minimum.lanczos_converged for r in runs)}
+            for key in ("train_loss", "train_acc", "clean_acc", "fgsm_acc", "pgd_acc", "top_eig", "slice_curvature"):
+                row[key + "_mean"], row[key + "_std"] = _mean_sd([getattr(r, key) for r in runs])
+            row["trace_mean"], row["trace_std"] = _mean_sd([r.minimum.trace for r in runs])
+            row["grad_norm_mean"], _ = _mean_sd([r.minimum.grad_norm for r in runs])
             rows.append(row)
         return rows
 
     def to_json(self) -> dict:
-        return {"config": self.config, "alphas_1d": self.alphas_1d, "alphas_2d": self.alphas_2d,
-                "runs": [asdict(r) for r in self.runs], "summary": self.summary()}
+        return {"config": self.config, "seconds": self.seconds, "summary": self.summary(),
+                "runs": [asdict(r) | {"slice_curvature": r.slice_curvature} for r in self.runs]}
 
     def to_markdown(self) -> str:
-        lines = ["| training | clean acc | FGSM acc | PGD acc | train loss | top eig (mean +- sd) "
-                 "| trace (mean +- sd) | 1D slice curvature |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| training | clean acc | FGSM acc | PGD acc | train loss | train acc | top eig (mean +- sd) "
+                 "| trace (mean +- sd) | 1D slice curvature |", "|---|---|---|---|---|---|---|---|---|"]
         for s in self.summary():
             lines.append(f"| {s['method']} | {s['clean_acc_mean']:.3f} | {s['fgsm_acc_mean']:.3f} "
-                         f"| {s['pgd_acc_mean']:.3f} | {s['train_loss_mean']:.4f} "
-                         f"| {s['top_eig_mean']:.4g} +- {s['top_eig_std']:.2g} "
-                         f"| {s['trace_mean']:.4g} +- {s['trace_std']:.2g} | {s['slice_curvature_mean']:.4g} |")
+                         f"| {s['pgd_acc_mean']:.3f} | {s['train_loss_mean']:.4f} | {s['train_acc_mean']:.3f} "
+                         f"| {s['top_eig_mean']:.3g} +- {s['top_eig_std']:.2g} "
+                         f"| {s['trace_mean']:.3g} +- {s['trace_std']:.2g} "
+                         f"| {s['slice_curvature_mean']:.3g} +- {s['slice_curvature_std']:.2g} |")
         return "\n".join(lines)
 
 
-def measure_minimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
-                    seed: int) -> dict:
-    """Top Hessian eigenvalues, trace and 1D/2D filter-normalized slices of the training loss."""
-    from evaluations.landscape import random_directions, slice_1d, slice_2d
-    from evaluations.probes import HessianOperator, hutchinson_trace, lanczos
-
-    loss_fn = nn.functional.cross_entropy
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    op = HessianOperator(model, loss_fn, (x, y))
-    eig = lanczos(op, k=args.top_k, max_iter=args.lanczos_iters, seed=seed)
-    tr = hutchinson_trace(op, min_samples=args.hutchinson, max_samples=args.hutchinson, seed=seed)
-    d1, d2 = random_directions(params, n=2, normalize="filter", seed=seed)
-    s1 = slice_1d(model, params, d1, (x, y), loss_fn, alphas=torch.linspace(-1, 1, args.res_1d))
-    s2 = slice_2d(model, params, d1, d2, (x, y), loss_fn, alphas=torch.linspace(-1, 1, args.res_2d))
-    return {"top_eigenvalues": [float(v) for v in eig.values], "lanczos_converged": bool(eig.converged),
-            "trace": float(tr.mean), "trace_stderr": float(tr.stderr),
-            "slice_1d": [float(v) for v in s1.loss], "slice_2d": [[float(v) for v in row] for row in s2.loss]}
-
-
 def run(args: argparse.Namespace) -> AdversarialFlatnessResult:
+    begin = time.perf_counter()
     d = load_digits_split()
     xtr, ytr, xte, yte = d.x_train, d.y_train, d.x_test, d.y_test
     if args.n_train is not None:
         xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
     lo, hi = float(d.x_train.min()), float(d.x_train.max())
-    result = AdversarialFlatnessResult(config=vars(args).copy() | {"out": str(args.out), "pixel_range": [lo, hi]},
-                                       alphas_1d=torch.linspace(-1, 1, args.res_1d).tolist(),
-                                       alphas_2d=torch.linspace(-1, 1, args.res_2d).tolist())
-    for seed, method in tqdm([(s, m) for s in range(args.seeds) for m in METHODS], desc="cnn models"):
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = AdversarialFlatnessResult(config=config | {"pixel_range": [lo, hi], "n_train": len(xtr)})
+    for seed, method in tqdm([(s, m) for s in range(args.seeds) for m in METHODS], desc="cnn models",
+                             disable=args.quiet):
         start = time.perf_counter()
         model = make_cnn(seed)
         train(model, xtr, ytr, method, args, seed, lo, hi)
+        train_seconds = time.perf_counter() - start
         gen = torch.Generator().manual_seed(1000 + seed)
         with torch.no_grad():
-            train_loss = float(nn.functional.cross_entropy(model(xtr), ytr))
+            out = model(xtr)
+            train_loss = float(nn.functional.cross_entropy(out, ytr))
+            train_acc = float((out.argmax(-1) == ytr).float().mean())
         record = {
             "clean_acc": _accuracy(model, xte, yte),
             "fgsm_acc": _accuracy(model, fgsm(model, xte, yte, args.eps, lo, hi), yte),
             "pgd_acc": _accuracy(model, pgd(model, xte, yte, args.eps, args.pgd_eval_steps, lo, hi, gen), yte),
         }
-        probes = measure_minimum(model, xtr, ytr, args, seed)
+        minimum = measure_minimum(model, (xtr, ytr), top_k=args.top_k, lanczos_iters=args.lanczos_iters,
+                                  hutchinson_samples=args.hutchinson, res_1d=args.res_1d, res_2d=args.res_2d,
+                                  span=args.span, seed=seed,
+                                  batched=args.batched_slices)
         result.runs.append(AdversarialRun(method=method, seed=seed, n_params=sum(p.numel() for p in model.parameters()),
-                                          train_loss=train_loss, seconds=time.perf_counter() - start,
-                                          **record, **probes))
+                                          train_loss=train_loss, train_acc=train_acc, minimum=minimum,
+                                          train_seconds=train_seconds, seconds=time.perf_counter() - start, **record))
+    result.seconds = time.perf_counter() - begin
     return result
 
 
-def plot(result: AdversarialFlatnessResult, out: Path) -> Path:
-    import matplotlib
+def plot(result: AdversarialFlatnessResult, out: Path) -> Path | None:
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
     fig, axes = plt.subplots(1, 2 + len(METHODS), figsize=(5 * (2 + len(METHODS)), 4.5))
     colors = dict(zip(METHODS, ("C0", "C1", "C2")))
     for r in result.runs:
-        axes[0].plot(result.alphas_1d, r.slice_1d, color=colors[r.method], alpha=0.8,
+        axes[0].plot(r.minimum.alphas_1d, r.minimum.slice_1d, color=colors[r.method], alpha=0.8,
                      label=r.method if r.seed == 0 else None)
     axes[0].set(xlabel="alpha (filter-normalized direction)", ylabel="clean train loss", title="1D slices (all seeds)")
     axes[0].legend()
@@ -223,20 +222,22 @@ def plot(result: AdversarialFlatnessResult, out: Path) -> Path:
     ax2.bar([x + 0.2 for x in xs], [s["trace_mean"] for s in summary], 0.4,
             yerr=[s["trace_std"] for s in summary], capsize=3, color="C3", label="trace")
     axes[1].set_xticks(list(xs), [s["method"] for s in summary])
-    axes[1].set(ylabel="top Hessian eigenvalue", title="sharpness at the minimum")
+    axes[1].set(ylabel="top Hessian eigenvalue", title="sharpness at the minimum (clean train loss)")
     ax2.set_ylabel("Hessian trace")
     axes[1].legend(loc="upper left")
     ax2.legend(loc="upper right")
     for ax, method in zip(axes[2:], METHODS):
-        run = next((r for r in result.runs if r.method == method and r.seed == 0), None)
-        if run is None:
+        r = next((r for r in result.runs if r.method == method and r.seed == 0), None)
+        if r is None:
             continue
-        cs = ax.contour(result.alphas_2d, result.alphas_2d, torch.tensor(run.slice_2d).T.numpy(), levels=15)
+        m = r.minimum
+        cs = ax.contour(m.alphas_2d, m.alphas_2d, m.slice_2d, levels=15)
         ax.clabel(cs, fontsize=7)
-        ax.set(xlabel="alpha", ylabel="beta", title=f"2D slice: {method} (seed 0)")
+        ax.plot([0], [0], "k*")
+        ax.set(xlabel="alpha (d1)", ylabel="beta (d2)", title=f"2D slice: {method} (seed 0)")
     fig.tight_layout()
     path = out / "adversarial_flatness.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -256,9 +257,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lanczos-iters", type=int, default=30)
     p.add_argument("--hutchinson", type=int, default=30)
     p.add_argument("--res-1d", type=int, default=41)
-    p.add_argument("--res-2d", type=int, default=21)
+    p.add_argument("--res-2d", type=int, default=15)
+    p.add_argument("--span", type=float, default=1.0, help="slice half-width in filter-normalized units")
+    p.add_argument("--batched-slices", action="store_true",
+                   help="evaluate slice points stacked under vmap (measured slower here than one at a time)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small CNN)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.pgd_steps, args.pgd_eval_steps = 1, 2, 128, 2, 3
@@ -268,12 +274,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> AdversarialFlatnessResult:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    (args.out / "adversarial_flatness.json").write_text(json.dumps(result.to_json(), indent=1))
+    (args.out / "adversarial_flatness.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     print(result.to_markdown())
     if not args.no_plot:
         print("plot:", plot(result, args.out))
+    print(f"total {result.seconds:.1f} s")
     return result
 
 

@@ -11,7 +11,10 @@ windows, each window average-pooled to 2x2 = 4 angles in [0, pi] for a 4-qubit c
 (patches, depth, seed) model is trained full-batch with Adam and a cosine schedule; at the
 minimum we measure, over the circuit parameters (the readout held at its trained value), the top
 Hessian eigenvalues (Lanczos), the trace (Hutchinson), and 1D and 2D filter-normalized slices
-(Li et al., 2018) of the training loss.
+(Li et al., 2018) of the training loss, with `evaluations.minimum.measure_minimum`. A "filter" of the
+circuit weights [patches, depth, qubits, 3] is one patch's circuit. Rotation angles are periodic, so
+before measuring they are wrapped into [-pi, pi) (same function, same Hessian) and the slices span
++-0.25 filter-normalized units by default (+-1 crosses several periods of the angles).
 
     python examples/qnn_patches.py            # full size, a few minutes on 2 cores
     python examples/qnn_patches.py --quick    # seconds
@@ -31,7 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
-from evaluations.quantum import PatchQNN, circuit_expvals, extract_patches
+from evaluations.minimum import MinimumMeasures, measure_minimum
+from evaluations.quantum import PatchQNN, extract_patches
+from taxonomy.errors import BasinError
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -42,72 +47,64 @@ class QNNRun:
     depth: int
     seed: int
     n_params: int  # all trainable parameters (circuits + readout)
-    n_circuit_params: int  # the parameters the Hessian is taken over
+    n_circuit_params: int  # the parameters the Hessian and slices are taken over (--hessian circuits)
     train_loss: float
-    grad_norm: float
     train_acc: float
     test_acc: float
-    top_eigenvalues: list[float]
-    lanczos_converged: bool
-    trace: float
-    trace_stderr: float
-    slice_1d: list[float]
-    slice_2d: list[list[float]]
-    seconds: float
+    grad_norm: float  # of the training loss over all parameters, at the end of training
+    minimum: MinimumMeasures
+    train_seconds: float
+    seconds: float  # training and measuring
+
+    @property
+    def top_eig(self) -> float:
+        return self.minimum.top_eigenvalues[0]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
 
 
 @dataclass
 class QNNPatchesResult:
     config: dict
-    alphas_1d: list[float]
-    alphas_2d: list[float]
     runs: list[QNNRun] = field(default_factory=list)
+    seconds: float = 0.0
 
     def summary(self) -> list[dict]:
         """Mean and standard deviation over seeds per (patches, depth)."""
         rows = []
         for key in sorted({(r.n_patches, r.depth) for r in self.runs}):
             runs = [r for r in self.runs if (r.n_patches, r.depth) == key]
-            top = torch.tensor([r.top_eigenvalues[0] for r in runs], dtype=torch.float64)
-            tr = torch.tensor([r.trace for r in runs], dtype=torch.float64)
-            rows.append({
-                "n_patches": key[0], "depth": key[1], "n_params": runs[0].n_params,
-                "n_circuit_params": runs[0].n_circuit_params, "seeds": len(runs),
-                "top_eig_mean": float(top.mean()), "top_eig_std": float(top.std()) if len(runs) > 1 else 0.0,
-                "trace_mean": float(tr.mean()), "trace_std": float(tr.std()) if len(runs) > 1 else 0.0,
-                "train_loss_mean": sum(r.train_loss for r in runs) / len(runs),
-                "test_acc_mean": sum(r.test_acc for r in runs) / len(runs),
-            })
+            row = {"n_patches": key[0], "depth": key[1], "n_params": runs[0].n_params,
+                   "n_circuit_params": runs[0].n_circuit_params, "seeds": len(runs),
+                   "lanczos_converged": all(r.minimum.lanczos_converged for r in runs)}
+            for name, values in (("top_eig", [r.top_eig for r in runs]), ("trace", [r.minimum.trace for r in runs]),
+                                 ("train_loss", [r.train_loss for r in runs]),
+                                 ("train_acc", [r.train_acc for r in runs]), ("test_acc", [r.test_acc for r in runs]),
+                                 ("grad_norm", [r.grad_norm for r in runs])):
+                row[name + "_mean"], row[name + "_std"] = _mean_sd(values)
+            row["top_eig_min"] = min(r.top_eig for r in runs)
+            row["top_eig_max"] = max(r.top_eig for r in runs)
+            rows.append(row)
         return rows
 
     def to_json(self) -> dict:
-        return {"config": self.config, "alphas_1d": self.alphas_1d, "alphas_2d": self.alphas_2d,
-                "runs": [asdict(r) for r in self.runs], "summary": self.summary()}
+        return {"config": self.config, "seconds": self.seconds, "summary": self.summary(),
+                "runs": [asdict(r) for r in self.runs]}
 
     def to_markdown(self) -> str:
-        lines = ["| patches | depth | params | circuit params | top eig (mean +- sd) | trace (mean +- sd) "
-                 "| train loss | test acc |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| patches | depth | params | circuit params | top eig (mean +- sd) [min, max] "
+                 "| trace (mean +- sd) | train loss | train acc | test acc |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for s in self.summary():
             lines.append(f"| {s['n_patches']} | {s['depth']} | {s['n_params']} | {s['n_circuit_params']} "
-                         f"| {s['top_eig_mean']:.4g} +- {s['top_eig_std']:.2g} "
-                         f"| {s['trace_mean']:.4g} +- {s['trace_std']:.2g} "
-                         f"| {s['train_loss_mean']:.4f} | {s['test_acc_mean']:.3f} |")
+                         f"| {s['top_eig_mean']:.3g} +- {s['top_eig_std']:.2g} "
+                         f"[{s['top_eig_min']:.3g}, {s['top_eig_max']:.3g}] "
+                         f"| {s['trace_mean']:.3g} +- {s['trace_std']:.2g} "
+                         f"| {s['train_loss_mean']:.4f} | {s['train_acc_mean']:.3f} | {s['test_acc_mean']:.3f} |")
         return "\n".join(lines)
-
-
-class CircuitsWithFrozenReadout(nn.Module):
-    """A trained PatchQNN whose only parameters are the circuit weights (readout as buffers)."""
-
-    def __init__(self, model: PatchQNN) -> None:
-        super().__init__()
-        self.entangler = model.entangler
-        self.weights = nn.Parameter(model.weights.detach().clone())
-        self.register_buffer("readout_weight", model.readout.weight.detach().clone())
-        self.register_buffer("readout_bias", model.readout.bias.detach().clone())
-
-    def forward(self, angles: torch.Tensor) -> torch.Tensor:
-        z = circuit_expvals(angles.transpose(0, 1), self.weights, self.entangler)
-        return nn.functional.linear(z.transpose(0, 1).flatten(1), self.readout_weight, self.readout_bias)
 
 
 def load_task(n_classes: int = 4, n_train: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -137,91 +134,114 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: fl
         sched.step()
 
 
-def measure_minimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
-                    seed: int) -> dict:
-    """Top Hessian eigenvalues, trace and 1D/2D filter-normalized slices of the training loss."""
-    from evaluations.landscape import random_directions, slice_1d, slice_2d
-    from evaluations.probes import HessianOperator, hutchinson_trace, lanczos
-
-    loss_fn = nn.functional.cross_entropy
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    op = HessianOperator(model, loss_fn, (x, y))
-    eig = lanczos(op, k=args.top_k, max_iter=args.lanczos_iters, seed=seed)
-    tr = hutchinson_trace(op, min_samples=args.hutchinson, max_samples=args.hutchinson, seed=seed)
-    d1, d2 = random_directions(params, n=2, normalize="filter", seed=seed)
-    s1 = slice_1d(model, params, d1, (x, y), loss_fn, alphas=torch.linspace(-1, 1, args.res_1d))
-    s2 = slice_2d(model, params, d1, d2, (x, y), loss_fn, alphas=torch.linspace(-1, 1, args.res_2d))
-    return {"top_eigenvalues": [float(v) for v in eig.values], "lanczos_converged": bool(eig.converged),
-            "trace": float(tr.mean), "trace_stderr": float(tr.stderr),
-            "slice_1d": [float(v) for v in s1.loss], "slice_2d": [[float(v) for v in row] for row in s2.loss]}
+def wrap_angles(model: PatchQNN) -> None:
+    """Wrap the circuit angles into [-pi, pi): every gate is 2pi-periodic up to a global phase, so the model's
+    function (and its Hessian) is unchanged; only the filter norms that scale the slice directions depend on it."""
+    with torch.no_grad():
+        model.weights.copy_(torch.remainder(model.weights + math.pi, 2 * math.pi) - math.pi)
 
 
 def run(args: argparse.Namespace) -> QNNPatchesResult:
     torch.manual_seed(0)
+    begin = time.perf_counter()
     xtr, ytr, xte, yte = load_task(args.classes, args.n_train)
-    result = QNNPatchesResult(config=vars(args).copy() | {"out": str(args.out)},
-                              alphas_1d=torch.linspace(-1, 1, args.res_1d).tolist(),
-                              alphas_2d=torch.linspace(-1, 1, args.res_2d).tolist())
+    result = QNNPatchesResult(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+                              | {"n_train": len(xtr), "n_test": len(xte)})
     grid = [(p, d, s) for p in args.patches for d in args.depths for s in range(args.seeds)]
-    for n_patches, depth, seed in tqdm(grid, desc="qnn models"):
+    for n_patches, depth, seed in tqdm(grid, desc="qnn models", disable=args.quiet):
         start = time.perf_counter()
         a_tr = extract_patches(xtr, n_patches).transpose(0, 1)
         a_te = extract_patches(xte, n_patches).transpose(0, 1)
         model = PatchQNN(n_patches, n_qubits=4, depth=depth, n_classes=args.classes, seed=seed).double()
         train(model, a_tr, ytr, args.steps, args.lr)
+        train_seconds = time.perf_counter() - start
+        with torch.no_grad():
+            before = model(a_tr)
+        wrap_angles(model)
+        with torch.no_grad():
+            out = model(a_tr)
+            if not torch.allclose(out, before, atol=1e-9):
+                raise BasinError("qnn_patches: wrapping the angles changed the model's outputs")
+            train_acc = float((out.argmax(-1) == ytr).double().mean())
+            test_acc = float((model(a_te).argmax(-1) == yte).double().mean())
         model.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(a_tr), ytr)
         loss.backward()
         grad_norm = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
-        with torch.no_grad():
-            train_acc = float((model(a_tr).argmax(-1) == ytr).double().mean())
-            test_acc = float((model(a_te).argmax(-1) == yte).double().mean())
-        circuits = CircuitsWithFrozenReadout(model)
-        probes = measure_minimum(circuits, a_tr, ytr, args, seed)
+        model.zero_grad(set_to_none=True)
+        minimum = measure_minimum(model, (a_tr, ytr), params="weights" if args.hessian == "circuits" else None,
+                                  top_k=args.top_k,
+                                  lanczos_iters=args.lanczos_iters, hutchinson_samples=args.hutchinson,
+                                  res_1d=args.res_1d, res_2d=args.res_2d, span=args.span, seed=seed,
+                                  batched=args.batched_slices)
         result.runs.append(QNNRun(
             n_patches=n_patches, depth=depth, seed=seed, n_params=sum(p.numel() for p in model.parameters()),
-            n_circuit_params=model.weights.numel(), train_loss=float(loss), grad_norm=grad_norm,
-            train_acc=train_acc, test_acc=test_acc, seconds=time.perf_counter() - start, **probes))
+            n_circuit_params=model.weights.numel(), train_loss=float(loss.detach()), train_acc=train_acc,
+            test_acc=test_acc, grad_norm=grad_norm, minimum=minimum, train_seconds=train_seconds,
+            seconds=time.perf_counter() - start))
+    result.seconds = time.perf_counter() - begin
     return result
 
 
-def plot(result: QNNPatchesResult, out: Path) -> Path:
-    import matplotlib
+def plot(result: QNNPatchesResult, out: Path) -> Path | None:
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from matplotlib.ticker import NullFormatter
 
     summary = result.summary()
     depths = sorted({s["depth"] for s in summary})
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    for depth in depths:
-        rows = [s for s in summary if s["depth"] == depth]
-        for ax, key in ((axes[0], "n_patches"), (axes[1], "n_params")):
-            ax.errorbar([s[key] for s in rows], [s["top_eig_mean"] for s in rows],
-                        yerr=[s["top_eig_std"] for s in rows], marker="o", capsize=3, label=f"depth {depth}")
-        runs = [r for r in result.runs if r.depth == depth]
-        axes[1].scatter([r.n_params for r in runs], [r.top_eigenvalues[0] for r in runs], s=8, alpha=0.4)
-    axes[0].set(xscale="log", xlabel="patches", ylabel="top Hessian eigenvalue", title="top eigenvalue vs patches")
-    axes[1].set(xscale="log", xlabel="trainable parameters", ylabel="top Hessian eigenvalue",
-                title="top eigenvalue vs parameters (dots: seeds)")
-    axes[0].set_xticks(sorted({s["n_patches"] for s in summary}), labels=sorted({s["n_patches"] for s in summary}))
-    for ax in axes[:2]:
-        ax.legend()
+    patches = sorted({s["n_patches"] for s in summary})
+    fig, axes = plt.subplots(2, 4, figsize=(21, 9))
+    panels = ((axes[0, 0], "n_patches", "top_eig", "top Hessian eigenvalue vs patches"),
+              (axes[0, 1], "n_circuit_params", "top_eig", "top Hessian eigenvalue vs circuit parameters"),
+              (axes[0, 2], "n_patches", "trace", "Hessian trace vs patches"))
+    for ax, xkey, ykey, title in panels:
+        for depth in depths:
+            rows = [s for s in summary if s["depth"] == depth]
+            line = ax.errorbar([s[xkey] for s in rows], [s[ykey + "_mean"] for s in rows],
+                               yerr=[s[ykey + "_std"] for s in rows], marker="o", capsize=3, label=f"depth {depth}")
+            runs = [r for r in result.runs if r.depth == depth]
+            xs = [r.n_patches if xkey == "n_patches" else r.n_circuit_params for r in runs]
+            ys = [r.top_eig if ykey == "top_eig" else r.minimum.trace for r in runs]
+            ax.scatter(xs, ys, s=10, alpha=0.4, color=line[0].get_color())
+        ax.set(xscale="log", yscale="log", xlabel=xkey.replace("n_", "").replace("_", " "), title=title,
+               ylabel=ykey.replace("top_eig", "top eigenvalue"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if xkey == "n_patches":
+            ax.set_xticks(patches, labels=[str(p) for p in patches])
+        ax.legend(fontsize=8)
+    ax = axes[0, 3]  # the cross-entropy Hessian shrinks as the fit gets better: show the confound
+    for i, n_patches in enumerate(patches):
+        runs = [r for r in result.runs if r.n_patches == n_patches]
+        ax.scatter([r.train_loss for r in runs], [r.top_eig for r in runs], s=12 + 8 * i, label=f"{n_patches} patches")
+    ax.set(xscale="log", yscale="log", xlabel="final train loss", ylabel="top eigenvalue",
+           title="top eigenvalue vs train loss (all runs)")
+    ax.legend(fontsize=8)
     deepest = max(depths)
     for r in result.runs:
         if r.depth == deepest and r.seed == 0:
-            axes[2].plot(result.alphas_1d, r.slice_1d, label=f"{r.n_patches} patches")
-    axes[2].set(xlabel="alpha (filter-normalized direction)", ylabel="train loss",
-                title=f"1D slices, depth {deepest}, seed 0")
-    axes[2].legend()
-    first = next(r for r in result.runs if r.depth == deepest and r.seed == 0)
-    grid = torch.tensor(first.slice_2d)
-    cs = axes[3].contour(result.alphas_2d, result.alphas_2d, grid.T.numpy(), levels=15)
-    axes[3].clabel(cs, fontsize=7)
-    axes[3].set(xlabel="alpha", ylabel="beta", title=f"2D slice, {first.n_patches} patch(es), depth {deepest}")
+            axes[1, 0].plot(r.minimum.alphas_1d, r.minimum.slice_1d, label=f"{r.n_patches} patches")
+    axes[1, 0].set(xlabel="alpha (filter-normalized direction)", ylabel="train loss",
+                   title=f"1D slices, depth {deepest}, seed 0")
+    axes[1, 0].legend(fontsize=8)
+    shown = patches if len(patches) <= 3 else [patches[0], patches[1], patches[-1]]
+    for ax, n_patches in zip(axes[1, 1:], shown):
+        r = next(r for r in result.runs if r.depth == deepest and r.seed == 0 and r.n_patches == n_patches)
+        m = r.minimum
+        cs = ax.contour(m.alphas_2d, m.alphas_2d, m.slice_2d, levels=15)
+        ax.clabel(cs, fontsize=7)
+        ax.plot([0], [0], "k*")
+        ax.set(xlabel="alpha (d1)", ylabel="beta (d2)", title=f"2D slice: {n_patches} patch(es), depth {deepest}")
+    for ax in axes[1, 1 + len(shown):]:
+        ax.axis("off")
     fig.tight_layout()
     path = out / "qnn_patches.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -236,13 +256,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="cap on training examples")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--hessian", choices=("circuits", "all"), default="circuits",
+                   help="take the Hessian and slices over the circuit weights (readout fixed) or all parameters")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--lanczos-iters", type=int, default=30)
     p.add_argument("--hutchinson", type=int, default=30)
     p.add_argument("--res-1d", type=int, default=41)
     p.add_argument("--res-2d", type=int, default=21)
+    p.add_argument("--span", type=float, default=0.25,
+                   help="slice half-width in filter-normalized units (angles are periodic: 1.0 spans several periods)")
+    p.add_argument("--batched-slices", action="store_true",
+                   help="evaluate slice points stacked under vmap (measured slower here than one at a time)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny tensors)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.quick:
         args.patches, args.depths, args.seeds, args.n_train, args.steps = [1, 2], [1], 2, 64, 20
@@ -252,12 +280,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> QNNPatchesResult:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    (args.out / "qnn_patches.json").write_text(json.dumps(result.to_json(), indent=1))
+    (args.out / "qnn_patches.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     print(result.to_markdown())
     if not args.no_plot:
         print("plot:", plot(result, args.out))
+    print(f"total {result.seconds:.1f} s")
     return result
 
 
