@@ -88,7 +88,27 @@ def _chunk_size(n_params: int, n_points: int, batch_rows: int, widest: int) -> i
     return max(1, min(n_points, AUTO_BATCH_FLOATS // max(per_point, 1)))
 
 
-def _widest(model: nn.Module) -> int:
+def _widest(model: nn.Module, x: object) -> int:
+    """Floats of the largest activation one example produces (forward hooks on the leaf modules; a conv
+    layer's output counts channels x positions). Falls back to the widest parameter's leading dimension
+    when the model cannot run on one row of `x`."""
+    sizes: list[int] = []
+
+    def record(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        if isinstance(x, torch.Tensor) and len(x) > 0:
+            model(x[:1])
+    except Exception:  # noqa: BLE001 - only a size estimate; the real pass reports real errors
+        sizes.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    if sizes:
+        return max(sizes)
     return max((p.shape[0] for p in model.parameters() if p.dim() >= 1), default=1)
 
 
@@ -143,7 +163,7 @@ def evaluate_points(
         with torch.no_grad():
             if use_vmap:
                 rows = max(len(y) for _, y in batches)
-                size = chunk or _chunk_size(n_params, n_points, rows, _widest(model))
+                size = chunk or _chunk_size(n_params, n_points, rows, _widest(model, batches[0][0]))
 
                 def one(p, x, y):
                     out = functional_call(model, p, (x,))

@@ -184,3 +184,13 @@ def test_chunked_evaluation_matches_hand_computation(two_mlps, data):
         assert used is batched
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         np.testing.assert_allclose(acc, ref_acc, atol=1e-9)
+
+
+def test_batched_chunks_are_sized_by_real_activation_sizes():
+    from evaluations.landscape.evaluate import _widest
+
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    assert _widest(conv, torch.randn(5, 1, 8, 8)) == 8 * 8 * 8  # channels x positions, not 8 channels
+    mlp = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
+    assert _widest(mlp, torch.randn(4, 3)) == 16
+    assert _widest(mlp, torch.randn(4, 7)) == 16  # cannot run: falls back to the widest parameter
