@@ -40,7 +40,8 @@ def chunk_workers() -> int:
     return _workers
 
 
-def _map(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
+def map_threads(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
+    """[fn(0), ..., fn(n - 1)], on the shared pool of `workers` threads (not from inside a pool task)."""
     if workers <= 1 or n <= 1:
         return [fn(i) for i in range(n)]
     if workers not in _pools:
@@ -83,7 +84,7 @@ class ChunkedInputs:
             chunks, base = self.chunk(index)
             return fn(index, chunks, base)
 
-        return _map(visit, self.num_chunks, self.workers)
+        return map_threads(visit, self.num_chunks, self.workers)
 
 
 def is_two_phase(fn: Any) -> bool:

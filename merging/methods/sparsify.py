@@ -22,12 +22,14 @@ Randomness only through the generator passed in (drawn on CPU).
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from merging.methods.chunking import ChunkedInputs
+from merging.methods.chunking import ChunkedInputs, map_threads
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -210,19 +212,23 @@ class MagnitudeCut:
 _SAMPLE = 1 << 17
 
 
+@functools.lru_cache(maxsize=16)
+def _sample_positions(n: int) -> torch.Tensor:
+    """min(n, 2^17) fixed pseudo-random flat positions in [0, n), sorted (for locality)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(n, (min(n, _SAMPLE),), generator=g).sort().values
+
+
 def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[tuple[float, float] | None]]:
     """Per cut, a value range [lo, hi] that likely holds the k-th largest magnitude: sample quantiles
-    (2^17 fixed pseudo-random positions) 4.5 standard deviations either side of the k-th's rank."""
+    (`_sample_positions`) 4.5 standard deviations either side of the k-th's rank; None for the trivial
+    cuts k <= 0 (keep nothing) and k >= numel (keep all)."""
     n = inputs.numel
-    g = torch.Generator().manual_seed(0)
-    index = torch.randint(n, (min(n, _SAMPLE),), generator=g).sort().values
+    index = _sample_positions(n)
     base = inputs.base[index].to(torch.float32)
-    out = []
-    for i, x in enumerate(inputs.tensors):
-        if not ks[i]:
-            out.append([])
-            continue
-        sample = (x[index].to(torch.float32) - base).abs_().sort().values
+
+    def model(i: int) -> list[tuple[float, float] | None]:
+        sample = (inputs.tensors[i][index].to(torch.float32) - base).abs_()
         size = sample.numel()
         row: list[tuple[float, float] | None] = []
         for k in ks[i]:
@@ -232,11 +238,12 @@ def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[tuple[flo
             q = 1 - k / n  # fraction below the k-th largest
             rank = q * size
             spread = 4.5 * (q * (1 - q) * size) ** 0.5 + 2
-            low, high = int(rank - spread), int(rank + spread) + 1
-            row.append((float(sample[low]) if low > 0 else float("-inf"),
-                        float(sample[high]) if high < size else float("inf")))
-        out.append(row)
-    return out
+            low, high = int(rank - spread), int(rank + spread) + 1  # 0-based ranks in ascending order
+            row.append((float(sample.kthvalue(low + 1).values) if low > 0 else float("-inf"),
+                        float(sample.kthvalue(high + 1).values) if high < size else float("inf")))
+        return row
+
+    return map_threads(model, len(ks), inputs.workers)
 
 
 def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = False
@@ -244,7 +251,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     """For each model i and each k in ks[i], the exact top-k rule of |theta_i - base|.
 
     One pass over the chunks counts, per cut, the magnitudes above a sampled bracket [lo, hi] and
-    collects those inside it (a few percent of the entries); the k-th largest is then found among them,
+    collects those inside it (about 1% of the entries); the k-th largest is then found among them,
     and its ties counted per chunk. A cut whose k-th largest falls outside its bracket (a sample far off,
     which the 4.5-sigma bracket makes rare) gets a second pass with the bracket extended to that side, so
     the result is always exact. With `sums`, also returns sum |tau_i| and, per cut, the sum of the kept
@@ -253,7 +260,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     n, m = inputs.numel, len(inputs.tensors)
     brackets = _brackets(inputs, ks)
 
-    def scan(with_totals: bool):
+    def scan(with_totals: bool) -> list[list]:
         def visit(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list:
             out = []
             for i, x in enumerate(chunks):
@@ -278,42 +285,43 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
 
     per_chunk = scan(sums)
     totals = [sum(c[i][1] for c in per_chunk) if ks[i] else 0.0 for i in range(m)]
-    cuts: list[list[MagnitudeCut]] = [[] for _ in range(m)]
-    kept_sums: list[list[float]] = [[] for _ in range(m)]
-    for i in range(m):
-        for j, k in enumerate(ks[i]):
-            if brackets[i][j] is None:
-                cuts[i].append(MagnitudeCut(k, n))
-                kept_sums[i].append(0.0 if k <= 0 else totals[i])
-                continue
+
+    def select(i: int, j: int, chunks: list[list]) -> tuple[MagnitudeCut, float] | None:
+        """Cut (i, j) from a scan's per-chunk counts and candidates; None if its bracket missed."""
+        k = ks[i][j]
+        above = sum(c[i][0][j][0] for c in chunks)
+        inside = [c[i][0][j][1] for c in chunks]
+        if not above < k <= above + sum(t.numel() for t in inside):
+            return None
+        candidates = torch.cat(inside)
+        need = k - above  # the need-th largest candidate is the k-th largest overall
+        threshold = float(torch.kthvalue(candidates, candidates.numel() - need + 1).values)
+        strictly_above = int(torch.count_nonzero(candidates > threshold))
+        tied_per_chunk = [int(torch.count_nonzero(t == threshold)) for t in inside]
+        ties_total, ties_kept = sum(tied_per_chunk), need - strictly_above
+        before = None
+        if 0 < ties_kept < ties_total:
+            before = tuple(itertools.accumulate(tied_per_chunk, initial=0))
+        kept = 0.0
+        if sums:
+            above_sum = sum(c[i][0][j][2] for c in chunks)
+            kept = above_sum + _sum64(candidates[candidates > threshold]) + threshold * ties_kept
+        return MagnitudeCut(k, n, threshold, ties_kept, ties_total, before), kept
+
+    pairs = [(i, j) for i in range(m) for j in range(len(ks[i])) if brackets[i][j] is not None]
+    found = dict(zip(pairs, map_threads(lambda p: select(*pairs[p], per_chunk), len(pairs), inputs.workers)))
+    for i, j in pairs:
+        if found[(i, j)] is None:  # the sample missed: extend the bracket to the k-th's side and rescan
+            lo, hi = brackets[i][j]
             above = sum(c[i][0][j][0] for c in per_chunk)
-            inside = [c[i][0][j][1] for c in per_chunk]
-            count = sum(t.numel() for t in inside)
-            if not above < k <= above + count:  # the sample missed: extend the bracket and rescan
-                lo, hi = brackets[i][j]
-                brackets[i][j] = (hi, float("inf")) if k <= above else (float("-inf"), lo)
-                rescan = scan(False)
-                above = sum(c[i][0][j][0] for c in rescan)
-                inside = [c[i][0][j][1] for c in rescan]
-                above_sum = sum(c[i][0][j][2] for c in rescan)
-            else:
-                above_sum = sum(c[i][0][j][2] for c in per_chunk)
-            candidates = torch.cat(inside)
-            need = k - above  # the need-th largest candidate is the k-th largest overall
-            threshold = float(torch.kthvalue(candidates, candidates.numel() - need + 1).values)
-            strictly_above = int(torch.count_nonzero(candidates > threshold))
-            tied_per_chunk = [int(torch.count_nonzero(t == threshold)) for t in inside]
-            ties_total, ties_kept = sum(tied_per_chunk), need - strictly_above
-            before = None
-            if 0 < ties_kept < ties_total:
-                before = [0]
-                for t in tied_per_chunk:
-                    before.append(before[-1] + t)
-                before = tuple(before)
-            cuts[i].append(MagnitudeCut(k, n, threshold, ties_kept, ties_total, before))
-            if sums:
-                inside_kept = _sum64(candidates[candidates > threshold])
-                kept_sums[i].append(above_sum + inside_kept + threshold * ties_kept)
+            brackets[i][j] = (hi, float("inf")) if ks[i][j] <= above else (float("-inf"), lo)
+            found[(i, j)] = select(i, j, scan(False))
+    cuts: list[list[MagnitudeCut]] = []
+    kept_sums: list[list[float]] = []
+    for i in range(m):
+        cuts.append([found[(i, j)][0] if (i, j) in found else MagnitudeCut(k, n) for j, k in enumerate(ks[i])])
+        kept_sums.append([found[(i, j)][1] if (i, j) in found else (0.0 if k <= 0 else totals[i])
+                          for j, k in enumerate(ks[i])])
     return cuts, totals, kept_sums
 
 
