@@ -3,7 +3,8 @@
 `Tracker.record(model, epoch)` (called by the user's loop) measures on a fixed probe set: weight
 distance from init and from the previous record, function-space distance (mean squared
 difference of softmax outputs), kernel distance and velocity (trace NTK), top Hessian eigenvalue,
-error barrier to earlier checkpoints (Frankle's form), and NTK-regression accuracy.
+error barrier (Frankle's form) to earlier checkpoints (all of them, the previous one, or a chosen set
+of epochs: `barrier_to`), and NTK-regression accuracy.
 `spawn` trains a parent to time t, copies it into children trained on with different data
 orders, and returns the children and the error barrier between them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from evaluations.probes import HessianOperator, empirical_ntk, kernel_distance, lanczos
 from evaluations.probes.linearize import ntk_regression
+from taxonomy.errors import BasinError
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -47,11 +50,21 @@ class Record:
     barrier_to_prev: float | None = None
     ntk_accuracy: float | None = None
     extra: dict = field(default_factory=dict)
+    barriers_to_earlier: dict[str, float] = field(default_factory=dict)  # earlier epoch (as "%g") -> error barrier
+
+
+def _key(epoch: float) -> str:
+    return f"{epoch:g}"
 
 
 @dataclass
 class Tracker:
-    """Records probes each time `record` is called; `probe` is an (x, y) set, `train`/`test` for NTK regression."""
+    """Records probes each time `record` is called; `probe` is an (x, y) set, `train`/`test` for NTK regression.
+
+    `barrier_to`: the earlier checkpoints each record measures its error barrier to: "all" (default), "prev"
+    (the previous record only), or a sequence of epochs (those among the earlier records). Snapshots of the
+    checkpoints that later records still need are kept in memory.
+    """
 
     probe: tuple[torch.Tensor, torch.Tensor]
     train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -60,13 +73,36 @@ class Tracker:
     barriers: bool = True
     checkpoint_dir: str | None = None
     records: list[Record] = field(default_factory=list)
+    barrier_to: str | Sequence[float] = "all"
+    barrier_alphas: int = 30
 
     def __post_init__(self):
+        if isinstance(self.barrier_to, str) and self.barrier_to not in ("all", "prev"):
+            raise BasinError(f"Tracker.barrier_to: expected 'all', 'prev' or a sequence of epochs, got "
+                             f"{self.barrier_to!r}")
         self._init = None
         self._prev = None
         self._prev_kernel = None
         self._init_kernel = None
         self._prev_out = None
+        self._snapshots: list[tuple[float, nn.Module]] = []  # earlier checkpoints kept for barriers
+
+    def _targets(self, epoch: float) -> list[tuple[float, nn.Module]]:
+        """The earlier snapshots the record at `epoch` measures its barrier to."""
+        if self.barrier_to == "all":
+            return list(self._snapshots)
+        if self.barrier_to == "prev":
+            return self._snapshots[-1:]
+        wanted = {_key(e) for e in self.barrier_to}
+        return [(e, m) for e, m in self._snapshots if _key(e) in wanted]
+
+    def _keep(self, epoch: float, snapshot: nn.Module) -> None:
+        self._snapshots.append((epoch, snapshot))
+        if self.barrier_to == "prev":
+            self._snapshots = self._snapshots[-1:]
+        elif self.barrier_to != "all":
+            wanted = {_key(e) for e in self.barrier_to}
+            self._snapshots = [(e, m) for e, m in self._snapshots if _key(e) in wanted or e == epoch]
 
     def record(self, model: nn.Module, epoch: float) -> Record:
         x, y = self.probe
@@ -86,8 +122,15 @@ class Tracker:
             dt = epoch - prev[1]
             rec.function_from_prev = float(((out - self._prev_out) ** 2).sum(-1).mean())
             rec.kernel_velocity = kernel_distance(self._prev_kernel, kernel) / dt if dt > 0 else None
-            if self.barriers:
-                rec.barrier_to_prev = error_barrier(prev[2], snapshot, self.probe)
+        if self.barriers:
+            for earlier, other in self._targets(epoch):
+                rec.barriers_to_earlier[_key(earlier)] = error_barrier(other, snapshot, self.probe,
+                                                                       alphas=self.barrier_alphas)
+            if prev is not None:  # always measured, whether or not the previous epoch is among `barrier_to`
+                rec.barrier_to_prev = rec.barriers_to_earlier.get(_key(prev[1]))
+                if rec.barrier_to_prev is None:
+                    rec.barrier_to_prev = error_barrier(prev[2], snapshot, self.probe, alphas=self.barrier_alphas)
+            self._keep(epoch, snapshot)
         if self.hessian:
             eig = lanczos(HessianOperator(snapshot, nn.CrossEntropyLoss(), self.probe), k=1, tol=1e-3)
             rec.top_eigenvalue, rec.top_eigenvalue_converged = float(eig.values[0]), bool(eig.converged)
@@ -100,8 +143,20 @@ class Tracker:
         self.records.append(rec)
         return rec
 
+    def barrier_matrix(self) -> tuple[list[float], list[list[float | None]]]:
+        """(epochs, M) with M[i][j] the error barrier between the records at epochs i and j (None: not measured)."""
+        epochs = [r.epoch for r in self.records]
+        index = {_key(e): i for i, e in enumerate(epochs)}
+        matrix: list[list[float | None]] = [[0.0 if i == j else None for j in epochs] for i in epochs]
+        for i, rec in enumerate(self.records):
+            for key, value in rec.barriers_to_earlier.items():
+                j = index[key]
+                matrix[i][j] = matrix[j][i] = value
+        return epochs, matrix
+
     def to_json(self) -> dict:
-        return {"records": [asdict(r) for r in self.records]}
+        epochs, matrix = self.barrier_matrix()
+        return {"records": [asdict(r) for r in self.records], "barrier_matrix": {"epochs": epochs, "barriers": matrix}}
 
     def save(self, path: str) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2))

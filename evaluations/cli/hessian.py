@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.density:
         dens = spectral_density(op)
         dens.plot(args.density)
-        print(f"density written to {args.density}")
+        out["density"] = {"converged": dens.converged, "iterations": dens.iterations,
+                          "moment_stderr": dens.moment_stderr}
+        print(f"density written to {args.density} (converged={dens.converged}, {dens.iterations} HVPs)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -5,6 +5,11 @@ nodes theta_i with weights tau_i = S[0, i]^2 approximate the spectral measure of
 and averaging over `runs` start vectors estimates phi(t) = (1/n) sum_i delta(t - lambda_i)
 (Ghorbani et al. eq. 3-5). The density on a grid is smoothed with Gaussians of width `sigma`
 (relative to the spectrum's range) and normalized so it integrates to 1 on the grid.
+
+Convergence is reported, not assumed: `converged` is True when, in every run, the extreme Ritz pairs
+(the spectrum's edges, which set the grid and the outliers) have Lanczos residuals |beta_m s_mi| at most
+`tol` times the spectral radius, or the Krylov space became invariant. `moment_stderr` is the standard
+error of the first moment (1/n) tr(A) over the runs (the Hutchinson error; None for a single run).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class Density:
     density: torch.Tensor  # [points], integrates to 1 over grid
     sigma: float
     steps: int
+    converged: bool = False
+    iterations: int = 0  # operator applications, all runs together
+    edge_residuals: torch.Tensor | None = None  # [runs, 2] residuals of the smallest and largest Ritz pairs
+    moment_stderr: float | None = None
 
     def mass(self, low: float, high: float) -> float:
         """Estimated fraction of eigenvalues in [low, high) (from the quadrature weights, no smoothing)."""
@@ -38,7 +47,10 @@ class Density:
 
     def to_json(self) -> dict:
         return {"grid": self.grid.tolist(), "density": self.density.tolist(), "sigma": self.sigma,
-                "steps": self.steps, "nodes": self.nodes.tolist(), "weights": self.weights.tolist()}
+                "steps": self.steps, "nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
+                "converged": self.converged, "iterations": self.iterations,
+                "edge_residuals": None if self.edge_residuals is None else self.edge_residuals.tolist(),
+                "moment_stderr": self.moment_stderr}
 
     def plot(self, path: str, log: bool = True) -> None:
         import matplotlib
@@ -66,16 +78,28 @@ def spectral_density(
     sigma: float = 1e-3,
     seed: int = 0,
     size: int | None = None,
+    tol: float = 1e-2,
 ) -> Density:
-    """SLQ density of a symmetric operator: `runs` Lanczos runs of `steps` steps each (full reorthogonalization)."""
+    """SLQ density of a symmetric operator: `runs` Lanczos runs of `steps` steps each (full reorthogonalization).
+
+    `tol`: the edge residual, relative to the spectral radius, below which a run counts as converged.
+    """
     matvec = _apply(op)
     n = _size(op, size)
     steps = min(steps, n)
     gen = torch.Generator().manual_seed(seed)
-    all_nodes, all_weights = [], []
+    all_nodes, all_weights, edges = [], [], []
+    converged = True
+    iterations = 0
     for _ in range(runs):
         alpha, beta, _ = lanczos_tridiag(matvec, rademacher(n, gen, getattr(op, "dtype", torch.float32)), steps)
+        iterations += len(alpha)
         theta, s = torch.linalg.eigh(_tridiag(alpha, beta))
+        ends = [0, len(theta) - 1]
+        res = (beta[-1] * s[-1, ends]).abs()
+        invariant = len(alpha) < steps or len(alpha) == n
+        converged &= invariant or bool((res <= tol * theta.abs().max().clamp_min(1e-30)).all())
+        edges.append(torch.zeros(2, dtype=torch.float64) if invariant else res)
         nodes = torch.full((steps,), float(theta[0]), dtype=torch.float64)
         weights = torch.zeros(steps, dtype=torch.float64)
         nodes[: len(theta)] = theta
@@ -91,4 +115,6 @@ def spectral_density(
     gauss = torch.exp(-((grid[:, None, None] - nodes[None]) ** 2) / (2 * sig**2)) / (sig * math.sqrt(2 * math.pi))
     dens = (gauss * weights[None]).sum(dim=(1, 2)) / runs
     dens = dens / torch.trapezoid(dens, grid)
-    return Density(nodes, weights, grid, dens, sig, steps)
+    firsts = (weights * nodes).sum(1)
+    stderr = float(firsts.std(unbiased=True) / math.sqrt(runs)) if runs > 1 else None
+    return Density(nodes, weights, grid, dens, sig, steps, converged, iterations, torch.stack(edges), stderr)

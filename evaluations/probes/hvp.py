@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
 
 from taxonomy.errors import BasinError
 
@@ -87,35 +87,39 @@ class HessianOperator:
         self.n_products = 0
         # double backward: keep each batch's gradient graph so an HVP costs one backward pass (default: one batch)
         self.cache_graph = len(self.batches) == 1 if cache_graph is None else cache_graph
+        self._graphs: dict[int, tuple] = {}  # batch id -> (leaf params, gradient with its graph)
         self._hvp = self._make_hvp()
 
+    def _loss(self, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)
+
     def _make_hvp(self):
-        def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)
+        # built once per operator: the per-call work is one jvp (forward-over-reverse) or one backward pass
+        # through the cached gradient graph (double backward), never a rebuilt closure or graph
+        grad_fn = grad(self._loss)
 
         def hvp(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-            return jvp(lambda p: grad(loss)(p, x, y), (self.primals,), (v,))[1]
-
-        graphs: dict[int, tuple] = {}  # batch id -> (leaf params, gradient with its graph), kept for reuse
-
-        def gradient_graph(x: torch.Tensor, y: torch.Tensor):
-            if id(x) in graphs:
-                return graphs[id(x)]
-            with torch.enable_grad():
-                p = {n: t.detach().requires_grad_(True) for n, t in self.primals.items()}
-                g = torch.autograd.grad(loss(p, x, y), list(p.values()), create_graph=True)
-            if self.cache_graph:
-                graphs[id(x)] = (p, g)
-            return p, g
+            return jvp(lambda p: grad_fn(p, x, y), (self.primals,), (v,))[1]
 
         def hvp_double(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-            p, g = gradient_graph(x, y)
+            p, g = self._gradient_graph(x, y)
             with torch.enable_grad():
                 hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[v[n] for n in p], allow_unused=True,
                                          retain_graph=self.cache_graph)
             return {n: torch.zeros_like(p[n]) if h is None else h for n, h in zip(p, hv)}
 
         return hvp if self.mode == "forward_over_reverse" else hvp_double
+
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
+        """(leaf parameters, gradient with its graph) for one batch; kept for reuse when `cache_graph`."""
+        if id(x) in self._graphs:
+            return self._graphs[id(x)]
+        with torch.enable_grad():
+            p = {n: t.detach().requires_grad_(True) for n, t in self.primals.items()}
+            g = torch.autograd.grad(self._loss(p, x, y), list(p.values()), create_graph=True)
+        if self.cache_graph:
+            self._graphs[id(x)] = (p, g)
+        return p, g
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(v, self.numels)
@@ -131,12 +135,15 @@ class HessianOperator:
         if v.shape != (self.size,):
             raise BasinError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
         tangent = self.unflatten(v.to(self.dtype))
-        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            for x, y in self.batches:
-                out += self.flatten(self._hvp(tangent, x, y)) * (len(x) / self.n_examples)
+            if len(self.batches) == 1:  # one full-batch pass: no accumulation buffer
+                out = self.flatten(self._hvp(tangent, *self.batches[0]))
+            else:
+                out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+                for x, y in self.batches:
+                    out += self.flatten(self._hvp(tangent, x, y)) * (len(x) / self.n_examples)
         finally:
             self.model.train(was_training)
         self.n_products += 1
@@ -144,9 +151,39 @@ class HessianOperator:
 
     __matmul__ = matvec
 
-    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        """Apply to each row of `vs` ([k, size]) -> [k, size]."""
-        return torch.stack([self.matvec(v) for v in vs])
+    def matmat(self, vs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Apply to each row of `vs` ([k, size]) -> [k, size]: `chunk` rows per pass, batched by `vmap`
+        (`is_grads_batched` for double backward); one row at a time where an operation has no batching rule."""
+        if vs.dim() != 2 or vs.shape[1] != self.size:
+            raise BasinError(f"HessianOperator.matmat: expected [k, {self.size}] rows, got {tuple(vs.shape)}")
+        try:
+            return torch.cat([self._matmat(vs[s : s + chunk]) for s in range(0, len(vs), chunk)])
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([self.matvec(v) for v in vs])
+
+    def _matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        rows = vs.to(self.dtype)
+        tangents = {n: t.reshape(len(rows), *s) for n, t, s in zip(self.names, torch.split(rows, self.numels, 1),
+                                                                      self.shapes)}
+        out = torch.zeros(len(rows), self.size, dtype=self.dtype, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.batches:
+                if self.mode == "forward_over_reverse":
+                    parts = vmap(lambda v, x=x, y=y: self._hvp(v, x, y))(tangents)
+                else:
+                    p, g = self._gradient_graph(x, y)
+                    with torch.enable_grad():
+                        hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[tangents[n] for n in p],
+                                                 allow_unused=True, retain_graph=True, is_grads_batched=True)
+                    parts = {n: torch.zeros_like(tangents[n]) if h is None else h for n, h in zip(p, hv)}
+                flat = torch.cat([parts[n].reshape(len(rows), -1) for n in self.names], 1)
+                out += flat * (len(x) / self.n_examples)
+        finally:
+            self.model.train(was_training)
+        self.n_products += len(rows)
+        return out.to(vs.dtype)
 
     def dense(self) -> torch.Tensor:
         """The full [size, size] matrix (size Hessian-vector products); for tiny models and tests."""
@@ -156,13 +193,20 @@ class HessianOperator:
         return self.matmat(eye)
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient of the mean loss over `data`."""
-        def loss(p, x, y):
-            return self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)
-
+        """The flat gradient of the mean loss over `data` (free when the gradient graphs are cached)."""
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for x, y in self.batches:
-            out += self.flatten(grad(loss)(self.primals, x, y)) * (len(x) / self.n_examples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.batches:
+                if self.mode == "double_backward" and self.cache_graph:
+                    _, g = self._gradient_graph(x, y)
+                    flat = torch.cat([t.detach().reshape(-1) for t in g])
+                else:
+                    flat = self.flatten(grad(self._loss)(self.primals, x, y))
+                out += flat * (len(x) / self.n_examples)
+        finally:
+            self.model.train(was_training)
         return out
 
     def loss(self, flat: torch.Tensor | None = None) -> float:

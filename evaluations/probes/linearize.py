@@ -51,11 +51,12 @@ def ntk_regression(model: nn.Module, x_train, y_train, x_test, y_test, ridge: fl
 
 
 class LinearizedModel(nn.Module):
-    """f_lin(x) = f_t(x) + J_t(x) (w - w_t): a module whose trainable parameters are w (initialized at w_t)."""
+    """f_lin(x) = f_t(x) + J_t(x) (w - w_t): a module whose only parameters are w (initialized at w_t),
+    so `torch.optim.SGD(lin.parameters(), ...)` trains the linearized model (gradients flow through the jvp)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        object.__setattr__(self, "model", model)  # not a submodule: the only parameters are the weights w
         self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.buffers_t = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.names = list(self.anchor)

@@ -5,9 +5,9 @@
   "neural tangent kernels" tutorial).
 - "ntk_vp": NTK-vector products, K e = J(x) (J(x')^T e), via one `vjp` and batched `jvp`s over
   a chunk of basis cotangents at a time (the tutorial's second method), never forming J.
-- "structured": per Linear layer, the kernel is the elementwise product of the input Gram
-  matrix and the output-gradient Gram matrix (Novak et al. 2022, structured derivatives);
-  other parameters fall back to "jacobian". See `ntk_structured.py`.
+- "structured": per Linear or Conv2d layer, the kernel is the elementwise product of the input Gram
+  matrix and the output-gradient Gram matrix, summed over positions for convolutions (Novak et al. 2022,
+  structured derivatives); other parameters fall back to "jacobian". See `ntk_structured.py`.
 
 Kinds: "full" -> [n1*C, n2*C] (row i*C + a is example i, output a); "block" -> [C, n1, n2]
 (the per-output diagonal blocks K_aa); "trace" -> [n1, n2] = sum_a K_aa (the output-traced kernel).
@@ -161,7 +161,7 @@ def empirical_ntk(
 ) -> torch.Tensor:
     """The empirical NTK of `model` between inputs `x` and `x2` (default `x`), see the module docstring for layouts.
 
-    method "auto" uses "structured" (exact, fast for Linear layers, general fallback for the rest).
+    method "auto" uses "structured" (exact, fast for Linear and Conv2d layers, general fallback for the rest).
     `chunk` bounds the examples (jacobian) or kernel columns (ntk_vp) handled at once.
     """
     _check(kind, method)

@@ -5,11 +5,14 @@
 - adaptive sharpness (Kwon et al. 2021, ASAM, eq. 6-8): max_{|T_w^-1 e|_2 <= rho} L(w + e) - L(w) with
   T_w = diag(|w| + eta), by normalized gradient ascent in the rescaled coordinates (steps=1 is ASAM's update);
 - the ratio of the top Hessian eigenvalue to the Hessian trace.
+
+The ascents run a fixed number of steps; `converged` says whether the last step changed the perturbed loss
+by at most `tol` relative (None for a single step, ASAM's one-step definition, which is not an iteration).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.func import functional_call, grad
@@ -25,6 +28,9 @@ class Sharpness:
     loss: float
     perturbed_loss: float
     kind: str
+    steps: int = 0
+    converged: bool | None = None
+    history: list[float] = field(default_factory=list)  # the perturbed loss after each ascent step
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,7 +50,14 @@ def _loss_and_grad(op: HessianOperator):
     return at
 
 
-def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 10, params=None) -> Sharpness:
+def _plateaued(history: list[float], tol: float) -> bool | None:
+    if len(history) < 2:
+        return None
+    return abs(history[-1] - history[-2]) <= tol * max(abs(history[-2]), 1e-12)
+
+
+def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 10, params=None,
+                      tol: float = 1e-3) -> Sharpness:
     """Keskar et al.'s epsilon-sharpness (in percent), maximized over the box by `steps` projected sign-ascent steps."""
     op = HessianOperator(model, loss_fn, data, params=params)
     w = op.flat_params()
@@ -53,14 +66,17 @@ def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 
     base = op.loss()
     z = torch.zeros_like(w)
     best = base
+    history = []
     for _ in range(steps):
         z = torch.clamp(z + 2.0 * box / steps * torch.sign(grad_at(w + z)), -box, box)
-        best = max(best, op.loss(w + z))
-    return Sharpness(100.0 * (best - base) / (1.0 + base), base, best, "epsilon")
+        history.append(op.loss(w + z))
+        best = max(best, history[-1])
+    return Sharpness(100.0 * (best - base) / (1.0 + base), base, best, "epsilon", steps, _plateaued(history, tol),
+                     history)
 
 
 def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01, steps: int = 1,
-                       params=None) -> Sharpness:
+                       params=None, tol: float = 1e-3) -> Sharpness:
     """ASAM's adaptive sharpness: L(w + e) - L(w) at the ascent point in the ball |T_w^-1 e|_2 <= rho."""
     op = HessianOperator(model, loss_fn, data, params=params)
     w = op.flat_params()
@@ -68,12 +84,14 @@ def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01
     grad_at = _loss_and_grad(op)
     base = op.loss()
     u = torch.zeros_like(w)  # e = T_w u, |u| <= rho
+    history = []
     for _ in range(steps):
         g = t * grad_at(w + t * u)  # gradient w.r.t. u
         u = u + (rho / steps) * g / g.norm().clamp_min(1e-30)
         u = u * min(1.0, rho / float(u.norm().clamp_min(1e-30)))
-    perturbed = op.loss(w + t * u)
-    return Sharpness(perturbed - base, base, perturbed, "adaptive")
+        history.append(op.loss(w + t * u))
+    perturbed = history[-1] if history else base
+    return Sharpness(perturbed - base, base, perturbed, "adaptive", steps, _plateaued(history, tol), history)
 
 
 def top_to_trace_ratio(op, tol: float = 1e-3, rtol: float = 1e-2, seed: int = 0) -> dict:

@@ -15,6 +15,7 @@ from evaluations.probes import (
     top_eigenvalue,
 )
 from evaluations.probes.sharpness import adaptive_sharpness, epsilon_sharpness, top_to_trace_ratio
+from taxonomy.errors import BasinError
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,80 @@ def test_sharpness_against_brute_force(problem):
     # a second-order upper bound: max over the box of g^T z + z^T H z / 2 is below sum |g||b| + |H|_2 |b|^2 / 2
     asam = adaptive_sharpness(model, loss_fn, (x, y), rho=1e-3, steps=1)
     assert asam.value >= 0
+    # convergence is reported: None for ASAM's single step; for the ascents, from the last two perturbed losses
+    assert asam.steps == 1 and asam.converged is None and len(asam.history) == 1
+    assert len(eps.history) == 20 and eps.perturbed_loss == max([base] + eps.history)
+    assert eps.converged == (abs(eps.history[-1] - eps.history[-2]) <= 1e-3 * abs(eps.history[-2]))
+    several = adaptive_sharpness(model, loss_fn, (x, y), rho=1e-3, steps=5)
+    assert several.steps == 5 and several.converged is not None and several.perturbed_loss == several.history[-1]
     # for tiny rho, ASAM's first-order value is rho * |T_w g|
     g = HessianOperator(model, loss_fn, (x, y)).gradient()
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     first_order = 1e-3 * float(((w.abs() + 0.01) * g).norm())
     assert abs(asam.value - first_order) <= 0.05 * first_order
+
+
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_lanczos_start_vectors_and_rigorous_error_bounds(problem, start):
+    model, loss_fn, x, y, dense, *_ = problem
+    ev = torch.linalg.eigvalsh(dense)
+    op = HessianOperator(model, loss_fn, (x, y))
+    eig = lanczos(op, k=3, tol=1e-5, bound="residual", start=start)
+    assert eig.converged and eig.extra["start"] == start and eig.to_json()["start"] == start
+    assert torch.allclose(eig.values, ev.flip(0)[:3], rtol=1e-4)
+    # the residual bound is rigorous: an eigenvalue lies within it of each Ritz value
+    for value, bound in zip(eig.values, eig.extra["error_bounds"]):
+        assert float((ev - value).abs().min()) <= bound + 1e-12
+        assert bound <= 1e-5 * abs(float(value))
+    # the gap bound (the default) meets its tolerance here too
+    fast = lanczos(op, k=3, tol=1e-4, start=start)
+    assert fast.converged and fast.iterations <= eig.iterations
+    assert float(((fast.values - ev.flip(0)[:3]).abs() / ev.flip(0)[:3].abs()).max()) <= 1e-4
+
+
+def test_gradient_start_vector_is_the_loss_gradient(problem):
+    from evaluations.probes.lanczos import start_vector
+
+    model, loss_fn, x, y, dense, *_ = problem
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.zero_grad()
+    op = HessianOperator(model, loss_fn, (x, y))
+    assert torch.allclose(op.gradient(), g, atol=1e-12)  # from the cached gradient graph
+    assert torch.allclose(HessianOperator(model, loss_fn, (x, y), batch_size=7).gradient(), g, atol=1e-12)
+    v, used = start_vector(op, op.size, "auto", seed=0, dtype=torch.float64)
+    assert used == "gradient" and abs(float((v - g / g.norm()).norm()) - 0.1) < 1e-12
+    assert start_vector(dense, len(dense), "auto", 0, torch.float64)[1] == "random"  # a matrix has no gradient
+    with pytest.raises(BasinError, match="gradient"):
+        lanczos(dense, k=1, start="gradient")
+    with pytest.raises(BasinError, match="start"):
+        lanczos(op, k=1, start="sideways")
+
+
+def test_spectral_density_reports_convergence_iterations_and_stderr():
+    from evaluations.probes.lanczos import _tridiag, lanczos_tridiag
+    from evaluations.probes.trace import rademacher
+
+    n = 60
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(-1.0, 10.0, n, dtype=torch.float64)) @ q.T
+    full = spectral_density(a, steps=n, runs=3, seed=2)
+    assert full.converged and full.iterations <= 3 * n and full.to_json()["converged"]
+    short = spectral_density(a, steps=4, runs=3, seed=2, tol=1e-3)
+    assert not short.converged and short.iterations == 12
+    # the edge residuals are |A y - theta y| for the extreme Ritz pairs of each run
+    draws = torch.Generator().manual_seed(2)
+    firsts = []
+    for run in range(3):
+        v = rademacher(n, draws, torch.float64)
+        firsts.append(float(v @ a @ v) / n)  # the quadrature's first moment is v^T A v / n
+        alpha, beta, basis = lanczos_tridiag(lambda u: a @ u, v, 4)
+        theta, s = torch.linalg.eigh(_tridiag(alpha, beta))
+        for col, end in enumerate((0, len(theta) - 1)):
+            ritz = s[:, end] @ basis
+            assert abs(float((a @ ritz - theta[end] * ritz).norm()) - float(short.edge_residuals[run, col])) < 1e-9
+    want = float(torch.tensor(firsts, dtype=torch.float64).std(unbiased=True) / 3**0.5)
+    assert abs(short.moment_stderr - want) < 1e-12
+    assert spectral_density(a, steps=4, runs=1).moment_stderr is None
