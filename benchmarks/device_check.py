@@ -205,9 +205,18 @@ def main() -> None:
         train_classifier(b, x, y, epochs=3)
         cpu = evaluate_path(a, linear_path(a.state_dict(), b.state_dict()), (x, y), alphas=11)
         a_gpu, b_gpu = a.to(DEV), b.to(DEV)
-        gpu = evaluate_path(a_gpu, linear_path(a_gpu.state_dict(), b_gpu.state_dict()), (x.to(DEV), y.to(DEV)),
-                            alphas=11)
-        return {"loss": diff(torch.tensor(gpu.loss), torch.tensor(cpu.loss)), "batched": bool(gpu.batched)}
+        data = (x.to(DEV), y.to(DEV))
+        gpu = evaluate_path(a_gpu, linear_path(a_gpu.state_dict(), b_gpu.state_dict()), data, alphas=11)
+        loop = evaluate_path(a_gpu, linear_path(a_gpu.state_dict(), b_gpu.state_dict()), data, alphas=11,
+                             batched=False)
+        from evaluations.landscape import random_directions, slice_2d
+
+        center = {k: v.clone() for k, v in a_gpu.state_dict().items()}
+        d1, d2 = random_directions(center, n=2, normalize="filter", seed=0)
+        surface = slice_2d(a_gpu, center, d1, d2, data, alphas=5)
+        return {"loss_batched": diff(torch.tensor(gpu.loss), torch.tensor(cpu.loss)),
+                "loss_loop": diff(torch.tensor(loop.loss), torch.tensor(cpu.loss)), "batched": bool(gpu.batched),
+                "slice_2d_center_loss": float(surface.loss[2, 2]), "path_start_loss": float(cpu.loss[0])}
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -60,7 +60,7 @@ def random_directions(params: object, n: int = 1, normalize: str | None = "filte
     gen = torch.Generator().manual_seed(seed)
     dirs = []
     for _ in range(n):
-        d = {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype) for k, v in full.items()
+        d = {k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.device, v.dtype) for k, v in full.items()
              if k in names}
         if normalize == "filter":
             d = filter_normalize(d, full, ignore)
@@ -100,7 +100,7 @@ def pca_directions(trajectory: list[object], k: int = 2, final: object | None = 
     sub = {k_: end[k_] for k_ in keys}
     dirs = [{**{k_: torch.zeros_like(v) for k_, v in end.items() if is_float(v)}, **unflatten(vec, sub, keys)}
             for vec in vecs]
-    return PCADirections(directions=dirs, explained_variance_ratio=ratio, coordinates=(m @ vecs.T).numpy())
+    return PCADirections(directions=dirs, explained_variance_ratio=ratio, coordinates=(m @ vecs.T).cpu().numpy())
 
 
 @dataclass

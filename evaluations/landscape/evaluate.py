@@ -175,8 +175,8 @@ def evaluate_points(
                     stacked = points(idx)
                     for x, y in batches:
                         lv, hv = fn(stacked, x, y)
-                        loss[idx.numpy()] += lv.double().numpy() * len(y)
-                        hits[idx.numpy()] += hv.numpy()
+                        loss[idx.numpy()] += lv.double().cpu().numpy() * len(y)
+                        hits[idx.numpy()] += hv.cpu().numpy()
                     bar.update(len(idx))
             else:
                 # points are still built a chunk at a time (few large tensor ops instead of many small ones

@@ -221,4 +221,4 @@ def directedness(base: object, states: list, successive: bool = False) -> Direct
     vecs = torch.stack([flatten(d, keys) for d in deltas])
     norms = vecs.norm(dim=1)
     cos = (vecs @ vecs.T) / torch.clamp(norms[:, None] * norms[None, :], min=1e-30)
-    return Directedness(cosine=cos.numpy(), norms=norms.tolist())
+    return Directedness(cosine=cos.cpu().numpy(), norms=norms.tolist())

@@ -56,7 +56,7 @@ class LinearPath(Path):
         out = {}
         for k, v in self.a.items():
             if is_float(v):
-                w = alphas.to(v.dtype).reshape(-1, *([1] * v.dim()))
+                w = alphas.to(v.device, v.dtype).reshape(-1, *([1] * v.dim()))
                 out[k] = v.unsqueeze(0) + w * (self.b[k] - v).unsqueeze(0)
             else:
                 out[k] = v.unsqueeze(0).expand(len(alphas), *v.shape)

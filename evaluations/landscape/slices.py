@@ -32,7 +32,7 @@ def _stacked(center: Params, coeffs: torch.Tensor, dirs: list[Params]) -> Params
         acc = v.unsqueeze(0).expand(len(coeffs), *v.shape)
         for j, d in enumerate(dirs):
             if k in d:
-                acc = acc + coeffs[:, j].to(v.dtype).reshape(-1, *([1] * v.dim())) * d[k].unsqueeze(0)
+                acc = acc + coeffs[:, j].to(v.device, v.dtype).reshape(-1, *([1] * v.dim())) * d[k].unsqueeze(0)
         out[k] = acc
     return out
 

@@ -134,7 +134,7 @@ class HessianOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape != (self.size,):
             raise BasinError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
-        tangent = self.unflatten(v.to(self.dtype))
+        tangent = self.unflatten(v.to(self.device, self.dtype))  # any device in, the same device out
         was_training = self.model.training
         self.model.eval()
         try:
@@ -147,7 +147,7 @@ class HessianOperator:
         finally:
             self.model.train(was_training)
         self.n_products += 1
-        return out.to(v.dtype)
+        return out.to(v.device, v.dtype)
 
     __matmul__ = matvec
 

@@ -138,7 +138,7 @@ def start_vector(op, n: int, start: str, seed: int, dtype: torch.dtype) -> tuple
         raise BasinError(f"start='gradient': the operator {type(op).__name__} has no gradient() method")
     if start == "random" or not has_gradient:
         return rand.to(dtype), "random"
-    g = op.gradient().double()
+    g = op.gradient().double().cpu()
     norm = g.norm()
     if not torch.isfinite(norm) or norm == 0:
         return rand.to(dtype), "random"

@@ -86,7 +86,7 @@ def ntk_jacobian(model, x1, x2=None, kind="full", params=None, chunk: int | None
     n_params = sum(t.numel() for t in sel.values())
     if chunk is None:
         chunk = max(1, int(max_bytes / (2 * 4 * c * n_params)))
-    out = _empty(len(x1), len(x2), c, kind, next(iter(sel.values())).dtype)
+    out = _empty(len(x1), len(x2), c, kind, next(iter(sel.values())).dtype, x1.device)
     starts1 = range(0, len(x1), chunk)
     starts2 = range(0, len(x2), chunk)
     with torch.no_grad():
@@ -104,9 +104,10 @@ def ntk_jacobian(model, x1, x2=None, kind="full", params=None, chunk: int | None
     return out
 
 
-def _empty(n1: int, n2: int, c: int, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _empty(n1: int, n2: int, c: int, kind: str, dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu") -> torch.Tensor:
     shape = {"full": (n1 * c, n2 * c), "block": (c, n1, n2), "trace": (n1, n2)}[kind]
-    return torch.zeros(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _put(out: torch.Tensor, part: torch.Tensor, s1: int, s2: int, c: int, kind: str) -> None:

@@ -196,7 +196,7 @@ def ntk_structured(
         c = int(model(x1[:1]).reshape(1, -1).shape[1])
     n1, n2 = len(x1), len(x2)
     dtype = next(model.parameters()).dtype
-    out = _empty(n1, n2, c, kind, dtype)
+    out = _empty(n1, n2, c, kind, dtype, x1.device)
     view = out.view(n1, c, n2, c) if kind == "full" else out
     covered: set[str] = set()
     with torch.no_grad():
