@@ -69,12 +69,14 @@ def merge_tensor(
     if base is not None and base.shape != first.shape:
         raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
     rng = tensor_rng(seed, name)
-    if is_two_phase(method.fn) or (is_elementwise(method) and first.numel() > CHUNK_ELEMENTS):
-        return run_chunked(method.fn, tensors, base, params, rng, dtype)
-    f32 = [t.to(torch.float32) for t in tensors]
-    b32 = base.to(torch.float32) if base is not None else None
-    out = method.fn(f32, b32, params, rng)
-    return out.to(dtype)
+    try:
+        if is_two_phase(method.fn) or (is_elementwise(method) and first.numel() > CHUNK_ELEMENTS):
+            return run_chunked(method.fn, tensors, base, params, rng, dtype)
+        f32 = [t.to(torch.float32) for t in tensors]
+        b32 = base.to(torch.float32) if base is not None else None
+        return method.fn(f32, b32, params, rng).to(dtype)
+    except BasinError as err:  # the method's message, prefixed with the tensor it was merging
+        raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
 
 
 def is_elementwise(method: RegisteredMethod) -> bool:

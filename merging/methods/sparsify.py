@@ -268,6 +268,9 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
                     out.append(None)
                     continue
                 a = x.sub_(base).abs_()
+                if torch.isnan(a.sum()):  # NaNs fall outside every bracket: refuse rather than rank them
+                    raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be "
+                                     "ranked")
                 cuts = []
                 for bracket in brackets[i]:
                     if bracket is None:

@@ -114,3 +114,16 @@ def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, 
     assert torch.equal(got != 0, expected & (magnitude != 0))
     assert totals[0] == pytest.approx(float(magnitude.double().sum()), rel=1e-6)
     assert kept[0][0] == pytest.approx(float((magnitude * expected).double().sum()), rel=1e-6)
+
+
+def test_nan_in_a_task_vector_is_a_clear_error_naming_the_tensor():
+    from merging.tensor_merge import merge_tensor
+    from taxonomy.errors import BasinError
+
+    models, base = _inputs(6, n_models=2)
+    models[1] = models[1].clone()
+    models[1][::1000] = float("nan")
+    m = get_method("ties")
+    params = full_params(m, {"density": 0.5}, 2)
+    with pytest.raises(BasinError, match="layers.0.w: model 1: its task vector has NaN entries"):
+        merge_tensor(m, "layers.0.w", models, base, params, 0)
