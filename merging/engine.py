@@ -80,7 +80,8 @@ def run_plans(
 ) -> EngineStats:
     """Several plans over the same inputs and tensors (a sweep): each tensor is read once, merged per plan."""
     from merging.methods import get_method
-    from merging.tensor_merge import is_elementwise, set_chunk_workers
+    from merging.methods.chunking import set_chunk_workers
+    from merging.tensor_merge import is_elementwise
 
     lead = plans[0]
     for p in plans[1:]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from merging.methods.chunking import CHUNK_ELEMENTS, is_two_phase, run_chunked, set_chunk_workers  # noqa: F401 (engine)
+from merging.methods.chunking import CHUNK_ELEMENTS, is_two_phase, run_chunked
 from merging.methods.registry import RegisteredMethod, get_method
 from taxonomy.errors import BasinError
 
@@ -70,7 +70,8 @@ def merge_tensor(
         raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
     rng = tensor_rng(seed, name)
     try:
-        if is_two_phase(method.fn) or (is_elementwise(method) and first.numel() > CHUNK_ELEMENTS):
+        large_on_cpu = first.numel() > CHUNK_ELEMENTS and first.device.type == "cpu"
+        if is_two_phase(method.fn) or (is_elementwise(method) and large_on_cpu):
             return run_chunked(method.fn, tensors, base, params, rng, dtype)
         f32 = [t.to(torch.float32) for t in tensors]
         b32 = base.to(torch.float32) if base is not None else None

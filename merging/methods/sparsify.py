@@ -123,17 +123,22 @@ def mask_and_rescale_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool | s
 
     `magnitude` (|delta|, if the caller has it) is consumed as scratch space.
     """
-    before = after = None
+    factor = 1.0
     if rescale is True:
         magnitude = delta.abs() if magnitude is None else magnitude
         before = _sum64(magnitude)
-        after = _sum64(magnitude.mul_(mask))
+        factor = l1_rescale_factor(before, _sum64(magnitude.mul_(mask)), eps)
     delta.mul_(mask)
     if rescale == "unbiased":
         delta.div_(keep_probability)
-    elif before is not None and before >= eps and after >= eps:
-        delta.mul_(before / after)
+    elif factor != 1.0:
+        delta.mul_(factor)
     return delta
+
+
+def l1_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's rescale: the L1 norm before the drop over the norm after (1 when either is < eps)."""
+    return before / after if before >= eps and after >= eps else 1.0
 
 
 def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[float],
@@ -205,8 +210,13 @@ class MagnitudeCut:
                 tied = magnitude == self.threshold
                 mask = (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed))
                 return magnitude * mask
-        threshold = _below(self.threshold) if keep_ties else self.threshold
+        threshold = self.below_threshold if keep_ties else self.threshold
         return torch.nn.functional.threshold(magnitude, threshold, 0.0)
+
+    @functools.cached_property
+    def below_threshold(self) -> float:
+        """The largest float32 below `threshold`: `x > below_threshold` is `x >= threshold`."""
+        return _below(self.threshold)
 
 
 _SAMPLE = 1 << 17

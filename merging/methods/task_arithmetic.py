@@ -32,6 +32,7 @@ from merging.methods import subspace  # noqa: F401  (registers tsv)
 from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
+    l1_rescale_factor,
     magnitude_band_mask,
     magnitude_cuts,
     mask_and_rescale_,
@@ -106,11 +107,6 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
     return mixed.add_(base)
 
 
-def _rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
-    """mergekit's rescale: the L1 norm before the drop over the norm after (1 when either is < eps)."""
-    return before / after if before >= eps and after >= eps else 1.0
-
-
 class TaskVectorMerge:
     """Streaming `generalized_task_arithmetic` for the sparsifiers whose per-model statistics can be
     gathered in passes over chunks: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'random' (DARE).
@@ -150,7 +146,7 @@ class TaskVectorMerge:
             cuts, totals, kept = magnitude_cuts(inputs, ks, sums=rescale is True)
             state["cuts"] = cuts
             if rescale is True:
-                state["scale"] = [_rescale_factor(totals[i], kept[i][0] - sum(kept[i][1:])) if ks[i] else 1.0
+                state["scale"] = [l1_rescale_factor(totals[i], kept[i][0] - sum(kept[i][1:])) if ks[i] else 1.0
                                   for i in range(m)]
         elif self.sparsify == "random":
             key = int(torch.randint(0, 2**62, (1,), generator=rng))
@@ -158,7 +154,7 @@ class TaskVectorMerge:
             masks, totals, kept = random_masks(inputs, keep, key, sums=rescale is True)
             state["masks"] = masks
             if rescale is True:
-                state["scale"] = [_rescale_factor(totals[i], kept[i]) if keep[i] < 1 else 1.0 for i in range(m)]
+                state["scale"] = [l1_rescale_factor(totals[i], kept[i]) if keep[i] < 1 else 1.0 for i in range(m)]
         elif self.sparsify is not None:
             raise ValueError(self.sparsify)
         return state

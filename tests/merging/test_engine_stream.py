@@ -173,7 +173,8 @@ def test_tokenizer_source_copies_only_tokenizer_files(tmp_path, bert_pair, minil
 
 def test_chunked_elementwise_merge_matches_formula_and_is_thread_independent():
     from merging.methods import get_method
-    from merging.tensor_merge import CHUNK_ELEMENTS, full_params, merge_tensor, set_chunk_workers
+    from merging.methods.chunking import set_chunk_workers
+    from merging.tensor_merge import CHUNK_ELEMENTS, full_params, merge_tensor
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(3 * CHUNK_ELEMENTS + 17, generator=g).to(torch.bfloat16) for _ in range(3)]
