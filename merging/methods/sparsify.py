@@ -142,30 +142,33 @@ def l1_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
 
 
 def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[float],
-                                 with_divisor: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                 normalize: bool) -> torch.Tensor:
     """TIES elect + disjoint merge over weighted task vectors w_i tau_i (consumed: modified in place).
 
     Elected sign per entry: the sign of sum_i w_i tau_i (zero counts as +, as mergekit); an entry
     agrees when w_i tau_i has the elected sign (zero entries never agree). Returns the sum of the
-    agreeing entries and, if `with_divisor`, the sum of the weights of the agreeing models per entry
-    (the divisor of the disjoint mean; zero where none agree).
+    agreeing entries, divided with `normalize` by the sum of the agreeing models' weights (1 where none
+    agree). With e = +-1 the elected sign, relu(e w_i tau_i) is |w_i tau_i| where model i agrees and 0
+    elsewhere, so the sum of agreeing entries is e * sum_i relu(e w_i tau_i) (negation is exact).
     """
     elected = weighted[0].clone()
     for wd in weighted[1:]:
-        elected += wd
-    elected.sign_()
-    elected.masked_fill_(elected == 0, 1.0)
-    product = torch.empty_like(elected)
-    agree = torch.empty(elected.shape, dtype=torch.bool, device=elected.device)
-    divisor = torch.zeros_like(elected) if with_divisor else None
-    mixed = None
+        elected.add_(wd)
+    # copysign(1, s): +1 for s >= +0; -1 for s = -0, which only arises when every w_i tau_i is a zero,
+    # so no model agrees under either convention
+    elected = torch.ones_like(elected).copysign_(elected)
+    mixed, divisor = None, None
     for w, wd in zip(weights, weighted):
-        torch.gt(torch.mul(wd, elected, out=product), 0, out=agree)
-        wd.mul_(agree)
-        mixed = wd if mixed is None else mixed.add_(wd)
-        if divisor is not None:
-            divisor.add_(agree, alpha=w)
-    return mixed, divisor
+        agreeing = wd.mul_(elected).relu_()
+        if normalize:
+            indicator = torch.sign(agreeing)
+            divisor = indicator.mul_(w) if divisor is None else divisor.add_(indicator, alpha=w)
+        mixed = agreeing if mixed is None else mixed.add_(agreeing)
+    mixed.mul_(elected)
+    if normalize:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
+    return mixed
 
 
 def _sum64(x: torch.Tensor) -> float:

@@ -90,11 +90,7 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
         return delta.mul_(weights[i]) if weights[i] != 1 else delta
 
     if consensus:
-        mixed, divisor = sign_consensus_disjoint_sum_([weighted(i) for i in range(len(tensors))], weights,
-                                                      with_divisor=normalize)
-        if normalize:
-            divisor.masked_fill_(divisor == 0, 1.0)
-            mixed.div_(divisor)
+        mixed = sign_consensus_disjoint_sum_([weighted(i) for i in range(len(tensors))], weights, normalize)
     else:
         mixed = weighted(0)
         for i in range(1, len(tensors)):
@@ -191,7 +187,7 @@ class TaskVectorMerge:
             tau = self._task_vector(x, base, i, params, state, chunk)
             weighted.append(tau.mul_(weights[i]) if weights[i] != 1 else tau)
         if self.consensus:
-            mixed = _elect_and_sum_(weighted, weights, params["normalize"])
+            mixed = sign_consensus_disjoint_sum_(weighted, weights, params["normalize"])
         else:
             mixed = weighted[0]
             for wd in weighted[1:]:
@@ -202,30 +198,6 @@ class TaskVectorMerge:
         if params["lambda"] != 1:
             mixed.mul_(params["lambda"])
         return mixed.add_(base)
-
-
-def _elect_and_sum_(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """TIES elect + disjoint (mean) as `sign_consensus_disjoint_sum_`, bit for bit, in fewer passes:
-    with e = +-1 the elected sign, relu(e w_i tau_i) is |w_i tau_i| where model i agrees and 0 elsewhere,
-    so the sum of agreeing entries is e * sum_i relu(e w_i tau_i) (negation is exact)."""
-    elected = weighted[0].clone()
-    for wd in weighted[1:]:
-        elected.add_(wd)
-    # copysign(1, s): +1 for s >= +0; -1 for s = -0, which only arises when every w_i tau_i is a zero,
-    # so no model agrees under either convention
-    elected = torch.ones_like(elected).copysign_(elected)
-    mixed, divisor = None, None
-    for w, wd in zip(weights, weighted):
-        agreeing = wd.mul_(elected).relu_()
-        if normalize:
-            indicator = torch.sign(agreeing)
-            divisor = indicator.mul_(w) if divisor is None else divisor.add_(indicator, alpha=w)
-        mixed = agreeing if mixed is None else mixed.add_(agreeing)
-    mixed.mul_(elected)
-    if normalize:
-        divisor.masked_fill_(divisor == 0, 1.0)
-        mixed.div_(divisor)
-    return mixed
 
 
 task_arithmetic = merge_method("task_arithmetic")(TaskVectorMerge(None, False, """Ilharco et al. 2023: \
