@@ -106,7 +106,7 @@ def measure_minimum(
         top_eigenvalues=[float(v) for v in eig.values],
         lanczos_converged=bool(eig.converged),
         lanczos_iterations=int(eig.iterations),
-        lanczos_error_bounds=[float(e) for e in getattr(eig, "extra", {}).get("error_bounds", [])],
+        lanczos_error_bounds=[float(e) for e in eig.extra.get("error_bounds", [])],
         trace=float(tr.mean),
         trace_stderr=float(tr.stderr),
         trace_samples=int(tr.samples),

@@ -162,7 +162,7 @@ class HessianOperator:
             return torch.stack([self.matvec(v) for v in vs])
 
     def _matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        rows = vs.to(self.dtype)
+        rows = vs.to(self.device, self.dtype)
         tangents = {n: t.reshape(len(rows), *s) for n, t, s in zip(self.names, torch.split(rows, self.numels, 1),
                                                                       self.shapes)}
         out = torch.zeros(len(rows), self.size, dtype=self.dtype, device=self.device)
@@ -183,7 +183,7 @@ class HessianOperator:
         finally:
             self.model.train(was_training)
         self.n_products += len(rows)
-        return out.to(vs.dtype)
+        return out.to(vs.device, vs.dtype)
 
     def dense(self) -> torch.Tensor:
         """The full [size, size] matrix (size Hessian-vector products); for tiny models and tests."""
