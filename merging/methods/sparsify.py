@@ -352,24 +352,29 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
     drawn from `chunk_generator(key, i, chunk)`; models with keep >= 1 get none. With `sums`, also
     sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
     m = len(inputs.tensors)
+    device = inputs.tensors[0].device
 
-    def draw(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
+    def draw(index: int) -> list[torch.Tensor | None]:
+        start, stop = inputs.span(index)
+        return [None if keep[i] >= 1 else
+                (torch.from_numpy(chunk_generator(key, i, index).random(stop - start, dtype=np.float32)) < keep[i])
+                .to(device) for i in range(m)]
+
+    if not sums:  # the masks need no input data: no chunk is read or converted
+        per_chunk = map_threads(draw, inputs.num_chunks, inputs.workers)
+        return [[c[i] for c in per_chunk] for i in range(m)], [0.0] * m, [0.0] * m
+
+    def draw_and_sum(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
         out = []
-        for i, x in enumerate(chunks):
-            if keep[i] >= 1:
+        for mask, x in zip(draw(index), chunks):
+            if mask is None:
                 out.append((None, 0.0, 0.0))
                 continue
-            u = chunk_generator(key, i, index).random(x.numel(), dtype=np.float32)
-            mask = (torch.from_numpy(u) < keep[i]).to(x.device)
-            before = after = 0.0
-            if sums:
-                a = x.sub_(base).abs_()
-                before = _sum64(a)
-                after = _sum64(a.mul_(mask))
-            out.append((mask, before, after))
+            a = x.sub_(base).abs_()
+            out.append((mask, _sum64(a), _sum64(a.mul_(mask))))
         return out
 
-    per_chunk = inputs.map(draw)
+    per_chunk = inputs.map(draw_and_sum)
     masks = [[c[i][0] for c in per_chunk] for i in range(m)]
     return masks, [sum(c[i][1] for c in per_chunk) for i in range(m)], [sum(c[i][2] for c in per_chunk)
                                                                          for i in range(m)]
