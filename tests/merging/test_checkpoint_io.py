@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,9 +32,11 @@ def test_file_and_folder_match_safetensors_reference(tmp_path):
 
 def test_headers_only_until_get(tmp_path, monkeypatch):
     folder = write_safetensors(random_state(1), tmp_path / "m")
+    import merging.safetensors_io as io
+
     reads = []
-    real = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda *a: reads.append(a[2]) or real(*a))
+    real = io.mmap.mmap
+    monkeypatch.setattr(io.mmap, "mmap", lambda *a, **k: reads.append(k.get("offset")) or real(*a, **k))
     ckpt = open_checkpoint(folder)
     _ = [ckpt.meta(n) for n in ckpt.names()]
     assert reads == []

@@ -97,7 +97,8 @@ def test_dare_streams_deterministically_and_keeps_density(method):
 
 
 @pytest.mark.parametrize("side", ["above", "below"])
-def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, side):
+@pytest.mark.parametrize("with_heavy_value", [False, True])
+def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, side, with_heavy_value):
     import merging.methods.sparsify as sparsify
 
     models, base = _inputs(5, n_models=1)
@@ -105,8 +106,10 @@ def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, 
     k = N // 2
     kth = float(magnitude.reshape(-1).kthvalue(N - k + 1).values)
     # a bracket entirely above (or below) the true k-th largest, as a badly unlucky sample would give
-    wrong = (kth * 1.5, kth * 2.0) if side == "above" else (kth * 0.2, kth * 0.5)
-    monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[wrong]])
+    lo, hi = (kth * 1.5, kth * 2.0) if side == "above" else (kth * 0.2, kth * 0.5)
+    in_range = magnitude[(magnitude >= lo) & (magnitude <= hi)]
+    heavy = float(in_range[0]) if with_heavy_value else None  # a value inside the range, counted rather than kept
+    monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[(lo, hi, heavy)]])
     cuts, totals, kept = magnitude_cuts(ChunkedInputs([models[0].reshape(-1)], base.reshape(-1)), [[k]], sums=True)
     got = torch.cat([cuts[0][0].keep(magnitude[s:s + CHUNK_ELEMENTS], c)
                      for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
@@ -127,3 +130,29 @@ def test_nan_in_a_task_vector_is_a_clear_error_naming_the_tensor():
     params = full_params(m, {"density": 0.5}, 2)
     with pytest.raises(BasinError, match="layers.0.w: model 1: its task vector has NaN entries"):
         merge_tensor(m, "layers.0.w", models, base, params, 0)
+
+
+@pytest.mark.parametrize("kth_vs_heavy", ["equal", "above", "below"])
+def test_magnitude_cuts_count_a_heavy_value_instead_of_collecting_it(monkeypatch, kth_vs_heavy):
+    """The heavy value of a bracket is counted, not collected; the threshold may be that value, or a candidate
+    on either side of it. Magnitudes 1..9 with 5 taking 40% of the entries; bracket (3.5, 6.5) around 5."""
+    import merging.methods.sparsify as sparsify
+
+    g = torch.Generator().manual_seed(11)
+    levels = torch.randint(1, 10, (N,), generator=g).float()
+    levels[torch.rand(N, generator=g) < 0.35] = 5.0
+    tau = levels * torch.sign(torch.randn(N, generator=g))
+    base = torch.zeros(N)
+    magnitude = tau.abs()
+    above = {"equal": 5.5, "above": 6.5, "below": 4.5}[kth_vs_heavy]  # the k-th largest is the value below this
+    k = int((magnitude > above).sum()) + (int((magnitude == above - 0.5).sum()) // 2 if kth_vs_heavy == "equal" else 3)
+    kth = float(magnitude.kthvalue(N - k + 1).values)
+    assert (kth == 5.0) == (kth_vs_heavy == "equal") and (kth > 5.0) == (kth_vs_heavy == "above")
+    monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[(3.5, 6.5, 5.0)]])
+    cuts, _, kept = magnitude_cuts(ChunkedInputs([tau], base), [[k]], sums=True)
+    got = torch.cat([cuts[0][0].keep(magnitude[s:s + CHUNK_ELEMENTS], c)
+                     for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
+    expected = topk_mask(magnitude, k)
+    assert cuts[0][0].threshold == kth
+    assert torch.equal(got != 0, expected)
+    assert kept[0][0] == pytest.approx(float((magnitude * expected).double().sum()), rel=1e-9)
