@@ -156,3 +156,17 @@ def test_magnitude_cuts_count_a_heavy_value_instead_of_collecting_it(monkeypatch
     assert cuts[0][0].threshold == kth
     assert torch.equal(got != 0, expected)
     assert kept[0][0] == pytest.approx(float((magnitude * expected).double().sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("bracket", [(0.5, 1.5, None), (0.5, 1.5, 1.0), (float("-inf"), 1.0, 1.0),
+                                     (1.0, float("inf"), None)])
+def test_bracket_tally_in_numpy_equals_the_torch_ops_used_on_accelerators(bracket):
+    from merging.methods.sparsify import _split_at_bracket, _split_at_bracket_torch
+
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randint(0, 9, (CHUNK_ELEMENTS,), generator=g) * 0.25 + torch.rand(CHUNK_ELEMENTS, generator=g)
+         * (torch.rand(CHUNK_ELEMENTS, generator=g) < 0.5)).float()  # half the entries on a grid of ties
+    fast, reference = _split_at_bracket(a, bracket, True), _split_at_bracket_torch(a, bracket, True)
+    assert fast[0] == reference[0] and fast[2] == reference[2] and torch.equal(fast[1], reference[1])
+    assert fast[3] == pytest.approx(reference[3], rel=1e-12)
+    assert fast[2] > 0 if bracket[2] is not None else fast[2] == 0
