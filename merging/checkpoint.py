@@ -52,7 +52,9 @@ class Checkpoint(ABC, Mapping):
     def meta(self, name: str) -> TensorMeta: ...
 
     @abstractmethod
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor. It may share memory with its source (a copy-on-write file mapping for safetensors,
+        holding an open file descriptor while alive): `.clone()` tensors you keep many of."""
 
     # Mapping protocol
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -155,14 +155,31 @@ class SafetensorsCheckpoint(Checkpoint):
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(self._fd(path), nbytes + offset - start, access=mmap.ACCESS_COPY, offset=start)
-        except (OSError, ValueError) as err:
-            raise BasinError(f"{path}: cannot read tensor {name!r} ({err})") from None
+        except ValueError:  # the range ends past the end of the file
+            raise BasinError(f"{path}: truncated while reading tensor {name!r}") from None
+        except OSError:  # a file system that cannot map files: read the bytes instead
+            return self._read(path, meta, offset, name)
         try:
             mapped.madvise(MADV_POPULATE_READ)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError):  # kernels before 5.14, or no madvise: pages fault in on first use
             pass
         raw = np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset - start)
         return torch.from_numpy(raw).view(meta.dtype).view(meta.shape)
+
+    def _read(self, path: Path, meta: TensorMeta, offset: int, name: str) -> torch.Tensor:
+        """One tensor's bytes read with `os.preadv` into fresh memory."""
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        try:
+            while done < len(buf):
+                got = os.preadv(self._fd(path), [buf[done:]], offset + done)
+                if got == 0:
+                    raise BasinError(f"{path}: truncated while reading tensor {name!r}")
+                done += got
+        except OSError as err:
+            raise BasinError(f"{path}: cannot read tensor {name!r} ({err.strerror})") from None
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -27,7 +27,9 @@ METHODS = ("weight_matching", "activation_matching")
 
 
 def load_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    return {name: ckpt.get(name) for name in ckpt.names()}
+    """Every tensor of `ckpt` in memory, as copies: a tensor from `get()` may be a file mapping (one open
+    file descriptor each), which a whole state dict of a many-tensor model must not hold."""
+    return {name: ckpt.get(name).clone() for name in ckpt.names()}
 
 
 def _load_object(spec: Any) -> Any:

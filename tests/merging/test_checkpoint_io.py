@@ -84,6 +84,38 @@ def test_corrupted_and_truncated(tmp_path):
         open_checkpoint(path)
 
 
+def test_mapped_tensors_are_private_copies_and_a_file_truncated_later_is_a_clear_error(tmp_path):
+    state = random_state(4)
+    folder = write_safetensors(state, tmp_path / "m")
+    path = folder / "model.safetensors"
+    before = path.read_bytes()
+    ckpt = open_checkpoint(folder)
+    name = max(state, key=lambda n: state[n].numel())
+    tensor = ckpt.get(name)
+    tensor.add_(1.0)  # copy-on-write: the file is untouched
+    assert path.read_bytes() == before
+    assert torch.equal(ckpt.get(name), state[name])
+    with open(path, "r+b") as f:  # truncated after the headers were checked
+        f.truncate(len(before) // 2)
+    last = max(state, key=lambda n: ckpt._offset[n])
+    with pytest.raises(BasinError, match=f"truncated while reading tensor '{last}'"):
+        ckpt.get(last)
+
+
+def test_file_systems_without_memory_maps_are_read_instead(tmp_path, monkeypatch):
+    import merging.safetensors_io as io
+
+    state = random_state(5, torch.bfloat16)
+    ckpt = open_checkpoint(write_safetensors(state, tmp_path / "m"))
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(io.mmap, "mmap", no_mmap)
+    for name in state:
+        assert torch.equal(ckpt.get(name), state[name])
+
+
 def test_index_shard_escaping_folder(tmp_path):
     outside = write_safetensors(random_state(3), tmp_path / "outside")
     folder = tmp_path / "m"
