@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,13 +129,23 @@ def mask_and_rescale_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool | s
     if rescale is True:
         magnitude = delta.abs() if magnitude is None else magnitude
         before = _sum64(magnitude)
-        factor = l1_rescale_factor(before, _sum64(magnitude.mul_(mask)), eps)
-    delta.mul_(mask)
+        factor = l1_rescale_factor(before, _sum64(mul_mask_(magnitude, mask)), eps)
+    mul_mask_(delta, mask)
     if rescale == "unbiased":
         delta.div_(keep_probability)
     elif factor != 1.0:
         delta.mul_(factor)
     return delta
+
+
+def mul_mask_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x *= mask (bool) in place: x where the mask holds, a signed zero elsewhere. On CPU through numpy,
+    whose bool-to-float multiply is 3x faster than torch's in-place one (15x the out-of-place one)."""
+    if x.device.type == "cpu" and mask.device.type == "cpu" and x.is_contiguous() and mask.is_contiguous() \
+            and x.dtype == torch.float32 and mask.shape == x.shape:
+        np.multiply(x.numpy(), mask.numpy(), out=x.numpy())
+        return x
+    return x.mul_(mask)
 
 
 def l1_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
@@ -404,6 +416,20 @@ def chunk_generator(key: int, model: int, chunk: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([key, model, chunk])))
 
 
+def bernoulli_mask(generator: np.random.Generator, n: int, keep: float) -> np.ndarray:
+    """n draws of `generator.random(dtype=np.float32) < np.float32(keep)`, bit for bit, 1.5x faster.
+
+    numpy's float32 uniform is u = (r >> 8) / 2^24 for the next 32 random bits r, and PCG64 hands out
+    each 64-bit output as two 32-bit draws, low half first; so u < keep is (r >> 8) < ceil(keep 2^24),
+    computed on the raw outputs without making floats. (Big-endian machines take the float route.)"""
+    keep32 = np.float32(keep)
+    if sys.byteorder != "little" or not isinstance(generator.bit_generator, np.random.PCG64):
+        return generator.random(n, dtype=np.float32) < keep32
+    bits = generator.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    np.right_shift(bits, 8, out=bits)
+    return bits < np.uint32(math.ceil(float(keep32) * 2**24))
+
+
 def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool = False
                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
     """DARE's Bernoulli(keep[i]) masks of model i, one bool tensor per chunk (uniform < keep, float32),
@@ -415,8 +441,8 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
     def draw(index: int) -> list[torch.Tensor | None]:
         start, stop = inputs.span(index)
         return [None if keep[i] >= 1 else
-                (torch.from_numpy(chunk_generator(key, i, index).random(stop - start, dtype=np.float32)) < keep[i])
-                .to(device) for i in range(m)]
+                torch.from_numpy(bernoulli_mask(chunk_generator(key, i, index), stop - start, keep[i])).to(device)
+                for i in range(m)]
 
     if not sums:  # the masks need no input data: no chunk is read or converted
         per_chunk = map_threads(draw, inputs.num_chunks, inputs.workers)
@@ -429,7 +455,7 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
                 out.append((None, 0.0, 0.0))
                 continue
             a = x.sub_(base).abs_()
-            out.append((mask, _sum64(a), _sum64(a.mul_(mask))))
+            out.append((mask, _sum64(a), _sum64(mul_mask_(a, mask))))
         return out
 
     per_chunk = inputs.map(draw_and_sum)

@@ -36,6 +36,7 @@ from merging.methods.sparsify import (
     magnitude_band_mask,
     magnitude_cuts,
     mask_and_rescale_,
+    mul_mask_,
     random_mask,
     random_masks,
     rank_keep_probability,
@@ -163,7 +164,7 @@ class TaskVectorMerge:
             return tau
         rescale = params["rescale"]
         if self.sparsify == "random":
-            tau.mul_(state["masks"][i][chunk])
+            mul_mask_(tau, state["masks"][i][chunk])
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])
         else:

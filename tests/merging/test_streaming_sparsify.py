@@ -170,3 +170,15 @@ def test_bracket_tally_in_numpy_equals_the_torch_ops_used_on_accelerators(bracke
     assert fast[0] == reference[0] and fast[2] == reference[2] and torch.equal(fast[1], reference[1])
     assert fast[3] == pytest.approx(reference[3], rel=1e-12)
     assert fast[2] > 0 if bracket[2] is not None else fast[2] == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 1001, CHUNK_ELEMENTS])
+def test_bernoulli_mask_is_the_float32_uniform_draw_bit_for_bit(n):
+    import numpy as np
+
+    from merging.methods.sparsify import bernoulli_mask, chunk_generator
+
+    for keep in (1e-7, 0.1, 0.3, 1 / 3, 0.5, 0.9, 1 - 1e-9):
+        fast = bernoulli_mask(chunk_generator(7, 1, n), n, keep)
+        reference = chunk_generator(7, 1, n).random(n, dtype=np.float32) < np.float32(keep)
+        assert fast.shape == (n,) and np.array_equal(fast, reference)
