@@ -292,7 +292,7 @@ def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[Bracket |
     at least a quarter of the sample inside the range, if one does (a heavy tie); None for the trivial
     cuts k <= 0 (keep nothing) and k >= numel (keep all)."""
     n = inputs.numel
-    index = _sample_positions(n)
+    index = _sample_positions(n).to(inputs.base.device)
     base = inputs.base.index_select(0, index).to(torch.float32)
 
     def model(i: int) -> list[Bracket | None]:
