@@ -166,15 +166,19 @@ def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[flo
     elected = weighted[0].clone()
     for wd in weighted[1:]:
         elected.add_(wd)
-    # copysign(1, s): +1 for s >= +0; -1 for s = -0, which only arises when every w_i tau_i is a zero,
-    # so no model agrees under either convention
-    elected = torch.ones_like(elected).copysign_(elected)
-    mixed, divisor = None, None
+    # copysign(1, s), in place: +1 for s >= +0; -1 for s = -0, which only arises when every w_i tau_i is a
+    # zero, so no model agrees under either convention
+    torch.copysign(torch.ones((), dtype=elected.dtype, device=elected.device).expand_as(elected), elected,
+                   out=elected)
+    mixed, divisor, indicator = None, None, None
     for w, wd in zip(weights, weighted):
         agreeing = wd.mul_(elected).relu_()
         if normalize:
-            indicator = torch.sign(agreeing)
-            divisor = indicator.mul_(w) if divisor is None else divisor.add_(indicator, alpha=w)
+            if divisor is None:
+                divisor = torch.sign(agreeing).mul_(w)
+            else:
+                indicator = torch.sign(agreeing, out=indicator) if indicator is not None else torch.sign(agreeing)
+                divisor.add_(indicator, alpha=w)
         mixed = agreeing if mixed is None else mixed.add_(agreeing)
     mixed.mul_(elected)
     if normalize:
@@ -213,12 +217,13 @@ class MagnitudeCut:
     ties_total: int = 0
     ties_before: tuple[int, ...] | None = None
 
-    def keep(self, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
-        """`magnitude` where kept, 0 elsewhere (a new tensor); `magnitude` is chunk `chunk`."""
+    def keep(self, magnitude: torch.Tensor, chunk: int, inplace: bool = False) -> torch.Tensor:
+        """`magnitude` where kept, 0 elsewhere: a new tensor, or `magnitude` itself with `inplace`;
+        `magnitude` is chunk `chunk`."""
         if self.k <= 0:
-            return torch.zeros_like(magnitude)
+            return magnitude.zero_() if inplace else torch.zeros_like(magnitude)
         if self.k >= self.numel:
-            return magnitude.clone()
+            return magnitude if inplace else magnitude.clone()
         if self.ties_before is None:  # all ties kept, or none
             keep_ties = self.ties_kept > 0
         else:
@@ -227,9 +232,9 @@ class MagnitudeCut:
             if 0 < allowed and not keep_ties:
                 tied = magnitude == self.threshold
                 mask = (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed))
-                return magnitude * mask
+                return magnitude.mul_(mask) if inplace else magnitude * mask
         threshold = self.below_threshold if keep_ties else self.threshold
-        return torch.nn.functional.threshold(magnitude, threshold, 0.0)
+        return torch.nn.functional.threshold(magnitude, threshold, 0.0, inplace=inplace)
 
     @functools.cached_property
     def below_threshold(self) -> float:
