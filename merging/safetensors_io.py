@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import threading
 from pathlib import Path
 
@@ -36,7 +37,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+# Linux >= 5.14 (the constant reaches Python's mmap module only in 3.12); elsewhere pages fault in on use
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -159,10 +161,11 @@ class SafetensorsCheckpoint(Checkpoint):
             raise BasinError(f"{path}: truncated while reading tensor {name!r}") from None
         except OSError:  # a file system that cannot map files: read the bytes instead
             return self._read(path, meta, offset, name)
-        try:
-            mapped.madvise(MADV_POPULATE_READ)
-        except (OSError, AttributeError):  # kernels before 5.14, or no madvise: pages fault in on first use
-            pass
+        if MADV_POPULATE_READ is not None:
+            try:
+                mapped.madvise(MADV_POPULATE_READ)
+            except (OSError, AttributeError):  # kernels before 5.14, or no madvise (Windows)
+                pass
         raw = np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset - start)
         return torch.from_numpy(raw).view(meta.dtype).view(meta.shape)
 

@@ -176,8 +176,8 @@ def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[flo
         if normalize:
             if divisor is None:
                 divisor = torch.sign(agreeing).mul_(w)
-            else:
-                indicator = torch.sign(agreeing, out=indicator) if indicator is not None else torch.sign(agreeing)
+            else:  # one scratch indicator for the other models
+                indicator = torch.sign(agreeing, out=indicator)
                 divisor.add_(indicator, alpha=w)
         mixed = agreeing if mixed is None else mixed.add_(agreeing)
     mixed.mul_(elected)
@@ -217,13 +217,12 @@ class MagnitudeCut:
     ties_total: int = 0
     ties_before: tuple[int, ...] | None = None
 
-    def keep(self, magnitude: torch.Tensor, chunk: int, inplace: bool = False) -> torch.Tensor:
-        """`magnitude` where kept, 0 elsewhere: a new tensor, or `magnitude` itself with `inplace`;
-        `magnitude` is chunk `chunk`."""
+    def keep_(self, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`magnitude` (chunk `chunk`) zeroed in place where not kept; returns it."""
         if self.k <= 0:
-            return magnitude.zero_() if inplace else torch.zeros_like(magnitude)
+            return magnitude.zero_()
         if self.k >= self.numel:
-            return magnitude if inplace else magnitude.clone()
+            return magnitude
         if self.ties_before is None:  # all ties kept, or none
             keep_ties = self.ties_kept > 0
         else:
@@ -231,10 +230,9 @@ class MagnitudeCut:
             keep_ties = allowed >= self.ties_before[chunk + 1] - self.ties_before[chunk]
             if 0 < allowed and not keep_ties:
                 tied = magnitude == self.threshold
-                mask = (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed))
-                return magnitude.mul_(mask) if inplace else magnitude * mask
+                return mul_mask_(magnitude, (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed)))
         threshold = self.below_threshold if keep_ties else self.threshold
-        return torch.nn.functional.threshold(magnitude, threshold, 0.0, inplace=inplace)
+        return torch.nn.functional.threshold(magnitude, threshold, 0.0, inplace=True)
 
     @functools.cached_property
     def below_threshold(self) -> float:

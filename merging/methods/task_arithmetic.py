@@ -170,9 +170,10 @@ class TaskVectorMerge:
         else:
             magnitude = tau.abs()
             cuts = state["cuts"][i]
-            kept = cuts[0].keep(magnitude, chunk, inplace=len(cuts) == 1)
-            if len(cuts) > 1:  # Breadcrumbs: the band between the two cuts (the first one copied)
-                kept.sub_(cuts[1].keep(magnitude, chunk, inplace=True))
+            if len(cuts) == 1:
+                kept = cuts[0].keep_(magnitude, chunk)
+            else:  # Breadcrumbs: the band between the two cuts
+                kept = cuts[0].keep_(magnitude.clone(), chunk).sub_(cuts[1].keep_(magnitude, chunk))
             tau = torch.copysign(kept, tau, out=tau)  # tau * mask, signed zeros included
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])

@@ -39,9 +39,9 @@ def test_magnitude_cuts_equal_topk_mask_with_ties_across_chunks(levels):
         magnitude = (m.float() - base.float()).abs()
         for j, k in enumerate(ks[i]):
             expected = topk_mask(magnitude, k)
-            got = torch.cat([cuts[i][j].keep(magnitude[s:s + CHUNK_ELEMENTS], c) != 0
+            got = torch.cat([cuts[i][j].keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c) != 0
                              for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
-            # keep() returns magnitudes: exact zeros kept look dropped, so compare on nonzero entries
+            # keep_() returns magnitudes: exact zeros kept look dropped, so compare on nonzero entries
             assert torch.equal(got, expected & (magnitude != 0)), (i, k)
             assert int(expected.sum()) == k
 
@@ -111,7 +111,7 @@ def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, 
     heavy = float(in_range[0]) if with_heavy_value else None  # a value inside the range, counted rather than kept
     monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[(lo, hi, heavy)]])
     cuts, totals, kept = magnitude_cuts(ChunkedInputs([models[0].reshape(-1)], base.reshape(-1)), [[k]], sums=True)
-    got = torch.cat([cuts[0][0].keep(magnitude[s:s + CHUNK_ELEMENTS], c)
+    got = torch.cat([cuts[0][0].keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c)
                      for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
     expected = topk_mask(magnitude, k)
     assert torch.equal(got != 0, expected & (magnitude != 0))
@@ -150,7 +150,7 @@ def test_magnitude_cuts_count_a_heavy_value_instead_of_collecting_it(monkeypatch
     assert (kth == 5.0) == (kth_vs_heavy == "equal") and (kth > 5.0) == (kth_vs_heavy == "above")
     monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[(3.5, 6.5, 5.0)]])
     cuts, _, kept = magnitude_cuts(ChunkedInputs([tau], base), [[k]], sums=True)
-    got = torch.cat([cuts[0][0].keep(magnitude[s:s + CHUNK_ELEMENTS], c)
+    got = torch.cat([cuts[0][0].keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c)
                      for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
     expected = topk_mask(magnitude, k)
     assert cuts[0][0].threshold == kth

@@ -70,6 +70,11 @@ def _row(state: dict, name: str, words: list[str], token: str) -> torch.Tensor:
     return state[name][words.index(token)]
 
 
+def _linear_row(sa: dict, sb: dict, name: str, token: str) -> torch.Tensor:
+    """The row the 0.3 / 0.7 linear merge (`_linear`) gives a token both vocabularies have."""
+    return 0.3 * _row(sa, name, WORDS_A, token) + 0.7 * _row(sb, name, WORDS_B, token)
+
+
 def test_union_tokenizer_and_rows(tmp_path, ab):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +96,7 @@ def test_union_tokenizer_and_rows(tmp_path, ab):
         for t in ONLY_B:
             torch.testing.assert_close(so[name][union.index(t)], _row(sb, name, WORDS_B, t))
         for t in SHARED:
-            expected = 0.3 * _row(sa, name, WORDS_A, t) + 0.7 * _row(sb, name, WORDS_B, t)
+            expected = _linear_row(sa, sb, name, t)
             torch.testing.assert_close(so[name][union.index(t)], expected)
     layer = "model.layers.1.mlp.up_proj.weight"
     torch.testing.assert_close(so[layer], 0.3 * sa[layer] + 0.7 * sb[layer])
@@ -139,7 +144,7 @@ def test_tokenizer_source_model_remaps_to_that_vocabulary(tmp_path, ab, rule):
         for t in ONLY_B:
             torch.testing.assert_close(so[name][WORDS_B.index(t)], _row(sb, name, WORDS_B, t))
         for t in SHARED:
-            expected = 0.3 * _row(sa, name, WORDS_A, t) + 0.7 * _row(sb, name, WORDS_B, t)
+            expected = _linear_row(sa, sb, name, t)
             torch.testing.assert_close(so[name][WORDS_B.index(t)], expected)
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(WORDS_B)
 
@@ -152,7 +157,7 @@ def test_tokenizer_source_base_keeps_base_vocabulary(tmp_path, ab):
     for t in ONLY_A:
         torch.testing.assert_close(so[EMBED][WORDS_A.index(t)], _row(sa, EMBED, WORDS_A, t))
     for t in SHARED:
-        expected = 0.3 * _row(sa, EMBED, WORDS_A, t) + 0.7 * _row(sb, EMBED, WORDS_B, t)
+        expected = _linear_row(sa, sb, EMBED, t)
         torch.testing.assert_close(so[EMBED][WORDS_A.index(t)], expected)
 
 
