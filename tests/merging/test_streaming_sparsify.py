@@ -182,3 +182,16 @@ def test_bernoulli_mask_is_the_float32_uniform_draw_bit_for_bit(n):
         fast = bernoulli_mask(chunk_generator(7, 1, n), n, keep)
         reference = chunk_generator(7, 1, n).random(n, dtype=np.float32) < np.float32(keep)
         assert fast.shape == (n,) and np.array_equal(fast, reference)
+
+
+def test_mul_mask_equals_torch_multiply_bit_for_bit():
+    from merging.methods.sparsify import mul_mask_
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, generator=g)
+    x[:4] = torch.tensor([float("nan"), -0.0, float("-inf"), 0.0])
+    mask = torch.rand(1000, generator=g) < 0.5
+    mask[:4] = torch.tensor([False, False, True, False])
+    fast = mul_mask_(x.clone(), mask)
+    assert torch.equal(fast.view(torch.int32), (x * mask).view(torch.int32))  # signed zeros and NaN included
+    assert torch.equal(mul_mask_(x[::2].clone(), mask[::2]).view(torch.int32), (x[::2] * mask[::2]).view(torch.int32))
