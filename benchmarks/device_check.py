@@ -81,6 +81,35 @@ def main() -> None:
                 out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         return out
 
+    @section(results, "task_vectors_llama_mlp_cpu_vs_cuda")
+    def _task_vectors():
+        """One Llama MLP weight (5504 x 2048, bf16) of 4 fine-tunes: bf16 task vectors share few values, so
+        the trim thresholds fall on heavily tied values (the counted-heavy-value branch of the cut)."""
+        from merging.methods import get_method
+        from merging.tensor_merge import full_params, merge_tensor
+
+        g = torch.Generator().manual_seed(2)
+        base = (torch.randn(5504, 2048, generator=g) * 0.02).to(torch.bfloat16)
+        models = [(base.float() + 0.0005 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
+                  for _ in range(4)]
+        gpu_models, gpu_base = [x.to(DEV) for x in models], base.to(DEV)
+        out = {}
+        for name in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"):
+            m = get_method(name)
+            raw = {"weight": 0.25} | ({} if name == "task_arithmetic" else {"density": 0.5})
+            params = full_params(m, raw, 4)
+            t0 = time.perf_counter()
+            cpu = merge_tensor(m, "w", models, base, params, 0, torch.bfloat16)
+            cpu_s = time.perf_counter() - t0
+            merge_tensor(m, "w", gpu_models, gpu_base, params, 0, torch.bfloat16)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            gpu = merge_tensor(m, "w", gpu_models, gpu_base, params, 0, torch.bfloat16)
+            sync()
+            out[name] = diff(gpu, cpu) | {"cpu_s": round(cpu_s, 4),
+                                          "cuda_s": round(time.perf_counter() - t0, 4)}
+        return out
+
     @section(results, "engine_ties_cpu_vs_cuda")
     def _engine():
         from safetensors.torch import load_file, save_file

@@ -152,7 +152,7 @@ import torch
 from merging import merge
 baseline = _rss('VmRSS')
 t0 = time.perf_counter()
-report = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+report = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False, device=sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
                   "content_hash": report.content_hash}))
 """
@@ -291,6 +291,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text recorded in the JSON (e.g. machine load)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="of the generated checkpoints (float32 deltas have no ties at trim thresholds)")
+    parser.add_argument("--device", default="cpu", help="where basin computes (reads and writes stay on the CPU)")
     args = parser.parse_args()
 
     itemsize = 2 if args.dtype == "bfloat16" else 4
@@ -317,7 +318,7 @@ def main() -> None:
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             n_read = n + (1 if method in BASE_METHODS else 0)
             row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3),
-                         "dtype": args.dtype}
+                         "dtype": args.dtype, "device": args.device}
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors, basins, mks = [], [], []
             for _ in range(args.repeats):
@@ -326,7 +327,7 @@ def main() -> None:
                 floor_inputs = [str(p) for p in inputs] + ([str(base)] if method in BASE_METHODS else [])
                 floors.append(run_child(FLOOR_CHILD, [str(out_floor), *floor_inputs]))
                 shutil.rmtree(out_basin, ignore_errors=True)  # as for the floor: no old output holding page cache
-                basins.append(run_child(BASIN_CHILD, [str(recipe_path), str(out_basin)]))
+                basins.append(run_child(BASIN_CHILD, [str(recipe_path), str(out_basin), args.device]))
             for _ in range(args.repeats if mergekit else 0):  # after basin's runs: its 6 GB evicts the inputs' cache
                 try:
                     mks.append(run_mergekit(mergekit, recipe_path, out_mk))
@@ -355,11 +356,13 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = [r for r in previous.get("runs", [])
             if not any(r["method"] == x["method"] and r["n_models"] == x["n_models"]
-                       and r.get("dtype", "bfloat16") == x["dtype"] for x in results)]
+                       and r.get("dtype", "bfloat16") == x["dtype"] and r.get("device", "cpu") == x["device"]
+                       for x in results)]
     payload = {
         "benchmark": "merge_throughput",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "note": args.note or previous.get("note", ""),
         "floor": "inputs mapped + populated, each byte copied once into a reused 4 MB buffer, one model pwritten",
         "targets": {"linear_time_over_floor": 1.5, "ties_time_over_floor": 2.0, "rss_above_baseline_mb": 1500,

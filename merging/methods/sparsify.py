@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from merging.methods.chunking import ChunkedInputs, map_threads
+from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -436,16 +436,24 @@ def bernoulli_mask(generator: np.random.Generator, n: int, keep: float) -> np.nd
 def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool = False
                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
     """DARE's Bernoulli(keep[i]) masks of model i, one bool tensor per chunk (uniform < keep, float32),
-    drawn from `chunk_generator(key, i, chunk)`; models with keep >= 1 get none. With `sums`, also
-    sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
+    drawn from `chunk_generator(key, i, block)` for each block of CHUNK_ELEMENTS entries (a chunk on the
+    CPU; several on an accelerator, so masks do not depend on the device); models with keep >= 1 get none.
+    With `sums`, also sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
     m = len(inputs.tensors)
     device = inputs.tensors[0].device
 
     def draw(index: int) -> list[torch.Tensor | None]:
         start, stop = inputs.span(index)
-        return [None if keep[i] >= 1 else
-                torch.from_numpy(bernoulli_mask(chunk_generator(key, i, index), stop - start, keep[i])).to(device)
-                for i in range(m)]
+        blocks = range(start // CHUNK_ELEMENTS, -(-stop // CHUNK_ELEMENTS))  # one stream per block, any chunk size
+        out: list[torch.Tensor | None] = []
+        for i in range(m):
+            if keep[i] >= 1:
+                out.append(None)
+                continue
+            parts = [bernoulli_mask(chunk_generator(key, i, b), min(stop - b * CHUNK_ELEMENTS, CHUNK_ELEMENTS), keep[i])
+                     for b in blocks]
+            out.append(torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)).to(device))
+        return out
 
     if not sums:  # the masks need no input data: no chunk is read or converted
         per_chunk = map_threads(draw, inputs.num_chunks, inputs.workers)

@@ -195,3 +195,18 @@ def test_mul_mask_equals_torch_multiply_bit_for_bit():
     fast = mul_mask_(x.clone(), mask)
     assert torch.equal(fast.view(torch.int32), (x * mask).view(torch.int32))  # signed zeros and NaN included
     assert torch.equal(mul_mask_(x[::2].clone(), mask[::2]).view(torch.int32), (x[::2] * mask[::2]).view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "dare_linear", "task_arithmetic"])
+def test_results_do_not_depend_on_the_chunk_size(method):
+    """Accelerators merge in chunks of whole matrices, the CPU in cache-sized ones: the same bits either way
+    (DARE draws one random stream per CHUNK_ELEMENTS block whatever the chunk; heavy ties span chunk borders)."""
+    models, base = _inputs(7, levels=3)
+    m = get_method(method)
+    raw = {"weight": [0.5, 1.0, 0.3]} | ({} if method == "task_arithmetic" else {"density": [0.4, 0.7, 0.25]})
+    params = full_params(m, raw, 3)
+    small = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    for chunk_elements in (2 * CHUNK_ELEMENTS, 4 * CHUNK_ELEMENTS):  # two chunks, then one holding everything
+        large = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2,
+                            chunk_elements=chunk_elements)
+        assert torch.equal(large, small), chunk_elements
