@@ -310,7 +310,12 @@ def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[Bracket |
             spread = 4.5 * (q * (1 - q) * size) ** 0.5 + 2
             ranks.append((int(q * size - spread), int(q * size + spread) + 1))
         wanted = sorted({min(max(r, 0), size - 1) for pair in ranks if pair for r in pair})
-        ordered = np.partition(sample.cpu().numpy(), wanted) if wanted else None  # one selection for all ranks
+        if not wanted:
+            ordered = None
+        elif sample.device.type == "cpu":
+            ordered = np.partition(sample.numpy(), wanted)  # one selection for all ranks
+        else:  # a sort on the device, one transfer (each np.partition on the host waited on its own transfer)
+            ordered = sample.sort().values.cpu().numpy()
         out: list[Bracket | None] = []
         for pair in ranks:
             if pair is None:
