@@ -115,13 +115,25 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
     bytes_read = 0
     work = [k for k, tp in enumerate(lead.tensors) if tp.name not in skip]
 
-    def read(k: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    # CUDA: inputs are copied on a side stream by the reader threads, so the copies overlap the merge of the
+    # previous tensor and the merge's own syncs never wait on them (measured on an H200: host-to-device
+    # copies were a third of the main thread's time in a TIES merge)
+    copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+    def read(k: int) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.cuda.Event | None]:
         tp = lead.tensors[k]
         tensors = [checkpoints[i].get(name) for i, name in tp.sources]
         base = None if tp.base is None else checkpoints[tp.base[0]].get(tp.base[1])
         if tp.vocab and lead.vocab is not None:  # embedding / lm_head rows onto the output vocabulary
             tensors, base = lead.vocab.remap_inputs(tp.name, tp.sources, tp.base, tensors, base)
-        return tensors, base
+        if copy_stream is None:
+            return tensors, base, None
+        with torch.cuda.stream(copy_stream):
+            tensors = [t.to(dev, non_blocking=True) for t in tensors]
+            base = None if base is None else base.to(dev, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        return tensors, base, copied
 
     bar = None
     if progress:
@@ -141,14 +153,19 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
             if len(queue) >= prefetch:
                 break
         for step, k in enumerate(work):
-            tensors, base = queue.popleft().result()
+            tensors, base, copied = queue.popleft().result()
             nxt = next(todo, None)
             if nxt is not None:
                 queue.append(readers.submit(read, nxt))
             bytes_read += sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes)
-            if dev.type != "cpu":
-                tensors = [t.to(dev, non_blocking=True) for t in tensors]
-                base = None if base is None else base.to(dev, non_blocking=True)
+            if copied is not None:  # the merge's stream waits for the copies; their memory stays its own until used
+                compute = torch.cuda.current_stream(dev)
+                compute.wait_event(copied)
+                for t in tensors + ([] if base is None else [base]):
+                    t.record_stream(compute)
+            elif dev.type != "cpu":
+                tensors = [t.to(dev) for t in tensors]
+                base = None if base is None else base.to(dev)
             for plan, method, sink in zip(plans, methods, sinks):
                 tp = plan.tensors[k]
                 out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)
