@@ -17,8 +17,7 @@ mergekit's outputs. Data lives under --workdir (default /tmp), never in the repo
 
     python benchmarks/merge_throughput.py --size-gb 1 --n 2 4 --methods linear
     python benchmarks/merge_throughput.py --n 4 --methods ties dare_ties task_arithmetic
-    python benchmarks/merge_throughput.py --n 4 --methods ties --device cuda \
-        --out benchmarks/results/merge_throughput_h200.json
+    python benchmarks/merge_throughput.py --n 4 --methods ties --device cuda --out gpu.json  # another machine
 """
 
 from __future__ import annotations
