@@ -4,7 +4,7 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: venv demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py merging/methods/_fused.c
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

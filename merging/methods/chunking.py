@@ -146,6 +146,17 @@ def run_chunked(
     flat_out = out.view(-1)
     if is_two_phase(fn):
         state = fn.prepare(inputs, params, rng)
+        kernel = fn.fused(inputs, params, state) if hasattr(fn, "fused") else None
+        if kernel is not None:  # one compiled pass per chunk, straight from the stored inputs
+
+            def fused(index: int) -> None:
+                start, stop = inputs.span(index)
+                size = stop - start
+                buffer = _scratch(1, size)[0] if size <= CHUNK_ELEMENTS else torch.empty(size, dtype=torch.float32)
+                flat_out[start:stop] = kernel(index, buffer)
+
+            map_threads(fused, inputs.num_chunks, inputs.workers)
+            return out
 
         def work(index: int, chunks: list[torch.Tensor], b: torch.Tensor | None) -> None:
             start, stop = inputs.span(index)

@@ -203,6 +203,9 @@ def _below(value: float) -> float:
     return float(torch.nextafter(v, torch.tensor(float("-inf"))))
 
 
+KEEP_ALL, KEEP_ABOVE, KEEP_PARTIAL_TIES, KEEP_MASK = 0, 1, 2, 3  # the cut rules, as in _fused.c
+
+
 @dataclass(frozen=True)
 class MagnitudeCut:
     """The `k` largest of `numel` magnitudes as a rule applied chunk by chunk: entries above `threshold`
@@ -217,22 +220,31 @@ class MagnitudeCut:
     ties_total: int = 0
     ties_before: tuple[int, ...] | None = None
 
-    def keep_(self, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
-        """`magnitude` (chunk `chunk`) zeroed in place where not kept; returns it."""
+    def rule(self, chunk: int) -> tuple[int, float, int]:
+        """How chunk `chunk` is cut: (KEEP_ALL, 0, 0); (KEEP_ABOVE, cut, 0): magnitudes <= cut are zeroed;
+        (KEEP_PARTIAL_TIES, threshold, n): those above the threshold and the first n equal to it are kept."""
         if self.k <= 0:
-            return magnitude.zero_()
+            return KEEP_ABOVE, math.inf, 0
         if self.k >= self.numel:
-            return magnitude
+            return KEEP_ALL, 0.0, 0
         if self.ties_before is None:  # all ties kept, or none
             keep_ties = self.ties_kept > 0
         else:
             allowed = self.ties_kept - self.ties_before[chunk]
             keep_ties = allowed >= self.ties_before[chunk + 1] - self.ties_before[chunk]
             if 0 < allowed and not keep_ties:
-                tied = magnitude == self.threshold
-                return mul_mask_(magnitude, (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= allowed)))
-        threshold = self.below_threshold if keep_ties else self.threshold
-        return torch.nn.functional.threshold(magnitude, threshold, 0.0, inplace=True)
+                return KEEP_PARTIAL_TIES, self.threshold, allowed
+        return KEEP_ABOVE, self.below_threshold if keep_ties else self.threshold, 0
+
+    def keep_(self, magnitude: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`magnitude` (chunk `chunk`) zeroed in place where not kept; returns it."""
+        keep, cut, allowed = self.rule(chunk)
+        if keep == KEEP_ALL:
+            return magnitude
+        if keep == KEEP_PARTIAL_TIES:
+            tied = magnitude == cut
+            return mul_mask_(magnitude, (magnitude > cut) | (tied & (tied.cumsum(0) <= allowed)))
+        return torch.nn.functional.threshold(magnitude, cut, 0.0, inplace=True)
 
     @functools.cached_property
     def below_threshold(self) -> float:

@@ -24,14 +24,17 @@ model by model; mergekit's draws (global torch RNG) are not reproducible, so onl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from merging.methods import subspace  # noqa: F401  (registers tsv)
+from merging.methods import kernels, subspace  # noqa: F401  (subspace registers tsv)
 from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
+    KEEP_ALL,
+    KEEP_MASK,
     l1_rescale_factor,
     magnitude_band_mask,
     magnitude_cuts,
@@ -155,6 +158,44 @@ class TaskVectorMerge:
         elif self.sparsify is not None:
             raise ValueError(self.sparsify)
         return state
+
+    def fused(self, inputs: ChunkedInputs, params: Params, state: dict[str, Any]
+              ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+        """`apply` as one pass of the compiled kernel (merging/methods/_fused.c): kernel(chunk, out) writes the
+        merged float32 chunk into `out`, reading the stored inputs directly. None where the kernel does not
+        apply (not built, not on the CPU, float16 or non-contiguous inputs, Breadcrumbs' two cuts): then
+        `apply` runs, with the same bits (tested)."""
+        if self.sparsify == "outliers" or not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
+            return None
+        weights = [float(w) for w in params["weight"]]
+        rescale, normalize, lam = params["rescale"], params["normalize"], params["lambda"]
+        total = sum(weights)
+        combine = (int(self.consensus), int(normalize), int(min(weights) > 0), min(weights),
+                   int(not self.consensus and normalize and abs(total) >= 1e-8), int(lam != 1), total, lam)
+
+        def model(i: int, chunk: int, start: int) -> tuple:
+            t = inputs.tensors[i]
+            keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, 0, 0.0
+            if self._sparsified(params, i):
+                if self.sparsify == "random":
+                    keep, mask = KEEP_MASK, state["masks"][i][chunk].data_ptr()
+                else:
+                    keep, cut, allowed = state["cuts"][i][0].rule(chunk)
+                if rescale == "unbiased":
+                    post, post_value = 1, params["density"][i]
+                elif rescale is True and state["scale"][i] != 1.0:
+                    post, post_value = 2, state["scale"][i]
+            return (kernels.address(t, start), kernels.DTYPE_CODES[t.dtype], keep, cut, allowed, mask, post,
+                    post_value, int(weights[i] != 1), weights[i])
+
+        def kernel(chunk: int, out: torch.Tensor) -> torch.Tensor:
+            start, stop = inputs.span(chunk)
+            models = tuple(model(i, chunk, start) for i in range(len(inputs.tensors)))
+            kernels.compiled.merge_chunk(out.data_ptr(), stop - start, kernels.address(inputs.base, start),
+                                         kernels.DTYPE_CODES[inputs.base.dtype], models, combine)
+            return out
+
+        return kernel
 
     def _task_vector(self, x: torch.Tensor, base: torch.Tensor, i: int, params: Params, state: dict[str, Any],
                      chunk: int) -> torch.Tensor:
