@@ -43,8 +43,10 @@ INLINE void load(const void *data, int dtype, Py_ssize_t start, int len, float *
         memcpy(out, (const float *)data + start, (size_t)len * sizeof(float));
     } else {
         const uint16_t *h = (const uint16_t *)data + start;
-        uint32_t *u = (uint32_t *)out;
-        for (int j = 0; j < len; j++) u[j] = (uint32_t)h[j] << 16;
+        for (int j = 0; j < len; j++) {  /* bf16 is the top half of a float32 */
+            union { uint32_t u; float f; } v = {.u = (uint32_t)h[j] << 16};
+            out[j] = v.f;
+        }
     }
 }
 
@@ -207,7 +209,72 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* TIES' threshold scan, one chunk of one model against one bracket: a = |x - base|; counts a > hi and a == heavy,
+ * copies the a in [lo, hi] other than heavy into `candidates` (in order), flags NaN. The same tally as
+ * sparsify._split_at_bracket without its sums. */
+VECTOR_CLONES static void tally_chunk(const void *x, int x_dtype, const void *base, int base_dtype, Py_ssize_t n,
+                                      float lo, float hi, float heavy, int has_heavy, float *candidates,
+                                      long long *above, long long *heavy_count, long long *kept, int *nan) {
+    float a[BLOCK], b[BLOCK];
+    long long up = 0, same = 0, count = 0;
+    int any_nan = 0;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        load(x, x_dtype, start, len, a);
+        load(base, base_dtype, start, len, b);
+        int block_up = 0, block_same = 0, block_nan = 0, block_inside = 0;  /* one simple loop each: vectorized */
+        for (int j = 0; j < len; j++) a[j] = fabsf(a[j] - b[j]);
+        for (int j = 0; j < len; j++) block_nan += a[j] != a[j];
+        for (int j = 0; j < len; j++) block_up += a[j] > hi;
+        for (int j = 0; j < len; j++) block_inside += (a[j] >= lo) & (a[j] <= hi);
+        if (has_heavy)
+            for (int j = 0; j < len; j++) block_same += a[j] == heavy;
+        up += block_up;
+        same += block_same;
+        any_nan |= block_nan > 0;
+        if (block_inside > (has_heavy && heavy >= lo && heavy <= hi ? block_same : 0)) {
+            /* about 1% of the entries: write every entry, advance past the wanted ones (no branch to mispredict;
+             * `candidates` has room: count < n before each write) */
+            const float skip = has_heavy ? heavy : NAN; /* nothing equals NaN */
+            int wanted[BLOCK];
+            for (int j = 0; j < len; j++) wanted[j] = (a[j] >= lo) & (a[j] <= hi) & (a[j] != skip);
+            for (int j = 0; j < len; j += 16) {
+                int group = 0, end = j + 16 < len ? j + 16 : len;
+                for (int q = j; q < end; q++) group += wanted[q];
+                if (group)
+                    for (int q = j; q < end; q++) {
+                        candidates[count] = a[q];
+                        count += wanted[q];
+                    }
+            }
+        }
+    }
+    *above = up;
+    *heavy_count = same;
+    *kept = count;
+    *nan = any_nan;
+}
+
+/* tally_chunk(x, x_dtype, base, base_dtype, n, lo, hi, heavy, has_heavy, candidates) -> (above, heavy_count,
+ * candidates_written, has_nan); `candidates` a float32 buffer of n entries. Releases the GIL. */
+static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
+    unsigned long long x, base, out;
+    int x_dtype, base_dtype, has_heavy, nan;
+    Py_ssize_t n;
+    float lo, hi, heavy;
+    long long above, heavy_count, kept;
+    if (!PyArg_ParseTuple(args, "KiKinfffiK", &x, &x_dtype, &base, &base_dtype, &n, &lo, &hi, &heavy, &has_heavy,
+                          &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    tally_chunk((const void *)(uintptr_t)x, x_dtype, (const void *)(uintptr_t)base, base_dtype, n, lo, hi, heavy,
+                has_heavy, (float *)(uintptr_t)out, &above, &heavy_count, &kept, &nan);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("LLLO", above, heavy_count, kept, nan ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
+    {"tally_chunk", py_tally_chunk, METH_VARARGS, "TIES' threshold scan of one chunk (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {NULL, NULL, 0, NULL},
 };

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads
+from merging.methods import kernels
+from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, _scratch, map_threads
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -277,6 +278,20 @@ def _split_at_bracket(a: torch.Tensor, bracket: Bracket, sums: bool) -> tuple[in
             _sum64(a * torch.from_numpy(above)) if sums else 0.0)
 
 
+def _tally_compiled(x: torch.Tensor, base: torch.Tensor, start: int, stop: int, bracket: Bracket
+                    ) -> tuple[int, torch.Tensor, int, float, bool]:
+    """`_split_at_bracket` of entries [start, stop) of |x - base|, read from the stored tensors by the compiled
+    kernel in one pass (no float32 copy); last, whether a NaN was seen. No sums."""
+    lo, hi, heavy = bracket
+    size = stop - start
+    buffer = _scratch(1, size)[0] if size <= CHUNK_ELEMENTS else torch.empty(size, dtype=torch.float32)
+    above, heavy_count, kept, nan = kernels.compiled.tally_chunk(
+        kernels.address(x, start), kernels.DTYPE_CODES[x.dtype], kernels.address(base, start),
+        kernels.DTYPE_CODES[base.dtype], size, lo, hi, 0.0 if heavy is None else heavy, heavy is not None,
+        buffer.data_ptr())
+    return above, buffer[:kept].clone(), heavy_count, 0.0, nan
+
+
 def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tuple[int, torch.Tensor, int, float]:
     """`_split_at_bracket` in torch ops, for tensors on an accelerator."""
     lo, hi, heavy = bracket
@@ -358,7 +373,31 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     n, m = inputs.numel, len(inputs.tensors)
     brackets = _brackets(inputs, ks)
 
+    def refuse_nan(i: int) -> None:  # NaNs fall outside every bracket: refuse rather than rank them
+        raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be ranked")
+
     def scan(with_totals: bool) -> list[list]:
+        if not sums and kernels.readable(inputs.tensors + [inputs.base], n):  # one compiled pass per bracket
+            def visit_stored(index: int) -> list:
+                start, stop = inputs.span(index)
+                out = []
+                for i, x in enumerate(inputs.tensors):
+                    if not ks[i]:
+                        out.append(None)
+                        continue
+                    tallies = [None if b is None else _tally_compiled(x, inputs.base, start, stop, b)
+                               for b in brackets[i]]
+                    if all(t is None for t in tallies):  # trivial cuts: a pass only to look for NaN
+                        nan = _tally_compiled(x, inputs.base, start, stop, (math.inf, math.inf, None))[4]
+                    else:
+                        nan = any(t is not None and t[4] for t in tallies)
+                    if nan:
+                        refuse_nan(i)
+                    out.append(([None if t is None else t[:4] for t in tallies], 0.0))
+                return out
+
+            return map_threads(visit_stored, inputs.num_chunks, inputs.workers)
+
         def visit(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list:
             out = []
             for i, x in enumerate(chunks):
@@ -366,9 +405,8 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
                     out.append(None)
                     continue
                 a = x.sub_(base).abs_()
-                if torch.isnan(a.sum()):  # NaNs fall outside every bracket: refuse rather than rank them
-                    raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be "
-                                     "ranked")
+                if torch.isnan(a.sum()):
+                    refuse_nan(i)
                 cuts = []
                 for bracket in brackets[i]:
                     if bracket is None:

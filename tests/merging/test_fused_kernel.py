@@ -108,3 +108,48 @@ def test_kernel_keeps_exactly_the_allowed_ties_in_the_chunk_where_they_run_out()
     assert _same_bits(fused, reference)
     kept = [int(((x - base).abs() > 0).sum()) for x in models]
     assert all(k > 0 for k in kept)
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bracket", [(0.0005, 0.0015, None), (0.0005, 0.0015, 0.001), (float("-inf"), 0.001, 0.001),
+                                     (0.001, float("inf"), None), (float("inf"), float("inf"), None)])
+def test_compiled_tally_equals_the_numpy_tally(dtype, bracket):
+    from merging.methods.sparsify import _split_at_bracket, _tally_compiled
+
+    models, base = _inputs(dtype, seed=9)
+    start, stop = CHUNK_ELEMENTS, 2 * CHUNK_ELEMENTS
+    magnitude = (models[0][start:stop].float() - base[start:stop].float()).abs()
+    above, inside, heavy, _ = _split_at_bracket(magnitude, bracket, False)
+    got = _tally_compiled(models[0], base, start, stop, bracket)
+    assert (got[0], got[2], got[4]) == (above, heavy, False)
+    assert torch.equal(got[1], inside)  # the same candidates, in the same order
+    nan_model = models[0].clone()
+    nan_model[start + 5] = float("nan")
+    assert _tally_compiled(nan_model, base, start, stop, bracket)[4]
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
+@pytest.mark.parametrize("miss", [None, "above", "below"])
+def test_compiled_scan_gives_the_same_cuts_also_when_a_bracket_misses(monkeypatch, miss):
+    import merging.methods.sparsify as sparsify
+
+    models, base = _inputs(torch.bfloat16, seed=10)
+    ks = [[int(0.5 * N)], [int(0.2 * N), 9], [0]]
+    if miss:
+        magnitude = (models[0].float() - base.float()).abs()
+        kth = float(magnitude.kthvalue(N - ks[0][0] + 1).values)
+        lo, hi = (kth * 1.5, kth * 2.0) if miss == "above" else (kth * 0.2, kth * 0.5)
+        real = sparsify._brackets
+        monkeypatch.setattr(sparsify, "_brackets", lambda inputs, ks: [[(lo, hi, None)]] + real(inputs, ks)[1:])
+    inputs = ChunkedInputs(models, base, workers=2)
+    compiled, _, _ = sparsify.magnitude_cuts(inputs, ks)
+    monkeypatch.setattr(kernels, "compiled", None)
+    reference, _, _ = sparsify.magnitude_cuts(inputs, ks)
+    assert compiled == reference
+    for i, m in enumerate(models):
+        magnitude = (m.float() - base.float()).abs()
+        for j, k in enumerate(ks[i]):
+            kept = torch.cat([compiled[i][j].keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c) != 0
+                              for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
+            assert torch.equal(kept, sparsify.topk_mask(magnitude, k) & (magnitude != 0))
