@@ -50,37 +50,50 @@ INLINE void load(const void *data, int dtype, Py_ssize_t start, int len, float *
     }
 }
 
-/* tau <- the kept, rescaled, weighted task vector of one block (tau holds x - base on entry) */
-INLINE void task_vector(const Model *md, Py_ssize_t start, int len, float *tau, long long *ties_seen) {
-    if (md->keep == KEEP_ABOVE) {
+/* tau <- x - base, kept, rescaled and weighted, in one loop (tau holds x on entry). A rescale or weight that is
+ * not applied is a multiplication by 1, which leaves every float32 as it is (NaNs are quiet after the
+ * subtraction); only the division is left out when unused, being the slow one. */
+INLINE void trim(const Model *md, Py_ssize_t start, int len, const float *b, float *tau, long long *ties_seen,
+                 const int divide) {
+    const float by = md->post_value;
+    const float times = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
+    const float w = md->weighted ? md->weight : 1.0f;
+    if (md->keep == KEEP_MASK) {
+        const uint8_t *m = md->mask + start;
+        for (int j = 0; j < len; j++) {
+            float t = (tau[j] - b[j]) * (float)m[j]; /* bool bytes: 0 or 1 */
+            tau[j] = ((divide ? t / by : t) * times) * w;
+        }
+    } else if (md->keep == KEEP_PARTIAL_TIES) { /* one chunk per model: the one where the kept ties run out */
+        const float threshold = md->cut;
+        for (int j = 0; j < len; j++) {
+            float t = tau[j] - b[j], a = fabsf(t);
+            int keep = a > threshold;
+            if (a == threshold) keep = ++*ties_seen <= md->allowed;
+            t = copysignf(a * (keep ? 1.0f : 0.0f), t);
+            tau[j] = ((divide ? t / by : t) * times) * w;
+        }
+    } else if (md->keep == KEEP_ALL) {
+        for (int j = 0; j < len; j++) {
+            float t = tau[j] - b[j];
+            tau[j] = ((divide ? t / by : t) * times) * w;
+        }
+    } else { /* KEEP_ABOVE: torch's threshold, |tau| <= cut becomes 0 (NaN stays) */
         const float cut = md->cut;
         for (int j = 0; j < len; j++) {
-            float a = fabsf(tau[j]);
-            tau[j] = copysignf(a <= cut ? 0.0f : a, tau[j]);  /* torch's threshold: NaN stays */
+            float t = tau[j] - b[j], a = fabsf(t);
+            t = copysignf(a <= cut ? 0.0f : a, t);
+            tau[j] = ((divide ? t / by : t) * times) * w;
         }
-    } else if (md->keep == KEEP_PARTIAL_TIES) {
-        const float t = md->cut;
-        for (int j = 0; j < len; j++) {
-            float a = fabsf(tau[j]);
-            int keep = a > t;
-            if (a == t) keep = ++*ties_seen <= md->allowed;
-            tau[j] = copysignf(a * (keep ? 1.0f : 0.0f), tau[j]);
-        }
-    } else if (md->keep == KEEP_MASK) {
-        const uint8_t *m = md->mask + start;
-        for (int j = 0; j < len; j++) tau[j] = tau[j] * (float)m[j];  /* bool bytes: 0 or 1 */
     }
-    if (md->post == POST_DIVIDE) {
-        const float v = md->post_value;
-        for (int j = 0; j < len; j++) tau[j] = tau[j] / v;
-    } else if (md->post == POST_MULTIPLY) {
-        const float v = md->post_value;
-        for (int j = 0; j < len; j++) tau[j] = tau[j] * v;
-    }
-    if (md->weighted) {
-        const float w = md->weight;
-        for (int j = 0; j < len; j++) tau[j] = tau[j] * w;
-    }
+}
+
+INLINE void task_vector(const Model *md, Py_ssize_t start, int len, const float *b, float *tau,
+                        long long *ties_seen) {
+    if (md->post == POST_DIVIDE)
+        trim(md, start, len, b, tau, ties_seen, 1);
+    else
+        trim(md, start, len, b, tau, ties_seen, 0);
 }
 
 typedef struct {
@@ -106,8 +119,7 @@ VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *ba
         for (int i = 0; i < m; i++) {
             float *tau = taus + (size_t)i * BLOCK;
             load(models[i].data, models[i].dtype, start, len, tau);
-            for (int j = 0; j < len; j++) tau[j] = tau[j] - b[j];
-            task_vector(&models[i], start, len, tau, &ties_seen[i]);
+            task_vector(&models[i], start, len, b, tau, &ties_seen[i]);
         }
         float *mixed = out + start;
         if (c->consensus) {
@@ -222,22 +234,24 @@ VECTOR_CLONES static void tally_chunk(const void *x, int x_dtype, const void *ba
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
         load(x, x_dtype, start, len, a);
         load(base, base_dtype, start, len, b);
-        int block_up = 0, block_same = 0, block_nan = 0, block_inside = 0;  /* one simple loop each: vectorized */
-        for (int j = 0; j < len; j++) a[j] = fabsf(a[j] - b[j]);
-        for (int j = 0; j < len; j++) block_nan += a[j] != a[j];
-        for (int j = 0; j < len; j++) block_up += a[j] > hi;
-        for (int j = 0; j < len; j++) block_inside += (a[j] >= lo) & (a[j] <= hi);
-        if (has_heavy)
-            for (int j = 0; j < len; j++) block_same += a[j] == heavy;
+        const float skip = has_heavy ? heavy : NAN; /* nothing equals NaN */
+        int block_up = 0, block_same = 0, block_nan = 0, block_inside = 0;
+        int wanted[BLOCK];
+        for (int j = 0; j < len; j++) {
+            float v = fabsf(a[j] - b[j]);
+            a[j] = v;
+            block_nan += v != v;
+            block_up += v > hi;
+            block_same += v == skip;
+            wanted[j] = (v >= lo) & (v <= hi) & (v != skip);
+            block_inside += wanted[j];
+        }
         up += block_up;
         same += block_same;
         any_nan |= block_nan > 0;
-        if (block_inside > (has_heavy && heavy >= lo && heavy <= hi ? block_same : 0)) {
-            /* about 1% of the entries: write every entry, advance past the wanted ones (no branch to mispredict;
-             * `candidates` has room: count < n before each write) */
-            const float skip = has_heavy ? heavy : NAN; /* nothing equals NaN */
-            int wanted[BLOCK];
-            for (int j = 0; j < len; j++) wanted[j] = (a[j] >= lo) & (a[j] <= hi) & (a[j] != skip);
+        if (block_inside) {
+            /* about 1% of the entries: write every entry of a group holding some, advance past the wanted ones
+             * (no branch to mispredict; `candidates` has room: count < n before each write) */
             for (int j = 0; j < len; j += 16) {
                 int group = 0, end = j + 16 < len ? j + 16 : len;
                 for (int q = j; q < end; q++) group += wanted[q];
