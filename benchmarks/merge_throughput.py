@@ -8,7 +8,8 @@ method and N runs, each in a fresh subprocess:
   worth of bytes written with `os.pwrite`. No fresh memory is touched. (Until 2026-11-26 the floor
   was safetensors `get_tensor` + `clone()` + `save_file`: its fresh-memory page faults made it 2-3x
   slower than this, and slower than basin's own task_arithmetic once basin read by mapping.)
-  Every run starts with its output folder deleted, so none pays for an old output's page cache;
+  Every run starts with its output folder deleted, so none pays for an old output's page cache. It runs 3
+  times per repeat and the least is kept (on a shared machine a slow floor would flatter basin's ratio);
 - basin: `merging.merge` of the recipe;
 - mergekit (if --mergekit points at a `mergekit-yaml`): the same YAML.
 Records wall time, peak RSS (VmHWM) and RSS after imports (the interpreter's baseline) per run;
@@ -323,10 +324,11 @@ def main() -> None:
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors, basins, mks = [], [], []
             for _ in range(args.repeats):
-                shutil.rmtree(out_floor, ignore_errors=True)
-                out_floor.mkdir(parents=True)
                 floor_inputs = [str(p) for p in inputs] + ([str(base)] if method in BASE_METHODS else [])
-                floors.append(run_child(FLOOR_CHILD, [str(out_floor), *floor_inputs]))
+                for _ in range(3):  # the floor is cheap and the denominator: a slow one would flatter basin
+                    shutil.rmtree(out_floor, ignore_errors=True)
+                    out_floor.mkdir(parents=True)
+                    floors.append(run_child(FLOOR_CHILD, [str(out_floor), *floor_inputs]))
                 shutil.rmtree(out_basin, ignore_errors=True)  # as for the floor: no old output holding page cache
                 basins.append(run_child(BASIN_CHILD, [str(recipe_path), str(out_basin), args.device]))
             for _ in range(args.repeats if mergekit else 0):  # after basin's runs: its 6 GB evicts the inputs' cache

@@ -109,10 +109,10 @@ typedef struct {
 #define VECTOR_CLONES
 #endif
 
+/* work: (3 + m) BLOCK floats; ties_seen: m zeros */
 VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
-                        const Combine *c, float *out, float *work) {
+                                      const Combine *c, float *out, float *work, long long *ties_seen) {
     float *b = work, *elected = work + BLOCK, *divisor = work + 2 * BLOCK, *taus = work + 3 * BLOCK;
-    long long *ties_seen = (long long *)calloc((size_t)m, sizeof(long long));
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
         load(base, base_dtype, start, len, b);
@@ -169,7 +169,6 @@ VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *ba
             for (int j = 0; j < len; j++) mixed[j] = mixed[j] * c->lambda;
         for (int j = 0; j < len; j++) mixed[j] = mixed[j] + b[j];
     }
-    free(ties_seen);
 }
 
 /* merge_chunk(out, n, base, base_dtype, models, combine): out is a float32 buffer of n entries; models a
@@ -195,9 +194,11 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
         return NULL;
     Model *models = (Model *)calloc((size_t)m, sizeof(Model));
     float *work = (float *)malloc(sizeof(float) * BLOCK * (size_t)(3 + m));
-    if (!models || !work) {
+    long long *ties_seen = (long long *)calloc((size_t)m, sizeof(long long));
+    if (!models || !work || !ties_seen) {
         free(models);
         free(work);
+        free(ties_seen);
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < m; i++) {
@@ -207,6 +208,7 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
                               &md->allowed, &mask, &md->post, &md->post_value, &md->weighted, &md->weight)) {
             free(models);
             free(work);
+            free(ties_seen);
             return NULL;
         }
         md->data = (const void *)(uintptr_t)data;
@@ -214,10 +216,11 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     merge_chunk(models, (int)m, (const void *)(uintptr_t)base_addr, base_dtype, n, &c, (float *)(uintptr_t)out_addr,
-                work);
+                work, ties_seen);
     Py_END_ALLOW_THREADS
     free(models);
     free(work);
+    free(ties_seen);
     Py_RETURN_NONE;
 }
 
