@@ -13,6 +13,9 @@ and the inputs are never converted to float32 whole. Chunk boundaries are fixed 
 alone, and every per-chunk result is combined in chunk order, so results do not depend on the number
 of worker threads (torch ops release the GIL, so threads do run in parallel).
 
+Where the compiled kernel applies (`fn.fused`, merging/methods/kernels.py), a chunk is merged by one call
+that reads the stored inputs directly, with no float32 copies.
+
 On an accelerator a chunk is up to `ACCELERATOR_CHUNK_ELEMENTS` entries (a whole weight matrix, in
 practice): cache-sized chunks there cost a kernel launch per operation and chunk and a device sync per
 count (measured on an H200: a TIES merge of 4 x 1 GB bf16 models took 4.96 s with them, 2.42 s with whole

@@ -13,8 +13,9 @@
 - `magnitude_cuts` / `MagnitudeCut`: the same exact top-k as `topk_mask`, found in one pass over the
   chunks of a tensor (a sampled bracket around the k-th largest, then an exact selection among the
   entries inside it, as in Floyd and Rivest's SELECT) and applied chunk by chunk, so TIES and
-  Breadcrumbs stream like elementwise methods; `random_masks`: DARE's Bernoulli masks drawn per chunk from
-  seeds derived from (tensor key, model, chunk), independent of thread count and chunk order.
+  Breadcrumbs stream like elementwise methods (on the CPU the scan runs in the compiled kernel where
+  built); `random_masks`: DARE's Bernoulli masks drawn per chunk from seeds derived from (tensor key,
+  model, block), independent of thread count, chunk order and chunk size.
 Functions ending in _ modify their first argument in place (the callers own those task vectors: in
 place saves the allocation of a fresh tensor per step, the costly part on CPU); the rest are pure.
 Randomness only through the generator passed in (drawn on CPU).

@@ -16,7 +16,8 @@ Where this follows mergekit rather than the papers (documented per method):
 - `int8_mask` is accepted and ignored: the engine already merges one tensor at a time.
 Task arithmetic, TIES, DARE and Breadcrumbs stream: `TaskVectorMerge` finds each model's exact top-k
 threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, then merges chunk by chunk
-(merging.methods.chunking), never holding a float32 copy of a whole input. DELLA (per-row ranks),
+(merging.methods.chunking), never holding a float32 copy of a whole input; on the CPU both passes run in the
+compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA (per-row ranks),
 Model Stock and SCE work on whole tensors. DARE's masks come from PCG64 streams seeded by (a key drawn
 from the per-tensor generator, model index, chunk index), DELLA's from the per-tensor generator, drawn
 model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
