@@ -153,3 +153,25 @@ def test_compiled_scan_gives_the_same_cuts_also_when_a_bracket_misses(monkeypatc
             kept = torch.cat([compiled[i][j].keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c) != 0
                               for c, s in enumerate(range(0, N, CHUNK_ELEMENTS))])
             assert torch.equal(kept, sparsify.topk_mask(magnitude, k) & (magnitude != 0))
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(tmp_path, monkeypatch, method):
+    from merging import merge
+    from tests.merging.conftest import write_safetensors
+
+    g = torch.Generator().manual_seed(12)
+    base = {f"layers.{i}.w": (torch.randn(700, 900, generator=g) * 0.02).to(torch.bfloat16) for i in range(3)}
+    base["norm"] = torch.ones(900, dtype=torch.bfloat16)
+    base_dir = write_safetensors(base, tmp_path / "base")
+    models = []
+    for k in range(3):
+        state = {n: (t.float() + 0.001 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
+        models.append(str(write_safetensors(state, tmp_path / f"m{k}")))
+    recipe = {"merge_method": method, "base_model": str(base_dir), "seed": 4,
+              "models": [{"model": m, "parameters": {"weight": 0.4} | ({} if method == "task_arithmetic"
+                                                                      else {"density": 0.5})} for m in models]}
+    with_kernel = merge(recipe, tmp_path / "on", progress=False).content_hash
+    monkeypatch.setattr(kernels, "compiled", None)
+    assert merge(recipe, tmp_path / "off", progress=False).content_hash == with_kernel
