@@ -22,7 +22,7 @@
 #endif
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
-enum { KEEP_ALL = 0, KEEP_ABOVE = 1, KEEP_PARTIAL_TIES = 2, KEEP_MASK = 3 };
+enum { KEEP_ALL = 0, KEEP_ABOVE = 1, KEEP_PARTIAL_TIES = 2, KEEP_MASK = 3, KEEP_BAND = 4 };
 enum { POST_NONE = 0, POST_DIVIDE = 1, POST_MULTIPLY = 2 };
 
 typedef struct {
@@ -36,6 +36,11 @@ typedef struct {
     float post_value;
     int weighted;         /* multiply by weight (skipped for weight 1, as the torch path) */
     float weight;
+    /* KEEP_BAND (Breadcrumbs): what the outer cut (outer_keep, cut, allowed) keeps minus what the inner one
+     * (inner_keep, inner_cut, inner_allowed) keeps; each rule KEEP_ALL, KEEP_ABOVE or KEEP_PARTIAL_TIES */
+    int outer_keep, inner_keep;
+    float inner_cut;
+    long long inner_allowed;
 } Model;
 
 INLINE void load(const void *data, int dtype, Py_ssize_t start, int len, float *out) {
@@ -88,9 +93,44 @@ INLINE void trim(const Model *md, Py_ssize_t start, int len, const float *b, flo
     }
 }
 
+/* kept[j] <- |tau_j| where the rule keeps it, else +0 (as MagnitudeCut.keep_) */
+INLINE void keep_by_rule(int keep, float cut, long long allowed, const float *x, const float *b, int len,
+                         float *kept, long long *ties_seen) {
+    if (keep == KEEP_PARTIAL_TIES) {
+        for (int j = 0; j < len; j++) {
+            float a = fabsf(x[j] - b[j]);
+            int k = a > cut;
+            if (a == cut) k = ++*ties_seen <= allowed;
+            kept[j] = a * (k ? 1.0f : 0.0f);
+        }
+    } else if (keep == KEEP_ALL) {
+        for (int j = 0; j < len; j++) kept[j] = fabsf(x[j] - b[j]);
+    } else {
+        for (int j = 0; j < len; j++) {
+            float a = fabsf(x[j] - b[j]);
+            kept[j] = a <= cut ? 0.0f : a;
+        }
+    }
+}
+
+/* Breadcrumbs: tau <- copysign(outer - inner, x - base), rescaled and weighted */
+INLINE void band(const Model *md, int len, const float *b, float *tau, long long *ties_seen) {
+    float outer[BLOCK], inner[BLOCK];
+    keep_by_rule(md->outer_keep, md->cut, md->allowed, tau, b, len, outer, ties_seen);
+    keep_by_rule(md->inner_keep, md->inner_cut, md->inner_allowed, tau, b, len, inner, ties_seen + 1);
+    const float times = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
+    const float w = md->weighted ? md->weight : 1.0f;
+    for (int j = 0; j < len; j++) {
+        float t = copysignf(outer[j] - inner[j], tau[j] - b[j]);
+        tau[j] = ((md->post == POST_DIVIDE ? t / md->post_value : t) * times) * w;
+    }
+}
+
 INLINE void task_vector(const Model *md, Py_ssize_t start, int len, const float *b, float *tau,
                         long long *ties_seen) {
-    if (md->post == POST_DIVIDE)
+    if (md->keep == KEEP_BAND)
+        band(md, len, b, tau, ties_seen);
+    else if (md->post == POST_DIVIDE)
         trim(md, start, len, b, tau, ties_seen, 1);
     else
         trim(md, start, len, b, tau, ties_seen, 0);
@@ -109,7 +149,7 @@ typedef struct {
 #define VECTOR_CLONES
 #endif
 
-/* work: (3 + m) BLOCK floats; ties_seen: m zeros */
+/* work: (3 + m) BLOCK floats; ties_seen: 2 m zeros (two cuts per model at most) */
 VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
                                       const Combine *c, float *out, float *work, long long *ties_seen) {
     float *b = work, *elected = work + BLOCK, *divisor = work + 2 * BLOCK, *taus = work + 3 * BLOCK;
@@ -119,7 +159,7 @@ VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *ba
         for (int i = 0; i < m; i++) {
             float *tau = taus + (size_t)i * BLOCK;
             load(models[i].data, models[i].dtype, start, len, tau);
-            task_vector(&models[i], start, len, b, tau, &ties_seen[i]);
+            task_vector(&models[i], start, len, b, tau, &ties_seen[2 * i]);
         }
         float *mixed = out + start;
         if (c->consensus) {
@@ -172,7 +212,8 @@ VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *ba
 }
 
 /* merge_chunk(out, n, base, base_dtype, models, combine): out is a float32 buffer of n entries; models a
- * tuple of (data, dtype, keep, cut, allowed, mask, post, post_value, weighted, weight); combine a tuple
+ * tuple of (data, dtype, keep, cut, allowed, mask, post, post_value, weighted, weight, outer_keep, inner_keep,
+ * inner_cut, inner_allowed); combine a tuple
  * (consensus, normalize, positive_weights, min_weight, divide_by_total, scale_by_lambda, total, lambda).
  * Addresses are integers (the Python side checks sizes, dtypes and contiguity). Releases the GIL. */
 static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
@@ -194,7 +235,7 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
         return NULL;
     Model *models = (Model *)calloc((size_t)m, sizeof(Model));
     float *work = (float *)malloc(sizeof(float) * BLOCK * (size_t)(3 + m));
-    long long *ties_seen = (long long *)calloc((size_t)m, sizeof(long long));
+    long long *ties_seen = (long long *)calloc(2 * (size_t)m, sizeof(long long));
     if (!models || !work || !ties_seen) {
         free(models);
         free(work);
@@ -204,8 +245,9 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < m; i++) {
         unsigned long long data, mask;
         Model *md = &models[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models_obj, i), "KiifLKifif", &data, &md->dtype, &md->keep, &md->cut,
-                              &md->allowed, &mask, &md->post, &md->post_value, &md->weighted, &md->weight)) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models_obj, i), "KiifLKififiifL", &data, &md->dtype, &md->keep,
+                              &md->cut, &md->allowed, &mask, &md->post, &md->post_value, &md->weighted, &md->weight,
+                              &md->outer_keep, &md->inner_keep, &md->inner_cut, &md->inner_allowed)) {
             free(models);
             free(work);
             free(ties_seen);

@@ -205,7 +205,7 @@ def _below(value: float) -> float:
     return float(torch.nextafter(v, torch.tensor(float("-inf"))))
 
 
-KEEP_ALL, KEEP_ABOVE, KEEP_PARTIAL_TIES, KEEP_MASK = 0, 1, 2, 3  # the cut rules, as in _fused.c
+KEEP_ALL, KEEP_ABOVE, KEEP_PARTIAL_TIES, KEEP_MASK, KEEP_BAND = 0, 1, 2, 3, 4  # the cut rules, as in _fused.c
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
     KEEP_ALL,
+    KEEP_BAND,
     KEEP_MASK,
     l1_rescale_factor,
     magnitude_band_mask,
@@ -164,9 +165,9 @@ class TaskVectorMerge:
               ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
         """`apply` as one pass of the compiled kernel (merging/methods/_fused.c): kernel(chunk, out) writes the
         merged float32 chunk into `out`, reading the stored inputs directly. None where the kernel does not
-        apply (not built, not on the CPU, float16 or non-contiguous inputs, Breadcrumbs' two cuts): then
+        apply (not built, not on the CPU, float16 or non-contiguous inputs): then
         `apply` runs, with the same bits (tested)."""
-        if self.sparsify == "outliers" or not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
+        if not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
             return None
         weights = [float(w) for w in params["weight"]]
         rescale, normalize, lam = params["rescale"], params["normalize"], params["lambda"]
@@ -177,9 +178,13 @@ class TaskVectorMerge:
         def model(i: int, chunk: int, start: int) -> tuple:
             t = inputs.tensors[i]
             keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, 0, 0.0
+            outer, inner = KEEP_ALL, (KEEP_ALL, 0.0, 0)
             if self._sparsified(params, i):
                 if self.sparsify == "random":
                     keep, mask = KEEP_MASK, state["masks"][i][chunk].data_ptr()
+                elif self.sparsify == "outliers":  # Breadcrumbs: the band between two cuts
+                    outer, cut, allowed = state["cuts"][i][0].rule(chunk)
+                    keep, inner = KEEP_BAND, state["cuts"][i][1].rule(chunk)
                 else:
                     keep, cut, allowed = state["cuts"][i][0].rule(chunk)
                 if rescale == "unbiased":
@@ -187,7 +192,7 @@ class TaskVectorMerge:
                 elif rescale is True and state["scale"][i] != 1.0:
                     post, post_value = 2, state["scale"][i]
             return (kernels.address(t, start), kernels.DTYPE_CODES[t.dtype], keep, cut, allowed, mask, post,
-                    post_value, int(weights[i] != 1), weights[i])
+                    post_value, int(weights[i] != 1), weights[i], outer, *inner)
 
         def kernel(chunk: int, out: torch.Tensor) -> torch.Tensor:
             start, stop = inputs.span(chunk)

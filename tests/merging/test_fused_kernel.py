@@ -67,6 +67,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     ("ties", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.6, 1.0], "rescale": True}),
     ("ties", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.6, 1.0], "rescale": "unbiased"}),
     ("dare_ties", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.7, 1.0]}),
+    ("breadcrumbs", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.7, 1.0], "gamma": [0.05, 0.0, 0.01]}),
+    ("breadcrumbs_ties", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.6, 1.0], "gamma": 0.1, "rescale": True}),
+    ("breadcrumbs_ties", {"weight": [0.5, 1.0, 0.3], "density": [0.9, 0.6, 1.0], "gamma": 0.2, "rescale": "unbiased"}),
     ("dare_linear", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.7, 1.0], "rescale": "unbiased"}),
     ("dare_linear", {"weight": [0.5, 1.0, 0.3], "density": [0.4, 0.7, 1.0], "rescale": False, "normalize": True}),
 ])
@@ -92,19 +95,21 @@ def test_kernel_reads_mixed_dtypes_and_falls_back_where_it_does_not_apply():
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
-def test_kernel_keeps_exactly_the_allowed_ties_in_the_chunk_where_they_run_out():
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_kernel_keeps_exactly_the_allowed_ties_in_the_chunk_where_they_run_out(method):
     """Every task-vector magnitude is one of 4 values: the trim threshold is shared by a quarter of all entries,
     and the chunk where the kept ties run out is cut mid-chunk (KEEP_PARTIAL_TIES)."""
     g = torch.Generator().manual_seed(5)
     base = torch.zeros(N)
     models = [(torch.randint(1, 5, (N,), generator=g) * torch.sign(torch.randn(N, generator=g))).float()
               for _ in range(2)]
-    m = get_method("ties")
-    params = full_params(m, {"weight": 1.0, "density": 0.6}, 2)
+    m = get_method(method)
+    raw = {"weight": 1.0, "density": 0.6} | ({"gamma": 0.1} if method == "breadcrumbs_ties" else {})
+    params = full_params(m, raw, 2)
     state = m.fn.prepare(ChunkedInputs(models, base), params, tensor_rng(0, "w"))
-    rules = [state["cuts"][i][0].rule(c)[0] for i in range(2) for c in range(3)]
+    rules = [cut.rule(c)[0] for i in range(2) for cut in state["cuts"][i] for c in range(3)]
     assert 2 in rules  # some chunk keeps only part of its ties
-    fused, reference = _both("ties", models, base, {"weight": 1.0, "density": 0.6})
+    fused, reference = _both(method, models, base, raw)
     assert _same_bits(fused, reference)
     kept = [int(((x - base).abs() > 0).sum()) for x in models]
     assert all(k > 0 for k in kept)
@@ -156,7 +161,7 @@ def test_compiled_scan_gives_the_same_cuts_also_when_a_bracket_misses(monkeypatc
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
 def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(tmp_path, monkeypatch, method):
     from merging import merge
     from tests.merging.conftest import write_safetensors
