@@ -323,6 +323,8 @@ def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[Bracket |
     at least a quarter of the sample inside the range, if one does (a heavy tie); None for the trivial
     cuts k <= 0 (keep nothing) and k >= numel (keep all)."""
     n = inputs.numel
+    if not any(0 < k < n for cut_ks in ks for k in cut_ks):  # only trivial cuts (an empty tensor among them)
+        return [[None] * len(cut_ks) for cut_ks in ks]
     index = _sample_positions(n).to(inputs.base.device)
     base = inputs.base.index_select(0, index).to(torch.float32)
 
@@ -500,7 +502,8 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
 
     def draw(index: int) -> list[torch.Tensor | None]:
         start, stop = inputs.span(index)
-        blocks = range(start // CHUNK_ELEMENTS, -(-stop // CHUNK_ELEMENTS))  # one stream per block, any chunk size
+        # one stream per block of CHUNK_ELEMENTS entries, whatever the chunk size (an empty tensor: one empty block)
+        blocks = range(start // CHUNK_ELEMENTS, max(1, -(-stop // CHUNK_ELEMENTS)))
         out: list[torch.Tensor | None] = []
         for i in range(m):
             if keep[i] >= 1:

@@ -180,3 +180,24 @@ def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(
     with_kernel = merge(recipe, tmp_path / "on", progress=False).content_hash
     monkeypatch.setattr(kernels, "compiled", None)
     assert merge(recipe, tmp_path / "off", progress=False).content_hash == with_kernel
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 300])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_empty_and_tiny_tensors_of_many_models(method, n):
+    """An empty tensor (a checkpoint may hold one) once failed in TIES' sampling and DARE's draws; 20 models
+    take the kernel past its per-model buffers."""
+    from merging.tensor_merge import merge_tensor
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(20)]
+    m = get_method(method)
+    params = full_params(m, {"weight": 0.05} | ({} if method == "task_arithmetic" else {"density": 0.5}), 20)
+    fused = merge_tensor(m, "w", models, base, params, 0, torch.float32)
+    saved, kernels.compiled = kernels.compiled, None
+    try:
+        reference = merge_tensor(m, "w", models, base, params, 0, torch.float32)
+    finally:
+        kernels.compiled = saved
+    assert fused.shape == (n,) and _same_bits(fused, reference)
