@@ -35,8 +35,7 @@ typedef struct {
     const uint8_t *mask;  /* KEEP_MASK: bool per entry */
     int post;             /* POST_*: rescale after the trim */
     float post_value;
-    int weighted;         /* multiply by weight (skipped for weight 1, as the torch path) */
-    float weight;
+    float weight;         /* the torch path skips a weight of 1; multiplying by 1 gives the same bits */
     /* KEEP_BAND (Breadcrumbs): what the outer cut (outer_keep, cut, allowed) keeps minus what the inner one
      * (inner_keep, inner_cut, inner_allowed) keeps; each rule KEEP_ALL, KEEP_ABOVE or KEEP_PARTIAL_TIES */
     int outer_keep, inner_keep;
@@ -63,7 +62,7 @@ INLINE void trim(const Model *md, Py_ssize_t start, int len, const float *b, flo
                  const int divide) {
     const float by = md->post_value;
     const float times = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
-    const float w = md->weighted ? md->weight : 1.0f;
+    const float w = md->weight;
     if (md->keep == KEEP_MASK) {
         const uint8_t *m = md->mask + start;
         for (int j = 0; j < len; j++) {
@@ -120,7 +119,7 @@ INLINE void band(const Model *md, int len, const float *b, float *tau, long long
     keep_by_rule(md->outer_keep, md->cut, md->allowed, tau, b, len, outer, ties_seen);
     keep_by_rule(md->inner_keep, md->inner_cut, md->inner_allowed, tau, b, len, inner, ties_seen + 1);
     const float times = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
-    const float w = md->weighted ? md->weight : 1.0f;
+    const float w = md->weight;
     for (int j = 0; j < len; j++) {
         float t = copysignf(outer[j] - inner[j], tau[j] - b[j]);
         tau[j] = ((md->post == POST_DIVIDE ? t / md->post_value : t) * times) * w;
@@ -213,7 +212,7 @@ VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *ba
 }
 
 /* merge_chunk(out, n, base, base_dtype, models, combine): out is a float32 buffer of n entries; models a
- * tuple of (data, dtype, keep, cut, allowed, mask, post, post_value, weighted, weight, outer_keep, inner_keep,
+ * tuple of (data, dtype, keep, cut, allowed, mask, post, post_value, weight, outer_keep, inner_keep,
  * inner_cut, inner_allowed); combine a tuple
  * (consensus, normalize, positive_weights, min_weight, divide_by_total, scale_by_lambda, total, lambda).
  * Addresses are integers (the Python side checks sizes, dtypes and contiguity). Releases the GIL. */
@@ -246,8 +245,8 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < m; i++) {
         unsigned long long data, mask;
         Model *md = &models[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models_obj, i), "KiifLKififiifL", &data, &md->dtype, &md->keep,
-                              &md->cut, &md->allowed, &mask, &md->post, &md->post_value, &md->weighted, &md->weight,
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models_obj, i), "KiifLKiffiifL", &data, &md->dtype, &md->keep,
+                              &md->cut, &md->allowed, &mask, &md->post, &md->post_value, &md->weight,
                               &md->outer_keep, &md->inner_keep, &md->inner_cut, &md->inner_allowed)) {
             free(models);
             free(work);

@@ -60,8 +60,11 @@ def map_threads(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
 _local = threading.local()
 
 
-def _scratch(count: int, size: int) -> list[torch.Tensor]:
-    """`count` float32 buffers of `size` (<= CHUNK_ELEMENTS) entries, owned by the calling thread."""
+def scratch(count: int, size: int) -> list[torch.Tensor]:
+    """`count` float32 buffers of `size` entries, owned by the calling thread and reused by its next call
+    (fresh ones above CHUNK_ELEMENTS: only the larger chunks of tests and accelerators ask for those)."""
+    if size > CHUNK_ELEMENTS:
+        return [torch.empty(size, dtype=torch.float32) for _ in range(count)]
     buffers: list[torch.Tensor] = getattr(_local, "buffers", [])
     while len(buffers) < count:
         buffers.append(torch.empty(CHUNK_ELEMENTS, dtype=torch.float32))
@@ -97,8 +100,8 @@ class ChunkedInputs:
         fault per 4 kB when several threads allocate, 5% of a TIES merge's CPU)."""
         start, stop = self.span(index)
         sources = self.tensors + ([] if self.base is None else [self.base])
-        if sources[0].device.type == "cpu" and stop - start <= CHUNK_ELEMENTS:
-            copies = [buffer.copy_(t[start:stop]) for buffer, t in zip(_scratch(len(sources), stop - start), sources)]
+        if sources[0].device.type == "cpu":
+            copies = [buffer.copy_(t[start:stop]) for buffer, t in zip(scratch(len(sources), stop - start), sources)]
         else:
             copies = [t[start:stop].to(torch.float32, copy=True) for t in sources]
         return copies[:len(self.tensors)], None if self.base is None else copies[-1]
@@ -154,9 +157,7 @@ def run_chunked(
 
             def fused(index: int) -> None:
                 start, stop = inputs.span(index)
-                size = stop - start
-                buffer = _scratch(1, size)[0] if size <= CHUNK_ELEMENTS else torch.empty(size, dtype=torch.float32)
-                flat_out[start:stop] = kernel(index, buffer)
+                flat_out[start:stop] = kernel(index, scratch(1, stop - start)[0])
 
             map_threads(fused, inputs.num_chunks, inputs.workers)
             return out

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from merging.methods import kernels
-from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, _scratch, map_threads
+from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads, scratch
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -285,7 +285,7 @@ def _tally_compiled(x: torch.Tensor, base: torch.Tensor, start: int, stop: int, 
     kernel in one pass (no float32 copy); last, whether a NaN was seen. No sums."""
     lo, hi, heavy = bracket
     size = stop - start
-    buffer = _scratch(1, size)[0] if size <= CHUNK_ELEMENTS else torch.empty(size, dtype=torch.float32)
+    buffer = scratch(1, size)[0]
     above, heavy_count, kept, nan = kernels.compiled.tally_chunk(
         kernels.address(x, start), kernels.DTYPE_CODES[x.dtype], kernels.address(base, start),
         kernels.DTYPE_CODES[base.dtype], size, lo, hi, 0.0 if heavy is None else heavy, heavy is not None,

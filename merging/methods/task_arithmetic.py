@@ -192,7 +192,7 @@ class TaskVectorMerge:
                 elif rescale is True and state["scale"][i] != 1.0:
                     post, post_value = 2, state["scale"][i]
             return (kernels.address(t, start), kernels.DTYPE_CODES[t.dtype], keep, cut, allowed, mask, post,
-                    post_value, int(weights[i] != 1), weights[i], outer, *inner)
+                    post_value, weights[i], outer, *inner)
 
         def kernel(chunk: int, out: torch.Tensor) -> torch.Tensor:
             start, stop = inputs.span(chunk)
