@@ -1,6 +1,6 @@
 /* merge_chunk: one chunk of a task-arithmetic merge in a single pass: trim, mask or band each task vector,
  * weight it, combine (a sum, or TIES' sign election and disjoint sum), normalize, scale, add the base.
- * tally_chunk: one chunk of TIES' threshold scan (sparsify.magnitude_cuts).
+ * tally_chunk: one chunk of the threshold scan of TIES and Breadcrumbs (sparsify.magnitude_cuts), all cuts at once.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge cases (signed zeros, NaN) are those of
@@ -266,74 +266,113 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* TIES' threshold scan, one chunk of one model against one bracket: a = |x - base|; counts a > hi and a == heavy,
- * copies the a in [lo, hi] other than heavy into `candidates` (in order), flags NaN. The same tally as
- * sparsify._split_at_bracket without its sums. */
-VECTOR_CLONES static void tally_chunk(const void *x, int x_dtype, const void *base, int base_dtype, Py_ssize_t n,
-                                      float lo, float hi, float heavy, int has_heavy, float *candidates,
-                                      long long *above, long long *heavy_count, long long *kept, int *nan) {
+/* TIES' and Breadcrumbs' threshold scan of one chunk, every cut of every model in one pass (the base block is
+ * read once for all of them, and a model's block once for both Breadcrumbs cuts): a = |x - base|; per cut,
+ * counts a > hi and a == heavy, copies the a in [lo, hi] other than heavy into its `candidates` (in order),
+ * flags NaN. The same tally as sparsify._split_at_bracket without its sums. */
+typedef struct {
+    const void *x;      /* this chunk of the model's stored tensor */
+    int dtype;          /* DTYPE_* */
+    float lo, hi, heavy;
+    int has_heavy;
+    float *candidates;  /* room for n entries */
+    long long above, heavy_count, kept;
+    int nan;
+} Cut;
+
+VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, int base_dtype, Py_ssize_t n) {
     float a[BLOCK], b[BLOCK];
-    long long up = 0, same = 0, count = 0;
-    int any_nan = 0;
+    int wanted[BLOCK];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
-        load(x, x_dtype, start, len, a);
         load(base, base_dtype, start, len, b);
-        const float skip = has_heavy ? heavy : NAN; /* nothing equals NaN */
-        int block_up = 0, block_same = 0, block_nan = 0, block_inside = 0;
-        int wanted[BLOCK];
-        for (int j = 0; j < len; j++) {
-            float v = fabsf(a[j] - b[j]);
-            a[j] = v;
-            block_nan += v != v;
-            block_up += v > hi;
-            block_same += v == skip;
-            wanted[j] = (v >= lo) & (v <= hi) & (v != skip);
-            block_inside += wanted[j];
-        }
-        up += block_up;
-        same += block_same;
-        any_nan |= block_nan > 0;
-        if (block_inside) {
-            /* about 1% of the entries: write every entry of a group holding some, advance past the wanted ones
-             * (no branch to mispredict; `candidates` has room: count < n before each write) */
-            for (int j = 0; j < len; j += 16) {
-                int group = 0, end = j + 16 < len ? j + 16 : len;
-                for (int q = j; q < end; q++) group += wanted[q];
-                if (group)
-                    for (int q = j; q < end; q++) {
-                        candidates[count] = a[q];
-                        count += wanted[q];
-                    }
+        const void *loaded = NULL;
+        for (int c = 0; c < count; c++) {
+            Cut *cut = &cuts[c];
+            if (cut->x != loaded) {
+                load(cut->x, cut->dtype, start, len, a);
+                for (int j = 0; j < len; j++) a[j] = fabsf(a[j] - b[j]);
+                loaded = cut->x;
+            }
+            const float lo = cut->lo, hi = cut->hi;
+            const float skip = cut->has_heavy ? cut->heavy : NAN; /* nothing equals NaN */
+            int block_up = 0, block_same = 0, block_nan = 0, block_inside = 0;
+            for (int j = 0; j < len; j++) {
+                float v = a[j];
+                block_nan += v != v;
+                block_up += v > hi;
+                block_same += v == skip;
+                wanted[j] = (v >= lo) & (v <= hi) & (v != skip);
+                block_inside += wanted[j];
+            }
+            cut->above += block_up;
+            cut->heavy_count += block_same;
+            cut->nan |= block_nan > 0;
+            if (block_inside) {
+                /* about 1% of the entries: write every entry of a group holding some, advance past the wanted
+                 * ones (no branch to mispredict; `candidates` has room: kept < n before each write) */
+                float *out = cut->candidates;
+                long long kept = cut->kept;
+                for (int j = 0; j < len; j += 16) {
+                    int group = 0, end = j + 16 < len ? j + 16 : len;
+                    for (int q = j; q < end; q++) group += wanted[q];
+                    if (group)
+                        for (int q = j; q < end; q++) {
+                            out[kept] = a[q];
+                            kept += wanted[q];
+                        }
+                }
+                cut->kept = kept;
             }
         }
     }
-    *above = up;
-    *heavy_count = same;
-    *kept = count;
-    *nan = any_nan;
 }
 
-/* tally_chunk(x, x_dtype, base, base_dtype, n, lo, hi, heavy, has_heavy, candidates) -> (above, heavy_count,
- * candidates_written, has_nan); `candidates` a float32 buffer of n entries. Releases the GIL. */
+/* tally_chunk(base, base_dtype, n, cuts) -> ((above, heavy_count, candidates_written, has_nan), ...) per cut;
+ * cuts a tuple of (x, x_dtype, lo, hi, heavy, has_heavy, candidates), `candidates` the address of a float32
+ * buffer of n entries. Addresses are integers (the Python side checks sizes, dtypes and contiguity). Releases
+ * the GIL. */
 static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
-    unsigned long long x, base, out;
-    int x_dtype, base_dtype, has_heavy, nan;
+    unsigned long long base;
+    int base_dtype;
     Py_ssize_t n;
-    float lo, hi, heavy;
-    long long above, heavy_count, kept;
-    if (!PyArg_ParseTuple(args, "KiKinfffiK", &x, &x_dtype, &base, &base_dtype, &n, &lo, &hi, &heavy, &has_heavy,
-                          &out))
+    PyObject *cuts_obj;
+    if (!PyArg_ParseTuple(args, "KinO!", &base, &base_dtype, &n, &PyTuple_Type, &cuts_obj))
         return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(cuts_obj);
+    Cut *cuts = (Cut *)calloc(count > 0 ? (size_t)count : 1, sizeof(Cut));
+    if (!cuts)
+        return PyErr_NoMemory();
+    for (Py_ssize_t c = 0; c < count; c++) {
+        unsigned long long x, candidates;
+        Cut *cut = &cuts[c];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(cuts_obj, c), "KifffiK", &x, &cut->dtype, &cut->lo, &cut->hi,
+                              &cut->heavy, &cut->has_heavy, &candidates)) {
+            free(cuts);
+            return NULL;
+        }
+        cut->x = (const void *)(uintptr_t)x;
+        cut->candidates = (float *)(uintptr_t)candidates;
+    }
     Py_BEGIN_ALLOW_THREADS
-    tally_chunk((const void *)(uintptr_t)x, x_dtype, (const void *)(uintptr_t)base, base_dtype, n, lo, hi, heavy,
-                has_heavy, (float *)(uintptr_t)out, &above, &heavy_count, &kept, &nan);
+    tally_chunk(cuts, (int)count, (const void *)(uintptr_t)base, base_dtype, n);
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("LLLO", above, heavy_count, kept, nan ? Py_True : Py_False);
+    PyObject *result = PyTuple_New(count);
+    for (Py_ssize_t c = 0; result && c < count; c++) {
+        PyObject *item = Py_BuildValue("LLLO", cuts[c].above, cuts[c].heavy_count, cuts[c].kept,
+                                       cuts[c].nan ? Py_True : Py_False);
+        if (!item) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyTuple_SET_ITEM(result, c, item);
+    }
+    free(cuts);
+    return result;
 }
 
 static PyMethodDef methods[] = {
-    {"tally_chunk", py_tally_chunk, METH_VARARGS, "TIES' threshold scan of one chunk (see _fused.c)."},
+    {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {NULL, NULL, 0, NULL},
 };

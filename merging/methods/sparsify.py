@@ -279,18 +279,18 @@ def _split_at_bracket(a: torch.Tensor, bracket: Bracket, sums: bool) -> tuple[in
             _sum64(a * torch.from_numpy(above)) if sums else 0.0)
 
 
-def _tally_compiled(x: torch.Tensor, base: torch.Tensor, start: int, stop: int, bracket: Bracket
-                    ) -> tuple[int, torch.Tensor, int, float, bool]:
-    """`_split_at_bracket` of entries [start, stop) of |x - base|, read from the stored tensors by the compiled
-    kernel in one pass (no float32 copy); last, whether a NaN was seen. No sums."""
-    lo, hi, heavy = bracket
+def _tally_compiled(cuts: list[tuple[torch.Tensor, Bracket]], base: torch.Tensor, start: int, stop: int
+                    ) -> list[tuple[int, torch.Tensor, int, float, bool]]:
+    """`_split_at_bracket` of entries [start, stop) of |x - base| for every (x, bracket) in `cuts`, read from the
+    stored tensors by the compiled kernel in one pass (no float32 copy, the base read once); last, whether a
+    NaN was seen. No sums."""
     size = stop - start
-    buffer = scratch(1, size)[0]
-    above, heavy_count, kept, nan = kernels.compiled.tally_chunk(
-        kernels.address(x, start), kernels.DTYPE_CODES[x.dtype], kernels.address(base, start),
-        kernels.DTYPE_CODES[base.dtype], size, lo, hi, 0.0 if heavy is None else heavy, heavy is not None,
-        buffer.data_ptr())
-    return above, buffer[:kept].clone(), heavy_count, 0.0, nan
+    buffers = scratch(len(cuts), size)
+    args = tuple((kernels.address(x, start), kernels.DTYPE_CODES[x.dtype], lo, hi, 0.0 if heavy is None else heavy,
+                  heavy is not None, buffer.data_ptr()) for (x, (lo, hi, heavy)), buffer in zip(cuts, buffers))
+    tallies = kernels.compiled.tally_chunk(kernels.address(base, start), kernels.DTYPE_CODES[base.dtype], size, args)
+    return [(above, buffer[:kept].clone(), heavy_count, 0.0, nan)
+            for (above, heavy_count, kept, nan), buffer in zip(tallies, buffers)]
 
 
 def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tuple[int, torch.Tensor, int, float]:
@@ -343,7 +343,9 @@ def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[Bracket |
         if not wanted:
             ordered = None
         elif sample.device.type == "cpu":
-            ordered = np.partition(sample.numpy(), wanted)  # one selection for all ranks
+            # one selection for all ranks, on the int32 bit patterns: for magnitudes (sign bit clear) they order
+            # like the floats, NaN last as in a float sort, and compare 1.5x faster than floats
+            ordered = np.partition(sample.numpy().view(np.int32), wanted).view(np.float32)
         else:  # a sort on the device, one transfer (each np.partition on the host waited on its own transfer)
             ordered = sample.sort().values.cpu().numpy()
         out: list[Bracket | None] = []
@@ -380,23 +382,20 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
         raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be ranked")
 
     def scan(with_totals: bool) -> list[list]:
-        if not sums and kernels.readable(inputs.tensors + [inputs.base], n):  # one compiled pass per bracket
+        if not sums and kernels.readable(inputs.tensors + [inputs.base], n):  # one compiled pass per chunk
+            nan_probe: Bracket = (math.inf, math.inf, None)  # for models whose cuts are trivial: NaN only
+            cuts = [(i, j, b) for i in range(m) if ks[i]
+                    for j, b in (enumerate(brackets[i]) if any(brackets[i]) else [(None, nan_probe)]) if b is not None]
+
             def visit_stored(index: int) -> list:
                 start, stop = inputs.span(index)
-                out = []
-                for i, x in enumerate(inputs.tensors):
-                    if not ks[i]:
-                        out.append(None)
-                        continue
-                    tallies = [None if b is None else _tally_compiled(x, inputs.base, start, stop, b)
-                               for b in brackets[i]]
-                    if all(t is None for t in tallies):  # trivial cuts: a pass only to look for NaN
-                        nan = _tally_compiled(x, inputs.base, start, stop, (math.inf, math.inf, None))[4]
-                    else:
-                        nan = any(t is not None and t[4] for t in tallies)
-                    if nan:
+                tallies = _tally_compiled([(inputs.tensors[i], b) for i, _, b in cuts], inputs.base, start, stop)
+                out: list = [None if not ks[i] else [[None] * len(ks[i]), 0.0] for i in range(m)]
+                for (i, j, _), tally in zip(cuts, tallies):
+                    if tally[4]:
                         refuse_nan(i)
-                    out.append(([None if t is None else t[:4] for t in tallies], 0.0))
+                    if j is not None:
+                        out[i][0][j] = tally[:4]
                 return out
 
             return map_threads(visit_stored, inputs.num_chunks, inputs.workers)

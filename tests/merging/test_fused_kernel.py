@@ -124,14 +124,18 @@ def test_compiled_tally_equals_the_numpy_tally(dtype, bracket):
 
     models, base = _inputs(dtype, seed=9)
     start, stop = CHUNK_ELEMENTS, 2 * CHUNK_ELEMENTS
-    magnitude = (models[0][start:stop].float() - base[start:stop].float()).abs()
-    above, inside, heavy, _ = _split_at_bracket(magnitude, bracket, False)
-    got = _tally_compiled(models[0], base, start, stop, bracket)
-    assert (got[0], got[2], got[4]) == (above, heavy, False)
-    assert torch.equal(got[1], inside)  # the same candidates, in the same order
-    nan_model = models[0].clone()
+    # every cut in one call: this bracket on two models, and a second bracket on the first (as Breadcrumbs)
+    cuts = [(models[0], bracket), (models[1], bracket), (models[0], (0.0002, 0.0008, None))]
+    got = _tally_compiled(cuts, base, start, stop)
+    for (x, b), tally in zip(cuts, got):
+        magnitude = (x[start:stop].float() - base[start:stop].float()).abs()
+        above, inside, heavy, _ = _split_at_bracket(magnitude, b, False)
+        assert (tally[0], tally[2], tally[4]) == (above, heavy, False)
+        assert torch.equal(tally[1], inside)  # the same candidates, in the same order
+    nan_model = models[1].clone()
     nan_model[start + 5] = float("nan")
-    assert _tally_compiled(nan_model, base, start, stop, bracket)[4]
+    flags = [t[4] for t in _tally_compiled([(models[0], bracket), (nan_model, bracket)], base, start, stop)]
+    assert flags == [False, True]
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
