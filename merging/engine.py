@@ -1,6 +1,6 @@
 """The streaming merge engine: one output tensor at a time, reads prefetched by a thread pool.
 
-For each planned tensor: read its inputs (a few tensors ahead, on a small thread pool), move
+For each planned tensor, largest first: read its inputs (a few tensors ahead, on a small thread pool), move
 them to the compute device, merge with `merging.tensor_merge.merge_tensor` (float32 compute,
 per-tensor seeding), and hand the result to a writer thread. At most `prefetch` tensors per
 input are in flight, so peak memory is a few tensors per input, never a whole model.
@@ -113,7 +113,11 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
     lead = plans[0]
     start = time.perf_counter()
     bytes_read = 0
-    work = [k for k, tp in enumerate(lead.tensors) if tp.name not in skip]
+    # largest first: the writer's work on the last tensor merged is what nothing else overlaps, so that should
+    # be a small one (measured: a TIES merge of 4 x 1 GB Llamas, whose lm_head comes last, spent 0.35 s writing
+    # it after the last merge, 10% of the run). Order does not change the output: the layout is the plan's.
+    work = sorted((k for k, tp in enumerate(lead.tensors) if tp.name not in skip),
+                  key=lambda k: -lead.tensors[k].nbytes)
 
     # CUDA: inputs are copied on a side stream by the reader threads, so the copies overlap the merge of the
     # previous tensor and the merge's own syncs never wait on them (measured on an H200: host-to-device

@@ -56,6 +56,37 @@ def test_same_recipe_and_seed_is_bit_identical(tmp_path):
     assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o2/model.safetensors").read_bytes()
 
 
+def test_largest_tensors_are_merged_first_into_the_plans_layout(tmp_path, monkeypatch):
+    import merging.tensor_merge
+
+    merged_order = []
+    original = merging.tensor_merge.merge_tensor
+
+    def recording(method, name, *args, **kwargs):
+        merged_order.append(name)
+        return original(method, name, *args, **kwargs)
+
+    monkeypatch.setattr(merging.tensor_merge, "merge_tensor", recording)
+    states = [random_state(s) for s in range(2)]
+    folders = [write_safetensors(s, tmp_path / f"m{i}") for i, s in enumerate(states)]
+    merge({"merge_method": "linear", "models": [str(f) for f in folders]}, tmp_path / "out", progress=False)
+    sizes = [states[0][n].numel() for n in merged_order]
+    assert sorted(merged_order) == sorted(states[0]) and sizes == sorted(sizes, reverse=True)
+    assert merged_order[:2] == ["embed_tokens.weight", "lm_head.weight"]  # equal sizes: in the plan's order
+    # the file is laid out as planned, whatever the merge order: byte offsets ascend in the plan's order
+    from merging.api import load_recipe, open_inputs
+    from merging.plan import build_plan
+
+    recipe = load_recipe({"merge_method": "linear", "models": [str(f) for f in folders]})
+    planned = [t.name for t in build_plan(recipe, open_inputs(recipe)).tensors]
+    raw = (tmp_path / "out/model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    by_offset = [n for _, n in sorted((v["data_offsets"][0], n) for n, v in header.items() if n != "__metadata__")]
+    assert by_offset == planned != merged_order
+    merged = _load_all(tmp_path / "out")
+    assert all(torch.equal(merged[n], (states[0][n] + states[1][n]) / 2) for n in states[0])
+
+
 def test_output_dtype(tmp_path):
     states = [random_state(s) for s in range(2)]
     folders = [write_safetensors(s, tmp_path / f"m{i}") for i, s in enumerate(states)]
