@@ -149,9 +149,99 @@ typedef struct {
 #define VECTOR_CLONES
 #endif
 
+/* The common case in registers: every model kept whole or above a cut (task arithmetic, TIES away from the chunk
+ * where its kept ties run out), no division by a keep probability, all inputs of one dtype. Each entry goes
+ * through the same float32 operations as in the block loop below, in the same order, but with the m models'
+ * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
+ * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf: copysign(|t|, t) is t,
+ * bit for bit, NaN included. */
+#define REGISTER_MODELS 8
+
+INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
+                               const Combine *c, float *restrict out) {
+    const void *data[REGISTER_MODELS];
+    float cut[REGISTER_MODELS], times[REGISTER_MODELS], weight[REGISTER_MODELS];
+    for (int i = 0; i < M; i++) {
+        data[i] = models[i].data;
+        cut[i] = models[i].keep == KEEP_ALL ? -INFINITY : models[i].cut;
+        times[i] = models[i].post == POST_MULTIPLY ? models[i].post_value : 1.0f;
+        weight[i] = models[i].weight;
+    }
+    /* the options as operands (dividing or multiplying by 1 leaves every float32 as it is, NaN included), so the
+     * loops hold no branch */
+    const int normalize = c->normalize, positive = c->positive_weights;
+    const float low = c->min_weight, scale = c->scale_by_lambda ? c->lambda : 1.0f;
+    const float total = c->divide_by_total ? c->total : 1.0f;
+#define VALUE(p, j) (bf16 ? ((union { uint32_t u; float f; }){.u = (uint32_t)((const uint16_t *)(p))[j] << 16}).f \
+                          : ((const float *)(p))[j])
+#define TASK_VECTORS                                                                                          \
+    const float b = VALUE(base, j);                                                                           \
+    float tau[REGISTER_MODELS];                                                                               \
+    for (int i = 0; i < M; i++) {                                                                             \
+        float t = VALUE(data[i], j) - b, a = fabsf(t);                                                        \
+        t = copysignf(a <= cut[i] ? 0.0f : a, t);                                                             \
+        tau[i] = (t * times[i]) * weight[i];                                                                  \
+    }
+    if (c->consensus) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            TASK_VECTORS
+            float sum = tau[0];
+            for (int i = 1; i < M; i++) sum = sum + tau[i];
+            const float elected = copysignf(1.0f, sum);
+            float mixed = 0.0f, divisor = 0.0f;
+            for (int i = 0; i < M; i++) {
+                float p = tau[i] * elected;
+                float agreeing = p < 0.0f ? 0.0f : p;
+                float counted = (agreeing > 0.0f ? 1.0f : 0.0f) * weight[i];
+                mixed = i == 0 ? agreeing : mixed + agreeing;
+                divisor = i == 0 ? counted : divisor + counted;
+            }
+            mixed = mixed * elected;
+            const float by = !normalize ? 1.0f : positive ? (divisor < low ? low : divisor)
+                                                          : (divisor == 0.0f ? 1.0f : divisor);
+            out[j] = ((mixed / by) * scale) + b;
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            TASK_VECTORS
+            float mixed = tau[0];
+            for (int i = 1; i < M; i++) mixed = mixed + tau[i];
+            out[j] = ((mixed / total) * scale) + b;
+        }
+    }
+#undef TASK_VECTORS
+#undef VALUE
+}
+
+
+/* merge_in_registers where it applies (returns 1), else 0 */
+INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                      float *out) {
+    if (m > REGISTER_MODELS)
+        return 0;
+    for (int i = 0; i < m; i++)
+        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE) || models[i].post == POST_DIVIDE ||
+            models[i].dtype != base_dtype)
+            return 0;
+#define CASE(M)                                                                                               \
+    case M:                                                                                                   \
+        if (base_dtype == DTYPE_BF16)                                                                         \
+            merge_in_registers(models, M, 1, base, n, c, out);                                                \
+        else                                                                                                  \
+            merge_in_registers(models, M, 0, base, n, c, out);                                                \
+        return 1;
+    switch (m) {
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+    }
+#undef CASE
+    return 0;
+}
+
 /* work: (3 + m) BLOCK floats; ties_seen: 2 m zeros (two cuts per model at most) */
 VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
                                       const Combine *c, float *out, float *work, long long *ties_seen) {
+    if (merge_fast(models, m, base, base_dtype, n, c, out))
+        return;
     float *b = work, *elected = work + BLOCK, *divisor = work + 2 * BLOCK, *taus = work + 3 * BLOCK;
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
