@@ -81,6 +81,20 @@ def test_kernel_equals_the_torch_ops_bit_for_bit(dtype, method, raw):
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
+@pytest.mark.parametrize("n_models", range(1, 10))
+def test_every_model_count_merges_bit_for_bit(n_models):
+    """The kernel's register path is compiled once per model count up to 8 (9 takes the block path)."""
+    density = [0.5] * (n_models - 1) + [1.0]  # the last model, holding NaN and inf, is not trimmed
+    for dtype in (torch.bfloat16, torch.float32):
+        models, base = _inputs(dtype, seed=n_models, n_models=n_models, specials=True)
+        for method, raw in [("ties", {"weight": 0.7, "density": density}),
+                            ("ties", {"weight": 1.0, "density": density, "normalize": False, "lambda": 0.6}),
+                            ("task_arithmetic", {"weight": 0.3, "normalize": True})]:
+            fused, reference = _both(method, models, base, raw)
+            assert _same_bits(fused, reference), (method, raw, dtype)
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
 def test_kernel_reads_mixed_dtypes_and_falls_back_where_it_does_not_apply():
     models, base = _inputs(torch.bfloat16, seed=3)
     models[1] = models[1].float()  # one float32 model among bf16 ones: each input read in its own dtype
