@@ -1,12 +1,14 @@
 /* merge_chunk: one chunk of a task-arithmetic merge in a single pass: trim, mask or band each task vector,
  * weight it, combine (a sum, or TIES' sign election and disjoint sum), normalize, scale, add the base.
- * tally_chunk: one chunk of the threshold scan of TIES and Breadcrumbs (sparsify.magnitude_cuts), all cuts at once.
+ * tally_chunk: one chunk of TIES' and Breadcrumbs' threshold scan (sparsify.magnitude_cuts), every cut at once.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
- * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge cases (signed zeros, NaN) are those of
- * TaskVectorMerge.apply in merging/methods/task_arithmetic.py, which the tests compare bit for bit: the torch
- * ops there run one pass each over a cache-sized chunk, this runs them all per block of 256 entries, while the
- * block is in registers and L1. Build with -ffp-contract=off: a fused multiply-add would round differently.
+ * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
+ * cases (signed zeros, NaN) are those of TaskVectorMerge.apply in merging/methods/task_arithmetic.py, which the
+ * tests compare bit for bit: the torch ops there run one pass each over a cache-sized chunk, this runs them all
+ * per entry with the models' values in registers (the common case: trims by a cut) or per block of 256 entries in
+ * L1 (masks, bands, the ties that run out mid-chunk). Build with -ffp-contract=off: a fused multiply-add would
+ * round differently.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
