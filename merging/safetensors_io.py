@@ -96,11 +96,10 @@ class SafetensorsCheckpoint(Checkpoint):
 
     Headers are read and checked at construction; `get()` maps one tensor's bytes copy-on-write
     (private: writing to the tensor never touches the file); its pages fault in from the page cache on
-    first use. The map lives as long as the
-    tensor, so memory stays bounded by the tensors in flight. Against reading into fresh memory
-    (`os.preadv`), this saves the kernel zeroing the new pages and copying the bytes: on a 5 GB TIES
-    merge, 3 s of CPU (half the system time). A file truncated while mapped would fault (SIGBUS);
-    truncation before the merge is caught at construction.
+    first use. The map lives as long as the tensor, so memory stays bounded by the tensors in flight.
+    Against reading into fresh memory (`os.preadv`), this saves the kernel zeroing the new pages and
+    copying the bytes: on a 5 GB TIES merge, 3 s of CPU (half the system time). A file truncated while
+    mapped would fault (SIGBUS); truncation before the merge is caught at construction.
     """
 
     def __init__(self, files: list[Path], label: str, folder: Path | None = None, revision: str | None = None,

@@ -383,9 +383,11 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
 
     def scan(with_totals: bool) -> list[list]:
         if not sums and kernels.readable(inputs.tensors + [inputs.base], n):  # one compiled pass per chunk
-            nan_probe: Bracket = (math.inf, math.inf, None)  # for models whose cuts are trivial: NaN only
-            cuts = [(i, j, b) for i in range(m) if ks[i]
-                    for j, b in (enumerate(brackets[i]) if any(brackets[i]) else [(None, nan_probe)]) if b is not None]
+            cuts: list[tuple[int, int | None, Bracket]] = []  # (model, its cut or None, bracket)
+            for i in range(m):
+                if ks[i]:  # a model whose cuts are all trivial still gets a pass, to look for NaN
+                    cuts += [(i, j, b) for j, b in enumerate(brackets[i]) if b is not None] or [
+                        (i, None, (math.inf, math.inf, None))]
 
             def visit_stored(index: int) -> list:
                 start, stop = inputs.span(index)
