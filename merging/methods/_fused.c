@@ -151,14 +151,14 @@ typedef struct {
 #define VECTOR_CLONES
 #endif
 
+#define REGISTER_MODELS 8 /* the most models merge_in_registers takes */
+
 /* The common case in registers: every model kept whole or above a cut (task arithmetic, TIES away from the chunk
  * where its kept ties run out), no division by a keep probability, all inputs of one dtype. Each entry goes
  * through the same float32 operations as in the block loop below, in the same order, but with the m models'
  * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
  * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf: copysign(|t|, t) is t,
  * bit for bit, NaN included. */
-#define REGISTER_MODELS 8
-
 INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
                                const Combine *c, float *restrict out) {
     const void *data[REGISTER_MODELS];
@@ -214,7 +214,6 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
 #undef TASK_VECTORS
 #undef VALUE
 }
-
 
 /* merge_in_registers where it applies (returns 1), else 0 */
 INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
