@@ -34,7 +34,7 @@ typedef struct {
     int keep;             /* KEEP_*: which entries of the task vector survive */
     float cut;            /* KEEP_ABOVE: zero |tau| <= cut; KEEP_PARTIAL_TIES: the threshold t */
     long long allowed;    /* KEEP_PARTIAL_TIES: keep the first `allowed` entries with |tau| == t */
-    const uint8_t *mask;  /* KEEP_MASK: bool per entry */
+    const uint8_t *mask;  /* KEEP_MASK: one bit per entry, entry j at bit j % 8 of byte j / 8 (sparsify.pack_mask) */
     int post;             /* POST_*: rescale after the trim */
     float post_value;
     float weight;         /* the torch path skips a weight of 1; multiplying by 1 gives the same bits */
@@ -66,9 +66,12 @@ INLINE void trim(const Model *md, Py_ssize_t start, int len, const float *b, flo
     const float times = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
     const float w = md->weight;
     if (md->keep == KEEP_MASK) {
-        const uint8_t *m = md->mask + start;
+        const uint8_t *m = md->mask + start / 8; /* blocks start at multiples of 256 entries */
+        float kept[BLOCK + 8];
+        for (int q = 0; q < (len + 7) / 8; q++) /* the bits as 0 / 1, eight at a time */
+            for (int r = 0; r < 8; r++) kept[8 * q + r] = (float)((m[q] >> r) & 1);
         for (int j = 0; j < len; j++) {
-            float t = (tau[j] - b[j]) * (float)m[j]; /* bool bytes: 0 or 1 */
+            float t = (tau[j] - b[j]) * kept[j];
             tau[j] = ((divide ? t / by : t) * times) * w;
         }
     } else if (md->keep == KEEP_PARTIAL_TIES) { /* one chunk per model: the one where the kept ties run out */

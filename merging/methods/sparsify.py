@@ -492,31 +492,52 @@ def bernoulli_mask(generator: np.random.Generator, n: int, keep: float) -> np.nd
     return bits < np.uint32(math.ceil(float(keep32) * 2**24))
 
 
+def pack_mask(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A bool mask as bits, 8 to a byte (entry j at bit j % 8 of byte j // 8), on `device`: 8x less memory than
+    bools for the masks DARE holds between its passes (4 bytes per entry of a 4-model merge, twice a bf16
+    output, as bools)."""
+    return torch.from_numpy(np.packbits(mask, bitorder="little")).to(device)
+
+
+def unpack_mask(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The first `size` entries of a `pack_mask`ed mask, as bools."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=size, bitorder="little").view(np.bool_))
+    return _unpack_bits(packed, size)
+
+
+def _unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """`unpack_mask` in torch ops, for masks on an accelerator."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:size].bool()
+
+
 def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool = False
                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
-    """DARE's Bernoulli(keep[i]) masks of model i, one bool tensor per chunk (uniform < keep, float32),
-    drawn from `chunk_generator(key, i, block)` for each block of CHUNK_ELEMENTS entries (a chunk on the
-    CPU; several on an accelerator, so masks do not depend on the device); models with keep >= 1 get none.
+    """DARE's Bernoulli(keep[i]) masks of model i, one `pack_mask`ed tensor per chunk (uniform < keep,
+    float32), drawn from `chunk_generator(key, i, block)` for each block of CHUNK_ELEMENTS entries (a chunk on
+    the CPU; several on an accelerator, so masks do not depend on the device); models with keep >= 1 get none.
     With `sums`, also sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
     m = len(inputs.tensors)
     device = inputs.tensors[0].device
 
-    def draw(index: int) -> list[torch.Tensor | None]:
+    def draw(index: int) -> list[np.ndarray | None]:
         start, stop = inputs.span(index)
         # one stream per block of CHUNK_ELEMENTS entries, whatever the chunk size (an empty tensor: one empty block)
         blocks = range(start // CHUNK_ELEMENTS, max(1, -(-stop // CHUNK_ELEMENTS)))
-        out: list[torch.Tensor | None] = []
+        out: list[np.ndarray | None] = []
         for i in range(m):
             if keep[i] >= 1:
                 out.append(None)
                 continue
             parts = [bernoulli_mask(chunk_generator(key, i, b), min(stop - b * CHUNK_ELEMENTS, CHUNK_ELEMENTS), keep[i])
                      for b in blocks]
-            out.append(torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)).to(device))
+            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         return out
 
     if not sums:  # the masks need no input data: no chunk is read or converted
-        per_chunk = map_threads(draw, inputs.num_chunks, inputs.workers)
+        per_chunk = map_threads(lambda index: [None if mask is None else pack_mask(mask, device)
+                                               for mask in draw(index)], inputs.num_chunks, inputs.workers)
         return [[c[i] for c in per_chunk] for i in range(m)], [0.0] * m, [0.0] * m
 
     def draw_and_sum(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
@@ -526,7 +547,7 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
                 out.append((None, 0.0, 0.0))
                 continue
             a = x.sub_(base).abs_()
-            out.append((mask, _sum64(a), _sum64(mul_mask_(a, mask))))
+            out.append((pack_mask(mask, device), _sum64(a), _sum64(mul_mask_(a, torch.from_numpy(mask).to(device)))))
         return out
 
     per_chunk = inputs.map(draw_and_sum)

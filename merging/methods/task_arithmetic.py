@@ -47,6 +47,7 @@ from merging.methods.sparsify import (
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
     topk_mask,
+    unpack_mask,
 )
 from taxonomy.errors import BasinError
 
@@ -211,7 +212,7 @@ class TaskVectorMerge:
             return tau
         rescale = params["rescale"]
         if self.sparsify == "random":
-            mul_mask_(tau, state["masks"][i][chunk])
+            mul_mask_(tau, unpack_mask(state["masks"][i][chunk], tau.numel()))
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])
         else:
