@@ -107,6 +107,25 @@ def test_union_tokenizer_and_rows(tmp_path, ab):
     assert logits.shape[-1] == len(union) and torch.isfinite(logits).all()
 
 
+def test_remapped_tensors_are_never_in_flight_together(tmp_path, ab, monkeypatch):
+    """The engine merges largest first, but tensors remapped to the union vocabulary (fresh copies, not mapped
+    files) lead, `prefetch` (2) other tensors apart, so no two are held at once."""
+    import merging.tensor_merge
+
+    order, original = [], merging.tensor_merge.merge_tensor
+
+    def recording(method, name, *args, **kwargs):
+        order.append(name)
+        return original(method, name, *args, **kwargs)
+
+    monkeypatch.setattr(merging.tensor_merge, "merge_tensor", recording)
+    merge(_linear(*ab, tokenizer_source="union"), tmp_path / "out", progress=False)
+    assert sorted((order.index(EMBED), order.index(HEAD))) == [0, 3]
+    state = tensors(ab[0])
+    sizes = [state[n].numel() for n in order if n not in (EMBED, HEAD)]
+    assert sizes == sorted(sizes, reverse=True)
+
+
 def test_pad_to_multiple_of_pads_with_each_models_mean_row(tmp_path, ab):
     from transformers import AutoModelForCausalLM
 
