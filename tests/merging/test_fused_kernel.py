@@ -200,18 +200,19 @@ def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(
     assert merge(recipe, tmp_path / "off", progress=False).content_hash == with_kernel
 
 
+@pytest.mark.parametrize("n_models", [3, 20])
 @pytest.mark.parametrize("n", [0, 1, 7, 300])
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
-def test_empty_and_tiny_tensors_of_many_models(method, n):
-    """An empty tensor (a checkpoint may hold one) once failed in TIES' sampling and DARE's draws; 20 models
-    take the kernel past its per-model buffers."""
+def test_empty_and_tiny_tensors(method, n, n_models):
+    """An empty tensor (a checkpoint may hold one) once failed in TIES' sampling and DARE's draws; 3 models
+    take the kernel's register path where it applies, 20 its block path, past its per-model buffers."""
     from merging.tensor_merge import merge_tensor
 
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=g).to(torch.bfloat16)
-    models = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(20)]
+    models = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(n_models)]
     m = get_method(method)
-    params = full_params(m, {"weight": 0.05} | ({} if method == "task_arithmetic" else {"density": 0.5}), 20)
+    params = full_params(m, {"weight": 0.05} | ({} if method == "task_arithmetic" else {"density": 0.5}), n_models)
     fused = merge_tensor(m, "w", models, base, params, 0, torch.float32)
     saved, kernels.compiled = kernels.compiled, None
     try:
