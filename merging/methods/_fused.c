@@ -83,13 +83,9 @@ INLINE void trim(const Model *md, Py_ssize_t start, int len, const float *b, flo
             t = copysignf(a * (keep ? 1.0f : 0.0f), t);
             tau[j] = ((divide ? t / by : t) * times) * w;
         }
-    } else if (md->keep == KEEP_ALL) {
-        for (int j = 0; j < len; j++) {
-            float t = tau[j] - b[j];
-            tau[j] = ((divide ? t / by : t) * times) * w;
-        }
-    } else { /* KEEP_ABOVE: torch's threshold, |tau| <= cut becomes 0 (NaN stays) */
-        const float cut = md->cut;
+    } else { /* KEEP_ABOVE: torch's threshold, |tau| <= cut becomes 0 (NaN stays); KEEP_ALL: a cut at -inf, where
+              * copysign(|t|, t) is t, bit for bit, NaN included */
+        const float cut = md->keep == KEEP_ALL ? -INFINITY : md->cut;
         for (int j = 0; j < len; j++) {
             float t = tau[j] - b[j], a = fabsf(t);
             t = copysignf(a <= cut ? 0.0f : a, t);
@@ -108,9 +104,8 @@ INLINE void keep_by_rule(int keep, float cut, long long allowed, const float *x,
             if (a == cut) k = ++*ties_seen <= allowed;
             kept[j] = a * (k ? 1.0f : 0.0f);
         }
-    } else if (keep == KEEP_ALL) {
-        for (int j = 0; j < len; j++) kept[j] = fabsf(x[j] - b[j]);
-    } else {
+    } else { /* KEEP_ABOVE, or KEEP_ALL as a cut at -inf */
+        if (keep == KEEP_ALL) cut = -INFINITY;
         for (int j = 0; j < len; j++) {
             float a = fabsf(x[j] - b[j]);
             kept[j] = a <= cut ? 0.0f : a;
@@ -160,8 +155,7 @@ typedef struct {
  * where its kept ties run out), no division by a keep probability, all inputs of one dtype. Each entry goes
  * through the same float32 operations as in the block loop below, in the same order, but with the m models'
  * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
- * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf: copysign(|t|, t) is t,
- * bit for bit, NaN included. */
+ * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf, as in `trim`. */
 INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
                                const Combine *c, float *restrict out) {
     const void *data[REGISTER_MODELS];

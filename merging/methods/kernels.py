@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - a build without a C compiler
     compiled = None
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as in _fused.c
+POST_NONE, POST_DIVIDE, POST_MULTIPLY = 0, 1, 2  # the rescale after the trim, as in _fused.c
 
 
 def readable(tensors: list[torch.Tensor | None], numel: int) -> bool:

@@ -389,9 +389,11 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
                     cuts += [(i, j, b) for j, b in enumerate(brackets[i]) if b is not None] or [
                         (i, None, (math.inf, math.inf, None))]
 
+            scanned = [(inputs.tensors[i], b) for i, _, b in cuts]
+
             def visit_stored(index: int) -> list:
                 start, stop = inputs.span(index)
-                tallies = _tally_compiled([(inputs.tensors[i], b) for i, _, b in cuts], inputs.base, start, stop)
+                tallies = _tally_compiled(scanned, inputs.base, start, stop)
                 out: list = [None if not ks[i] else [[None] * len(ks[i]), 0.0] for i in range(m)]
                 for (i, j, _), tally in zip(cuts, tallies):
                     if tally[4]:

@@ -166,8 +166,8 @@ class TaskVectorMerge:
               ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
         """`apply` as one pass of the compiled kernel (merging/methods/_fused.c): kernel(chunk, out) writes the
         merged float32 chunk into `out`, reading the stored inputs directly. None where the kernel does not
-        apply (not built, not on the CPU, float16 or non-contiguous inputs): then
-        `apply` runs, with the same bits (tested)."""
+        apply (not built, not on the CPU, float16 or non-contiguous inputs): then `apply` runs, with the same
+        bits (tested)."""
         if not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
             return None
         weights = [float(w) for w in params["weight"]]
@@ -178,7 +178,7 @@ class TaskVectorMerge:
 
         def model(i: int, chunk: int, start: int) -> tuple:
             t = inputs.tensors[i]
-            keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, 0, 0.0
+            keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, kernels.POST_NONE, 0.0
             outer, inner = KEEP_ALL, (KEEP_ALL, 0.0, 0)
             if self._sparsified(params, i):
                 if self.sparsify == "random":
@@ -189,9 +189,9 @@ class TaskVectorMerge:
                 else:
                     keep, cut, allowed = state["cuts"][i][0].rule(chunk)
                 if rescale == "unbiased":
-                    post, post_value = 1, params["density"][i]
+                    post, post_value = kernels.POST_DIVIDE, params["density"][i]
                 elif rescale is True and state["scale"][i] != 1.0:
-                    post, post_value = 2, state["scale"][i]
+                    post, post_value = kernels.POST_MULTIPLY, state["scale"][i]
             return (kernels.address(t, start), kernels.DTYPE_CODES[t.dtype], keep, cut, allowed, mask, post,
                     post_value, weights[i], outer, *inner)
 
