@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.writer import ShardWriter, parse_size
+from merging.writer import HASH_APART, ShardWriter, parse_size
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state
 
@@ -38,13 +38,17 @@ def test_sharded_output_round_trips(tmp_path):
 
 
 def test_single_shard_is_model_safetensors_and_hash(tmp_path):
-    state = random_state(1)
+    # small tensors are hashed inline, one above HASH_APART on the hashing thread while its bytes are written
+    state = random_state(1) | {"big": torch.randn(HASH_APART // 4 + 3, generator=torch.Generator().manual_seed(1))}
+    assert state["big"].nbytes >= HASH_APART > max(t.nbytes for n, t in state.items() if n != "big")
     writer = ShardWriter(tmp_path / "out", _layout(state))
     for n, t in state.items():
         writer.add(n, t)
     digest = writer.content_hash()
     writer.close()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(loaded[n], state[n]) for n in state)
     # independent: sha256 over name, dtype code, shape, and sha256 of the raw little-endian bytes
     h = hashlib.sha256()
     for n in sorted(state):
