@@ -1,6 +1,7 @@
 /* merge_chunk: one chunk of a task-arithmetic merge in a single pass: trim, mask or band each task vector,
  * weight it, combine (a sum, or TIES' sign election and disjoint sum), normalize, scale, add the base.
  * tally_chunk: one chunk of TIES' and Breadcrumbs' threshold scan (sparsify.magnitude_cuts), every cut at once.
+ * weighted_sum_chunk: one chunk of a linear merge (interpolation.linear and model_soup).
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -354,6 +355,99 @@ static PyObject *py_merge_chunk(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* weighted_sum_chunk: one chunk of a linear merge (interpolation.weighted_sum, then the division by the weights'
+ * total; Wortsman et al. 2022): ((x_0 w_0 + x_1 w_1) + ...) / total, each product and each sum rounded to float32
+ * (no fused multiply-add), summed left to right, as the torch ops there and mergekit's (x * w).sum(0) / w.sum().
+ * total = 1 leaves every float32 as it is. In registers for up to REGISTER_MODELS inputs of one dtype, else per
+ * block of BLOCK entries in L1. */
+typedef struct {
+    const void *data; /* this chunk of the model's stored tensor */
+    int dtype;        /* DTYPE_* */
+    float weight;
+} Input;
+
+INLINE void sum_in_registers(const Input *inputs, const int M, const int bf16, Py_ssize_t n, float total,
+                             float *restrict out) {
+    const void *data[REGISTER_MODELS];
+    float weight[REGISTER_MODELS];
+    for (int i = 0; i < M; i++) {
+        data[i] = inputs[i].data;
+        weight[i] = inputs[i].weight;
+    }
+#define VALUE(p, j) (bf16 ? ((union { uint32_t u; float f; }){.u = (uint32_t)((const uint16_t *)(p))[j] << 16}).f \
+                          : ((const float *)(p))[j])
+    for (Py_ssize_t j = 0; j < n; j++) {
+        float sum = VALUE(data[0], j) * weight[0];
+        for (int i = 1; i < M; i++) sum = sum + VALUE(data[i], j) * weight[i];
+        out[j] = sum / total;
+    }
+#undef VALUE
+}
+
+VECTOR_CLONES static void weighted_sum_chunk(const Input *inputs, int m, Py_ssize_t n, float total, float *out) {
+    int same = m <= REGISTER_MODELS;
+    for (int i = 1; i < m; i++) same &= inputs[i].dtype == inputs[0].dtype;
+    if (same) {
+        const int bf16 = inputs[0].dtype == DTYPE_BF16;
+#define CASE(M)                                                                                               \
+    case M:                                                                                                   \
+        if (bf16)                                                                                             \
+            sum_in_registers(inputs, M, 1, n, total, out);                                                    \
+        else                                                                                                  \
+            sum_in_registers(inputs, M, 0, n, total, out);                                                    \
+        return;
+        switch (m) {
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        }
+#undef CASE
+    }
+    float x[BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        float *sum = out + start;
+        load(inputs[0].data, inputs[0].dtype, start, len, sum);
+        for (int j = 0; j < len; j++) sum[j] = sum[j] * inputs[0].weight;
+        for (int i = 1; i < m; i++) {
+            const float w = inputs[i].weight;
+            load(inputs[i].data, inputs[i].dtype, start, len, x);
+            for (int j = 0; j < len; j++) sum[j] = sum[j] + x[j] * w;
+        }
+        for (int j = 0; j < len; j++) sum[j] = sum[j] / total;
+    }
+}
+
+/* weighted_sum_chunk(out, n, inputs, total): out a float32 buffer of n entries; inputs a tuple of (data, dtype,
+ * weight); addresses are integers (the Python side checks sizes, dtypes and contiguity). Releases the GIL. */
+static PyObject *py_weighted_sum_chunk(PyObject *self, PyObject *args) {
+    unsigned long long out_addr;
+    Py_ssize_t n;
+    PyObject *inputs_obj;
+    float total;
+    if (!PyArg_ParseTuple(args, "KnO!f", &out_addr, &n, &PyTuple_Type, &inputs_obj, &total))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
+    if (m < 1) {
+        PyErr_SetString(PyExc_ValueError, "weighted_sum_chunk: no inputs");
+        return NULL;
+    }
+    Input *inputs = (Input *)calloc((size_t)m, sizeof(Input));
+    if (!inputs)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(inputs_obj, i), "Kif", &data, &inputs[i].dtype, &inputs[i].weight)) {
+            free(inputs);
+            return NULL;
+        }
+        inputs[i].data = (const void *)(uintptr_t)data;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    weighted_sum_chunk(inputs, (int)m, n, total, (float *)(uintptr_t)out_addr);
+    Py_END_ALLOW_THREADS
+    free(inputs);
+    Py_RETURN_NONE;
+}
+
 /* TIES' and Breadcrumbs' threshold scan of one chunk, every cut of every model in one pass (the base block is
  * read once for all of them, and a model's block once for both Breadcrumbs cuts): a = |x - base|; per cut,
  * counts a > hi and a == heavy, copies the a in [lo, hi] other than heavy into its `candidates` (in order),
@@ -462,6 +556,7 @@ static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
+    {"weighted_sum_chunk", py_weighted_sum_chunk, METH_VARARGS, "One chunk of a linear merge (see _fused.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,8 +13,9 @@ and the inputs are never converted to float32 whole. Chunk boundaries are fixed 
 alone, and every per-chunk result is combined in chunk order, so results do not depend on the number
 of worker threads (torch ops release the GIL, so threads do run in parallel).
 
-Where the compiled kernel applies (`fn.fused`, merging/methods/kernels.py), a chunk is merged by one call
-that reads the stored inputs directly, with no float32 copies.
+Where the compiled kernel applies (`fn.fused(inputs, params)` for elementwise methods, `fn.fused(inputs, params,
+state)` for two-phase ones; merging/methods/kernels.py), a chunk is merged by one call that reads the stored inputs
+directly, with no float32 copies.
 
 On an accelerator a chunk is up to `ACCELERATOR_CHUNK_ELEMENTS` entries (a whole weight matrix, in
 practice): cache-sized chunks there cost a kernel launch per operation and chunk and a device sync per
@@ -150,17 +151,19 @@ def run_chunked(
                            _workers if workers is None else workers, chunk_elements)
     out = empty_like_on(first, out_dtype)
     flat_out = out.view(-1)
+    state = fn.prepare(inputs, params, rng) if is_two_phase(fn) else None
+    kernel = None
+    if hasattr(fn, "fused"):
+        kernel = fn.fused(inputs, params, state) if is_two_phase(fn) else fn.fused(inputs, params)
+    if kernel is not None:  # one compiled pass per chunk, straight from the stored inputs
+
+        def fused(index: int) -> None:
+            start, stop = inputs.span(index)
+            flat_out[start:stop] = kernel(index, scratch(1, stop - start)[0])
+
+        map_threads(fused, inputs.num_chunks, inputs.workers)
+        return out
     if is_two_phase(fn):
-        state = fn.prepare(inputs, params, rng)
-        kernel = fn.fused(inputs, params, state) if hasattr(fn, "fused") else None
-        if kernel is not None:  # one compiled pass per chunk, straight from the stored inputs
-
-            def fused(index: int) -> None:
-                start, stop = inputs.span(index)
-                flat_out[start:stop] = kernel(index, scratch(1, stop - start)[0])
-
-            map_threads(fused, inputs.num_chunks, inputs.workers)
-            return out
 
         def work(index: int, chunks: list[torch.Tensor], b: torch.Tensor | None) -> None:
             start, stop = inputs.span(index)

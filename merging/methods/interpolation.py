@@ -15,12 +15,14 @@ The spherical methods (slerp, nuslerp, multislerp, karcher) live in `merging.met
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from merging.methods import spherical  # noqa: F401  (registers slerp, nuslerp, multislerp, karcher)
+from merging.methods import kernels, spherical  # noqa: F401  (spherical registers slerp, nuslerp, multislerp, karcher)
+from merging.methods.chunking import ChunkedInputs
 from merging.methods.registry import merge_method
 from taxonomy.errors import BasinError
 
@@ -29,11 +31,36 @@ FUSION_QUANTILES = (0.25, 0.5, 0.75)
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_i w_i x_i, accumulated in place (one output buffer, no stacked copy of the inputs)."""
+    """sum_i w_i x_i, left to right, each product rounded before it is added (as mergekit's (x * w).sum(0); torch's
+    add_ with alpha would fuse the multiply-add on CPU); one output buffer, no stacked copy of the inputs."""
     out = tensors[0] * weights[0]
     for x, w in zip(tensors[1:], weights[1:]):
-        out.add_(x, alpha=w)
+        out.add_(x * w)
     return out
+
+
+def weighted_sum_kernel(inputs: ChunkedInputs, weights: list[float], total: float
+                        ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    """weighted_sum(...) / total as one pass of the compiled kernel per chunk (merging/methods/_fused.c, the same bits:
+    tested), reading the stored inputs directly; None where the kernel does not apply (see kernels.readable)."""
+    if not kernels.readable(list(inputs.tensors), inputs.numel):
+        return None
+    codes = [kernels.DTYPE_CODES[t.dtype] for t in inputs.tensors]
+
+    def kernel(chunk: int, out: torch.Tensor) -> torch.Tensor:
+        start, stop = inputs.span(chunk)
+        kernels.compiled.weighted_sum_chunk(out.data_ptr(), stop - start, tuple(
+            (kernels.address(t, start), code, w) for t, code, w in zip(inputs.tensors, codes, weights)), total)
+        return out
+
+    return kernel
+
+
+def _linear_total(weights: list[float]) -> float:
+    total = sum(weights)
+    if total == 0:
+        raise BasinError("linear: the weights sum to zero, cannot normalize")
+    return total
 
 
 @merge_method("linear")
@@ -43,15 +70,13 @@ def linear(
     """Weighted average sum_i w_i theta_i (divided by sum_i w_i when `normalize`); Wortsman et al. 2022."""
     weights = [float(w) for w in params["weight"]]
     out = weighted_sum(tensors, weights)
-    if params["normalize"]:
-        total = sum(weights)
-        if total == 0:
-            raise BasinError("linear: the weights sum to zero, cannot normalize")
-        out = out.div_(total)
-    return out
+    return out.div_(_linear_total(weights)) if params["normalize"] else out
 
 
 linear.elementwise = True  # type: ignore[attr-defined]
+linear.fused = lambda inputs, params: weighted_sum_kernel(  # type: ignore[attr-defined]
+    inputs, [float(w) for w in params["weight"]],
+    _linear_total([float(w) for w in params["weight"]]) if params["normalize"] else 1.0)
 
 
 @merge_method("model_soup")
@@ -63,6 +88,8 @@ def model_soup(
 
 
 model_soup.elementwise = True  # type: ignore[attr-defined]
+model_soup.fused = lambda inputs, params: weighted_sum_kernel(  # type: ignore[attr-defined]
+    inputs, [1.0] * len(inputs.tensors), float(len(inputs.tensors)))
 
 
 @merge_method("nearswap")

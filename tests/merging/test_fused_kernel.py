@@ -1,4 +1,5 @@
-"""The compiled one-pass kernel (merging/methods/_fused.c) against the torch ops of TaskVectorMerge.apply, bit for bit.
+"""The compiled one-pass kernels (merging/methods/_fused.c) against the torch ops of TaskVectorMerge.apply and of
+linear / model_soup, bit for bit.
 
 The torch path is the reference (itself tested against the whole-tensor `generalized_task_arithmetic` and against
 mergekit); here every option the kernel takes is crossed with inputs holding heavy ties across chunk borders,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +96,39 @@ def test_every_model_count_merges_bit_for_bit(n_models):
             assert _same_bits(fused, reference), (method, raw, dtype)
 
 
+def _sequential_weighted_sum(models: list[torch.Tensor], weights: list[float], total: float) -> np.ndarray:
+    """The independent reference: numpy float32 ufuncs, each product and sum rounded on its own, left to right."""
+    w = [np.float32(x) for x in weights]
+    values = [x.float().numpy() for x in models]
+    with np.errstate(all="ignore"):
+        out = values[0] * w[0]
+        for x, wi in zip(values[1:], w[1:]):
+            out = out + x * wi
+        return out / np.float32(total)
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
+@pytest.mark.parametrize("n_models", range(1, 10))
+def test_linear_kernel_equals_the_torch_ops_and_a_numpy_reference_bit_for_bit(n_models):
+    """linear and model_soup in the kernel (registers up to 8 inputs of one dtype, else blocks) against their torch
+    ops and against numpy's float32 ufuncs: NaN, infinities, signed zeros and negative weights included."""
+    g = torch.Generator().manual_seed(n_models)
+    weights = [float(w) for w in torch.randn(n_models, generator=g)]
+    weights[0] = 1.0
+    for dtype in (torch.bfloat16, torch.float32, "mixed"):
+        models, _ = _inputs(torch.bfloat16 if dtype == "mixed" else dtype, seed=n_models, n_models=n_models,
+                            specials=True)
+        if dtype == "mixed":  # inputs of two dtypes take the block path
+            models[0] = models[0].float()
+        for method, raw, total in [("linear", {"weight": weights, "normalize": True}, sum(weights)),
+                                   ("linear", {"weight": weights, "normalize": False}, 1.0),
+                                   ("model_soup", {}, float(n_models))]:
+            fused, reference = _both(method, models, None, raw)
+            assert _same_bits(fused, reference), (method, raw, dtype)
+            expected = _sequential_weighted_sum(models, weights if method == "linear" else [1.0] * n_models, total)
+            assert np.array_equal(fused.numpy().view(np.int32), expected.view(np.int32)), (method, raw, dtype)
+
+
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
 def test_kernel_reads_mixed_dtypes_and_falls_back_where_it_does_not_apply():
     models, base = _inputs(torch.bfloat16, seed=3)
@@ -106,6 +141,10 @@ def test_kernel_reads_mixed_dtypes_and_falls_back_where_it_does_not_apply():
     assert m.fn.fused(inputs, params, m.fn.prepare(inputs, params, tensor_rng(0, "w"))) is None  # float16
     strided = ChunkedInputs([x[::2] for x in models], base[::2])
     assert m.fn.fused(strided, params, m.fn.prepare(strided, params, tensor_rng(0, "w"))) is None
+    linear = get_method("linear")
+    linear_params = full_params(linear, {"weight": 0.5}, 3)
+    assert linear.fn.fused(ChunkedInputs([x.half() for x in models], None), linear_params) is None
+    assert linear.fn.fused(ChunkedInputs([x[::2] for x in models], None), linear_params) is None
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
@@ -179,7 +218,7 @@ def test_compiled_scan_gives_the_same_cuts_also_when_a_bracket_misses(monkeypatc
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "linear"])
 def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(tmp_path, monkeypatch, method):
     from merging import merge
     from tests.merging.conftest import write_safetensors
@@ -192,9 +231,11 @@ def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(
     for k in range(3):
         state = {n: (t.float() + 0.001 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
         models.append(str(write_safetensors(state, tmp_path / f"m{k}")))
-    recipe = {"merge_method": method, "base_model": str(base_dir), "seed": 4,
-              "models": [{"model": m, "parameters": {"weight": 0.4} | ({} if method == "task_arithmetic"
+    recipe = {"merge_method": method, "seed": 4,
+              "models": [{"model": m, "parameters": {"weight": 0.4} | ({} if method in ("task_arithmetic", "linear")
                                                                       else {"density": 0.5})} for m in models]}
+    if method != "linear":
+        recipe["base_model"] = str(base_dir)
     with_kernel = merge(recipe, tmp_path / "on", progress=False).content_hash
     monkeypatch.setattr(kernels, "compiled", None)
     assert merge(recipe, tmp_path / "off", progress=False).content_hash == with_kernel
@@ -202,7 +243,7 @@ def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(
 
 @pytest.mark.parametrize("n_models", [3, 20])
 @pytest.mark.parametrize("n", [0, 1, 7, 300])
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "linear"])
 def test_empty_and_tiny_tensors(method, n, n_models):
     """An empty tensor (a checkpoint may hold one) once failed in TIES' sampling and DARE's draws; 3 models
     take the kernel's register path where it applies, 20 its block path, past its per-model buffers."""
@@ -212,7 +253,8 @@ def test_empty_and_tiny_tensors(method, n, n_models):
     base = torch.randn(n, generator=g).to(torch.bfloat16)
     models = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(n_models)]
     m = get_method(method)
-    params = full_params(m, {"weight": 0.05} | ({} if method == "task_arithmetic" else {"density": 0.5}), n_models)
+    params = full_params(m, {"weight": 0.05} | ({} if method in ("task_arithmetic", "linear") else {"density": 0.5}),
+                         n_models)
     fused = merge_tensor(m, "w", models, base, params, 0, torch.float32)
     saved, kernels.compiled = kernels.compiled, None
     try:
