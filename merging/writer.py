@@ -16,6 +16,7 @@ and lets the engine compute only the rest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,13 +31,11 @@ from taxonomy.errors import BasinError
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 HASH_APART = 1 << 20  # bytes: a tensor this large is hashed on another thread while its bytes are written
-_hasher: list[ThreadPoolExecutor] = []
 
 
+@functools.cache
 def _hash_thread() -> ThreadPoolExecutor:
-    if not _hasher:
-        _hasher.append(ThreadPoolExecutor(1, thread_name_prefix="basin-hash"))
-    return _hasher[0]
+    return ThreadPoolExecutor(1, thread_name_prefix="basin-hash")
 
 
 def parse_size(text: str | int) -> int:

@@ -43,7 +43,7 @@ def weighted_sum_kernel(inputs: ChunkedInputs, weights: list[float], total: floa
                         ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
     """weighted_sum(...) / total as one pass of the compiled kernel per chunk (merging/methods/_fused.c, the same bits:
     tested), reading the stored inputs directly; None where the kernel does not apply (see kernels.readable)."""
-    if not kernels.readable(list(inputs.tensors), inputs.numel):
+    if not kernels.readable(inputs.tensors, inputs.numel):
         return None
     codes = [kernels.DTYPE_CODES[t.dtype] for t in inputs.tensors]
 
@@ -73,10 +73,13 @@ def linear(
     return out.div_(_linear_total(weights)) if params["normalize"] else out
 
 
+def _linear_kernel(inputs: ChunkedInputs, params: dict[str, Any]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    weights = [float(w) for w in params["weight"]]
+    return weighted_sum_kernel(inputs, weights, _linear_total(weights) if params["normalize"] else 1.0)
+
+
 linear.elementwise = True  # type: ignore[attr-defined]
-linear.fused = lambda inputs, params: weighted_sum_kernel(  # type: ignore[attr-defined]
-    inputs, [float(w) for w in params["weight"]],
-    _linear_total([float(w) for w in params["weight"]]) if params["normalize"] else 1.0)
+linear.fused = _linear_kernel  # type: ignore[attr-defined]
 
 
 @merge_method("model_soup")
