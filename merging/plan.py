@@ -2,8 +2,10 @@
 
 Built from a recipe and the inputs' headers only (no tensor data), so every name, shape and
 parameter problem surfaces before any weight is read. Depth t follows mergekit's planner:
-layer k of an output slice of n layers has t = k / (n - 1) (t = 1 when n = 1); tensors before
-the layers (embeddings) have t = 0 and those after them (final norm, lm_head, pooler) t = 1.
+layer k of an output slice of n layers has t = k / (n - 1) (t = 1 when n = 1); the tensors outside
+the layers have t = 0, those before them (embeddings, from the first slice's sources) as well as
+those after them (final norm, output head, pooler, from the last slice's): a gradient gives them its
+first value. Which tensor is before or after the layers is per-architecture data (`merging.architectures`).
 Parameter precedence (mergekit): a slice source's (or model's) parameters > the slice's >
 the global `parameters:`; within one level, the first matching filter entry wins.
 
@@ -25,14 +27,22 @@ from typing import Any
 
 import torch
 
-from merging.arch import check_architectures, real_name, tie_hint, tie_inputs, vocab_rows, vocab_tensors
+from merging.arch import (
+    check_architectures,
+    read_config,
+    real_name,
+    tie_hint,
+    tie_inputs,
+    vocab_rows,
+    vocab_tensors,
+)
+from merging.architectures import config_source, is_post
 from merging.checkpoint import Checkpoint
 from merging.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
 from merging.vocab import VocabMap, check_same_vocab, plan_vocab
 from taxonomy.errors import BasinError
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
-PRE = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -75,6 +85,7 @@ class MergePlan:
     tensors: list[TensorPlan]
     seed: int
     num_layers: int | None = None  # output layer count (for config.json), None if unchanged
+    layer_origins: list[tuple[str, int]] | None = None  # per output layer: (model, source layer), for config.json
     vocab: VocabMap | None = None  # output vocabulary and row maps (tokenizer rule), None if none applies
 
     @property
@@ -83,7 +94,7 @@ class MergePlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
-                "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
+                "layer_origins": self.layer_origins, "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
                     {"vocab": self.vocab.to_json()} if self.vocab is not None else {})
 
     def table(self) -> str:
@@ -207,60 +218,113 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     """Resolve every output tensor of `recipe` over the opened checkpoints (headers, config and tokenizer
     files only)."""
     from merging.methods import get_method
-    from merging.tensor_merge import full_params
 
     method = get_method(recipe.merge_method)
     dtype_name = out_dtype or recipe.out_dtype or recipe.dtype
     dtype = OUT_DTYPES[_canonical_dtype(dtype_name)] if dtype_name else None
     inputs = recipe.model_refs()
-    index = {ref: i for i, ref in enumerate(inputs)}
     check_architectures({r: ckpts[r] for r in inputs}, allow_mixed_architectures or recipe.allow_mixed_architectures)
     ckpts = tie_inputs({r: ckpts[r] for r in inputs})  # tied models read their embedding as lm_head
     vocab = _vocab_for(recipe, ckpts, inputs)
     remap = vocab is not None and not vocab.identity
     vocab_names = {n for r in inputs for n in vocab_tensors(ckpts[r])} if remap else set()
     slices = recipe.slices if recipe.slices is not None else _models_as_slice(recipe, ckpts)
-    tensors: list[TensorPlan] = []
-    cache: dict[tuple, dict[str, Any]] = {}
+    builder = _Builder(method, recipe, ckpts, inputs, dtype, vocab, vocab_names)
+    if recipe.slices is not None:
+        _check_layer_ranges(slices, ckpts)
+    first_sources, first_base = builder.roles(slices[0])
+    last_sources, last_base = builder.roles(slices[-1])
+    ref_ckpt = ckpts[(first_sources[0] if first_sources else first_base).model]
+    non_layer = [n for n in ref_ckpt.names() if layer_index(n) is None]
+    ref_config = read_config(ref_ckpt)
+    post = [n for n in non_layer if is_post(n, ref_config)]
+    pre = [n for n in non_layer if n not in set(post)]
+    all_refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]
+                                  + [b.model for b in (first_base, last_base) if b is not None]))
+    if recipe.slices is None:  # models mode: every input holds the same tensors
+        _check_names(ckpts, all_refs)
+    _check_same(ckpts, all_refs, non_layer, "models", vocab_names)
+    for name in pre:  # t = 0 (mergekit's planner reads pre- and post-layer parameters at t = 0)
+        builder.add(name, [(s, name) for s in first_sources], None if first_base is None else (first_base.model, name),
+                    slices[0].parameters, 0.0)
+    origins: list[tuple[str, int]] = []
+    cfg_ref = config_source(recipe)
+    for sl in slices:
+        origins += builder.add_slice(sl, len(origins), cfg_ref)
+    for name in post:  # t = 0 as well: a gradient gives them its first value, as in mergekit
+        builder.add(name, [(s, name) for s in last_sources], None if last_base is None else (last_base.model, name),
+                    slices[-1].parameters, 0.0)
+    if remap and vocab is not None:
+        for tp in builder.tensors:
+            if tp.vocab:
+                _check_rule_models(tp, vocab)
+    layers_in = num_layers(ref_ckpt)
+    return MergePlan(method.info.name, inputs, builder.tensors, recipe.seed,
+                     num_layers=len(origins) if len(origins) != layers_in else None, vocab=vocab,
+                     layer_origins=origins if recipe.slices is not None else None)
 
-    def add(out_name: str, srcs: list[tuple[SliceSource, str]], base: tuple[str, str] | None,
-            slice_params: dict[str, Any], t: float) -> None:
-        info = method.info
+
+def _check_layer_ranges(slices: list[OutputSlice], ckpts: dict[str, Checkpoint]) -> None:
+    for sl in slices:
+        for src in sl.sources:
+            n = num_layers(ckpts[src.model])
+            if src.layer_range[1] > n:
+                raise BasinError(f"slices: layer_range {list(src.layer_range)} of {src.model} exceeds its {n} layers")
+
+
+class _Builder:
+    """Accumulates the plan's tensors: parameters resolved (and cached) per tensor, sources per slice."""
+
+    def __init__(self, method: Any, recipe: Recipe, ckpts: dict[str, Checkpoint], inputs: list[str],
+                 dtype: torch.dtype | None, vocab: VocabMap | None, vocab_names: set[str]):
+        self.method, self.recipe, self.ckpts, self.dtype = method, recipe, ckpts, dtype
+        self.index = {ref: i for i, ref in enumerate(inputs)}
+        self.vocab, self.vocab_names = vocab, vocab_names
+        self.optional_base = bool(getattr(method.fn, "optional_base", False))
+        self.tensors: list[TensorPlan] = []
+        self.cache: dict[tuple, dict[str, Any]] = {}
+
+    def params(self, out_name: str, srcs: list[tuple[SliceSource, str]], slice_params: dict[str, Any],
+               t: float) -> dict[str, Any]:
+        """mergekit's precedence: source > slice > global; per-model parameters by source tensor name."""
+        from merging.tensor_merge import full_params
+
         resolved: dict[str, Any] = {}
-        for p in info.params:
+        for p in self.method.info.params:
             if p.per_model:
-                vals = []
-                for src, src_name in srcs:
-                    v = _resolve([src.parameters, slice_params, recipe.parameters], p.name, src_name, t)
-                    vals.append(p.default if v is None else v)
-                resolved[p.name] = vals
+                vals = [_resolve([src.parameters, slice_params, self.recipe.parameters], p.name, src_name, t)
+                        for src, src_name in srcs]
+                resolved[p.name] = [p.default if v is None else v for v in vals]
             else:
-                v = _resolve([slice_params, recipe.parameters], p.name, out_name, t)
+                v = _resolve([slice_params, self.recipe.parameters], p.name, out_name, t)
                 if v is not None:
                     resolved[p.name] = v
         key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items())
-        if key not in cache:
-            cache[key] = full_params(method, resolved, len(srcs))
+        if key not in self.cache:
+            self.cache[key] = full_params(self.method, resolved, len(srcs))
+        return self.cache[key]
+
+    def add(self, out_name: str, srcs: list[tuple[SliceSource, str]], base: tuple[str, str] | None,
+            slice_params: dict[str, Any], t: float) -> None:
+        ckpts = self.ckpts
         first_ref, first_name = (srcs[0][0].model, srcs[0][1]) if srcs else base
         meta = ckpts[first_ref].meta(first_name)
-        tdtype = dtype if (dtype is not None and meta.dtype.is_floating_point) else meta.dtype
-        rows = out_name in vocab_names
-        shape = (vocab.size,) + meta.shape[1:] if rows and vocab is not None else meta.shape
-        tensors.append(TensorPlan(
+        tdtype = self.dtype if (self.dtype is not None and meta.dtype.is_floating_point) else meta.dtype
+        rows = out_name in self.vocab_names
+        shape = (self.vocab.size,) + meta.shape[1:] if rows and self.vocab is not None else meta.shape
+        self.tensors.append(TensorPlan(
             name=out_name,
-            sources=[(index[s.model], real_name(ckpts[s.model], n)) for s, n in srcs],
-            base=None if base is None else (index[base[0]], real_name(ckpts[base[0]], base[1])),
-            params=cache[key], t=t, shape=shape, out_dtype=tdtype, vocab=rows,
+            sources=[(self.index[s.model], real_name(ckpts[s.model], n)) for s, n in srcs],
+            base=None if base is None else (self.index[base[0]], real_name(ckpts[base[0]], base[1])),
+            params=self.params(out_name, srcs, slice_params, t), t=t, shape=shape, out_dtype=tdtype, vocab=rows,
         ))
 
-    optional_base = bool(getattr(method.fn, "optional_base", False))
-
-    def roles(sl: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
+    def roles(self, sl: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
         """The slice's sources entering as `tensors` (base first for methods without a base) and its base."""
-        info = method.info
+        info, recipe = self.method.info, self.recipe
         base_ref = sl.base_model or recipe.base_model
         base_src = next((s for s in sl.sources if s.model == base_ref), None)
-        if info.needs_base or (optional_base and base_ref is not None):
+        if info.needs_base or (self.optional_base and base_ref is not None):
             if base_ref is None:
                 raise BasinError(f"merge_method {info.name!r} needs a base_model")
             if base_src is None:
@@ -279,61 +343,38 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                              f"a slice has {n}: {[s.model for s in sources]}")
         return sources, base_src
 
-    # layer counts and layer ranges
-    for sl in slices:
-        for src in sl.sources:
-            n = num_layers(ckpts[src.model])
-            if recipe.slices is not None and src.layer_range[1] > n:
-                raise BasinError(f"slices: layer_range {list(src.layer_range)} of {src.model} exceeds its {n} layers")
-
-    first_sources, first_base = roles(slices[0])
-    last_sources, last_base = roles(slices[-1])
-    ref_ckpt = ckpts[(first_sources[0] if first_sources else first_base).model]
-    non_layer = [n for n in ref_ckpt.names() if layer_index(n) is None]
-    pre = [n for n in non_layer if PRE.search(n)]
-    post = [n for n in non_layer if not PRE.search(n)]
-    all_refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]
-                                  + [b.model for b in (first_base, last_base) if b is not None]))
-    if recipe.slices is None:  # models mode: every input holds the same tensors
-        _check_names(ckpts, all_refs)
-    _check_same(ckpts, all_refs, non_layer, "models", vocab_names)
-    for name in pre:
-        add(name, [(s, name) for s in first_sources], None if first_base is None else (first_base.model, name),
-            slices[0].parameters, 0.0)
-    out_layer = 0
-    for sl in slices:
-        sources, base_src = roles(sl)
+    def add_slice(self, sl: OutputSlice, out_layer: int, cfg_ref: str) -> list[tuple[str, int]]:
+        """Plan one output slice's layers from output layer `out_layer` on; returns each layer's origin
+        (model, source layer): the config source's layer if it is a source of the slice, else the first source's."""
+        sources, base_src = self.roles(sl)
         everyone = sources + ([base_src] if base_src is not None and base_src not in sources else [])
         lead = everyone[0]
         n = lead.layer_range[1] - lead.layer_range[0]
-        lead_names = ckpts[lead.model].names()
+        lead_names = self.ckpts[lead.model].names()
+        origin = next((s for s in sl.sources if s.model == cfg_ref), sl.sources[0])
         for k in range(n):
             t = k / (n - 1) if n > 1 else 1.0
             names = [x for x in lead_names if layer_index(x) == lead.layer_range[0] + k]
-            for s in everyone:
-                have = set(ckpts[s.model].names())
-                for x in names:
-                    sx = with_layer(x, s.layer_range[0] + k)
-                    if sx not in have:
-                        raise BasinError(f"{s.model} lacks tensor {sx!r} (needed for output layer {out_layer})")
-                    if ckpts[s.model].meta(sx).shape != ckpts[lead.model].meta(x).shape:
-                        raise BasinError(f"tensor shapes differ: {lead.model}:{x} {ckpts[lead.model].meta(x).shape}"
-                                         f" vs {s.model}:{sx} {ckpts[s.model].meta(sx).shape}")
+            self._check_layer(everyone, lead, names, k, out_layer + k)
             for x in names:
                 srcs = [(s, with_layer(x, s.layer_range[0] + k)) for s in sources]
                 base = None if base_src is None else (base_src.model, with_layer(x, base_src.layer_range[0] + k))
-                add(with_layer(x, out_layer), srcs, base, sl.parameters, t)
-            out_layer += 1
-    for name in post:
-        add(name, [(s, name) for s in last_sources], None if last_base is None else (last_base.model, name),
-            slices[-1].parameters, 1.0)
-    if remap and vocab is not None:
-        for tp in tensors:
-            if tp.vocab:
-                _check_rule_models(tp, vocab)
-    layers_in = num_layers(ref_ckpt)
-    return MergePlan(method.info.name, inputs, tensors, recipe.seed,
-                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab)
+                self.add(with_layer(x, out_layer + k), srcs, base, sl.parameters, t)
+        return [(origin.model, origin.layer_range[0] + k) for k in range(n)]
+
+    def _check_layer(self, everyone: list[SliceSource], lead: SliceSource, names: list[str], k: int,
+                     out_layer: int) -> None:
+        """Every source has the lead's tensors of its k-th layer, with the lead's shapes."""
+        ckpts = self.ckpts
+        for s in everyone:
+            have = set(ckpts[s.model].names())
+            for x in names:
+                sx = with_layer(x, s.layer_range[0] + k)
+                if sx not in have:
+                    raise BasinError(f"{s.model} lacks tensor {sx!r} (needed for output layer {out_layer})")
+                if ckpts[s.model].meta(sx).shape != ckpts[lead.model].meta(x).shape:
+                    raise BasinError(f"tensor shapes differ: {lead.model}:{x} {ckpts[lead.model].meta(x).shape}"
+                                     f" vs {s.model}:{sx} {ckpts[s.model].meta(sx).shape}")
 
 
 def _check_rule_models(tp: TensorPlan, vocab: VocabMap) -> None:

@@ -114,7 +114,8 @@ def test_tiny_llama_sharded_merge_loads_and_runs(tmp_path, llama_pair):
     for i, wa in enumerate([1.0, 0.5, 0.0]):
         name = f"model.layers.{i}.mlp.up_proj.weight"
         torch.testing.assert_close(sm[name], (wa * sa[name] + sb[name]) / (wa + 1.0))
-    torch.testing.assert_close(sm["lm_head.weight"], sb["lm_head.weight"])  # t = 1: weight of a is 0
+    # outside the layers t = 0 (mergekit): a's weight is 1, as at layer 0
+    torch.testing.assert_close(sm["lm_head.weight"], (sa["lm_head.weight"] + sb["lm_head.weight"]) / 2)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 3]])).logits
     assert logits.shape == (1, 4, 96) and torch.isfinite(logits).all()

@@ -47,10 +47,9 @@ def test_plan_depth_and_precedence():
     })
     plan = build_plan(recipe, _ckpts())
     by_name = {tp.name: tp for tp in plan.tensors}
-    # 3 layers: t = 0, 0.5, 1; embeddings t = 0, final norm and lm_head t = 1 (mergekit's planner)
+    # 3 layers: t = 0, 0.5, 1; outside the layers (embeddings, final norm, lm_head) t = 0 (mergekit's planner)
     assert [by_name[f"layers.{i}.mlp.weight"].t for i in range(3)] == [0.0, 0.5, 1.0]
-    assert by_name["embed_tokens.weight"].t == 0.0
-    assert by_name["lm_head.weight"].t == by_name["norm.weight"].t == 1.0
+    assert by_name["embed_tokens.weight"].t == by_name["lm_head.weight"].t == by_name["norm.weight"].t == 0.0
     # model a's filter applies to mlp tensors (gradient 1 -> 3); elsewhere the global 2.0; model b: global 2.0
     assert [by_name[f"layers.{i}.mlp.weight"].params["weight"] for i in range(3)] == [[1.0, 2.0], [2.0, 2.0],
                                                                                       [3.0, 2.0]]
