@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merging.architectures import config_source
 from merging.checkpoint import Checkpoint, open_checkpoint
 from merging.modelcard import InputRecord, model_card
 from merging.plan import OUT_DTYPES, MergePlan, build_plan
@@ -142,23 +143,29 @@ def resume_key(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> str | None:
     return h.hexdigest()
 
 
-def _config_source(recipe: Recipe) -> str:
-    if recipe.base_model:
-        return recipe.base_model
-    if recipe.slices is not None:
-        return recipe.slices[0].sources[0].model
-    return recipe.models[0].model
-
-
 def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
                      dtype: str | None) -> None:
-    """config.json (output dtype, layer count, vocab_size and tie_word_embeddings patched) and
-    generation_config.json from the config source; the output tokenizer (built by the tokenizer rule,
-    else copied from the tokenizer source or the config source). In-memory inputs have none."""
-    from merging.arch import OUTPUT_EMBED
+    """config.json (`merging.output_check.output_config`: dtype, layer count and per-layer fields, vocab_size,
+    tie_word_embeddings patched) and generation_config.json from the config source; the output tokenizer
+    (built by the tokenizer rule, else copied from the tokenizer source or the config source). In-memory
+    inputs have none."""
+    from merging.output_check import output_config
 
-    cfg_ref = _config_source(recipe)
-    cfg_folder = tok_folder = ckpts[cfg_ref].folder
+    cfg_folder = ckpts[config_source(recipe)].folder
+    if cfg_folder is not None:
+        config = output_config(recipe, ckpts, plan, dtype)
+        if config is not None:
+            writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
+        for name in CONFIG_FILES:
+            if name != "config.json" and (cfg_folder / name).is_file():
+                writer.copy_file(cfg_folder / name)
+    _copy_tokenizer(recipe, ckpts, writer, plan, cfg_folder)
+
+
+def _copy_tokenizer(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
+                    cfg_folder: Path | None) -> None:
+    """The tokenizer rule's tokenizer, else the tokenizer source's (or the config source's) files."""
+    tok_folder = cfg_folder
     if plan.vocab is not None:
         tok_folder = plan.vocab.tokenizer_folder
     elif recipe.tokenizer_ref in ckpts:
@@ -168,31 +175,6 @@ def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: Shard
 
         tok_folder = resolve(recipe.tokenizer_ref, weights=False).path
         tok_folder = tok_folder if tok_folder.is_dir() else tok_folder.parent
-    if cfg_folder is not None:
-        for name in CONFIG_FILES:
-            src = cfg_folder / name
-            if not src.is_file():
-                continue
-            if name == "config.json":
-                config = json.loads(src.read_text())
-                if dtype:
-                    for key in ("torch_dtype", "dtype"):
-                        if key in config or key == "torch_dtype":
-                            config[key] = dtype
-                if plan.num_layers is not None:
-                    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                        if key in config:
-                            config[key] = plan.num_layers
-                if plan.vocab is not None:
-                    sub = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
-                    sub["vocab_size"] = plan.vocab.size
-                if any(OUTPUT_EMBED.search(t.name) for t in plan.tensors):  # the tied-embedding rule's output
-                    for sub in (config, config.get("text_config") or {}):
-                        if sub.get("tie_word_embeddings") is True:
-                            sub["tie_word_embeddings"] = False
-                writer.write_text(name, json.dumps(config, indent=2) + "\n")
-            else:
-                writer.copy_file(src)
     if plan.vocab is not None and plan.vocab.tokenizer is not None:
         import tempfile
 
@@ -205,6 +187,16 @@ def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: Shard
         for name in TOKENIZER_FILES:
             if (tok_folder / name).is_file():
                 writer.copy_file(tok_folder / name)
+
+
+def _check_output(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan, dtype: str | None,
+                  progress: bool) -> None:
+    """Refuse, before any tensor is merged, a plan whose output transformers would not load with its config."""
+    from merging.output_check import check_plan
+
+    note = check_plan(recipe, ckpts, plan, dtype)
+    if note and progress:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def merge(
@@ -256,6 +248,7 @@ def merge(
     if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
         ckpts = _align(recipe, ckpts)
         plan = build_plan(recipe, ckpts, out_dtype, **mixed)
+    _check_output(recipe, ckpts, plan, out_dtype, progress)
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plan.inputs]
     if dry_run:
         return MergeReport(None, plan.method, len(plan.tensors), 0, time.perf_counter() - start, 0.0,
@@ -278,10 +271,13 @@ def merge(
 
 def _finish(writer: ShardWriter, recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan,
             inputs: list[InputRecord], out_dtype: str | None, title: str) -> str:
-    """Config and tokenizer files, model card, index; rename into place. Returns the content hash."""
+    """Config and tokenizer files, model card, index; check that transformers loads the written config and
+    tensors (`merging.output_check`); rename into place. Returns the content hash."""
+    from merging.output_check import check_written, reference_of
     from taxonomy.version import versions
 
     _copy_side_files(recipe, ckpts, writer, plan, out_dtype)
+    check_written(writer.tmp, {tp.name: tp.shape for tp in plan.tensors}, reference_of(recipe, ckpts))
     digest = writer.content_hash()
     writer.write_text("README.md", model_card(recipe, inputs, digest, versions(), title))
     writer.close()
@@ -305,6 +301,8 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
     from merging.engine import run_plans
 
     plans = [build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
+    for (_, r), p in zip(points, plans):
+        _check_output(r, ckpts, p, out_dtype, progress)
     if any(r.align for _, r in points):
         raise BasinError("a sweep cannot be combined with align: yet; align first, then sweep the aligned models")
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plans[0].inputs]

@@ -82,3 +82,62 @@ def llama_family(tmp_path_factory) -> dict[str, Path]:
                 p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
         _save(model, root / f"ft{k}")
     return {"BASE": root / "base", "FT1": root / "ft1", "FT2": root / "ft2", "A": root / "ft1", "B": root / "ft2"}
+
+
+# --- one tiny checkpoint per architecture family (hidden 16, 4 layers, vocab 64) -------------------------------
+_SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=64)
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {  # name -> (config class, model class, config kwargs)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_SMALL, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_SMALL, tie_word_embeddings=False)),
+    # sliding window on layers >= 2: layer_types [full, full, sliding, sliding]
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, tie_word_embeddings=False, use_sliding_window=True,
+                                                      sliding_window=8, max_window_layers=2)),
+    "qwen2_tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, head_dim=8, tie_word_embeddings=False,
+                                                      use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    # layer_types alternate sliding / full
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_SMALL, head_dim=8, sliding_window=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_SMALL, pad_token_id=0, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=64, n_embd=16, n_layer=4, n_head=2, n_positions=64,
+                                                    bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                             num_hidden_layers=4, num_attention_heads=2,
+                                                             max_position_embeddings=64, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_SMALL, num_local_experts=2, num_experts_per_tok=1,
+                                                            tie_word_embeddings=False)),
+    "bert": ("BertConfig", "BertModel", dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                             num_attention_heads=2, max_position_embeddings=64)),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=4,
+                                                           num_heads=2, decoder_start_token_id=0)),
+}
+
+
+def tiny_family(name: str, seed: int):
+    """A tiny random model of the family `name` (see FAMILY_CONFIGS), in eval mode."""
+    import transformers
+
+    config_cls, model_cls, kwargs = FAMILY_CONFIGS[name]
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """`family_dirs(name)` -> (seed-0 folder, seed-1 folder) of a tiny checkpoint of that family, built once."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("families")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in made:
+            level = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            try:
+                made[name] = tuple(_save(tiny_family(name, s), root / f"{name}-{s}") for s in (0, 1))
+            finally:
+                transformers.logging.set_verbosity(level)
+        return made[name]
+
+    return get
