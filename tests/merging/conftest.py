@@ -114,12 +114,17 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {  # name -> (config class, m
 
 
 def tiny_family(name: str, seed: int):
-    """A tiny random model of the family `name` (see FAMILY_CONFIGS), in eval mode."""
+    """A tiny random model of the family `name` (see FAMILY_CONFIGS), in eval mode; every tensor (norms and
+    biases too) differs between seeds."""
     import transformers
 
     config_cls, model_cls, kwargs = FAMILY_CONFIGS[name]
     torch.manual_seed(seed)
-    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    return model
 
 
 @pytest.fixture(scope="session")
