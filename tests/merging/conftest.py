@@ -129,20 +129,20 @@ def tiny_family(name: str, seed: int):
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
-    """`family_dirs(name)` -> (seed-0 folder, seed-1 folder) of a tiny checkpoint of that family, built once."""
+    """`family_dirs(name, n=2)` -> folders of n tiny checkpoints of that family (seeds 0..n-1), each built once."""
     import transformers
 
     root = tmp_path_factory.mktemp("families")
-    made: dict[str, tuple[Path, Path]] = {}
 
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in made:
-            level = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()
-            try:
-                made[name] = tuple(_save(tiny_family(name, s), root / f"{name}-{s}") for s in (0, 1))
-            finally:
-                transformers.logging.set_verbosity(level)
-        return made[name]
+    def get(name: str, n: int = 2) -> tuple[Path, ...]:
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            for s in range(n):
+                if not (root / f"{name}-{s}" / "config.json").exists():
+                    _save(tiny_family(name, s), root / f"{name}-{s}")
+        finally:
+            transformers.logging.set_verbosity(level)
+        return tuple(root / f"{name}-{s}" for s in range(n))
 
     return get
