@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
 from evaluations.minimum import MinimumMeasures, measure_minimum
+from evaluations.plotting import optional_pyplot
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 METHODS = ("standard", "fgsm", "pgd")
@@ -200,12 +201,8 @@ def run(args: argparse.Namespace) -> AdversarialFlatnessResult:
 
 
 def plot(result: AdversarialFlatnessResult, out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2 + len(METHODS), figsize=(5 * (2 + len(METHODS)), 4.5))
     colors = dict(zip(METHODS, ("C0", "C1", "C2")))

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from evaluations.digits import load_digits_split, make_mlp
+from evaluations.plotting import pyplot
 from evaluations.probes.linearize import linearize, ntk_regression
 from evaluations.tracking import Tracker, spawn, train_epochs
 
@@ -122,11 +123,7 @@ def compare_from_checkpoint(t: float, model: torch.nn.Module, opt_state: dict, t
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.6))
     axes = axes.reshape(-1)
     sp = result["spawning"]

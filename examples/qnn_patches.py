@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
 from evaluations.minimum import MinimumMeasures, measure_minimum
+from evaluations.plotting import optional_pyplot
 from evaluations.quantum import PatchQNN, extract_patches
 from taxonomy.errors import BasinError
 
@@ -184,12 +185,8 @@ def run(args: argparse.Namespace) -> QNNPatchesResult:
 
 
 def plot(result: QNNPatchesResult, out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     from matplotlib.ticker import NullFormatter
 

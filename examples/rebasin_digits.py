@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from evaluations.digits import load_digits_split, make_mlp, train_classifier
+from evaluations.plotting import optional_pyplot
 from merging.alignment import activation_matching, apply_permutation, infer_spec, repair, weight_matching
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,12 +150,8 @@ def cnn_experiment(split, alphas, epochs: int, width: int = 4) -> dict:
 
 
 def plot(results: dict, alphas: list[float], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return False
     panels = [(k, v) for k, v in results["experiments"].items()]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.5), squeeze=False)

@@ -47,6 +47,7 @@ from evaluations.landscape.geometry import (
     pairwise_barriers,
 )
 from evaluations.landscape.params import subtract
+from evaluations.plotting import optional_pyplot
 from merging.alignment import apply_permutation, infer_spec, weight_matching
 from taxonomy.errors import BasinError
 
@@ -248,12 +249,8 @@ def run(args: argparse.Namespace) -> SoKGeometryResult:
 
 
 def plot(result: SoKGeometryResult, out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     names = list(dict.fromkeys(r.name for r in result.rows))
     fig, axes = plt.subplots(2, len(names) + 1, figsize=(4.3 * (len(names) + 1), 8))

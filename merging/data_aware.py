@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 
@@ -65,8 +66,6 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
     loss_fn = loss_fn or nn.functional.cross_entropy
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    was_training = model.training
-    model.eval()
 
     def example_loss(p, x, y):
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
@@ -75,7 +74,7 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     count = 0
-    try:
+    with eval_mode(model):
         for x, y in _xy_batches(data):
             try:
                 grads = per_example(params, x, y)
@@ -85,8 +84,6 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
             for k, g in grads.items():
                 total[k] += (g.double() ** 2).sum(0)
             count += len(x)
-    finally:
-        model.train(was_training)
     if count == 0:
         raise BasinError("data: no examples")
     return {k: v / count for k, v in total.items()}
@@ -135,19 +132,17 @@ def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
                 x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
                 grams[name] = grams.get(name, 0) + x.T @ x
             handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        for x in _inputs(data):
-            try:
-                model(x)
-            except RuntimeError as err:
-                raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
-                                 f"({str(err).splitlines()[0]})") from None
+        with eval_mode(model):
+            for x in _inputs(data):
+                try:
+                    model(x)
+                except RuntimeError as err:
+                    raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
+                                     f"({str(err).splitlines()[0]})") from None
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return grams
 
 

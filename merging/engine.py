@@ -126,19 +126,52 @@ def merge_order(plan: MergePlan, skip: frozenset[str] | set[str], prefetch: int)
 def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkpoint],
          sinks: Sequence[Callable[[str, torch.Tensor], None]], dev: torch.device, prefetch: int, read_workers: int,
          progress: bool, skip: frozenset[str] | set[str]) -> EngineStats:
-    from merging.tensor_merge import merge_tensor
-
+    """Read (`prefetch` tensors ahead), merge per plan and hand to the writer thread, in `merge_order`."""
     lead = plans[0]
     start = time.perf_counter()
     bytes_read = 0
     work = merge_order(lead, skip, prefetch)
+    read = _reader(lead, checkpoints, dev)
+    bar = _progress_bar(plans, work) if progress else None
+    with ThreadPoolExecutor(read_workers, thread_name_prefix="basin-read") as readers, \
+            ThreadPoolExecutor(1, thread_name_prefix="basin-write") as writer:
+        writes = _Writes(writer, bar)
+        queue: deque[Future] = deque()
+        todo = iter(work)
+        for k in todo:
+            queue.append(readers.submit(read, k))
+            if len(queue) >= prefetch:
+                break
+        for step, k in enumerate(work):
+            tensors, base, copied = queue.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append(readers.submit(read, nxt))
+            bytes_read += sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes)
+            tensors, base = _on_device(tensors, base, copied, dev)
+            for plan, method, sink in zip(plans, methods, sinks):
+                writes.submit(sink, plan.tensors[k].name, _merge_one(plan, method, k, tensors, base))
+            del tensors, base
+            if bar is not None:
+                bar.set_postfix_str(f"{step + 1}/{len(work)} tensors", refresh=False)
+        writes.finish()
+    if bar is not None:
+        bar.close()
+    return EngineStats(len(work), bytes_read, writes.written, time.perf_counter() - start)
 
+
+Read = tuple[list[torch.Tensor], torch.Tensor | None, torch.cuda.Event | None]  # inputs, base, copies done
+
+
+def _reader(lead: MergePlan, checkpoints: Sequence[Checkpoint], dev: torch.device) -> Callable[[int], Read]:
+    """read(k): the inputs of planned tensor k (rows remapped onto the output vocabulary where planned); on CUDA
+    copied to the device on a side stream, with the event that marks the copies done."""
     # CUDA: inputs are copied on a side stream by the reader threads, so the copies overlap the merge of the
     # previous tensor and the merge's own syncs never wait on them (measured on an H200: host-to-device
     # copies were a third of the main thread's time in a TIES merge)
     copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
-    def read(k: int) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.cuda.Event | None]:
+    def read(k: int) -> Read:
         tp = lead.tensors[k]
         tensors = [checkpoints[i].get(name) for i, name in tp.sources]
         base = None if tp.base is None else checkpoints[tp.base[0]].get(tp.base[1])
@@ -153,56 +186,62 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
             copied.record(copy_stream)
         return tensors, base, copied
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return read
 
-        total = sum(p.tensors[k].nbytes for p in plans for k in work)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
-    written = 0
-    with ThreadPoolExecutor(read_workers, thread_name_prefix="basin-read") as readers, \
-            ThreadPoolExecutor(1, thread_name_prefix="basin-write") as writer:
-        queue: deque[Future] = deque()
-        pending_writes: deque[Future] = deque()
-        todo = iter(work)
-        for k in todo:
-            queue.append(readers.submit(read, k))
-            if len(queue) >= prefetch:
-                break
-        for step, k in enumerate(work):
-            tensors, base, copied = queue.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append(readers.submit(read, nxt))
-            bytes_read += sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes)
-            if copied is not None:  # the merge's stream waits for the copies; their memory stays its own until used
-                compute = torch.cuda.current_stream(dev)
-                compute.wait_event(copied)
-                for t in tensors + ([] if base is None else [base]):
-                    t.record_stream(compute)
-            elif dev.type != "cpu":
-                tensors = [t.to(dev) for t in tensors]
-                base = None if base is None else base.to(dev)
-            for plan, method, sink in zip(plans, methods, sinks):
-                tp = plan.tensors[k]
-                out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)
-                if out.device.type != "cpu":
-                    out = out.cpu()
-                if tuple(out.shape) != tp.shape:
-                    raise BasinError(f"{tp.name}: method {plan.method!r} returned shape {tuple(out.shape)}, "
-                                     f"expected {tp.shape}")
-                while len(pending_writes) >= 2:
-                    pending_writes.popleft().result()
-                pending_writes.append(writer.submit(sink, tp.name, out))
-                written += out.nbytes
-                if bar is not None:
-                    bar.update(out.nbytes)
-            del tensors, base
-            if bar is not None:
-                bar.set_postfix_str(f"{step + 1}/{len(work)} tensors", refresh=False)
-        for f in pending_writes:
+
+def _on_device(tensors: list[torch.Tensor], base: torch.Tensor | None, copied: torch.cuda.Event | None,
+               dev: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The inputs, ready for the merge on `dev`."""
+    if copied is not None:  # the merge's stream waits for the copies; their memory stays its own until used
+        compute = torch.cuda.current_stream(dev)
+        compute.wait_event(copied)
+        for t in tensors + ([] if base is None else [base]):
+            t.record_stream(compute)
+    elif dev.type != "cpu":
+        tensors = [t.to(dev) for t in tensors]
+        base = None if base is None else base.to(dev)
+    return tensors, base
+
+
+def _merge_one(plan: MergePlan, method, k: int, tensors: list[torch.Tensor], base: torch.Tensor | None
+               ) -> torch.Tensor:
+    """Planned tensor k of `plan`, merged on the inputs' device and returned on the CPU, its shape checked."""
+    from merging.tensor_merge import merge_tensor
+
+    tp = plan.tensors[k]
+    out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)
+    if out.device.type != "cpu":
+        out = out.cpu()
+    if tuple(out.shape) != tp.shape:
+        raise BasinError(f"{tp.name}: method {plan.method!r} returned shape {tuple(out.shape)}, "
+                         f"expected {tp.shape}")
+    return out
+
+
+def _progress_bar(plans: Sequence[MergePlan], work: list[int]):
+    from tqdm.auto import tqdm
+
+    total = sum(p.tensors[k].nbytes for p in plans for k in work)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+class _Writes:
+    """Merged tensors handed to the writer thread, at most two waiting (each one tensor's memory)."""
+
+    def __init__(self, writer: ThreadPoolExecutor, bar) -> None:
+        self.writer, self.bar = writer, bar
+        self.pending: deque[Future] = deque()
+        self.written = 0
+
+    def submit(self, sink: Callable[[str, torch.Tensor], None], name: str, out: torch.Tensor) -> None:
+        while len(self.pending) >= 2:
+            self.pending.popleft().result()
+        self.pending.append(self.writer.submit(sink, name, out))
+        self.written += out.nbytes
+        if self.bar is not None:
+            self.bar.update(out.nbytes)
+
+    def finish(self) -> None:
+        for f in self.pending:
             f.result()
-    if bar is not None:
-        bar.close()
-    return EngineStats(len(work), bytes_read, written, time.perf_counter() - start)

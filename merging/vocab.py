@@ -521,53 +521,71 @@ def plan_vocab(spec: TokenizerSpec, refs: list[str], folders: dict[str, Path | N
                          + ("" if target_folder is None else f" in {target_folder}"))
     vocabs = {r: tokenizer_vocab(folders[r], r) for r in with_tok}  # type: ignore[arg-type]
     target_vocab = vocabs.get(target_ref) or tokenizer_vocab(target_folder, target_ref)  # type: ignore[arg-type]
-    tokenizer, tok_folder, added = None, target_folder, 0
-    if spec.source == "union":
-        others = tuple((str(folders[r]), r) for r in with_tok if r != base_ref)
-        built, added = union_tokenizer((str(target_folder), base_ref), others)
-        if added:
-            tokenizer, tok_folder = built, None
-            out_vocab = dict(built.get_vocab())
-        else:
-            out_vocab = target_vocab
-    else:
-        out_vocab = target_vocab
+    tokenizer, tok_folder, added, out_vocab = _output_vocab(spec, folders, with_tok, base_ref, target_folder,
+                                                            target_vocab)
     n_tok = max(out_vocab.values()) + 1
     ref_rows = rows.get(target_ref) if target_ref in refs else None
     keep_padding = spec.source != "union" or not added  # a union that adds nothing is the base's vocabulary
     size = n_tok
     if keep_padding and ref_rows is not None:
         size = max(size, ref_rows)  # keep the source model's padding rows
-    for r in refs:
-        if r not in vocabs and rows.get(r) is not None:
-            want = rows.get(target_ref) if target_ref in refs else n_tok
-            if rows[r] != want:
-                raise BasinError(f"{r} has no tokenizer files and {rows[r]} embedding rows, while "
-                                 f"{target_ref} (whose vocabulary it would be taken to use) has {want}")
+    _check_untokenized(refs, vocabs, rows, target_ref, n_tok)
     if spec.pad_to_multiple_of:
         m = spec.pad_to_multiple_of
         size = -(-size // m) * m
     perms, own = [], []
     for r in refs:
         vocab = vocabs.get(r, target_vocab)
-        n_rows = rows.get(r) or 0
-        perm = torch.full((size,), -1, dtype=torch.long)
-        src, dst = [], []
-        for token, j in out_vocab.items():
-            i = vocab.get(token)
-            if i is not None and i < n_rows and j < size:
-                src.append(i)
-                dst.append(j)
-        perm[torch.tensor(dst, dtype=torch.long)] = torch.tensor(src, dtype=torch.long)
-        if keep_padding and (r == target_ref or r not in vocabs) and n_rows > n_tok:
-            perm[n_tok:n_rows] = torch.arange(n_tok, n_rows)
+        pad = keep_padding and (r == target_ref or r not in vocabs)
+        perm, owned = _row_map(vocab, out_vocab, rows.get(r) or 0, size, n_tok, pad)
         perms.append(perm)
-        own.append(torch.tensor(sorted({i for i in vocab.values() if i < n_rows}), dtype=torch.long))
+        own.append(owned)
     rules = _resolve_rules(spec, refs, out_vocab, vocabs, target_vocab, rows, perms)
     identity = not rules and all(
         rows.get(r) == size and torch.equal(p, torch.arange(size)) for r, p in zip(refs, perms))
     return VocabMap(spec.source, size, list(refs), perms, own,
                     refs.index(base_ref), rules, tokenizer, tok_folder, added, identity)
+
+
+def _output_vocab(spec: TokenizerSpec, folders: dict[str, Path | None], with_tok: list[str], base_ref: str,
+                  target_folder: Path | None, target_vocab: dict[str, int]) -> tuple[Any, Path | None, int, dict]:
+    """(built tokenizer or None, folder to copy the tokenizer from or None, tokens added, output vocabulary):
+    the target's vocabulary, or for `source: union` the base's extended by the other models' tokens."""
+    if spec.source != "union":
+        return None, target_folder, 0, target_vocab
+    others = tuple((str(folders[r]), r) for r in with_tok if r != base_ref)
+    built, added = union_tokenizer((str(target_folder), base_ref), others)
+    if added:
+        return built, None, added, dict(built.get_vocab())
+    return None, target_folder, added, target_vocab
+
+
+def _check_untokenized(refs: list[str], vocabs: dict[str, dict[str, int]], rows: dict[str, int | None],
+                       target_ref: str, n_tok: int) -> None:
+    """An input without tokenizer files is taken to use the target's vocabulary: its row count must agree."""
+    for r in refs:
+        if r not in vocabs and rows.get(r) is not None:
+            want = rows.get(target_ref) if target_ref in refs else n_tok
+            if rows[r] != want:
+                raise BasinError(f"{r} has no tokenizer files and {rows[r]} embedding rows, while "
+                                 f"{target_ref} (whose vocabulary it would be taken to use) has {want}")
+
+
+def _row_map(vocab: dict[str, int], out_vocab: dict[str, int], n_rows: int, size: int, n_tok: int,
+             keep_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, own) of one input: perm[j] its row holding output row j's token (-1: none; its padding rows past
+    the tokens kept in place if `keep_padding`), own its rows that hold a token of its own vocabulary."""
+    perm = torch.full((size,), -1, dtype=torch.long)
+    src, dst = [], []
+    for token, j in out_vocab.items():
+        i = vocab.get(token)
+        if i is not None and i < n_rows and j < size:
+            src.append(i)
+            dst.append(j)
+    perm[torch.tensor(dst, dtype=torch.long)] = torch.tensor(src, dtype=torch.long)
+    if keep_padding and n_rows > n_tok:
+        perm[n_tok:n_rows] = torch.arange(n_tok, n_rows)
+    return perm, torch.tensor(sorted({i for i in vocab.values() if i < n_rows}), dtype=torch.long)
 
 
 def _what(spec: TokenizerSpec) -> str:

@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evaluations.plotting import optional_pyplot
+
 
 def save_plots(result: Any, out_dir: str | Path, stem: str = "bench") -> list[Path]:
     """Average accuracy per row, and normalized score per merge; returns the files written ([] without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return []
     out = Path(out_dir)
     labels = [r.label for r in result.rows]

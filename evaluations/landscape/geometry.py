@@ -29,6 +29,7 @@ from evaluations.landscape.barriers import barrier
 from evaluations.landscape.evaluate import PathResult, evaluate_path, iter_batches
 from evaluations.landscape.params import as_params, flatten, subtract
 from evaluations.landscape.paths import linear_path
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 
@@ -182,12 +183,9 @@ def determinism(model: nn.Module, states: list, data) -> Determinism:
         d = float((vecs[i] - vecs[j]).norm())
         wd[i, j] = wd[j, i] = d
         rwd[i, j] = rwd[j, i] = d / max((norms[i] + norms[j]) / 2, 1e-30)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         probs = [torch.cat([functional_call(model, p, (x,)).softmax(-1) for x, _ in iter_batches(data)])
                  for p in params]
-    model.train(was)
     fd, dis = np.zeros((n, n)), np.zeros((n, n))
     for i, j in combinations(range(n), 2):
         fd[i, j] = fd[j, i] = float((probs[i] - probs[j]).norm(dim=-1).mean())

@@ -22,6 +22,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from evaluations.landscape.params import Params, as_params, check_same_keys, is_float, lerp, parameter_names
+from merging.modes import training_mode
 from taxonomy.errors import BasinError
 
 
@@ -180,20 +181,18 @@ def fit_curve(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(list(curve.control.values()), lr=lr, weight_decay=weight_decay)
     history = []
-    was_training = model.training
-    model.train()
-    for _ in tqdm(range(epochs), desc=f"fit {kind}", disable=not progress):
-        total, count = 0.0, 0
-        for x, y in iter_batches(data, batch_size=batch_size, generator=gen):
-            t = float(torch.rand((), generator=gen))
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(functional_call(model, curve(t), (x,)), y)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-        history.append(total / max(count, 1))
-    model.train(was_training)
+    with training_mode(model):
+        for _ in tqdm(range(epochs), desc=f"fit {kind}", disable=not progress):
+            total, count = 0.0, 0
+            for x, y in iter_batches(data, batch_size=batch_size, generator=gen):
+                t = float(torch.rand((), generator=gen))
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(functional_call(model, curve(t), (x,)), y)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+            history.append(total / max(count, 1))
     for v in curve.control.values():
         v.requires_grad_(False)
     control = {k: v.detach().clone() for k, v in curve.control.items()}

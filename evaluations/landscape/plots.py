@@ -7,21 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+from evaluations.plotting import optional_pyplot
 
 
 def plot_path(result, path: str | Path, title: str = "") -> str | None:
     """Loss and error along a path, with the chord between the endpoints."""
-    plt = _plt()
+    plt = optional_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -42,7 +33,7 @@ def plot_path(result, path: str | Path, title: str = "") -> str | None:
 
 
 def plot_slice_1d(s, path: str | Path, title: str = "") -> str | None:
-    plt = _plt()
+    plt = optional_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -58,7 +49,7 @@ def plot_slice_1d(s, path: str | Path, title: str = "") -> str | None:
 
 def plot_contour(s, path: str | Path, title: str = "", levels: int = 30) -> str | None:
     """Contour plot of a Slice2D's loss."""
-    plt = _plt()
+    plt = optional_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -76,7 +67,7 @@ def plot_contour(s, path: str | Path, title: str = "", levels: int = 30) -> str 
 
 def plot_surface(s, path: str | Path, title: str = "") -> str | None:
     """3-D surface plot of a Slice2D's loss."""
-    plt = _plt()
+    plt = optional_pyplot()
     if plt is None:
         return None
     import numpy as np
@@ -97,7 +88,7 @@ def plot_surface(s, path: str | Path, title: str = "") -> str | None:
 
 def plot_dendrogram(conn, path: str | Path, title: str = "") -> str | None:
     """scipy's single-linkage dendrogram of a Connectivity's barrier matrix, with the threshold drawn."""
-    plt = _plt()
+    plt = optional_pyplot()
     if plt is None:
         return None
     from scipy.cluster.hierarchy import dendrogram

@@ -21,6 +21,7 @@ from merging.alignment.infer import infer_spec, spec_from_hf_folder
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, weight_matching
 from merging.checkpoint import Checkpoint, StateDictCheckpoint
+from merging.objects import load_object
 from taxonomy.errors import BasinError
 
 METHODS = ("weight_matching", "activation_matching")
@@ -33,18 +34,8 @@ def load_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _load_object(spec: Any) -> Any:
-    """A callable given directly or as "module:fn" (resolved with importlib; merging must not import evaluations)."""
-    if not isinstance(spec, str):
-        return spec
-    import importlib
-
-    if ":" not in spec:
-        raise BasinError(f"{spec!r}: expected 'module:function'")
-    module_name, attr = spec.rsplit(":", 1)
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise BasinError(f"{spec!r}: cannot load ({err})") from None
+    """A callable given directly or as "module:fn" (`merging.objects.load_object`)."""
+    return load_object(spec) if isinstance(spec, str) else spec
 
 
 def spec_for(ckpt: Checkpoint, options: Mapping[str, Any]) -> PermutationSpec:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,8 +101,8 @@ def _example_for(model: nn.Module) -> torch.Tensor:
     raise BasinError(f"{type(model).__name__}: cannot guess an input shape; pass example_input")
 
 
-def fx_spec(model: nn.Module, example_input: Any = None) -> PermutationSpec:
-    """Trace `model` with torch.fx and infer its spec (see the module docstring)."""
+def _traced(model: nn.Module, example_input: Any):
+    """`model` traced by torch.fx, each node's output shape recorded from one run of the example input."""
     from torch.fx import symbolic_trace
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -117,156 +118,223 @@ def fx_spec(model: nn.Module, example_input: Any = None) -> PermutationSpec:
         ShapeProp(gm).propagate(*examples)
     except Exception as err:  # noqa: BLE001
         raise BasinError(f"{name}: example input does not run through the model ({err})") from None
+    return gm
 
-    uf = _UnionFind()
-    value: dict[str, tuple[int, int | None] | None] = {}  # node -> (group id, feature dim) or None (non-tensor)
-    param_axes: dict[str, list[int | None]] = {}  # param -> per-axis group id
-    modules = dict(gm.named_modules())
-    state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    def shape(node) -> tuple[int, ...]:
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+def fx_spec(model: nn.Module, example_input: Any = None) -> PermutationSpec:
+    """Trace `model` with torch.fx and infer its spec (see the module docstring)."""
+    gm = _traced(model, example_input)
+    flow = _FeatureFlow(gm, model)
+    for node in gm.graph.nodes:
+        flow.visit(node)
+    return _finish(flow.uf, flow.param_axes, flow.state_shapes)
 
-    def assign(param: str, axis: int, gid: int | None) -> None:
-        axes = param_axes.setdefault(param, [None] * len(state_shapes[param]))
+
+def _shape(node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+
+Value = tuple  # (group id, feature dim or None), or ("const",) for a tensor attribute; None: not a tensor
+
+
+class _FeatureFlow:
+    """Each graph value's feature group and axis, followed node by node (Git Re-Basin, section 3.1)."""
+
+    def __init__(self, gm, model: nn.Module) -> None:
+        self.name = type(model).__name__
+        self.gm = gm
+        self.uf = _UnionFind()
+        self.value: dict[str, Value | None] = {}  # node -> (group id, feature dim) or None (non-tensor)
+        self.param_axes: dict[str, list[int | None]] = {}  # param -> per-axis group id
+        self.modules = dict(gm.named_modules())
+        self.state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    # --- shared steps
+    def assign(self, param: str, axis: int, gid: int | None) -> None:
+        axes = self.param_axes.setdefault(param, [None] * len(self.state_shapes[param]))
         if gid is None:
             return
         if axes[axis] is None:
             axes[axis] = gid
         else:
-            axes[axis] = uf.union(axes[axis], gid, f"parameter {param!r} (shared weights)")
+            axes[axis] = self.uf.union(axes[axis], gid, f"parameter {param!r} (shared weights)")
 
-    def refuse(node, why: str) -> BasinError:
-        return BasinError(f"{name}: cannot prove a permutation safe at graph node {node.name!r} "
+    def refuse(self, node, why: str) -> BasinError:
+        return BasinError(f"{self.name}: cannot prove a permutation safe at graph node {node.name!r} "
                           f"({node.op} {node.target}): {why}; write a PermutationSpec by hand")
 
-    def arg_value(a):
-        return value.get(a.name) if hasattr(a, "name") and a.name in value else None
+    def arg_value(self, a) -> Value | None:
+        return self.value.get(a.name) if hasattr(a, "name") and a.name in self.value else None
 
-    for node in gm.graph.nodes:
-        nd = len(shape(node))
-        if node.op == "placeholder":
-            value[node.name] = (FIXED, None)
-        elif node.op == "get_attr":
-            value[node.name] = None
-            if isinstance(getattr(gm, str(node.target), None), torch.Tensor):
-                value[node.name] = ("const",)  # type: ignore[assignment]
-        elif node.op == "output":
-            for a in _flat(node.args):
-                v = arg_value(a)
-                if v and v[0] != "const":
-                    uf.union(v[0], FIXED, "output")
-        elif node.op == "call_module":
-            mod = modules[node.target]
-            inp = arg_value(node.args[0]) if node.args else None
-            prefix = f"{node.target}."
-            if inp is None or inp[0] == "const" or len(node.args) != 1 or node.kwargs:
-                raise refuse(node, "module called with unsupported arguments")
-            gid, dim = inp
-            in_nd = len(shape(node.args[0]))
-            if isinstance(mod, nn.Linear):
-                if dim not in (None, in_nd - 1):
-                    raise refuse(node, "Linear applied to an axis that is not the feature axis")
-                out = uf.new(mod.out_features, node.target)
-                assign(prefix + "weight", 0, out)
-                assign(prefix + "weight", 1, gid)
-                if mod.bias is not None:
-                    assign(prefix + "bias", 0, out)
-                value[node.name] = (out, nd - 1)
-            elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                if mod.groups != 1:
-                    raise refuse(node, "grouped/depthwise convolution")
-                if dim not in (None, 1):
-                    raise refuse(node, "convolution over an axis that is not the channel axis")
-                out = uf.new(mod.out_channels, node.target)
-                assign(prefix + "weight", 0, out)
-                assign(prefix + "weight", 1, gid)
-                if mod.bias is not None:
-                    assign(prefix + "bias", 0, out)
-                value[node.name] = (out, 1)
-            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-                if dim not in (None, 1):
-                    raise refuse(node, "BatchNorm over an axis that is not the channel axis")
-                for p in ("weight", "bias", "running_mean", "running_var"):
-                    if prefix + p in state_shapes:
-                        assign(prefix + p, 0, gid)
-                value[node.name] = (gid, 1)
-            elif isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-                if len(mod.normalized_shape) != 1 or dim not in (None, in_nd - 1):
-                    raise refuse(node, "norm over more than the feature axis")
-                for p in ("weight", "bias"):
-                    if prefix + p in state_shapes:
-                        assign(prefix + p, 0, gid)
-                value[node.name] = (gid, dim)
-            elif isinstance(mod, ELEMENTWISE_MODULES):
-                value[node.name] = inp
-            elif isinstance(mod, POOL_MODULES):
-                if dim not in (None, 1):
-                    raise refuse(node, "pooling over the feature axis")
-                value[node.name] = inp
-            elif isinstance(mod, nn.Flatten):
-                value[node.name] = _flatten(node, inp, mod.start_dim, mod.end_dim, in_nd, refuse)
-            else:
-                raise refuse(node, f"module type {type(mod).__name__} is not understood")
-        elif node.op in ("call_function", "call_method"):
-            target = node.target
-            tensors = [a for a in _flat(node.args) + _flat(node.kwargs) if hasattr(a, "op")]
-            first = arg_value(node.args[0]) if node.args and hasattr(node.args[0], "op") else None
-            if any(arg_value(a) is not None and arg_value(a)[0] == "const" for a in tensors):
-                raise refuse(node, "uses a tensor attribute of the module")
-            if target in ELEMENTWISE_FUNCTIONS or target in ELEMENTWISE_METHODS:
-                value[node.name] = first
-            elif target in POOL_FUNCTIONS:
-                if first and first[1] not in (None, 1):
-                    raise refuse(node, "pooling over the feature axis")
-                value[node.name] = first
-            elif target in ARITH or target in ("add", "mul", "sub", "add_", "div"):
-                vals = [arg_value(a) for a in tensors]
-                vals = [v for v in vals if v is not None]
-                if not vals:
-                    value[node.name] = None
-                    continue
-                shapes = {shape(a) for a in tensors}
-                if len(vals) > 1 and (len(shapes) > 1 or len({v[1] for v in vals if v[1] is not None}) > 1):
-                    raise refuse(node, "operands of different shapes or feature axes")
-                gid = vals[0][0]
-                for v in vals[1:]:
-                    gid = uf.union(gid, v[0], f"node {node.name}")
-                dims = [v[1] for v in vals if v[1] is not None]
-                value[node.name] = (gid, dims[0] if dims else None)
-            elif target in (torch.flatten, "flatten"):
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                value[node.name] = _flatten(node, first, start, end, len(shape(node.args[0])), refuse)
-            elif target in ("view", "reshape", torch.reshape):
-                in_shape, out_shape = shape(node.args[0]), shape(node)
-                if first is not None and uf.find(first[0]) == FIXED:
-                    value[node.name] = (FIXED, None)  # reshaping a model input (never permuted) is safe
-                elif len(out_shape) == 2 and out_shape[0] == in_shape[0]:
-                    value[node.name] = _flatten(node, first, 1, -1, len(in_shape), refuse)
-                elif out_shape == in_shape:
-                    value[node.name] = first
-                else:
-                    raise refuse(node, "reshape other than flattening per example")
-            elif target in ("size", "dim") or target is getattr:
-                value[node.name] = None
-            elif target in (torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"):
-                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-                in_nd = len(shape(node.args[0]))
-                dims = (dims,) if isinstance(dims, int) else dims
-                if first is None or dims is None or first[1] is None:
-                    raise refuse(node, "reduction over all axes")
-                dims = [d % in_nd for d in dims]
-                if first[1] in dims or first[1] != 1:
-                    raise refuse(node, "reduction over the feature axis")
-                value[node.name] = first
-            else:
-                raise refuse(node, "operation not understood")
-        else:
-            raise refuse(node, "unsupported node kind")
+    def visit(self, node) -> None:
+        """Record the value of one graph node (or refuse it)."""
+        visitors = {"placeholder": self._placeholder, "get_attr": self._get_attr, "output": self._output,
+                    "call_module": self._call_module, "call_function": self._call, "call_method": self._call}
+        if node.op not in visitors:
+            raise self.refuse(node, "unsupported node kind")
+        visitors[node.op](node)
 
-    return _finish(uf, param_axes, state_shapes)
+    # --- node kinds
+    def _placeholder(self, node) -> None:
+        self.value[node.name] = (FIXED, None)
+
+    def _get_attr(self, node) -> None:
+        self.value[node.name] = None
+        if isinstance(getattr(self.gm, str(node.target), None), torch.Tensor):
+            self.value[node.name] = ("const",)
+
+    def _output(self, node) -> None:
+        for a in _flat(node.args):
+            v = self.arg_value(a)
+            if v and v[0] != "const":
+                self.uf.union(v[0], FIXED, "output")
+
+    def _call_module(self, node) -> None:
+        mod = self.modules[node.target]
+        inp = self.arg_value(node.args[0]) if node.args else None
+        if inp is None or inp[0] == "const" or len(node.args) != 1 or node.kwargs:
+            raise self.refuse(node, "module called with unsupported arguments")
+        for types, rule in MODULE_RULES:
+            if isinstance(mod, types):
+                self.value[node.name] = rule(self, node, mod, inp)
+                return
+        raise self.refuse(node, f"module type {type(mod).__name__} is not understood")
+
+    def _call(self, node) -> None:
+        tensors = [a for a in _flat(node.args) + _flat(node.kwargs) if hasattr(a, "op")]
+        first = self.arg_value(node.args[0]) if node.args and hasattr(node.args[0], "op") else None
+        if any(self.arg_value(a) is not None and self.arg_value(a)[0] == "const" for a in tensors):
+            raise self.refuse(node, "uses a tensor attribute of the module")
+        for targets, rule in FUNCTION_RULES:
+            if node.target in targets:
+                self.value[node.name] = rule(self, node, first, tensors)
+                return
+        raise self.refuse(node, "operation not understood")
+
+    # --- modules: each returns the value of its output
+    def _layer(self, node, width: int, gid: int, bias: bool, out_dim: int) -> Value:
+        """A Linear/Conv: its output is a new group (weight rows, bias), its input group its weight columns."""
+        out = self.uf.new(width, node.target)
+        self.assign(f"{node.target}.weight", 0, out)
+        self.assign(f"{node.target}.weight", 1, gid)
+        if bias:
+            self.assign(f"{node.target}.bias", 0, out)
+        return (out, out_dim)
+
+    def _per_feature(self, node, params: tuple[str, ...], gid: int) -> None:
+        for p in params:
+            if f"{node.target}.{p}" in self.state_shapes:
+                self.assign(f"{node.target}.{p}", 0, gid)
+
+    def _linear(self, node, mod: nn.Linear, inp: Value) -> Value:
+        if inp[1] not in (None, len(_shape(node.args[0])) - 1):
+            raise self.refuse(node, "Linear applied to an axis that is not the feature axis")
+        return self._layer(node, mod.out_features, inp[0], mod.bias is not None, len(_shape(node)) - 1)
+
+    def _conv(self, node, mod: nn.Conv1d, inp: Value) -> Value:
+        if mod.groups != 1:
+            raise self.refuse(node, "grouped/depthwise convolution")
+        if inp[1] not in (None, 1):
+            raise self.refuse(node, "convolution over an axis that is not the channel axis")
+        return self._layer(node, mod.out_channels, inp[0], mod.bias is not None, 1)
+
+    def _batch_norm(self, node, mod: nn.BatchNorm1d, inp: Value) -> Value:
+        if inp[1] not in (None, 1):
+            raise self.refuse(node, "BatchNorm over an axis that is not the channel axis")
+        self._per_feature(node, ("weight", "bias", "running_mean", "running_var"), inp[0])
+        return (inp[0], 1)
+
+    def _norm(self, node, mod: nn.LayerNorm, inp: Value) -> Value:
+        if len(mod.normalized_shape) != 1 or inp[1] not in (None, len(_shape(node.args[0])) - 1):
+            raise self.refuse(node, "norm over more than the feature axis")
+        self._per_feature(node, ("weight", "bias"), inp[0])
+        return inp
+
+    def _carry(self, node, mod: nn.Module, inp: Value) -> Value:
+        return inp
+
+    def _pool(self, node, mod: nn.Module, inp: Value) -> Value:
+        if inp[1] not in (None, 1):
+            raise self.refuse(node, "pooling over the feature axis")
+        return inp
+
+    def _flatten_module(self, node, mod: nn.Flatten, inp: Value) -> Value | None:
+        return _flatten(node, inp, mod.start_dim, mod.end_dim, len(_shape(node.args[0])), self.refuse)
+
+    # --- functions and methods: each returns the value of its output
+    def _keep(self, node, first: Value | None, tensors: list) -> Value | None:
+        return first
+
+    def _pool_function(self, node, first: Value | None, tensors: list) -> Value | None:
+        if first and first[1] not in (None, 1):
+            raise self.refuse(node, "pooling over the feature axis")
+        return first
+
+    def _arith(self, node, first: Value | None, tensors: list) -> Value | None:
+        """Elementwise arithmetic: the operands' groups are one (a residual add joins them)."""
+        vals = [v for v in (self.arg_value(a) for a in tensors) if v is not None]
+        if not vals:
+            return None
+        shapes = {_shape(a) for a in tensors}
+        if len(vals) > 1 and (len(shapes) > 1 or len({v[1] for v in vals if v[1] is not None}) > 1):
+            raise self.refuse(node, "operands of different shapes or feature axes")
+        gid = vals[0][0]
+        for v in vals[1:]:
+            gid = self.uf.union(gid, v[0], f"node {node.name}")
+        dims = [v[1] for v in vals if v[1] is not None]
+        return (gid, dims[0] if dims else None)
+
+    def _flatten_function(self, node, first: Value | None, tensors: list) -> Value | None:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return _flatten(node, first, start, end, len(_shape(node.args[0])), self.refuse)
+
+    def _reshape(self, node, first: Value | None, tensors: list) -> Value | None:
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        if first is not None and self.uf.find(first[0]) == FIXED:
+            return (FIXED, None)  # reshaping a model input (never permuted) is safe
+        if len(out_shape) == 2 and out_shape[0] == in_shape[0]:
+            return _flatten(node, first, 1, -1, len(in_shape), self.refuse)
+        if out_shape == in_shape:
+            return first
+        raise self.refuse(node, "reshape other than flattening per example")
+
+    def _not_tensor(self, node, first: Value | None, tensors: list) -> None:
+        return None
+
+    def _reduce(self, node, first: Value | None, tensors: list) -> Value:
+        """mean/sum/amax over spatial axes only (the channel axis 1 stays)."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        in_nd = len(_shape(node.args[0]))
+        dims = (dims,) if isinstance(dims, int) else dims
+        if first is None or dims is None or first[1] is None:
+            raise self.refuse(node, "reduction over all axes")
+        dims = [d % in_nd for d in dims]
+        if first[1] in dims or first[1] != 1:
+            raise self.refuse(node, "reduction over the feature axis")
+        return first
+
+
+# the first rule whose types (modules) or targets (functions, method names) match applies
+MODULE_RULES = (
+    (nn.Linear, _FeatureFlow._linear),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _FeatureFlow._conv),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _FeatureFlow._batch_norm),
+    ((nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)), _FeatureFlow._norm),
+    (ELEMENTWISE_MODULES, _FeatureFlow._carry),
+    (POOL_MODULES, _FeatureFlow._pool),
+    (nn.Flatten, _FeatureFlow._flatten_module),
+)
+FUNCTION_RULES = (
+    (ELEMENTWISE_FUNCTIONS | ELEMENTWISE_METHODS, _FeatureFlow._keep),
+    (POOL_FUNCTIONS, _FeatureFlow._pool_function),
+    (ARITH | {"add", "mul", "sub", "add_", "div"}, _FeatureFlow._arith),
+    ((torch.flatten, "flatten"), _FeatureFlow._flatten_function),
+    (("view", "reshape", torch.reshape), _FeatureFlow._reshape),
+    (("size", "dim", getattr), _FeatureFlow._not_tensor),
+    ((torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"), _FeatureFlow._reduce),
+)
 
 
 def _flat(obj) -> list:
@@ -351,21 +419,37 @@ LLAMA_OTHER = {
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
-def transformer_spec(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any],
-                     residual: bool | str = "auto") -> PermutationSpec:
-    """The spec of a BERT- or Llama-style transformer from tensor names/shapes and its config.json."""
+@dataclass(frozen=True)
+class _Layout:
+    """What the spec inference needs to know of one transformer: its naming rules and group sizes."""
+    model_type: str
+    layer_re: str
+    layer_rules: Mapping[str, tuple[str | None, ...]]
+    other_rules: Mapping[str, tuple[str | None, ...]]
+    prefix: str  # of the base model's tensors ("" or e.g. "bert.")
+    res: str | None  # the residual stream's group, None when it is fixed
+    hidden: int
+    n_kv: int
+    ff: int
+
+
+def _naming(config: Mapping[str, Any]) -> tuple[str, str, str, Mapping, Mapping]:
+    """model_type, the block-name pattern, the embeddings' name and the rules of a supported family."""
     model_type = config.get("model_type")
     if model_type == "bert":
-        layer_re, root = r"(.*?)encoder\.layer\.(\d+)\.(.+)", "embeddings."
-        layer_rules, other_rules = BERT_LAYER, BERT_OTHER
+        naming = (model_type, r"(.*?)encoder\.layer\.(\d+)\.(.+)", "embeddings.", BERT_LAYER, BERT_OTHER)
     elif model_type in LLAMA_TYPES:
-        layer_re, root = r"(.*?)layers\.(\d+)\.(.+)", "embed_tokens."
-        layer_rules, other_rules = LLAMA_LAYER, LLAMA_OTHER
+        naming = (model_type, r"(.*?)layers\.(\d+)\.(.+)", "embed_tokens.", LLAMA_LAYER, LLAMA_OTHER)
     else:
         raise BasinError(f"permutation spec inference does not support model_type {model_type!r} "
                          f"(supported: bert, {', '.join(LLAMA_TYPES)}); write a PermutationSpec by hand")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise BasinError(f"{model_type}: position_embedding_type {config['position_embedding_type']!r} not supported")
+    return naming
+
+
+def _layout(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], residual: bool | str) -> _Layout:
+    model_type, layer_re, root, layer_rules, other_rules = _naming(config)
     hidden = int(config["hidden_size"])
     n_heads = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
@@ -379,51 +463,70 @@ def transformer_spec(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str,
         model_type in LLAMA_TYPES and bool(config.get("tie_word_embeddings")) and "lm_head" in str(
             config.get("architectures")))
     permute_res = has_head if residual == "auto" else bool(residual)
-    sizes: dict[str, int] = {}
+    return _Layout(model_type, layer_re, layer_rules, other_rules, prefix, "P_res" if permute_res else None,
+                   hidden, n_kv, ff)
+
+
+def transformer_spec(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any],
+                     residual: bool | str = "auto") -> PermutationSpec:
+    """The spec of a BERT- or Llama-style transformer from tensor names/shapes and its config.json."""
+    lay = _layout(shapes, config, residual)
+    sizes: dict[str, int] = {lay.res: lay.hidden} if lay.res else {}
     axes: dict[str, tuple[str | None, ...]] = {}
-    res = "P_res" if permute_res else None
-    if res:
-        sizes[res] = hidden
     for name, shp in shapes.items():
-        rel = name[len(prefix):] if name.startswith(prefix) else None
-        m = re.fullmatch(layer_re, rel) if rel is not None else None
-        roles: tuple[str | None, ...] | None = None
-        if m and m.group(1) == "":
-            i, tail = m.group(2), m.group(3)
-            for pat, r in layer_rules.items():
-                if re.fullmatch(pat, tail):
-                    roles = r
-                    break
-            groups = {"res": res, "heads": f"P_heads_{i}", "qheads": f"P_heads_{i}", "ff": f"P_ff_{i}"}
-            sizes[f"P_heads_{i}"], sizes[f"P_ff_{i}"] = n_kv, ff
-            if roles is not None:
-                axes[name] = tuple(groups[r] if r else None for r in roles)
-        elif rel is not None:
-            for pat, r in other_rules.items():
-                if re.fullmatch(pat, rel):
-                    axes[name] = tuple(res if x == "res" else None for x in r)
-                    roles = r
-                    break
-        else:  # task heads outside the base model
-            reads_res = model_type in LLAMA_TYPES  # BERT's classifier reads the (unpermuted) pooler output
-            if re.fullmatch(r"(lm_head|classifier|score)\.weight", name) and len(shp) == 2 and shp[1] == hidden:
-                roles = (None, "res")
-                axes[name] = (None, res if reads_res else None)
-            elif re.fullmatch(r"(classifier|score)\.bias", name) or name.endswith("position_ids"):
-                roles = (None,)
-                axes[name] = (None,) * len(shp)
+        roles = _roles(lay, name, shp, axes, sizes)
         if roles is None:
             if name.endswith(("position_ids", "token_type_ids", "inv_freq")) or "rotary" in name:
                 axes[name] = (None,) * len(shp)
                 continue
-            raise BasinError(f"{model_type}: tensor {name!r} {shp} has a role the spec inference does not know; "
-                             "refusing to guess (write a PermutationSpec by hand)")
+            raise BasinError(f"{lay.model_type}: tensor {name!r} {shp} has a role the spec inference does not "
+                             "know; refusing to guess (write a PermutationSpec by hand)")
         if len(roles) != len(shp):
-            raise BasinError(f"{model_type}: tensor {name!r} has shape {shp}, expected {len(roles)} axes")
+            raise BasinError(f"{lay.model_type}: tensor {name!r} has shape {shp}, expected {len(roles)} axes")
     spec = PermutationSpec(axes, {g: n for g, n in sizes.items() if any(g in a for a in axes.values())})
     spec.check({k: torch.empty(v, device="meta") for k, v in shapes.items()},
-               label=f"{model_type} model")
+               label=f"{lay.model_type} model")
     return spec
+
+
+def _roles(lay: _Layout, name: str, shp: tuple[int, ...], axes: dict[str, tuple[str | None, ...]],
+           sizes: dict[str, int]) -> tuple[str | None, ...] | None:
+    """The roles of tensor `name`'s axes (None: unknown), its groups recorded in `axes` and `sizes`."""
+    rel = name[len(lay.prefix):] if name.startswith(lay.prefix) else None
+    if rel is None:  # task heads outside the base model
+        return _head_roles(lay, name, shp, axes)
+    m = re.fullmatch(lay.layer_re, rel)
+    if m and m.group(1) == "":
+        return _block_roles(lay, name, m.group(2), m.group(3), axes, sizes)
+    for pat, r in lay.other_rules.items():
+        if re.fullmatch(pat, rel):
+            axes[name] = tuple(lay.res if x == "res" else None for x in r)
+            return r
+    return None
+
+
+def _block_roles(lay: _Layout, name: str, i: str, tail: str, axes: dict[str, tuple[str | None, ...]],
+                 sizes: dict[str, int]) -> tuple[str | None, ...] | None:
+    """A tensor of block `i`: the residual stream, the block's heads and its MLP hidden units."""
+    roles = next((r for pat, r in lay.layer_rules.items() if re.fullmatch(pat, tail)), None)
+    groups = {"res": lay.res, "heads": f"P_heads_{i}", "qheads": f"P_heads_{i}", "ff": f"P_ff_{i}"}
+    sizes[f"P_heads_{i}"], sizes[f"P_ff_{i}"] = lay.n_kv, lay.ff
+    if roles is not None:
+        axes[name] = tuple(groups[r] if r else None for r in roles)
+    return roles
+
+
+def _head_roles(lay: _Layout, name: str, shp: tuple[int, ...], axes: dict[str, tuple[str | None, ...]]
+                ) -> tuple[str | None, ...] | None:
+    """A task head's tensor: Llama's heads read the residual stream, BERT's classifier the (fixed) pooler."""
+    reads_res = lay.model_type in LLAMA_TYPES
+    if re.fullmatch(r"(lm_head|classifier|score)\.weight", name) and len(shp) == 2 and shp[1] == lay.hidden:
+        axes[name] = (None, lay.res if reads_res else None)
+        return (None, "res")
+    if re.fullmatch(r"(classifier|score)\.bias", name) or name.endswith("position_ids"):
+        axes[name] = (None,) * len(shp)
+        return (None,)
+    return None
 
 
 def spec_from_hf_folder(folder, shapes: Mapping[str, tuple[int, ...]], residual: bool | str = "auto"

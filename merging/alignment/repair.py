@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from merging.alignment.activation_matching import SITE_TYPES, batches, run_model
+from merging.modes import eval_mode, training_mode
 from taxonomy.errors import BasinError
 
 
@@ -31,15 +32,13 @@ def reset_bn_stats(model: nn.Module, data: Any) -> nn.Module:
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
-    was_training = model.training
-    model.train()
     try:
-        for args, kwargs in batches(data):
-            run_model(model, args, kwargs, type(model).__name__)
+        with training_mode(model):
+            for args, kwargs in batches(data):
+                run_model(model, args, kwargs, type(model).__name__)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
-        model.train(was_training)
     return model
 
 
@@ -54,15 +53,13 @@ def unit_stats(model: nn.Module, names: list[str], data: Any) -> dict[str, tuple
             x = x.movedim(1, -1) if not isinstance(mod, nn.Linear) else x
             acc[name].append(x.reshape(-1, x.shape[-1]))
         handles.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        for args, kwargs in batches(data):
-            run_model(model, args, kwargs, type(model).__name__)
+        with eval_mode(model):
+            for args, kwargs in batches(data):
+                run_model(model, args, kwargs, type(model).__name__)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = {}
     for name, parts in acc.items():
         x = torch.cat(parts)

@@ -9,6 +9,7 @@ The permutation with the lowest midpoint loss seen is returned.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from merging.alignment.activation_matching import batches
 from merging.alignment.apply import apply_permutation
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, check_same_architecture, weight_matching
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 
@@ -37,14 +39,14 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: Permut
              if isinstance(b, (tuple, list)) and len(b) == 2]
     if not pairs:
         raise BasinError("ste: data must be (x, y) or a list of (x, y) batches")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise BasinError(f"ste: steps must be a positive integer, got {steps!r}")
     trainable = {k for k, v in state_a.items() if v.is_floating_point()}
     proxy = {k: state_a[k].clone().requires_grad_(True) for k in trainable}
     opt = torch.optim.Adam(list(proxy.values()), lr=lr)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     trace: list[float] = []
-    was_training = model_a.training
-    model_a.eval()
-    try:
+    with eval_mode(model_a):
         for step in range(steps):
             x, y = pairs[step % len(pairs)]
             perms = weight_matching({k: proxy[k].detach() if k in proxy else v for k, v in state_a.items()},
@@ -61,8 +63,5 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: Permut
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        model_a.train(was_training)
-    assert best is not None
     return MatchResult(best[1], trace, True, steps, time.perf_counter() - start, method="ste",
                        cpu_seconds=time.process_time() - cpu_start)

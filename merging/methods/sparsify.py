@@ -377,86 +377,11 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     """
     n, m = inputs.numel, len(inputs.tensors)
     brackets = _brackets(inputs, ks)
-
-    def refuse_nan(i: int) -> None:  # NaNs fall outside every bracket: refuse rather than rank them
-        raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be ranked")
-
-    def scan(with_totals: bool) -> list[list]:
-        if not sums and kernels.readable(inputs.tensors + [inputs.base], n):  # one compiled pass per chunk
-            cuts: list[tuple[int, int | None, Bracket]] = []  # (model, its cut or None, bracket)
-            for i in range(m):
-                if ks[i]:  # a model whose cuts are all trivial still gets a pass, to look for NaN
-                    cuts += [(i, j, b) for j, b in enumerate(brackets[i]) if b is not None] or [
-                        (i, None, (math.inf, math.inf, None))]
-
-            scanned = [(inputs.tensors[i], b) for i, _, b in cuts]
-
-            def visit_stored(index: int) -> list:
-                start, stop = inputs.span(index)
-                tallies = _tally_compiled(scanned, inputs.base, start, stop)
-                out: list = [None if not ks[i] else [[None] * len(ks[i]), 0.0] for i in range(m)]
-                for (i, j, _), tally in zip(cuts, tallies):
-                    if tally[4]:
-                        refuse_nan(i)
-                    if j is not None:
-                        out[i][0][j] = tally[:4]
-                return out
-
-            return map_threads(visit_stored, inputs.num_chunks, inputs.workers)
-
-        def visit(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list:
-            out = []
-            for i, x in enumerate(chunks):
-                if not ks[i]:
-                    out.append(None)
-                    continue
-                a = x.sub_(base).abs_()
-                if torch.isnan(a.sum()):
-                    refuse_nan(i)
-                cuts = []
-                for bracket in brackets[i]:
-                    if bracket is None:
-                        cuts.append(None)
-                        continue
-                    cuts.append(_split_at_bracket(a, bracket, sums))
-                out.append((cuts, _sum64(a) if with_totals else 0.0))
-            return out
-
-        return inputs.map(visit)
-
-    per_chunk = scan(sums)
+    per_chunk = _scan(inputs, ks, brackets, sums, sums)
     totals = [sum(c[i][1] for c in per_chunk) if ks[i] else 0.0 for i in range(m)]
 
     def select(i: int, j: int, chunks: list[list]) -> tuple[MagnitudeCut, float] | None:
-        """Cut (i, j) from a scan's per-chunk tallies; None if its bracket missed."""
-        k, heavy = ks[i][j], brackets[i][j][2]
-        tallies = [c[i][0][j] for c in chunks]
-        above = sum(t[0] for t in tallies)
-        inside = [t[1] for t in tallies]
-        heavy_per_chunk = [t[2] for t in tallies]
-        heavy_total = sum(heavy_per_chunk)
-        if not above < k <= above + sum(t.numel() for t in inside) + heavy_total:
-            return None
-        candidates = torch.cat(inside)
-        need = k - above  # the need-th largest inside the bracket is the k-th largest overall
-        over_heavy = int(torch.count_nonzero(candidates > heavy)) if heavy is not None else 0
-        if heavy is not None and over_heavy < need <= over_heavy + heavy_total:
-            threshold, strictly_above, tied_per_chunk = heavy, over_heavy, heavy_per_chunk
-        else:
-            rank = need if heavy is None or need <= over_heavy else need - heavy_total  # among the candidates
-            threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
-            heavy_above = heavy_total if heavy is not None and heavy > threshold else 0
-            strictly_above = int(torch.count_nonzero(candidates > threshold)) + heavy_above
-            tied_per_chunk = [int(torch.count_nonzero(t == threshold)) for t in inside]
-        ties_total, ties_kept = sum(tied_per_chunk), need - strictly_above
-        before = None
-        if 0 < ties_kept < ties_total:
-            before = tuple(itertools.accumulate(tied_per_chunk, initial=0))
-        kept = 0.0
-        if sums:
-            kept = (sum(t[3] for t in tallies) + _sum64(candidates[candidates > threshold]) + threshold * ties_kept
-                    + (heavy * heavy_total if heavy is not None and heavy > threshold else 0.0))
-        return MagnitudeCut(k, n, threshold, ties_kept, ties_total, before), kept
+        return _select_cut(ks[i][j], n, brackets[i][j][2], [c[i][0][j] for c in chunks], sums)
 
     pairs = [(i, j) for i in range(m) for j in range(len(ks[i])) if brackets[i][j] is not None]
     found = dict(zip(pairs, map_threads(lambda p: select(*pairs[p], per_chunk), len(pairs), inputs.workers)))
@@ -465,7 +390,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
             lo, hi, _ = brackets[i][j]
             above = sum(c[i][0][j][0] for c in per_chunk)
             brackets[i][j] = (hi, float("inf"), None) if ks[i][j] <= above else (float("-inf"), lo, None)
-            found[(i, j)] = select(i, j, scan(False))
+            found[(i, j)] = select(i, j, _scan(inputs, ks, brackets, sums, False))
     cuts: list[list[MagnitudeCut]] = []
     kept_sums: list[list[float]] = []
     for i in range(m):
@@ -473,6 +398,91 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
         kept_sums.append([found[(i, j)][1] if (i, j) in found else (0.0 if k <= 0 else totals[i])
                           for j, k in enumerate(ks[i])])
     return cuts, totals, kept_sums
+
+
+def _refuse_nan(i: int) -> None:
+    """NaNs fall outside every bracket: refuse rather than rank them."""
+    raise BasinError(f"model {i}: its task vector has NaN entries, so its magnitudes cannot be ranked")
+
+
+def _scan(inputs: ChunkedInputs, ks: list[list[int]], brackets: list[list[Bracket | None]], sums: bool,
+          with_totals: bool) -> list[list]:
+    """One pass over the chunks: per chunk and model, ([per cut, its `_split_at_bracket` tally], sum |tau| if
+    `with_totals`), None for a model without cuts. Through the compiled kernel where it reads the inputs and
+    no sums are wanted (`sums`: the magnitude_cuts call's, also on its rescans)."""
+    if not sums and kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
+        return _scan_compiled(inputs, ks, brackets)
+
+    def visit(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list:
+        out = []
+        for i, x in enumerate(chunks):
+            if not ks[i]:
+                out.append(None)
+                continue
+            a = x.sub_(base).abs_()
+            if torch.isnan(a.sum()):
+                _refuse_nan(i)
+            cuts = [None if bracket is None else _split_at_bracket(a, bracket, sums) for bracket in brackets[i]]
+            out.append((cuts, _sum64(a) if with_totals else 0.0))
+        return out
+
+    return inputs.map(visit)
+
+
+def _scan_compiled(inputs: ChunkedInputs, ks: list[list[int]], brackets: list[list[Bracket | None]]) -> list[list]:
+    """`_scan` without sums, one compiled pass per chunk straight from the stored inputs."""
+    m = len(inputs.tensors)
+    cuts: list[tuple[int, int | None, Bracket]] = []  # (model, its cut or None, bracket)
+    for i in range(m):
+        if ks[i]:  # a model whose cuts are all trivial still gets a pass, to look for NaN
+            cuts += [(i, j, b) for j, b in enumerate(brackets[i]) if b is not None] or [
+                (i, None, (math.inf, math.inf, None))]
+    scanned = [(inputs.tensors[i], b) for i, _, b in cuts]
+
+    def visit_stored(index: int) -> list:
+        start, stop = inputs.span(index)
+        tallies = _tally_compiled(scanned, inputs.base, start, stop)
+        out: list = [None if not ks[i] else [[None] * len(ks[i]), 0.0] for i in range(m)]
+        for (i, j, _), tally in zip(cuts, tallies):
+            if tally[4]:
+                _refuse_nan(i)
+            if j is not None:
+                out[i][0][j] = tally[:4]
+        return out
+
+    return map_threads(visit_stored, inputs.num_chunks, inputs.workers)
+
+
+def _select_cut(k: int, n: int, heavy: float | None, tallies: list[tuple[int, torch.Tensor, int, float]],
+                sums: bool) -> tuple[MagnitudeCut, float] | None:
+    """The top-k cut (and the sum of the kept magnitudes if `sums`) from one cut's per-chunk tallies
+    (`_split_at_bracket`); None if its bracket missed the k-th largest."""
+    above = sum(t[0] for t in tallies)
+    inside = [t[1] for t in tallies]
+    heavy_per_chunk = [t[2] for t in tallies]
+    heavy_total = sum(heavy_per_chunk)
+    if not above < k <= above + sum(t.numel() for t in inside) + heavy_total:
+        return None
+    candidates = torch.cat(inside)
+    need = k - above  # the need-th largest inside the bracket is the k-th largest overall
+    over_heavy = int(torch.count_nonzero(candidates > heavy)) if heavy is not None else 0
+    if heavy is not None and over_heavy < need <= over_heavy + heavy_total:
+        threshold, strictly_above, tied_per_chunk = heavy, over_heavy, heavy_per_chunk
+    else:
+        rank = need if heavy is None or need <= over_heavy else need - heavy_total  # among the candidates
+        threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
+        heavy_above = heavy_total if heavy is not None and heavy > threshold else 0
+        strictly_above = int(torch.count_nonzero(candidates > threshold)) + heavy_above
+        tied_per_chunk = [int(torch.count_nonzero(t == threshold)) for t in inside]
+    ties_total, ties_kept = sum(tied_per_chunk), need - strictly_above
+    before = None
+    if 0 < ties_kept < ties_total:
+        before = tuple(itertools.accumulate(tied_per_chunk, initial=0))
+    kept = 0.0
+    if sums:
+        kept = (sum(t[3] for t in tallies) + _sum64(candidates[candidates > threshold]) + threshold * ties_kept
+                + (heavy * heavy_total if heavy is not None and heavy > threshold else 0.0))
+    return MagnitudeCut(k, n, threshold, ties_kept, ties_total, before), kept
 
 
 def chunk_generator(key: int, model: int, chunk: int) -> np.random.Generator:

@@ -18,8 +18,6 @@ YAML schema (paths relative to the file):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +26,8 @@ from torch import nn
 from evaluations.bench.grid import MethodEntry, MethodGrid
 from evaluations.bench.harness import Suite
 from evaluations.bench.pools import ModelPool, Task, TaskPool, load_state
+from merging.objects import exec_file, load_object
 from taxonomy.errors import BasinError
-
-
-def import_object(ref: str, where: str) -> Any:
-    module, _, attr = ref.partition(":")
-    if not module or not attr:
-        raise BasinError(f"{where}: expected 'package.module:name', got {ref!r}")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise BasinError(f"{where}: cannot import {ref!r} ({err})") from None
 
 
 def grid_from_list(items: Any, where: str) -> MethodGrid:
@@ -53,7 +42,7 @@ def grid_from_list(items: Any, where: str) -> MethodGrid:
             raise BasinError(f"{where}: methods[{i}] has unknown fields {sorted(unknown)}")
         method = item["method"]
         if ":" in str(method):
-            method = import_object(method, f"{where}: methods[{i}].method")
+            method = load_object(method, f"{where}: methods[{i}].method")
         entries.append(MethodEntry(str(item.get("label", item["method"])), method, dict(item.get("params") or {}),
                                    {k: list(v) for k, v in (item.get("search") or {}).items()}))
     return MethodGrid(tuple(entries))
@@ -80,7 +69,7 @@ def suite_from_yaml(path: str | Path) -> Suite:
         if key not in doc:
             raise BasinError(f"{path}: missing field {key!r}")
     root = path.parent
-    build = import_object(str(doc["body"]), f"{path}: body")
+    build = load_object(str(doc["body"]), f"{path}: body")
     pool = ModelPool.from_safetensors(root / doc["base"], {k: root / v for k, v in doc["models"].items()}, build)
     tasks = []
     for name, spec in doc["tasks"].items():
@@ -101,11 +90,7 @@ def suite_from_yaml(path: str | Path) -> Suite:
 
 def suite_from_python(path: str | Path) -> Suite:
     path = Path(path)
-    if not path.is_file():
-        raise BasinError(f"{path}: no such suite file")
-    spec = importlib.util.spec_from_file_location(f"basin_user_suite_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = exec_file(path, f"basin_user_suite_{path.stem}")
     suite = module.suite() if hasattr(module, "suite") else getattr(module, "SUITE", None)
     if not isinstance(suite, Suite):
         raise BasinError(f"{path}: define suite() returning an evaluations.bench.Suite, or SUITE")
