@@ -7,7 +7,11 @@
   a chunk of basis cotangents at a time (the tutorial's second method), never forming J.
 - "structured": per Linear or Conv2d layer, the kernel is the elementwise product of the input Gram
   matrix and the output-gradient Gram matrix, summed over positions for convolutions (Novak et al. 2022,
-  structured derivatives); other parameters fall back to "jacobian". See `ntk_structured.py`.
+  structured derivatives); other parameters fall back to "jacobian". Exact under in-place operations; a
+  layer whose structured gradient disagrees with autograd's goes to "jacobian" too. See `ntk_structured.py`.
+
+Every method runs attention through its math kernels (`math_attention`) and selects parameters by the rule of
+`evaluations.probes.params`. `empirical_ntk_result` returns an `NTKResult`: the kernel and how it was computed.
 
 Kinds: "full" -> [n1*C, n2*C] (row i*C + a is example i, output a); "block" -> [C, n1, n2]
 (the per-output diagonal blocks K_aa); "trace" -> [n1, n2] = sum_a K_aa (the output-traced kernel).

@@ -145,3 +145,32 @@ def test_a_layer_the_hooks_cannot_account_for_falls_back_with_a_warning():
     assert res.methods["b.bias"] == res.methods["head.weight"] == "structured"
     n, c = ref.shape[:2]
     assert float((res.kernel - ref.reshape(n * c, n * c)).norm() / ref.norm()) < 1e-10
+
+
+def _trace(ref):
+    return sum(ref[:, a, :, a] for a in range(ref.shape[1]))
+
+
+def test_ntk_regression_and_tracker_kernels_on_an_inplace_model():
+    from evaluations.probes import kernel_distance
+    from evaluations.probes.linearize import kernel_ridge_predict, ntk_regression
+    from evaluations.tracking import Tracker
+
+    torch.manual_seed(0)
+    model = InplaceMLP().double()
+    gen = torch.Generator().manual_seed(2)
+    xtr = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    xte = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    ytr, yte = torch.randint(0, 3, (8,), generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    scores = kernel_ridge_predict(_trace(explicit_ntk(model, xtr, xtr)), ytr, _trace(explicit_ntk(model, xte, xtr)), 3)
+    assert ntk_regression(model, xtr, ytr, xte, yte).accuracy == float((scores.argmax(1) == yte).double().mean())
+
+    tracker = Tracker(probe=(xte, yte), hessian=False, barriers=False)
+    k0 = _trace(explicit_ntk(model, xte, xte))
+    tracker.record(model, 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.1)
+    rec = tracker.record(model, 1)
+    expected = kernel_distance(k0, _trace(explicit_ntk(model, xte, xte)))
+    assert expected > 1e-3 and abs(rec.kernel_from_init - expected) < 1e-10 and "ntk_fallbacks" not in rec.extra
