@@ -174,3 +174,14 @@ def test_ntk_regression_and_tracker_kernels_on_an_inplace_model():
     rec = tracker.record(model, 1)
     expected = kernel_distance(k0, _trace(explicit_ntk(model, xte, xte)))
     assert expected > 1e-3 and abs(rec.kernel_from_init - expected) < 1e-10 and "ntk_fallbacks" not in rec.extra
+
+
+@pytest.mark.parametrize("make", [InplaceMLP, ResidualCNN], ids=lambda c: c.__name__)
+def test_float32_structured_within_1e5_of_the_float64_reference_without_fallback(make):
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(4, *SHAPES[make], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want = _expected(explicit_ntk(model, x, x))["full"]
+    res = empirical_ntk_result(model.float(), x.float(), kind="full", method="structured")
+    assert res.fallbacks == {} and res.kernel.dtype == torch.float32
+    assert float((res.kernel.double() - want).norm() / want.norm()) < 1e-5
