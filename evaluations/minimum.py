@@ -15,7 +15,7 @@ then the corresponding sub-block and the slice directions are zero on the other 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +23,9 @@ from torch import nn
 
 from evaluations.landscape.directions import random_directions
 from evaluations.landscape.slices import slice_1d, slice_2d
-from evaluations.probes.hvp import HessianOperator, select_params
+from evaluations.probes.hvp import HessianOperator
 from evaluations.probes.lanczos import lanczos
+from evaluations.probes.params import Selection, select_params
 from evaluations.probes.trace import hutchinson_trace
 from taxonomy.errors import BasinError
 
@@ -58,7 +59,7 @@ def measure_minimum(
     model: nn.Module,
     data,
     loss_fn: LossFn | None = None,
-    params: str | Sequence[str] | None = None,
+    params: Selection = None,
     top_k: int = 3,
     lanczos_iters: int = 30,
     lanczos_tol: float = 1e-3,

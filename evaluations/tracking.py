@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evaluations.probes import HessianOperator, empirical_ntk, kernel_distance, lanczos
+from evaluations.probes import HessianOperator, kernel_distance, lanczos
 from evaluations.probes.linearize import ntk_regression
+from evaluations.probes.ntk import empirical_ntk_result
 from taxonomy.errors import BasinError
 
 
@@ -114,7 +115,10 @@ class Tracker:
         rec = Record(epoch, float((w - self._init[0]).norm()), float((w - prev[0]).norm()) if prev else 0.0)
         with torch.no_grad():
             out = torch.softmax(snapshot(x), -1)
-        kernel = empirical_ntk(snapshot, x, kind="trace")
+        ntk = empirical_ntk_result(snapshot, x, kind="trace")
+        kernel = ntk.kernel
+        if ntk.fallbacks:  # layers the structured rule left to the Jacobian method, and why
+            rec.extra["ntk_fallbacks"] = ntk.fallbacks
         if self._init_kernel is None:
             self._init_kernel = kernel
         rec.kernel_from_init = kernel_distance(self._init_kernel, kernel)

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", help="a torch state dict (.pt) for that MLP; default: train one")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--params", help="restrict to parameters with this name prefix (e.g. '2')")
+    parser.add_argument("--params", help="restrict to the parameters whose name or dotted name prefix this "
+                        "regular expression matches (e.g. '2' or '.*\\.weight')")
     parser.add_argument("-k", type=int, default=3, help="how many top eigenvalues")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")

@@ -13,7 +13,8 @@ from evaluations.probes.kernel import (
 )
 from evaluations.probes.lanczos import Eigen, lanczos, power_iteration
 from evaluations.probes.linearize import KernelRegression, LinearizedModel, linearize, ntk_regression
-from evaluations.probes.ntk import empirical_ntk
+from evaluations.probes.ntk import NTKResult, empirical_ntk, empirical_ntk_result
+from evaluations.probes.params import Selection, select_params
 from evaluations.probes.sharpness import Sharpness, adaptive_sharpness, epsilon_sharpness, top_to_trace_ratio
 from evaluations.probes.trace import Estimate, hutchinson_trace
 
@@ -26,6 +27,8 @@ def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: i
 __all__ = [
     "KernelRegression",
     "LinearizedModel",
+    "NTKResult",
+    "Selection",
     "Sharpness",
     "adaptive_sharpness",
     "epsilon_sharpness",
@@ -39,12 +42,14 @@ __all__ = [
     "activation_pattern_distance",
     "activation_patterns",
     "empirical_ntk",
+    "empirical_ntk_result",
     "hutchinson_trace",
     "kernel_alignment",
     "kernel_distance",
     "kernel_velocity",
     "lanczos",
     "power_iteration",
+    "select_params",
     "spectral_density",
     "top_eigenvalue",
 ]

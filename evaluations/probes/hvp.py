@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import BasinError
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -37,18 +38,6 @@ def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, 
     raise BasinError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
 
 
-def select_params(model: nn.Module, params: str | Sequence[str] | None) -> list[str]:
-    """Names of trainable parameters selected by `params`: None (all), a name prefix, or a list of names/prefixes."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if params is None:
-        return names
-    wanted = [params] if isinstance(params, str) else list(params)
-    chosen = [n for n in names if any(n == w or n.startswith(w.rstrip(".") + ".") for w in wanted)]
-    if not chosen:
-        raise BasinError(f"params: {wanted} match no parameter of the model (have {names[:8]}...)")
-    return chosen
-
-
 class HessianOperator:
     """The Hessian of `loss_fn(model(x), y)` (mean over `data`) w.r.t. the selected parameters.
 
@@ -62,7 +51,7 @@ class HessianOperator:
         model: nn.Module,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         data,
-        params: str | Sequence[str] | None = None,
+        params: Selection = None,
         batch_size: int | None = None,
         mode: str = "double_backward",
         cache_graph: bool | None = None,

@@ -7,7 +7,11 @@
   a chunk of basis cotangents at a time (the tutorial's second method), never forming J.
 - "structured": per Linear or Conv2d layer, the kernel is the elementwise product of the input Gram
   matrix and the output-gradient Gram matrix, summed over positions for convolutions (Novak et al. 2022,
-  structured derivatives); other parameters fall back to "jacobian". See `ntk_structured.py`.
+  structured derivatives); other parameters fall back to "jacobian". Exact under in-place operations; a
+  layer whose structured gradient disagrees with autograd's goes to "jacobian" too. See `ntk_structured.py`.
+
+Every method runs attention through its math kernels (`math_attention`) and selects parameters by the rule of
+`evaluations.probes.params`. `empirical_ntk_result` returns an `NTKResult`: the kernel and how it was computed.
 
 Kinds: "full" -> [n1*C, n2*C] (row i*C + a is example i, output a); "block" -> [C, n1, n2]
 (the per-output diagonal blocks K_aa); "trace" -> [n1, n2] = sum_a K_aa (the output-traced kernel).
@@ -15,22 +19,25 @@ Kinds: "full" -> [n1*C, n2*C] (row i*C + a is example i, output a); "block" -> [
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from evaluations.probes.hvp import select_params
+from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import BasinError
 
 KINDS = ("full", "block", "trace")
 METHODS = ("auto", "jacobian", "ntk_vp", "structured")
 
 
-def _split(model: nn.Module, params) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    names = params if isinstance(params, list) and params and all(isinstance(p, str) for p in params) else None
-    chosen = set(names if names is not None else select_params(model, params))
+def _split(model: nn.Module, params: Selection) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(selected, fixed) parameters and buffers, by the shared selection rule (`evaluations.probes.params`)."""
+    chosen = set(select_params(model, params))
     state = {n: p.detach() for n, p in model.named_parameters()}
     state.update({n: b.detach() for n, b in model.named_buffers()})
     sel = {n: t for n, t in state.items() if n in chosen}
@@ -142,12 +149,86 @@ def ntk_vp(model, x1, x2=None, kind="full", params=None, chunk: int | None = Non
             return jvp(lambda p: f(p, x1), (sel,), (tangent,))[1]
 
         cols = []
-        eye = torch.eye(n2 * c, dtype=next(iter(sel.values())).dtype)
+        eye = torch.eye(n2 * c, dtype=next(iter(sel.values())).dtype, device=x1.device)
         for s in range(0, n2 * c, chunk):
             cots = eye[s : s + chunk].reshape(-1, n2, c)
             cols.append(vmap(column)(cots))  # [chunk, n1, C]
         full = torch.cat(cols).reshape(n2, c, n1, c).permute(2, 3, 0, 1)  # [n1, C, n2, C]
     return reduce_kernel(full, kind)
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention through its composite "math" kernels: `nn.TransformerEncoderLayer` / `nn.MultiheadAttention`
+    fast paths and fused scaled-dot-product kernels have no forward-mode derivative (the `ntk_vp` method's
+    `jvp`) and round differently from the reference computation."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+@dataclass
+class NTKResult:
+    """An empirical NTK: the kernel (layout by `kind`), the method asked for, the method each selected
+    parameter took, and the Linear/Conv2d layers the structured rule left to the Jacobian method, with why."""
+
+    kernel: torch.Tensor
+    kind: str
+    method: str
+    methods: dict[str, str]
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether a layer the structured method was asked to take went to the Jacobian method instead."""
+        return bool(self.fallbacks)
+
+    def to_json(self, kernel: bool = False) -> dict:
+        out = {"kind": self.kind, "method": self.method, "shape": list(self.kernel.shape),
+               "methods": dict(self.methods), "fallbacks": dict(self.fallbacks)}
+        if kernel:
+            out["kernel"] = self.kernel.double().tolist()
+        return out
+
+
+def _dispatch(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, kind: str, method: str,
+              params: Selection, chunk: int | None, max_bytes: float) -> NTKResult:
+    if method in ("auto", "structured"):
+        from evaluations.probes.ntk_structured import structured_ntk
+
+        s = structured_ntk(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
+        return NTKResult(s.kernel, kind, method, s.methods, s.fallbacks)
+    fn = ntk_jacobian if method == "jacobian" else ntk_vp
+    k = fn(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
+    return NTKResult(k, kind, method, {n: method for n in select_params(model, params)})
+
+
+def empirical_ntk_result(
+    model: nn.Module,
+    x: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    kind: str = "full",
+    method: str = "auto",
+    params: Selection = None,
+    chunk: int | None = None,
+    max_bytes: float = 2e9,
+) -> NTKResult:
+    """The empirical NTK with how it was computed (arguments as `empirical_ntk`)."""
+    _check(kind, method)
+    if x2 is not None and x2.shape[1:] != x.shape[1:]:
+        raise BasinError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
+    select_params(model, params)  # a selection matching nothing fails here, naming it
+    was_training = model.training
+    model.eval()
+    try:
+        with math_attention():
+            return _dispatch(model, x, x2, kind, method, params, chunk, max_bytes)
+    finally:
+        model.train(was_training)
 
 
 def empirical_ntk(
@@ -156,27 +237,16 @@ def empirical_ntk(
     x2: torch.Tensor | None = None,
     kind: str = "full",
     method: str = "auto",
-    params: str | Sequence[str] | None = None,
+    params: Selection = None,
     chunk: int | None = None,
     max_bytes: float = 2e9,
 ) -> torch.Tensor:
     """The empirical NTK of `model` between inputs `x` and `x2` (default `x`), see the module docstring for layouts.
 
-    method "auto" uses "structured" (exact, fast for Linear and Conv2d layers, general fallback for the rest).
-    `chunk` bounds the examples (jacobian) or kernel columns (ntk_vp) handled at once.
+    method "auto" uses "structured" (exact, fast for Linear and Conv2d layers, general fallback for the rest; a
+    layer whose structured gradient disagrees with autograd's, as after an in-place operation the hooks cannot
+    see, falls back with a warning). `params`: the parameters differentiated (`evaluations.probes.params`:
+    None = all trainable, a regular expression, names or prefixes, modules, tensors). `chunk` bounds the examples
+    (jacobian, structured) or kernel columns (ntk_vp) handled at once. `empirical_ntk_result` also returns how.
     """
-    _check(kind, method)
-    if x2 is not None and x2.shape[1:] != x.shape[1:]:
-        raise BasinError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
-    was_training = model.training
-    model.eval()
-    try:
-        if method in ("auto", "structured"):
-            from evaluations.probes.ntk_structured import ntk_structured
-
-            return ntk_structured(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
-        if method == "jacobian":
-            return ntk_jacobian(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
-        return ntk_vp(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
-    finally:
-        model.train(was_training)
+    return empirical_ntk_result(model, x, x2, kind, method, params, chunk, max_bytes).kernel

@@ -110,7 +110,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
         for names in where.values():
             for name in names:
                 def hook(mod, inputs, key=key, name=name):
-                    captured[key][name] = inputs[0]
+                    captured[key][name] = inputs[0].clone()  # read after the pass: later in-place ops must not reach it
                 handles.append(modules[name].register_forward_pre_hook(hook))
     was_training = (model_a.training, model_b.training)
     model_a.eval()
