@@ -100,7 +100,7 @@ def _entry(path: Path, name: str, entry: object) -> tuple[TensorMeta, int, int]:
     """One tensor's (meta, begin, end), checked: known dtype, non-negative integer shape, offsets matching it."""
     bad = f"{path}: corrupted header entry for tensor {name!r}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise BasinError(f"{bad}: expected exactly dtype, shape, data_offsets; got {str(entry)[:200]}")
+        raise BasinError(f"{bad}: expected dtype, shape and data_offsets; got {str(entry)[:200]}")
     dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise BasinError(f"{bad}: dtype {str(entry['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
@@ -249,3 +249,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def file_of(self, name: str) -> Path:
         return self._where[name]
+
+    def data_offset(self, name: str) -> int:
+        """Where tensor `name`'s bytes start in `file_of(name)`."""
+        return self._offset[name]
