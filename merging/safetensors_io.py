@@ -7,6 +7,7 @@ dtype and shape and lie inside the file, and the ranges must cover the data buff
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -38,6 +39,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+@functools.cache
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -128,7 +130,8 @@ def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str
     raw, size = _raw_header(path)
     n = len(raw)
     header = _parse_json(path, raw)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BasinError(f"{path}: corrupted safetensors file (__metadata__ is not a map of strings)")
     metas: dict[str, tuple[TensorMeta, int]] = {}
