@@ -143,3 +143,16 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def check_files(files: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
+    """For commands that write report files (JSON, plots, caches): none of `files` may be, or hold, one of
+    `inputs` (resolved as in `protected_paths`). None entries (options not given) are skipped."""
+    protect = protected_paths(p for p in inputs if p is not None)
+    for f in files:
+        if f is None:
+            continue
+        check_output(f, protect)
+        inside = [p for p in protect if real(f).is_relative_to(p) and p.is_file()]
+        if inside:
+            raise BasinError(f"{f}: refused: would be written inside {inside[0]}, an input file")

@@ -122,3 +122,24 @@ def test_rule_needs_no_existing_output(tmp_path):
     with pytest.raises(BasinError, match="contains"):
         check_output(tmp_path / "a" / "x" / "..", protected_paths([m]))
     assert os.listdir(tmp_path / "a") == ["m"]
+
+
+def test_report_writers_never_replace_their_inputs(work, capsys):
+    """hessian/ntk --json, hessian --density, barrier/landscape --out, bench --out (its cells/ is deleted by
+    --no-resume): refused before any work when a file they write is, or holds, one of their inputs."""
+    state = work / "s.pt"
+    torch.save({}, state)
+    cache = work / "res" / "cells"
+    cache.mkdir(parents=True)
+    (cache / "model.safetensors").write_bytes(b"x")
+    m0 = str(work / "models" / "m0")
+    (work / "plots").mkdir()
+    (work / "plots" / "slice_1d.png").write_bytes(b"an input that happens to be named so")
+    cases = [["hessian", "--state", "s.pt", "--json", "s.pt"], ["hessian", "--state", "s.pt", "--density", "./s.pt"],
+             ["ntk", "--state", "s.pt", "--json", "s.pt"],
+             ["barrier", "models/m0/model.safetensors", m0, "--model-factory", "x:y", "--data", "x:y",
+              "--out", "models/m0/model.safetensors"],
+             ["landscape", "plots/slice_1d.png", "--model-factory", "x:y", "--data", "x:y", "--out", "plots"],
+             ["bench", "digits-tasks", "--out", "res", "--cache", "res/cells", "--no-resume"]]
+    for argv in cases:
+        _refused(capsys, argv, work)
