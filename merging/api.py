@@ -26,7 +26,16 @@ from merging.modelcard import InputRecord, model_card
 from merging.outputs import OutputLock, check_output
 from merging.plan import OUT_DTYPES, MergePlan, build_plan
 from merging.recipe import DTYPES, Recipe
-from merging.writer import DEFAULT_SHARD_SIZE, ShardWriter, output_path, parse_size, prepare_output, replace_output
+from merging.writer import (
+    DEFAULT_SHARD_SIZE,
+    ShardWriter,
+    old_folder,
+    output_path,
+    parse_size,
+    prepare_output,
+    replace_output,
+    temp_folder,
+)
 from taxonomy.errors import BasinError
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -267,8 +276,10 @@ def merge(
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
     With `resume` (default), a merge interrupted by Ctrl-C or a killed process continues where
-    it stopped when rerun with the same recipe, inputs and options: finished tensors whose
-    bytes still hash as journalled are kept. `allow_mixed_architectures` (or the recipe key of
+    it stopped when rerun with the same recipe, inputs (by content: see `resume_key`) and options:
+    finished tensors whose bytes still hash as journalled are kept. The output may not be, or contain,
+    an input, the recipe or the current folder (`merging.outputs.check_output`), with or without
+    `overwrite`. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
     """
     start = time.perf_counter()
@@ -360,7 +371,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
                            sweep=[dict(s, plan=p) for s, p in zip(sweep, plans)])
     assert out is not None
     out = output_path(out)
-    check_output(out, protect or (), siblings=[out.parent / f".{out.name}.basin-tmp"])
+    check_output(out, protect or (), siblings=[temp_folder(out), old_folder(out)])
     lock = OutputLock(out)
     writers: list[ShardWriter] = []
     tmp = None

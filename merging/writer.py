@@ -4,10 +4,14 @@ The layout (names, shapes, dtypes) is known from the plan before any tensor is c
 every shard's header is written up front and each tensor's bytes go straight to their offset
 (`os.pwrite`): memory never holds more than the tensor being written. Shards are named as
 `transformers` names them (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
-`model.safetensors.index.json`). `close()` renames the folder into place; on error the
-temporary folder is removed.
+`model.safetensors.index.json`). `close()` renames the folder into place (an existing output, with
+`overwrite`, is moved aside first and deleted only once the new one is in place); on error the
+temporary folder is removed. The output is guarded and locked (`merging.outputs`): it never replaces
+an input, and a second run on the same output fails at once. A failed write (ENOSPC, EROFS, EACCES)
+is a one-line `BasinError` saying nothing was written.
 
-Resume: with a `resume_key` (a fingerprint of the plan and inputs), every finished tensor is
+Resume: with a `resume_key` (a fingerprint of the plan and the inputs' content, see
+`merging.api.resume_key`), every finished tensor is
 appended with its sha256 to a journal in the temporary folder. An interrupted merge
 (Ctrl-C, a killed process) leaves that folder behind; a later writer with the same key and
 layout reopens it, re-hashes the journalled tensors on disk, keeps those that match (`done`)
@@ -70,6 +74,11 @@ def temp_folder(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.basin-tmp"
 
 
+def old_folder(out_dir: Path) -> Path:
+    """Where an output being replaced waits until its replacement is in place."""
+    return out_dir.parent / f".{out_dir.name}.basin-old"
+
+
 def output_path(out_dir: str | Path) -> Path:
     """The output as an absolute path, `~`, `.`, `..` and trailing slashes resolved (its last component kept)."""
     out = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
@@ -82,7 +91,7 @@ def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False,
     symbolic link, and an existing output unless `overwrite`; return the temporary sibling folder (fresh,
     unless `keep_partial` and an interrupted merge left one). The caller holds the output's lock."""
     tmp = temp_folder(out_dir)
-    check_output(out_dir, protect, siblings=[tmp])
+    check_output(out_dir, protect, siblings=[tmp, old_folder(out_dir)])
     if out_dir.is_symlink():
         raise BasinError(f"{out_dir}: the output is a symbolic link (to {os.readlink(out_dir)}); "
                          "give the folder it points to, or remove the link")
@@ -105,7 +114,7 @@ def replace_output(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
             raise BasinError(f"{out_dir}: output folder appeared during the merge; not replaced")
-        old = out_dir.parent / f".{out_dir.name}.basin-old"
+        old = old_folder(out_dir)
         _remove(old)
         os.replace(out_dir, old)
     try:
@@ -147,7 +156,7 @@ class ShardWriter:
         self._journal: int | None = None
         self._lock: OutputLock | None = None
         self._owns_tmp = False
-        check_output(self.out_dir, protect, siblings=[self.tmp])  # before the lock file is created
+        check_output(self.out_dir, protect, siblings=[self.tmp, old_folder(self.out_dir)])  # before the lock file
         self._lock = OutputLock(self.out_dir)
         key = None if resume_key is None else json.dumps({"key": resume_key, "shard_size": shard_size})
         try:
