@@ -207,7 +207,7 @@ def test_fuzzed_inputs_through_the_cli_exit_2_without_traceback(tmp_path):
     header, body = _split(_valid(tmp_path))
     rng = random.Random(1818)
     procs = []
-    for case in range(3):
+    for case in range(2):  # each subprocess imports torch: two keep this test near 10 s on 2 cores
         folder = tmp_path / f"m{case}"
         folder.mkdir()
         refused = None
