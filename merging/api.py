@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,9 +24,19 @@ from typing import Any
 from merging.architectures import config_source
 from merging.checkpoint import Checkpoint, open_checkpoint
 from merging.modelcard import InputRecord, model_card
+from merging.outputs import OutputLock, check_output
 from merging.plan import OUT_DTYPES, MergePlan, build_plan
 from merging.recipe import DTYPES, Recipe
-from merging.writer import DEFAULT_SHARD_SIZE, ShardWriter, parse_size
+from merging.writer import (
+    DEFAULT_SHARD_SIZE,
+    ShardWriter,
+    old_folder,
+    output_path,
+    parse_size,
+    prepare_output,
+    replace_output,
+    temp_folder,
+)
 from taxonomy.errors import BasinError
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -125,8 +136,16 @@ def _align(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> dict[str, Checkpoint
     return dict(zip(refs, aligned))
 
 
+SAMPLE = 4096  # bytes: resume_key hashes this much at the start, middle and end of every input tensor
+
+
 def resume_key(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> str | None:
-    """A fingerprint of the plan, the versions and the input files (path, size, mtime); None for in-memory inputs."""
+    """A fingerprint of the plan, the versions and the inputs' content; None for in-memory inputs.
+
+    Per input file: its size, its whole safetensors header (names, dtypes, shapes, offsets, metadata) and,
+    per tensor, 4 KiB at its start, middle and end. Paths and mtimes are not trusted: a file replaced in
+    place by other weights of the same size, its mtime restored (`cp -p`, `rsync -t`), changes the key.
+    """
     import hashlib
 
     from merging.safetensors_io import SafetensorsCheckpoint
@@ -138,9 +157,42 @@ def resume_key(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> str | None:
         if not isinstance(ckpt, SafetensorsCheckpoint):
             return None
         for path in sorted({ckpt.file_of(n) for n in ckpt.names()}):
-            st = path.stat()
-            h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(_file_fingerprint(path, ckpt))
     return h.hexdigest()
+
+
+def _file_fingerprint(path: Path, ckpt: Any) -> bytes:
+    """sha256 of one input file's size, header and sampled tensor bytes (see `resume_key`)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f"{size}\0".encode() + f.read(n))
+            for name in sorted(ckpt.names()):
+                if ckpt.file_of(name) != path:
+                    continue
+                offset, nbytes = ckpt.data_offset(name), ckpt.meta(name).nbytes
+                for at in sorted({0, max(nbytes // 2 - SAMPLE // 2, 0), max(nbytes - SAMPLE, 0)}):
+                    h.update(os.pread(f.fileno(), min(SAMPLE, nbytes), offset + at))
+    except OSError as err:
+        raise BasinError(f"{path}: cannot read ({err.strerror})") from None
+    return h.digest()
+
+
+def protected(recipe_or_path: Any, recipe: Recipe, ckpts: dict[str, Checkpoint]) -> set[Path]:
+    """The paths a merge reads and its output may not replace (see `merging.outputs`)."""
+    from merging.outputs import checkpoint_paths, protected_paths
+
+    paths: list[Any] = [recipe_or_path] if isinstance(recipe_or_path, (str, Path)) else []
+    for ref in recipe.model_refs() + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else []):
+        paths += [ref, *ref.rsplit("+", 1)]
+    for ckpt in ckpts.values():
+        paths += checkpoint_paths(ckpt)
+    return protected_paths(paths)
 
 
 def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
@@ -216,8 +268,10 @@ def merge(
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
     With `resume` (default), a merge interrupted by Ctrl-C or a killed process continues where
-    it stopped when rerun with the same recipe, inputs and options: finished tensors whose
-    bytes still hash as journalled are kept. `allow_mixed_architectures` (or the recipe key of
+    it stopped when rerun with the same recipe, inputs (by content: see `resume_key`) and options:
+    finished tensors whose bytes still hash as journalled are kept. The output may not be, or contain,
+    an input, the recipe or the current folder (`merging.outputs.check_output`), with or without
+    `overwrite`. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
     """
     start = time.perf_counter()
@@ -241,9 +295,12 @@ def merge(
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
                         validate=lambda headers: [build_plan(r, headers, out_dtype, **mixed) for _, r in points])
+    guard = protected(recipe_or_path, recipe, ckpts)
+    if out is not None and not dry_run:
+        check_output(out, guard)  # before alignment or planning reads any weights
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
-                      progress=progress, start=start, mixed=allow_mixed_architectures)
+                      progress=progress, start=start, mixed=allow_mixed_architectures, protect=guard)
     plan = build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
     if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
         ckpts = _align(recipe, ckpts)
@@ -258,12 +315,12 @@ def merge(
 
     layout = [(tp.name, tp.shape, tp.out_dtype) for tp in plan.tensors]
     key = resume_key(plan, ckpts) if resume else None
-    with ShardWriter(out, layout, size, overwrite=overwrite, resume_key=key) as writer:
+    with ShardWriter(out, layout, size, overwrite=overwrite, resume_key=key, protect=guard) as writer:
         if writer.done and progress:
             print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
         stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
                          skip=writer.done)
-        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, recipe.name or out.name)
+        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, recipe.name or output_path(out).name)
     return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
                        stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
                        resumed_tensors=len(writer.done), plan=plan)
@@ -294,10 +351,8 @@ def point_folder(index: int, values: dict[str, Any]) -> str:
 
 def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpoint], out: Path | None,
            out_dtype: str | None, size: int, *, overwrite: bool, device: str, dry_run: bool, progress: bool,
-           start: float, mixed: bool = False) -> MergeReport:
+           start: float, mixed: bool = False, protect: set[Path] | None = None) -> MergeReport:
     """One output per grid point under `out`, sharing each tensor's reads across the points."""
-    import shutil
-
     from merging.engine import run_plans
 
     plans = [build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
@@ -313,31 +368,43 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
                            _peak_rss_mb(), None, [], inputs, dry_run=True, plan=plans[0],
                            sweep=[dict(s, plan=p) for s, p in zip(sweep, plans)])
     assert out is not None
-    if out.exists() and not overwrite:
-        raise BasinError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
-    tmp = out.parent / f".{out.name}.basin-sweep-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    out = output_path(out)
+    check_output(out, protect or (), siblings=[temp_folder(out), old_folder(out)])
+    lock = OutputLock(out)
     writers: list[ShardWriter] = []
+    tmp = None
     try:
+        tmp = prepare_output(out, overwrite, protect=protect or ())
         for name, plan in zip(names, plans):
-            writers.append(ShardWriter(tmp / name, [(t.name, t.shape, t.out_dtype) for t in plan.tensors], size))
+            writers.append(ShardWriter(tmp / name, [(t.name, t.shape, t.out_dtype) for t in plan.tensors], size,
+                                       protect=protect or ()))
         stats = run_plans(plans, [ckpts[r] for r in plans[0].inputs], [w.add for w in writers], device=device,
                           progress=progress)
         for entry, writer, plan, (_, recipe) in zip(sweep, writers, plans, points):
             entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, entry["folder"])
-        (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _write_sweep_index(out, tmp, sweep, overwrite)
     except BaseException:
         for w in writers:
             w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return MergeReport(str(out), plans[0].method, len(plans[0].tensors), stats.bytes_written,
                        time.perf_counter() - start, stats.seconds, _peak_rss_mb(), None, [], inputs,
                        sweep=[dict(s, folder=str(out / s["folder"])) for s in sweep])
+
+
+def _write_sweep_index(out: Path, tmp: Path, sweep: list[dict[str, Any]], overwrite: bool) -> None:
+    """sweep.json, then the sweep folder renamed into place (a failed write: one line, nothing written)."""
+    from merging.outputs import io_error
+
+    try:
+        (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        replace_output(tmp, out, overwrite)
+    except OSError as err:
+        raise io_error(out, err) from None
 
 
 __all__ = ["OUT_DTYPES", "MergeReport", "load_recipe", "merge", "open_inputs"]

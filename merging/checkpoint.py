@@ -168,22 +168,47 @@ def open_path(path: Path, *, allow_pickle: bool = False, label: str | None = Non
 
 
 def _read_index(index: Path) -> dict[str, Path]:
+    """name -> shard path from `model.safetensors.index.json`; each shard named relative to the folder, inside it.
+
+    A shard may be a symbolic link that resolves inside the folder or, for a Hub-cache snapshot
+    (`models--org--name/snapshots/<commit>/`), inside that repository's `models--org--name/blobs/`:
+    the cache's normal layout. Anything else escapes the checkpoint and is refused.
+    """
     import json
 
     try:
         data = json.loads(index.read_text())
-        raw_map = data["weight_map"]
-        assert isinstance(raw_map, dict)
-    except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
-        raise BasinError(f"{index}: not a valid index (expected a JSON object with a 'weight_map')") from None
-    root = index.parent.resolve()
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError):
+        data = None
+    raw_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(raw_map, dict) or not raw_map:
+        raise BasinError(f"{index}: not a valid index (expected a JSON object with a non-empty 'weight_map')")
+    roots = _shard_roots(index.parent)
     out: dict[str, Path] = {}
     for name, shard in raw_map.items():
-        target = (index.parent / str(shard)).resolve()
-        if Path(str(shard)).is_absolute() or not target.is_relative_to(root):
-            raise BasinError(f"{index}: shard path {shard!r} of tensor {name!r} escapes the checkpoint folder")
-        out[name] = index.parent / str(shard)
+        out[name] = _shard_path(index, roots, name, shard)
     return out
+
+
+def _shard_roots(folder: Path) -> list[Path]:
+    """Where a shard may resolve to: the folder, and its Hub-cache repository's blobs/ for a snapshot folder."""
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--")):
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _shard_path(index: Path, roots: list[Path], name: str, shard: object) -> Path:
+    """One weight_map entry checked: a relative file name (no NUL, no `..`) resolving inside `roots`."""
+    if not isinstance(shard, str) or not shard or "\0" in shard or "\0" in name:
+        raise BasinError(f"{index}: tensor {name[:80]!r} has shard {str(shard)[:80]!r}; expected a file name")
+    path = Path(shard)
+    target = (index.parent / path).resolve()
+    lexical = not path.is_absolute() and ".." not in path.parts
+    if not lexical or not any(target.is_relative_to(r) for r in roots):
+        raise BasinError(f"{index}: shard path {shard!r} of tensor {name!r} escapes the checkpoint folder")
+    return index.parent / path
 
 
 def _open_pickle(path: Path, allow_pickle: bool, label: str) -> Checkpoint:

@@ -76,10 +76,11 @@ def weights_cached(folder: Path) -> bool:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError):
-            return False
-        return all((folder / s).is_file() for s in shards)
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = set(weight_map.values())
+            return all(isinstance(s, str) and "\0" not in s and (folder / s).is_file() for s in shards)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError):
+            return False  # opening the checkpoint reports what is wrong with the index
     return (folder / "model.safetensors").is_file()
 
 

@@ -7,6 +7,7 @@ dtype and shape and lie inside the file, and the ranges must cover the data buff
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -35,18 +36,16 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1000 * 1000  # bytes, the format's own limit; parsing costs at most ~20x the header's size
 
 
+@functools.cache
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str, str]]:
-    """Parse and check one file's header: (name -> (meta, absolute data offset), __metadata__).
-
-    Reads no tensor data.
-    """
+def _raw_header(path: Path) -> tuple[bytes, int]:
+    """The header's JSON bytes and the file size; the length is checked before anything is read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -55,29 +54,90 @@ def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str
                 raise BasinError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise BasinError(f"{path}: corrupted or truncated safetensors file (header length {n}, file {size} B)")
+                raise BasinError(f"{path}: corrupted or truncated safetensors file (header length {n}, file {size} B; "
+                                 f"at most {MAX_HEADER} B)")
             raw = f.read(n)
     except OSError as err:
         raise BasinError(f"{path}: cannot read ({err.strerror})") from None
+    if len(raw) != n:
+        raise BasinError(f"{path}: truncated while reading its header")
+    return raw, size
+
+
+def _not_finite(token: str) -> None:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _outside_strings(raw: bytes) -> bytes:
+    """The JSON text with every string's content removed (linear time: escapes dropped, then split on quotes)."""
+    return b"".join(raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+
+
+def _parse_json(path: Path, raw: bytes) -> dict:
+    """The header as a JSON object, with memory bounded by a small multiple of its size: a valid header holds
+    containers only as values of keys (an object of objects of number lists), so outside strings there are
+    at most as many brackets as colons, and a list of a million empty lists is refused before it is built."""
+    skeleton = _outside_strings(raw)
+    if skeleton.count(b"[") + skeleton.count(b"{") > skeleton.count(b":") + 1:
+        raise BasinError(f"{path}: corrupted safetensors file (the header's JSON is not an object of tensor entries)")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw, parse_constant=_not_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BasinError(f"{path}: corrupted safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise BasinError(f"{path}: corrupted safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    return header
+
+
+def _whole(values: object, count: int | None = None) -> tuple[int, ...] | None:
+    """`values` as a tuple of non-negative ints (JSON integers, not floats or booleans), else None."""
+    if not isinstance(values, list) or (count is not None and len(values) != count):
+        return None
+    if not all(type(v) is int and 0 <= v < 1 << 63 for v in values):
+        return None
+    return tuple(values)
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[TensorMeta, int, int]:
+    """One tensor's (meta, begin, end), checked: known dtype, non-negative integer shape, offsets matching it."""
+    bad = f"{path}: corrupted header entry for tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise BasinError(f"{bad}: expected dtype, shape and data_offsets; got {str(entry)[:200]}")
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise BasinError(f"{bad}: dtype {str(entry['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
+    shape, offsets = _whole(entry["shape"]), _whole(entry["data_offsets"], 2)
+    if shape is None or len(shape) > 64:
+        raise BasinError(f"{bad}: shape {str(entry['shape'])[:100]} is not a list of non-negative integers")
+    if offsets is None or offsets[0] > offsets[1]:
+        raise BasinError(f"{bad}: data_offsets {str(entry['data_offsets'])[:100]} is not [begin, end] with "
+                         "0 <= begin <= end")
+    meta = TensorMeta(shape, dtype)
+    if offsets[1] - offsets[0] != meta.numel * element_size(dtype):
+        raise BasinError(f"{path}: tensor {name!r} byte range {offsets[0]}..{offsets[1]} does not match shape "
+                         f"{shape} {dtype}")
+    return meta, offsets[0], offsets[1]
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str, str]]:
+    """Parse and check one file's header: (name -> (meta, absolute data offset), __metadata__).
+
+    Reads no tensor data. Checked (a one-line `BasinError` otherwise): header length at most `MAX_HEADER`
+    and inside the file; a JSON object of entries with a known dtype, a shape of non-negative integers and
+    data offsets whose length is shape x dtype size; byte ranges that tile the data buffer (no gap, no
+    overlap) and end inside the file; `__metadata__` a string-to-string map.
+    """
+    raw, size = _raw_header(path)
+    n = len(raw)
+    header = _parse_json(path, raw)
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BasinError(f"{path}: corrupted safetensors file (__metadata__ is not a map of strings)")
     metas: dict[str, tuple[TensorMeta, int]] = {}
     ranges = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise BasinError(f"{path}: corrupted header entry for tensor {name!r}: {entry!r}") from None
-        meta = TensorMeta(shape, dtype)
-        if end - begin != meta.numel * element_size(dtype):
-            raise BasinError(f"{path}: tensor {name!r} byte range {begin}..{end} does not match shape {shape} {dtype}")
+        meta, begin, end = _entry(path, name, entry)
         metas[name] = (meta, 8 + n + begin)
         ranges.append((begin, end, name))
     ranges.sort()
@@ -192,3 +252,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def file_of(self, name: str) -> Path:
         return self._where[name]
+
+    def data_offset(self, name: str) -> int:
+        """Where tensor `name`'s bytes start in `file_of(name)`."""
+        return self._offset[name]

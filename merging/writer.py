@@ -4,10 +4,14 @@ The layout (names, shapes, dtypes) is known from the plan before any tensor is c
 every shard's header is written up front and each tensor's bytes go straight to their offset
 (`os.pwrite`): memory never holds more than the tensor being written. Shards are named as
 `transformers` names them (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
-`model.safetensors.index.json`). `close()` renames the folder into place; on error the
-temporary folder is removed.
+`model.safetensors.index.json`). `close()` renames the folder into place (an existing output, with
+`overwrite`, is moved aside first and deleted only once the new one is in place); on error the
+temporary folder is removed. The output is guarded and locked (`merging.outputs`): it never replaces
+an input, and a second run on the same output fails at once. A failed write (ENOSPC, EROFS, EACCES)
+is a one-line `BasinError` saying nothing was written.
 
-Resume: with a `resume_key` (a fingerprint of the plan and inputs), every finished tensor is
+Resume: with a `resume_key` (a fingerprint of the plan and the inputs' content, see
+`merging.api.resume_key`), every finished tensor is
 appended with its sha256 to a journal in the temporary folder. An interrupted merge
 (Ctrl-C, a killed process) leaves that folder behind; a later writer with the same key and
 layout reopens it, re-hashes the journalled tensors on disk, keeps those that match (`done`)
@@ -16,20 +20,25 @@ and lets the engine compute only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from merging.outputs import OutputLock, check_output, io_error, real
 from merging.safetensors_io import DTYPE_NAMES, element_size
 from taxonomy.errors import BasinError
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+MAX_SHARD_SIZE = 1000**5
 HASH_APART = 1 << 20  # bytes: a tensor this large is hashed on another thread while its bytes are written
 
 
@@ -39,21 +48,23 @@ def _hash_thread() -> ThreadPoolExecutor:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count."""
-    if isinstance(text, int):
+    """'5GB', '500MB', '2GiB' or a byte count: a positive, finite whole number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    s = text.strip().upper().replace(" ", "")
+    s = str(text).strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "B": 1}
-    for unit, mult in units.items():
+    number, mult = s, 1
+    for unit, m in units.items():
         if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
+            number, mult = s[: -len(unit)], m
+            break
     try:
-        return int(s)
+        value = float(number) * mult
     except ValueError:
-        raise BasinError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a byte count") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 1 or value > MAX_SHARD_SIZE:
+        raise BasinError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a byte count (1 B to 1 PB)")
+    return int(value)
 
 
 JOURNAL = ".basin-journal.jsonl"
@@ -63,47 +74,119 @@ def temp_folder(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.basin-tmp"
 
 
-def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False) -> Path:
-    """Refuse an existing output unless `overwrite`; return the temporary sibling folder
-    (fresh, unless `keep_partial` and an interrupted merge left one)."""
+def old_folder(out_dir: Path) -> Path:
+    """Where an output being replaced waits until its replacement is in place."""
+    return out_dir.parent / f".{out_dir.name}.basin-old"
+
+
+def output_path(out_dir: str | Path) -> Path:
+    """The output as an absolute path, `~`, `.`, `..` and trailing slashes resolved (its last component kept)."""
+    out = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    return real(out) if not out.name else real(out.parent) / out.name
+
+
+def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False,
+                   protect: Iterable[Path] = ()) -> Path:
+    """Refuse an output that would replace an input (`merging.outputs.check_output`), an output that is a
+    symbolic link, and an existing output unless `overwrite`; return the temporary sibling folder (fresh,
+    unless `keep_partial` and an interrupted merge left one). The caller holds the output's lock."""
+    tmp = temp_folder(out_dir)
+    check_output(out_dir, protect, siblings=[tmp, old_folder(out_dir)])
+    if out_dir.is_symlink():
+        raise BasinError(f"{out_dir}: the output is a symbolic link (to {os.readlink(out_dir)}); "
+                         "give the folder it points to, or remove the link")
     if out_dir.exists() and not overwrite:
         raise BasinError(f"{out_dir}: output folder exists (pass --overwrite / overwrite=True to replace it)")
-    if not out_dir.parent.exists():
+    if not out_dir.parent.is_dir():
         raise BasinError(f"{out_dir.parent}: parent folder of the output does not exist")
-    tmp = temp_folder(out_dir)
-    if tmp.exists() and not (keep_partial and (tmp / JOURNAL).is_file()):
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        tmp.unlink()  # our reserved name: removing a link deletes nothing it points to
+    elif tmp.exists() and not (keep_partial and (tmp / JOURNAL).is_file()):
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
     return tmp
 
 
+def replace_output(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` into place; an existing output (with `overwrite`) is moved aside first and
+    deleted only once the new one is in place (restored if the rename fails)."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise BasinError(f"{out_dir}: output folder appeared during the merge; not replaced")
+        old = old_folder(out_dir)
+        _remove(old)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 class ShardWriter:
-    """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`."""
+    """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`.
+
+    `protect`: the paths the run reads (`merging.outputs.protected_paths`), which the output may not replace.
+    The output's lock (`OutputLock`) is held from construction to `close()` / `abort()`. A failed write
+    (full disk, read-only folder) removes the temporary folder and raises a one-line `BasinError`.
+    """
 
     def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, resume_key: str | None = None):
-        self.out_dir = Path(out_dir)
+                 shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, resume_key: str | None = None,
+                 protect: Iterable[Path] = ()):
+        self.out_dir = output_path(out_dir)
         if shard_size <= 0:
             raise BasinError(f"shard size must be positive, got {shard_size}")
-        self.tmp = prepare_output(self.out_dir, overwrite, keep_partial=resume_key is not None)
+        self.tmp = temp_folder(self.out_dir)
         self.overwrite = overwrite
         self._layout = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
         self._hashes: dict[str, str] = {}
         self._fds: list[int] = []
         self._journal: int | None = None
+        self._lock: OutputLock | None = None
+        self._owns_tmp = False
+        check_output(self.out_dir, protect, siblings=[self.tmp, old_folder(self.out_dir)])  # before the lock file
+        self._lock = OutputLock(self.out_dir)
         key = None if resume_key is None else json.dumps({"key": resume_key, "shard_size": shard_size})
         try:
-            previous = self._read_journal(key)
-            self._plan_shards(layout, shard_size, fresh=not previous)
-            self.done = self._verify(previous)
-            if key is not None:
-                path = self.tmp / JOURNAL
-                self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if previous else os.O_TRUNC))
-                if not previous:
-                    os.write(self._journal, (key + "\n").encode())
+            with self._writing():
+                self.tmp = prepare_output(self.out_dir, overwrite, keep_partial=resume_key is not None,
+                                          protect=protect)
+                self._owns_tmp = True
+                self._open(layout, shard_size, key)
         except BaseException:
             self.abort()
             raise
+
+    def _open(self, layout, shard_size: int, key: str | None) -> None:
+        previous = self._read_journal(key)
+        self._plan_shards(layout, shard_size, fresh=not previous)
+        self.done = self._verify(previous)
+        if key is not None:
+            path = self.tmp / JOURNAL
+            self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if previous else os.O_TRUNC))
+            if not previous:
+                os.write(self._journal, (key + "\n").encode())
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError (ENOSPC, EROFS, EACCES, ...) removes the partial output and becomes one line."""
+        try:
+            yield
+        except OSError as err:
+            self.abort()
+            raise io_error(self.out_dir, err) from None
 
     def _read_journal(self, key: str | None) -> dict[str, str]:
         """name -> sha256 of the tensors a previous, interrupted run finished (same key), else {}."""
@@ -177,6 +260,10 @@ class ShardWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             got = f"{tuple(tensor.shape)} {tensor.dtype}"
             raise BasinError(f"writer: tensor {name!r} is {got}, expected {shape} {dtype}")
+        with self._writing():
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         k, offset, n = self._where[name]
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         # sha256 and pwrite both release the GIL: side by side they take the time of the longer one (on a writer-bound
@@ -199,15 +286,24 @@ class ShardWriter:
         return h.hexdigest()
 
     def write_text(self, relname: str, text: str) -> None:
-        (self.tmp / relname).write_text(text)
+        with self._writing():
+            (self.tmp / relname).write_text(text)
 
     def copy_file(self, src: Path, relname: str | None = None) -> None:
-        shutil.copyfile(src, self.tmp / (relname or src.name))
+        with self._writing():
+            shutil.copyfile(src, self.tmp / (relname or src.name))
 
     def close(self) -> Path:
         missing = [n for n in self._layout if n not in self._hashes]
         if missing:
             raise BasinError(f"writer: {len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        with self._writing():
+            self._close()
+        if self._lock is not None:
+            self._lock.release()
+        return self.out_dir
+
+    def _close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -218,24 +314,21 @@ class ShardWriter:
         if len(self.shard_names) > 1:
             total = sum(n for _, _, n in self._where.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
-            self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise BasinError(f"{self.out_dir}: output folder appeared during the merge; not replaced")
-            shutil.rmtree(self.out_dir) if self.out_dir.is_dir() else self.out_dir.unlink()
-        os.replace(self.tmp, self.out_dir)
-        return self.out_dir
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        replace_output(self.tmp, self.out_dir, self.overwrite)
 
     def abort(self, keep_partial: bool = False) -> None:
-        """Close files; remove the temporary folder unless `keep_partial` (resumable journal)."""
+        """Close files; remove the temporary folder unless `keep_partial` (resumable journal); drop the lock."""
         for fd in self._fds + ([self._journal] if self._journal is not None else []):
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds, self._journal = [], None
-        if not keep_partial:
+        if not keep_partial and self._owns_tmp and not self.tmp.is_symlink():
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self

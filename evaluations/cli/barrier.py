@@ -25,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from evaluations.landscape import REFERENCES, barrier, evaluate_path, linear_path
     from evaluations.landscape.io import build_model, load_data, load_state, write_json
     from evaluations.landscape.plots import plot_path
+    from merging.outputs import check_files
 
+    out_files = [Path(args.out) / "barrier.json", Path(args.out) / "path.png"] if args.out else []
+    check_files(out_files, [args.a, args.b])  # before any work: the outputs never replace an input
     model = build_model(args.model_factory)
     a, b = load_state(args.a, model), load_state(args.b, model)
     data = load_data(args.data)

@@ -26,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
 
     from evaluations.bench import load_suite, run_benchmark
     from evaluations.bench.executors import make_executor
+    from merging.outputs import check_files
 
     out = Path(args.out)
     cells = out / "cells"
+    check_files([cells, *(out / f"bench.{ext}" for ext in ("md", "json", "csv", "png"))], [args.suite, args.cache])
     if args.no_resume and cells.exists():
         shutil.rmtree(cells)
     start = time.perf_counter()

@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from torch import nn
 
     from evaluations.probes import HessianOperator, hutchinson_trace, lanczos, spectral_density
+    from merging.outputs import check_files
 
+    check_files([args.json, args.density], [args.state])
     model, data = build_model(args)
     op = HessianOperator(model, nn.CrossEntropyLoss(), data.train, params=args.params)
     eig = lanczos(op, k=args.k, tol=args.tol)

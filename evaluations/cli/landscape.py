@@ -26,8 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from evaluations.landscape import random_directions, slice_1d, slice_2d
     from evaluations.landscape.io import build_model, load_data, load_state, write_json
     from evaluations.landscape.plots import plot_contour, plot_slice_1d, plot_surface
+    from merging.outputs import check_files
     from taxonomy.errors import BasinError
 
+    names = ("landscape.json", "contour.png", "surface.png", "slice_1d.png")
+    check_files([Path(args.out) / n for n in names] if args.out else [], [args.model])
     if args.grid < 2:
         raise BasinError(f"--grid {args.grid}: need at least 2 points per axis")
     model = build_model(args.model_factory)

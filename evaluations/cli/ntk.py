@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evaluations.digits import make_mlp
     from evaluations.probes import empirical_ntk, kernel_alignment, kernel_distance
+    from merging.outputs import check_files
 
+    check_files([args.json], [args.state])
     model, data = build_model(args)
     x, y = data.x_test[: args.n], data.y_test[: args.n]
     start = time.perf_counter()

@@ -158,10 +158,14 @@ def align_pair(ref_a: Any, ref_b: Any, out: Path, options: Mapping[str, Any] | N
     """Write checkpoint B permuted onto A as a safetensors folder at `out` (with B's config/tokenizer
     files when B is a folder); the permutations go to `out/alignment.json`."""
     from merging.checkpoint import open_checkpoint
+    from merging.outputs import check_output, checkpoint_paths, protected_paths
     from merging.writer import ShardWriter
 
     options = dict(options or {})
     ckpt_a, ckpt_b = open_checkpoint(ref_a), open_checkpoint(ref_b)
+    given = [r for r in (ref_a, ref_b, options.get("spec")) if isinstance(r, (str, Path))]
+    protect = protected_paths(given + checkpoint_paths(ckpt_a) + checkpoint_paths(ckpt_b))
+    check_output(out, protect)  # before any weights are read
     spec = spec_for(ckpt_a, options)
     if ckpt_a.folder is not None and (Path(ckpt_a.folder) / "config.json").is_file():
         options.setdefault("hf_folder", Path(ckpt_a.folder))
@@ -169,7 +173,7 @@ def align_pair(ref_a: Any, ref_b: Any, out: Path, options: Mapping[str, Any] | N
     result = match(state_a, state_b, spec, options)
     aligned = apply_permutation(state_b, spec, result.perms)
     layout = [(name, tuple(t.shape), t.dtype) for name, t in aligned.items()]
-    with ShardWriter(Path(out), layout, overwrite=overwrite) as writer:
+    with ShardWriter(Path(out), layout, overwrite=overwrite, protect=protect) as writer:
         for name, tensor in aligned.items():
             writer.add(name, tensor.contiguous())
         folder = Path(ckpt_b.folder) if ckpt_b.folder is not None else None
