@@ -39,7 +39,7 @@ def load_data(spec: str) -> object:
     is read into a list, so that it can be checked and then evaluated)."""
     from evaluations.factories import load_object
 
-    fn = load_object(spec)
+    fn = load_object(spec, "--data ")
     data = fn() if callable(fn) else fn
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
@@ -56,7 +56,7 @@ def load_data(spec: str) -> object:
 def build_model(spec: str) -> nn.Module:
     from evaluations.factories import load_object
 
-    factory = load_object(spec)
+    factory = load_object(spec, "--model-factory ")
     if not callable(factory):
         raise BasinError(f"--model-factory {spec}: is a {type(factory).__name__}, not a callable")
     model = factory()
