@@ -223,18 +223,41 @@ def _read(path: Path) -> dict:
     return doc
 
 
+def _body_factory(ref: Any, where: str) -> Any:
+    import inspect
+
+    build = import_object(ref, f"{where}: body")
+    try:
+        inspect.signature(build).bind()
+    except TypeError:
+        raise BasinError(f"{where}: body: {ref!r} is not a callable taking no arguments") from None
+    except ValueError:  # a builtin without a signature: called as is
+        pass
+    return build
+
+
 def _pool(doc: dict, root: Path, where: str) -> ModelPool:
-    build = import_object(doc["body"], f"{where}: body")
-    if not callable(build):
-        raise BasinError(f"{where}: body: {doc['body']!r} is not callable")
+    build = _body_factory(doc["body"], where)
     models = _mapping(doc["models"], f"{where}: models", empty=False)
-    base = load_state(_file(root, doc["base"], f"{where}: base"))
-    states = {str(k): load_state(_file(root, v, f"{where}: models.{k}")) for k, v in models.items()}
-    pool = ModelPool(base, states, build)
-    if not isinstance(pool.build(), nn.Module):
+    base_file = _file(root, doc["base"], f"{where}: base")
+    base = load_state(base_file)
+    body = build()
+    if not isinstance(body, nn.Module):
         raise BasinError(f"{where}: body: {doc['body']!r} does not return an nn.Module")
-    pool.module(pool.base)  # the base state must fit the body
-    return pool
+    try:
+        body.load_state_dict(base)
+    except RuntimeError as err:
+        raise BasinError(f"{where}: base: {base_file} does not fit the body ({str(err).splitlines()[0]})") from None
+    states = {str(k): load_state(_file(root, v, f"{where}: models.{k}")) for k, v in models.items()}
+    for key, state in states.items():
+        if set(state) != set(base):
+            diff = sorted(set(state) ^ set(base))[:3]
+            raise BasinError(f"{where}: models.{key}: tensor names differ from the base's: {diff}")
+        for name, t in state.items():
+            if t.shape != base[name].shape:
+                raise BasinError(f"{where}: models.{key}: tensor {name!r} has shape {tuple(t.shape)}, the base's "
+                                 f"{tuple(base[name].shape)}")
+    return ModelPool(base, states, build)
 
 
 def suite_from_yaml(path: str | Path) -> Suite:
