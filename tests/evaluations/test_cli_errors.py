@@ -85,6 +85,7 @@ def env(tmp_path_factory) -> dict[str, str]:
     (d / "afile").write_text("x")
     (d / "full").mkdir()
     (d / "full" / "barrier.json").write_text("{}")
+    (d / "demo_prev" / "linear").mkdir(parents=True)
     return {"d": str(d), "marker": str(marker)}
 
 
@@ -204,6 +205,7 @@ TABLE = [
     ("align {d}/m0.safetensors {d}/m1.safetensors {d}/aligned --max-iter 0", "--max-iter"),
     ("align {d}/m0.safetensors {d}/m1.safetensors {d}/aligned --max-iter nan", "--max-iter"),
     ("demo --out {d}/afile", "afile"),
+    ("demo --out {d}/demo_prev", "--overwrite"),
     ("methods --family nope", "nope"),
     ("merge", "recipe"),
 ]
