@@ -34,7 +34,8 @@ PEER_SCRIPT = r"""
 import importlib.metadata, json, sys, time
 import torch, loss_landscapes, loss_landscapes.metrics
 from torch import nn
-state, data, steps, repeats = torch.load(sys.argv[1]), torch.load(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+state, data = torch.load(sys.argv[1], weights_only=True), torch.load(sys.argv[2], weights_only=True)
+steps, repeats = int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(int(sys.argv[5]))
 widths = [64, 512, 512, 10]
 layers = []

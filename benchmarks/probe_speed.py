@@ -42,9 +42,9 @@ def counted(*a, **k):
 ph.hessian_vector_product = counted
 layers = [nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)]
 model = nn.Sequential(*layers)
-model.load_state_dict(torch.load(sys.argv[1]))
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 model.eval()
-x, y = torch.load(sys.argv[2])
+x, y = torch.load(sys.argv[2], weights_only=True)
 h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -77,7 +77,7 @@ from evaluations.digits import load_digits_all, make_mlp
 from evaluations.probes import empirical_ntk
 torch.set_num_threads(int(sys.argv[3]))
 model = make_mlp([64, 512, 512, 10])
-model.load_state_dict(torch.load(sys.argv[1]))
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 model.eval()
 n = int(sys.argv[2])
 x, _ = load_digits_all()

@@ -157,9 +157,13 @@ class TaskPool:
 
 
 def load_state(path: str | Path) -> State:
-    from safetensors.torch import load_file
+    """Every tensor of a local .safetensors file (headers checked by `merging.checkpoint.open_path`; no pickle)."""
+    from merging.checkpoint import open_path
 
     path = Path(path)
     if not path.is_file():
         raise BasinError(f"{path}: no such safetensors file")
-    return load_file(str(path))
+    if path.suffix != ".safetensors":
+        raise BasinError(f"{path}: expected a .safetensors file")
+    ckpt = open_path(path)
+    return {name: ckpt.get(name).clone() for name in ckpt.names()}

@@ -1,13 +1,16 @@
 """The `basin` command line: one thin subcommand module per job, imported only when used.
 
 Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
-A `BasinError` (bad input) is printed without a traceback and exits with status 2.
+Bad input (a `BasinError`, or a bad option, which argparse reports) is printed as one line without a
+traceback and exits with status 2; Ctrl-C prints one line and exits with 130; output piped into a
+reader that stops early (`basin methods | head -1`) ends quietly with 141 (128 + SIGPIPE, as a C tool).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `basin merge` stays fast.
@@ -22,6 +25,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("evaluations.cli.bench", "benchmark merge methods on a suite of tasks"),
     "demo": ("evaluations.cli.demo", "run the demo on embedded data (all-MiniLM-L6-v2, digits)"),
 }
+EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+
+
+class UsageError(Exception):
+    """A bad command line, already worded for the user."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (and printed by `main` as one line) instead of usage + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
 def _usage() -> str:
@@ -32,8 +47,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def one_line(message: object) -> str:
+    """`message` on one line (messages quoted from libraries, e.g. torch.load's, span several)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -44,17 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"basin: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        raise UsageError(f"basin: error: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
     module_name, help_ = SUBCOMMANDS[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name == module_name:
-            print(f"basin {name}: not available in this build", file=sys.stderr)
-            return 2
+            raise UsageError(f"basin {name}: not available in this build") from None
         raise
-    parser = argparse.ArgumentParser(prog=f"basin {name}", description=help_)
+    parser = Parser(prog=f"basin {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     from taxonomy.errors import BasinError
@@ -62,11 +79,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except BasinError as err:
-        print(f"basin {name}: error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"basin {name}: error: {one_line(err)}") from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = f"basin {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "basin"
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()
+        return code
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"basin {name}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from evaluations.cli.args import positive_int, seed
+
 HELP = "permute model B's hidden units to match model A"
 
 
@@ -19,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", help="a permutation spec as JSON (PermutationSpec.to_json)")
     parser.add_argument("--residual", choices=("auto", "yes", "no"), default="auto",
                         help="transformers: permute the residual stream (auto: only when a head reads it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--max-iter", type=positive_int, default=100)
     parser.add_argument("--overwrite", action="store_true")
 
 

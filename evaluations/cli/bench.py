@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "benchmark merge methods on a suite of tasks"
+STEM = "bench"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,28 +18,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default ~/.cache/basin/<suite>)")
     parser.add_argument("--no-resume", action="store_true", help="recompute cells even if cached in OUT/cells")
     parser.add_argument("--no-plots", action="store_true", help="skip the bar plot")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing bench.* files in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     import shutil
     import time
-    from pathlib import Path
 
     from evaluations.bench import load_suite, run_benchmark
     from evaluations.bench.executors import make_executor
-    from merging.outputs import check_files
+    from evaluations.cli.outputs import Outputs
 
-    out = Path(args.out)
-    cells = out / "cells"
-    check_files([cells, *(out / f"bench.{ext}" for ext in ("md", "json", "csv", "png"))], [args.suite, args.cache])
-    if args.no_resume and cells.exists():
-        shutil.rmtree(cells)
-    start = time.perf_counter()
-    suite = load_suite(args.suite, cache_dir=args.cache)
-    prepared = time.perf_counter() - start
-    result = run_benchmark(suite, make_executor(args.executor, args.address), cache_dir=cells, methods=args.methods)
-    result.environment["suite_seconds"] = prepared
-    paths = result.save(out, stem="bench", plots=not args.no_plots)
+    names = [f"{STEM}.{ext}" for ext in ("md", "json", "csv")] + ([] if args.no_plots else [f"{STEM}.png"])
+    with Outputs(args.overwrite, inputs=[args.suite, args.cache]) as outputs:
+        out = outputs.folder(args.out, names, "--out")
+        cells = out / "cells"
+        if cells.exists() and not cells.is_dir():
+            from taxonomy.errors import BasinError
+
+            raise BasinError(f"--out {out}: {cells} is not a folder")
+        start = time.perf_counter()
+        suite = load_suite(args.suite, cache_dir=args.cache)
+        prepared = time.perf_counter() - start
+        if args.no_resume and cells.exists():
+            shutil.rmtree(cells)
+        result = run_benchmark(suite, make_executor(args.executor, args.address), cache_dir=cells,
+                               methods=args.methods)
+        result.environment["suite_seconds"] = prepared
+        paths = _save(outputs, out, result, plots=not args.no_plots)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _save(outputs, out, result, plots: bool) -> list:
+    """`result.save` into a hidden folder inside `out`, then every file renamed into place."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from taxonomy.errors import BasinError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{STEM}.", suffix=".basin-tmp", dir=out))
+    except OSError as err:
+        raise BasinError(f"cannot write into {out}: {err.strerror or err}; nothing was written") from None
+    try:
+        try:
+            saved = result.save(stage, stem=STEM, plots=plots)
+        except OSError as err:
+            raise BasinError(f"cannot write into {out}: {err.strerror or err}; nothing was written") from None
+        for path in saved:
+            outputs.write(out / path.name, lambda tmp, path=path: os.replace(path, tmp))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return outputs.commit()

@@ -26,6 +26,7 @@ SENTENCES = [
     "The recipe needs two cups of flour and an egg.",
     "Permutation symmetry hides linear mode connectivity.",
 ]
+OUT_FOLDERS = ("minilm-perturbed", "linear", "slerp")  # what the demo writes in --out
 NOISE = 0.01  # perturbation: Gaussian noise of this fraction of each tensor's standard deviation
 
 
@@ -96,8 +97,8 @@ def embed(folder: Path, sentences: list[str]):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).float().eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=False).float().eval()
     batch = tok(sentences, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -152,10 +153,26 @@ def run_demo(out_dir: Path | None = None) -> DemoReport:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="keep the demo's outputs in this folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --out")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or that holds an earlier demo's outputs (unless `overwrite`)."""
+    from taxonomy.errors import BasinError
+
+    if out.exists() and not out.is_dir():
+        raise BasinError(f"--out {out}: is a file, not a folder")
+    if overwrite:
+        return
+    for name in OUT_FOLDERS:
+        if (out / name).exists():
+            raise BasinError(f"--out {out}: {out / name} already exists; pass --overwrite to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out(args.out, args.overwrite)
     report = run_demo(args.out)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0

@@ -1,7 +1,7 @@
 """`basin hessian`: top Hessian eigenvalues, trace and spectral density of a model's loss.
 
-The model is a digits MLP (`--widths`, trained `--epochs` with `--seed`) or a state dict (`--state`)
-loaded into that architecture; data are scikit-learn's digits (train split).
+The model is a digits MLP (`--widths`, trained `--epochs` with `--seed`) or its weights (`--state`, see
+`evaluations.cli.digits_mlp`) loaded into that architecture; data are scikit-learn's digits (train split).
 """
 
 from __future__ import annotations
@@ -9,70 +9,52 @@ from __future__ import annotations
 import argparse
 import json
 
+from evaluations.cli.args import float_range, positive_int
+from evaluations.cli.digits_mlp import add_model_arguments, build_model
+
 HELP = "top Hessian eigenvalues, trace and spectral density"
+__all__ = ["HELP", "add_arguments", "build_model", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--widths", default="64,128,10", help="MLP widths, comma-separated")
-    parser.add_argument("--state", help="a torch state dict (.pt) for that MLP; default: train one")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--params", help="restrict to the parameters whose name or dotted name prefix this "
-                        "regular expression matches (e.g. '2' or '.*\\.weight')")
-    parser.add_argument("-k", type=int, default=3, help="how many top eigenvalues")
-    parser.add_argument("--tol", type=float, default=1e-3)
+    add_model_arguments(parser)
+    parser.add_argument("--params", help="restrict to parameters with this name prefix (e.g. '2')")
+    parser.add_argument("-k", type=positive_int, default=3, help="how many top eigenvalues")
+    parser.add_argument("--tol", type=float_range(0, 1, lo_open=True), default=1e-3,
+                        help="relative eigenvalue tolerance, in (0, 1] (default 1e-3)")
     parser.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")
     parser.add_argument("--density", help="also write the SLQ density plot to this PNG")
     parser.add_argument("--json", help="write results to this JSON file")
-
-
-def build_model(args: argparse.Namespace):
-    import torch
-
-    from evaluations.digits import load_digits_split, make_mlp, train_classifier
-    from taxonomy.errors import BasinError
-
-    try:
-        widths = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        raise BasinError(f"--widths: expected integers separated by commas, got {args.widths!r}") from None
-    data = load_digits_split()
-    model = make_mlp(widths, seed=args.seed)
-    if args.state:
-        try:
-            model.load_state_dict(torch.load(args.state))
-        except (OSError, RuntimeError) as err:
-            raise BasinError(f"--state {args.state}: {err}") from None
-    else:
-        train_classifier(model, *data.train, epochs=args.epochs, seed=args.seed)
-    return model.eval(), data
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json / --density files")
 
 
 def run(args: argparse.Namespace) -> int:
     from torch import nn
 
+    from evaluations.cli.outputs import Outputs
     from evaluations.probes import HessianOperator, hutchinson_trace, lanczos, spectral_density
-    from merging.outputs import check_files
 
-    check_files([args.json, args.density], [args.state])
-    model, data = build_model(args)
-    op = HessianOperator(model, nn.CrossEntropyLoss(), data.train, params=args.params)
-    eig = lanczos(op, k=args.k, tol=args.tol)
-    out = {"params": op.size, "eigen": eig.to_json()}
-    print(f"{op.size} parameters; top-{args.k} eigenvalues (converged={eig.converged}, {eig.iterations} HVPs):")
-    for v, r in zip(eig.values, eig.residuals):
-        print(f"  {float(v):.6g}  (residual {float(r):.2g})")
-    if args.trace:
-        est = hutchinson_trace(op)
-        out["trace"] = est.to_json()
-        print(f"trace {est.mean:.6g} +- {est.stderr:.2g} ({est.samples} samples, converged={est.converged})")
-    if args.density:
-        dens = spectral_density(op)
-        dens.plot(args.density)
-        out["density"] = {"converged": dens.converged, "iterations": dens.iterations,
-                          "moment_stderr": dens.moment_stderr}
-        print(f"density written to {args.density} (converged={dens.converged}, {dens.iterations} HVPs)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    with Outputs(args.overwrite, inputs=[args.state]) as outputs:
+        density_png = outputs.file(args.density, "--density") if args.density else None
+        json_path = outputs.file(args.json, "--json") if args.json else None
+        model, data = build_model(args)
+        op = HessianOperator(model, nn.CrossEntropyLoss(), data.train, params=args.params)
+        eig = lanczos(op, k=args.k, tol=args.tol)
+        out = {"params": op.size, "eigen": eig.to_json()}
+        print(f"{op.size} parameters; top-{args.k} eigenvalues (converged={eig.converged}, {eig.iterations} HVPs):")
+        for v, r in zip(eig.values, eig.residuals):
+            print(f"  {float(v):.6g}  (residual {float(r):.2g})")
+        if args.trace:
+            est = hutchinson_trace(op)
+            out["trace"] = est.to_json()
+            print(f"trace {est.mean:.6g} +- {est.stderr:.2g} ({est.samples} samples, converged={est.converged})")
+        if density_png is not None:
+            dens = spectral_density(op)
+            outputs.write(density_png, dens.plot)
+            out["density"] = {"converged": dens.converged, "iterations": dens.iterations,
+                              "moment_stderr": dens.moment_stderr}
+            print(f"density written to {args.density} (converged={dens.converged}, {dens.iterations} HVPs)")
+        if json_path is not None:
+            outputs.write_text(json_path, json.dumps(out, indent=2))
+        outputs.commit()
     return 0

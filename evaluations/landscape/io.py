@@ -1,9 +1,13 @@
-"""Thin I/O for the CLI: checkpoints into a model's parameter dict, user data factories, JSON output."""
+"""Thin I/O for the CLI: checkpoints into a model's parameter dict, user factories, a first-batch check.
+
+Checkpoints are read by `merging.checkpoint.open_checkpoint`: safetensors, or a PyTorch pickle only with
+`allow_pickle=True` (`--allow-pickle`), then with `torch.load(weights_only=True)`; no pickle code ever runs.
+`module:fn` factories are code the user names on the command line, imported and called as given.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -11,11 +15,11 @@ from torch import nn
 from taxonomy.errors import BasinError
 
 
-def load_state(ref: str, model: nn.Module) -> dict[str, torch.Tensor]:
+def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read checkpoint `ref` (via merging.checkpoint.open_checkpoint) and check it against `model`'s tensors."""
     from merging.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(ref)
+    ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
     expected = model.state_dict()
     names = set(ckpt.names())
     for k, v in expected.items():
@@ -26,18 +30,24 @@ def load_state(ref: str, model: nn.Module) -> dict[str, torch.Tensor]:
             raise BasinError(f"{ref}: tensor {k!r} has shape {shape}, the model expects {tuple(v.shape)}")
     extra = sorted(names - set(expected))
     if extra:
-        raise BasinError(f"{ref}: tensor {extra[0]!r} is not in the model built by --model-factory")
+        raise BasinError(f"{ref}: tensor {extra[0]!r} is not in the model")
     return {k: ckpt.get(k).to(expected[k].dtype) for k in expected}
 
 
 def load_data(spec: str) -> object:
-    """Call the `module:fn` data factory; it returns (x, y) tensors or a DataLoader."""
+    """Call the `module:fn` data factory; it returns (x, y) tensors or a DataLoader (a one-shot iterator
+    is read into a list, so that it can be checked and then evaluated)."""
     from evaluations.factories import load_object
 
-    fn = load_object(spec)
+    fn = load_object(spec, "--data ")
     data = fn() if callable(fn) else fn
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise BasinError(f"--data {spec}: x has {len(x)} rows but y has {len(y)}")
         return tuple(data)
+    if isinstance(data, Iterator):
+        return list(data)
     if hasattr(data, "__iter__"):
         return data
     raise BasinError(f"--data {spec}: expected (x, y) tensors or a DataLoader, got {type(data).__name__}")
@@ -46,14 +56,28 @@ def load_data(spec: str) -> object:
 def build_model(spec: str) -> nn.Module:
     from evaluations.factories import load_object
 
-    model = load_object(spec)()
+    factory = load_object(spec, "--model-factory ")
+    if not callable(factory):
+        raise BasinError(f"--model-factory {spec}: is a {type(factory).__name__}, not a callable")
+    model = factory()
     if not isinstance(model, nn.Module):
         raise BasinError(f"--model-factory {spec}: returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
 
 
-def write_json(out: Path, name: str, payload: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+def check_runs(model: nn.Module, data: object, spec: str, loss_fn=None) -> None:
+    """Run `model` and the loss on two rows of the first batch: data of the wrong width, dtype or labels is a
+    one-line error naming `--data` instead of a traceback from deep inside the evaluation."""
+    from evaluations.landscape.evaluate import default_loss, iter_batches
+
+    first = next(iter(iter_batches(data)), None)
+    if first is None:
+        raise BasinError(f"--data {spec}: no batches")
+    x, y = first
+    try:
+        with torch.no_grad():
+            (loss_fn or default_loss)(model(x[:2]), y[:2])
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BasinError(f"--data {spec}: the model cannot be evaluated on it "
+                         f"(x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}): {reason}") from None
