@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from evaluations.factories import load_object
     from merging.alignment.checkpoints import align_pair
+    from merging.objects import load_object
 
     options = {
         "method": args.method,
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         "max_iter": args.max_iter,
         "residual": {"auto": "auto", "yes": True, "no": False}[args.residual],
         "spec": args.spec,
-        "model_factory": load_object(args.model_factory) if args.model_factory else None,
-        "data": load_object(args.data)() if args.data else None,
+        "model_factory": load_object(args.model_factory, "--model-factory", files=True) if args.model_factory else None,
+        "data": load_object(args.data, "--data", files=True)() if args.data else None,
         "progress": True,
     }
     path, result = align_pair(args.a, args.b, Path(args.out), options, overwrite=args.overwrite)

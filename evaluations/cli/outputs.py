@@ -57,7 +57,10 @@ class Outputs:
 
     def folder(self, folder: str | Path, names: list[str], option: str) -> Path:
         """Plan files `names` inside `folder` (given by `option`; created when the outputs are written)."""
+        from merging.outputs import check_files
+
         folder = Path(folder)
+        check_files([folder], self.inputs)
         existing = _nearest_existing(folder)
         if not existing.is_dir():
             raise BasinError(f"{option} {folder}: {existing} is a file, not a folder")

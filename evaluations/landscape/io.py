@@ -37,9 +37,9 @@ def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[s
 def load_data(spec: str) -> object:
     """Call the `module:fn` data factory; it returns (x, y) tensors or a DataLoader (a one-shot iterator
     is read into a list, so that it can be checked and then evaluated)."""
-    from evaluations.factories import load_object
+    from merging.objects import load_object
 
-    fn = load_object(spec, "--data ")
+    fn = load_object(spec, f"--data {spec}", files=True)
     data = fn() if callable(fn) else fn
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
@@ -54,9 +54,9 @@ def load_data(spec: str) -> object:
 
 
 def build_model(spec: str) -> nn.Module:
-    from evaluations.factories import load_object
+    from merging.objects import load_object
 
-    factory = load_object(spec, "--model-factory ")
+    factory = load_object(spec, f"--model-factory {spec}", files=True)
     if not callable(factory):
         raise BasinError(f"--model-factory {spec}: is a {type(factory).__name__}, not a callable")
     model = factory()

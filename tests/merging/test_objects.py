@@ -28,7 +28,7 @@ def test_module_attribute_and_a_python_file(tmp_path):
     ("no_such_module_xyz:f", False, r"where: cannot import module 'no_such_module_xyz' \(No module named"),
     (".relative:f", False, r"where: cannot import module '.relative'"),
     ("math:no_such_fn", False, r"where: module 'math' has no attribute 'no_such_fn'"),
-    ("missing_dir/f.py:make", True, r"missing_dir/f.py: no such file"),
+    ("missing_dir/f.py:make", True, r"where: no such file missing_dir/f.py"),
 ])
 def test_what_cannot_be_loaded_is_a_one_line_error(spec, files, message):
     with pytest.raises(BasinError, match=message) as err:

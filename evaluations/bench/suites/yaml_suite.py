@@ -35,7 +35,7 @@ from torch import nn
 from evaluations.bench.grid import MethodEntry, MethodGrid
 from evaluations.bench.harness import Suite
 from evaluations.bench.pools import ModelPool, Task, TaskPool, load_state
-from evaluations.factories import import_file, load_object
+from merging.objects import exec_file, load_object
 from taxonomy.errors import BasinError
 
 FIELDS = ("name", "seed", "body", "base", "models", "tasks", "methods")
@@ -49,7 +49,7 @@ def import_object(ref: Any, where: str) -> Any:
     """The object named by `ref` ('package.module:name' or 'file.py:name'); errors start with `where`."""
     if not isinstance(ref, str):
         raise BasinError(f"{where}: expected 'package.module:name', got {ref!r}")
-    return load_object(ref, f"{where}: ")
+    return load_object(ref, f"{where}: {ref!r}", files=True)
 
 
 def _unknown(found: Any, known: tuple[str, ...], where: str) -> None:
@@ -280,7 +280,7 @@ def suite_from_python(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise BasinError(f"{path}: no such suite file")
-    module = import_file(path, f"{path}: ", name=f"basin_user_suite_{path.stem}")
+    module = exec_file(path, name=f"basin_user_suite_{path.stem}")
     suite = module.suite() if hasattr(module, "suite") else getattr(module, "SUITE", None)
     if not isinstance(suite, Suite):
         raise BasinError(f"{path}: define suite() returning an evaluations.bench.Suite, or SUITE")
