@@ -117,3 +117,18 @@ def row_sums64(x: torch.Tensor) -> torch.Tensor:
     """Float64 sums along the last dimension of a float64 tensor (pairwise, thread-count independent on the CPU)."""
     flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64, memory_format=torch.contiguous_format)
     return _row_totals(flat).reshape(x.shape[:-1])
+
+
+def column_mean_std64(x: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and population standard deviation of a 2-D tensor, two passes over blocks of rows in
+    float64 (the centred second pass avoids E[x^2] - E[x]^2's cancellation); float64 results."""
+    x = x.detach()
+    rows = max(1, x.shape[0])
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start, stop in row_blocks(x.shape[0], x.shape[1], chunk):
+        total += x[start:stop].to(torch.float64).sum(0)
+    mean = total / rows
+    squares = torch.zeros_like(mean)
+    for start, stop in row_blocks(x.shape[0], x.shape[1], chunk):
+        squares += (x[start:stop].to(torch.float64) - mean).square_().sum(0)
+    return mean, (squares / rows).sqrt_()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from merging.alignment.activation_matching import SITE_TYPES, batches, run_model
+from merging.reductions import column_mean_std64
 from taxonomy.errors import BasinError
 
 
@@ -66,7 +67,8 @@ def unit_stats(model: nn.Module, names: list[str], data: Any) -> dict[str, tuple
     out = {}
     for name, parts in acc.items():
         x = torch.cat(parts)
-        out[name] = (x.mean(0), x.std(0, unbiased=False))
+        mean, std = column_mean_std64(x)  # accumulated in float64 over blocks of samples
+        out[name] = (mean.to(x.dtype), std.to(x.dtype))
     return out
 
 
