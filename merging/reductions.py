@@ -93,14 +93,42 @@ def _row_totals(x: torch.Tensor) -> torch.Tensor:
 
 def row_dots64(a: torch.Tensor, b: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:
     """Float64 dot products along the last dimension, shape a.shape[:-1]; blocks of about `chunk` entries (one
-    row at least) are converted at a time."""
+    row at least) are copied into float64 buffers at a time."""
     shape = a.shape[:-1]
     a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])
-    out = torch.empty(a2.shape[0], dtype=torch.float64, device=a.device)
-    for start, stop in row_blocks(a2.shape[0], a2.shape[1], chunk):
-        x = a2[start:stop].to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-        out[start:stop] = _row_totals(x.mul_(b2[start:stop].to(torch.float64)))
+    rows, columns = a2.shape
+    out = torch.empty(rows, dtype=torch.float64, device=a.device)
+    step = max(1, chunk // max(1, columns))
+    buffers = [torch.empty(min(step, rows), columns, dtype=torch.float64, device=a.device) for _ in range(2)]
+    for start, stop in row_blocks(rows, columns, chunk):
+        x, y = (_fill(buffer[:stop - start], t[start:stop]) for buffer, t in zip(buffers, (a2, b2)))
+        if x.device.type == "cpu":
+            _product(x.numpy(), y.numpy())  # in place, numpy's loop: faster than torch's on small blocks
+        else:
+            x.mul_(y)
+        out[start:stop] = _row_totals(x)
     return out.reshape(shape)
+
+
+def axis_dots64(a: torch.Tensor, b: torch.Tensor, dim: int = -1, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:
+    """Float64 dot products of the vectors along `dim` (0 or the last), keeping `dim` with size 1. Along dim 0 the
+    products of blocks of rows are added block after block into float64 column sums (no transposed copy)."""
+    if dim in (-1, a.dim() - 1):
+        return row_dots64(a, b, chunk).unsqueeze(-1)
+    if dim != 0:
+        raise ValueError(f"axis_dots64: dim must be 0 or -1, got {dim}")
+    a2, b2 = a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
+    rows, columns = a2.shape
+    total = torch.zeros(columns, dtype=torch.float64, device=a.device)
+    step = max(1, chunk // max(1, columns))
+    buffers = [torch.empty(min(step, rows), columns, dtype=torch.float64, device=a.device) for _ in range(2)]
+    for start, stop in row_blocks(rows, columns, chunk):
+        x, y = (_fill(buffer[:stop - start], t[start:stop]) for buffer, t in zip(buffers, (a2, b2)))
+        if x.device.type == "cpu":
+            total += torch.from_numpy(_product(x.numpy(), y.numpy()).sum(0))
+        else:
+            total += x.mul_(y).sum(0)
+    return total.reshape(1, *a.shape[1:])
 
 
 def row_norms64(x: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:

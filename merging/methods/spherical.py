@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from merging.methods.registry import merge_method
-from merging.reductions import dot64, norm64, row_dots64, row_norms64
+from merging.reductions import axis_dots64, dot64, norm64
 from taxonomy.errors import BasinError
 
 DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos| above this is treated as colinear
@@ -84,21 +84,16 @@ def nuslerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = -1, f
         if abs(sin_omega) < eps:
             return (a * (1 - t) + b * t).reshape(shape)
         return (a * (math.sin((1 - t) * omega) / sin_omega) + b * (math.sin(t * omega) / sin_omega)).reshape(shape)
-    if dim != -1:
-        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
-    na = row_norms64(a).clamp_(min=1e-7)
-    nb = row_norms64(b).clamp_(min=1e-7)
-    cos = (row_dots64(a, b) / (na * nb)).clamp_(-1, 1).unsqueeze_(-1)
+    na = axis_dots64(a, a, dim).sqrt_().clamp_(min=1e-7)  # float64 accumulation, no transposed copies
+    nb = axis_dots64(b, b, dim).sqrt_().clamp_(min=1e-7)
+    cos = (axis_dots64(a, b, dim) / (na * nb)).clamp_(-1, 1)
     omega = torch.acos(cos)
     sin_omega = torch.sin(omega)
     colinear = sin_omega.abs() < eps
     safe = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
     ca = torch.where(colinear, torch.full_like(omega, 1 - t), torch.sin((1 - t) * omega) / safe)
     cb = torch.where(colinear, torch.full_like(omega, t), torch.sin(t * omega) / safe)
-    out = a * ca.to(a.dtype) + b * cb.to(b.dtype)  # coefficients in float64, one rounding to the inputs' dtype
-    if dim != -1:
-        out = out.transpose(dim, -1)
-    return out.reshape(shape)
+    return a * ca.to(a.dtype) + b * cb.to(b.dtype)  # coefficients in float64, rounded once to the inputs' dtype
 
 
 def drop_listed_base(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None,
