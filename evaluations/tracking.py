@@ -23,6 +23,7 @@ from torch import nn
 from evaluations.probes import HessianOperator, kernel_distance, lanczos
 from evaluations.probes.linearize import ntk_regression
 from evaluations.probes.ntk import empirical_ntk_result
+from merging.reductions import distance64
 from taxonomy.errors import BasinError
 
 
@@ -112,7 +113,7 @@ class Tracker:
         if self._init is None:
             self._init = (w, epoch)
         prev = self._prev
-        rec = Record(epoch, float((w - self._init[0]).norm()), float((w - prev[0]).norm()) if prev else 0.0)
+        rec = Record(epoch, distance64(w, self._init[0]), distance64(w, prev[0]) if prev else 0.0)
         with torch.no_grad():
             out = torch.softmax(snapshot(x), -1)
         ntk = empirical_ntk_result(snapshot, x, kind="trace")

@@ -7,7 +7,11 @@ folder holds `adapter_config.json` and `adapter_model.safetensors` with tensors 
 `lora_embedding_A` / `lora_embedding_B`, Delta W = s * (B @ A)^T; `fan_in_fan_out` layers: transposed
 too). `alpha_pattern` overrides lora_alpha per module (PEFT's rule: the pattern matches a dotted
 suffix of the module name); r is read from A's shape, so `rank_pattern` needs no handling.
-Other tensors in the adapter (`modules_to_save` copies, trained biases) replace the base's.
+Other tensors in the adapter (`modules_to_save` copies, named as trained or as saved, embedding layers saved with
+`save_embedding_layers`, trained biases) replace the base's. A tied base (no `lm_head`, one input embedding, config
+not saying tie_word_embeddings: false) gets the adapter's `lm_head` (a full one, as mergekit-extract-lora or
+`modules_to_save` write, or LoRA factors applied to the input embedding) as a new tensor; the output's config.json
+then says tie_word_embeddings: false (merging.api).
 DoRA adapters (`use_dora`) are refused.
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from merging.arch import INPUT_EMBED, OUTPUT_EMBED, read_config
 from merging.checkpoint import Checkpoint, TensorMeta
 from taxonomy.errors import BasinError
 
@@ -67,9 +72,8 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return float(default)
 
 
-def read_adapter(folder: Path | str) -> LoraAdapter:
-    """Read and check a PEFT LoRA adapter folder (config and safetensors weights)."""
-    folder = Path(folder)
+def _read_config(folder: Path) -> tuple[dict, Path]:
+    """The folder's adapter_config.json, checked; and the weights file's path."""
     if not folder.is_dir():
         raise BasinError(f"{folder}: no such LoRA adapter folder")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -81,9 +85,10 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
         raise BasinError(f"{folder}: missing {WEIGHTS_NAME}{hint}")
     try:
         config = json.loads(config_path.read_text())
-        assert isinstance(config, dict)
-    except (json.JSONDecodeError, AssertionError, UnicodeDecodeError):
-        raise BasinError(f"{config_path}: not a JSON object") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise BasinError(f"{config_path}: not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise BasinError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
@@ -92,13 +97,20 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
             raise BasinError(f"{config_path}: field {key!r} must be a number, got {config.get(key)!r}")
+    return config, weights_path
 
-    from safetensors.torch import load_file
 
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types
-        raise BasinError(f"{weights_path}: cannot read: {err}") from None
+def full_tensor_name(name: str) -> str:
+    """The base model's name for a full tensor saved in an adapter: PEFT's `X.modules_to_save[.<adapter>].weight`
+    (as trained, or as saved) and `X.base_layer.weight` (embedding layers saved with save_embedding_layers) are
+    `X.weight`."""
+    name = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.)", "", name)
+    return re.sub(r"\.base_layer(?=\.)", "", name)
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], weights_path: Path
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]], set[str], dict[str, torch.Tensor]]:
+    """LoRA factors per module ({module: {"A": .., "B": ..}}), the embedding modules, and the full tensors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     embedding: set[str] = set()
     full: dict[str, torch.Tensor] = {}
@@ -110,14 +122,25 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
             raise BasinError(f"{weights_path}: tensor {key!r} belongs to a DoRA adapter; not supported")
         match = _LORA_KEY.match(name)
         if match is None:
-            name = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.)", "", name)
-            full[name] = tensor
+            full[full_tensor_name(name)] = tensor
             continue
-        module = match["module"]
-        parts.setdefault(module, {})[match["part"]] = tensor
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
         if match["embedding"]:
-            embedding.add(module)
+            embedding.add(match["module"])
+    return parts, embedding, full
 
+
+def read_adapter(folder: Path | str) -> LoraAdapter:
+    """Read and check a PEFT LoRA adapter folder (config and safetensors weights)."""
+    folder = Path(folder)
+    config, weights_path = _read_config(folder)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types
+        raise BasinError(f"{weights_path}: cannot read: {err}") from None
+    parts, embedding, full = _split_tensors(tensors, weights_path)
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules: dict[str, LoraModule] = {}
@@ -154,27 +177,58 @@ def _resolve(module: str, suffix: str, names: list[str], label: str, what: str) 
     raise BasinError(f"{label}: LoRA {what} {module!r} has no tensor {target!r} in the base model")
 
 
-def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
-    """Map the adapter's modules and full tensors to base tensor names, checking shapes."""
+def tied_input_embedding(base: Checkpoint) -> str | None:
+    """The input embedding a tied base's missing output embedding reads: the base has no `lm_head` (or
+    `embed_out`), exactly one input embedding, and its config.json does not say tie_word_embeddings: false (Gemma2's
+    omits the key, true by default); else None."""
+    names = base.names()
+    if any(OUTPUT_EMBED.search(n) for n in names):
+        return None
+    embeds = [n for n in names if INPUT_EMBED.search(n)]
+    config = read_config(base) or {}
+    untied = config.get("tie_word_embeddings") is False or (config.get("text_config") or {}).get(
+        "tie_word_embeddings") is False
+    return embeds[0] if len(embeds) == 1 and not untied else None
+
+
+def _bind_name(target: str, names: list[str], head_source: str | None, label: str, what: str, module: str) -> str:
+    """_resolve, except that an output embedding a tied base lacks is bound under its adapter name."""
+    if head_source is not None and OUTPUT_EMBED.search(target) and not _resolvable(target, names):
+        return target
+    return _resolve(module, target[len(module):], names, label, what)
+
+
+def _resolvable(target: str, names: list[str]) -> bool:
+    return target in names or any(n.endswith("." + target) for n in names)
+
+
+def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], str | None]:
+    """Map the adapter's modules and full tensors to base tensor names, checking shapes; and the input embedding
+    that an output embedding added to a tied base starts from (None if none is added)."""
     names = base.names()
     label = f"{adapter.folder}"
+    source = tied_input_embedding(base)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return tuple(base.meta(source if name not in names else name).shape)
+
     lora: dict[str, LoraModule] = {}
     for module, lm in adapter.modules.items():
-        name = _resolve(module, ".weight", names, label, "target module")
-        shape = tuple(base.meta(name).shape)
-        if shape != lm.shape:
-            raise BasinError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape {shape}")
+        name = _bind_name(module + ".weight", names, source, label, "target module", module)
+        if shape_of(name) != lm.shape:
+            raise BasinError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape "
+                             f"{shape_of(name)}")
         lora[name] = lm
     full: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.full.items():
-        name = _resolve(key, "", names, label, "tensor")
-        shape = tuple(base.meta(name).shape)
-        if shape != tuple(tensor.shape):
+        name = _bind_name(key, names, source, label, "tensor", key)
+        if shape_of(name) != tuple(tensor.shape):
             raise BasinError(
-                f"{label}: tensor {key!r} has shape {tuple(tensor.shape)}, the base's {name!r} has {shape}"
+                f"{label}: tensor {key!r} has shape {tuple(tensor.shape)}, the base's {name!r} has {shape_of(name)}"
             )
         full[name] = tensor
-    return lora, full
+    added = any(n not in names for n in [*lora, *full])
+    return lora, full, source if added else None
 
 
 class LoraCheckpoint(Checkpoint):
@@ -187,18 +241,24 @@ class LoraCheckpoint(Checkpoint):
         self.folder = base.folder
         self.revision = base.revision
         self.repo_id = base.repo_id
-        self._lora, self._full = _bind(base, adapter)
+        self._lora, self._full, self._head_source = _bind(base, adapter)
+        base_names = set(base.names())
+        self._added = [n for n in dict.fromkeys([*self._full, *self._lora]) if n not in base_names]
 
     def names(self) -> list[str]:
-        return self.base.names()
+        return self.base.names() + self._added
+
+    def _stored(self, name: str) -> str:
+        """The base tensor `name` starts from: an output embedding added to a tied base starts from its input one."""
+        return self._head_source if name in self._added else name
 
     def meta(self, name: str) -> TensorMeta:
-        return self.base.meta(name)
+        return self.base.meta(self._stored(name))
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._full:
-            return self._full[name].to(self.base.meta(name).dtype)
-        weight = self.base.get(name)
+            return self._full[name].to(self.meta(name).dtype)
+        weight = self.base.get(self._stored(name))
         module = self._lora.get(name)
         if module is None:
             return weight
@@ -224,8 +284,9 @@ def lora_task_vector(adapter_dir: Path | str, base: Checkpoint | None = None) ->
     adapter = read_adapter(adapter_dir)
     if base is None:
         return {module + ".weight": lm.delta() for module, lm in adapter.modules.items()}
-    lora, full = _bind(base, adapter)
+    lora, full, source = _bind(base, adapter)
+    names = set(base.names())
     out = {name: lm.delta() for name, lm in lora.items()}
     for name, tensor in full.items():
-        out[name] = tensor.to(torch.float32) - base.get(name).to(torch.float32)
+        out[name] = tensor.to(torch.float32) - base.get(name if name in names else source).to(torch.float32)
     return out

@@ -46,10 +46,19 @@ def output_config(recipe: Any, ckpts: dict[str, Checkpoint], plan: Any, dtype: s
         sub = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
         sub["vocab_size"] = plan.vocab.size
     if any(OUTPUT_EMBED.search(t.name) for t in plan.tensors):  # the tied-embedding rule's output
-        for sub in (config, config.get("text_config") or {}):
-            if sub.get("tie_word_embeddings") is True:
-                sub["tie_word_embeddings"] = False
+        untie(config)
     return config
+
+
+def untie(config: dict) -> None:
+    """An output with its own lm_head: tie_word_embeddings false wherever it is true, and set false where no level
+    says it (Gemma2's config.json omits it, and its class defaults to true: transformers would tie the lm_head)."""
+    levels = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    for sub in levels:
+        if sub.get("tie_word_embeddings") is True:
+            sub["tie_word_embeddings"] = False
+    if all("tie_word_embeddings" not in sub for sub in levels):
+        config["tie_word_embeddings"] = False
 
 
 def check_plan(recipe: Any, ckpts: dict[str, Checkpoint], plan: Any, dtype: str | None) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from evaluations.landscape.params import Params, as_params, flatten, is_float, unflatten
+from merging.reductions import norm64, row_norms64
 from taxonomy.errors import BasinError
 
 NORMALIZE = ("filter", "layer", None)
@@ -42,9 +43,9 @@ def filter_normalize(direction: Params, params: Params, ignore: str | None = "bi
         if d.dim() <= 1:
             out[k] = torch.zeros_like(d) if ignore == "biasbn" else w.detach().clone()
             continue
-        dn = d.reshape(d.shape[0], -1).norm(dim=1)
-        wn = w.reshape(w.shape[0], -1).norm(dim=1)
-        scale = wn / torch.clamp(dn, min=1e-30)
+        dn = row_norms64(d.reshape(d.shape[0], -1))  # filter norms accumulated in float64
+        wn = row_norms64(w.reshape(w.shape[0], -1))
+        scale = (wn / torch.clamp(dn, min=1e-30)).to(d.dtype)
         out[k] = d * scale.reshape(-1, *([1] * (d.dim() - 1)))
     return out
 
@@ -65,7 +66,7 @@ def random_directions(params: object, n: int = 1, normalize: str | None = "filte
         if normalize == "filter":
             d = filter_normalize(d, full, ignore)
         elif normalize == "layer":
-            d = {k: (v * (full[k].norm() / torch.clamp(v.norm(), min=1e-30)) if v.dim() > 1 or ignore is None
+            d = {k: (v * (norm64(full[k]) / max(norm64(v), 1e-30)) if v.dim() > 1 or ignore is None
                      else torch.zeros_like(v)) for k, v in d.items()}
         elif ignore == "biasbn":
             d = {k: v if v.dim() > 1 else torch.zeros_like(v) for k, v in d.items()}

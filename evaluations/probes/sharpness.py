@@ -20,6 +20,7 @@ from torch.func import functional_call, grad
 from evaluations.probes.hvp import HessianOperator
 from evaluations.probes.lanczos import lanczos
 from evaluations.probes.trace import hutchinson_trace
+from merging.reductions import norm64
 
 
 @dataclass
@@ -87,8 +88,8 @@ def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01
     history = []
     for _ in range(steps):
         g = t * grad_at(w + t * u)  # gradient w.r.t. u
-        u = u + (rho / steps) * g / g.norm().clamp_min(1e-30)
-        u = u * min(1.0, rho / float(u.norm().clamp_min(1e-30)))
+        u = u + (rho / steps) * g / max(norm64(g), 1e-30)  # norms of the whole parameter vector: float64 sums
+        u = u * min(1.0, rho / max(norm64(u), 1e-30))
         history.append(op.loss(w + t * u))
     perturbed = history[-1] if history else base
     return Sharpness(perturbed - base, base, perturbed, "adaptive", steps, _plateaued(history, tol), history)

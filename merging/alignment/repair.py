@@ -19,6 +19,7 @@ from torch import nn
 
 from merging.alignment.activation_matching import SITE_TYPES, batches, run_model
 from merging.modes import eval_mode, training_mode
+from merging.reductions import column_mean_std64
 from taxonomy.errors import BasinError
 
 
@@ -63,7 +64,8 @@ def unit_stats(model: nn.Module, names: list[str], data: Any) -> dict[str, tuple
     out = {}
     for name, parts in acc.items():
         x = torch.cat(parts)
-        out[name] = (x.mean(0), x.std(0, unbiased=False))
+        mean, std = column_mean_std64(x)  # accumulated in float64 over blocks of samples
+        out[name] = (mean.to(x.dtype), std.to(x.dtype))
     return out
 
 

@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from merging.alignment.apply import identity_permutation, permute_tensor
 from merging.alignment.spec import PermutationSpec
+from merging.reductions import dot64
 from taxonomy.errors import BasinError
 
 
@@ -90,8 +91,8 @@ def group_cost(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.
             part = _member_cost(state_a[name].detach(), wb, axis, n)
             if cache is not None:
                 cache[(name, axis)] = (key, part)
-        cost = part.clone() if cost is None else cost.add_(part)
-    return cost.double()
+        cost = part.double() if cost is None else cost.add_(part)  # float64 accumulation across members
+    return cost
 
 
 def weight_matching(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], spec: PermutationSpec,
@@ -157,5 +158,5 @@ def alignment_objective(state_a: Mapping[str, torch.Tensor], state_b: Mapping[st
     for name, axes in spec.axes.items():
         if name in state_a and any(axes):
             wb = permute_tensor(state_b[name].detach(), axes, perms)
-            total += float(torch.vdot(state_a[name].detach().reshape(-1), wb.reshape(-1).to(state_a[name].dtype)))
+            total += dot64(state_a[name], wb)
     return total

@@ -24,6 +24,7 @@ import torch
 from merging.methods import kernels, spherical  # noqa: F401  (spherical registers slerp, nuslerp, multislerp, karcher)
 from merging.methods.chunking import ChunkedInputs
 from merging.methods.registry import merge_method
+from merging.reductions import row_blocks, row_sums64
 from taxonomy.errors import BasinError
 
 KL_EPS = 1e-8
@@ -114,14 +115,24 @@ def nearswap(
 nearswap.elementwise = True  # type: ignore[attr-defined]
 
 
+def row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(other) + eps || softmax(base) + eps) per last-dim row, in float64 over blocks of rows (shape
+    other.shape[:-1] + (1,))."""
+    o2, b2 = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
+    kl = torch.empty(o2.shape[0], dtype=torch.float64, device=other.device)
+    for start, stop in row_blocks(*o2.shape):
+        p = torch.softmax(o2[start:stop].to(torch.float64), dim=-1).add_(KL_EPS)
+        q = torch.softmax(b2[start:stop].to(torch.float64), dim=-1).add_(KL_EPS)
+        kl[start:stop] = row_sums64(p * torch.log(p / q))
+    return kl.reshape(*other.shape[:-1], 1)
+
+
 def fusion_importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Arcee Fusion's importance |other - base| * KL(softmax(other) || softmax(base)), KL per last-dim row."""
+    """Arcee Fusion's importance |other - base| * KL(softmax(other) || softmax(base)), KL per last-dim row
+    (accumulated in float64, rounded once to the inputs' dtype)."""
     if other.dim() == 0:
         other, base = other.reshape(1), base.reshape(1)
-    p = torch.softmax(other, dim=-1) + KL_EPS
-    q = torch.softmax(base, dim=-1) + KL_EPS
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return (other - base).abs() * kl
+    return (other - base).abs_().mul_(row_kl(other, base).to(other.dtype))
 
 
 def order_statistics(values: torch.Tensor, ranks: list[int], use_numpy: bool | None = None) -> list[float]:

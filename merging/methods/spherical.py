@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from merging.methods.registry import merge_method
+from merging.reductions import axis_dots64, dot64, norm64
 from taxonomy.errors import BasinError
 
 DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos| above this is treated as colinear
@@ -36,7 +37,7 @@ NORM_EPS = 1e-8
 
 def _unit_scale(x: torch.Tensor, eps: float = NORM_EPS) -> float:
     """|x| when it exceeds eps, else 1 (mergekit's slerp leaves near-zero vectors unnormalized)."""
-    n = float(torch.linalg.vector_norm(x))
+    n = norm64(x)
     return n if n > eps else 1.0
 
 
@@ -46,7 +47,7 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: flo
         return a.clone()
     if t == 1:
         return b.clone()
-    cos = float(torch.dot(a.reshape(-1), b.reshape(-1))) / (_unit_scale(a) * _unit_scale(b))
+    cos = dot64(a, b) / (_unit_scale(a) * _unit_scale(b))
     if abs(cos) > dot_threshold:
         return torch.lerp(a, b, t)  # exact where a == b
     omega = math.acos(max(-1.0, min(1.0, cos)))
@@ -77,27 +78,22 @@ def nuslerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = -1, f
     shape = a.shape
     if flatten or a.dim() == 0:  # one vector: scalar coefficients
         a, b = a.reshape(-1), b.reshape(-1)
-        norms = max(float(torch.linalg.vector_norm(a)), 1e-7) * max(float(torch.linalg.vector_norm(b)), 1e-7)
-        omega = math.acos(max(-1.0, min(1.0, float(torch.dot(a, b)) / norms)))
+        norms = max(norm64(a), 1e-7) * max(norm64(b), 1e-7)
+        omega = math.acos(max(-1.0, min(1.0, dot64(a, b) / norms)))
         sin_omega = math.sin(omega)
         if abs(sin_omega) < eps:
             return (a * (1 - t) + b * t).reshape(shape)
         return (a * (math.sin((1 - t) * omega) / sin_omega) + b * (math.sin(t * omega) / sin_omega)).reshape(shape)
-    if dim != -1:
-        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
-    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
-    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = ((a * b).sum(dim=-1, keepdim=True) / (na * nb)).clamp(-1, 1)
+    na = axis_dots64(a, a, dim).sqrt_().clamp_(min=1e-7)  # float64 accumulation, no transposed copies
+    nb = axis_dots64(b, b, dim).sqrt_().clamp_(min=1e-7)
+    cos = (axis_dots64(a, b, dim) / (na * nb)).clamp_(-1, 1)
     omega = torch.acos(cos)
     sin_omega = torch.sin(omega)
     colinear = sin_omega.abs() < eps
     safe = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
     ca = torch.where(colinear, torch.full_like(omega, 1 - t), torch.sin((1 - t) * omega) / safe)
     cb = torch.where(colinear, torch.full_like(omega, t), torch.sin(t * omega) / safe)
-    out = a * ca + b * cb
-    if dim != -1:
-        out = out.transpose(dim, -1)
-    return out.reshape(shape)
+    return a * ca.to(a.dtype) + b * cb.to(b.dtype)  # coefficients in float64, rounded once to the inputs' dtype
 
 
 def drop_listed_base(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None,
@@ -145,11 +141,11 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: d
             raise BasinError("multislerp: the weights sum to zero, cannot normalize_weights")
         weights = [w / total for w in weights]
     vectors = tensors if base is None else [x - base for x in tensors]
-    norms = [float(torch.linalg.vector_norm(x)) for x in vectors]
+    norms = [norm64(x) for x in vectors]
     mean = torch.zeros_like(vectors[0])
     for w, x, n in zip(weights, vectors, norms):
         mean += x * (w / (n + eps))  # product then sum (no fused multiply-add): antipodal pairs cancel exactly
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean_norm = norm64(mean)
     if mean_norm < eps:
         if len(vectors) != 2:
             raise BasinError("multislerp: the weighted mean of the unit directions is zero (antipodal inputs "
@@ -175,7 +171,7 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
         raise BasinError("karcher: the weights sum to zero")
     alphas = [w / total for w in weights]
     max_iter, tol = int(params["max_iter"]), float(params["tol"])
-    norms = [float(torch.linalg.vector_norm(x)) for x in tensors]
+    norms = [norm64(x) for x in tensors]
     valid = [i for i, n in enumerate(norms) if n > tol]
     scale = sum(a * n for a, n in zip(alphas, norms))
     if not valid or sum(alphas[i] for i in valid) == 0:
@@ -186,22 +182,22 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
     mean = torch.zeros_like(units[0])
     for c, u in zip(coef, units):
         mean.add_(u, alpha=c)
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean_norm = norm64(mean)
     mean = units[0].clone() if mean_norm < tol else mean / mean_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for c, u in zip(coef, units):
-            cos = max(-1.0, min(1.0, float(torch.dot(mean, u))))
+            cos = max(-1.0, min(1.0, dot64(mean, u)))
             theta = math.acos(cos)
             if theta < tol:
                 continue
             k = c * theta / math.sin(theta)
             tangent.add_(u, alpha=k).add_(mean, alpha=-k * cos)
-        step = float(torch.linalg.vector_norm(tangent))
+        step = norm64(tangent)
         if step < tol:
             break
         mean = mean * math.cos(step) + tangent * (math.sin(step) / step)
-        n = float(torch.linalg.vector_norm(mean))
+        n = norm64(mean)
         if n > tol:
             mean = mean / n
     return (mean * scale).reshape(tensors[0].shape)

@@ -49,6 +49,7 @@ from merging.methods.sparsify import (
     topk_mask,
     unpack_mask,
 )
+from merging.reductions import row_dots64, row_norms64, sum_squares64
 from taxonomy.errors import BasinError
 
 Params = dict[str, Any]
@@ -312,17 +313,18 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: 
 
     b = rows(base)
     offsets = [rows(t) - b for t in tensors]
+    lengths = [row_norms64(o) for o in offsets]  # float64 accumulation (norms and dots over whole rows)
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            norms = (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
-            cosines.append(((offsets[i] * offsets[j]).sum(-1) / norms).clamp(-1, 1))
+            norms = (lengths[i] * lengths[j]).clamp_(min=1e-6)
+            cosines.append((row_dots64(offsets[i], offsets[j]) / norms).clamp_(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos
     if bool((denominator.abs() < 1e-6).any()):
         raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
                          "the interpolation ratio is undefined")
-    t = n * cos / denominator
+    t = (n * cos / denominator).to(b.dtype)
     average = torch.stack([rows(x) for x in tensors]).mean(0)
     return (t * average + (1 - t) * b).reshape(shape)
 
@@ -342,9 +344,9 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, 
         variance = tvs.var(dim=0, unbiased=False)
         k = int(int(torch.count_nonzero(variance)) * fraction)
         tvs = tvs * topk_mask(variance.abs(), k)
-    energy = tvs.pow(2).reshape(len(tensors), -1).mean(1)
+    energy = torch.tensor([sum_squares64(tv) / max(1, tv.numel()) for tv in tvs], dtype=torch.float64)
     total = float(energy.sum())
-    weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))
+    weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))).to(tvs.dtype)
     positive = tvs.sum(0) >= 0
     agree = torch.where(positive, tvs > 0, tvs < 0)
     erased = weights.view(-1, *[1] * base.dim()) * agree
