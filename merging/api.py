@@ -150,61 +150,108 @@ def _config_source(recipe: Recipe) -> str:
     return recipe.models[0].model
 
 
+def _tokenizer_source_folder(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan) -> Path | None:
+    """Where the output's tokenizer files come from: the tokenizer rule's, the tokenizer source's, the config
+    source's."""
+    if plan.vocab is not None:
+        return plan.vocab.tokenizer_folder
+    if recipe.tokenizer_ref in ckpts:
+        return ckpts[recipe.tokenizer_ref].folder
+    if recipe.tokenizer_ref:
+        from merging.hub import resolve
+
+        folder = resolve(recipe.tokenizer_ref, weights=False).path
+        return folder if folder.is_dir() else folder.parent
+    return ckpts[_config_source(recipe)].folder
+
+
+def _patched_config(config: dict[str, Any], plan: MergePlan, dtype: str | None) -> dict[str, Any]:
+    """config.json with the output dtype, layer count, vocab_size and tie_word_embeddings patched."""
+    from merging.arch import OUTPUT_EMBED
+
+    if dtype:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = dtype
+    if plan.num_layers is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = plan.num_layers
+    if plan.vocab is not None:
+        sub = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+        sub["vocab_size"] = plan.vocab.size
+    if any(OUTPUT_EMBED.search(t.name) for t in plan.tensors):  # the tied-embedding rule's output
+        for sub in (config, config.get("text_config") or {}):
+            if sub.get("tie_word_embeddings") is True:
+                sub["tie_word_embeddings"] = False
+    return config
+
+
 def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
                      dtype: str | None) -> None:
     """config.json (output dtype, layer count, vocab_size and tie_word_embeddings patched) and
     generation_config.json from the config source; the output tokenizer (built by the tokenizer rule,
-    else copied from the tokenizer source or the config source). In-memory inputs have none."""
-    from merging.arch import OUTPUT_EMBED
-
-    cfg_ref = _config_source(recipe)
-    cfg_folder = tok_folder = ckpts[cfg_ref].folder
-    if plan.vocab is not None:
-        tok_folder = plan.vocab.tokenizer_folder
-    elif recipe.tokenizer_ref in ckpts:
-        tok_folder = ckpts[recipe.tokenizer_ref].folder
-    elif recipe.tokenizer_ref:
-        from merging.hub import resolve
-
-        tok_folder = resolve(recipe.tokenizer_ref, weights=False).path
-        tok_folder = tok_folder if tok_folder.is_dir() else tok_folder.parent
-    if cfg_folder is not None:
-        for name in CONFIG_FILES:
-            src = cfg_folder / name
-            if not src.is_file():
-                continue
-            if name == "config.json":
-                config = json.loads(src.read_text())
-                if dtype:
-                    for key in ("torch_dtype", "dtype"):
-                        if key in config or key == "torch_dtype":
-                            config[key] = dtype
-                if plan.num_layers is not None:
-                    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                        if key in config:
-                            config[key] = plan.num_layers
-                if plan.vocab is not None:
-                    sub = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
-                    sub["vocab_size"] = plan.vocab.size
-                if any(OUTPUT_EMBED.search(t.name) for t in plan.tensors):  # the tied-embedding rule's output
-                    for sub in (config, config.get("text_config") or {}):
-                        if sub.get("tie_word_embeddings") is True:
-                            sub["tie_word_embeddings"] = False
-                writer.write_text(name, json.dumps(config, indent=2) + "\n")
-            else:
-                writer.copy_file(src)
+    else copied from the tokenizer source or the config source), with the recipe's chat template.
+    In-memory inputs have none."""
+    cfg_folder = ckpts[_config_source(recipe)].folder
+    tok_folder = _tokenizer_source_folder(recipe, ckpts, plan)
+    for name in CONFIG_FILES if cfg_folder is not None else ():
+        src = cfg_folder / name
+        if not src.is_file():
+            continue
+        if name == "config.json":
+            config = _patched_config(json.loads(src.read_text()), plan, dtype)
+            writer.write_text(name, json.dumps(config, indent=2) + "\n")
+        else:
+            writer.copy_file(src)
+    template = _chat_template(recipe, ckpts)
     if plan.vocab is not None and plan.vocab.tokenizer is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="basin-tokenizer-") as tmp:
             plan.vocab.tokenizer.save_pretrained(tmp)
-            for path in sorted(Path(tmp).iterdir()):
-                if path.is_file():
-                    writer.copy_file(path)
+            _write_tokenizer(writer, [p for p in sorted(Path(tmp).iterdir()) if p.is_file()], template)
     elif tok_folder is not None:
-        for name in TOKENIZER_FILES:
-            if (tok_folder / name).is_file():
-                writer.copy_file(tok_folder / name)
+        _write_tokenizer(writer, [tok_folder / n for n in TOKENIZER_FILES if (tok_folder / n).is_file()], template)
+    elif template is not None:
+        _no_tokenizer_warning()
+
+
+def _chat_template(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> str | None:
+    """The recipe's chat_template resolved ('auto': the merged models' most common one), or None."""
+    from merging.chat_templates import resolve_chat_template
+
+    return resolve_chat_template(recipe.chat_template, [ckpts[r].folder for r in recipe.model_refs()])
+
+
+def _no_tokenizer_warning() -> None:
+    import warnings
+
+    from taxonomy.errors import BasinWarning
+
+    warnings.warn("chat_template: the output has no tokenizer files, so the chat template is not written",
+                  BasinWarning, stacklevel=3)
+
+
+def _write_tokenizer(writer: ShardWriter, files: list[Path], template: str | None) -> None:
+    """Copy the tokenizer files; with a chat template, set it in tokenizer_config.json (mergekit's place for it)
+    and drop chat_template.jinja / .json, which transformers would read first."""
+    from merging.chat_templates import DROPPED_FILES, with_chat_template
+
+    if template is None:
+        for path in files:
+            writer.copy_file(path)
+        return
+    config = None
+    for path in files:
+        if path.name == "tokenizer_config.json":
+            config = path.read_text(encoding="utf-8")
+        elif path.name not in DROPPED_FILES:
+            writer.copy_file(path)
+    if config is None and not files:
+        _no_tokenizer_warning()
+        return
+    writer.write_text("tokenizer_config.json", with_chat_template(config, template))
 
 
 def merge(
@@ -220,6 +267,7 @@ def merge(
     progress: bool = True,
     resume: bool = True,
     allow_mixed_architectures: bool = False,
+    compute_dtype: str | None = None,
 ) -> MergeReport:
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
@@ -227,9 +275,13 @@ def merge(
     it stopped when rerun with the same recipe, inputs and options: finished tensors whose
     bytes still hash as journalled are kept. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
+    `compute_dtype` (or the recipe key): float16/bfloat16 reproduce mergekit's low-precision arithmetic.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe_or_path)
+    if compute_dtype is not None:
+        recipe.compute_dtype = compute_dtype
+        recipe.validate("--compute-dtype")
     if dtype is not None:
         if dtype not in DTYPES:
             raise BasinError(f"--dtype must be one of float32, float16, bfloat16; got {dtype!r}")
@@ -270,7 +322,7 @@ def merge(
             print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
         stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
                          skip=writer.done)
-        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, recipe.name or out.name)
+        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
     return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
                        stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
                        resumed_tensors=len(writer.done), plan=plan)
@@ -286,6 +338,12 @@ def _finish(writer: ShardWriter, recipe: Recipe, ckpts: dict[str, Checkpoint], p
     writer.write_text("README.md", model_card(recipe, inputs, digest, versions(), title))
     writer.close()
     return digest
+
+
+def card_title(recipe: Recipe) -> str:
+    """The model card's title: the recipe's `name`, else the method (never the output path: reruns into
+    another folder write the same card)."""
+    return recipe.name or f"{recipe.merge_method} merge"
 
 
 def point_folder(index: int, values: dict[str, Any]) -> str:
@@ -327,7 +385,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
         stats = run_plans(plans, [ckpts[r] for r in plans[0].inputs], [w.add for w in writers], device=device,
                           progress=progress)
         for entry, writer, plan, (_, recipe) in zip(sweep, writers, plans, points):
-            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, entry["folder"])
+            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
         (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

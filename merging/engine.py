@@ -186,7 +186,8 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
                 base = None if base is None else base.to(dev)
             for plan, method, sink in zip(plans, methods, sinks):
                 tp = plan.tensors[k]
-                out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)
+                out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype,
+                                   compute_dtype=plan.compute_dtype)
                 if out.device.type != "cpu":
                     out = out.cpu()
                 if tuple(out.shape) != tp.shape:

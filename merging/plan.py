@@ -76,6 +76,7 @@ class MergePlan:
     seed: int
     num_layers: int | None = None  # output layer count (for config.json), None if unchanged
     vocab: VocabMap | None = None  # output vocabulary and row maps (tokenizer rule), None if none applies
+    compute_dtype: str | None = None  # float16/bfloat16: mergekit's low-precision arithmetic (merging.methods.lowprec)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +85,8 @@ class MergePlan:
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
                 "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
-                    {"vocab": self.vocab.to_json()} if self.vocab is not None else {})
+                    {"vocab": self.vocab.to_json()} if self.vocab is not None else {}) | (
+                    {"compute_dtype": self.compute_dtype} if self.compute_dtype else {})
 
     def table(self) -> str:
         """A readable per-tensor listing: name, shape, t, inputs, effective parameters."""
@@ -333,7 +335,8 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                 _check_rule_models(tp, vocab)
     layers_in = num_layers(ref_ckpt)
     return MergePlan(method.info.name, inputs, tensors, recipe.seed,
-                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab)
+                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab,
+                     compute_dtype=recipe.low_compute_dtype)
 
 
 def _check_rule_models(tp: TensorPlan, vocab: VocabMap) -> None:

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     from taxonomy.errors import BasinError
 
+    _one_line_warnings(name)
     try:
         return int(module.run(args) or 0)
     except BasinError as err:
@@ -67,6 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"basin {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warnings(command: str) -> None:
+    """Print basin's warnings (ignored mergekit fields and the like) as one line each on stderr."""
+    import warnings
+
+    from taxonomy.errors import BasinWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, BasinWarning):
+            print(f"basin {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Merging in the recipe's low-precision dtype, as mergekit does (`compute_dtype: float16 | bfloat16`).
+
+By default basin converts every input to float32, merges in float32 and rounds once, to the output
+dtype. mergekit instead loads the inputs in the recipe's `dtype` and runs its methods on them: its
+generalized task arithmetic (task_arithmetic, ties) computes in that dtype, rounding after every
+operation, while its linear and slerp upcast to float32 internally. `compute_dtype` reproduces that, so
+a mergekit fp16/bf16 merge can be reproduced bit for bit (verified side by side with mergekit 0.1.5 and
+recorded in tests/merging/data/, see benchmarks/mergekit_lowprec_fixture.py):
+
+- linear: inputs rounded to `compute_dtype`; float32 accumulator, one multiply-add per model (torch's
+  addcmul_), divided by the float32 sum of the weights, rounded to the inputs' dtype.
+- task_arithmetic / ties: in `compute_dtype`: tau_i = x_i - base; TIES keeps each tau_i's
+  max(1, int(density n)) largest magnitudes; tau_i *= w_i (the weights rounded to the dtype); sign election
+  from sum_i w_i tau_i (zero elects +), agreeing entries summed and divided by the sum of the agreeing
+  weights (1 where none agree); the plain sum is divided by sum_i w_i unless |sum| < 1e-8; times lambda
+  when lambda != 1; plus the base. The one documented difference: entries tied in magnitude at the
+  trim threshold keep the lowest flat indices (mergekit keeps whichever its argsort puts first).
+- slerp: inputs rounded to `compute_dtype`, then basin's float32 slerp (mergekit's also runs in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from taxonomy.errors import BasinError
+
+Params = dict[str, Any]
+LowFn = Callable[[list[torch.Tensor], "torch.Tensor | None", Params, torch.dtype], torch.Tensor]
+
+
+def linear_lowprec(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """sum_i w_i x_i (/ sum_i w_i), float32 multiply-adds over inputs rounded to `dtype`."""
+    weights = torch.tensor([float(w) for w in params["weight"]], dtype=torch.float32)
+    out = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    for x, w in zip(tensors, weights):
+        out.addcmul_(x, w)
+    if params["normalize"]:
+        out.div_(weights.sum())
+    return out.to(dtype)
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim in the tensor's dtype: keep max(1, int(density n)) largest magnitudes (lowest index on ties)."""
+    from merging.methods.sparsify import topk_mask
+
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    return delta * topk_mask(delta.abs().float(), k).to(delta.dtype)
+
+
+def _combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+    """mergekit's combine of weighted task vectors (stacked on dim 0) in their dtype."""
+    if consensus:
+        sign = deltas.sign()
+        elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = sign == elected
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    return mixed / divisor if normalize else mixed
+
+
+def task_vectors_lowprec(consensus: bool) -> LowFn:
+    """task_arithmetic (consensus=False) or ties (True), every operation in the inputs' dtype."""
+
+    def merge(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+              dtype: torch.dtype) -> torch.Tensor:
+        if base is None:
+            raise BasinError("compute_dtype: this method needs a base model")
+        if params.get("rescale") not in (False, None):
+            raise BasinError("compute_dtype float16/bfloat16: rescale is not implemented in low precision")
+        deltas = base.new_empty((len(tensors), *base.shape))
+        for i, x in enumerate(tensors):
+            delta = x - base
+            deltas[i] = _trim(delta, float(params["density"][i])) if consensus else delta
+        weights = torch.tensor([float(w) for w in params["weight"]], dtype=dtype)
+        weights = weights.view(-1, *[1] * base.dim())
+        deltas.mul_(weights)
+        mixed = _combine(deltas, weights, consensus, bool(params["normalize"]))
+        if params["lambda"] != 1:
+            mixed *= params["lambda"]
+        return base + mixed
+
+    return merge
+
+
+def slerp_lowprec(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """basin's float32 slerp of the inputs rounded to `dtype` (mergekit's slerp upcasts to float32)."""
+    from merging.methods import get_method
+
+    fn = get_method("slerp").fn
+    f32 = [t.float() for t in tensors]
+    return fn(f32, None if base is None else base.float(), params, torch.Generator()).to(dtype)
+
+
+LOW_PRECISION: dict[str, LowFn] = {
+    "linear": linear_lowprec,
+    "task_arithmetic": task_vectors_lowprec(consensus=False),
+    "ties": task_vectors_lowprec(consensus=True),
+    "slerp": slerp_lowprec,
+}
+
+
+def check_supported(method: str, where: str = "recipe") -> None:
+    """BasinError unless `method` has a low-precision (mergekit-order) form."""
+    if method not in LOW_PRECISION:
+        raise BasinError(f"{where}: compute_dtype float16/bfloat16 (mergekit's low-precision arithmetic) is "
+                         f"implemented for {sorted(LOW_PRECISION)}, not {method!r}; use compute_dtype: float32")
+
+
+def merge_lowprec(method: str, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Round the inputs to `dtype` and merge them with `method`'s mergekit-order form; result in `dtype`."""
+    check_supported(method)
+    low = [t.to(dtype) for t in tensors]
+    return LOW_PRECISION[method](low, None if base is None else base.to(dtype), params, dtype)
