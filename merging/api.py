@@ -109,6 +109,14 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False,
     return {ref: open_checkpoint(ref, allow_pickle=allow_pickle, label=ref) for ref in refs}
 
 
+def _build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None, *,
+                allow_mixed_architectures: bool = False) -> MergePlan:
+    """`merging.plan.build_plan`, with the recipe's low-precision compute dtype (None: float32) recorded."""
+    plan = build_plan(recipe, ckpts, out_dtype, allow_mixed_architectures=allow_mixed_architectures)
+    plan.compute_dtype = recipe.low_compute_dtype
+    return plan
+
+
 def _align(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
     options = dict(recipe.align or {})
     method = options.get("method")
@@ -300,14 +308,14 @@ def merge(
     points = recipe.grid_points()
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
-                        validate=lambda headers: [build_plan(r, headers, out_dtype, **mixed) for _, r in points])
+                        validate=lambda headers: [_build_plan(r, headers, out_dtype, **mixed) for _, r in points])
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
                       progress=progress, start=start, mixed=allow_mixed_architectures)
-    plan = build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
+    plan = _build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
     if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
         ckpts = _align(recipe, ckpts)
-        plan = build_plan(recipe, ckpts, out_dtype, **mixed)
+        plan = _build_plan(recipe, ckpts, out_dtype, **mixed)
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plan.inputs]
     if dry_run:
         return MergeReport(None, plan.method, len(plan.tensors), 0, time.perf_counter() - start, 0.0,
@@ -362,7 +370,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
 
     from merging.engine import run_plans
 
-    plans = [build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
+    plans = [_build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
     if any(r.align for _, r in points):
         raise BasinError("a sweep cannot be combined with align: yet; align first, then sweep the aligned models")
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plans[0].inputs]

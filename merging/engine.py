@@ -81,13 +81,14 @@ def run_plans(
     """Several plans over the same inputs and tensors (a sweep): each tensor is read once, merged per plan."""
     from merging.methods import get_method
     from merging.methods.chunking import set_chunk_workers
+    from merging.methods.lowprec import low_precision_method
     from merging.tensor_merge import is_elementwise
 
     lead = plans[0]
     for p in plans[1:]:
         if [(t.name, t.sources, t.base) for t in p.tensors] != [(t.name, t.sources, t.base) for t in lead.tensors]:
             raise BasinError("run_plans: the plans of a sweep must read the same tensors")
-    methods = [get_method(p.method) for p in plans]
+    methods = [low_precision_method(get_method(p.method), p.compute_dtype) for p in plans]
     dev = resolve_device(device)
     # Elementwise methods run on cache-sized chunks: one intra-op thread is fastest there, and
     # OpenMP's barriers on a busy machine can cost 100x (measured: 1.6 s vs 4.5 ms for 100 adds).
@@ -186,8 +187,7 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
                 base = None if base is None else base.to(dev)
             for plan, method, sink in zip(plans, methods, sinks):
                 tp = plan.tensors[k]
-                out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype,
-                                   compute_dtype=plan.compute_dtype)
+                out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)
                 if out.device.type != "cpu":
                     out = out.cpu()
                 if tuple(out.shape) != tp.shape:

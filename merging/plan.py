@@ -335,8 +335,7 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                 _check_rule_models(tp, vocab)
     layers_in = num_layers(ref_ckpt)
     return MergePlan(method.info.name, inputs, tensors, recipe.seed,
-                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab,
-                     compute_dtype=recipe.low_compute_dtype)
+                     num_layers=out_layer if out_layer != layers_in else None, vocab=vocab)
 
 
 def _check_rule_models(tp: TensorPlan, vocab: VocabMap) -> None:

@@ -55,11 +55,8 @@ def merge_tensor(
     params: dict[str, Any],
     seed: int,
     out_dtype: torch.dtype | None = None,
-    compute_dtype: str | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor: float32 compute, result cast to `out_dtype` (default: the first input's).
-
-    `compute_dtype` float16/bfloat16: mergekit's low-precision arithmetic (`merging.methods.lowprec`)."""
+    """Merge one tensor: float32 compute, result cast to `out_dtype` (default: the first input's)."""
     first = tensors[0] if tensors else base
     if first is None:
         raise BasinError(f"{name}: no inputs to merge")
@@ -73,11 +70,6 @@ def merge_tensor(
         raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
     rng = tensor_rng(seed, name)
     try:
-        if compute_dtype is not None:
-            from merging.methods.lowprec import merge_lowprec
-            from merging.plan import OUT_DTYPES
-
-            return merge_lowprec(method.info.name, list(tensors), base, params, OUT_DTYPES[compute_dtype]).to(dtype)
         large_on_cpu = first.numel() > CHUNK_ELEMENTS and first.device.type == "cpu"
         if is_two_phase(method.fn) or (is_elementwise(method) and large_on_cpu):
             return run_chunked(method.fn, tensors, base, params, rng, dtype)
