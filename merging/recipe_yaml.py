@@ -60,7 +60,8 @@ def expanded_size(root: yaml.Node, where: str, limit: int = MAX_NODES, max_depth
             raise BasinError(f"{where}: the recipe expands to more than {limit} YAML nodes (anchors and aliases "
                              "repeated, or an anchor that contains itself); write it out plainly")
         if depth > max_depth:
-            raise BasinError(f"{where}: the recipe nests lists/mappings more than {max_depth} levels deep")
+            raise BasinError(f"{where}: the recipe nests lists/mappings more than {max_depth} levels deep (or has "
+                             "an anchor that contains itself)")
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, depth + 1) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
@@ -82,8 +83,9 @@ def load_recipe_text(text: str, where: str = "recipe") -> Any:
     """Parse recipe YAML into Python objects, refusing oversized, bomb-like, recursive or multi-document input."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
         raise BasinError(f"{where}: a recipe may be at most {MAX_RECIPE_BYTES} bytes")
-    loader = RecipeLoader(text)
+    loader = None
     try:
+        loader = RecipeLoader(text)  # the reader checks the characters at once
         node = _documents(loader, where)
         if node is None:
             return None
@@ -94,4 +96,5 @@ def load_recipe_text(text: str, where: str = "recipe") -> Any:
     except RecursionError:
         raise BasinError(f"{where}: the recipe nests lists/mappings too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
