@@ -121,6 +121,14 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False,
     return {ref: open_checkpoint(ref, allow_pickle=allow_pickle, label=ref) for ref in refs}
 
 
+def _build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None, *,
+                allow_mixed_architectures: bool = False) -> MergePlan:
+    """`merging.plan.build_plan`, with the recipe's low-precision compute dtype (None: float32) recorded."""
+    plan = build_plan(recipe, ckpts, out_dtype, allow_mixed_architectures=allow_mixed_architectures)
+    plan.compute_dtype = recipe.low_compute_dtype
+    return plan
+
+
 def _align(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
     options = dict(recipe.align or {})
     method = options.get("method")
@@ -195,12 +203,27 @@ def protected(recipe_or_path: Any, recipe: Recipe, ckpts: dict[str, Checkpoint])
     return protected_paths(paths)
 
 
+def _tokenizer_source_folder(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan) -> Path | None:
+    """Where the output's tokenizer files come from: the tokenizer rule's, the tokenizer source's, the config
+    source's."""
+    if plan.vocab is not None:
+        return plan.vocab.tokenizer_folder
+    if recipe.tokenizer_ref in ckpts:
+        return ckpts[recipe.tokenizer_ref].folder
+    if recipe.tokenizer_ref:
+        from merging.hub import resolve
+
+        folder = resolve(recipe.tokenizer_ref, weights=False).path
+        return folder if folder.is_dir() else folder.parent
+    return ckpts[config_source(recipe)].folder
+
+
 def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
                      dtype: str | None) -> None:
     """config.json (`merging.output_check.output_config`: dtype, layer count and per-layer fields, vocab_size,
     tie_word_embeddings patched) and generation_config.json from the config source; the output tokenizer
-    (built by the tokenizer rule, else copied from the tokenizer source or the config source). In-memory
-    inputs have none."""
+    (built by the tokenizer rule, else copied from the tokenizer source or the config source), with the recipe's
+    chat template. In-memory inputs have none."""
     from merging.output_check import output_config
 
     cfg_folder = ckpts[config_source(recipe)].folder
@@ -211,34 +234,55 @@ def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: Shard
         for name in CONFIG_FILES:
             if name != "config.json" and (cfg_folder / name).is_file():
                 writer.copy_file(cfg_folder / name)
-    _copy_tokenizer(recipe, ckpts, writer, plan, cfg_folder)
-
-
-def _copy_tokenizer(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
-                    cfg_folder: Path | None) -> None:
-    """The tokenizer rule's tokenizer, else the tokenizer source's (or the config source's) files."""
-    tok_folder = cfg_folder
-    if plan.vocab is not None:
-        tok_folder = plan.vocab.tokenizer_folder
-    elif recipe.tokenizer_ref in ckpts:
-        tok_folder = ckpts[recipe.tokenizer_ref].folder
-    elif recipe.tokenizer_ref:
-        from merging.hub import resolve
-
-        tok_folder = resolve(recipe.tokenizer_ref, weights=False).path
-        tok_folder = tok_folder if tok_folder.is_dir() else tok_folder.parent
+    tok_folder = _tokenizer_source_folder(recipe, ckpts, plan)
+    template = _chat_template(recipe, ckpts)
     if plan.vocab is not None and plan.vocab.tokenizer is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="basin-tokenizer-") as tmp:
             plan.vocab.tokenizer.save_pretrained(tmp)
-            for path in sorted(Path(tmp).iterdir()):
-                if path.is_file():
-                    writer.copy_file(path)
+            _write_tokenizer(writer, [p for p in sorted(Path(tmp).iterdir()) if p.is_file()], template)
     elif tok_folder is not None:
-        for name in TOKENIZER_FILES:
-            if (tok_folder / name).is_file():
-                writer.copy_file(tok_folder / name)
+        _write_tokenizer(writer, [tok_folder / n for n in TOKENIZER_FILES if (tok_folder / n).is_file()], template)
+    elif template is not None:
+        _no_tokenizer_warning()
+
+
+def _chat_template(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> str | None:
+    """The recipe's chat_template resolved ('auto': the merged models' most common one), or None."""
+    from merging.chat_templates import resolve_chat_template
+
+    return resolve_chat_template(recipe.chat_template, [ckpts[r].folder for r in recipe.model_refs()])
+
+
+def _no_tokenizer_warning() -> None:
+    import warnings
+
+    from taxonomy.errors import BasinWarning
+
+    warnings.warn("chat_template: the output has no tokenizer files, so the chat template is not written",
+                  BasinWarning, stacklevel=3)
+
+
+def _write_tokenizer(writer: ShardWriter, files: list[Path], template: str | None) -> None:
+    """Copy the tokenizer files; with a chat template, set it in tokenizer_config.json (mergekit's place for it)
+    and drop chat_template.jinja / .json, which transformers would read first."""
+    from merging.chat_templates import DROPPED_FILES, with_chat_template
+
+    if template is None:
+        for path in files:
+            writer.copy_file(path)
+        return
+    config = None
+    for path in files:
+        if path.name == "tokenizer_config.json":
+            config = path.read_text(encoding="utf-8")
+        elif path.name not in DROPPED_FILES:
+            writer.copy_file(path)
+    if config is None and not files:
+        _no_tokenizer_warning()
+        return
+    writer.write_text("tokenizer_config.json", with_chat_template(config, template))
 
 
 def _check_output(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan, dtype: str | None,
@@ -264,6 +308,7 @@ def merge(
     progress: bool = True,
     resume: bool = True,
     allow_mixed_architectures: bool = False,
+    compute_dtype: str | None = None,
 ) -> MergeReport:
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
@@ -273,9 +318,13 @@ def merge(
     an input, the recipe or the current folder (`merging.outputs.check_output`), with or without
     `overwrite`. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
+    `compute_dtype` (or the recipe key): float16/bfloat16 reproduce mergekit's low-precision arithmetic.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe_or_path)
+    if compute_dtype is not None:
+        recipe.compute_dtype = compute_dtype
+        recipe.validate("--compute-dtype")
     if dtype is not None:
         if dtype not in DTYPES:
             raise BasinError(f"--dtype must be one of float32, float16, bfloat16; got {dtype!r}")
@@ -294,17 +343,17 @@ def merge(
     points = recipe.grid_points()
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
-                        validate=lambda headers: [build_plan(r, headers, out_dtype, **mixed) for _, r in points])
+                        validate=lambda headers: [_build_plan(r, headers, out_dtype, **mixed) for _, r in points])
     guard = protected(recipe_or_path, recipe, ckpts)
     if out is not None and not dry_run:
         check_output(out, guard)  # before alignment or planning reads any weights
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
                       progress=progress, start=start, mixed=allow_mixed_architectures, protect=guard)
-    plan = build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
+    plan = _build_plan(recipe, ckpts, out_dtype, **mixed)  # every check from headers, before any data is read
     if recipe.align and not dry_run:  # alignment reads weights: not in a dry run
         ckpts = _align(recipe, ckpts)
-        plan = build_plan(recipe, ckpts, out_dtype, **mixed)
+        plan = _build_plan(recipe, ckpts, out_dtype, **mixed)
     _check_output(recipe, ckpts, plan, out_dtype, progress)
     inputs = [InputRecord(ref, ckpts[ref].repo_id, ckpts[ref].revision) for ref in plan.inputs]
     if dry_run:
@@ -320,7 +369,7 @@ def merge(
             print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
         stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
                          skip=writer.done)
-        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, recipe.name or output_path(out).name)
+        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
     return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
                        stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
                        resumed_tensors=len(writer.done), plan=plan)
@@ -341,6 +390,12 @@ def _finish(writer: ShardWriter, recipe: Recipe, ckpts: dict[str, Checkpoint], p
     return digest
 
 
+def card_title(recipe: Recipe) -> str:
+    """The model card's title: the recipe's `name`, else the method (never the output path: reruns into
+    another folder write the same card)."""
+    return recipe.name or f"{recipe.merge_method} merge"
+
+
 def point_folder(index: int, values: dict[str, Any]) -> str:
     """A sweep point's folder name, e.g. p01-weight=0.5 (characters outside [A-Za-z0-9._=-] become _)."""
     import re
@@ -355,7 +410,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
     """One output per grid point under `out`, sharing each tensor's reads across the points."""
     from merging.engine import run_plans
 
-    plans = [build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
+    plans = [_build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
     for (_, r), p in zip(points, plans):
         _check_output(r, ckpts, p, out_dtype, progress)
     if any(r.align for _, r in points):
@@ -381,7 +436,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
         stats = run_plans(plans, [ckpts[r] for r in plans[0].inputs], [w.add for w in writers], device=device,
                           progress=progress)
         for entry, writer, plan, (_, recipe) in zip(sweep, writers, plans, points):
-            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, entry["folder"])
+            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
         _write_sweep_index(out, tmp, sweep, overwrite)
     except BaseException:
         for w in writers:

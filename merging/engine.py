@@ -81,13 +81,14 @@ def run_plans(
     """Several plans over the same inputs and tensors (a sweep): each tensor is read once, merged per plan."""
     from merging.methods import get_method
     from merging.methods.chunking import set_chunk_workers
+    from merging.methods.lowprec import low_precision_method
     from merging.tensor_merge import is_elementwise
 
     lead = plans[0]
     for p in plans[1:]:
         if [(t.name, t.sources, t.base) for t in p.tensors] != [(t.name, t.sources, t.base) for t in lead.tensors]:
             raise BasinError("run_plans: the plans of a sweep must read the same tensors")
-    methods = [get_method(p.method) for p in plans]
+    methods = [low_precision_method(get_method(p.method), p.compute_dtype) for p in plans]
     dev = resolve_device(device)
     # Elementwise methods run on cache-sized chunks: one intra-op thread is fastest there, and
     # OpenMP's barriers on a busy machine can cost 100x (measured: 1.6 s vs 4.5 ms for 100 adds).

@@ -22,19 +22,27 @@ class InputRecord:
         return {"ref": self.ref, "repo_id": self.repo_id, "revision": self.revision}
 
 
-def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, versions: dict[str, str],
-               title: str) -> str:
-    hub = sorted({i.repo_id for i in inputs if i.repo_id})
-    front = ["---", "library_name: transformers", "tags:", "- merge", "- basin"]
+def front_matter(recipe: Recipe, inputs: list[InputRecord]) -> list[str]:
+    """The Hub's YAML header for a merge: base_model (the Hub inputs), library_name, tags [merge, basin]."""
+    hub = list(dict.fromkeys(i.repo_id for i in inputs if i.repo_id))
+    front = ["---"]
     if hub:
         front += ["base_model:"] + [f"- {r}" for r in hub]
-    front.append("---")
+    front += ["library_name: transformers", "tags:", "- merge", "- basin", "---"]
+    return front
+
+
+def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, versions: dict[str, str],
+               title: str) -> str:
+    """The card's text: a function of its arguments only (no time, host or output path), so reruns of one
+    merge write byte-identical cards."""
     rows = [f"| `{i.ref}` | {i.repo_id or 'local'} | {i.revision or '-'} |" for i in inputs]
     version_line = ", ".join(f"{k} {v}" for k, v in versions.items())
     body = [
         f"# {title}",
         "",
-        f"Merged with [basin](https://github.com/) {versions.get('basin', '')} using `{recipe.merge_method}`.",
+        f"This model is a merge made with basin {versions.get('basin', '')}, using the "
+        f"`{recipe.merge_method}` merge method.",
         "",
         "## Inputs",
         "",
@@ -54,4 +62,4 @@ def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, ver
         f"- versions: {version_line}",
         "",
     ]
-    return "\n".join(front + [""] + body)
+    return "\n".join(front_matter(recipe, inputs) + [""] + body)

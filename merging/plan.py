@@ -87,6 +87,7 @@ class MergePlan:
     num_layers: int | None = None  # output layer count (for config.json), None if unchanged
     layer_origins: list[tuple[str, int]] | None = None  # per output layer: (model, source layer), for config.json
     vocab: VocabMap | None = None  # output vocabulary and row maps (tokenizer rule), None if none applies
+    compute_dtype: str | None = None  # float16/bfloat16: mergekit's low-precision arithmetic (merging.methods.lowprec)
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +96,8 @@ class MergePlan:
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
                 "layer_origins": self.layer_origins, "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
-                    {"vocab": self.vocab.to_json()} if self.vocab is not None else {})
+                    {"vocab": self.vocab.to_json()} if self.vocab is not None else {}) | (
+                    {"compute_dtype": self.compute_dtype} if self.compute_dtype else {})
 
     def table(self) -> str:
         """A readable per-tensor listing: name, shape, t, inputs, effective parameters."""

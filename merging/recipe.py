@@ -10,21 +10,28 @@ every name, so it goes last as the default).
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from taxonomy.errors import BasinError
+from merging.recipe_yaml import load_recipe_text, read_recipe_file
+from taxonomy.errors import BasinError, BasinWarning, unknown
 
 TOP_LEVEL = {
     "models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "tokenizer", "seed", "align", "name", "allow_mixed_architectures",
+    "tokenizer", "seed", "align", "name", "allow_mixed_architectures", "chat_template", "compute_dtype",
 }
 UNSUPPORTED = {
     "modules": "multi-module merges are not supported",
-    "chat_template": "chat_template is not supported; the output tokenizer keeps its source's chat template",
+}
+OTHER_TOOLS = {  # fields that mark a configuration for another mergekit command
+    "gate_mode": "a mergekit-moe (mixture of experts) configuration; basin does not build MoE models: use mergekit-moe",
+    "experts": "a mergekit-moe (mixture of experts) configuration; basin does not build MoE models: use mergekit-moe",
+    "genome": "a mergekit-evolve configuration; basin does not run evolutionary merges: use mergekit-evolve",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -48,6 +55,7 @@ class OutputSlice:
     sources: list[SliceSource]
     parameters: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
+    residual_weight: float | None = None  # mergekit's schema has it; neither mergekit nor basin uses it
 
 
 @dataclass
@@ -67,44 +75,30 @@ class Recipe:
     align: dict[str, Any] | None = None
     name: str | None = None
     allow_mixed_architectures: bool = False  # basin: merge inputs whose config.json architectures differ
+    chat_template: str | None = None  # 'auto', a named template (merging.chat_templates) or a Jinja template
+    compute_dtype: str | None = None  # None/float32: float32 arithmetic; float16/bfloat16: mergekit's (lowprec)
 
     # --- construction -------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, source: str | Path) -> Recipe:
-        """From a YAML file path or YAML text."""
-        import yaml
-
+        """From a YAML file path or YAML text (bounded: see `merging.recipe_yaml`)."""
         where = "recipe"
         text = str(source)
         if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml", ".json"))):
-            path = Path(source)
-            if not path.is_file():
-                raise BasinError(f"{path}: no such recipe file")
-            where, text = str(path), path.read_text()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise BasinError(f"{where}: not valid YAML ({err})") from None
-        return cls.from_dict(data, where)
+            where, text = str(source), read_recipe_file(Path(source))
+        return cls.from_dict(load_recipe_text(text, where), where)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
-        if not isinstance(data, dict):
-            raise BasinError(f"{where}: expected a mapping at the top level")
-        for key in data:
-            if key in UNSUPPORTED:
-                raise BasinError(f"{where}: field {key!r}: {UNSUPPORTED[key]}")
-            if key not in TOP_LEVEL:
-                raise BasinError(f"{where}: unknown field {key!r} (known: {', '.join(sorted(TOP_LEVEL))})")
-        if "merge_method" not in data:
-            raise BasinError(f"{where}: missing field 'merge_method'")
-        models = [_model_spec(m, f"{where}: models[{i}]") for i, m in enumerate(data.get("models") or [])]
+        _check_top_level(data, where)
+        models = [_model_spec(m, f"{where}: models[{i}]") for i, m in enumerate(_list(data, "models", where))]
         slices = None
         if data.get("slices") is not None:
-            slices = [_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(data["slices"])]
+            slices = [_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(_list(data, "slices", where))]
         align = data.get("align")
         if isinstance(align, str):
             align = {"method": align}
+        source = data.get("tokenizer_source")
         recipe = cls(
             merge_method=str(data["merge_method"]),
             models=models,
@@ -113,12 +107,14 @@ class Recipe:
             parameters=_params(data.get("parameters"), f"{where}: parameters"),
             dtype=data.get("dtype"),
             out_dtype=data.get("out_dtype"),
-            tokenizer_source=data.get("tokenizer_source"),
+            tokenizer_source=_ref(source, f"{where}: tokenizer_source") if isinstance(source, dict) else source,
             tokenizer=data.get("tokenizer"),
             seed=data.get("seed", 0),
             align=align,
             name=data.get("name"),
             allow_mixed_architectures=data.get("allow_mixed_architectures", False),
+            chat_template=data.get("chat_template"),
+            compute_dtype=data.get("compute_dtype"),
         )
         recipe.validate(where)
         return recipe
@@ -129,6 +125,9 @@ class Recipe:
             d.pop("slices")
         else:
             d.pop("models")
+            for sl in d["slices"]:
+                if sl["residual_weight"] is None:
+                    sl.pop("residual_weight")
         if not self.allow_mixed_architectures:
             d.pop("allow_mixed_architectures")
         return {k: v for k, v in d.items() if v not in (None, {}, [])}
@@ -143,27 +142,46 @@ class Recipe:
 
     # --- checks without I/O ---------------------------------------------------------------
     def validate(self, where: str = "recipe") -> None:
-        """Check method, parameter names and ranges, model counts, dtype, seed: no file is opened."""
+        """Check method, parameter names and ranges, model counts, dtypes, seed: no file is opened."""
         from merging.methods import get_method
         from taxonomy.core import Kind
 
-        method = get_method(self.merge_method)  # BasinError names unknown methods
-        info = method.info
+        info = get_method(self.merge_method).info  # BasinError names unknown methods
         if info.kind is not Kind.TENSORWISE:
             raise BasinError(f"{where}: merge_method {info.name!r} is not a streaming (tensorwise) method")
         if (self.slices is None) == (not self.models):
             raise BasinError(f"{where}: give exactly one of 'models' or 'slices'")
         if self.slices is not None and not self.slices:
             raise BasinError(f"{where}: 'slices' is empty")
+        self._check_scalars(where)
+        self._check_tokenizer(where)
+        self._check_compute_dtype(info.name, where)
+        if self.align is not None:
+            if not isinstance(self.align, dict) or not isinstance(self.align.get("method"), str):
+                raise BasinError(f"{where}: align must be a method name or a mapping with a 'method'")
+        self._check_parameters(info, where)
+        if self.slices is None:
+            self._check_model_count(info, where)
+
+    def _check_scalars(self, where: str) -> None:
+        """dtype, out_dtype, seed, name, allow_mixed_architectures, chat_template: their types and values."""
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
-            if value is not None and value not in DTYPES:
+            if value is not None and (not isinstance(value, str) or value not in DTYPES):
                 raise BasinError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise BasinError(f"{where}: seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise BasinError(f"{where}: seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise BasinError(f"{where}: name must be a string, got a {type(self.name).__name__}")
         if not isinstance(self.allow_mixed_architectures, bool):
             raise BasinError(f"{where}: allow_mixed_architectures must be true or false, "
                              f"got {self.allow_mixed_architectures!r}")
+        if self.chat_template is not None:
+            from merging.chat_templates import check_chat_template
+
+            check_chat_template(self.chat_template, f"{where}: chat_template")
+
+    def _check_tokenizer(self, where: str) -> None:
         spec = self.tokenizer_spec(where)
         if spec is not None:
             merged = self.model_refs()
@@ -171,26 +189,42 @@ class Recipe:
                 if ref not in merged:
                     raise BasinError(f"{where}: tokenizer.tokens names model {ref!r}, which is not one of the "
                                      f"merged models {merged}")
-        if self.align is not None:
-            if not isinstance(self.align, dict) or not isinstance(self.align.get("method"), str):
-                raise BasinError(f"{where}: align must be a method name or a mapping with a 'method'")
+
+    def _check_compute_dtype(self, method: str, where: str) -> None:
+        value = self.compute_dtype
+        if value is None:
+            return
+        if not isinstance(value, str) or value not in DTYPES:
+            raise BasinError(f"{where}: compute_dtype must be one of float32, float16, bfloat16; got {value!r}")
+        if self.low_compute_dtype is not None:
+            from merging.methods.lowprec import check_supported
+
+            check_supported(method, where)
+
+    @property
+    def low_compute_dtype(self) -> str | None:
+        """'float16' or 'bfloat16' when the recipe asks for mergekit's low-precision arithmetic, else None."""
+        canonical = DTYPES.get(self.compute_dtype) if isinstance(self.compute_dtype, str) else None
+        return None if canonical in (None, "float32") else canonical
+
+    def _check_parameters(self, info: Any, where: str) -> None:
         check_settings(info, self.parameters, f"{where}: parameters", per_model_level=False)
-        if self.slices is None:
-            for i, m in enumerate(self.models):
-                check_settings(info, m.parameters, f"{where}: models[{i}] ({m.model}) parameters", per_model_level=True)
-            n_inputs = len(self.merge_inputs())
-            if info.needs_base and self.base_model is None:
-                raise BasinError(f"{where}: merge_method {info.name!r} needs a base_model")
-            if n_inputs < info.min_models:
-                raise BasinError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
-            if info.max_models is not None and n_inputs > info.max_models:
-                raise BasinError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
-        else:
-            for i, s in enumerate(self.slices):
-                check_settings(info, s.parameters, f"{where}: slices[{i}] parameters", per_model_level=False)
-                for j, src in enumerate(s.sources):
-                    check_settings(info, src.parameters, f"{where}: slices[{i}].sources[{j}] parameters",
-                                   per_model_level=True)
+        for i, m in enumerate(self.models if self.slices is None else []):
+            check_settings(info, m.parameters, f"{where}: models[{i}] ({m.model}) parameters", per_model_level=True)
+        for i, s in enumerate(self.slices or []):
+            check_settings(info, s.parameters, f"{where}: slices[{i}] parameters", per_model_level=False)
+            for j, src in enumerate(s.sources):
+                check_settings(info, src.parameters, f"{where}: slices[{i}].sources[{j}] parameters",
+                               per_model_level=True)
+
+    def _check_model_count(self, info: Any, where: str) -> None:
+        n_inputs = len(self.merge_inputs())
+        if info.needs_base and self.base_model is None:
+            raise BasinError(f"{where}: merge_method {info.name!r} needs a base_model")
+        if n_inputs < info.min_models:
+            raise BasinError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
+        if info.max_models is not None and n_inputs > info.max_models:
+            raise BasinError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
 
     # --- sweeps ------------------------------------------------------------------------------
     def _param_levels(self) -> list[tuple[str, dict[str, Any]]]:
@@ -261,11 +295,82 @@ class Recipe:
         return sorted(specs, key=lambda m: m.model != self.base_model)
 
 
+def _check_top_level(data: Any, where: str) -> None:
+    """A mapping with known fields and a merge_method; other mergekit tools' configurations are named."""
+    if not isinstance(data, dict):
+        raise BasinError(f"{where}: expected a mapping at the top level, got {_kind(data)}")
+    for key in data:
+        if key in OTHER_TOOLS:
+            raise BasinError(f"{where}: field {key!r}: this is {OTHER_TOOLS[key]}")
+    for key in data:
+        if key in UNSUPPORTED:
+            raise BasinError(f"{where}: field {key!r}: {UNSUPPORTED[key]}")
+        if key not in TOP_LEVEL:
+            raise BasinError(f"{where}: {unknown('field', key, TOP_LEVEL)}")
+    if "merge_method" not in data:
+        raise BasinError(f"{where}: missing field 'merge_method'")
+    if not isinstance(data["merge_method"], str):
+        raise BasinError(f"{where}: merge_method must be a method name, got {_kind(data['merge_method'])}")
+
+
+def _kind(value: Any) -> str:
+    """A short description of a YAML value's type, for messages."""
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "nothing (null)"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _list(data: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BasinError(f"{where}: '{key}' must be a list (one '- ...' entry per model), got {_kind(value)}"
+                         + (f" {value!r}" if isinstance(value, str) and len(value) < 80 else ""))
+    return value
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, BasinWarning, stacklevel=3)
+
+
+def _model_path(value: Any, where: str) -> str:
+    """mergekit's ModelPath: 'path', 'path@revision' or {path, revision} -> 'path[@revision]'."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"].strip():
+        extra = set(value) - {"path", "revision"}
+        if extra:
+            raise BasinError(f"{where}: {unknown('field', sorted(extra)[0], ['path', 'revision'])}")
+        rev = value.get("revision")
+        if rev is not None and (not isinstance(rev, str) or not rev.strip() or "@" in value["path"]):
+            raise BasinError(f"{where}.revision: expected a branch, tag or commit string, got {rev!r}")
+        return value["path"].strip() + (f"@{rev.strip()}" if rev else "")
+    raise BasinError(f"{where}: expected a model path string or {{path: ..., revision: ...}}, got {value!r}")
+
+
+REF_FIELDS = ("model", "lora", "override_architecture")
+
+
 def _ref(value: Any, where: str) -> str | None:
+    """A model reference as basin's string ('org/name@rev', a path, 'model+lora'), from any form mergekit's
+    ModelReference accepts: a string, {model: <path>, lora: <path>, override_architecture: ...}, with each
+    path a string or {path, revision}."""
     if value is None:
         return None
-    if isinstance(value, dict) and "model" in value:  # mergekit's {model: {path: ...}} form is not supported
-        raise BasinError(f"{where}: write the model reference as a string ('org/name@rev', a path, or base+adapter)")
+    if isinstance(value, dict):
+        if "model" not in value:
+            raise BasinError(f"{where}: a model reference mapping needs 'model' (and optional 'lora'), "
+                             f"got fields {sorted(map(str, value))}")
+        extra = set(value) - set(REF_FIELDS)
+        if extra:
+            raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], REF_FIELDS)}")
+        if value.get("override_architecture") is not None:
+            _warn(f"{where}.override_architecture: ignored (basin reads tensor names from the checkpoint itself)")
+        ref = _model_path(value["model"], f"{where}.model")
+        if value.get("lora") is not None:
+            ref += "+" + _model_path(value["lora"], f"{where}.lora")
+        return ref
     if not isinstance(value, str) or not value.strip():
         raise BasinError(f"{where}: expected a model reference string, got {value!r}")
     return value.strip()
@@ -283,38 +388,54 @@ def _model_spec(item: Any, where: str) -> ModelSpec:
     if isinstance(item, str):
         return ModelSpec(_ref(item, where))
     if not isinstance(item, dict) or "model" not in item:
-        raise BasinError(f"{where}: expected a mapping with a 'model' field")
+        raise BasinError(f"{where}: expected a model reference or a mapping with a 'model' field, got {_kind(item)}")
     extra = set(item) - {"model", "parameters"}
     if extra:
-        raise BasinError(f"{where}: unknown field(s) {sorted(extra)}")
+        raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], ['model', 'parameters'])}")
     return ModelSpec(_ref(item["model"], f"{where}.model"), _params(item.get("parameters"), f"{where}.parameters"))
+
+
+SLICE_FIELDS = ("sources", "parameters", "base_model", "residual_weight")
+SOURCE_FIELDS = ("model", "layer_range", "parameters")
+
+
+def _source(src: Any, w: str) -> SliceSource:
+    if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+        raise BasinError(f"{w}: expected a mapping with 'model' and 'layer_range'")
+    extra = set(src) - set(SOURCE_FIELDS)
+    if extra:
+        raise BasinError(f"{w}: {unknown('field', sorted(map(str, extra))[0], SOURCE_FIELDS)}")
+    lr = src["layer_range"]
+    if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
+        raise BasinError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+    return SliceSource(_ref(src["model"], f"{w}.model"), (lr[0], lr[1]),
+                       _params(src.get("parameters"), f"{w}.parameters"))
+
+
+def _residual_weight(value: Any, where: str) -> float | None:
+    """mergekit's slice `residual_weight`: accepted (a finite number), with a warning that it has no effect."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BasinError(f"{where}.residual_weight: expected a finite number, got {value!r}")
+    _warn(f"{where}.residual_weight: has no effect (mergekit ignores it too)")
+    return float(value)
 
 
 def _slice(item: Any, where: str) -> OutputSlice:
     if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
         raise BasinError(f"{where}: expected a mapping with a non-empty 'sources' list")
-    extra = set(item) - {"sources", "parameters", "base_model"}
+    extra = set(item) - set(SLICE_FIELDS)
     if extra:
-        raise BasinError(f"{where}: unknown field(s) {sorted(extra)}")
-    sources = []
-    for j, src in enumerate(item["sources"]):
-        w = f"{where}.sources[{j}]"
-        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-            raise BasinError(f"{w}: expected a mapping with 'model' and 'layer_range'")
-        extra = set(src) - {"model", "layer_range", "parameters"}
-        if extra:
-            raise BasinError(f"{w}: unknown field(s) {sorted(extra)}")
-        lr = src["layer_range"]
-        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) for x in lr)
-                or not 0 <= lr[0] < lr[1]):
-            raise BasinError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
-        sources.append(SliceSource(_ref(src["model"], f"{w}.model"), (lr[0], lr[1]),
-                                   _params(src.get("parameters"), f"{w}.parameters")))
+        raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], SLICE_FIELDS)}")
+    sources = [_source(src, f"{where}.sources[{j}]") for j, src in enumerate(item["sources"])]
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) != 1:
         raise BasinError(f"{where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
     return OutputSlice(sources, _params(item.get("parameters"), f"{where}.parameters"),
-                       _ref(item.get("base_model"), f"{where}.base_model"))
+                       _ref(item.get("base_model"), f"{where}.base_model"),
+                       _residual_weight(item.get("residual_weight"), where))
 
 
 # --- parameter settings ------------------------------------------------------------------------
@@ -355,11 +476,21 @@ def setting_values(setting: Any, where: str) -> list[Any]:
 
 
 def check_settings(info: Any, params: dict[str, Any], where: str, per_model_level: bool) -> None:
-    for name, setting in params.items():
-        p = info.param(name)  # BasinError: unknown parameter, listing the known ones
+    """Check every setting of one parameter level. A parameter another method has but this one lacks (e.g. a
+    per-model `weight` under `sce`) is dropped with a warning, as mergekit ignores it; other names are errors."""
+    from taxonomy.registry import parameter_names
+
+    for name in list(params):
+        if not isinstance(name, str):
+            raise BasinError(f"{where}: parameter names must be strings, got {name!r}")
+        if name not in {p.name for p in info.params} and name in parameter_names():
+            _warn(f"{where}.{name}: method {info.name!r} has no parameter {name!r}; ignored (as mergekit does)")
+            del params[name]
+            continue
+        p = info.param(name)  # BasinError: unknown parameter, the closest names first
         if per_model_level and not p.per_model:
             raise BasinError(f"{where}: {name!r} is a global parameter of {info.name!r}, not a per-model one")
-        for v in setting_values(setting, f"{where}.{name}"):
+        for v in setting_values(params[name], f"{where}.{name}"):
             _check_type(p, v, f"{where}.{name}")
             p.check(v, f"{where}.{name}")
 

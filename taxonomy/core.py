@@ -8,11 +8,12 @@ and subspace variants), and output ensembling, the reference that merges are com
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import BasinError, suggest
 
 
 class Family(str, Enum):
@@ -44,7 +45,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
 
     def check(self, value: Any, where: str) -> None:
-        """Raise BasinError naming `where` if `value` is out of range for this parameter."""
+        """Raise BasinError naming `where` if `value` is not finite or out of range for this parameter."""
         if value is None and self.default is None:
             raise BasinError(f"{where}: parameter {self.name!r} is required (it has no default): {self.help}")
         if self.choices is not None and value not in self.choices:
@@ -55,6 +56,11 @@ class Param:
                     return
                 raise BasinError(f"{where}: parameter {self.name!r} must be a number, got {value!r}")
             return
+        if not math.isfinite(value):  # NaN passes every < / > comparison: test it first
+            raise BasinError(f"{where}: parameter {self.name!r} must be a finite number, got {value!r}")
+        self._check_range(value, where)
+
+    def _check_range(self, value: float, where: str) -> None:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             bracket = "(" if self.low_open else "["
             raise BasinError(
@@ -88,8 +94,9 @@ class MethodInfo:
         for p in self.params:
             if p.name == name:
                 return p
-        known = ", ".join(p.name for p in self.params) or "none"
-        raise BasinError(f"method {self.name!r} has no parameter {name!r} (known: {known})")
+        known = [p.name for p in self.params]
+        raise BasinError(f"method {self.name!r} has no parameter {name!r}{suggest(name, known)} "
+                         f"(known: {', '.join(known) or 'none'})")
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from taxonomy.core import Family, MethodInfo
-from taxonomy.errors import BasinError
+from taxonomy.errors import BasinError, suggest
 
 _ENTRIES: dict[str, MethodInfo] = {}
 
@@ -28,8 +28,14 @@ def get(name: str) -> MethodInfo:
     try:
         return _ENTRIES[name]
     except KeyError:
-        close = sorted(k for k in _ENTRIES if k[:3] == name[:3]) or sorted(_ENTRIES)[:8]
-        raise BasinError(f"unknown merge method {name!r}; did you mean one of {close}?") from None
+        hint = suggest(name, _ENTRIES) or " (run `basin methods` for the list)"
+        raise BasinError(f"unknown merge method {name!r}{hint}") from None
+
+
+def parameter_names() -> set[str]:
+    """Every parameter name of every method (a recipe may set one its method ignores, as in mergekit)."""
+    _load()
+    return {p.name for info in _ENTRIES.values() for p in info.params}
 
 
 def all_methods(family: Family | None = None) -> list[MethodInfo]:

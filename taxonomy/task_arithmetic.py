@@ -48,6 +48,9 @@ DARE_PAPER = ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilit
 BREADCRUMBS_PAPER = "Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks"
 DELLA_PAPER = "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling"
 
+RAM_PAPER = "Reinforced Agent Merging (RAM), arXiv:2601.13572, 2026"
+RAM_EPSILON = Param("epsilon", 1e-5, "a task-vector entry counts as changed when |tau| > epsilon", low=0.0)
+
 register(
     _gta("task_arithmetic", "task vectors", "Ilharco et al. 2023, Editing Models with Task Arithmetic", 2023,
          "base + lambda * sum_i w_i (theta_i - base)", normalize=False, rescale=False),
@@ -88,6 +91,24 @@ register(
         ),
         in_mergekit=True,
         summary="keep high-variance entries, weight task vectors by mean square, erase minority signs",
+    ),
+    MethodInfo(
+        name="ram", family=Family.TASK_ARITHMETIC, category="overlap averaging", paper=RAM_PAPER, year=2026,
+        needs_base=True, min_models=1, params=(RAM_EPSILON,), in_mergekit=True,
+        summary="per entry: a task-vector entry |tau_i| > epsilon kept as is if it is the only one, "
+                "averaged over the contributing models where several overlap",
+    ),
+    MethodInfo(
+        name="ramplus_tl", family=Family.TASK_ARITHMETIC, category="overlap averaging", paper=RAM_PAPER,
+        year=2026, needs_base=True, min_models=1,
+        params=(
+            Param("r", 0.1, "gain on the unique entries per unit of rho (shared / unique entry count)"),
+            Param("alpha", 0.2, "upper clamp of rho", low=0.0),
+            RAM_EPSILON,
+        ),
+        in_mergekit=True,
+        summary="RAM with each model's unique entries scaled by 1 + r * clamp(shared_i / unique_i, 0, alpha), "
+                "counted per tensor",
     ),
     MethodInfo(
         name="tsv", family=Family.TASK_ARITHMETIC, category="subspace",

@@ -76,6 +76,7 @@ def _dispatch(argv: list[str]) -> int:
     args = parser.parse_args(rest)
     from taxonomy.errors import BasinError
 
+    _one_line_warnings(name)
     try:
         return int(module.run(args) or 0)
     except BasinError as err:
@@ -107,6 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+
+
+def _one_line_warnings(command: str) -> None:
+    """Print basin's warnings (ignored mergekit fields and the like) as one line each on stderr."""
+    import warnings
+
+    from taxonomy.errors import BasinWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, BasinWarning):
+            print(f"basin {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (mergekit schema)")
     parser.add_argument("out_dir", nargs="?", help="output folder (not needed with --dry-run)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype")
+    parser.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
+                        help="arithmetic dtype: float32 (default, most precise) or float16/bfloat16 to reproduce "
+                             "mergekit's low-precision merge bit for bit (linear, task_arithmetic, ties, slerp)")
     parser.add_argument("--device", default="cpu", help="compute device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
                    shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
                    dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume,
-                   allow_mixed_architectures=args.allow_mixed_architectures)
+                   allow_mixed_architectures=args.allow_mixed_architectures, compute_dtype=args.compute_dtype)
     if args.dry_run:
         points = report.sweep or [{"folder": None, "values": {}, "plan": report.plan}]
         if args.json:

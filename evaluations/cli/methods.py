@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             family = Family(args.family)
         except ValueError:
-            raise taxonomy.BasinError(
-                f"unknown family {args.family!r}; choose from {[f.value for f in Family]}"
-            ) from None
+            from taxonomy.errors import unknown
+
+            raise taxonomy.BasinError(unknown("family", args.family, [f.value for f in Family])) from None
     methods = taxonomy.all_methods(family)
     if args.json:
         print(json.dumps([m.to_dict() for m in methods], indent=2))

@@ -5,7 +5,7 @@ from merging.methods.registry import MergeFn, RegisteredMethod, get_method, merg
 
 def load_all() -> None:
     """Import every method module (registration happens on import)."""
-    from merging.methods import interpolation, task_arithmetic  # noqa: F401
+    from merging.methods import interpolation, ram, task_arithmetic  # noqa: F401
 
 
 __all__ = ["MergeFn", "RegisteredMethod", "get_method", "load_all", "merge_method", "registered_names"]

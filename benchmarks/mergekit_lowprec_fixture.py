@@ -1,0 +1,47 @@
+"""Record mergekit's fp16/bf16 merges of tiny checkpoints, for basin's `compute_dtype` test.
+
+    PYTHONPATH=. python benchmarks/mergekit_lowprec_fixture.py /path/to/mergekit-yaml
+
+builds the inputs of tests/merging/lowprec_inputs.py in a temporary folder, runs mergekit-yaml on
+linear, task_arithmetic, ties (density 0.5) and slerp (t = 0.3) with `dtype: float16` and
+`bfloat16`, and writes the sha256 of every output tensor to tests/merging/data/mergekit_lowprec.json.
+Recorded with mergekit 0.1.5 and torch 2.13 (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tests.merging.lowprec_inputs import DTYPES, METHODS, make_inputs, recipe, tensor_hashes
+
+OUT = Path(__file__).resolve().parents[1] / "tests" / "merging" / "data" / "mergekit_lowprec.json"
+
+
+def main(mergekit_yaml: str) -> None:
+    version = subprocess.run([str(Path(mergekit_yaml).with_name("python")), "-c",
+                              "import importlib.metadata as m, torch; print(m.version('mergekit'), torch.__version__)"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    record = {"mergekit": version[0], "torch": version[1], "merges": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = make_inputs(Path(tmp) / "in")
+        for dtype in DTYPES:
+            for method in METHODS:
+                key = f"{method}-{dtype}"
+                path = Path(tmp) / f"{key}.yaml"
+                path.write_text(yaml.safe_dump(recipe(method, dtype, folders)))
+                subprocess.run([mergekit_yaml, str(path), str(Path(tmp) / key)], check=True, capture_output=True)
+                record["merges"][key] = tensor_hashes(Path(tmp) / key)
+                print(key, len(record["merges"][key]), "tensors")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(record, indent=1) + "\n")
+    print("wrote", OUT)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "mergekit-yaml")

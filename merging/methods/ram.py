@@ -1,0 +1,74 @@
+"""Reinforced Agent Merging (RAM, arXiv:2601.13572; mergekit `ram` and `ramplus_tl`), on task vectors.
+
+With tau_i = theta_i - base, entry j of model i *contributes* when |tau_ij| > epsilon, and
+c_j = #{i : model i contributes at j}. An entry only one model changed is kept as it is; where
+several overlap they are averaged:
+
+    ram:         theta_j = base_j + sum_{i contributing} tau_ij / max(c_j, 1) ... i.e. tau_ij if c_j = 1,
+                 the mean of the contributing entries if c_j > 1, base_j if c_j = 0.
+    ramplus_tl:  per model and tensor, rho_i = shared_i / max(unique_i, epsilon), with shared_i (unique_i)
+                 the number of model i's contributing entries where c_j > 1 (c_j = 1); the unique entries
+                 are scaled by lambda_i = 1 + r * clamp(rho_i, 0, alpha), the overlapping ones averaged.
+
+float32 compute (mergekit computes in the inputs' dtype); counts are exact integers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from merging.methods.registry import merge_method
+
+Params = dict[str, Any]
+
+
+def contributions(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(tau_i, contributes_i = |tau_i| > epsilon, c = number of contributing models per entry)."""
+    taus = [t - base for t in tensors]
+    masks = [tau.abs() > epsilon for tau in taus]
+    count = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    for m in masks:
+        count.add_(m.to(torch.int32))
+    return taus, masks, count
+
+
+@merge_method("ram")
+def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+    """RAM: unique task-vector entries kept, overlapping ones averaged over the contributing models."""
+    taus, masks, count = contributions(tensors, base, float(params["epsilon"]))
+    divisor = count.clamp(min=1).to(base.dtype)
+    merged = torch.zeros_like(base)
+    for tau, m in zip(taus, masks):
+        merged.add_(torch.where(m, tau, 0.0) / divisor)
+    return base + merged
+
+
+ram.elementwise = True  # type: ignore[attr-defined]
+
+
+def unique_gain(mask: torch.Tensor, count: torch.Tensor, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+    """lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha) for one model's contribution mask,
+    in float32 (as mergekit: the counts are exact, the ratio and gain are rounded to float32)."""
+    shared = torch.count_nonzero(mask & (count > 1)).to(torch.float32)
+    unique = torch.count_nonzero(mask & (count == 1)).to(torch.float32)
+    rho = shared / unique.clamp(min=epsilon)
+    return 1 + r * rho.clamp(min=0, max=alpha)
+
+
+@merge_method("ramplus_tl")
+def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+               rng: torch.Generator) -> torch.Tensor:
+    """RAM+ (tensor-local): RAM with each model's unique entries scaled by its lambda_i (counted per tensor)."""
+    epsilon = float(params["epsilon"])
+    taus, masks, count = contributions(tensors, base, epsilon)
+    unique, overlap = count == 1, count > 1
+    divisor = count.clamp(min=1).to(base.dtype)
+    merged = torch.zeros_like(base)
+    for tau, m in zip(taus, masks):
+        gain = unique_gain(m, count, float(params["r"]), float(params["alpha"]), epsilon)
+        merged.add_(torch.where(m & unique, tau * gain.to(tau.device), 0.0))
+        merged.add_(torch.where(m & overlap, tau, 0.0) / divisor)
+    return base + merged
