@@ -219,8 +219,9 @@ def test_fuzzed_inputs_through_the_cli_exit_2_without_traceback(tmp_path):
             except BasinError:
                 refused = True
         (folder / "r.yaml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(folder)]}))
-        code = ("import resource, sys; from evaluations.cli import main; rc = main(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would report the forking pytest's peak
+        code = ("import re, sys; from evaluations.cli import main; rc = main(sys.argv[1:]); "
+                "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
         procs.append(subprocess.Popen(
             [sys.executable, "-c", code, "merge", str(folder / "r.yaml"), str(tmp_path / f"out{case}"),
              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
