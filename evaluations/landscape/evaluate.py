@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm import tqdm
 
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -156,11 +157,9 @@ def evaluate_points(
     n_total = sum(len(y) for _, y in batches)
     loss = np.zeros(n_points)
     hits = np.zeros(n_points)
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=n_points, desc=desc, disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             if use_vmap:
                 rows = max(len(y) for _, y in batches)
                 size = chunk or _chunk_size(n_params, n_points, rows, _widest(model, batches[0][0]))
@@ -202,7 +201,6 @@ def evaluate_points(
                         bar.update(1)
     finally:
         bar.close()
-        model.train(was_training)
     return loss / n_total, hits / n_total, use_vmap
 
 

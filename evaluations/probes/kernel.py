@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 
@@ -66,12 +67,10 @@ def activation_patterns(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
              for m in model.modules() if isinstance(m, nn.ReLU)]
     if not hooks:
         raise BasinError("activation_patterns: the model has no nn.ReLU modules")
-    was_training = model.training
-    model.eval()
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return torch.cat(states, dim=1)

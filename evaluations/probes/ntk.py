@@ -29,6 +29,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evaluations.probes.params import Selection, select_params
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 KINDS = ("full", "block", "trace")
@@ -222,13 +223,8 @@ def empirical_ntk_result(
     if x2 is not None and x2.shape[1:] != x.shape[1:]:
         raise BasinError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
     select_params(model, params)  # a selection matching nothing fails here, naming it
-    was_training = model.training
-    model.eval()
-    try:
-        with math_attention():
-            return _dispatch(model, x, x2, kind, method, params, chunk, max_bytes)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), math_attention():
+        return _dispatch(model, x, x2, kind, method, params, chunk, max_bytes)
 
 
 def empirical_ntk(
