@@ -91,7 +91,7 @@ def measure_minimum(
     if top_k > op.size:
         raise BasinError(f"measure_minimum: top_k={top_k} exceeds the {op.size} selected parameters")
     eig = lanczos(op, k=top_k, tol=lanczos_tol, max_iter=max(lanczos_iters, top_k), seed=seed)
-    tr = hutchinson_trace(op, min_samples=hutchinson_samples, max_samples=hutchinson_samples, seed=seed)
+    tr = hutchinson_trace(op, min_samples=hutchinson_samples, max_samples=hutchinson_samples, seed=seed, sketch=0)
     center = {k: v.detach() for k, v in model.named_parameters()}
     center.update({k: v.detach() for k, v in model.named_buffers()})
     selected = {k: center[k] for k in names}

@@ -94,7 +94,7 @@ def mlp_experiment(width: int, split, alphas, epochs: int) -> dict:
     spec = infer_spec(a)
     sa, sb = a.state_dict(), b.state_dict()
     wm = weight_matching(sa, sb, spec, seed=0)
-    am = activation_matching(a, b, x, spec)
+    am = activation_matching(a, b, spec, x)
     make = lambda: make_mlp(widths)  # noqa: E731
     permuted = make()
     permuted.load_state_dict(apply_permutation(sb, spec, wm.perms))

@@ -35,6 +35,7 @@ class Density:
     iterations: int = 0  # operator applications, all runs together
     edge_residuals: torch.Tensor | None = None  # [runs, 2] residuals of the smallest and largest Ritz pairs
     moment_stderr: float | None = None
+    mode: str | None = None  # a HessianOperator's network mode ("eval" / "train")
 
     def mass(self, low: float, high: float) -> float:
         """Estimated fraction of eigenvalues in [low, high) (from the quadrature weights, no smoothing)."""
@@ -50,7 +51,7 @@ class Density:
                 "steps": self.steps, "nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
                 "converged": self.converged, "iterations": self.iterations,
                 "edge_residuals": None if self.edge_residuals is None else self.edge_residuals.tolist(),
-                "moment_stderr": self.moment_stderr}
+                "moment_stderr": self.moment_stderr, "mode": self.mode}
 
     def plot(self, path: str, log: bool = True) -> None:
         import matplotlib
@@ -117,4 +118,5 @@ def spectral_density(
     dens = dens / torch.trapezoid(dens, grid)
     firsts = (weights * nodes).sum(1)
     stderr = float(firsts.std(unbiased=True) / math.sqrt(runs)) if runs > 1 else None
-    return Density(nodes, weights, grid, dens, sig, steps, converged, iterations, torch.stack(edges), stderr)
+    return Density(nodes, weights, grid, dens, sig, steps, converged, iterations, torch.stack(edges), stderr,
+                   getattr(op, "mode", None))

@@ -5,20 +5,63 @@ faster on CPU for MLPs) or forward-over-reverse (`torch.func.jvp` of `torch.func
 accumulated with batch-size weights, so the operator is the Hessian of the mean loss over the whole
 dataset. `params` restricts it to a subset of parameters (the others are held fixed): the result is
 the corresponding sub-block.
+
+Every evaluation (products, gradient, loss) runs under `HessianOperator.context()`: the network in the
+operator's `mode` ("eval": BatchNorm running statistics; "train": BatchNorm batch statistics, running
+statistics left untouched; Dropout off in both, so the operator is deterministic) and attention on
+PyTorch's math backend (the fused CPU/flash kernels have no double backward nor forward-mode rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import BasinError
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+MODES = ("eval", "train")
+METHODS = ("double_backward", "forward_over_reverse")
+
+
+@contextmanager
+def network_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """The model in `mode` for a curvature probe, every module's own flags restored afterwards.
+
+    "eval": `model.eval()`. "train": eval, then every BatchNorm / InstanceNorm in training mode with
+    `track_running_stats` off, so it normalizes with the batch's statistics and updates no running statistic
+    (nor `num_batches_tracked`); Dropout and every other module stay in eval mode (no randomness).
+    """
+    if mode not in MODES:
+        raise BasinError(f"mode: expected 'eval' or 'train', got {mode!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    model.eval()
+    if mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.train()
+                m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Scaled dot-product attention on the math backend, whose ops all have double-backward and jvp rules."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,6 +84,9 @@ def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, 
 class HessianOperator:
     """The Hessian of `loss_fn(model(x), y)` (mean over `data`) w.r.t. the selected parameters.
 
+    `mode`: the network's mode ("eval", the default, or "train": BatchNorm batch statistics; see
+    `network_mode`); `method`: the differentiation route ("double_backward" or "forward_over_reverse").
+
     `op @ v` / `op.matvec(v)` take and return flat vectors of length `op.size` (float32, the
     parameters' order in `op.names`). `op.matmat(V)` applies it to the rows of `V`.
     `op.n_products` counts Hessian-vector products. `op.dense()` forms the matrix (tiny models only).
@@ -53,11 +99,17 @@ class HessianOperator:
         data,
         params: Selection = None,
         batch_size: int | None = None,
-        mode: str = "double_backward",
+        method: str = "double_backward",
         cache_graph: bool | None = None,
+        mode: str = "eval",
     ):
-        if mode not in ("double_backward", "forward_over_reverse"):
-            raise BasinError(f"mode: expected 'double_backward' or 'forward_over_reverse', got {mode!r}")
+        if method not in METHODS:
+            raise BasinError(f"method: expected 'double_backward' or 'forward_over_reverse', got {method!r}")
+        if mode in METHODS:
+            raise BasinError(f"mode={mode!r}: the differentiation route is now method=; mode is 'eval' or 'train'")
+        if mode not in MODES:
+            raise BasinError(f"mode: expected 'eval' or 'train', got {mode!r}")
+        self.method = method
         self.mode = mode
         self.model = model
         self.loss_fn = loss_fn
@@ -88,7 +140,11 @@ class HessianOperator:
         grad_fn = grad(self._loss)
 
         def hvp(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-            return jvp(lambda p: grad_fn(p, x, y), (self.primals,), (v,))[1]
+            try:
+                return jvp(lambda p: grad_fn(p, x, y), (self.primals,), (v,))[1]
+            except RuntimeError as err:  # a forward-mode rule missing or broken in torch (e.g. F.mse_loss's)
+                self._fall_back(err, hvp_double)
+                return hvp_double(v, x, y)
 
         def hvp_double(v: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             p, g = self._gradient_graph(x, y)
@@ -97,7 +153,14 @@ class HessianOperator:
                                          retain_graph=self.cache_graph)
             return {n: torch.zeros_like(p[n]) if h is None else h for n, h in zip(p, hv)}
 
-        return hvp if self.mode == "forward_over_reverse" else hvp_double
+        return hvp if self.method == "forward_over_reverse" else hvp_double
+
+    def _fall_back(self, err: RuntimeError, hvp_double) -> None:
+        """Forward-over-reverse failed: the same Hessian by double backward from now on (warned, and in `method`)."""
+        warnings.warn(f"HessianOperator: forward_over_reverse failed ({str(err).splitlines()[0]}); "
+                      "using double_backward", RuntimeWarning, stacklevel=4)
+        self.method = "double_backward"
+        self._hvp = hvp_double
 
     def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor):
         """(leaf parameters, gradient with its graph) for one batch; kept for reuse when `cache_graph`."""
@@ -109,6 +172,12 @@ class HessianOperator:
         if self.cache_graph:
             self._graphs[id(x)] = (p, g)
         return p, g
+
+    @contextmanager
+    def context(self) -> Iterator[None]:
+        """The network in `self.mode` and attention on the math backend (see the module docstring)."""
+        with network_mode(self.model, self.mode), math_attention():
+            yield
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(v, self.numels)
@@ -124,17 +193,13 @@ class HessianOperator:
         if v.shape != (self.size,):
             raise BasinError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
         tangent = self.unflatten(v.to(self.device, self.dtype))  # any device in, the same device out
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.context():
             if len(self.batches) == 1:  # one full-batch pass: no accumulation buffer
                 out = self.flatten(self._hvp(tangent, *self.batches[0]))
             else:
                 out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
                 for x, y in self.batches:
                     out += self.flatten(self._hvp(tangent, x, y)) * (len(x) / self.n_examples)
-        finally:
-            self.model.train(was_training)
         self.n_products += 1
         return out.to(v.device, v.dtype)
 
@@ -155,11 +220,9 @@ class HessianOperator:
         tangents = {n: t.reshape(len(rows), *s) for n, t, s in zip(self.names, torch.split(rows, self.numels, 1),
                                                                       self.shapes)}
         out = torch.zeros(len(rows), self.size, dtype=self.dtype, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.context():
             for x, y in self.batches:
-                if self.mode == "forward_over_reverse":
+                if self.method == "forward_over_reverse":
                     parts = vmap(lambda v, x=x, y=y: self._hvp(v, x, y))(tangents)
                 else:
                     p, g = self._gradient_graph(x, y)
@@ -169,8 +232,6 @@ class HessianOperator:
                     parts = {n: torch.zeros_like(tangents[n]) if h is None else h for n, h in zip(p, hv)}
                 flat = torch.cat([parts[n].reshape(len(rows), -1) for n in self.names], 1)
                 out += flat * (len(x) / self.n_examples)
-        finally:
-            self.model.train(was_training)
         self.n_products += len(rows)
         return out.to(vs.device, vs.dtype)
 
@@ -184,25 +245,21 @@ class HessianOperator:
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the mean loss over `data` (free when the gradient graphs are cached)."""
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.context():
             for x, y in self.batches:
-                if self.mode == "double_backward" and self.cache_graph:
+                if self.method == "double_backward" and self.cache_graph:
                     _, g = self._gradient_graph(x, y)
                     flat = torch.cat([t.detach().reshape(-1) for t in g])
                 else:
                     flat = self.flatten(grad(self._loss)(self.primals, x, y))
                 out += flat * (len(x) / self.n_examples)
-        finally:
-            self.model.train(was_training)
         return out
 
     def loss(self, flat: torch.Tensor | None = None) -> float:
         """Mean loss over `data` at the stored parameters, or at `flat` (a flat vector of the selected ones)."""
         p = self.primals if flat is None else self.unflatten(flat)
         total = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), self.context():
             for x, y in self.batches:
                 total += float(self.loss_fn(functional_call(self.model, {**self.fixed, **p}, (x,)), y)) * len(x)
         return total / self.n_examples

@@ -32,6 +32,7 @@ class Sharpness:
     steps: int = 0
     converged: bool | None = None
     history: list[float] = field(default_factory=list)  # the perturbed loss after each ascent step
+    mode: str = "eval"  # the network's mode for every loss and gradient (see evaluations.probes.hvp.network_mode)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,8 +45,9 @@ def _loss_and_grad(op: HessianOperator):
     def at(flat: torch.Tensor) -> torch.Tensor:
         p = op.unflatten(flat)
         out = torch.zeros_like(flat)
-        for x, y in op.batches:
-            out += op.flatten(grad(loss)(p, x, y)) * (len(x) / op.n_examples)
+        with op.context():  # the operator's network mode, as for its loss
+            for x, y in op.batches:
+                out += op.flatten(grad(loss)(p, x, y)) * (len(x) / op.n_examples)
         return out
 
     return at
@@ -58,9 +60,11 @@ def _plateaued(history: list[float], tol: float) -> bool | None:
 
 
 def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 10, params=None,
-                      tol: float = 1e-3) -> Sharpness:
-    """Keskar et al.'s epsilon-sharpness (in percent), maximized over the box by `steps` projected sign-ascent steps."""
-    op = HessianOperator(model, loss_fn, data, params=params)
+                      tol: float = 1e-3, mode: str = "eval") -> Sharpness:
+    """Keskar et al.'s epsilon-sharpness (in percent), maximized over the box by `steps` projected sign-ascent steps.
+
+    `mode`: the network's mode for every loss and gradient ("eval" or "train", see `network_mode`)."""
+    op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
     w = op.flat_params()
     box = epsilon * (w.abs() + 1)
     grad_at = _loss_and_grad(op)
@@ -73,13 +77,13 @@ def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 
         history.append(op.loss(w + z))
         best = max(best, history[-1])
     return Sharpness(100.0 * (best - base) / (1.0 + base), base, best, "epsilon", steps, _plateaued(history, tol),
-                     history)
+                     history, mode)
 
 
 def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01, steps: int = 1,
-                       params=None, tol: float = 1e-3) -> Sharpness:
+                       params=None, tol: float = 1e-3, mode: str = "eval") -> Sharpness:
     """ASAM's adaptive sharpness: L(w + e) - L(w) at the ascent point in the ball |T_w^-1 e|_2 <= rho."""
-    op = HessianOperator(model, loss_fn, data, params=params)
+    op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
     w = op.flat_params()
     t = w.abs() + eta
     grad_at = _loss_and_grad(op)
@@ -92,7 +96,7 @@ def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01
         u = u * min(1.0, rho / max(norm64(u), 1e-30))
         history.append(op.loss(w + t * u))
     perturbed = history[-1] if history else base
-    return Sharpness(perturbed - base, base, perturbed, "adaptive", steps, _plateaued(history, tol), history)
+    return Sharpness(perturbed - base, base, perturbed, "adaptive", steps, _plateaued(history, tol), history, mode)
 
 
 def top_to_trace_ratio(op, tol: float = 1e-3, rtol: float = 1e-2, seed: int = 0) -> dict:
@@ -101,4 +105,4 @@ def top_to_trace_ratio(op, tol: float = 1e-3, rtol: float = 1e-2, seed: int = 0)
     tr = hutchinson_trace(op, rtol=rtol, seed=seed)
     ratio = float(top.values[0]) / tr.mean
     return {"ratio": ratio, "stderr": abs(ratio) * tr.stderr / abs(tr.mean), "top": float(top.values[0]),
-            "trace": tr.mean, "converged": bool(top.converged and tr.converged)}
+            "trace": tr.mean, "converged": bool(top.converged and tr.converged), "mode": getattr(op, "mode", None)}

@@ -92,9 +92,24 @@ class _Stats:
         return (cov / (std_a[:, None, :] * std_b[None, :, :])).sum(-1)
 
 
+def check_spec_argument(spec: Any, data: Any, name: str) -> None:
+    """TypeError unless `spec` is a PermutationSpec: the matchers take (A, B, spec, ...) as weight_matching does,
+    so the earlier (A, B, data, spec) order fails loudly instead of being misread."""
+    if isinstance(spec, PermutationSpec):
+        return
+    swapped = isinstance(data, PermutationSpec)
+    hint = (f" (spec and data look swapped: call {name}(model_a, model_b, spec, data, ...), "
+            "weight_matching's order)" if swapped else "")
+    raise TypeError(f"{name}: spec must be a PermutationSpec, got {type(spec).__name__}{hint}")
+
+
 @torch.no_grad()
-def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec) -> MatchResult:
-    """Permutations of B's units maximising the correlation of its activations with A's on `data`."""
+def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Any) -> MatchResult:
+    """Permutations of B's units maximising the correlation of its activations with A's on `data`.
+
+    Arguments in weight_matching's order (A, B, spec, then the rest); the old (A, B, data, spec) order raises
+    TypeError."""
+    check_spec_argument(spec, data, "activation_matching")
     start, cpu_start = time.perf_counter(), time.process_time()
     check_same_architecture(model_a.state_dict(), model_b.state_dict(), spec)
     where = sites(model_a, spec)

@@ -96,7 +96,7 @@ def match(state_ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tenso
             except RuntimeError as err:
                 raise BasinError(f"model {label} does not fit the model factory's architecture "
                                  f"({str(err).splitlines()[0]})") from None
-        return activation_matching(model_a, model_b, data, spec)
+        return activation_matching(model_a, model_b, spec, data)
     raise BasinError(f"align: unknown method {method!r}; choose from {list(METHODS)}")
 
 

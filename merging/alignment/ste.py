@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from merging.alignment.activation_matching import batches
+from merging.alignment.activation_matching import batches, check_spec_argument
 from merging.alignment.apply import apply_permutation
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, check_same_architecture, weight_matching
@@ -25,10 +25,15 @@ from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 
-def ste_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec,
+def ste_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Any,
                  loss_fn: Callable | None = None, steps: int = 20, lr: float = 1e-3, seed: int = 0) -> MatchResult:
-    """Permutations of B found by the straight-through estimator; `data` is (x, y) or a list of (x, y)."""
+    """Permutations of B found by the straight-through estimator; `data` is (x, y) or a list of (x, y).
+
+    Arguments in weight_matching's order (A, B, spec, then the rest); the old (A, B, data, spec) order raises
+    TypeError."""
     from torch.func import functional_call
+
+    check_spec_argument(spec, data, "ste_matching")
 
     start, cpu_start = time.perf_counter(), time.process_time()
     loss_fn = loss_fn or nn.functional.cross_entropy

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -27,6 +28,20 @@ def test_basin_hessian_matches_dense(tmp_path):
     top = torch.linalg.eigvalsh(dense).flip(0)[:2]
     assert result["eigen"]["converged"]
     assert torch.allclose(torch.tensor(result["eigen"]["values"], dtype=top.dtype), top, rtol=1e-3)  # float32 model
+    assert result["mode"] == "eval" and result["eigen"]["mode"] == "eval"
+
+
+def test_basin_hessian_mode_and_trace_are_reported(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    assert main(["hessian", "--widths", "64,4,10", "--epochs", "1", "-k", "1", "--params", "2", "--mode", "train",
+                 "--trace", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "train" and result["eigen"]["mode"] == "train" and result["trace"]["mode"] == "train"
+    assert result["trace"]["converged"] and result["trace"]["stderr"] <= 0.05 * abs(result["trace"]["mean"])
+    assert "train mode" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one-line usage error
+        main(["hessian", "--mode", "sideways"])
+    assert exit_info.value.code == 2
 
 
 def test_basin_ntk_runs_and_reports(tmp_path, capsys):

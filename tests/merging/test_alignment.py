@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import numpy as np
@@ -224,7 +225,7 @@ def test_activation_matching_recovers_a_known_permutation(digits):
         perms = random_permutation(spec, seed=2)
         other = make(1)
         other.load_state_dict(apply_permutation(model.state_dict(), spec, perms))
-        result = activation_matching(model, other, x, spec)
+        result = activation_matching(model, other, spec, x)
         for g in perms:
             assert torch.equal(result.perms[g], invert(perms)[g]), g
         assert result.method == "activation_matching"
@@ -234,7 +235,27 @@ def test_activation_matching_rejects_data_of_the_wrong_shape():
     model = make_mlp([64, 12, 10], seed=0)
     spec = infer_spec(model)
     with pytest.raises(BasinError, match=r"batch of shape \[\(5, 63\)\] does not fit model A"):
-        activation_matching(model, make_mlp([64, 12, 10], seed=1), torch.randn(5, 63), spec)
+        activation_matching(model, make_mlp([64, 12, 10], seed=1), spec, torch.randn(5, 63))
+
+
+def test_matchers_take_weight_matchings_argument_order_and_reject_the_old_one(digits):
+    """(A, B, spec, data) like weight_matching(A, B, spec); the old (A, B, data, spec) order is a TypeError."""
+    from merging.alignment import ste_matching
+
+    a, b = make_mlp([64, 12, 10], seed=0), make_mlp([64, 12, 10], seed=1)
+    spec = infer_spec(a)
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    assert list(inspect.signature(activation_matching).parameters)[:4] == ["model_a", "model_b", "spec", "data"]
+    assert list(inspect.signature(ste_matching).parameters)[:4] == ["model_a", "model_b", "spec", "data"]
+    assert list(inspect.signature(weight_matching).parameters)[:3] == ["state_a", "state_b", "spec"]
+    with pytest.raises(TypeError, match=r"activation_matching: spec must be a PermutationSpec, got Tensor "
+                                        r"\(spec and data look swapped"):
+        activation_matching(a, b, x, spec)
+    with pytest.raises(TypeError, match=r"ste_matching: spec must be a PermutationSpec, got tuple \(spec and data"):
+        ste_matching(a, b, (x, y), spec, steps=1)
+    with pytest.raises(TypeError, match="spec must be a PermutationSpec, got dict$"):
+        activation_matching(a, b, {"input_ids": x}, {"not": "a spec"})
+    assert activation_matching(a, b, spec, x).perms.keys() == set(spec.groups)
 
 
 def _loss(model, x, y):
@@ -315,11 +336,11 @@ def test_ste_matching_recovers_a_copy_and_beats_naive_averaging(digits):
     perms = random_permutation(spec, seed=1)
     copy = make_mlp(widths)
     copy.load_state_dict(apply_permutation(a.state_dict(), spec, perms))
-    result = ste_matching(a, copy, (x[:256], y[:256]), spec, steps=3)
+    result = ste_matching(a, copy, spec, (x[:256], y[:256]), steps=3)
     for g, p in perms.items():
         assert torch.equal(result.perms[g], torch.argsort(p)), g
     b = train_classifier(make_mlp(widths, seed=1), x, y, epochs=6, seed=1)
-    result = ste_matching(a, b, [(x[:512], y[:512]), (x[512:1024], y[512:1024])], spec, steps=10, lr=1e-2)
+    result = ste_matching(a, b, spec, [(x[:512], y[:512]), (x[512:1024], y[512:1024])], steps=10, lr=1e-2)
     naive, _ = _midpoint(widths, a, b, spec, {g: torch.arange(n) for g, n in spec.sizes.items()})
     ste_mid, _ = _midpoint(widths, a, b, spec, result.perms)
     assert _loss(ste_mid, x, y) < _loss(naive, x, y)

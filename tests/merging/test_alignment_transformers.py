@@ -187,11 +187,11 @@ def test_activation_matching_on_transformers(kind):
     permuted = tiny(kind)
     permuted.load_state_dict(apply_permutation(model.state_dict(), spec, perms))
     ids = torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(0))
-    result = activation_matching(model, permuted, {"input_ids": ids}, spec)
+    result = activation_matching(model, permuted, spec, {"input_ids": ids})
     for g, p in perms.items():
         assert torch.equal(result.perms[g], torch.argsort(p)), g
     with pytest.raises(BasinError, match="does not fit model A"):
-        activation_matching(model, permuted, {"input_ids": torch.randn(8, 12)}, spec)
+        activation_matching(model, permuted, spec, {"input_ids": torch.randn(8, 12)})
 
 
 def test_recipe_align_before_a_linear_merge(tmp_path):
