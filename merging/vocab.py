@@ -130,7 +130,7 @@ def _source(value: Any, where: str) -> str:
         return value.strip()
     if isinstance(value, dict):
         return _ref(value, where)
-    raise BasinError(f"{where}: expected 'base', 'union' or a model reference, got {value!r}")
+    raise BasinError(f"{where} must be 'base', 'union' or a model reference, got {value!r}")
 
 
 def _token_rule(cfg: Any, where: str) -> TokenRule:

@@ -293,7 +293,7 @@ def test_parse_tokenizer_mapping_references():
 @pytest.mark.parametrize("block, message", [
     ({"source": {"path": "org/m"}}, r"recipe: tokenizer\.source: a model reference mapping needs 'model'"),
     ({"source": {"model": {"path": "org/m", "rev": "x"}}}, r"recipe: tokenizer\.source\.model: unknown field 'rev'"),
-    ({"source": 3}, r"recipe: tokenizer\.source: expected 'base', 'union' or a model reference, got 3"),
+    ({"source": 3}, r"recipe: tokenizer\.source must be 'base', 'union' or a model reference, got 3"),
     ({"tokens": {"t": {"source": {"kind": "model_token", "model": {"lora": "x"}, "token": "a"}}}},
      r"tokens\['t'\]\.source\.model: a model reference mapping needs 'model'"),
 ])
