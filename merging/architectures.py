@@ -9,8 +9,12 @@ checkpoint without one, or of a family not in the table, falls back to names: an
 
 Per-layer config fields (transformers' configs): lists with one entry per layer (`layer_types`, ...)
 are rebuilt so that output layer i takes the entry of the source layer it came from; lists of layer
-indices (`mlp_only_layers`) keep the output layers whose source layer was listed; layer counts
-(`num_hidden_layers`, `n_layer`, T5's `num_layers` and `num_decoder_layers`) become the output's.
+indices (`mlp_only_layers`, Llama 4's `moe_layers`) keep the output layers whose source layer was listed;
+layer counts (`num_hidden_layers`, `n_layer`, T5's `num_layers` and `num_decoder_layers`) become the
+output's. A list a config.json leaves to transformers' index rule (older Qwen2/Qwen3 `max_window_layers`,
+Gemma2's alternation, `no_rope_layer_interval`, `interleave_moe_layer_step`, Qwen-MoE's
+`decoder_sparse_step`) is written out explicitly when that rule would give an output layer another value
+than its source layer had.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ _OUTPUT_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.(?:weight|bias)$")
 _EMBEDDING = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)|^shared\.weight$")
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type")
-LAYER_INDEX_LISTS = ("mlp_only_layers",)
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 
 
@@ -82,6 +86,7 @@ def patch_layers(config: dict[str, Any], origins: list[tuple[int, dict[str, Any]
     target = layer_config(config)
     sparse = [_is_sparse(layer_config(src or config), layer) for layer, src in origins]
     per_layer = {key: _per_layer(key, config, origins) for key in PER_LAYER_LISTS}
+    per_index = {key: _per_index(key, config, origins) for key in LAYER_INDEX_LISTS}
     n_in = next((target[k] for k in LAYER_COUNTS if isinstance(target.get(k), int)), None)
     for key in LAYER_COUNTS:
         if isinstance(target.get(key), int) and target[key] == n_in:
@@ -89,9 +94,9 @@ def patch_layers(config: dict[str, Any], origins: list[tuple[int, dict[str, Any]
     for key, values in per_layer.items():
         if values is not None and (isinstance(target.get(key), list) or values != derived_list(config, key)):
             target[key] = values
-    for key in LAYER_INDEX_LISTS:
-        if isinstance(target.get(key), list):
-            target[key] = [i for i, (layer, src) in enumerate(origins) if layer in _index_list(key, target, src)]
+    for key, values in per_index.items():
+        if values is not None and (isinstance(target.get(key), list) or values != derived_list(config, key)):
+            target[key] = values
     _patch_sparse(target, sparse)
 
 
@@ -192,9 +197,15 @@ def _patch_sparse(target: dict[str, Any], sparse: list[bool | None]) -> None:
     target["mlp_only_layers"] = [i for i, s in enumerate(sparse) if not s]
 
 
-def _index_list(key: str, default: dict[str, Any], source: dict[str, Any] | None) -> list[Any]:
-    own = layer_config(source).get(key) if source else None
-    return own if isinstance(own, list) else default[key]
+def _per_index(key: str, config: dict[str, Any], origins: list[tuple[int, dict[str, Any] | None]]) -> list | None:
+    """The output layers whose source layer is in its source's list `key` (explicit or derived), None where no
+    source has such a list."""
+    fallback = source_list(config, key)
+    lists = [source_list(src, key) if src else None for _, src in origins]
+    if fallback is None and all(v is None for v in lists):
+        return None
+    pairs = zip(origins, lists, strict=True)
+    return [i for i, ((layer, _), own) in enumerate(pairs) if layer in (own or fallback or [])]
 
 
 def _short(key: str, values: list[Any], layer: int):

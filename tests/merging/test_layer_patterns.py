@@ -209,3 +209,16 @@ def test_smollm3_no_rope_layers_derived_from_the_interval():
               "num_attention_heads": 2}
     patch_layers(config, [(3, None), (0, None), (7, None), (1, None)])
     assert config["no_rope_layers"] == [0, 1, 0, 1]
+
+
+def test_llama4_moe_layers_derived_from_the_interleave_step():
+    """Llama 4 text: interleave_moe_layer_step 2 -> moe_layers [1, 3]; layers 0, 1, 1, 2, 3 -> MoE at 1, 2, 4
+    (the step over five layers would give [1, 3])."""
+    config = {"model_type": "llama4_text", "num_hidden_layers": 4, "interleave_moe_layer_step": 2,
+              "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+    assert derived_list(config, "moe_layers") == [1, 3]
+    patch_layers(config, [(0, None), (1, None), (1, None), (2, None), (3, None)])
+    assert config["moe_layers"] == [1, 2, 4] and config["num_hidden_layers"] == 5
+    same = {"model_type": "llama4_text", "num_hidden_layers": 4, "interleave_moe_layer_step": 2}
+    patch_layers(same, [(0, None), (1, None), (2, None), (3, None), (0, None), (1, None)])
+    assert "moe_layers" not in same  # the step already gives [1, 3, 5]
