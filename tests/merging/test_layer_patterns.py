@@ -222,3 +222,21 @@ def test_llama4_moe_layers_derived_from_the_interleave_step():
     same = {"model_type": "llama4_text", "num_hidden_layers": 4, "interleave_moe_layer_step": 2}
     patch_layers(same, [(0, None), (1, None), (2, None), (3, None), (0, None), (1, None)])
     assert "moe_layers" not in same  # the step already gives [1, 3, 5]
+
+
+def test_deepseek_dense_prefix_cannot_be_reordered(tmp_path):
+    """DeepSeek-V3's dense layers are the first `first_k_dense_replace`, a rule no explicit list can override:
+    layers 2-3 (MoE) before 0-1 (dense) is refused by the loadability check, one line, nothing written."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                              num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                              num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=2, q_lora_rank=8,
+                              kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4,
+                              max_position_embeddings=64)
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "a")
+    message = r"as DeepseekV3ForCausalLM \(4 layers\): missing model\.layers\.0\.mlp\."
+    with pytest.raises(BasinError, match=message) as e:
+        merge(_slices((tmp_path / "a", 2, 4), (tmp_path / "a", 0, 2)), tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
