@@ -9,12 +9,18 @@ checkpoint without one, or of a family not in the table, falls back to names: an
 
 Per-layer config fields (transformers' configs): lists with one entry per layer (`layer_types`, ...)
 are rebuilt so that output layer i takes the entry of the source layer it came from; lists of layer
-indices (`mlp_only_layers`) keep the output layers whose source layer was listed; layer counts
-(`num_hidden_layers`, `n_layer`, T5's `num_layers` and `num_decoder_layers`) become the output's.
+indices (`mlp_only_layers`, Llama 4's `moe_layers`) keep the output layers whose source layer was listed;
+layer counts (`num_hidden_layers`, `n_layer`, T5's `num_layers` and `num_decoder_layers`) become the
+output's. A list a config.json leaves to transformers' index rule (older Qwen2/Qwen3 `max_window_layers`,
+Gemma2's alternation, `no_rope_layer_interval`, `interleave_moe_layer_step`, Qwen-MoE's
+`decoder_sparse_step`) is written out explicitly when that rule would give an output layer another value
+than its source layer had.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Any
 
@@ -39,7 +45,7 @@ _OUTPUT_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.(?:weight|bias)$")
 _EMBEDDING = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)|^shared\.weight$")
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type")
-LAYER_INDEX_LISTS = ("mlp_only_layers",)
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 
 
@@ -72,32 +78,134 @@ def layer_config(config: dict[str, Any]) -> dict[str, Any]:
 def patch_layers(config: dict[str, Any], origins: list[tuple[int, dict[str, Any] | None]]) -> None:
     """Make `config`'s per-layer fields follow the output layers, in place.
 
-    `origins[i]` is (source layer, that source's config.json) of output layer i; a list missing from
-    that source's config is read from `config` (the config source's) at the same layer."""
+    `origins[i]` is (source layer, that source's config.json) of output layer i. A per-layer list a source's
+    config.json lacks is the one transformers derives from it (older Qwen2/Qwen3 configs: sliding attention from
+    `max_window_layers`; Gemma2's alternation; SmolLM3's `no_rope_layer_interval`), else the config source's at
+    the same layer. The output gets an explicit list wherever the rule transformers would apply to it gives a
+    different entry than its source layer had; likewise for MoE sparse layers (`_patch_sparse`)."""
     target = layer_config(config)
+    sparse = [_is_sparse(layer_config(src or config), layer) for layer, src in origins]
+    per_layer = {key: _per_layer(key, config, origins) for key in PER_LAYER_LISTS}
+    per_index = {key: _per_index(key, config, origins) for key in LAYER_INDEX_LISTS}
     n_in = next((target[k] for k in LAYER_COUNTS if isinstance(target.get(k), int)), None)
     for key in LAYER_COUNTS:
         if isinstance(target.get(key), int) and target[key] == n_in:
             target[key] = len(origins)
-    for key in PER_LAYER_LISTS:
-        if isinstance(target.get(key), list):
-            target[key] = [_entry(key, target[key], layer, src) for layer, src in origins]
-    for key in LAYER_INDEX_LISTS:
-        if isinstance(target.get(key), list):
-            target[key] = [i for i, (layer, src) in enumerate(origins) if layer in _index_list(key, target, src)]
+    for key, values in per_layer.items():
+        if values is not None and (isinstance(target.get(key), list) or values != derived_list(config, key)):
+            target[key] = values
+    for key, values in per_index.items():
+        if values is not None and (isinstance(target.get(key), list) or values != derived_list(config, key)):
+            target[key] = values
+    _patch_sparse(target, sparse)
 
 
-def _entry(key: str, default: list[Any], layer: int, source: dict[str, Any] | None) -> Any:
-    own = layer_config(source).get(key) if source else None
-    values = own if isinstance(own, list) and layer < len(own) else default
-    if layer >= len(values):
-        raise _short(key, values, layer)
-    return values[layer]
+def _per_layer(key: str, config: dict[str, Any], origins: list[tuple[int, dict[str, Any] | None]]) -> list | None:
+    """Output layer i's entry of `key`: its source layer's (explicit or derived), None where no source has one."""
+    fallback = source_list(config, key)
+    if fallback is None and not any(src and source_list(src, key) for _, src in origins):
+        return None
+    out = []
+    for layer, src in origins:
+        own = source_list(src, key) if src else None
+        values = own if own is not None and layer < len(own) else fallback
+        if values is None or layer >= len(values):
+            raise _short(key, values or [], layer)
+        out.append(values[layer])
+    return out
 
 
-def _index_list(key: str, default: dict[str, Any], source: dict[str, Any] | None) -> list[Any]:
-    own = layer_config(source).get(key) if source else None
-    return own if isinstance(own, list) else default[key]
+def source_list(config: dict[str, Any], key: str) -> list | None:
+    """A config.json's per-layer list `key`: as written, else as transformers derives it."""
+    own = layer_config(config).get(key)
+    return own if isinstance(own, list) else derived_list(config, key)
+
+
+def derived_list(config: dict[str, Any], key: str) -> list | None:
+    """The list `key` transformers' config class derives for `config` when the list is not given (None where it
+    derives none): the installed transformers' own rule, else basin's copy of Qwen's (`_qwen_layer_types`)."""
+    text = json.dumps({k: v for k, v in config.items() if k != "auto_map"}, sort_keys=True)
+    derived = _derived_cached(text, key)
+    return None if derived is None else list(derived)
+
+
+@functools.lru_cache(maxsize=256)
+def _derived_cached(config_text: str, key: str) -> tuple | None:
+    config = json.loads(config_text)
+    layer_config(config).pop(key, None)
+    try:
+        values = _transformers_list(config, key)
+    except ImportError:
+        values = _qwen_layer_types(config) if key == "layer_types" else None
+    return tuple(values) if isinstance(values, (list, tuple)) else None
+
+
+def _transformers_list(config: dict[str, Any], key: str) -> Any:
+    """`key` of the config transformers builds from `config` (its own classes only; None if it cannot)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        built = CONFIG_MAPPING[config.get("model_type")].from_dict(config)
+        return getattr(built.get_text_config(), key, None)
+    except Exception:  # noqa: BLE001  (an unknown model_type or a config the class refuses: nothing derived)
+        return None
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _qwen_layer_types(config: dict[str, Any]) -> list[str] | None:
+    """Qwen2/Qwen3 (sliding from layer `max_window_layers` on) and Qwen2-MoE (sliding on even layers below it)
+    attention types, as transformers' Qwen2Config / Qwen3Config / Qwen2MoeConfig derive them (defaults theirs)."""
+    kind, cfg = config.get("model_type"), layer_config(config)
+    n = next((cfg[k] for k in LAYER_COUNTS if isinstance(cfg.get(k), int)), None)
+    if kind not in ("qwen2", "qwen3", "qwen2_moe") or n is None:
+        return None
+    on = bool(cfg.get("use_sliding_window", False)) and (kind == "qwen2_moe" or cfg.get("sliding_window", 4096)
+                                                           is not None)
+    limit = cfg.get("max_window_layers", 28)
+    if kind == "qwen2_moe":
+        return ["sliding_attention" if on and (i + 1) % 2 and i < limit else "full_attention" for i in range(n)]
+    return ["sliding_attention" if on and i >= limit else "full_attention" for i in range(n)]
+
+
+def _is_sparse(config: dict[str, Any], layer: int) -> bool | None:
+    """Whether layer `layer` is a mixture of experts under the Qwen-MoE rule (Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
+    ...: not in `mlp_only_layers`, experts, (layer + 1) % decoder_sparse_step == 0); None where no such rule."""
+    step = config.get("decoder_sparse_step")
+    if not isinstance(step, int) or isinstance(step, bool) or "num_hidden_layers" not in config:
+        return None
+    experts = config.get("num_experts")
+    only = config.get("mlp_only_layers") or []
+    return layer not in only and (not isinstance(experts, int) or experts > 0) and step > 0 and (layer + 1) % step == 0
+
+
+def _patch_sparse(target: dict[str, Any], sparse: list[bool | None]) -> None:
+    """Where the output's decoder_sparse_step and mlp_only_layers would make a layer sparse or dense unlike its
+    source layer, state the pattern explicitly: decoder_sparse_step 1, mlp_only_layers = the dense layers."""
+    if None in sparse or _is_sparse(target, 0) is None:
+        return
+    if [_is_sparse(target, i) for i in range(len(sparse))] == sparse:
+        return
+    if any(sparse) and isinstance(target.get("num_experts"), int) and target["num_experts"] <= 0:
+        from taxonomy.errors import BasinError
+
+        raise BasinError("config.json: num_experts is 0 in the config source, but the merge takes sparse layers")
+    target["decoder_sparse_step"] = 1
+    target["mlp_only_layers"] = [i for i, s in enumerate(sparse) if not s]
+
+
+def _per_index(key: str, config: dict[str, Any], origins: list[tuple[int, dict[str, Any] | None]]) -> list | None:
+    """The output layers whose source layer is in its source's list `key` (explicit or derived), None where no
+    source has such a list."""
+    fallback = source_list(config, key)
+    lists = [source_list(src, key) if src else None for _, src in origins]
+    if fallback is None and all(v is None for v in lists):
+        return None
+    pairs = zip(origins, lists, strict=True)
+    return [i for i, ((layer, _), own) in enumerate(pairs) if layer in (own or fallback or [])]
 
 
 def _short(key: str, values: list[Any], layer: int):

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from merging.recipe import _ref
 from taxonomy.errors import BasinError
 
 TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -102,10 +103,7 @@ def parse_tokenizer(tokenizer_source: Any, block: Any, where: str = "recipe") ->
     if tokenizer_source is not None and block is not None:
         raise BasinError(f"{where}: give either tokenizer_source or a tokenizer: block, not both")
     if tokenizer_source is not None:
-        if not isinstance(tokenizer_source, str) or not tokenizer_source.strip():
-            raise BasinError(f"{where}: tokenizer_source must be 'base', 'union' or a model reference, "
-                             f"got {tokenizer_source!r}")
-        return TokenizerSpec(tokenizer_source.strip())
+        return TokenizerSpec(_source(tokenizer_source, f"{where}: tokenizer_source"))
     if block is None:
         return None
     w = f"{where}: tokenizer"
@@ -114,9 +112,7 @@ def parse_tokenizer(tokenizer_source: Any, block: Any, where: str = "recipe") ->
     extra = set(block) - {"source", "tokens", "pad_to_multiple_of"}
     if extra:
         raise BasinError(f"{w}: unknown field(s) {sorted(extra)} (known: pad_to_multiple_of, source, tokens)")
-    source = block.get("source", "union")  # mergekit's default
-    if not isinstance(source, str) or not source.strip():
-        raise BasinError(f"{w}.source: expected 'base', 'union' or a model reference, got {source!r}")
+    source = _source(block.get("source", "union"), f"{w}.source")  # union: mergekit's default
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise BasinError(f"{w}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
@@ -124,7 +120,17 @@ def parse_tokenizer(tokenizer_source: Any, block: Any, where: str = "recipe") ->
     if not isinstance(tokens_in, dict):
         raise BasinError(f"{w}.tokens: expected a mapping of token -> {{source, force}}")
     tokens = {str(tok): _token_rule(cfg, f"{w}.tokens[{tok!r}]") for tok, cfg in tokens_in.items()}
-    return TokenizerSpec(source.strip(), tokens, pad)
+    return TokenizerSpec(source, tokens, pad)
+
+
+def _source(value: Any, where: str) -> str:
+    """'base', 'union' or a model reference in any form mergekit's ModelReference takes (a string, or
+    {model: <path or {path, revision}>, lora: ...}), as basin's reference string."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, dict):
+        return _ref(value, where)
+    raise BasinError(f"{where} must be 'base', 'union' or a model reference, got {value!r}")
 
 
 def _token_rule(cfg: Any, where: str) -> TokenRule:
@@ -137,8 +143,8 @@ def _token_rule(cfg: Any, where: str) -> TokenRule:
     if not isinstance(force, bool):
         raise BasinError(f"{where}.force: expected true or false, got {force!r}")
     src = cfg["source"]
-    if isinstance(src, str) and src.strip():
-        return TokenRule(TokenSource("model", model=src.strip()), force)
+    if isinstance(src, str) and src.strip() or isinstance(src, dict) and "model" in src and "kind" not in src:
+        return TokenRule(TokenSource("model", model=_ref(src, f"{where}.source")), force)
     if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
         raise BasinError(f"{where}.source: expected a model reference, {{kind: zero}} or "
                          f"{{kind: model_token, model: ..., token: ...}}, got {src!r}")
@@ -150,13 +156,14 @@ def _token_rule(cfg: Any, where: str) -> TokenRule:
     if extra:
         raise BasinError(f"{where}.source: unknown field(s) {sorted(extra)}")
     model, token, token_id = src.get("model"), src.get("token"), src.get("token_id")
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, (str, dict)) or isinstance(model, str) and not model.strip():
         raise BasinError(f"{where}.source.model: expected a model reference, got {model!r}")
+    model = _ref(model, f"{where}.source.model")
     if (token is None) == (token_id is None):
         raise BasinError(f"{where}.source: give exactly one of token or token_id")
     if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
         raise BasinError(f"{where}.source.token_id: expected a non-negative integer, got {token_id!r}")
-    return TokenRule(TokenSource("model_token", model.strip(), None if token is None else str(token), token_id),
+    return TokenRule(TokenSource("model_token", model, None if token is None else str(token), token_id),
                      force)
 
 

@@ -268,3 +268,59 @@ def test_documented_tokenizer_configs_run(config, tmp_path, ab):
     else:  # task arithmetic from A with B's vocabulary: A's row + 0.5 (B's row - A's row)
         ra, rb = _row(sa, EMBED, WORDS_A, "apple"), _row(sb, EMBED, WORDS_B, "apple")
         torch.testing.assert_close(row["apple"], ra + 0.5 * (rb - ra))
+
+
+# --- issue 17 follow-up: mergekit's mapping form of a model reference as a tokenizer source ----------------------
+def test_parse_tokenizer_mapping_references():
+    """tokenizer_source / tokenizer.source / token rules take {model: <path or {path, revision}>, lora: ...}."""
+    from merging.recipe import Recipe
+    from merging.vocab import parse_tokenizer
+
+    spec = parse_tokenizer({"model": {"path": "org/m", "revision": "v2"}}, None)
+    assert spec.source == "org/m@v2" and spec.model_ref == "org/m@v2"
+    assert parse_tokenizer(None, {"source": {"model": {"path": "org/m"}, "lora": "org/l"}}).source == "org/m+org/l"
+    assert parse_tokenizer(None, {"source": " base "}).source == "base"
+    tokens = {"x": {"source": {"model": {"path": "org/a", "revision": "r"}}},
+              "y": {"source": {"kind": "model_token", "model": {"model": {"path": "org/b"}}, "token_id": 1}}}
+    rules = parse_tokenizer(None, {"source": "union", "tokens": tokens}).tokens
+    assert (rules["x"].source.kind, rules["x"].source.model) == ("model", "org/a@r")
+    assert (rules["y"].source.kind, rules["y"].source.model) == ("model_token", "org/b")
+    recipe = Recipe.from_dict({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                               "tokenizer": {"source": {"model": {"path": "org/t", "revision": "main"}}}})
+    assert recipe.tokenizer_ref == "org/t@main"
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"source": {"path": "org/m"}}, r"recipe: tokenizer\.source: a model reference mapping needs 'model'"),
+    ({"source": {"model": {"path": "org/m", "rev": "x"}}}, r"recipe: tokenizer\.source\.model: unknown field 'rev'"),
+    ({"source": 3}, r"recipe: tokenizer\.source must be 'base', 'union' or a model reference, got 3"),
+    ({"tokens": {"t": {"source": {"kind": "model_token", "model": {"lora": "x"}, "token": "a"}}}},
+     r"tokens\['t'\]\.source\.model: a model reference mapping needs 'model'"),
+])
+def test_parse_tokenizer_bad_mapping_is_one_line(block, message):
+    from merging.vocab import parse_tokenizer
+
+    with pytest.raises(BasinError, match=message) as e:
+        parse_tokenizer(None, block)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("form", ["tokenizer_source", "tokenizer_block", "tokenizer_block_path"])
+def test_mapping_tokenizer_source_merges_as_the_string(tmp_path, ab, form):
+    """The mapping forms give the same output, bit for bit, as `tokenizer_source: <B>` (local folders)."""
+    a, b = ab
+    extra = {"tokenizer_source": {"model": str(b)}} if form == "tokenizer_source" else {
+        "tokenizer": {"source": {"model": {"path": str(b)}} if form.endswith("path") else {"model": str(b)}}}
+    tokens = {"apple": {"source": {"model": {"path": str(a)}}, "force": True},
+              "yak": {"source": {"kind": "model_token", "model": {"model": {"path": str(a)}}, "token_id": 4}}}
+    plain = {"apple": {"source": str(a), "force": True},
+             "yak": {"source": {"kind": "model_token", "model": str(a), "token_id": 4}}}
+    merge(_linear(a, b, tokenizer_source=str(b)), tmp_path / "ref", progress=False)
+    merge(_linear(a, b, **extra), tmp_path / "out", progress=False)
+    assert tensors(tmp_path / "out").keys() == tensors(tmp_path / "ref").keys()
+    for name, t in tensors(tmp_path / "ref").items():
+        assert torch.equal(tensors(tmp_path / "out")[name], t), name
+    merge(_linear(a, b, tokenizer={"source": "union", "tokens": plain}), tmp_path / "ref2", progress=False)
+    merge(_linear(a, b, tokenizer={"source": "union", "tokens": tokens}), tmp_path / "out2", progress=False)
+    ref2, out2 = tensors(tmp_path / "ref2"), tensors(tmp_path / "out2")
+    assert all(torch.equal(out2[n], ref2[n]) for n in ref2) and ref2.keys() == out2.keys()
