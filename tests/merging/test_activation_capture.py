@@ -28,7 +28,7 @@ def test_activation_matching_sees_inputs_before_later_in_place_changes():
     results = []
     for inplace in (False, True):
         a, b = Residual(inplace, 0).eval(), Residual(inplace, 1).eval()
-        results.append(activation_matching(a, b, x, infer_spec(a)))
+        results.append(activation_matching(a, b, infer_spec(a), x))
     ref, got = results
     assert ref.perms.keys() == got.perms.keys()
     assert all(torch.equal(ref.perms[g], got.perms[g]) for g in ref.perms)

@@ -111,5 +111,5 @@ def test_ste_refuses_a_step_count_below_one():
     data = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
     for steps in (0, -1, 1.5, True):
         with pytest.raises(BasinError, match="ste: steps must be a positive integer"):
-            ste_matching(a, a, data, infer_spec(a), steps=steps)
-    assert ste_matching(a, a, data, infer_spec(a), steps=1).method == "ste"
+            ste_matching(a, a, infer_spec(a), data, steps=steps)
+    assert ste_matching(a, a, infer_spec(a), data, steps=1).method == "ste"
