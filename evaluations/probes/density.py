@@ -54,11 +54,9 @@ class Density:
                 "moment_stderr": self.moment_stderr, "mode": self.mode}
 
     def plot(self, path: str, log: bool = True) -> None:
-        import matplotlib
+        from evaluations.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(self.grid.numpy(), self.density.numpy())
         if log:

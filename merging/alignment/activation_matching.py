@@ -20,6 +20,7 @@ from torch import nn
 
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, check_same_architecture
+from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 SITE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -104,6 +105,24 @@ def check_spec_argument(spec: Any, data: Any, name: str) -> None:
 
 
 @torch.no_grad()
+
+def _accumulate(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Any,
+                where: dict[str, list[str]], captured: dict[str, dict[str, torch.Tensor]], stats: dict) -> int:
+    """Run both models over `data`, adding each site's unit features to its group's statistics; the batch count."""
+    modules = dict(model_a.named_modules())
+    seen = 0
+    for args, kwargs in batches(data):
+        run_model(model_a, args, kwargs, "model A")
+        run_model(model_b, args, kwargs, "model B")
+        seen += 1
+        for group, names in where.items():
+            n = spec.sizes[group]
+            for name in names:
+                conv = not isinstance(modules[name], nn.Linear)
+                stats[group].add(_unit_features(captured["a"][name], conv, n),
+                                 _unit_features(captured["b"][name], conv, n))
+    return seen
+
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Any) -> MatchResult:
     """Permutations of B's units maximising the correlation of its activations with A's on `data`.
 
@@ -127,28 +146,14 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
                 def hook(mod, inputs, key=key, name=name):
                     captured[key][name] = inputs[0].clone()  # read after the pass: later in-place ops must not reach it
                 handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
     try:
-        seen = 0
-        for args, kwargs in batches(data):
-            run_model(model_a, args, kwargs, "model A")
-            run_model(model_b, args, kwargs, "model B")
-            seen += 1
-            for group, names in where.items():
-                n = spec.sizes[group]
-                for name in names:
-                    conv = not isinstance(dict(model_a.named_modules())[name], nn.Linear)
-                    stats[group].add(_unit_features(captured["a"][name], conv, n),
-                                     _unit_features(captured["b"][name], conv, n))
+        with eval_mode(model_a), eval_mode(model_b):
+            seen = _accumulate(model_a, model_b, spec, data, where, captured, stats)
         if not seen:
             raise BasinError("data: no batches")
     finally:
         for h in handles:
             h.remove()
-        model_a.train(was_training[0])
-        model_b.train(was_training[1])
     perms: dict[str, torch.Tensor] = {}
     objective: list[float] = []
     for group in spec.groups:
