@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from evaluations.probes.attention import math_attention
 from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import BasinError
 
@@ -55,13 +55,6 @@ def network_mode(model: nn.Module, mode: str) -> Iterator[None]:
             m.training = training
             if track is not None:
                 m.track_running_stats = track
-
-
-@contextmanager
-def math_attention() -> Iterator[None]:
-    """Scaled dot-product attention on the math backend, whose ops all have double-backward and jvp rules."""
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

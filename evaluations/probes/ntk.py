@@ -19,15 +19,13 @@ Kinds: "full" -> [n1*C, n2*C] (row i*C + a is example i, output a); "block" -> [
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from evaluations.probes.attention import math_attention
 from evaluations.probes.params import Selection, select_params
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
@@ -156,20 +154,6 @@ def ntk_vp(model, x1, x2=None, kind="full", params=None, chunk: int | None = Non
             cols.append(vmap(column)(cots))  # [chunk, n1, C]
         full = torch.cat(cols).reshape(n2, c, n1, c).permute(2, 3, 0, 1)  # [n1, C, n2, C]
     return reduce_kernel(full, kind)
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Attention through its composite "math" kernels: `nn.TransformerEncoderLayer` / `nn.MultiheadAttention`
-    fast paths and fused scaled-dot-product kernels have no forward-mode derivative (the `ntk_vp` method's
-    `jvp`) and round differently from the reference computation."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
 
 
 @dataclass
