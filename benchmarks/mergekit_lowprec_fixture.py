@@ -18,30 +18,36 @@ from pathlib import Path
 
 import yaml
 
-from tests.merging.lowprec_inputs import DTYPES, METHODS, make_inputs, recipe, tensor_hashes
+from tests.merging.lowprec_inputs import DTYPES, METHODS, make_inputs, recipe, tensor_hashes, tensor_values
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "merging" / "data" / "mergekit_lowprec.json"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "merging" / "data"
 
 
-def main(mergekit_yaml: str) -> None:
+def record(mergekit_yaml: str, merges: list[tuple[str, str]], out: Path, values: tuple[str, ...] = ()) -> None:
+    """Run mergekit-yaml on each (method, dtype) and write the per-tensor sha256 (and, for the methods in
+    `values`, the float32 values) to `out`."""
     version = subprocess.run([str(Path(mergekit_yaml).with_name("python")), "-c",
                               "import importlib.metadata as m, torch; print(m.version('mergekit'), torch.__version__)"],
                              capture_output=True, text=True, check=True).stdout.split()
-    record = {"mergekit": version[0], "torch": version[1], "merges": {}}
+    result: dict = {"mergekit": version[0], "torch": version[1], "merges": {}, "values": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_inputs(Path(tmp) / "in")
-        for dtype in DTYPES:
-            for method in METHODS:
-                key = f"{method}-{dtype}"
-                path = Path(tmp) / f"{key}.yaml"
-                path.write_text(yaml.safe_dump(recipe(method, dtype, folders)))
-                subprocess.run([mergekit_yaml, str(path), str(Path(tmp) / key)], check=True, capture_output=True)
-                record["merges"][key] = tensor_hashes(Path(tmp) / key)
-                print(key, len(record["merges"][key]), "tensors")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
-    print("wrote", OUT)
+        for method, dtype in merges:
+            key = f"{method}-{dtype}"
+            path = Path(tmp) / f"{key}.yaml"
+            path.write_text(yaml.safe_dump(recipe(method, dtype, folders)))
+            subprocess.run([mergekit_yaml, str(path), str(Path(tmp) / key)], check=True, capture_output=True)
+            result["merges"][key] = tensor_hashes(Path(tmp) / key)
+            if method in values:
+                result["values"][key] = tensor_values(Path(tmp) / key)
+            print(key, len(result["merges"][key]), "tensors")
+    if not result["values"]:
+        del result["values"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mergekit-yaml")
+    record(sys.argv[1] if len(sys.argv) > 1 else "mergekit-yaml",
+           [(m, d) for d in DTYPES for m in METHODS], DATA / "mergekit_lowprec.json")

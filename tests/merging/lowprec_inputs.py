@@ -1,7 +1,8 @@
-"""Tiny Llama-layout checkpoints (float32, from fixed seeds) for the mergekit low-precision fixture.
+"""Tiny Llama-layout checkpoints (float32, from fixed seeds) for the mergekit fixtures.
 
-Shared by benchmarks/mergekit_lowprec_fixture.py, which records mergekit's outputs on them, and
-tests/merging/test_mergekit_lowprec.py, which checks basin's `compute_dtype` against that record.
+Shared by benchmarks/mergekit_lowprec_fixture.py and benchmarks/mergekit_fp32_fixture.py, which record
+mergekit's outputs on them, and tests/merging/test_mergekit_lowprec.py / test_mergekit_fp32.py, which
+check basin's merges (`compute_dtype` float16/bfloat16; float32) against those records.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ CONFIG = {
 }
 METHODS = ("linear", "task_arithmetic", "ties", "slerp")
 DTYPES = ("float16", "bfloat16")
+# mergekit 0.1.5's deterministic methods (dare_* and della* draw random masks), merged in float32
+FP32_METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "sce", "ram", "ramplus_tl",
+                "model_stock", "nearswap", "arcee_fusion", "slerp", "nuslerp", "multislerp", "karcher")
+# where basin's float32 merge is not mergekit's bit for bit (float64 norms, dots and sums; lerp in nearswap):
+# the fp32 fixture records their values, and the test bounds the relative difference
+FP32_APPROX = ("sce", "model_stock", "nearswap", "arcee_fusion", "slerp", "nuslerp", "multislerp", "karcher")
+# (base_model, models, parameters) per method: "two" = ft1 and ft2 weighted 0.6 and 0.5, "pair" = unweighted
+_FORMS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
+    "linear": (None, "two", {}), "task_arithmetic": ("base", "two", {}), "ties": ("base", "two", {"density": 0.5}),
+    "breadcrumbs": ("base", "two", {"density": 0.8, "gamma": 0.05}),
+    "breadcrumbs_ties": ("base", "two", {"density": 0.8, "gamma": 0.05}),
+    "sce": ("base", "pair", {"select_topk": 0.5}), "ram": ("base", "pair", {}), "ramplus_tl": ("base", "pair", {}),
+    "model_stock": ("base", "pair", {}), "nearswap": ("ft1", "pair", {"t": 0.01}),
+    "arcee_fusion": ("ft1", "pair", {}), "slerp": ("ft1", "pair", {"t": 0.3}), "nuslerp": (None, "two", {}),
+    "multislerp": ("base", "two", {}), "karcher": (None, "pair", {}),
+}
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
@@ -58,15 +75,19 @@ def make_inputs(root: Path) -> dict[str, Path]:
 
 
 def recipe(method: str, dtype: str, folders: dict[str, Path]) -> dict[str, Any]:
-    b, a, c = (str(folders[k]) for k in ("base", "ft1", "ft2"))
-    two = [{"model": a, "parameters": {"weight": 0.6}}, {"model": c, "parameters": {"weight": 0.5}}]
-    if method == "linear":
-        return {"merge_method": "linear", "dtype": dtype, "models": two}
-    if method == "slerp":
-        return {"merge_method": "slerp", "dtype": dtype, "base_model": a, "parameters": {"t": 0.3},
-                "models": [{"model": a}, {"model": c}]}
-    params = {"density": 0.5} if method == "ties" else {}
-    return {"merge_method": method, "dtype": dtype, "base_model": b, "parameters": params, "models": two}
+    """The mergekit recipe of `method` (a key of _FORMS) on the inputs, output in `dtype`."""
+    base, models, params = _FORMS[method]
+    a, c = str(folders["ft1"]), str(folders["ft2"])
+    if models == "two":
+        listed = [{"model": a, "parameters": {"weight": 0.6}}, {"model": c, "parameters": {"weight": 0.5}}]
+    else:
+        listed = [{"model": a}, {"model": c}]
+    out: dict[str, Any] = {"merge_method": method, "dtype": dtype, "models": listed}
+    if base is not None:
+        out["base_model"] = str(folders[base])
+    if params or base == "base":
+        out["parameters"] = dict(params)
+    return out
 
 
 def tensor_hashes(folder: Path) -> dict[str, str]:
@@ -78,4 +99,17 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
         for name, t in load_file(path).items():
             raw = t.contiguous().view(torch.uint8).numpy().tobytes()
             out[name] = hashlib.sha256(str(t.dtype).encode() + b"\0" + raw).hexdigest()
+    return dict(sorted(out.items()))
+
+
+def tensor_values(folder: Path) -> dict[str, str]:
+    """Each output tensor's float32 bytes (little-endian), base64, by name: where a fixture records values."""
+    import base64
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, t in load_file(path).items():
+            out[name] = base64.b64encode(t.float().contiguous().numpy().astype("<f4").tobytes()).decode()
     return dict(sorted(out.items()))
