@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from taxonomy.errors import BasinError, suggest
+from taxonomy.errors import RecipeError, suggest
 
 NAMED: dict[str, str] = {
     "chatml": (
@@ -72,14 +72,14 @@ def _is_name(value: str) -> bool:
 def check_chat_template(value: Any, where: str) -> None:
     """'auto', a named template or a Jinja template (mergekit's rule), else a one-line BasinError."""
     if not isinstance(value, str):
-        raise BasinError(f"{where}: expected 'auto', a template name or a Jinja template, got {value!r}")
+        raise RecipeError(f"{where}: expected 'auto', a template name or a Jinja template, got {value!r}")
     if value == "auto" or value in NAMED:
         return
     if _is_name(value) and len(value) < 20:
-        raise BasinError(f"{where}: unknown chat template {value!r}{suggest(value, NAMED)} "
+        raise RecipeError(f"{where}: unknown chat template {value!r}{suggest(value, NAMED)} "
                          f"(named: auto, {', '.join(sorted(NAMED))}; or give a Jinja template)")
     if len(value) < 20 or "{" not in value:
-        raise BasinError(f"{where}: not a chat template (a Jinja template has '{{' and at least 20 characters)")
+        raise RecipeError(f"{where}: not a chat template (a Jinja template has '{{' and at least 20 characters)")
 
 
 def folder_template(folder: Path | None) -> str | None:
@@ -106,7 +106,7 @@ def _json_template(path: Path) -> Any:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise BasinError(f"{path}: not valid JSON (reading its chat template)") from None
+        raise RecipeError(f"{path}: not valid JSON (reading its chat template)") from None
     return data.get("chat_template") if isinstance(data, dict) else None
 
 
@@ -128,6 +128,6 @@ def with_chat_template(tokenizer_config: str | None, template: str) -> str:
     """tokenizer_config.json's text with `chat_template` set (a new config if there was none)."""
     config = json.loads(tokenizer_config) if tokenizer_config else {}
     if not isinstance(config, dict):
-        raise BasinError("tokenizer_config.json: expected a JSON object")
+        raise RecipeError("tokenizer_config.json: expected a JSON object")
     config["chat_template"] = template
     return json.dumps(config, indent=2) + "\n"

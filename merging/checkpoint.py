@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import BasinError, CheckpointError
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def open_checkpoint(ref: object, *, allow_pickle: bool = False, label: str | Non
     if isinstance(ref, (torch.nn.Module, Mapping)):
         return StateDictCheckpoint(ref, label=label or "in-memory")
     if not isinstance(ref, (str, Path)):
-        raise BasinError(f"cannot open a checkpoint from a {type(ref).__name__}")
+        raise CheckpointError(f"cannot open a checkpoint from a {type(ref).__name__}")
     text = str(ref)
     if "+" in text and not Path(text).exists():
         base_ref, adapter_ref = text.rsplit("+", 1)
@@ -138,14 +138,14 @@ def open_path(path: Path, *, allow_pickle: bool = False, label: str | None = Non
 
     label = label or str(path)
     if not path.exists():
-        raise BasinError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix == ".safetensors":
             ckpt: Checkpoint = SafetensorsCheckpoint([path], label, folder=path.parent, revision=revision)
         elif path.suffix in (".bin", ".pt", ".pth"):
             ckpt = _open_pickle(path, allow_pickle, label)
         else:
-            raise BasinError(f"{path}: expected a .safetensors file or a model folder")
+            raise CheckpointError(f"{path}: expected a .safetensors file or a model folder")
         ckpt.repo_id = repo_id
         return ckpt
     index = path / INDEX_NAME
@@ -159,10 +159,11 @@ def open_path(path: Path, *, allow_pickle: bool = False, label: str | None = Non
         ckpt = _open_pickle(path / "pytorch_model.bin", allow_pickle, label)
         ckpt.folder, ckpt.revision = path, revision
     elif (path / "pytorch_model.bin.index.json").is_file():
-        raise BasinError(f"{path}: sharded pytorch_model*.bin checkpoints are not supported; convert to safetensors")
+        raise CheckpointError(
+            f"{path}: sharded pytorch_model*.bin checkpoints are not supported; convert to safetensors")
     else:
         found = sorted(p.name for p in path.iterdir())[:8]
-        raise BasinError(f"{path}: no model.safetensors or {INDEX_NAME} in this folder (found {found})")
+        raise CheckpointError(f"{path}: no model.safetensors or {INDEX_NAME} in this folder (found {found})")
     ckpt.repo_id = repo_id
     return ckpt
 
@@ -182,7 +183,7 @@ def _read_index(index: Path) -> dict[str, Path]:
         data = None
     raw_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(raw_map, dict) or not raw_map:
-        raise BasinError(f"{index}: not a valid index (expected a JSON object with a non-empty 'weight_map')")
+        raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a non-empty 'weight_map')")
     roots = _shard_roots(index.parent)
     out: dict[str, Path] = {}
     for name, shard in raw_map.items():
@@ -202,29 +203,29 @@ def _shard_roots(folder: Path) -> list[Path]:
 def _shard_path(index: Path, roots: list[Path], name: str, shard: object) -> Path:
     """One weight_map entry checked: a relative file name (no NUL, no `..`) resolving inside `roots`."""
     if not isinstance(shard, str) or not shard or "\0" in shard or "\0" in name:
-        raise BasinError(f"{index}: tensor {name[:80]!r} has shard {str(shard)[:80]!r}; expected a file name")
+        raise CheckpointError(f"{index}: tensor {name[:80]!r} has shard {str(shard)[:80]!r}; expected a file name")
     path = Path(shard)
     target = (index.parent / path).resolve()
     lexical = not path.is_absolute() and ".." not in path.parts
     if not lexical or not any(target.is_relative_to(r) for r in roots):
-        raise BasinError(f"{index}: shard path {shard!r} of tensor {name!r} escapes the checkpoint folder")
+        raise CheckpointError(f"{index}: shard path {shard!r} of tensor {name!r} escapes the checkpoint folder")
     return index.parent / path
 
 
 def _open_pickle(path: Path, allow_pickle: bool, label: str) -> Checkpoint:
     if not allow_pickle:
-        raise BasinError(
+        raise CheckpointError(
             f"{path}: PyTorch pickle checkpoints can run code when loaded; refused. Convert it to safetensors, "
             "or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise BasinError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from None
+        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BasinError(f"{path}: does not hold a flat state dict of tensors")
+        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
     return StateDictCheckpoint(state, label=label, folder=path.parent)
 
 
@@ -238,7 +239,7 @@ def _open_lora(base_ref: str, adapter_ref: str, *, allow_pickle: bool) -> Checkp
     try:
         from merging.lora import open_lora
     except ImportError:
-        raise BasinError(f"{base_ref}+{adapter_ref}: LoRA adapters are not available in this build") from None
+        raise CheckpointError(f"{base_ref}+{adapter_ref}: LoRA adapters are not available in this build") from None
     return open_lora(base, adapter)
 
 
@@ -258,4 +259,4 @@ class HeaderCheckpoint(Checkpoint):
         return self._metas[name]
 
     def get(self, name: str) -> torch.Tensor:
-        raise BasinError(f"{self.label}: headers only, tensor data is not available here")
+        raise CheckpointError(f"{self.label}: headers only, tensor data is not available here")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import CheckpointError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 CONFIG_PATTERNS = [
@@ -47,7 +47,7 @@ def resolve(ref: str, *, allow_pickle: bool = False, weights: bool = True) -> Re
         return Resolved(ref, local)
     m = HUB_ID.match(ref)
     if not m or ref.startswith((".", "/", "~")):
-        raise BasinError(f"{ref}: no such file or folder")
+        raise CheckpointError(f"{ref}: no such file or folder")
     repo_id, rev = m.group("repo"), m.group("rev")
     patterns = list(CONFIG_PATTERNS)
     if weights:
@@ -62,7 +62,7 @@ def resolve(ref: str, *, allow_pickle: bool = False, weights: bool = True) -> Re
         where = f" in the cache {constants.HF_HUB_CACHE}" if offline else ""
         mode = " (HF_HUB_OFFLINE is set)" if offline else ""
         kind = type(err).__name__
-        raise BasinError(
+        raise CheckpointError(
             f"{ref}: not a local path, and Hub repo {repo_id!r}"
             f"{'@' + rev if rev else ''} could not be resolved{where}{mode}: {kind}"
         ) from None
@@ -95,12 +95,12 @@ def remote_headers(repo_id: str, revision: str | None, label: str):
     try:
         info = HfApi().get_safetensors_metadata(repo_id, revision=revision)
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise BasinError(f"{label}: cannot read the safetensors headers of {repo_id!r} on the Hub: "
+        raise CheckpointError(f"{label}: cannot read the safetensors headers of {repo_id!r} on the Hub: "
                          f"{type(err).__name__}") from None
     metas = {}
     for file_meta in info.files_metadata.values():
         for name, t in file_meta.tensors.items():
             if t.dtype not in DTYPES:
-                raise BasinError(f"{label}: tensor {name!r} has dtype {t.dtype}, which basin cannot read")
+                raise CheckpointError(f"{label}: tensor {name!r} has dtype {t.dtype}, which basin cannot read")
             metas[name] = TensorMeta(tuple(t.shape), DTYPES[t.dtype])
     return HeaderCheckpoint(metas, label)

@@ -27,7 +27,7 @@ import torch
 
 from merging.arch import INPUT_EMBED, OUTPUT_EMBED, read_config
 from merging.checkpoint import Checkpoint, TensorMeta
-from taxonomy.errors import BasinError
+from taxonomy.errors import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,28 +75,28 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 def _read_config(folder: Path) -> tuple[dict, Path]:
     """The folder's adapter_config.json, checked; and the weights file's path."""
     if not folder.is_dir():
-        raise BasinError(f"{folder}: no such LoRA adapter folder")
+        raise CheckpointError(f"{folder}: no such LoRA adapter folder")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file():
-        raise BasinError(f"{folder}: missing {CONFIG_NAME}; not a PEFT adapter folder")
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}; not a PEFT adapter folder")
     if not weights_path.is_file():
         pickle = (folder / "adapter_model.bin").exists()
         hint = " (adapter_model.bin is a pickle; convert it to safetensors)" if pickle else ""
-        raise BasinError(f"{folder}: missing {WEIGHTS_NAME}{hint}")
+        raise CheckpointError(f"{folder}: missing {WEIGHTS_NAME}{hint}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         config = None
     if not isinstance(config, dict):
-        raise BasinError(f"{config_path}: not a JSON object")
+        raise CheckpointError(f"{config_path}: not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise BasinError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
+        raise CheckpointError(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
     if config.get("use_dora"):
-        raise BasinError(f"{config_path}: DoRA adapters (use_dora) are not supported")
+        raise CheckpointError(f"{config_path}: DoRA adapters (use_dora) are not supported")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise BasinError(f"{config_path}: field {key!r} must be a number, got {config.get(key)!r}")
+            raise CheckpointError(f"{config_path}: field {key!r} must be a number, got {config.get(key)!r}")
     return config, weights_path
 
 
@@ -117,9 +117,9 @@ def _split_tensors(tensors: dict[str, torch.Tensor], weights_path: Path
     for key, tensor in tensors.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if ".lora_" in name and name.endswith(".bias"):
-            raise BasinError(f"{weights_path}: tensor {key!r} is a LoRA bias (lora_bias); not supported")
+            raise CheckpointError(f"{weights_path}: tensor {key!r} is a LoRA bias (lora_bias); not supported")
         if "lora_magnitude_vector" in name:
-            raise BasinError(f"{weights_path}: tensor {key!r} belongs to a DoRA adapter; not supported")
+            raise CheckpointError(f"{weights_path}: tensor {key!r} belongs to a DoRA adapter; not supported")
         match = _LORA_KEY.match(name)
         if match is None:
             full[full_tensor_name(name)] = tensor
@@ -139,24 +139,26 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
     try:
         tensors = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types
-        raise BasinError(f"{weights_path}: cannot read: {err}") from None
+        raise CheckpointError(f"{weights_path}: cannot read: {err}") from None
     parts, embedding, full = _split_tensors(tensors, weights_path)
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules: dict[str, LoraModule] = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise BasinError(f"{weights_path}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+            raise CheckpointError(
+                f"{weights_path}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise BasinError(f"{weights_path}: module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+            raise CheckpointError(
+                f"{weights_path}: module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                              "do not form B @ A")
         rank = a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         modules[module] = LoraModule(module, a, b, scale, transpose=module in embedding or fan_in_fan_out)
     if not modules and not full:
-        raise BasinError(f"{weights_path}: holds no LoRA tensors")
+        raise CheckpointError(f"{weights_path}: holds no LoRA tensors")
     return LoraAdapter(folder, config, modules, full)
 
 
@@ -174,7 +176,7 @@ def _resolve(module: str, suffix: str, names: list[str], label: str, what: str) 
         shorter = ".".join(pieces[start:])
         if shorter in names:
             return shorter
-    raise BasinError(f"{label}: LoRA {what} {module!r} has no tensor {target!r} in the base model")
+    raise CheckpointError(f"{label}: LoRA {what} {module!r} has no tensor {target!r} in the base model")
 
 
 def tied_input_embedding(base: Checkpoint) -> str | None:
@@ -216,14 +218,14 @@ def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule]
     for module, lm in adapter.modules.items():
         name = _bind_name(module + ".weight", names, source, label, "target module", module)
         if shape_of(name) != lm.shape:
-            raise BasinError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape "
+            raise CheckpointError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape "
                              f"{shape_of(name)}")
         lora[name] = lm
     full: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.full.items():
         name = _bind_name(key, names, source, label, "tensor", key)
         if shape_of(name) != tuple(tensor.shape):
-            raise BasinError(
+            raise CheckpointError(
                 f"{label}: tensor {key!r} has shape {tuple(tensor.shape)}, the base's {name!r} has {shape_of(name)}"
             )
         full[name] = tensor

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import BasinError, OutputError
 
 
 def real(path: str | Path) -> Path:
@@ -82,11 +82,11 @@ def check_output(out: str | Path, protected: Iterable[Path], *, siblings: Iterab
         for p in sorted(guarded):
             if p == resolved or p.is_relative_to(resolved):
                 what = "is" if p == resolved else "contains"
-                raise BasinError(f"{out}: refused: the output {what} {p}, which this run reads "
+                raise OutputError(f"{out}: refused: the output {what} {p}, which this run reads "
                                  "(an input, the recipe, or a file of an input folder); choose another output")
     cwd = real(os.getcwd())
     if cwd.is_relative_to(target):
-        raise BasinError(f"{out}: refused: the output is, or contains, the current folder {cwd}; "
+        raise OutputError(f"{out}: refused: the output is, or contains, the current folder {cwd}; "
                          "choose another output")
     return target
 
@@ -121,7 +121,7 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise BasinError(f"{out}: another basin run is writing this output (it holds {self.path}); "
+                raise OutputError(f"{out}: another basin run is writing this output (it holds {self.path}); "
                                  "wait for it to finish, or choose another output") from None
             # the previous holder unlinks the file before releasing it: make sure we hold the file that is there now
             try:
@@ -155,4 +155,4 @@ def check_files(files: Iterable[str | Path | None], inputs: Iterable[str | Path 
         check_output(f, protect)
         inside = [p for p in protect if real(f).is_relative_to(p) and p.is_file()]
         if inside:
-            raise BasinError(f"{f}: refused: would be written inside {inside[0]}, an input file")
+            raise OutputError(f"{f}: refused: would be written inside {inside[0]}, an input file")

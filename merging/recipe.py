@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from merging.recipe_yaml import load_recipe_text, read_recipe_file
-from taxonomy.errors import BasinError, BasinWarning, unknown
+from taxonomy.errors import BasinWarning, RecipeError, unknown
 
 TOP_LEVEL = {
     "models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -148,17 +148,17 @@ class Recipe:
 
         info = get_method(self.merge_method).info  # BasinError names unknown methods
         if info.kind is not Kind.TENSORWISE:
-            raise BasinError(f"{where}: merge_method {info.name!r} is not a streaming (tensorwise) method")
+            raise RecipeError(f"{where}: merge_method {info.name!r} is not a streaming (tensorwise) method")
         if (self.slices is None) == (not self.models):
-            raise BasinError(f"{where}: give exactly one of 'models' or 'slices'")
+            raise RecipeError(f"{where}: give exactly one of 'models' or 'slices'")
         if self.slices is not None and not self.slices:
-            raise BasinError(f"{where}: 'slices' is empty")
+            raise RecipeError(f"{where}: 'slices' is empty")
         self._check_scalars(where)
         self._check_tokenizer(where)
         self._check_compute_dtype(info.name, where)
         if self.align is not None:
             if not isinstance(self.align, dict) or not isinstance(self.align.get("method"), str):
-                raise BasinError(f"{where}: align must be a method name or a mapping with a 'method'")
+                raise RecipeError(f"{where}: align must be a method name or a mapping with a 'method'")
         self._check_parameters(info, where)
         if self.slices is None:
             self._check_model_count(info, where)
@@ -168,13 +168,13 @@ class Recipe:
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or value not in DTYPES):
-                raise BasinError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
+                raise RecipeError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise BasinError(f"{where}: seed must be an integer in [0, 2^63), got {self.seed!r}")
+            raise RecipeError(f"{where}: seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.name is not None and not isinstance(self.name, str):
-            raise BasinError(f"{where}: name must be a string, got a {type(self.name).__name__}")
+            raise RecipeError(f"{where}: name must be a string, got a {type(self.name).__name__}")
         if not isinstance(self.allow_mixed_architectures, bool):
-            raise BasinError(f"{where}: allow_mixed_architectures must be true or false, "
+            raise RecipeError(f"{where}: allow_mixed_architectures must be true or false, "
                              f"got {self.allow_mixed_architectures!r}")
         if self.chat_template is not None:
             from merging.chat_templates import check_chat_template
@@ -187,7 +187,7 @@ class Recipe:
             merged = self.model_refs()
             for ref in spec.referenced_models():
                 if ref not in merged:
-                    raise BasinError(f"{where}: tokenizer.tokens names model {ref!r}, which is not one of the "
+                    raise RecipeError(f"{where}: tokenizer.tokens names model {ref!r}, which is not one of the "
                                      f"merged models {merged}")
 
     def _check_compute_dtype(self, method: str, where: str) -> None:
@@ -195,7 +195,7 @@ class Recipe:
         if value is None:
             return
         if not isinstance(value, str) or value not in DTYPES:
-            raise BasinError(f"{where}: compute_dtype must be one of float32, float16, bfloat16; got {value!r}")
+            raise RecipeError(f"{where}: compute_dtype must be one of float32, float16, bfloat16; got {value!r}")
         if self.low_compute_dtype is not None:
             from merging.methods.lowprec import check_supported
 
@@ -220,11 +220,11 @@ class Recipe:
     def _check_model_count(self, info: Any, where: str) -> None:
         n_inputs = len(self.merge_inputs())
         if info.needs_base and self.base_model is None:
-            raise BasinError(f"{where}: merge_method {info.name!r} needs a base_model")
+            raise RecipeError(f"{where}: merge_method {info.name!r} needs a base_model")
         if n_inputs < info.min_models:
-            raise BasinError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
+            raise RecipeError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
         if info.max_models is not None and n_inputs > info.max_models:
-            raise BasinError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
+            raise RecipeError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
 
     # --- sweeps ------------------------------------------------------------------------------
     def _param_levels(self) -> list[tuple[str, dict[str, Any]]]:
@@ -298,19 +298,19 @@ class Recipe:
 def _check_top_level(data: Any, where: str) -> None:
     """A mapping with known fields and a merge_method; other mergekit tools' configurations are named."""
     if not isinstance(data, dict):
-        raise BasinError(f"{where}: expected a mapping at the top level, got {_kind(data)}")
+        raise RecipeError(f"{where}: expected a mapping at the top level, got {_kind(data)}")
     for key in data:
         if key in OTHER_TOOLS:
-            raise BasinError(f"{where}: field {key!r}: this is {OTHER_TOOLS[key]}")
+            raise RecipeError(f"{where}: field {key!r}: this is {OTHER_TOOLS[key]}")
     for key in data:
         if key in UNSUPPORTED:
-            raise BasinError(f"{where}: field {key!r}: {UNSUPPORTED[key]}")
+            raise RecipeError(f"{where}: field {key!r}: {UNSUPPORTED[key]}")
         if key not in TOP_LEVEL:
-            raise BasinError(f"{where}: {unknown('field', key, TOP_LEVEL)}")
+            raise RecipeError(f"{where}: {unknown('field', key, TOP_LEVEL)}")
     if "merge_method" not in data:
-        raise BasinError(f"{where}: missing field 'merge_method'")
+        raise RecipeError(f"{where}: missing field 'merge_method'")
     if not isinstance(data["merge_method"], str):
-        raise BasinError(f"{where}: merge_method must be a method name, got {_kind(data['merge_method'])}")
+        raise RecipeError(f"{where}: merge_method must be a method name, got {_kind(data['merge_method'])}")
 
 
 def _kind(value: Any) -> str:
@@ -325,7 +325,7 @@ def _list(data: dict[str, Any], key: str, where: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise BasinError(f"{where}: '{key}' must be a list (one '- ...' entry per model), got {_kind(value)}"
+        raise RecipeError(f"{where}: '{key}' must be a list (one '- ...' entry per model), got {_kind(value)}"
                          + (f" {value!r}" if isinstance(value, str) and len(value) < 80 else ""))
     return value
 
@@ -341,12 +341,12 @@ def _model_path(value: Any, where: str) -> str:
     if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"].strip():
         extra = set(value) - {"path", "revision"}
         if extra:
-            raise BasinError(f"{where}: {unknown('field', sorted(extra)[0], ['path', 'revision'])}")
+            raise RecipeError(f"{where}: {unknown('field', sorted(extra)[0], ['path', 'revision'])}")
         rev = value.get("revision")
         if rev is not None and (not isinstance(rev, str) or not rev.strip() or "@" in value["path"]):
-            raise BasinError(f"{where}.revision: expected a branch, tag or commit string, got {rev!r}")
+            raise RecipeError(f"{where}.revision: expected a branch, tag or commit string, got {rev!r}")
         return value["path"].strip() + (f"@{rev.strip()}" if rev else "")
-    raise BasinError(f"{where}: expected a model path string or {{path: ..., revision: ...}}, got {value!r}")
+    raise RecipeError(f"{where}: expected a model path string or {{path: ..., revision: ...}}, got {value!r}")
 
 
 REF_FIELDS = ("model", "lora", "override_architecture")
@@ -360,11 +360,11 @@ def _ref(value: Any, where: str) -> str | None:
         return None
     if isinstance(value, dict):
         if "model" not in value:
-            raise BasinError(f"{where}: a model reference mapping needs 'model' (and optional 'lora'), "
+            raise RecipeError(f"{where}: a model reference mapping needs 'model' (and optional 'lora'), "
                              f"got fields {sorted(map(str, value))}")
         extra = set(value) - set(REF_FIELDS)
         if extra:
-            raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], REF_FIELDS)}")
+            raise RecipeError(f"{where}: {unknown('field', sorted(map(str, extra))[0], REF_FIELDS)}")
         if value.get("override_architecture") is not None:
             _warn(f"{where}.override_architecture: ignored (basin reads tensor names from the checkpoint itself)")
         ref = _model_path(value["model"], f"{where}.model")
@@ -372,7 +372,7 @@ def _ref(value: Any, where: str) -> str | None:
             ref += "+" + _model_path(value["lora"], f"{where}.lora")
         return ref
     if not isinstance(value, str) or not value.strip():
-        raise BasinError(f"{where}: expected a model reference string, got {value!r}")
+        raise RecipeError(f"{where}: expected a model reference string, got {value!r}")
     return value.strip()
 
 
@@ -380,7 +380,7 @@ def _params(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BasinError(f"{where}: expected a mapping of parameter names to values")
+        raise RecipeError(f"{where}: expected a mapping of parameter names to values")
     return dict(value)
 
 
@@ -388,10 +388,10 @@ def _model_spec(item: Any, where: str) -> ModelSpec:
     if isinstance(item, str):
         return ModelSpec(_ref(item, where))
     if not isinstance(item, dict) or "model" not in item:
-        raise BasinError(f"{where}: expected a model reference or a mapping with a 'model' field, got {_kind(item)}")
+        raise RecipeError(f"{where}: expected a model reference or a mapping with a 'model' field, got {_kind(item)}")
     extra = set(item) - {"model", "parameters"}
     if extra:
-        raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], ['model', 'parameters'])}")
+        raise RecipeError(f"{where}: {unknown('field', sorted(map(str, extra))[0], ['model', 'parameters'])}")
     return ModelSpec(_ref(item["model"], f"{where}.model"), _params(item.get("parameters"), f"{where}.parameters"))
 
 
@@ -401,14 +401,14 @@ SOURCE_FIELDS = ("model", "layer_range", "parameters")
 
 def _source(src: Any, w: str) -> SliceSource:
     if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-        raise BasinError(f"{w}: expected a mapping with 'model' and 'layer_range'")
+        raise RecipeError(f"{w}: expected a mapping with 'model' and 'layer_range'")
     extra = set(src) - set(SOURCE_FIELDS)
     if extra:
-        raise BasinError(f"{w}: {unknown('field', sorted(map(str, extra))[0], SOURCE_FIELDS)}")
+        raise RecipeError(f"{w}: {unknown('field', sorted(map(str, extra))[0], SOURCE_FIELDS)}")
     lr = src["layer_range"]
     if (not isinstance(lr, (list, tuple)) or len(lr) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
-        raise BasinError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+        raise RecipeError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
     return SliceSource(_ref(src["model"], f"{w}.model"), (lr[0], lr[1]),
                        _params(src.get("parameters"), f"{w}.parameters"))
 
@@ -418,21 +418,22 @@ def _residual_weight(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BasinError(f"{where}.residual_weight: expected a finite number, got {value!r}")
+        raise RecipeError(f"{where}.residual_weight: expected a finite number, got {value!r}")
     _warn(f"{where}.residual_weight: has no effect (mergekit ignores it too)")
     return float(value)
 
 
 def _slice(item: Any, where: str) -> OutputSlice:
     if not isinstance(item, dict) or not isinstance(item.get("sources"), list) or not item["sources"]:
-        raise BasinError(f"{where}: expected a mapping with a non-empty 'sources' list")
+        raise RecipeError(f"{where}: expected a mapping with a non-empty 'sources' list")
     extra = set(item) - set(SLICE_FIELDS)
     if extra:
-        raise BasinError(f"{where}: {unknown('field', sorted(map(str, extra))[0], SLICE_FIELDS)}")
+        raise RecipeError(f"{where}: {unknown('field', sorted(map(str, extra))[0], SLICE_FIELDS)}")
     sources = [_source(src, f"{where}.sources[{j}]") for j, src in enumerate(item["sources"])]
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) != 1:
-        raise BasinError(f"{where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
+        raise RecipeError(
+            f"{where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
     return OutputSlice(sources, _params(item.get("parameters"), f"{where}.parameters"),
                        _ref(item.get("base_model"), f"{where}.base_model"),
                        _residual_weight(item.get("residual_weight"), where))
@@ -451,26 +452,26 @@ def setting_values(setting: Any, where: str) -> list[Any]:
         if set(setting) == {"grid"}:
             grid = setting["grid"]
             if not isinstance(grid, list) or not grid or any(isinstance(v, dict) for v in grid):
-                raise BasinError(f"{where}.grid: expected a non-empty list of settings to sweep, got {grid!r}")
+                raise RecipeError(f"{where}.grid: expected a non-empty list of settings to sweep, got {grid!r}")
             return [v for k, point in enumerate(grid) for v in setting_values(point, f"{where}.grid[{k}]")]
         if set(setting) <= {"filter", "value"} and "value" in setting:
             setting = [setting]
         else:
-            raise BasinError(f"{where}: expected a scalar, a list (gradient) or {{filter, value}} entries, "
+            raise RecipeError(f"{where}: expected a scalar, a list (gradient) or {{filter, value}} entries, "
                              f"got {setting!r}")
     if not isinstance(setting, list) or not setting:
-        raise BasinError(f"{where}: expected a scalar, a non-empty list (gradient) or filter entries, got {setting!r}")
+        raise RecipeError(f"{where}: expected a scalar, a non-empty list (gradient) or filter entries, got {setting!r}")
     if all(_is_scalar(v) for v in setting):
         return list(setting)
     out = []
     for k, entry in enumerate(setting):
         if not isinstance(entry, dict) or "value" not in entry or not set(entry) <= {"filter", "value"}:
-            raise BasinError(f"{where}[{k}]: expected {{filter: substring, value: ...}}, got {entry!r}")
+            raise RecipeError(f"{where}[{k}]: expected {{filter: substring, value: ...}}, got {entry!r}")
         if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-            raise BasinError(f"{where}[{k}].filter: expected a substring of tensor names")
+            raise RecipeError(f"{where}[{k}].filter: expected a substring of tensor names")
         if isinstance(entry["value"], dict) or (isinstance(entry["value"], list)
                                                  and not all(_is_scalar(v) for v in entry["value"])):
-            raise BasinError(f"{where}[{k}].value: expected a scalar or a gradient list")
+            raise RecipeError(f"{where}[{k}].value: expected a scalar or a gradient list")
         out += setting_values(entry["value"], f"{where}[{k}].value")
     return out
 
@@ -482,14 +483,14 @@ def check_settings(info: Any, params: dict[str, Any], where: str, per_model_leve
 
     for name in list(params):
         if not isinstance(name, str):
-            raise BasinError(f"{where}: parameter names must be strings, got {name!r}")
+            raise RecipeError(f"{where}: parameter names must be strings, got {name!r}")
         if name not in {p.name for p in info.params} and name in parameter_names():
             _warn(f"{where}.{name}: method {info.name!r} has no parameter {name!r}; ignored (as mergekit does)")
             del params[name]
             continue
         p = info.param(name)  # BasinError: unknown parameter, the closest names first
         if per_model_level and not p.per_model:
-            raise BasinError(f"{where}: {name!r} is a global parameter of {info.name!r}, not a per-model one")
+            raise RecipeError(f"{where}: {name!r} is a global parameter of {info.name!r}, not a per-model one")
         for v in setting_values(params[name], f"{where}.{name}"):
             _check_type(p, v, f"{where}.{name}")
             p.check(v, f"{where}.{name}")
@@ -499,17 +500,17 @@ def _check_type(p: Any, value: Any, where: str) -> None:
     """A value has its default's kind: a boolean for a boolean parameter, a number for a numeric one."""
     default = p.default
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise BasinError(f"{where}: parameter {p.name!r} must be true or false, got {value!r}")
+        raise RecipeError(f"{where}: parameter {p.name!r} must be true or false, got {value!r}")
     if (isinstance(default, (int, float)) and not isinstance(default, bool)
             and (isinstance(value, bool) or not isinstance(value, (int, float)))):
-        raise BasinError(f"{where}: parameter {p.name!r} must be a number, got {value!r}")
+        raise RecipeError(f"{where}: parameter {p.name!r} must be a number, got {value!r}")
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     """The value of `setting` for `tensor_name` at relative depth `t`, or None if no filter matches."""
     if isinstance(setting, dict):
         if "grid" in setting:
-            raise BasinError(f"{tensor_name}: a {{grid: ...}} setting must be expanded with Recipe.grid_points()")
+            raise RecipeError(f"{tensor_name}: a {{grid: ...}} setting must be expanded with Recipe.grid_points()")
         setting = [setting]
     if _is_scalar(setting):
         return setting

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: the largest real recipes (frankenmerges) are a few kB
 MAX_NODES = 100_000  # expanded YAML nodes: aliases counted as copies
@@ -36,15 +36,15 @@ RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_12, list("-+
 def read_recipe_file(path: Path) -> str:
     """The text of a recipe file: at most MAX_RECIPE_BYTES, UTF-8 (a one-line BasinError otherwise)."""
     if not path.is_file():
-        raise BasinError(f"{path}: no such recipe file")
+        raise RecipeError(f"{path}: no such recipe file")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise BasinError(f"{path}: {size} bytes; a recipe may be at most {MAX_RECIPE_BYTES} bytes")
+        raise RecipeError(f"{path}: {size} bytes; a recipe may be at most {MAX_RECIPE_BYTES} bytes")
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise BasinError(f"{path}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
                          "save the recipe as UTF-8") from None
 
 
@@ -57,10 +57,10 @@ def expanded_size(root: yaml.Node, where: str, limit: int = MAX_NODES, max_depth
         node, depth = stack.pop()
         count += 1
         if count > limit:
-            raise BasinError(f"{where}: the recipe expands to more than {limit} YAML nodes (anchors and aliases "
+            raise RecipeError(f"{where}: the recipe expands to more than {limit} YAML nodes (anchors and aliases "
                              "repeated, or an anchor that contains itself); write it out plainly")
         if depth > max_depth:
-            raise BasinError(f"{where}: the recipe nests lists/mappings more than {max_depth} levels deep (or has "
+            raise RecipeError(f"{where}: the recipe nests lists/mappings more than {max_depth} levels deep (or has "
                              "an anchor that contains itself)")
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, depth + 1) for child in node.value)
@@ -73,7 +73,7 @@ def expanded_size(root: yaml.Node, where: str, limit: int = MAX_NODES, max_depth
 def _documents(loader: RecipeLoader, where: str) -> yaml.Node | None:
     node = loader.get_node() if loader.check_node() else None
     if node is not None and loader.check_node():
-        raise BasinError(f"{where}: several YAML documents (separated by '---'): this is a mergekit-multi "
+        raise RecipeError(f"{where}: several YAML documents (separated by '---'): this is a mergekit-multi "
                          "configuration; basin merges one recipe per file: split it and run `basin merge` on "
                          "each, in order (or use mergekit-multi)")
     return node
@@ -82,7 +82,7 @@ def _documents(loader: RecipeLoader, where: str) -> yaml.Node | None:
 def load_recipe_text(text: str, where: str = "recipe") -> Any:
     """Parse recipe YAML into Python objects, refusing oversized, bomb-like, recursive or multi-document input."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
-        raise BasinError(f"{where}: a recipe may be at most {MAX_RECIPE_BYTES} bytes")
+        raise RecipeError(f"{where}: a recipe may be at most {MAX_RECIPE_BYTES} bytes")
     loader = None
     try:
         loader = RecipeLoader(text)  # the reader checks the characters at once
@@ -92,9 +92,9 @@ def load_recipe_text(text: str, where: str = "recipe") -> Any:
         expanded_size(node, where)
         return loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise BasinError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:
-        raise BasinError(f"{where}: the recipe nests lists/mappings too deeply") from None
+        raise RecipeError(f"{where}: the recipe nests lists/mappings too deeply") from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from merging.checkpoint import Checkpoint, TensorMeta
-from taxonomy.errors import BasinError
+from taxonomy.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -51,16 +51,17 @@ def _raw_header(path: Path) -> tuple[bytes, int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise BasinError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise BasinError(f"{path}: corrupted or truncated safetensors file (header length {n}, file {size} B; "
+                raise CheckpointError(
+                    f"{path}: corrupted or truncated safetensors file (header length {n}, file {size} B; "
                                  f"at most {MAX_HEADER} B)")
             raw = f.read(n)
     except OSError as err:
-        raise BasinError(f"{path}: cannot read ({err.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
     if len(raw) != n:
-        raise BasinError(f"{path}: truncated while reading its header")
+        raise CheckpointError(f"{path}: truncated while reading its header")
     return raw, size
 
 
@@ -79,13 +80,14 @@ def _parse_json(path: Path, raw: bytes) -> dict:
     at most as many brackets as colons, and a list of a million empty lists is refused before it is built."""
     skeleton = _outside_strings(raw)
     if skeleton.count(b"[") + skeleton.count(b"{") > skeleton.count(b":") + 1:
-        raise BasinError(f"{path}: corrupted safetensors file (the header's JSON is not an object of tensor entries)")
+        raise CheckpointError(
+            f"{path}: corrupted safetensors file (the header's JSON is not an object of tensor entries)")
     try:
         header = json.loads(raw, parse_constant=_not_finite)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BasinError(f"{path}: corrupted safetensors file (header is not valid JSON)") from None
+        raise CheckpointError(f"{path}: corrupted safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
-        raise BasinError(f"{path}: corrupted safetensors file (header is not a JSON object)")
+        raise CheckpointError(f"{path}: corrupted safetensors file (header is not a JSON object)")
     return header
 
 
@@ -102,19 +104,19 @@ def _entry(path: Path, name: str, entry: object) -> tuple[TensorMeta, int, int]:
     """One tensor's (meta, begin, end), checked: known dtype, non-negative integer shape, offsets matching it."""
     bad = f"{path}: corrupted header entry for tensor {name!r}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise BasinError(f"{bad}: expected dtype, shape and data_offsets; got {str(entry)[:200]}")
+        raise CheckpointError(f"{bad}: expected dtype, shape and data_offsets; got {str(entry)[:200]}")
     dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
-        raise BasinError(f"{bad}: dtype {str(entry['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
+        raise CheckpointError(f"{bad}: dtype {str(entry['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
     shape, offsets = _whole(entry["shape"]), _whole(entry["data_offsets"], 2)
     if shape is None or len(shape) > 64:
-        raise BasinError(f"{bad}: shape {str(entry['shape'])[:100]} is not a list of non-negative integers")
+        raise CheckpointError(f"{bad}: shape {str(entry['shape'])[:100]} is not a list of non-negative integers")
     if offsets is None or offsets[0] > offsets[1]:
-        raise BasinError(f"{bad}: data_offsets {str(entry['data_offsets'])[:100]} is not [begin, end] with "
+        raise CheckpointError(f"{bad}: data_offsets {str(entry['data_offsets'])[:100]} is not [begin, end] with "
                          "0 <= begin <= end")
     meta = TensorMeta(shape, dtype)
     if offsets[1] - offsets[0] != meta.numel * element_size(dtype):
-        raise BasinError(f"{path}: tensor {name!r} byte range {offsets[0]}..{offsets[1]} does not match shape "
+        raise CheckpointError(f"{path}: tensor {name!r} byte range {offsets[0]}..{offsets[1]} does not match shape "
                          f"{shape} {dtype}")
     return meta, offsets[0], offsets[1]
 
@@ -133,7 +135,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise BasinError(f"{path}: corrupted safetensors file (__metadata__ is not a map of strings)")
+        raise CheckpointError(f"{path}: corrupted safetensors file (__metadata__ is not a map of strings)")
     metas: dict[str, tuple[TensorMeta, int]] = {}
     ranges = []
     for name, entry in header.items():
@@ -144,10 +146,11 @@ def read_header(path: Path) -> tuple[dict[str, tuple[TensorMeta, int]], dict[str
     pos = 0
     for begin, end, name in ranges:
         if begin != pos:
-            raise BasinError(f"{path}: corrupted safetensors file (gap or overlap at tensor {name!r})")
+            raise CheckpointError(f"{path}: corrupted safetensors file (gap or overlap at tensor {name!r})")
         pos = end
     if 8 + n + pos > size:
-        raise BasinError(f"{path}: truncated safetensors file: the header needs {8 + n + pos} B, the file has {size} B")
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: the header needs {8 + n + pos} B, the file has {size} B")
     return metas, metadata
 
 
@@ -172,18 +175,18 @@ class SafetensorsCheckpoint(Checkpoint):
         self._offset: dict[str, int] = {}
         for path in files:
             if not path.is_file():
-                raise BasinError(f"{label}: missing weights file {path}")
+                raise CheckpointError(f"{label}: missing weights file {path}")
             metas, _ = read_header(path)
             for name, (meta, offset) in metas.items():
                 if name in self._where:
-                    raise BasinError(f"{label}: tensor {name!r} appears in both {self._where[name]} and {path}")
+                    raise CheckpointError(f"{label}: tensor {name!r} appears in both {self._where[name]} and {path}")
                 self._metas[name] = meta
                 self._where[name] = path
                 self._offset[name] = offset
         if weight_map is not None:
             for name, path in weight_map.items():
                 if self._where.get(name) != path:
-                    raise BasinError(f"{label}: the index puts tensor {name!r} in {path.name}, which lacks it")
+                    raise CheckpointError(f"{label}: the index puts tensor {name!r} in {path.name}, which lacks it")
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -214,7 +217,7 @@ class SafetensorsCheckpoint(Checkpoint):
         try:
             mapped = mmap.mmap(self._fd(path), nbytes + offset - start, access=mmap.ACCESS_COPY, offset=start)
         except ValueError:  # the range ends past the end of the file
-            raise BasinError(f"{path}: truncated while reading tensor {name!r}") from None
+            raise CheckpointError(f"{path}: truncated while reading tensor {name!r}") from None
         except OSError:  # a file system that cannot map files: read the bytes instead
             return self._read(path, meta, offset, name)
         # no MADV_POPULATE_READ: Python's madvise holds the GIL, and populating here stalled the merge's threads
@@ -232,10 +235,10 @@ class SafetensorsCheckpoint(Checkpoint):
             while done < len(buf):
                 got = os.preadv(self._fd(path), [buf[done:]], offset + done)
                 if got == 0:
-                    raise BasinError(f"{path}: truncated while reading tensor {name!r}")
+                    raise CheckpointError(f"{path}: truncated while reading tensor {name!r}")
                 done += got
         except OSError as err:
-            raise BasinError(f"{path}: cannot read tensor {name!r} ({err.strerror})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err.strerror})") from None
         return out
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from merging.outputs import OutputLock, check_output, io_error, real
 from merging.safetensors_io import DTYPE_NAMES, element_size
-from taxonomy.errors import BasinError
+from taxonomy.errors import OutputError
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_SHARD_SIZE = 1000**5
@@ -63,7 +63,7 @@ def parse_size(text: str | int) -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 1 or value > MAX_SHARD_SIZE:
-        raise BasinError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a byte count (1 B to 1 PB)")
+        raise OutputError(f"shard size {text!r}: expected e.g. 5GB, 500MB or a byte count (1 B to 1 PB)")
     return int(value)
 
 
@@ -93,12 +93,12 @@ def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False,
     tmp = temp_folder(out_dir)
     check_output(out_dir, protect, siblings=[tmp, old_folder(out_dir)])
     if out_dir.is_symlink():
-        raise BasinError(f"{out_dir}: the output is a symbolic link (to {os.readlink(out_dir)}); "
+        raise OutputError(f"{out_dir}: the output is a symbolic link (to {os.readlink(out_dir)}); "
                          "give the folder it points to, or remove the link")
     if out_dir.exists() and not overwrite:
-        raise BasinError(f"{out_dir}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+        raise OutputError(f"{out_dir}: output folder exists (pass --overwrite / overwrite=True to replace it)")
     if not out_dir.parent.is_dir():
-        raise BasinError(f"{out_dir.parent}: parent folder of the output does not exist")
+        raise OutputError(f"{out_dir.parent}: parent folder of the output does not exist")
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
         tmp.unlink()  # our reserved name: removing a link deletes nothing it points to
     elif tmp.exists() and not (keep_partial and (tmp / JOURNAL).is_file()):
@@ -113,7 +113,7 @@ def replace_output(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
-            raise BasinError(f"{out_dir}: output folder appeared during the merge; not replaced")
+            raise OutputError(f"{out_dir}: output folder appeared during the merge; not replaced")
         old = old_folder(out_dir)
         _remove(old)
         os.replace(out_dir, old)
@@ -147,7 +147,7 @@ class ShardWriter:
                  protect: Iterable[Path] = ()):
         self.out_dir = output_path(out_dir)
         if shard_size <= 0:
-            raise BasinError(f"shard size must be positive, got {shard_size}")
+            raise OutputError(f"shard size must be positive, got {shard_size}")
         self.tmp = temp_folder(self.out_dir)
         self.overwrite = overwrite
         self._layout = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
@@ -255,11 +255,11 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._layout:
-            raise BasinError(f"writer: tensor {name!r} is not in the output layout")
+            raise OutputError(f"writer: tensor {name!r} is not in the output layout")
         shape, dtype = self._layout[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             got = f"{tuple(tensor.shape)} {tensor.dtype}"
-            raise BasinError(f"writer: tensor {name!r} is {got}, expected {shape} {dtype}")
+            raise OutputError(f"writer: tensor {name!r} is {got}, expected {shape} {dtype}")
         with self._writing():
             self._write(name, tensor)
 
@@ -296,7 +296,7 @@ class ShardWriter:
     def close(self) -> Path:
         missing = [n for n in self._layout if n not in self._hashes]
         if missing:
-            raise BasinError(f"writer: {len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+            raise OutputError(f"writer: {len(missing)} tensor(s) never written, e.g. {missing[:3]}")
         with self._writing():
             self._close()
         if self._lock is not None:

@@ -1,6 +1,6 @@
 """The exception type for bad user input, shared by every layer, and the warning for ignored input.
 
-The CLI prints a `BasinError`'s message without a traceback and exits with status 2; a
+The CLI prints a `BasinError`'s (or a subclass's, one per area) message without a traceback and exits with status 2; a
 `BasinWarning` (a field accepted for mergekit compatibility that has no effect) as one line.
 """
 
@@ -12,6 +12,26 @@ from collections.abc import Iterable
 
 class BasinError(ValueError):
     """Bad input from the user: a message that names the file, tensor, field or parameter."""
+
+
+class RecipeError(BasinError):
+    """A recipe (YAML or dict) that is malformed, bounded out, or names unknown methods, fields or parameters."""
+
+
+class CheckpointError(BasinError):
+    """A checkpoint, adapter, index or Hub reference that cannot be opened or is malformed."""
+
+
+class OutputError(BasinError):
+    """An output that may not be written: it would replace an input, it exists, it is locked, the disk refused."""
+
+
+class DataError(BasinError):
+    """Data (batches, factories' results) that does not fit the model or is empty."""
+
+
+class ProbeError(BasinError):
+    """Arguments a probe cannot honour: a parameter selection matching nothing, an operator of the wrong size."""
 
 
 class BasinWarning(UserWarning):

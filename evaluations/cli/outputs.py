@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import OutputError
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -40,9 +40,9 @@ class Outputs:
 
         check_files([path], self.inputs)  # an output never is, or holds, one of the command's inputs
         if path.is_dir():
-            raise BasinError(f"{option} {path}: is a folder, expected a file path")
+            raise OutputError(f"{option} {path}: is a folder, expected a file path")
         if (path.exists() or path.is_symlink()) and not self.overwrite:
-            raise BasinError(f"{option} {path}: already exists; pass --overwrite to replace it")
+            raise OutputError(f"{option} {path}: already exists; pass --overwrite to replace it")
         self._planned.add(path)
 
     def file(self, path: str | Path, option: str) -> Path:
@@ -51,7 +51,7 @@ class Outputs:
         parent = path.parent
         if not parent.is_dir():
             what = "is not a folder" if parent.exists() else "does not exist"
-            raise BasinError(f"{option} {path}: folder {parent} {what}")
+            raise OutputError(f"{option} {path}: folder {parent} {what}")
         self._check_target(path, option)
         return path
 
@@ -63,7 +63,7 @@ class Outputs:
         check_files([folder], self.inputs)
         existing = _nearest_existing(folder)
         if not existing.is_dir():
-            raise BasinError(f"{option} {folder}: {existing} is a file, not a folder")
+            raise OutputError(f"{option} {folder}: {existing} is a file, not a folder")
         for name in names:
             self._check_target(folder / name, option)
         return folder
@@ -83,7 +83,7 @@ class Outputs:
         try:
             writer(tmp)
         except OSError as err:
-            raise BasinError(f"cannot write {target}: {err.strerror or err}; nothing was written") from None
+            raise OutputError(f"cannot write {target}: {err.strerror or err}; nothing was written") from None
 
     def write_text(self, target: Path, text: str) -> None:
         self.write(target, lambda tmp: tmp.write_text(text))
@@ -93,7 +93,7 @@ class Outputs:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise BasinError(f"cannot create folder {folder}: {err.strerror or err}; nothing was written") from None
+            raise OutputError(f"cannot create folder {folder}: {err.strerror or err}; nothing was written") from None
         self._made.extend(missing)  # deepest first: removed in this order
 
     def commit(self) -> list[Path]:
@@ -105,7 +105,7 @@ class Outputs:
             try:
                 os.replace(tmp, target)
             except OSError as err:
-                raise BasinError(f"cannot write {target}: {err.strerror or err}") from None
+                raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
             done.append(target)
         self._temps.clear()
         self._made.clear()

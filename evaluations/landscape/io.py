@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import DataError
 
 
 def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -24,13 +24,13 @@ def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[s
     names = set(ckpt.names())
     for k, v in expected.items():
         if k not in names:
-            raise BasinError(f"{ref}: tensor {k!r} of the model is missing from the checkpoint")
+            raise DataError(f"{ref}: tensor {k!r} of the model is missing from the checkpoint")
         shape = tuple(ckpt.meta(k).shape)
         if shape != tuple(v.shape):
-            raise BasinError(f"{ref}: tensor {k!r} has shape {shape}, the model expects {tuple(v.shape)}")
+            raise DataError(f"{ref}: tensor {k!r} has shape {shape}, the model expects {tuple(v.shape)}")
     extra = sorted(names - set(expected))
     if extra:
-        raise BasinError(f"{ref}: tensor {extra[0]!r} is not in the model")
+        raise DataError(f"{ref}: tensor {extra[0]!r} is not in the model")
     return {k: ckpt.get(k).to(expected[k].dtype) for k in expected}
 
 
@@ -44,13 +44,13 @@ def load_data(spec: str) -> object:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if len(x) != len(y):
-            raise BasinError(f"--data {spec}: x has {len(x)} rows but y has {len(y)}")
+            raise DataError(f"--data {spec}: x has {len(x)} rows but y has {len(y)}")
         return tuple(data)
     if isinstance(data, Iterator):
         return list(data)
     if hasattr(data, "__iter__"):
         return data
-    raise BasinError(f"--data {spec}: expected (x, y) tensors or a DataLoader, got {type(data).__name__}")
+    raise DataError(f"--data {spec}: expected (x, y) tensors or a DataLoader, got {type(data).__name__}")
 
 
 def build_model(spec: str) -> nn.Module:
@@ -58,10 +58,10 @@ def build_model(spec: str) -> nn.Module:
 
     factory = load_object(spec, f"--model-factory {spec}", files=True)
     if not callable(factory):
-        raise BasinError(f"--model-factory {spec}: is a {type(factory).__name__}, not a callable")
+        raise DataError(f"--model-factory {spec}: is a {type(factory).__name__}, not a callable")
     model = factory()
     if not isinstance(model, nn.Module):
-        raise BasinError(f"--model-factory {spec}: returned a {type(model).__name__}, not an nn.Module")
+        raise DataError(f"--model-factory {spec}: returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
 
 
@@ -72,12 +72,12 @@ def check_runs(model: nn.Module, data: object, spec: str, loss_fn=None) -> None:
 
     first = next(iter(iter_batches(data)), None)
     if first is None:
-        raise BasinError(f"--data {spec}: no batches")
+        raise DataError(f"--data {spec}: no batches")
     x, y = first
     try:
         with torch.no_grad():
             (loss_fn or default_loss)(model(x[:2]), y[:2])
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise BasinError(f"--data {spec}: the model cannot be evaluated on it "
+        raise DataError(f"--data {spec}: the model cannot be evaluated on it "
                          f"(x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}): {reason}") from None

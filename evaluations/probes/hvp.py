@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from evaluations.probes.attention import math_attention
 from evaluations.probes.params import Selection, select_params
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 MODES = ("eval", "train")
@@ -40,7 +40,7 @@ def network_mode(model: nn.Module, mode: str) -> Iterator[None]:
     (nor `num_batches_tracked`); Dropout and every other module stay in eval mode (no randomness).
     """
     if mode not in MODES:
-        raise BasinError(f"mode: expected 'eval' or 'train', got {mode!r}")
+        raise ProbeError(f"mode: expected 'eval' or 'train', got {mode!r}")
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     model.eval()
     if mode == "train":
@@ -62,16 +62,16 @@ def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, 
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if len(x) != len(y):
-            raise BasinError(f"data: x has {len(x)} examples but y has {len(y)}")
+            raise ProbeError(f"data: x has {len(x)} examples but y has {len(y)}")
         if batch_size is None or batch_size >= len(x):
             return [(x, y)]
         return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     if isinstance(data, Iterable):
         batches = [(b[0], b[1]) for b in data]
         if not batches:
-            raise BasinError("data: no batches")
+            raise ProbeError("data: no batches")
         return batches
-    raise BasinError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
+    raise ProbeError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
 
 
 class HessianOperator:
@@ -97,11 +97,11 @@ class HessianOperator:
         mode: str = "eval",
     ):
         if method not in METHODS:
-            raise BasinError(f"method: expected 'double_backward' or 'forward_over_reverse', got {method!r}")
+            raise ProbeError(f"method: expected 'double_backward' or 'forward_over_reverse', got {method!r}")
         if mode in METHODS:
-            raise BasinError(f"mode={mode!r}: the differentiation route is now method=; mode is 'eval' or 'train'")
+            raise ProbeError(f"mode={mode!r}: the differentiation route is now method=; mode is 'eval' or 'train'")
         if mode not in MODES:
-            raise BasinError(f"mode: expected 'eval' or 'train', got {mode!r}")
+            raise ProbeError(f"mode: expected 'eval' or 'train', got {mode!r}")
         self.method = method
         self.mode = mode
         self.model = model
@@ -184,7 +184,7 @@ class HessianOperator:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape != (self.size,):
-            raise BasinError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
+            raise ProbeError(f"HessianOperator: vector has shape {tuple(v.shape)}, expected ({self.size},)")
         tangent = self.unflatten(v.to(self.device, self.dtype))  # any device in, the same device out
         with self.context():
             if len(self.batches) == 1:  # one full-batch pass: no accumulation buffer
@@ -202,7 +202,7 @@ class HessianOperator:
         """Apply to each row of `vs` ([k, size]) -> [k, size]: `chunk` rows per pass, batched by `vmap`
         (`is_grads_batched` for double backward); one row at a time where an operation has no batching rule."""
         if vs.dim() != 2 or vs.shape[1] != self.size:
-            raise BasinError(f"HessianOperator.matmat: expected [k, {self.size}] rows, got {tuple(vs.shape)}")
+            raise ProbeError(f"HessianOperator.matmat: expected [k, {self.size}] rows, got {tuple(vs.shape)}")
         try:
             return torch.cat([self._matmat(vs[s : s + chunk]) for s in range(0, len(vs), chunk)])
         except (RuntimeError, NotImplementedError):
@@ -231,7 +231,7 @@ class HessianOperator:
     def dense(self) -> torch.Tensor:
         """The full [size, size] matrix (size Hessian-vector products); for tiny models and tests."""
         if self.size > 20_000:
-            raise BasinError(f"HessianOperator.dense: {self.size} parameters is too many to form the Hessian")
+            raise ProbeError(f"HessianOperator.dense: {self.size} parameters is too many to form the Hessian")
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
 

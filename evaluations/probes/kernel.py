@@ -14,24 +14,24 @@ import torch
 from torch import nn
 
 from merging.modes import eval_mode
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 
 def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> float:
     """S = 1 - <K1, K2>_F / (|K1|_F |K2|_F), computed in float64; 0 for identical (or proportional) kernels."""
     if k1.shape != k2.shape:
-        raise BasinError(f"kernel_distance: kernels have shapes {tuple(k1.shape)} and {tuple(k2.shape)}")
+        raise ProbeError(f"kernel_distance: kernels have shapes {tuple(k1.shape)} and {tuple(k2.shape)}")
     a, b = k1.double().reshape(-1), k2.double().reshape(-1)
     denom = a.norm() * b.norm()
     if denom == 0:
-        raise BasinError("kernel_distance: a kernel is all zeros")
+        raise ProbeError("kernel_distance: a kernel is all zeros")
     return float(1.0 - torch.dot(a, b) / denom)
 
 
 def kernel_velocity(k1: torch.Tensor, k2: torch.Tensor, dt: float) -> float:
     """v = S(K_t, K_{t+dt}) / dt."""
     if dt <= 0:
-        raise BasinError(f"kernel_velocity: dt must be positive, got {dt}")
+        raise ProbeError(f"kernel_velocity: dt must be positive, got {dt}")
     return kernel_distance(k1, k2) / dt
 
 
@@ -53,7 +53,7 @@ def kernel_alignment(k: torch.Tensor, y: torch.Tensor, num_classes: int | None =
         v = onehot.reshape(-1)
         target = torch.outer(v, v)
     else:
-        raise BasinError(f"kernel_alignment: kernel shape {tuple(k.shape)} does not fit {len(y)} labels, {c} classes")
+        raise ProbeError(f"kernel_alignment: kernel shape {tuple(k.shape)} does not fit {len(y)} labels, {c} classes")
     if centered:
         k, target = _center(k), _center(target)
     return 1.0 - kernel_distance(k, target)
@@ -66,7 +66,7 @@ def activation_patterns(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hooks = [m.register_forward_hook(lambda m, i, o: states.append((o > 0).reshape(len(o), -1)))
              for m in model.modules() if isinstance(m, nn.ReLU)]
     if not hooks:
-        raise BasinError("activation_patterns: the model has no nn.ReLU modules")
+        raise ProbeError("activation_patterns: the model has no nn.ReLU modules")
     try:
         with eval_mode(model):
             model(x)
@@ -80,5 +80,5 @@ def activation_pattern_distance(model_a: nn.Module, model_b: nn.Module, x: torch
     """Normalized Hamming distance between the two models' ReLU on/off patterns on probe inputs `x`."""
     pa, pb = activation_patterns(model_a, x), activation_patterns(model_b, x)
     if pa.shape != pb.shape:
-        raise BasinError(f"activation_pattern_distance: patterns have shapes {tuple(pa.shape)} and {tuple(pb.shape)}")
+        raise ProbeError(f"activation_pattern_distance: patterns have shapes {tuple(pa.shape)} and {tuple(pb.shape)}")
     return float((pa != pb).double().mean())

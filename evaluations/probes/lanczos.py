@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 JSON_EXTRAS = ("error_bounds", "start", "confirmation_steps", "mode")
 
@@ -53,7 +53,7 @@ def _apply(op) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda v: op @ v
     if callable(op):
         return op
-    raise BasinError(f"operator: expected a HessianOperator, a matrix or a callable, got {type(op).__name__}")
+    raise ProbeError(f"operator: expected a HessianOperator, a matrix or a callable, got {type(op).__name__}")
 
 
 def _size(op, size: int | None) -> int:
@@ -63,7 +63,7 @@ def _size(op, size: int | None) -> int:
         return op.size
     if isinstance(op, torch.Tensor):
         return op.shape[0]
-    raise BasinError("operator: pass size= for a plain callable")
+    raise ProbeError("operator: pass size= for a plain callable")
 
 
 def _pick(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -73,7 +73,7 @@ def _pick(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
         return torch.argsort(theta)[:k]
     if which == "LM":
         return torch.argsort(theta.abs(), descending=True)[:k]
-    raise BasinError(f"which: expected 'LA', 'SA' or 'LM', got {which!r}")
+    raise ProbeError(f"which: expected 'LA', 'SA' or 'LM', got {which!r}")
 
 
 def lanczos_tridiag(matvec, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,13 +119,13 @@ def start_vector(op, n: int, start: str, seed: int, dtype: torch.dtype) -> tuple
     space. A zero or non-finite gradient falls back to the random start.
     """
     if start not in ("auto", "random", "gradient"):
-        raise BasinError(f"start: expected 'auto', 'random' or 'gradient', got {start!r}")
+        raise ProbeError(f"start: expected 'auto', 'random' or 'gradient', got {start!r}")
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn(n, generator=gen, dtype=torch.float64)
     rand = rand / rand.norm()
     has_gradient = callable(getattr(op, "gradient", None))
     if start == "gradient" and not has_gradient:
-        raise BasinError(f"start='gradient': the operator {type(op).__name__} has no gradient() method")
+        raise ProbeError(f"start='gradient': the operator {type(op).__name__} has no gradient() method")
     if start == "random" or not has_gradient:
         return rand.to(dtype), "random"
     g = op.gradient().double().cpu()
@@ -257,7 +257,7 @@ def lanczos(
     matvec = _apply(op)
     n = _size(op, size)
     if not 1 <= k <= n:
-        raise BasinError(f"k: must be between 1 and the operator size {n}, got {k}")
+        raise ProbeError(f"k: must be between 1 and the operator size {n}, got {k}")
     _pick(torch.zeros(1), 1, which)  # validates `which`
     max_iter = min(n, max_iter or 200)
     op_dtype = getattr(op, "dtype", torch.float32)

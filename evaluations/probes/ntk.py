@@ -28,7 +28,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from evaluations.probes.attention import math_attention
 from evaluations.probes.params import Selection, select_params
 from merging.modes import eval_mode
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 KINDS = ("full", "block", "trace")
 METHODS = ("auto", "jacobian", "ntk_vp", "structured")
@@ -62,9 +62,9 @@ def reduce_kernel(full: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _check(kind: str, method: str) -> None:
     if kind not in KINDS:
-        raise BasinError(f"kind: expected one of {KINDS}, got {kind!r}")
+        raise ProbeError(f"kind: expected one of {KINDS}, got {kind!r}")
     if method not in METHODS:
-        raise BasinError(f"method: expected one of {METHODS}, got {method!r}")
+        raise ProbeError(f"method: expected one of {METHODS}, got {method!r}")
 
 
 def jacobians(model: nn.Module, sel: dict, fixed: dict, x: torch.Tensor) -> list[torch.Tensor]:
@@ -205,7 +205,7 @@ def empirical_ntk_result(
     """The empirical NTK with how it was computed (arguments as `empirical_ntk`)."""
     _check(kind, method)
     if x2 is not None and x2.shape[1:] != x.shape[1:]:
-        raise BasinError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
+        raise ProbeError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
     select_params(model, params)  # a selection matching nothing fails here, naming it
     with eval_mode(model), math_attention():
         return _dispatch(model, x, x2, kind, method, params, chunk, max_bytes)

@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from evaluations.probes.ntk import _empty, ntk_jacobian
 from evaluations.probes.params import Selection, select_params
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 ORDERS = ("auto", "gram", "factor")
 _OUT_EQ = {"full": "iad,jbd->iajb", "block": "iad,jad->aij", "trace": "iad,jad->ij"}
@@ -305,7 +305,7 @@ def structured_ntk(
     whose structured gradient disagrees with autograd's (an in-place operation the hooks cannot see) is
     recomputed by the Jacobian method, with a warning."""
     if order not in ORDERS:
-        raise BasinError(f"order: expected one of {ORDERS}, got {order!r}")
+        raise ProbeError(f"order: expected one of {ORDERS}, got {order!r}")
     names = select_params(model, params)
     cands = _candidates(model, names)
     layers = {n: m for n, (m, _) in cands.items()}

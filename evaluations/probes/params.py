@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from taxonomy.errors import BasinError
+from taxonomy.errors import ProbeError
 
 Selection = str | nn.Module | torch.Tensor | Sequence[str | nn.Module | torch.Tensor] | None
 
@@ -41,7 +41,7 @@ def _by_regex(pattern: str, names: list[str]) -> list[str]:
     try:
         rx = re.compile(_strip(pattern))
     except re.error as err:
-        raise BasinError(f"params: {pattern!r} is not a valid regular expression ({err})") from None
+        raise ProbeError(f"params: {pattern!r} is not a valid regular expression ({err})") from None
     return [n for n in names if any(rx.fullmatch(p) for p in _prefixes(n))]
 
 
@@ -63,7 +63,7 @@ def _by_identity(entry: nn.Module | torch.Tensor, model: nn.Module, trainable: s
     found = [owner[id(t)] for t in tensors if id(t) in owner]
     if not found:
         modules = {id(m): n for n, m in model.named_modules()}
-        raise BasinError(f"params: {_describe(entry, modules)} is not part of the model")
+        raise ProbeError(f"params: {_describe(entry, modules)} is not part of the model")
     return [n for n in found if n in trainable]
 
 
@@ -72,7 +72,7 @@ def _one(entry: object, model: nn.Module, names: list[str], literal: bool) -> li
         return _by_name(entry, names) if literal else _by_regex(entry, names)
     if isinstance(entry, (nn.Module, torch.Tensor)):
         return _by_identity(entry, model, set(names))
-    raise BasinError(f"params: expected None, a regular expression, a module, a tensor or a sequence of names, "
+    raise ProbeError(f"params: expected None, a regular expression, a module, a tensor or a sequence of names, "
                      f"prefixes, modules or tensors; got {type(entry).__name__}")
 
 
@@ -84,13 +84,13 @@ def select_params(model: nn.Module, params: Selection) -> list[str]:
     single = isinstance(params, (str, nn.Module, torch.Tensor))
     entries = [params] if single else list(params) if isinstance(params, Sequence) else [params]
     if not entries:
-        raise BasinError("params: an empty selection (use None for every trainable parameter)")
+        raise ProbeError("params: an empty selection (use None for every trainable parameter)")
     chosen: set[str] = set()
     for entry in entries:
         hit = _one(entry, model, names, literal=not single)
         if not hit:
             modules = {id(m): n for n, m in model.named_modules()}
             label = repr(entry) if isinstance(entry, str) else _describe(entry, modules)
-            raise BasinError(f"params: {label} selects no trainable parameter of the model (have {names[:6]}...)")
+            raise ProbeError(f"params: {label} selects no trainable parameter of the model (have {names[:6]}...)")
         chosen.update(hit)
     return [n for n in names if n in chosen]
