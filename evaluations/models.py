@@ -1,0 +1,144 @@
+"""Transformers models from basin checkpoint references, weights streamed in tensor by tensor.
+
+`load_model(ref)` accepts every reference `basin merge` does (folder, `.safetensors` file with a config.json beside
+it, Hub id from the local cache, `base+lora`), reads its config.json with `AutoConfig` (local files only, never
+remote code), builds the class named in `config.architectures` with weight initialisation skipped, and copies
+each tensor from `merging.checkpoint.open_checkpoint(ref).get(name)` into it. Tied weights (parameters sharing
+storage, e.g. `lm_head.weight` and the input embedding) need only one of their names in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taxonomy.errors import CheckpointError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' / 'float64' / 'float16' / 'bfloat16' (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}: choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def config_folder(ckpt, ref: object) -> Path:
+    """The folder holding the checkpoint's config.json; a one-line error when there is none."""
+    folder = getattr(ckpt, "folder", None)
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        where = folder if folder is not None else ref
+        raise CheckpointError(f"{where}: no config.json beside the weights; pass --model-factory module:fn to "
+                              "build the model")
+    return Path(folder)
+
+
+def load_config(folder: Path):
+    """`AutoConfig` from `folder/config.json`, local files only; a config needing remote code is refused."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable config.json ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: config.json is not a JSON object")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as err:
+        hint = " (it names remote code in auto_map; basin never runs remote code)" if "auto_map" in raw else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: transformers cannot build model_type {raw.get('model_type')!r}{hint}: "
+                              f"{first}") from None
+
+
+def model_class(config, path: Path) -> type:
+    """The transformers class named by `config.architectures[0]` (a built-in PreTrainedModel for this config)."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise CheckpointError(f"{path}: config.json names no architectures; pass --model-factory module:fn")
+    cls = getattr(transformers, str(archs[0]), None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise CheckpointError(f"{path}: architecture {archs[0]!r} is not a transformers model class (remote code "
+                              "is never run); pass --model-factory module:fn")
+    if cls.config_class is not None and not isinstance(config, cls.config_class):
+        raise CheckpointError(f"{path}: architecture {archs[0]!r} does not take a {type(config).__name__}")
+    return cls
+
+
+def build_model(config, cls: type, dtype: torch.dtype, device: str) -> nn.Module:
+    """An instance of `cls` for `config` on `device`, weights left uninitialised (they are loaded next)."""
+    from transformers.initialization import no_init_weights
+
+    try:
+        with no_init_weights(), torch.device(device):
+            model = cls(config)
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot build {cls.__name__} on device {device!r}: {err}") from None
+    model = model.to(dtype).eval()
+    model.tie_weights()  # the config's ties (e.g. tie_word_embeddings), so tied names share one storage
+    return model
+
+
+def tied_groups(model: nn.Module) -> dict[str, list[str]]:
+    """name -> every state-dict name sharing its storage (itself included)."""
+    by_ptr: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault((t.data_ptr(), tuple(t.shape), t.device), []).append(name)
+    return {n: group for group in by_ptr.values() for n in group}
+
+
+def check_names(model: nn.Module, ckpt, label: object) -> dict[str, str]:
+    """model tensor name -> the checkpoint name to read it from (a tied partner when it is absent); missing,
+    unexpected or mis-shaped tensors are a one-line error."""
+    names = set(ckpt.names())
+    state = model.state_dict()
+    groups = tied_groups(model)
+    source: dict[str, str] = {}
+    for name, t in state.items():
+        present = [n for n in groups[name] if n in names]
+        if not present:
+            raise CheckpointError(f"{label}: tensor {name!r} of {type(model).__name__} is missing from the checkpoint")
+        source[name] = name if name in names else present[0]
+        shape = tuple(ckpt.meta(source[name]).shape)
+        if shape != tuple(t.shape):
+            raise CheckpointError(f"{label}: tensor {source[name]!r} has shape {shape}, {type(model).__name__} "
+                                  f"expects {tuple(t.shape)}")
+    extra = sorted(names - set(state))
+    if extra:
+        raise CheckpointError(f"{label}: tensor {extra[0]!r} is not in {type(model).__name__} "
+                              f"({len(extra)} unexpected)")
+    return source
+
+
+def copy_weights(model: nn.Module, ckpt, source: dict[str, str]) -> None:
+    """Copy every tensor of `ckpt` into `model` in place, one at a time (cast to the model's dtype)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            t.copy_(ckpt.get(source[name]))
+
+
+def load_model(ref: object, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               allow_pickle: bool = False) -> nn.Module:
+    """The transformers model of checkpoint `ref` (see the module docstring), in eval mode."""
+    from merging.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
+    folder = config_folder(ckpt, ref)
+    config = load_config(folder)
+    cls = model_class(config, folder / "config.json")
+    model = build_model(config, cls, parse_dtype(dtype), device)
+    copy_weights(model, ckpt, check_names(model, ckpt, ref))
+    model.basin_folder = folder
+    return model
