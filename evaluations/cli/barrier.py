@@ -1,10 +1,16 @@
-"""`basin barrier A B --model-factory module:fn --data module:fn`: loss and error barriers on the line A -> B."""
+"""`basin barrier A B`: loss and error barriers on the line A -> B.
+
+Two forms: `--model-factory module:fn --data module:fn` (any nn.Module, (x, y) data), or, for transformers
+checkpoints with a config.json, `--data calib.txt`: the model built from A's config, the text packed into
+`--seq-len` blocks with A's tokenizer, the causal-LM loss measured with A and B streamed into the one model."""
 
 from __future__ import annotations
 
 import argparse
 
-from evaluations.cli.args import grid_size
+from evaluations.cli.args import grid_size, int_range
+
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # evaluations.models.DTYPES, without importing torch
 
 HELP = "loss and error barrier along the path between two models"
 OUT_FILES = ["barrier.json", "path.png"]
@@ -13,8 +19,15 @@ OUT_FILES = ["barrier.json", "path.png"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", help="checkpoint A (.safetensors file, folder or Hub id)")
     parser.add_argument("b", help="checkpoint B")
-    parser.add_argument("--model-factory", required=True, help="module:fn (or file.py:fn) returning an nn.Module")
-    parser.add_argument("--data", required=True, help="module:fn returning (x, y) tensors or a DataLoader")
+    parser.add_argument("--model-factory", help="module:fn (or file.py:fn) returning an nn.Module (default: the "
+                        "transformers model of A's config.json)")
+    parser.add_argument("--data", required=True, help="module:fn returning (x, y) tensors or a DataLoader; without "
+                        "--model-factory, a .txt file of calibration text")
+    parser.add_argument("--seq-len", type=int_range(2), default=128, help="tokens per text block (default 128)")
+    parser.add_argument("--max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
+    parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     parser.add_argument("--alphas", type=grid_size(1), default=25, help="points on the path, >= 2 (default 25)")
     parser.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                         help="vmap over parameter points (auto: small models without BatchNorm)")
@@ -26,6 +39,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_factory is None:
+        return run_text(args)
+    return run_factory(args)
+
+
+def run_text(args: argparse.Namespace) -> int:
+    """A and B are transformers checkpoints, --data a text file: the streamed causal-LM path."""
+    from pathlib import Path
+
+    from evaluations.cli.outputs import Outputs
+    from evaluations.landscape import REFERENCES, barrier
+    from evaluations.lm_path import evaluate_checkpoint_path
+    from evaluations.models import load_model
+    from evaluations.text_data import load_text_data
+    from taxonomy.errors import DataError
+
+    if not Path(args.data).is_file():
+        raise DataError(f"--data {args.data}: no such text file (a module:fn needs --model-factory)")
+    with Outputs(args.overwrite, inputs=[args.a, args.b]) as outputs:
+        out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
+        model = load_model(args.a, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+        data = load_text_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
+                              batch_size=args.batch_size)
+        result = evaluate_checkpoint_path(model, args.a, args.b, data, alphas=args.alphas)
+        barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
+                    for rel in (False, True)]
+        written = _write(outputs, out, args, result, barriers) if out is not None else []
+    print(f"model {type(model).__name__} ({args.dtype}, {args.device}); {result.examples} examples of "
+          f"{args.seq_len} tokens, {result.tokens} predicted tokens")
+    _print(result, barriers)
+    if written:
+        print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def run_factory(args: argparse.Namespace) -> int:
+    """--model-factory module:fn and --data module:fn."""
     from evaluations.cli.outputs import Outputs
     from evaluations.landscape import REFERENCES, barrier, evaluate_path, linear_path
     from evaluations.landscape.io import build_model, check_runs, load_data, load_state
@@ -60,9 +110,10 @@ def _write(outputs, out, args: argparse.Namespace, result, barriers) -> list:
 
 
 def _print(result, barriers) -> None:
-    print(f"{'alpha':>6}  {'loss':>10}  {'accuracy':>8}")
-    for al, lo, ac in zip(result.alphas, result.loss, result.accuracy):
-        print(f"{al:6.3f}  {lo:10.5f}  {ac:8.4f}")
+    ppl = getattr(result, "perplexity", None)
+    print(f"{'alpha':>6}  {'loss':>10}  {'accuracy':>8}" + (f"  {'perplexity':>12}" if ppl is not None else ""))
+    for i, (al, lo, ac) in enumerate(zip(result.alphas, result.loss, result.accuracy)):
+        print(f"{al:6.3f}  {lo:10.5f}  {ac:8.4f}" + (f"  {ppl[i]:12.4f}" if ppl is not None else ""))
     print()
     print(f"{'kind':<6} {'form':<9} {'relative':<8} {'value':>10} {'at alpha':>8}")
     for bar in barriers:

@@ -1,0 +1,72 @@
+"""The loss of a language model along the straight line between two checkpoints, streamed.
+
+`evaluate_checkpoint_path(model, a, b, data, alphas)` keeps A and B memory-mapped (`open_checkpoint`) and, at each
+alpha, writes theta(alpha) = (1 - alpha) A + alpha B (computed in float64, tensor by tensor) into the one live
+`model`, then measures `causal_lm_loss`. The result is a `PathResult` (accuracy = 1 - next-token error), so
+`evaluations.landscape.barrier` applies to it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaluations.landscape.evaluate import PathResult, alpha_grid
+from evaluations.models import check_names
+from evaluations.text_data import causal_lm_loss
+from taxonomy.errors import CheckpointError
+
+
+@dataclass
+class LMPathResult(PathResult):
+    perplexity: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tokens: int = 0
+    examples: int = 0
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "perplexity": self.perplexity.tolist(), "tokens": self.tokens,
+                "examples": self.examples}
+
+
+def _open(ref: object, label: str):
+    from merging.checkpoint import open_checkpoint
+
+    return open_checkpoint(ref, label=label if not isinstance(ref, str) else None)
+
+
+def write_point(model: nn.Module, a, b, sources: tuple[dict[str, str], dict[str, str]], alpha: float) -> None:
+    """Copy (1 - alpha) A + alpha B into `model`'s tensors in place, one tensor at a time (float64 arithmetic);
+    integer tensors are taken from A."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            ta = a.get(sources[0][name])
+            if not t.is_floating_point():
+                t.copy_(ta)
+                continue
+            tb = b.get(sources[1][name])
+            t.copy_(torch.lerp(ta.to(torch.float64), tb.to(torch.float64), alpha))
+
+
+def evaluate_checkpoint_path(model: nn.Module, ckpt_a: object, ckpt_b: object, data: list[dict],
+                             alphas: int | Iterable[float] = 25) -> LMPathResult:
+    """Causal-LM loss, perplexity and next-token error of `model` at each alpha on the line A -> B.
+
+    The model's own weights are overwritten (it holds theta(alphas[-1]) on return)."""
+    grid = alpha_grid(alphas)
+    if ((grid < 0) | (grid > 1)).any() or torch.isnan(grid).any():
+        raise CheckpointError(f"alphas={grid.tolist()}: every alpha must lie in [0, 1]")
+    a, b = _open(ckpt_a, "A"), _open(ckpt_b, "B")
+    sources = (check_names(model, a, a.label), check_names(model, b, b.label))
+    losses = []
+    for alpha in grid.tolist():
+        write_point(model, a, b, sources, alpha)
+        losses.append(causal_lm_loss(model, data))
+    return LMPathResult(alphas=grid.numpy(), loss=np.array([r.loss for r in losses]),
+                        accuracy=np.array([1.0 - r.error for r in losses]),
+                        perplexity=np.array([r.perplexity for r in losses]),
+                        tokens=losses[0].tokens, examples=losses[0].examples)
