@@ -29,6 +29,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine; a one-line error otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device={device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device={device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CheckpointError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def config_folder(ckpt, ref: object) -> Path:
     """The folder holding the checkpoint's config.json; a one-line error when there is none."""
     folder = getattr(ckpt, "folder", None)
@@ -76,7 +89,7 @@ def model_class(config, path: Path) -> type:
     return cls
 
 
-def build_model(config, cls: type, dtype: torch.dtype, device: str) -> nn.Module:
+def build_model(config, cls: type, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An instance of `cls` for `config` on `device`, weights left uninitialised (they are loaded next)."""
     from transformers.initialization import no_init_weights
 
@@ -84,7 +97,7 @@ def build_model(config, cls: type, dtype: torch.dtype, device: str) -> nn.Module
         with no_init_weights(), torch.device(device):
             model = cls(config)
     except RuntimeError as err:
-        raise CheckpointError(f"cannot build {cls.__name__} on device {device!r}: {err}") from None
+        raise CheckpointError(f"cannot build {cls.__name__} on device {str(device)!r}: {err}") from None
     model = model.to(dtype).eval()
     model.tie_weights()  # the config's ties (e.g. tie_word_embeddings), so tied names share one storage
     return model
@@ -96,6 +109,17 @@ def tied_groups(model: nn.Module) -> dict[str, list[str]]:
     for name, t in model.state_dict(keep_vars=True).items():
         by_ptr.setdefault((t.data_ptr(), tuple(t.shape), t.device), []).append(name)
     return {n: group for group in by_ptr.values() for n in group}
+
+
+def ignorable(model: nn.Module, name: str) -> bool:
+    """A checkpoint tensor the model recomputes itself: a non-persistent buffer (older checkpoints saved e.g.
+    `embeddings.position_ids`), or one its class lists in `_keys_to_ignore_on_load_unexpected`."""
+    import re
+
+    if name in dict(model.named_buffers()):
+        return True
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    return any(re.search(p, name) for p in patterns)
 
 
 def check_names(model: nn.Module, ckpt, label: object) -> dict[str, str]:
@@ -114,7 +138,7 @@ def check_names(model: nn.Module, ckpt, label: object) -> dict[str, str]:
         if shape != tuple(t.shape):
             raise CheckpointError(f"{label}: tensor {source[name]!r} has shape {shape}, {type(model).__name__} "
                                   f"expects {tuple(t.shape)}")
-    extra = sorted(names - set(state))
+    extra = sorted(n for n in names - set(state) if not ignorable(model, n))
     if extra:
         raise CheckpointError(f"{label}: tensor {extra[0]!r} is not in {type(model).__name__} "
                               f"({len(extra)} unexpected)")
@@ -134,11 +158,12 @@ def load_model(ref: object, dtype: str | torch.dtype = "float32", device: str = 
     """The transformers model of checkpoint `ref` (see the module docstring), in eval mode."""
     from merging.checkpoint import open_checkpoint
 
+    dtype, device = parse_dtype(dtype), parse_device(device)
     ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
     folder = config_folder(ckpt, ref)
     config = load_config(folder)
     cls = model_class(config, folder / "config.json")
-    model = build_model(config, cls, parse_dtype(dtype), device)
+    model = build_model(config, cls, dtype, device)
     copy_weights(model, ckpt, check_names(model, ckpt, ref))
     model.basin_folder = folder
     return model

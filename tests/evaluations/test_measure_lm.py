@@ -127,6 +127,39 @@ def test_load_model_errors(ckpts, tmp_path):
         load_model(extra)
 
 
+def test_load_model_hub_id_from_local_cache(hub_cache, minilm_dir):
+    """A real checkpoint whose file still holds the now non-persistent `embeddings.position_ids` buffer."""
+    model = load_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert type(model).__name__ == "BertModel"
+    saved = load_file(minilm_dir / "model.safetensors")
+    assert "embeddings.position_ids" in saved
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+
+
+def test_load_model_base_plus_lora(ckpts, tmp_path):
+    from tests.merging.test_lora import lora_pair, write_adapter
+
+    base = ckpts["llama"][0]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a, b = lora_pair(16, 16, 2, 7)
+    adapter = write_adapter(tmp_path / "ad", {f"base_model.model.{name[:-7]}.lora_A.weight": a,
+                                              f"base_model.model.{name[:-7]}.lora_B.weight": b},
+                            target_modules=["q_proj"])
+    model = load_model(f"{base}+{adapter}", dtype="float64")
+    want = load_file(base / "model.safetensors")[name].double() + 4 * (b @ a).double()
+    torch.testing.assert_close(model.get_parameter(name), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"dtype": "float8"}, "dtype='float8'"), ({"device": "nodevice"}, "not a torch device"),
+    ({"device": "cuda:99"}, "cuda:99"),
+])
+def test_load_model_bad_dtype_device(ckpts, kwargs, fragment):
+    with pytest.raises(CheckpointError, match=fragment):
+        load_model(ckpts["llama"][0], **kwargs)
+
+
 def test_load_text_data_packs_blocks(ckpts):
     batches = load_text_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, batch_size=2)
     ids = [WORDS.index(w) for w in TEXT.split()]  # 15 tokens -> blocks of 6, 6, 3 (+3 padding)
