@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from torch import nn
 
 from evaluations.landscape.evaluate import PathResult, alpha_grid
 from evaluations.models import check_names
-from evaluations.text_data import causal_lm_loss
-from taxonomy.errors import CheckpointError
+from evaluations.text_data import causal_lm_loss, check_causal_lm
+from taxonomy.errors import CheckpointError, ProbeError
 
 
 @dataclass
@@ -35,7 +36,7 @@ class LMPathResult(PathResult):
 def _open(ref: object, label: str):
     from merging.checkpoint import open_checkpoint
 
-    return open_checkpoint(ref, label=label if not isinstance(ref, str) else None)
+    return open_checkpoint(ref, label=None if isinstance(ref, (str, Path)) else label)
 
 
 def write_point(model: nn.Module, a, b, sources: tuple[dict[str, str], dict[str, str]], alpha: float) -> None:
@@ -49,7 +50,11 @@ def write_point(model: nn.Module, a, b, sources: tuple[dict[str, str], dict[str,
                 t.copy_(ta)
                 continue
             tb = b.get(sources[1][name])
-            t.copy_(torch.lerp(ta.to(torch.float64), tb.to(torch.float64), alpha))
+            point = torch.lerp(ta.to(torch.float64), tb.to(torch.float64), alpha)
+            if not bool(torch.isfinite(point).all()):
+                bad = a if not bool(torch.isfinite(ta).all()) else b
+                raise CheckpointError(f"{bad.label}: tensor {name!r} has NaN or infinite values")
+            t.copy_(point)
 
 
 def evaluate_checkpoint_path(model: nn.Module, ckpt_a: object, ckpt_b: object, data: list[dict],
@@ -60,12 +65,16 @@ def evaluate_checkpoint_path(model: nn.Module, ckpt_a: object, ckpt_b: object, d
     grid = alpha_grid(alphas)
     if ((grid < 0) | (grid > 1)).any() or torch.isnan(grid).any():
         raise CheckpointError(f"alphas={grid.tolist()}: every alpha must lie in [0, 1]")
+    check_causal_lm(model)
     a, b = _open(ckpt_a, "A"), _open(ckpt_b, "B")
     sources = (check_names(model, a, a.label), check_names(model, b, b.label))
     losses = []
     for alpha in grid.tolist():
         write_point(model, a, b, sources, alpha)
         losses.append(causal_lm_loss(model, data))
+        if not np.isfinite(losses[-1].loss):
+            raise ProbeError(f"the loss at alpha={alpha:g} is not finite ({losses[-1].loss}); with --dtype "
+                             "float16/bfloat16 try float32")
     return LMPathResult(alphas=grid.numpy(), loss=np.array([r.loss for r in losses]),
                         accuracy=np.array([1.0 - r.error for r in losses]),
                         perplexity=np.array([r.perplexity for r in losses]),

@@ -156,8 +156,19 @@ def _batch_sums(model: nn.Module, batch: dict[str, torch.Tensor], device) -> tup
     return float(ce), int(keep.sum()), int(wrong)
 
 
+def check_causal_lm(model: nn.Module) -> None:
+    """A one-line error unless `model` is a transformers causal LM (a class of AutoModelForCausalLM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    if name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise DataError(f"{name} is not a causal language model (an AutoModelForCausalLM class): the text loss "
+                        "needs next-token logits; pass --model-factory and module:fn data for other models")
+
+
 def causal_lm_loss(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> LMLoss:
     """Mean next-token cross-entropy of `model` over every predicted token of `data` (float64 sums)."""
+    check_causal_lm(model)
     device = next(model.parameters()).device
     total, tokens, wrong, examples = 0.0, 0, 0, 0
     with torch.no_grad():

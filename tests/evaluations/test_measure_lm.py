@@ -238,11 +238,28 @@ def test_path_point_equals_model_with_interpolated_state(ckpts, name):
     assert bar.value == pytest.approx(max(chord, 0.0), abs=1e-12)
 
 
-def test_path_refuses_mismatched_checkpoints(ckpts):
+def test_path_is_deterministic(ckpts):
+    a, b = ckpts["gpt2"]
+    model = load_model(a)
+    data = load_text_data(model, ckpts["calib"], seq_len=5, max_examples=2, seed=1)
+    first = evaluate_checkpoint_path(model, a, b, data, alphas=4)
+    again = evaluate_checkpoint_path(load_model(a), a, b, data, alphas=4)
+    assert first.loss.tobytes() == again.loss.tobytes() and first.tokens == again.tokens == 8
+
+
+def test_path_refuses_bad_inputs(ckpts, tmp_path):
     model = load_model(ckpts["llama"][0])
     data = load_text_data(model, ckpts["calib"], seq_len=5)
     with pytest.raises(CheckpointError, match="is missing from the checkpoint|has shape|is not in"):
         evaluate_checkpoint_path(model, ckpts["llama"][0], ckpts["gpt2"][1], data, alphas=2)
+    nan = _copy(ckpts["llama"][1], tmp_path / "nan")
+    state = load_file(nan / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, nan / "model.safetensors")
+    with pytest.raises(CheckpointError, match="nan: tensor 'model.norm.weight' has NaN or infinite values"):
+        evaluate_checkpoint_path(model, ckpts["llama"][0], nan, data, alphas=2)
+    with pytest.raises(DataError, match="BertModel is not a causal language model"):
+        evaluate_checkpoint_path(load_model(ckpts["bert"][0]), *ckpts["bert"], data, alphas=2)
 
 
 def _basin(capsys, *args: str) -> tuple[int, str, str]:
@@ -268,6 +285,8 @@ def test_cli_barrier_text(ckpts, tmp_path, capsys):
     (["--seq-len", "99"], "seq_len=99 exceeds the model's 32 positions"),
     (["--data", "EMPTY"], "no tokens"),
     (["--data", "nomodule:fn"], "a module:fn needs --model-factory"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--dtype", "float8"], "--dtype"),
 ])
 def test_cli_barrier_text_errors(ckpts, tmp_path, capsys, extra, fragment):
     empty = tmp_path / "empty.txt"
