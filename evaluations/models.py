@@ -107,7 +107,8 @@ def tied_groups(model: nn.Module) -> dict[str, list[str]]:
     """name -> every state-dict name sharing its storage (itself included)."""
     by_ptr: dict[tuple, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        by_ptr.setdefault((t.data_ptr(), tuple(t.shape), t.device), []).append(name)
+        key = (t.data_ptr(), tuple(t.shape), t.device) if t.numel() else (name,)  # empty tensors share ptr 0
+        by_ptr.setdefault(key, []).append(name)
     return {n: group for group in by_ptr.values() for n in group}
 
 

@@ -16,22 +16,16 @@ from taxonomy.errors import DataError
 
 
 def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read checkpoint `ref` (via merging.checkpoint.open_checkpoint) and check it against `model`'s tensors."""
+    """Read checkpoint `ref` (via merging.checkpoint.open_checkpoint) and check it against `model`'s tensors
+    (`evaluations.models.check_names`: a tied tensor may be saved under one name only; tensors the model
+    recomputes, e.g. non-persistent buffers, are skipped)."""
+    from evaluations.models import check_names
     from merging.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
     expected = model.state_dict()
-    names = set(ckpt.names())
-    for k, v in expected.items():
-        if k not in names:
-            raise DataError(f"{ref}: tensor {k!r} of the model is missing from the checkpoint")
-        shape = tuple(ckpt.meta(k).shape)
-        if shape != tuple(v.shape):
-            raise DataError(f"{ref}: tensor {k!r} has shape {shape}, the model expects {tuple(v.shape)}")
-    extra = sorted(names - set(expected))
-    if extra:
-        raise DataError(f"{ref}: tensor {extra[0]!r} is not in the model")
-    return {k: ckpt.get(k).to(expected[k].dtype) for k in expected}
+    source = check_names(model, ckpt, ref)
+    return {k: ckpt.get(source[k]).to(expected[k].dtype) for k in expected}
 
 
 def load_data(spec: str) -> object:

@@ -296,3 +296,23 @@ def test_cli_barrier_text_errors(ckpts, tmp_path, capsys, extra, fragment):
     rc, _, err = _basin(capsys, *[str(empty) if x == "EMPTY" else x for x in args])
     assert rc == 2
     assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_factory_load_state_accepts_tied_and_recomputed_tensors(ckpts, minilm_dir):
+    """The --model-factory path (landscape.io.load_state) reads tied heads saved once and old checkpoints'
+    non-persistent buffers, as load_model does; empty tensors (all at data_ptr 0) are not taken as tied."""
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    from evaluations.landscape.io import load_state
+
+    state = load_state(str(ckpts["gpt2"][0]), _gpt2(5))
+    saved = load_file(ckpts["gpt2"][0] / "model.safetensors")
+    assert torch.equal(state["lm_head.weight"], saved["transformer.wte.weight"])
+    bert = BertModel(BertConfig.from_pretrained(minilm_dir))
+    assert "embeddings.position_ids" not in load_state(str(minilm_dir), bert)
+    module = nn.Module()
+    module.a, module.b = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(0))
+    with pytest.raises(CheckpointError, match="'b' of Module is missing"):
+        load_state({"a": torch.zeros(0)}, module)
+
