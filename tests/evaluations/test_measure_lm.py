@@ -95,6 +95,16 @@ def test_load_model_file_ref_and_dtype(ckpts):
     assert torch.equal(model.model.embed_tokens.weight, ref.double())
 
 
+def test_load_model_sharded_folder(tmp_path):
+    ref = _llama(3)
+    ref.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = load_model(tmp_path / "sharded")
+    x = torch.tensor([[1, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
