@@ -55,9 +55,12 @@ class Operator:
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
         """Apply to each row of `vs` ([k, n]) -> [k, n]."""
+        self._check_rows(vs)
+        return torch.stack([self.matvec(v) for v in vs]) if len(vs) else vs.new_zeros(0, self.shape[0])
+
+    def _check_rows(self, vs: torch.Tensor) -> None:
         if vs.dim() != 2 or vs.shape[1] != self.shape[1]:
             raise ProbeError(f"{type(self).__name__}.matmat: expected [k, {self.shape[1]}] rows, got {tuple(vs.shape)}")
-        return torch.stack([self.matvec(v) for v in vs]) if len(vs) else vs.new_zeros(0, self.shape[0])
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v)
@@ -82,6 +85,7 @@ class DenseOperator(Operator):
         return self.matrix @ v
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        self._check_rows(vs)
         return vs @ self.matrix.T
 
 
