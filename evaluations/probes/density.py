@@ -27,6 +27,9 @@ from evaluations.probes.trace import rademacher
 
 @dataclass
 class Density(ProbeResult):
+    """SLQ quadrature nodes and weights per run and the smoothed density on a grid; `iterations`: operator
+    applications, all runs together; `converged`: see the module docstring."""
+
     nodes: torch.Tensor  # [runs, m] Ritz values (quadrature nodes)
     weights: torch.Tensor  # [runs, m] quadrature weights, each row sums to 1
     grid: torch.Tensor  # [points]

@@ -23,8 +23,8 @@ from evaluations.probes.result import ProbeResult
 
 @dataclass
 class Estimate(ProbeResult):
-    """`mean` +- `stderr` (the sample standard error); `samples`/`products`: Hutchinson samples / operator
-    applications in all; `converged`: stderr <= max(rtol |mean|, atol) was reached within `max_samples`."""
+    """`mean` +- `stderr` (the sample standard error); `samples`/`products` (= `iterations`): Hutchinson samples
+    / operator applications in all; `converged`: stderr <= max(rtol |mean|, atol) was reached within `max_samples`."""
 
     mean: float
     stderr: float
