@@ -1,4 +1,5 @@
-"""Curvature and kernel probes: Hessian spectra (Lanczos, Hutchinson, SLQ), sharpness, and the empirical NTK."""
+"""Curvature and kernel probes: Hessian spectra (Lanczos, Hutchinson, SLQ) of any `LinearOperator`, sharpness,
+and the empirical NTK; iterative results derive from `ProbeResult`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from evaluations.probes.kernel import (
 from evaluations.probes.lanczos import Eigen, lanczos, power_iteration
 from evaluations.probes.linearize import KernelRegression, LinearizedModel, linearize, ntk_regression
 from evaluations.probes.ntk import NTKResult, empirical_ntk, empirical_ntk_result
+from evaluations.probes.operator import CallableOperator, DenseOperator, LinearOperator, Operator, as_operator
 from evaluations.probes.params import Selection, select_params
+from evaluations.probes.result import ProbeResult
 from evaluations.probes.sharpness import Sharpness, adaptive_sharpness, epsilon_sharpness, top_to_trace_ratio
 from evaluations.probes.trace import Estimate, hutchinson_trace
 
@@ -25,6 +28,12 @@ def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: i
 
 
 __all__ = [
+    "CallableOperator",
+    "DenseOperator",
+    "LinearOperator",
+    "Operator",
+    "ProbeResult",
+    "as_operator",
     "KernelRegression",
     "LinearizedModel",
     "NTKResult",

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from evaluations.probes.lanczos import _apply, _size, _tridiag, lanczos_tridiag
+from evaluations.probes.lanczos import lanczos_tridiag, tridiagonal
+from evaluations.probes.operator import as_operator, operator_mode
+from evaluations.probes.result import ProbeResult
 from evaluations.probes.trace import rademacher
 
 
 @dataclass
-class Density:
+class Density(ProbeResult):
+    """SLQ quadrature nodes and weights per run and the smoothed density on a grid; `iterations`: operator
+    applications, all runs together; `converged`: see the module docstring."""
+
     nodes: torch.Tensor  # [runs, m] Ritz values (quadrature nodes)
     weights: torch.Tensor  # [runs, m] quadrature weights, each row sums to 1
     grid: torch.Tensor  # [points]
@@ -83,17 +88,17 @@ def spectral_density(
 
     `tol`: the edge residual, relative to the spectral radius, below which a run counts as converged.
     """
-    matvec = _apply(op)
-    n = _size(op, size)
+    op = as_operator(op, size)
+    matvec, n = op.matvec, op.shape[0]
     steps = min(steps, n)
     gen = torch.Generator().manual_seed(seed)
     all_nodes, all_weights, edges = [], [], []
     converged = True
     iterations = 0
     for _ in range(runs):
-        alpha, beta, _ = lanczos_tridiag(matvec, rademacher(n, gen, getattr(op, "dtype", torch.float32)), steps)
+        alpha, beta, _ = lanczos_tridiag(matvec, rademacher(n, gen, op.dtype), steps)
         iterations += len(alpha)
-        theta, s = torch.linalg.eigh(_tridiag(alpha, beta))
+        theta, s = torch.linalg.eigh(tridiagonal(alpha, beta))
         ends = [0, len(theta) - 1]
         res = (beta[-1] * s[-1, ends]).abs()
         invariant = len(alpha) < steps or len(alpha) == n
@@ -117,4 +122,4 @@ def spectral_density(
     firsts = (weights * nodes).sum(1)
     stderr = float(firsts.std(unbiased=True) / math.sqrt(runs)) if runs > 1 else None
     return Density(nodes, weights, grid, dens, sig, steps, converged, iterations, torch.stack(edges), stderr,
-                   getattr(op, "mode", None))
+                   operator_mode(op))

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from evaluations.probes.attention import math_attention
+from evaluations.probes.operator import Operator
 from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import ProbeError
 
@@ -74,14 +75,16 @@ def as_batches(data, batch_size: int | None = None) -> list[tuple[torch.Tensor, 
     raise ProbeError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
 
 
-class HessianOperator:
+class HessianOperator(Operator):
     """The Hessian of `loss_fn(model(x), y)` (mean over `data`) w.r.t. the selected parameters.
 
     `mode`: the network's mode ("eval", the default, or "train": BatchNorm batch statistics; see
     `network_mode`); `method`: the differentiation route ("double_backward" or "forward_over_reverse").
 
-    `op @ v` / `op.matvec(v)` take and return flat vectors of length `op.size` (float32, the
-    parameters' order in `op.names`). `op.matmat(V)` applies it to the rows of `V`.
+    A `LinearOperator` (evaluations.probes.operator) of shape (size, size): `op @ v` / `op.matvec(v)` take
+    and return flat vectors of length `op.size` (the parameters' dtype and order in `op.names`).
+    `op.matmat(V)` applies it to the rows of `V`; `op.to_scipy()` is the scipy.sparse.linalg view;
+    `op.gradient()` the loss gradient (its optional part of the protocol).
     `op.n_products` counts Hessian-vector products. `op.dense()` forms the matrix (tiny models only).
     """
 
@@ -116,6 +119,7 @@ class HessianOperator:
         self.shapes = [self.primals[n].shape for n in self.names]
         self.numels = [self.primals[n].numel() for n in self.names]
         self.size = sum(self.numels)
+        self.shape = (self.size, self.size)
         self.dtype = next(iter(self.primals.values())).dtype
         self.device = next(iter(self.primals.values())).device
         self.n_products = 0
@@ -235,17 +239,20 @@ class HessianOperator:
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
 
-    def gradient(self) -> torch.Tensor:
-        """The flat gradient of the mean loss over `data` (free when the gradient graphs are cached)."""
+    def gradient(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat gradient of the mean loss over `data` at the stored parameters (free when the gradient
+        graphs are cached), or at `flat` (a flat vector of the selected parameters)."""
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        cached = flat is None and self.method == "double_backward" and self.cache_graph
+        p = self.primals if flat is None else self.unflatten(flat)
         with self.context():
             for x, y in self.batches:
-                if self.method == "double_backward" and self.cache_graph:
+                if cached:
                     _, g = self._gradient_graph(x, y)
-                    flat = torch.cat([t.detach().reshape(-1) for t in g])
+                    part = torch.cat([t.detach().reshape(-1) for t in g])
                 else:
-                    flat = self.flatten(grad(self._loss)(self.primals, x, y))
-                out += flat * (len(x) / self.n_examples)
+                    part = self.flatten(grad(self._loss)(p, x, y))
+                out += part * (len(x) / self.n_examples)
         return out
 
     def loss(self, flat: torch.Tensor | None = None) -> float:

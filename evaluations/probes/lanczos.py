@@ -13,18 +13,19 @@ the start vector is the loss gradient (plus a little noise) when the operator pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from evaluations.probes.operator import as_operator, has_gradient, operator_mode
+from evaluations.probes.result import ProbeResult
 from taxonomy.errors import ProbeError
 
 JSON_EXTRAS = ("error_bounds", "start", "confirmation_steps", "mode")
 
 
 @dataclass
-class Eigen:
+class Eigen(ProbeResult):
     """Eigenvalues (ordered as asked: largest first for "LA"/"LM"), eigenvectors as rows, convergence."""
 
     values: torch.Tensor  # [k]
@@ -44,26 +45,6 @@ class Eigen:
             "method": self.method,
             **{key: value for key, value in self.extra.items() if key in JSON_EXTRAS},
         }
-
-
-def _apply(op) -> Callable[[torch.Tensor], torch.Tensor]:
-    if callable(getattr(op, "matvec", None)):
-        return op.matvec
-    if isinstance(op, torch.Tensor):
-        return lambda v: op @ v
-    if callable(op):
-        return op
-    raise ProbeError(f"operator: expected a HessianOperator, a matrix or a callable, got {type(op).__name__}")
-
-
-def _size(op, size: int | None) -> int:
-    if size is not None:
-        return size
-    if hasattr(op, "size") and isinstance(op.size, int):
-        return op.size
-    if isinstance(op, torch.Tensor):
-        return op.shape[0]
-    raise ProbeError("operator: pass size= for a plain callable")
 
 
 def _pick(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -105,7 +86,8 @@ def lanczos_tridiag(matvec, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor,
     return torch.stack(alphas), torch.stack(betas), basis[:m]
 
 
-def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The symmetric tridiagonal T_m of a Lanczos run: alpha on the diagonal, beta[:-1] beside it."""
     return torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
 
 
@@ -123,10 +105,10 @@ def start_vector(op, n: int, start: str, seed: int, dtype: torch.dtype) -> tuple
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn(n, generator=gen, dtype=torch.float64)
     rand = rand / rand.norm()
-    has_gradient = callable(getattr(op, "gradient", None))
-    if start == "gradient" and not has_gradient:
+    gradient = has_gradient(op)
+    if start == "gradient" and not gradient:
         raise ProbeError(f"start='gradient': the operator {type(op).__name__} has no gradient() method")
-    if start == "random" or not has_gradient:
+    if start == "random" or not gradient:
         return rand.to(dtype), "random"
     g = op.gradient().double().cpu()
     norm = g.norm()
@@ -254,14 +236,13 @@ def lanczos(
     `which`: "LA" largest algebraic, "SA" smallest, "LM" largest magnitude. `iterations` counts operator
     applications; `extra["confirmation_steps"]` those spent confirming.
     """
-    matvec = _apply(op)
-    n = _size(op, size)
+    op = as_operator(op, size)
+    matvec, n = op.matvec, op.shape[0]
     if not 1 <= k <= n:
         raise ProbeError(f"k: must be between 1 and the operator size {n}, got {k}")
     _pick(torch.zeros(1), 1, which)  # validates `which`
     max_iter = min(n, max_iter or 200)
-    op_dtype = getattr(op, "dtype", torch.float32)
-    v0, used = start_vector(op, n, start, seed, op_dtype) if v0 is None else (v0, "given")
+    v0, used = start_vector(op, n, start, seed, op.dtype) if v0 is None else (v0, "given")
     dtype = v0.dtype
     gen = torch.Generator().manual_seed(seed + 7919)  # restart / confirmation vectors, apart from the start's
     sub = _Subspace(n, min(max_iter, 2 * k + 8))
@@ -287,7 +268,7 @@ def lanczos(
     res = sub.residuals(s[:, idx], theta[idx])
     extra = {"error_bounds": [float(r) for r in res], "start": used,
              "confirmation_steps": sub.m - check.start if converged and check is not None else 0,
-             "mode": getattr(op, "mode", None)}  # a HessianOperator's network mode ("eval" / "train")
+             "mode": operator_mode(op)}  # a HessianOperator's network mode ("eval" / "train")
     return Eigen(theta[idx], sub.vectors(s[:, idx]).to(dtype), converged, sub.m, res, "lanczos", extra)
 
 
@@ -304,10 +285,9 @@ def power_iteration(
     Each eigenvalue stops when its Rayleigh quotient changes by less than tol relative (the
     criterion PyHessian uses); `converged` is False if any hit `max_iter`. Residuals are reported.
     """
-    matvec = _apply(op)
-    n = _size(op, size)
+    op = as_operator(op, size)
+    matvec, n, dtype = op.matvec, op.shape[0], op.dtype
     gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(op, "dtype", torch.float32)
     values, vectors, residuals = [], [], []
     all_converged = True
     total = 0

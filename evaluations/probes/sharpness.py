@@ -12,19 +12,22 @@ by at most `tol` relative (None for a single step, ASAM's one-step definition, w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call, grad
 
 from evaluations.probes.hvp import HessianOperator
 from evaluations.probes.lanczos import lanczos
+from evaluations.probes.operator import as_operator, operator_mode
+from evaluations.probes.result import ProbeResult
 from evaluations.probes.trace import hutchinson_trace
 from merging.reductions import norm64
 
 
 @dataclass
-class Sharpness:
+class Sharpness(ProbeResult):
+    """A sharpness value with its ascent: `iterations` is `steps` (each one gradient and one loss)."""
+
     value: float
     loss: float
     perturbed_loss: float
@@ -34,23 +37,9 @@ class Sharpness:
     history: list[float] = field(default_factory=list)  # the perturbed loss after each ascent step
     mode: str = "eval"  # the network's mode for every loss and gradient (see evaluations.probes.hvp.network_mode)
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def _loss_and_grad(op: HessianOperator):
-    def loss(p, x, y):
-        return op.loss_fn(functional_call(op.model, {**op.fixed, **p}, (x,)), y)
-
-    def at(flat: torch.Tensor) -> torch.Tensor:
-        p = op.unflatten(flat)
-        out = torch.zeros_like(flat)
-        with op.context():  # the operator's network mode, as for its loss
-            for x, y in op.batches:
-                out += op.flatten(grad(loss)(p, x, y)) * (len(x) / op.n_examples)
-        return out
-
-    return at
+    @property
+    def iterations(self) -> int:
+        return self.steps
 
 
 def _plateaued(history: list[float], tol: float) -> bool | None:
@@ -67,13 +56,12 @@ def epsilon_sharpness(model, loss_fn, data, epsilon: float = 1e-3, steps: int = 
     op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
     w = op.flat_params()
     box = epsilon * (w.abs() + 1)
-    grad_at = _loss_and_grad(op)
     base = op.loss()
     z = torch.zeros_like(w)
     best = base
     history = []
     for _ in range(steps):
-        z = torch.clamp(z + 2.0 * box / steps * torch.sign(grad_at(w + z)), -box, box)
+        z = torch.clamp(z + 2.0 * box / steps * torch.sign(op.gradient(w + z)), -box, box)
         history.append(op.loss(w + z))
         best = max(best, history[-1])
     return Sharpness(100.0 * (best - base) / (1.0 + base), base, best, "epsilon", steps, _plateaued(history, tol),
@@ -86,12 +74,11 @@ def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01
     op = HessianOperator(model, loss_fn, data, params=params, mode=mode)
     w = op.flat_params()
     t = w.abs() + eta
-    grad_at = _loss_and_grad(op)
     base = op.loss()
     u = torch.zeros_like(w)  # e = T_w u, |u| <= rho
     history = []
     for _ in range(steps):
-        g = t * grad_at(w + t * u)  # gradient w.r.t. u
+        g = t * op.gradient(w + t * u)  # gradient w.r.t. u
         u = u + (rho / steps) * g / max(norm64(g), 1e-30)  # norms of the whole parameter vector: float64 sums
         u = u * min(1.0, rho / max(norm64(u), 1e-30))
         history.append(op.loss(w + t * u))
@@ -100,9 +87,10 @@ def adaptive_sharpness(model, loss_fn, data, rho: float = 0.5, eta: float = 0.01
 
 
 def top_to_trace_ratio(op, tol: float = 1e-3, rtol: float = 1e-2, seed: int = 0) -> dict:
-    """lambda_max / tr(H) with the trace's standard error propagated; `op` is a HessianOperator or a matrix."""
+    """lambda_max / tr(H) with the trace's standard error propagated; `op`: a `LinearOperator` or a matrix."""
+    op = as_operator(op)
     top = lanczos(op, k=1, tol=tol, seed=seed)
     tr = hutchinson_trace(op, rtol=rtol, seed=seed)
     ratio = float(top.values[0]) / tr.mean
     return {"ratio": ratio, "stderr": abs(ratio) * tr.stderr / abs(tr.mean), "top": float(top.values[0]),
-            "trace": tr.mean, "converged": bool(top.converged and tr.converged), "mode": getattr(op, "mode", None)}
+            "trace": tr.mean, "converged": bool(top.converged and tr.converged), "mode": operator_mode(op)}

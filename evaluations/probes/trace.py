@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from evaluations.probes.lanczos import _apply, _size
+from evaluations.probes.operator import as_operator, operator_mode
+from evaluations.probes.result import ProbeResult
 
 
 @dataclass
-class Estimate:
-    """`mean` +- `stderr` (the sample standard error); `samples`/`products`: Hutchinson samples / operator
-    applications in all; `converged`: stderr <= max(rtol |mean|, atol) was reached within `max_samples`."""
+class Estimate(ProbeResult):
+    """`mean` +- `stderr` (the sample standard error); `samples`/`products` (= `iterations`): Hutchinson samples
+    / operator applications in all; `converged`: stderr <= max(rtol |mean|, atol) was reached within `max_samples`."""
 
     mean: float
     stderr: float
@@ -32,6 +33,11 @@ class Estimate:
     products: int = 0
     sketch: int = 0  # the Hutch++ low-rank part's rank (0: plain Hutchinson)
     mode: str | None = None  # a HessianOperator's network mode ("eval" / "train")
+
+    @property
+    def iterations(self) -> int:
+        """Operator applications in all (`products`)."""
+        return self.products
 
     @property
     def ci95(self) -> tuple[float, float]:
@@ -75,9 +81,8 @@ def hutchinson_trace(
     exact low-rank part). `converged` means stderr <= max(rtol * |mean|, atol) within `max_samples`; the
     stderr is the sample standard error, so the error is within 1.96 stderr about 95% of the time.
     """
-    matvec = _apply(op)
-    n = _size(op, size)
-    dtype = getattr(op, "dtype", torch.float32)
+    op = as_operator(op, size)
+    matvec, n, dtype = op.matvec, op.shape[0], op.dtype
     gen = torch.Generator().manual_seed(seed)
     q, exact, products = _low_rank_part(matvec, n, min(max(sketch, 0), n // 4), gen, dtype)
     samples: list[float] = []
@@ -94,7 +99,7 @@ def hutchinson_trace(
                 break
     mean, stderr = _mean_stderr(samples)
     return Estimate(exact + mean, stderr, len(samples), converged, products + len(samples), q.shape[1],
-                    getattr(op, "mode", None))
+                    operator_mode(op))
 
 
 def _mean_stderr(samples: list[float]) -> tuple[float, float]:

@@ -188,7 +188,7 @@ def test_gradient_start_vector_is_the_loss_gradient(problem):
 
 
 def test_spectral_density_reports_convergence_iterations_and_stderr():
-    from evaluations.probes.lanczos import _tridiag, lanczos_tridiag
+    from evaluations.probes.lanczos import lanczos_tridiag, tridiagonal
     from evaluations.probes.trace import rademacher
 
     n = 60
@@ -206,7 +206,7 @@ def test_spectral_density_reports_convergence_iterations_and_stderr():
         v = rademacher(n, draws, torch.float64)
         firsts.append(float(v @ a @ v) / n)  # the quadrature's first moment is v^T A v / n
         alpha, beta, basis = lanczos_tridiag(lambda u: a @ u, v, 4)
-        theta, s = torch.linalg.eigh(_tridiag(alpha, beta))
+        theta, s = torch.linalg.eigh(tridiagonal(alpha, beta))
         for col, end in enumerate((0, len(theta) - 1)):
             ritz = s[:, end] @ basis
             assert abs(float((a @ ritz - theta[end] * ritz).norm()) - float(short.edge_residuals[run, col])) < 1e-9
