@@ -103,11 +103,12 @@ class Recipe:
             merge_method=str(data["merge_method"]),
             models=models,
             slices=slices,
-            base_model=_ref(data.get("base_model"), f"{where}: base_model"),
+            base_model=model_reference(data.get("base_model"), f"{where}: base_model"),
             parameters=_params(data.get("parameters"), f"{where}: parameters"),
             dtype=data.get("dtype"),
             out_dtype=data.get("out_dtype"),
-            tokenizer_source=_ref(source, f"{where}: tokenizer_source") if isinstance(source, dict) else source,
+            tokenizer_source=(model_reference(source, f"{where}: tokenizer_source") if isinstance(source, dict)
+                              else source),
             tokenizer=data.get("tokenizer"),
             seed=data.get("seed", 0),
             align=align,
@@ -352,7 +353,7 @@ def _model_path(value: Any, where: str) -> str:
 REF_FIELDS = ("model", "lora", "override_architecture")
 
 
-def _ref(value: Any, where: str) -> str | None:
+def model_reference(value: Any, where: str) -> str | None:
     """A model reference as basin's string ('org/name@rev', a path, 'model+lora'), from any form mergekit's
     ModelReference accepts: a string, {model: <path>, lora: <path>, override_architecture: ...}, with each
     path a string or {path, revision}."""
@@ -386,13 +387,14 @@ def _params(value: Any, where: str) -> dict[str, Any]:
 
 def _model_spec(item: Any, where: str) -> ModelSpec:
     if isinstance(item, str):
-        return ModelSpec(_ref(item, where))
+        return ModelSpec(model_reference(item, where))
     if not isinstance(item, dict) or "model" not in item:
         raise RecipeError(f"{where}: expected a model reference or a mapping with a 'model' field, got {_kind(item)}")
     extra = set(item) - {"model", "parameters"}
     if extra:
         raise RecipeError(f"{where}: {unknown('field', sorted(map(str, extra))[0], ['model', 'parameters'])}")
-    return ModelSpec(_ref(item["model"], f"{where}.model"), _params(item.get("parameters"), f"{where}.parameters"))
+    return ModelSpec(model_reference(item["model"], f"{where}.model"),
+                     _params(item.get("parameters"), f"{where}.parameters"))
 
 
 SLICE_FIELDS = ("sources", "parameters", "base_model", "residual_weight")
@@ -409,7 +411,7 @@ def _source(src: Any, w: str) -> SliceSource:
     if (not isinstance(lr, (list, tuple)) or len(lr) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]):
         raise RecipeError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
-    return SliceSource(_ref(src["model"], f"{w}.model"), (lr[0], lr[1]),
+    return SliceSource(model_reference(src["model"], f"{w}.model"), (lr[0], lr[1]),
                        _params(src.get("parameters"), f"{w}.parameters"))
 
 
@@ -435,7 +437,7 @@ def _slice(item: Any, where: str) -> OutputSlice:
         raise RecipeError(
             f"{where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
     return OutputSlice(sources, _params(item.get("parameters"), f"{where}.parameters"),
-                       _ref(item.get("base_model"), f"{where}.base_model"),
+                       model_reference(item.get("base_model"), f"{where}.base_model"),
                        _residual_weight(item.get("residual_weight"), where))
 
 

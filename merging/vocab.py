@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from merging.recipe import _ref
+from merging.recipe import model_reference
 from taxonomy.errors import BasinError
 
 TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -129,7 +129,7 @@ def _source(value: Any, where: str) -> str:
     if isinstance(value, str) and value.strip():
         return value.strip()
     if isinstance(value, dict):
-        return _ref(value, where)
+        return model_reference(value, where)
     raise BasinError(f"{where} must be 'base', 'union' or a model reference, got {value!r}")
 
 
@@ -144,7 +144,7 @@ def _token_rule(cfg: Any, where: str) -> TokenRule:
         raise BasinError(f"{where}.force: expected true or false, got {force!r}")
     src = cfg["source"]
     if isinstance(src, str) and src.strip() or isinstance(src, dict) and "model" in src and "kind" not in src:
-        return TokenRule(TokenSource("model", model=_ref(src, f"{where}.source")), force)
+        return TokenRule(TokenSource("model", model=model_reference(src, f"{where}.source")), force)
     if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
         raise BasinError(f"{where}.source: expected a model reference, {{kind: zero}} or "
                          f"{{kind: model_token, model: ..., token: ...}}, got {src!r}")
@@ -158,7 +158,7 @@ def _token_rule(cfg: Any, where: str) -> TokenRule:
     model, token, token_id = src.get("model"), src.get("token"), src.get("token_id")
     if not isinstance(model, (str, dict)) or isinstance(model, str) and not model.strip():
         raise BasinError(f"{where}.source.model: expected a model reference, got {model!r}")
-    model = _ref(model, f"{where}.source.model")
+    model = model_reference(model, f"{where}.source.model")
     if (token is None) == (token_id is None):
         raise BasinError(f"{where}.source: give exactly one of token or token_id")
     if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
