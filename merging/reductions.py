@@ -91,23 +91,28 @@ def _row_totals(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.numpy().sum(-1))
 
 
-def row_dots64(a: torch.Tensor, b: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:
-    """Float64 dot products along the last dimension, shape a.shape[:-1]; blocks of about `chunk` entries (one
-    row at least) are copied into float64 buffers at a time."""
-    shape = a.shape[:-1]
-    a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])
+def _row_block_products(a2: torch.Tensor, b2: torch.Tensor, chunk: int):
+    """(start, stop, a2[start:stop] * b2[start:stop] in float64) for blocks of about `chunk` entries (one row at
+    least), the products formed in two reused float64 buffers."""
     rows, columns = a2.shape
-    out = torch.empty(rows, dtype=torch.float64, device=a.device)
     step = max(1, chunk // max(1, columns))
-    buffers = [torch.empty(min(step, rows), columns, dtype=torch.float64, device=a.device) for _ in range(2)]
+    buffers = [torch.empty(min(step, rows), columns, dtype=torch.float64, device=a2.device) for _ in range(2)]
     for start, stop in row_blocks(rows, columns, chunk):
         x, y = (_fill(buffer[:stop - start], t[start:stop]) for buffer, t in zip(buffers, (a2, b2)))
         if x.device.type == "cpu":
             _product(x.numpy(), y.numpy())  # in place, numpy's loop: faster than torch's on small blocks
         else:
             x.mul_(y)
-        out[start:stop] = _row_totals(x)
-    return out.reshape(shape)
+        yield start, stop, x
+
+
+def row_dots64(a: torch.Tensor, b: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:
+    """Float64 dot products along the last dimension, shape a.shape[:-1]."""
+    a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])
+    out = torch.empty(a2.shape[0], dtype=torch.float64, device=a.device)
+    for start, stop, products in _row_block_products(a2, b2, chunk):
+        out[start:stop] = _row_totals(products)
+    return out.reshape(a.shape[:-1])
 
 
 def axis_dots64(a: torch.Tensor, b: torch.Tensor, dim: int = -1, chunk: int = REDUCTION_CHUNK) -> torch.Tensor:
@@ -118,16 +123,9 @@ def axis_dots64(a: torch.Tensor, b: torch.Tensor, dim: int = -1, chunk: int = RE
     if dim != 0:
         raise ValueError(f"axis_dots64: dim must be 0 or -1, got {dim}")
     a2, b2 = a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
-    rows, columns = a2.shape
-    total = torch.zeros(columns, dtype=torch.float64, device=a.device)
-    step = max(1, chunk // max(1, columns))
-    buffers = [torch.empty(min(step, rows), columns, dtype=torch.float64, device=a.device) for _ in range(2)]
-    for start, stop in row_blocks(rows, columns, chunk):
-        x, y = (_fill(buffer[:stop - start], t[start:stop]) for buffer, t in zip(buffers, (a2, b2)))
-        if x.device.type == "cpu":
-            total += torch.from_numpy(_product(x.numpy(), y.numpy()).sum(0))
-        else:
-            total += x.mul_(y).sum(0)
+    total = torch.zeros(a2.shape[1], dtype=torch.float64, device=a.device)
+    for _, _, products in _row_block_products(a2, b2, chunk):
+        total += torch.from_numpy(products.numpy().sum(0)) if products.device.type == "cpu" else products.sum(0)
     return total.reshape(1, *a.shape[1:])
 
 
