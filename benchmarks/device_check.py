@@ -56,8 +56,8 @@ def main() -> None:
 
     @section(results, "methods_cpu_vs_cuda")
     def _methods():
-        from merging.methods import get_method, registered_names
-        from merging.tensor_merge import full_params, merge_tensor
+        from merging.methods.apply import full_params, merge_tensor
+        from merging.methods.catalog import get_method, registered_names
 
         g = torch.Generator().manual_seed(0)
         base = (torch.randn(300, 1000, generator=g) * 0.02).to(torch.bfloat16)  # > one chunk
@@ -85,8 +85,8 @@ def main() -> None:
     def _task_vectors():
         """One Llama MLP weight (5504 x 2048, bf16) of 4 fine-tunes: bf16 task vectors share few values, so
         the trim thresholds fall on heavily tied values (the counted-heavy-value branch of the cut)."""
-        from merging.methods import get_method
-        from merging.tensor_merge import full_params, merge_tensor
+        from merging.methods.apply import full_params, merge_tensor
+        from merging.methods.catalog import get_method
 
         g = torch.Generator().manual_seed(2)
         base = (torch.randn(5504, 2048, generator=g) * 0.02).to(torch.bfloat16)

@@ -34,7 +34,7 @@ class LMPathResult(PathResult):
 
 
 def _open(ref: object, label: str):
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     return open_checkpoint(ref, label=None if isinstance(ref, (str, Path)) else label)
 

@@ -3,7 +3,7 @@
 `load_model(ref)` accepts every reference `basin merge` does (folder, `.safetensors` file with a config.json beside
 it, Hub id from the local cache, `base+lora`), reads its config.json with `AutoConfig` (local files only, never
 remote code), builds the class named in `config.architectures` with weight initialisation skipped, and copies
-each tensor from `merging.checkpoint.open_checkpoint(ref).get(name)` into it. Tied weights (parameters sharing
+each tensor from `merging.io.checkpoint.open_checkpoint(ref).get(name)` into it. Tied weights (parameters sharing
 storage, e.g. `lm_head.weight` and the input embedding) need only one of their names in the checkpoint.
 """
 
@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from merging.dtypes import EVAL_DTYPES, canonical, torch_dtype
 from taxonomy.errors import CheckpointError
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'float32' / 'float64' / 'float16' / 'bfloat16' (or a torch dtype) -> torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype={dtype!r}: choose from {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    name = canonical(dtype, EVAL_DTYPES)
+    if name is None:
+        raise CheckpointError(f"dtype={dtype!r}: choose from {sorted(EVAL_DTYPES)}")
+    return torch_dtype(name)
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -157,7 +157,7 @@ def copy_weights(model: nn.Module, ckpt, source: dict[str, str]) -> None:
 def load_model(ref: object, dtype: str | torch.dtype = "float32", device: str = "cpu",
                allow_pickle: bool = False) -> nn.Module:
     """The transformers model of checkpoint `ref` (see the module docstring), in eval mode."""
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     dtype, device = parse_dtype(dtype), parse_device(device)
     ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)

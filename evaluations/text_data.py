@@ -27,7 +27,7 @@ def _folder(model_or_ref: object) -> Path:
     if folder is not None:
         return Path(folder)
     from evaluations.models import config_folder
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     return config_folder(open_checkpoint(model_or_ref), model_or_ref)
 

@@ -1,11 +1,11 @@
 """basin.merging: checkpoints in and out, the streaming merge engine, recipes and merge methods."""
 
-from merging.api import MergeReport, load_recipe, merge
-from merging.checkpoint import Checkpoint, StateDictCheckpoint, TensorMeta, open_checkpoint
-from merging.plan import MergePlan, TensorPlan, build_plan
-from merging.recipe import Recipe
-from merging.tensor_merge import merge_state_dicts
-from merging.writer import ShardWriter
+from merging.io.checkpoint import Checkpoint, StateDictCheckpoint, TensorMeta, open_checkpoint
+from merging.io.writer import ShardWriter
+from merging.modelwise.state_dicts import merge_state_dicts
+from merging.pipeline import MergeReport, load_recipe, merge
+from merging.plan.tensors import MergePlan, TensorPlan, build_plan
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError
 
 __all__ = [

@@ -24,6 +24,43 @@ import json
 import re
 from typing import Any
 
+# Tensor names: the vocabulary-indexed tensors (embeddings, output heads, BERT's MLM head) and the layer index.
+INPUT_EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$")
+OUTPUT_EMBED = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared|lm_head|embed_out)"
+                          r"\.weight$|(?:^|\.)(?:lm_head|embed_out)\.bias$"
+                          r"|(?:^|\.)predictions\.(?:bias|decoder\.weight|decoder\.bias)$")  # BERT's MLM head
+LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer(name: str, index: int) -> str:
+    m = LAYER.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
+def config_vocab_size(config: dict[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("vocab_size"), int):
+            return c["vocab_size"]
+    return None
+
+
+def is_tied(config: dict[str, Any] | None) -> bool:
+    """Whether config.json says the output embedding is the input embedding (explicit `true` only)."""
+    if not config:
+        return False
+    return config.get("tie_word_embeddings") is True or (config.get("text_config") or {}).get(
+        "tie_word_embeddings") is True
+
+
 _DECODER = {"pre": [r"model\.embed_tokens\.weight"], "post": [r"model\.norm\.(weight|bias)", r"lm_head\.(weight|bias)"]}
 _BERT = {"pre": [r"(bert\.)?embeddings\..*"], "post": [r"(bert\.)?pooler\..*", r"cls\..*", r"classifier\..*"]}
 

@@ -1,11 +1,11 @@
 """The streaming merge engine: one output tensor at a time, reads prefetched by a thread pool.
 
 For each planned tensor, largest first: read its inputs (a few tensors ahead, on a small thread pool), move
-them to the compute device, merge with `merging.tensor_merge.merge_tensor` (float32 compute,
+them to the compute device, merge with `merging.methods.apply.merge_tensor` (float32 compute,
 per-tensor seeding), and hand the result to a writer thread. At most `prefetch` tensors per
 input are in flight, so peak memory is a few tensors per input, never a whole model.
 Vocabulary-indexed tensors (embeddings, `lm_head`) are remapped to the output vocabulary right
-after their read (`merging.vocab`), one tensor at a time like the rest.
+after their read (`merging.plan.vocab`), one tensor at a time like the rest.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merging.checkpoint import Checkpoint
-from merging.plan import MergePlan
+from merging.io.checkpoint import Checkpoint
+from merging.plan.tensors import MergePlan
 from taxonomy.errors import BasinError
 
 
@@ -79,10 +79,9 @@ def run_plans(
     skip: frozenset[str] | set[str] = frozenset(),
 ) -> EngineStats:
     """Several plans over the same inputs and tensors (a sweep): each tensor is read once, merged per plan."""
-    from merging.methods import get_method
+    from merging.methods.catalog import get_method
     from merging.methods.chunking import set_chunk_workers
     from merging.methods.lowprec import low_precision_method
-    from merging.tensor_merge import is_elementwise
 
     lead = plans[0]
     for p in plans[1:]:
@@ -94,7 +93,7 @@ def run_plans(
     # OpenMP's barriers on a busy machine can cost 100x (measured: 1.6 s vs 4.5 ms for 100 adds).
     # The chunks of a tensor are spread over as many Python threads as torch had intra-op threads.
     threads = torch.get_num_threads()
-    chunking = dev.type == "cpu" and all(is_elementwise(m) for m in methods)
+    chunking = dev.type == "cpu" and all(m.chunked for m in methods)
     if chunking:
         torch.set_num_threads(1)
         old_workers = set_chunk_workers(threads)
@@ -207,7 +206,7 @@ def _on_device(tensors: list[torch.Tensor], base: torch.Tensor | None, copied: t
 def _merge_one(plan: MergePlan, method, k: int, tensors: list[torch.Tensor], base: torch.Tensor | None
                ) -> torch.Tensor:
     """Planned tensor k of `plan`, merged on the inputs' device and returned on the CPU, its shape checked."""
-    from merging.tensor_merge import merge_tensor
+    from merging.methods.apply import merge_tensor
 
     tp = plan.tensors[k]
     out = merge_tensor(method, tp.name, tensors, base, tp.params, plan.seed, tp.out_dtype)

@@ -5,6 +5,6 @@ Pure data, no torch: `taxonomy.get("ties")`, `taxonomy.all_methods()`, `taxonomy
 
 from taxonomy.core import Family, Kind, MethodInfo, Param
 from taxonomy.errors import BasinError
-from taxonomy.registry import all_methods, get, register, table
+from taxonomy.registry import all_methods, get, table
 
-__all__ = ["BasinError", "Family", "Kind", "MethodInfo", "Param", "all_methods", "get", "register", "table"]
+__all__ = ["BasinError", "Family", "Kind", "MethodInfo", "Param", "all_methods", "get", "table"]

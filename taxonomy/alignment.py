@@ -5,12 +5,11 @@ REPAIR. These run over whole models (merging.alignment), not per tensor.
 """
 
 from taxonomy.core import Family, Kind, MethodInfo, Param
-from taxonomy.registry import register
 
 REBASIN = "Ainsworth et al. 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries"
 SEED = Param("seed", 0, "seed of the random order in which permutation groups are visited")
 
-register(
+ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
         name="weight_matching",
         family=Family.PERMUTATION_ALIGNMENT,

@@ -101,6 +101,36 @@ class MethodInfo:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
+    def model_count_problem(self, n: int) -> str | None:
+        """Why `n` inputs (besides a needed base) do not suit this method, or None when they do."""
+        if n < self.min_models:
+            return f"{self.name!r} needs at least {self.min_models} models, got {n}"
+        if self.max_models is not None and n > self.max_models:
+            return f"{self.name!r} takes at most {self.max_models} models, got {n}"
+        return None
+
+    def resolve(self, params: dict[str, Any] | None, n_models: int) -> dict[str, Any]:
+        """Defaults filled, names and ranges checked, per-model scalars broadcast to lists of `n_models`."""
+        out = self.defaults()
+        for key, value in (params or {}).items():
+            self.param(key)  # raises BasinError for unknown parameter names
+            out[key] = value
+        for p in self.params:
+            if p.per_model:
+                out[p.name] = self._per_model(p, out[p.name], n_models)
+            else:
+                p.check(out[p.name], self.name)
+        return out
+
+    def _per_model(self, p: Param, value: Any, n_models: int) -> list[Any]:
+        if not isinstance(value, (list, tuple)):
+            value = [value] * n_models
+        if len(value) != n_models:
+            raise BasinError(f"{self.name}: parameter {p.name!r} has {len(value)} values for {n_models} models")
+        for i, v in enumerate(value):
+            p.check(v, f"{self.name}: model {i}")
+        return list(value)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["family"] = self.family.value

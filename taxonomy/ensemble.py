@@ -1,9 +1,8 @@
 """Output ensembling: the reference merges are compared with (not a merge)."""
 
 from taxonomy.core import Family, Kind, MethodInfo
-from taxonomy.registry import register
 
-register(
+ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
         name="output_ensemble",
         family=Family.ENSEMBLE,

@@ -1,15 +1,14 @@
 """Importance-weighted averaging (interpolation family): averages weighted per parameter by data.
 
 Matena and Raffel 2022 (Fisher merging), Jin et al. 2023 (RegMean). These run over whole models
-and data (merging.data_aware), not per tensor.
+and data (merging.modelwise.data_aware), not per tensor.
 """
 
 from taxonomy.core import Family, Kind, MethodInfo, Param
-from taxonomy.registry import register
 
 CATEGORY = "importance-weighted averaging"
 
-register(
+ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
         name="fisher",
         family=Family.INTERPOLATION,

@@ -6,7 +6,6 @@ Wortsman et al. 2022. A parameter whose default is None is required (as `t` is i
 """
 
 from taxonomy.core import Family, Kind, MethodInfo, Param
-from taxonomy.registry import register
 
 WEIGHT = Param("weight", 1.0, "relative weight of this model", per_model=True)
 NORMALIZE = Param("normalize", True, "divide by the sum of weights")
@@ -16,7 +15,7 @@ SOUPS = ("Wortsman et al. 2022, Model soups: averaging weights of multiple fine-
          "without increasing inference time")
 SPHERICAL = "spherical interpolation"
 
-register(
+ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
         name="linear",
         family=Family.INTERPOLATION,
@@ -50,7 +49,7 @@ register(
         min_models=1,
         in_mergekit=False,
         summary="add ingredients by decreasing held-out score, keep each only if the soup's score does not drop "
-                "(merging.soups.greedy_soup)",
+                "(merging.modelwise.soups.greedy_soup)",
     ),
     MethodInfo(
         name="slerp",

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from taxonomy import alignment, ensemble, importance, interpolation, task_arithmetic
 from taxonomy.core import Family, MethodInfo
 from taxonomy.errors import BasinError, suggest
 
-_ENTRIES: dict[str, MethodInfo] = {}
+FAMILIES = (interpolation, task_arithmetic, importance, alignment, ensemble)
 
 
-def register(*infos: MethodInfo) -> None:
+def _index(infos: Iterable[MethodInfo]) -> dict[str, MethodInfo]:
+    """Name and alias -> entry; a name declared twice is a programming error."""
+    out: dict[str, MethodInfo] = {}
     for info in infos:
         for key in (info.name, *info.aliases):
-            if key in _ENTRIES and _ENTRIES[key] is not info:
-                raise RuntimeError(f"taxonomy entry {key!r} registered twice")
-            _ENTRIES[key] = info
+            if key in out:
+                raise RuntimeError(f"taxonomy entry {key!r} declared twice")
+            out[key] = info
+    return out
 
 
-def _load() -> None:
-    # Importing the data modules registers their entries.
-    from taxonomy import families  # noqa: F401
+_ENTRIES = _index(info for module in FAMILIES for info in module.ENTRIES)
 
 
 def get(name: str) -> MethodInfo:
-    _load()
     try:
         return _ENTRIES[name]
     except KeyError:
@@ -34,12 +35,10 @@ def get(name: str) -> MethodInfo:
 
 def parameter_names() -> set[str]:
     """Every parameter name of every method (a recipe may set one its method ignores, as in mergekit)."""
-    _load()
     return {p.name for info in _ENTRIES.values() for p in info.params}
 
 
 def all_methods(family: Family | None = None) -> list[MethodInfo]:
-    _load()
     seen: dict[str, MethodInfo] = {}
     for info in _ENTRIES.values():
         seen.setdefault(info.name, info)

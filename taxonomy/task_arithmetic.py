@@ -5,7 +5,6 @@ generalized task arithmetic, `model_stock` and `sce`); `tsv` follows Gargiulo et
 """
 
 from taxonomy.core import Family, MethodInfo, Param
-from taxonomy.registry import register
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector (negative: forget the task)", per_model=True)
 DENSITY = Param(
@@ -51,7 +50,7 @@ DELLA_PAPER = "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model M
 RAM_PAPER = "Reinforced Agent Merging (RAM), arXiv:2601.13572, 2026"
 RAM_EPSILON = Param("epsilon", 1e-5, "a task-vector entry counts as changed when |tau| > epsilon", low=0.0)
 
-register(
+ENTRIES: tuple[MethodInfo, ...] = (
     _gta("task_arithmetic", "task vectors", "Ilharco et al. 2023, Editing Models with Task Arithmetic", 2023,
          "base + lambda * sum_i w_i (theta_i - base)", normalize=False, rescale=False),
     _gta("ties", "sign election", TIES_PAPER, 2023,

@@ -90,18 +90,12 @@ def _body(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> State:
     return {n: state["body." + n].clone() for n in names}
 
 
-def fisher(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
-    from merging.data_aware import fisher_merge
+def model_level(method: str, pool: ModelPool, tasks: TaskPool, params: dict[str, Any]) -> State:
+    """A model-level merge (`merging.modelwise`) of the fine-tunes, each on its own task's training sample."""
+    from merging.modelwise.catalog import merge_models
 
     modules, data = _task_modules(pool, tasks)
-    return _body(fisher_merge(modules, data, eps=float(params.get("eps", 1e-8))), list(pool.base))
-
-
-def regmean(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
-    from merging.data_aware import regmean_merge
-
-    modules, data = _task_modules(pool, tasks)
-    return _body(regmean_merge(modules, data, alpha=float(params.get("alpha", 0.9))), list(pool.base))
+    return _body(merge_models(method, modules, data, params), list(pool.base))
 
 
 def weight_matching(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
@@ -118,21 +112,24 @@ def weight_matching(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], se
 
 def tensorwise(method: str, pool: ModelPool, params: Mapping[str, Any], seed: int,
                models: Sequence[State] | None = None) -> State:
-    from merging.methods import get_method
-    from merging.tensor_merge import merge_state_dicts
+    from merging.methods.catalog import get_method
+    from merging.modelwise.state_dicts import merge_state_dicts
 
     needs_base = get_method(method).info.needs_base
     models = list(pool.models.values()) if models is None else list(models)
     return merge_state_dicts(method, models, base=pool.base if needs_base else None, params=params, seed=seed)
 
 
-MODEL_LEVEL: dict[str, Merger] = {"fisher": fisher, "regmean": regmean, "weight_matching": weight_matching}
 
 
 def run_merge(method: str | Merger, pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
     """The merged body state of one grid entry with one parameter set."""
     if callable(method):
         return method(pool, tasks, params, seed)
+    from merging.modelwise.catalog import MODEL_LEVEL
+
+    if method == "weight_matching":
+        return weight_matching(pool, tasks, params, seed)
     if method in MODEL_LEVEL:
-        return MODEL_LEVEL[method](pool, tasks, params, seed)
+        return model_level(method, pool, tasks, params)
     return tensorwise(method, pool, params, seed)

@@ -157,8 +157,8 @@ class TaskPool:
 
 
 def load_state(path: str | Path) -> State:
-    """Every tensor of a local .safetensors file (headers checked by `merging.checkpoint.open_path`; no pickle)."""
-    from merging.checkpoint import open_path
+    """Every tensor of a local .safetensors file (headers checked by `merging.io.checkpoint.open_path`; no pickle)."""
+    from merging.io.checkpoint import open_path
 
     path = Path(path)
     if not path.is_file():

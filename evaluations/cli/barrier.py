@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 
 from evaluations.cli.args import grid_size, int_range
-
-DTYPES = ("bfloat16", "float16", "float32", "float64")  # evaluations.models.DTYPES, without importing torch
+from merging.dtypes import EVAL_DTYPES
 
 HELP = "loss and error barrier along the path between two models"
 OUT_FILES = ["barrier.json", "path.png"]
@@ -26,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int_range(2), default=128, help="tokens per text block (default 128)")
     parser.add_argument("--max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=EVAL_DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     parser.add_argument("--alphas", type=grid_size(1), default=25, help="points on the path, >= 2 (default 25)")
     parser.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",

@@ -110,7 +110,7 @@ def embed(folder: Path, sentences: list[str]):
 def merge_section(work: Path) -> list[DemoRow]:
     """Linear and SLERP merges of MiniLM with a perturbed copy; embeddings' cosine to the original."""
     from merging import merge
-    from merging.methods import registered_names
+    from merging.methods.catalog import registered_names
 
     original = minilm_folder()
     noisy = perturbed_copy(original, work / "minilm-perturbed")

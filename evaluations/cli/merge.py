@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from merging.api import merge
+    from merging.pipeline import merge
     from taxonomy.errors import BasinError
 
     if args.out_dir is None and not args.dry_run:

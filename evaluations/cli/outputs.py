@@ -36,7 +36,7 @@ class Outputs:
         self._made: list[Path] = []  # folders created for the outputs, removed again on failure
 
     def _check_target(self, path: Path, option: str) -> None:
-        from merging.outputs import check_files
+        from merging.io.guard import check_files
 
         check_files([path], self.inputs)  # an output never is, or holds, one of the command's inputs
         if path.is_dir():
@@ -57,7 +57,7 @@ class Outputs:
 
     def folder(self, folder: str | Path, names: list[str], option: str) -> Path:
         """Plan files `names` inside `folder` (given by `option`; created when the outputs are written)."""
-        from merging.outputs import check_files
+        from merging.io.guard import check_files
 
         folder = Path(folder)
         check_files([folder], self.inputs)

@@ -1,6 +1,6 @@
 """Thin I/O for the CLI: checkpoints into a model's parameter dict, user factories, a first-batch check.
 
-Checkpoints are read by `merging.checkpoint.open_checkpoint`: safetensors, or a PyTorch pickle only with
+Checkpoints are read by `merging.io.checkpoint.open_checkpoint`: safetensors, or a PyTorch pickle only with
 `allow_pickle=True` (`--allow-pickle`), then with `torch.load(weights_only=True)`; no pickle code ever runs.
 `module:fn` factories are code the user names on the command line, imported and called as given.
 """
@@ -16,11 +16,11 @@ from taxonomy.errors import DataError
 
 
 def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read checkpoint `ref` (via merging.checkpoint.open_checkpoint) and check it against `model`'s tensors
+    """Read checkpoint `ref` (via merging.io.checkpoint.open_checkpoint) and check it against `model`'s tensors
     (`evaluations.models.check_names`: a tied tensor may be saved under one name only; tensors the model
     recomputes, e.g. non-persistent buffers, are skipped)."""
     from evaluations.models import check_names
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
     expected = model.state_dict()

@@ -27,6 +27,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from evaluations.probes.attention import math_attention
 from evaluations.probes.params import Selection, select_params
+from evaluations.probes.result import ProbeResult
 from merging.modes import eval_mode
 from taxonomy.errors import ProbeError
 
@@ -92,7 +93,7 @@ def ntk_jacobian(model, x1, x2=None, kind="full", params=None, chunk: int | None
     n_params = sum(t.numel() for t in sel.values())
     if chunk is None:
         chunk = max(1, int(max_bytes / (2 * 4 * c * n_params)))
-    out = _empty(len(x1), len(x2), c, kind, next(iter(sel.values())).dtype, x1.device)
+    out = empty_kernel(len(x1), len(x2), c, kind, next(iter(sel.values())).dtype, x1.device)
     starts1 = range(0, len(x1), chunk)
     starts2 = range(0, len(x2), chunk)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def ntk_jacobian(model, x1, x2=None, kind="full", params=None, chunk: int | None
     return out
 
 
-def _empty(n1: int, n2: int, c: int, kind: str, dtype: torch.dtype = torch.float32,
+def empty_kernel(n1: int, n2: int, c: int, kind: str, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu") -> torch.Tensor:
     shape = {"full": (n1 * c, n2 * c), "block": (c, n1, n2), "trace": (n1, n2)}[kind]
     return torch.zeros(shape, dtype=dtype, device=device)
@@ -157,9 +158,10 @@ def ntk_vp(model, x1, x2=None, kind="full", params=None, chunk: int | None = Non
 
 
 @dataclass
-class NTKResult:
+class NTKResult(ProbeResult):
     """An empirical NTK: the kernel (layout by `kind`), the method asked for, the method each selected
-    parameter took, and the Linear/Conv2d layers the structured rule left to the Jacobian method, with why."""
+    parameter took, and the Linear/Conv2d layers the structured rule left to the Jacobian method, with why.
+    The kernel is computed exactly (no iteration): `converged` is True and `iterations` 0."""
 
     kernel: torch.Tensor
     kind: str
@@ -168,13 +170,21 @@ class NTKResult:
     fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
+    def converged(self) -> bool:
+        return True
+
+    @property
+    def iterations(self) -> int:
+        return 0
+
+    @property
     def fell_back(self) -> bool:
         """Whether a layer the structured method was asked to take went to the Jacobian method instead."""
         return bool(self.fallbacks)
 
     def to_json(self, kernel: bool = False) -> dict:
-        out = {"kind": self.kind, "method": self.method, "shape": list(self.kernel.shape),
-               "methods": dict(self.methods), "fallbacks": dict(self.fallbacks)}
+        out = {"kind": self.kind, "method": self.method, "shape": list(self.kernel.shape), "converged": True,
+               "iterations": 0, "methods": dict(self.methods), "fallbacks": dict(self.fallbacks)}
         if kernel:
             out["kernel"] = self.kernel.double().tolist()
         return out

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from evaluations.probes.ntk import _empty, ntk_jacobian
+from evaluations.probes.ntk import empty_kernel, ntk_jacobian
 from evaluations.probes.params import Selection, select_params
 from taxonomy.errors import ProbeError
 
@@ -319,7 +319,7 @@ def structured_ntk(
     with torch.no_grad():
         c = int(model(x1[:1]).reshape(1, -1).shape[1])
     n1, n2 = len(x1), len(x2)
-    out = _empty(n1, n2, c, kind, next(model.parameters()).dtype, x1.device)
+    out = empty_kernel(n1, n2, c, kind, next(model.parameters()).dtype, x1.device)
     view = out.view(n1, c, n2, c) if kind == "full" else out
     methods = {}
     with torch.no_grad():

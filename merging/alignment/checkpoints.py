@@ -20,7 +20,7 @@ from merging.alignment.apply import apply_permutation
 from merging.alignment.infer import infer_spec, spec_from_hf_folder
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, weight_matching
-from merging.checkpoint import Checkpoint, StateDictCheckpoint
+from merging.io.checkpoint import Checkpoint, StateDictCheckpoint
 from merging.objects import load_object
 from taxonomy.errors import BasinError
 
@@ -157,9 +157,9 @@ def align_pair(ref_a: Any, ref_b: Any, out: Path, options: Mapping[str, Any] | N
                overwrite: bool = False) -> tuple[Path, MatchResult]:
     """Write checkpoint B permuted onto A as a safetensors folder at `out` (with B's config/tokenizer
     files when B is a folder); the permutations go to `out/alignment.json`."""
-    from merging.checkpoint import open_checkpoint
-    from merging.outputs import check_output, checkpoint_paths, protected_paths
-    from merging.writer import ShardWriter
+    from merging.io.checkpoint import open_checkpoint
+    from merging.io.guard import check_output, checkpoint_paths, protected_paths
+    from merging.io.writer import ShardWriter
 
     options = dict(options or {})
     ckpt_a, ckpt_b = open_checkpoint(ref_a), open_checkpoint(ref_b)

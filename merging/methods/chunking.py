@@ -1,9 +1,9 @@
 """Running a merge method over cache-sized chunks of one tensor.
 
-Two kinds of methods run here:
-- elementwise methods (`fn.elementwise = True`): output entry j depends only on the inputs' entries j,
+Two kinds of methods (`merging.methods.registry.RegisteredMethod`) run here:
+- elementwise methods (`elementwise=True`): output entry j depends only on the inputs' entries j,
   so `fn` itself runs on each chunk;
-- two-phase methods (`fn.prepare` and `fn.apply`): `prepare(inputs, params, rng)` gathers whole-tensor
+- two-phase methods (`fn` has `prepare` and `apply`): `prepare(inputs, params, rng)` gathers whole-tensor
   statistics in passes over the chunks (TIES' top-k thresholds, DARE's drop masks and L1 sums), then
   `apply(chunks, base_chunk, params, state, chunk_index)` is elementwise given that state.
 
@@ -13,9 +13,9 @@ and the inputs are never converted to float32 whole. Chunk boundaries are fixed 
 alone, and every per-chunk result is combined in chunk order, so results do not depend on the number
 of worker threads (torch ops release the GIL, so threads do run in parallel).
 
-Where the compiled kernel applies (`fn.fused(inputs, params)` for elementwise methods, `fn.fused(inputs, params,
-state)` for two-phase ones; merging/methods/kernels.py), a chunk is merged by one call that reads the stored inputs
-directly, with no float32 copies.
+Where the compiled kernel applies (the method's `fused(inputs, params)` for elementwise methods,
+`fused(inputs, params, state)` for two-phase ones; merging/methods/kernels.py), a chunk is merged by one
+call that reads the stored inputs directly, with no float32 copies.
 
 On an accelerator a chunk is up to `ACCELERATOR_CHUNK_ELEMENTS` entries (a whole weight matrix, in
 practice): cache-sized chunks there cost a kernel launch per operation and chunk and a device sync per
@@ -128,12 +128,8 @@ def empty_like_on(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(raw).view(dtype).view(like.shape)
 
 
-def is_two_phase(fn: Any) -> bool:
-    return hasattr(fn, "prepare") and hasattr(fn, "apply")
-
-
 def run_chunked(
-    fn: Any,
+    method: Any,
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     params: dict[str, Any],
@@ -151,10 +147,11 @@ def run_chunked(
                            _workers if workers is None else workers, chunk_elements)
     out = empty_like_on(first, out_dtype)
     flat_out = out.view(-1)
-    state = fn.prepare(inputs, params, rng) if is_two_phase(fn) else None
+    fn, two_phase = method.fn, method.two_phase
+    state = fn.prepare(inputs, params, rng) if two_phase else None
     kernel = None
-    if hasattr(fn, "fused"):
-        kernel = fn.fused(inputs, params, state) if is_two_phase(fn) else fn.fused(inputs, params)
+    if method.fused is not None:
+        kernel = method.fused(inputs, params, state) if two_phase else method.fused(inputs, params)
     if kernel is not None:  # one compiled pass per chunk, straight from the stored inputs
 
         def fused(index: int) -> None:
@@ -163,7 +160,7 @@ def run_chunked(
 
         map_threads(fused, inputs.num_chunks, inputs.workers)
         return out
-    if is_two_phase(fn):
+    if two_phase:
 
         def work(index: int, chunks: list[torch.Tensor], b: torch.Tensor | None) -> None:
             start, stop = inputs.span(index)

@@ -2,7 +2,7 @@
 
 - linear (Wortsman et al. 2022; mergekit `linear`): sum_i w_i theta_i, divided by sum_i w_i when `normalize`.
 - model_soup (Wortsman et al. 2022, the uniform soup): (1/N) sum_i theta_i. mergekit has no such method
-  (its `linear` with equal weights is the same); the greedy soup is in `merging.soups` (model-wise).
+  (its `linear` with equal weights is the same); the greedy soup is in `merging.modelwise.soups` (model-wise).
 - nearswap (alchemonaut 2024; mergekit `nearswap`): per entry, lambda = clamp(t / |base - other|, 0, 1)
   (1 where the two are equal) and theta = lambda * other + (1 - lambda) * base.
 - arcee_fusion (Arcee AI 2025; mergekit `arcee_fusion`): with p = softmax(other) + 1e-8 and q = softmax(base)
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from merging.methods import kernels, spherical  # noqa: F401  (spherical registers slerp, nuslerp, multislerp, karcher)
+from merging.methods import kernels
 from merging.methods.chunking import ChunkedInputs
 from merging.methods.registry import merge_method
 from merging.reductions import row_blocks, row_sums64
@@ -64,7 +64,12 @@ def _linear_total(weights: list[float]) -> float:
     return total
 
 
-@merge_method("linear")
+def _linear_kernel(inputs: ChunkedInputs, params: dict[str, Any]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    weights = [float(w) for w in params["weight"]]
+    return weighted_sum_kernel(inputs, weights, _linear_total(weights) if params["normalize"] else 1.0)
+
+
+@merge_method("linear", elementwise=True, fused=_linear_kernel)
 def linear(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: torch.Generator
 ) -> torch.Tensor:
@@ -74,16 +79,11 @@ def linear(
     return out.div_(_linear_total(weights)) if params["normalize"] else out
 
 
-def _linear_kernel(inputs: ChunkedInputs, params: dict[str, Any]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
-    weights = [float(w) for w in params["weight"]]
-    return weighted_sum_kernel(inputs, weights, _linear_total(weights) if params["normalize"] else 1.0)
+def _soup_kernel(inputs: ChunkedInputs, params: dict[str, Any]) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    return weighted_sum_kernel(inputs, [1.0] * len(inputs.tensors), float(len(inputs.tensors)))
 
 
-linear.elementwise = True  # type: ignore[attr-defined]
-linear.fused = _linear_kernel  # type: ignore[attr-defined]
-
-
-@merge_method("model_soup")
+@merge_method("model_soup", elementwise=True, fused=_soup_kernel)
 def model_soup(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: torch.Generator
 ) -> torch.Tensor:
@@ -91,12 +91,7 @@ def model_soup(
     return weighted_sum(tensors, [1.0] * len(tensors)).div_(len(tensors))
 
 
-model_soup.elementwise = True  # type: ignore[attr-defined]
-model_soup.fused = lambda inputs, params: weighted_sum_kernel(  # type: ignore[attr-defined]
-    inputs, [1.0] * len(inputs.tensors), float(len(inputs.tensors)))
-
-
-@merge_method("nearswap")
+@merge_method("nearswap", elementwise=True)
 def nearswap(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: torch.Generator
 ) -> torch.Tensor:
@@ -112,7 +107,6 @@ def nearswap(
     return torch.lerp(base, other, lam)  # lam * other + (1 - lam) * base; exactly `other` where lam = 1
 
 
-nearswap.elementwise = True  # type: ignore[attr-defined]
 
 
 def row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -162,7 +156,7 @@ def arcee_fusion(
     return torch.where(mask, other, base)
 
 
-@merge_method("passthrough")
+@merge_method("passthrough", elementwise=True)
 def passthrough(
     tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: torch.Generator
 ) -> torch.Tensor:
@@ -174,4 +168,3 @@ def passthrough(
     return tensors[0].clone() if scale == 1.0 else tensors[0] * scale
 
 
-passthrough.elementwise = True  # type: ignore[attr-defined]

@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
+from merging.dtypes import torch_dtype
 from merging.methods.registry import RegisteredMethod
 from taxonomy.errors import BasinError
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 Params = dict[str, Any]
 LowFn = Callable[[list[torch.Tensor], "torch.Tensor | None", Params, torch.dtype], torch.Tensor]
@@ -157,7 +156,7 @@ def low_precision_method(method: RegisteredMethod, compute_dtype: str | None) ->
     method: the engine's float32 copies of the inputs round exactly back to their stored values."""
     if compute_dtype is None or compute_dtype == "float32":
         return method
-    dtype = DTYPES[compute_dtype]
+    dtype = torch_dtype(compute_dtype)
     name = method.info.name
     check_supported(name)
 
@@ -165,7 +164,7 @@ def low_precision_method(method: RegisteredMethod, compute_dtype: str | None) ->
            ) -> torch.Tensor:
         return merge_lowprec(name, tensors, base, params, dtype)
 
-    return RegisteredMethod(method.info, fn)
+    return RegisteredMethod(method.info, fn)  # whole-tensor: no chunks, no kernel
 
 
 def merge_lowprec(method: str, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,

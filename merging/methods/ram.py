@@ -35,7 +35,7 @@ def contributions(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: floa
     return taus, masks, count
 
 
-@merge_method("ram")
+@merge_method("ram", elementwise=True)
 def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
     """RAM: unique task-vector entries kept, overlapping ones averaged over the contributing models."""
     taus, masks, count = contributions(tensors, base, float(params["epsilon"]))
@@ -45,8 +45,6 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, 
         merged.add_(torch.where(m, tau, 0.0) / divisor)
     return base + merged
 
-
-ram.elementwise = True  # type: ignore[attr-defined]
 
 
 def unique_gain(mask: torch.Tensor, count: torch.Tensor, r: float, alpha: float, epsilon: float) -> torch.Tensor:

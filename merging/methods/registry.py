@@ -32,8 +32,29 @@ MergeFn = Callable[[list[torch.Tensor], "torch.Tensor | None", dict[str, Any], t
 
 @dataclass(frozen=True)
 class RegisteredMethod:
+    """A merge function bound to its taxonomy entry (name, parameters, defaults, ranges) and its capabilities.
+
+    - `elementwise`: output entry j depends only on the inputs' entries j (the engine may merge in chunks);
+    - two-phase (`fn` has `prepare` and `apply`, see `merging.methods.chunking`): chunked after a whole-tensor
+      pass;
+    - `fused(inputs, params[, state])`: the compiled kernel's per-chunk function, or None where it does not apply;
+    - `optional_base`: the method uses a recipe's base_model when one is given but does not need one.
+    """
+
     info: MethodInfo
     fn: MergeFn
+    elementwise: bool = False
+    fused: Callable[..., Any] | None = None
+    optional_base: bool = False
+
+    @property
+    def two_phase(self) -> bool:
+        return hasattr(self.fn, "prepare") and hasattr(self.fn, "apply")
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the method runs on cache-sized chunks (elementwise or two-phase)."""
+        return self.elementwise or self.two_phase
 
     def __call__(
         self,
@@ -53,37 +74,13 @@ class RegisteredMethod:
         return self.fn(tensors, base, full, rng)
 
 
-_METHODS: dict[str, RegisteredMethod] = {}
+def merge_method(name: str, *, elementwise: bool = False, fused: Callable[..., Any] | None = None,
+                 optional_base: bool = False) -> Callable[[MergeFn], RegisteredMethod]:
+    """Bind `fn` to taxonomy entry `name` (which must exist) with its capabilities; `merging.methods.catalog`
+    collects the bound methods. A two-phase object's own `fused` method is its kernel."""
 
-
-def merge_method(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Register `fn` as the implementation of taxonomy entry `name` (which must exist)."""
-
-    def wrap(fn: MergeFn) -> MergeFn:
-        info = get_info(name)
-        if info.name in _METHODS:
-            raise RuntimeError(f"merge method {name!r} implemented twice")
-        _METHODS[info.name] = RegisteredMethod(info, fn)
-        return fn
+    def wrap(fn: MergeFn) -> RegisteredMethod:
+        kernel = fused if fused is not None else getattr(fn, "fused", None)
+        return RegisteredMethod(get_info(name), fn, elementwise, kernel, optional_base)
 
     return wrap
-
-
-def get_method(name: str) -> RegisteredMethod:
-    from merging.methods import load_all
-
-    load_all()
-    info = get_info(name)  # raises BasinError for unknown names
-    try:
-        return _METHODS[info.name]
-    except KeyError:
-        from taxonomy import BasinError
-
-        raise BasinError(f"method {name!r} is in the taxonomy but is not a tensorwise merge method") from None
-
-
-def registered_names() -> list[str]:
-    from merging.methods import load_all
-
-    load_all()
-    return sorted(_METHODS)

@@ -106,7 +106,7 @@ def drop_listed_base(tensors: list[torch.Tensor], weights: list[float], base: to
     return tensors, weights
 
 
-@merge_method("nuslerp")
+@merge_method("nuslerp", optional_base=True)  # base_model is used when given
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
             rng: torch.Generator) -> torch.Tensor:
     """NuSLERP of exactly two models (task vectors when a base is given) at t = w_2 / (w_1 + w_2)."""
@@ -124,10 +124,8 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict
     return base + nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=flatten)
 
 
-nuslerp.optional_base = True  # type: ignore[attr-defined]  # base_model is used when given, not required
 
-
-@merge_method("multislerp")
+@merge_method("multislerp", optional_base=True)
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
                rng: torch.Generator) -> torch.Tensor:
     """Weighted spherical average of N tensors (of their task vectors when a base is given)."""
@@ -155,8 +153,6 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, params: d
         out = mean.mul_(sum(w * n for w, n in zip(weights, norms)) / mean_norm)
     return out if base is None else out + base
 
-
-multislerp.optional_base = True  # type: ignore[attr-defined]
 
 
 @merge_method("karcher")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from merging.methods import kernels, subspace  # noqa: F401  (subspace registers tsv)
+from merging.methods import kernels
 from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
@@ -123,6 +123,12 @@ class TaskVectorMerge:
 
     def __init__(self, sparsify: str | None, consensus: bool, doc: str) -> None:
         self.sparsify, self.consensus, self.__doc__ = sparsify, consensus, doc
+
+    two_phase = True  # what run_chunked reads from a bound method; the object is its own function
+
+    @property
+    def fn(self) -> TaskVectorMerge:
+        return self
 
     def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
                  rng: torch.Generator) -> torch.Tensor:

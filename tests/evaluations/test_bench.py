@@ -82,7 +82,7 @@ def test_normalized_score_is_one_for_the_fine_tune_itself(suite):
 
 
 def test_hyperparameter_selected_on_validation(suite):
-    from merging.tensor_merge import merge_state_dicts
+    from merging.modelwise.state_dicts import merge_state_dicts
 
     pool, tasks = suite.models, suite.tasks
     val = {}
@@ -100,7 +100,7 @@ def test_hyperparameter_selected_on_validation(suite):
 def test_data_aware_merges_see_only_the_body(suite):
     """Fisher through the hidden head equals fisher_merge on plain Sequential(body, head) models, body part."""
     from evaluations.bench.grid import fisher
-    from merging.data_aware import fisher_merge
+    from merging.modelwise.data_aware import fisher_merge
 
     pool, tasks = suite.models, suite.tasks
     full = [nn.Sequential(pool.module(pool.models[t]), tasks[t].head) for t in tasks.names]

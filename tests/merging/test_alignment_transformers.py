@@ -17,7 +17,7 @@ from merging.alignment import (
     spec_from_hf_folder,
     weight_matching,
 )
-from merging.checkpoint import StateDictCheckpoint, open_checkpoint
+from merging.io.checkpoint import StateDictCheckpoint, open_checkpoint
 from taxonomy.errors import BasinError
 
 transformers = pytest.importorskip("transformers")
@@ -196,7 +196,7 @@ def test_activation_matching_on_transformers(kind):
 
 def test_recipe_align_before_a_linear_merge(tmp_path):
     """`align: weight_matching` in a recipe: averaging A with a permuted copy of A gives A back."""
-    from merging.api import merge
+    from merging.pipeline import merge
 
     model = tiny("bert")
     spec = infer_spec(model)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.api import merge
 from merging.architectures import FAMILIES, is_post, patch_layers
-from merging.checkpoint import open_checkpoint
-from merging.output_check import check_loadable
-from merging.plan import build_plan
-from merging.recipe import Recipe
+from merging.io.checkpoint import open_checkpoint
+from merging.output.config import check_loadable
+from merging.pipeline import merge
+from merging.plan.tensors import build_plan
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError
 from tests.merging.conftest import FAMILY_CONFIGS
 
@@ -94,7 +94,7 @@ def test_same_layer_count_reordered_still_follows(tmp_path, family_dirs):
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_unloadable_output_is_refused(tmp_path, family_dirs, monkeypatch, dry_run):
     """The issue's reproduction: only num_hidden_layers patched. The merge and --dry-run now fail, nothing written."""
-    import merging.output_check as oc
+    import merging.output.config as oc
 
     def count_only(config, origins):
         config["num_hidden_layers"] = len(origins)
@@ -108,7 +108,7 @@ def test_unloadable_output_is_refused(tmp_path, family_dirs, monkeypatch, dry_ru
 
 def test_cli_refuses_unloadable_output(tmp_path, family_dirs, monkeypatch, capsys):
     """Exit 2, one line, no traceback, no output folder (the reproduction on Gemma2 through the CLI)."""
-    import merging.output_check as oc
+    import merging.output.config as oc
     from evaluations.cli import main
 
     monkeypatch.setattr(oc, "patch_layers", lambda config, origins: config.update(num_hidden_layers=len(origins)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.checkpoint import StateDictCheckpoint, open_checkpoint
+from merging.io.checkpoint import StateDictCheckpoint, open_checkpoint
 from taxonomy.errors import BasinError
 from tests.conftest import MINILM_COMMIT, MINILM_REPO
 from tests.merging.conftest import random_state, write_safetensors
@@ -32,7 +32,7 @@ def test_file_and_folder_match_safetensors_reference(tmp_path):
 
 def test_headers_only_until_get(tmp_path, monkeypatch):
     folder = write_safetensors(random_state(1), tmp_path / "m")
-    import merging.safetensors_io as io
+    import merging.io.safetensors_format as io
 
     reads = []
     real = io.mmap.mmap
@@ -103,7 +103,7 @@ def test_mapped_tensors_are_private_copies_and_a_file_truncated_later_is_a_clear
 
 
 def test_file_systems_without_memory_maps_are_read_instead(tmp_path, monkeypatch):
-    import merging.safetensors_io as io
+    import merging.io.safetensors_format as io
 
     state = random_state(5, torch.bfloat16)
     ckpt = open_checkpoint(write_safetensors(state, tmp_path / "m"))
@@ -159,7 +159,7 @@ def test_lora_reference_without_lora_module(tmp_path, monkeypatch):
     base = write_safetensors(random_state(5), tmp_path / "base")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    monkeypatch.setitem(sys.modules, "merging.lora", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "merging.io.lora", None)  # import fails as if the module were absent
     with pytest.raises(BasinError, match="LoRA adapters are not available"):
         open_checkpoint(f"{base}+{adapter}")
 
@@ -192,9 +192,9 @@ def test_hub_headers_checked_before_weights_download(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    import merging.hub as hub
+    import merging.io.hub as hub
     from merging import merge
-    from merging.hub import Resolved
+    from merging.io.hub import Resolved
 
     local = write_safetensors(random_state(7), tmp_path / "local")
     config_only = tmp_path / "snapshot-config"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from evaluations.digits import make_mlp
-from merging.data_aware import diagonal_fisher, fisher_merge, gram_matrices, regmean_merge
+from merging.modelwise.data_aware import diagonal_fisher, fisher_merge, gram_matrices, regmean_merge
 from taxonomy.errors import BasinError
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from merging import merge
-from merging.writer import JOURNAL, ShardWriter, temp_folder
+from merging.io.writer import JOURNAL, ShardWriter, temp_folder
 from tests.merging.conftest import random_state, write_safetensors
 
 

@@ -57,16 +57,16 @@ def test_same_recipe_and_seed_is_bit_identical(tmp_path):
 
 
 def test_largest_tensors_are_merged_first_into_the_plans_layout(tmp_path, monkeypatch):
-    import merging.tensor_merge
+    import merging.methods.apply
 
     merged_order = []
-    original = merging.tensor_merge.merge_tensor
+    original = merging.methods.apply.merge_tensor
 
     def recording(method, name, *args, **kwargs):
         merged_order.append(name)
         return original(method, name, *args, **kwargs)
 
-    monkeypatch.setattr(merging.tensor_merge, "merge_tensor", recording)
+    monkeypatch.setattr(merging.methods.apply, "merge_tensor", recording)
     states = [random_state(s) for s in range(2)]
     folders = [write_safetensors(s, tmp_path / f"m{i}") for i, s in enumerate(states)]
     merge({"merge_method": "linear", "models": [str(f) for f in folders]}, tmp_path / "out", progress=False)
@@ -74,8 +74,8 @@ def test_largest_tensors_are_merged_first_into_the_plans_layout(tmp_path, monkey
     assert sorted(merged_order) == sorted(states[0]) and sizes == sorted(sizes, reverse=True)
     assert merged_order[:2] == ["embed_tokens.weight", "lm_head.weight"]  # equal sizes: in the plan's order
     # the file is laid out as planned, whatever the merge order: byte offsets ascend in the plan's order
-    from merging.api import load_recipe, open_inputs
-    from merging.plan import build_plan
+    from merging.pipeline import load_recipe, open_inputs
+    from merging.plan.tensors import build_plan
 
     recipe = load_recipe({"merge_method": "linear", "models": [str(f) for f in folders]})
     planned = [t.name for t in build_plan(recipe, open_inputs(recipe)).tensors]
@@ -143,7 +143,7 @@ def test_align_field_calls_alignment_before_merging(tmp_path, monkeypatch):
     import importlib
     import sys
 
-    from merging.checkpoint import StateDictCheckpoint
+    from merging.io.checkpoint import StateDictCheckpoint
     from taxonomy.errors import BasinError
 
     folders = [write_safetensors(random_state(s), tmp_path / f"m{s}") for s in range(2)]
@@ -204,9 +204,9 @@ def test_tokenizer_source_copies_only_tokenizer_files(tmp_path, bert_pair, minil
 
 
 def test_chunked_elementwise_merge_matches_formula_and_is_thread_independent():
-    from merging.methods import get_method
+    from merging.methods.apply import CHUNK_ELEMENTS, full_params, merge_tensor
+    from merging.methods.catalog import get_method
     from merging.methods.chunking import set_chunk_workers
-    from merging.tensor_merge import CHUNK_ELEMENTS, full_params, merge_tensor
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(3 * CHUNK_ELEMENTS + 17, generator=g).to(torch.bfloat16) for _ in range(3)]

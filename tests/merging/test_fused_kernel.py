@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import get_method, kernels
+from merging.methods import kernels
+from merging.methods.apply import full_params, tensor_rng
+from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, run_chunked
-from merging.tensor_merge import full_params, tensor_rng
 
 N = 2 * CHUNK_ELEMENTS + 1001
 
@@ -45,10 +46,10 @@ def _inputs(dtype: torch.dtype, seed: int, n_models: int = 3, specials: bool = F
 def _both(method: str, models, base, raw: dict, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     m = get_method(method)
     params = full_params(m, raw, len(models))
-    fused = run_chunked(m.fn, models, base, params, tensor_rng(seed, "w"), torch.float32, workers=2)
+    fused = run_chunked(m, models, base, params, tensor_rng(seed, "w"), torch.float32, workers=2)
     saved, kernels.compiled = kernels.compiled, None
     try:
-        reference = run_chunked(m.fn, models, base, params, tensor_rng(seed, "w"), torch.float32, workers=2)
+        reference = run_chunked(m, models, base, params, tensor_rng(seed, "w"), torch.float32, workers=2)
     finally:
         kernels.compiled = saved
     return fused, reference
@@ -138,13 +139,13 @@ def test_kernel_reads_mixed_dtypes_and_falls_back_where_it_does_not_apply():
     m = get_method("ties")
     params = full_params(m, {"weight": 0.5, "density": 0.5}, 3)
     inputs = ChunkedInputs([x.half() for x in models], base.half())
-    assert m.fn.fused(inputs, params, m.fn.prepare(inputs, params, tensor_rng(0, "w"))) is None  # float16
+    assert m.fused(inputs, params, m.fn.prepare(inputs, params, tensor_rng(0, "w"))) is None  # float16
     strided = ChunkedInputs([x[::2] for x in models], base[::2])
-    assert m.fn.fused(strided, params, m.fn.prepare(strided, params, tensor_rng(0, "w"))) is None
+    assert m.fused(strided, params, m.fn.prepare(strided, params, tensor_rng(0, "w"))) is None
     linear = get_method("linear")
     linear_params = full_params(linear, {"weight": 0.5}, 3)
-    assert linear.fn.fused(ChunkedInputs([x.half() for x in models], None), linear_params) is None
-    assert linear.fn.fused(ChunkedInputs([x[::2] for x in models], None), linear_params) is None
+    assert linear.fused(ChunkedInputs([x.half() for x in models], None), linear_params) is None
+    assert linear.fused(ChunkedInputs([x[::2] for x in models], None), linear_params) is None
 
 
 @pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
@@ -247,7 +248,7 @@ def test_streamed_merges_have_the_same_content_hash_with_and_without_the_kernel(
 def test_empty_and_tiny_tensors(method, n, n_models):
     """An empty tensor (a checkpoint may hold one) once failed in TIES' sampling and DARE's draws; 3 models
     take the kernel's register path where it applies, 20 its block path, past its per-model buffers."""
-    from merging.tensor_merge import merge_tensor
+    from merging.methods.apply import merge_tensor
 
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=g).to(torch.bfloat16)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from merging import merge
-from merging.checkpoint import open_checkpoint
+from merging.io.checkpoint import open_checkpoint
 from taxonomy.errors import BasinError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

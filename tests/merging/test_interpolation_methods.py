@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import taxonomy
-from merging.methods import get_method
-from merging.tensor_merge import CHUNK_ELEMENTS, merge_state_dicts
+from merging.methods.apply import CHUNK_ELEMENTS
+from merging.methods.catalog import get_method
+from merging.modelwise.state_dicts import merge_state_dicts
 from taxonomy import BasinError
 
 SQRT2 = math.sqrt(2.0)

@@ -20,10 +20,10 @@ import yaml
 
 from evaluations.cli import main
 from merging import merge
-from merging.checkpoint import open_checkpoint
-from merging.outputs import OutputLock
-from merging.safetensors_io import read_header
-from merging.writer import JOURNAL, ShardWriter, parse_size, temp_folder
+from merging.io.checkpoint import open_checkpoint
+from merging.io.guard import OutputLock
+from merging.io.safetensors_format import read_header
+from merging.io.writer import JOURNAL, ShardWriter, parse_size, temp_folder
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state, write_safetensors
 
@@ -127,7 +127,7 @@ def recipe(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
 @pytest.mark.parametrize("where", ["pwrite", "mkdir", "copy", "rename"])
 def test_write_failures_say_what_and_leave_nothing(recipe, capsys, monkeypatch, code, where):
-    import merging.writer as writer
+    import merging.io.writer as writer
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(args[0]) if where != "pwrite" else None)
@@ -192,7 +192,7 @@ def test_symlinked_output_refused_and_symlinked_temp_folder_unlinked(recipe, cap
 def test_overwrite_replaces_only_after_the_new_output_is_complete(recipe, monkeypatch):
     out = recipe.parent.parent / "outs" / "o"
     first = merge(recipe, out, progress=False)
-    import merging.writer as writer
+    import merging.io.writer as writer
 
     real = writer.os.replace
     calls = []

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.api import merge
 from merging.architectures import _qwen_layer_types, derived_list, patch_layers
+from merging.pipeline import merge
 from taxonomy.errors import BasinError
 
 F, S = "full_attention", "sliding_attention"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merging.checkpoint import StateDictCheckpoint, open_checkpoint
-from merging.lora import lora_task_vector, open_lora, read_adapter
+from merging.io.checkpoint import StateDictCheckpoint, open_checkpoint
+from merging.io.lora import lora_task_vector, open_lora, read_adapter
 from taxonomy import BasinError
 
 

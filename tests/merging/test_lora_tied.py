@@ -94,8 +94,8 @@ def test_lora_factors_on_lm_head_of_a_tied_base(tmp_path):
     merged = load_file(merge_cli(tmp_path, f"{tmp_path / 'base'}+{adapter}") / "model.safetensors")
     torch.testing.assert_close(merged["lm_head.weight"], base[EMBED] + 2.0 * b @ a, rtol=0, atol=1e-6)
     assert torch.equal(merged[EMBED], base[EMBED])
-    from merging.checkpoint import open_checkpoint
-    from merging.lora import lora_task_vector
+    from merging.io.checkpoint import open_checkpoint
+    from merging.io.lora import lora_task_vector
 
     delta = lora_task_vector(adapter, open_checkpoint(str(tmp_path / "base")))
     assert set(delta) == {"lm_head.weight"}

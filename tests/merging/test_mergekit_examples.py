@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.api import merge
+from merging.pipeline import merge
 
 # {m0}.. are tiny checkpoints of the recipe's family; layer ranges [0, 40] -> [0, 4], [0, 24] + [20, 40] -> 3 + 3
 EXAMPLES = {

@@ -69,7 +69,7 @@ def test_library_functions_leave_a_mixed_model_as_they_found_it():
     from evaluations.landscape.geometry import determinism
     from evaluations.landscape.paths import fit_curve
     from merging.alignment.repair import reset_bn_stats, unit_stats
-    from merging.data_aware import diagonal_fisher, gram_matrices
+    from merging.modelwise.data_aware import diagonal_fisher, gram_matrices
 
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     model = _mixed()
@@ -90,7 +90,7 @@ def test_library_functions_leave_a_mixed_model_as_they_found_it():
 
 def test_modes_are_restored_when_the_data_does_not_fit():
     from merging.alignment.repair import reset_bn_stats
-    from merging.data_aware import diagonal_fisher, gram_matrices
+    from merging.modelwise.data_aware import diagonal_fisher, gram_matrices
 
     model, bad = _mixed(), torch.randn(4, 5)
     before = _modes(model)

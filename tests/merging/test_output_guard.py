@@ -12,7 +12,7 @@ import yaml
 
 from evaluations.cli import main
 from merging import merge
-from merging.outputs import check_output, protected_paths
+from merging.io.guard import check_output, protected_paths
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state, write_safetensors
 

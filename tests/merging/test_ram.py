@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import get_method
-from merging.tensor_merge import merge_state_dicts
+from merging.methods.catalog import get_method
+from merging.modelwise.state_dicts import merge_state_dicts
 
 
 def brute_force(xs: list[np.ndarray], base: np.ndarray, eps: float, plus: tuple[float, float] | None) -> np.ndarray:
@@ -82,7 +82,7 @@ def test_ram_streams_chunked_like_whole(dtype):
 
 
 def test_ram_recipe_and_taxonomy():
-    from merging.recipe import Recipe
+    from merging.recipe.schema import Recipe
     from taxonomy import get
 
     assert get("ram").in_mergekit and get("ramplus_tl").needs_base

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from merging import merge, open_checkpoint
-from merging.methods import registered_names
-from merging.recipe import Recipe
+from merging.methods.catalog import registered_names
+from merging.recipe.schema import Recipe
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 LAYERS = 3  # tiny_llama's layers (tests/merging/conftest.py)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from merging import merge
-from merging.recipe import Recipe
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError
 from tests.merging.lowprec_inputs import make_inputs
 

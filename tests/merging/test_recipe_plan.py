@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.checkpoint import StateDictCheckpoint
-from merging.plan import build_plan
-from merging.recipe import Recipe, evaluate_setting
+from merging.io.checkpoint import StateDictCheckpoint
+from merging.plan.tensors import build_plan
+from merging.recipe.schema import Recipe, evaluate_setting
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from merging import merge
-from merging.recipe import Recipe
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError, BasinWarning
 from tests.merging.lowprec_inputs import make_inputs
 
@@ -191,7 +191,7 @@ def chat_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("value, expect", [("auto", "ft1"), ("chatml", "chatml"), ("literal", "literal")])
 def test_chat_template_written_into_tokenizer_config(chat_inputs, tmp_path, value, expect):
-    from merging.chat_templates import NAMED
+    from merging.output.chat_templates import NAMED
 
     folders, templates = chat_inputs
     literal = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
@@ -228,7 +228,7 @@ def test_model_card_front_matter_and_reruns_byte_identical(chat_inputs, tmp_path
 
 
 def test_model_card_base_model_lists_hub_inputs():
-    from merging.modelcard import InputRecord, model_card
+    from merging.output.model_card import InputRecord, model_card
 
     r = Recipe.from_dict({"merge_method": "linear", "models": ["org/a@main", "./local"]})
     card = model_card(r, [InputRecord("org/a@main", "org/a", "abc"), InputRecord("./local", None, None)],

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from evaluations.cli import main
 from merging import merge
-from merging.recipe import Recipe
-from merging.safetensors_io import SafetensorsCheckpoint
+from merging.io.safetensors_format import SafetensorsCheckpoint
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state, write_safetensors
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import get_method
+from merging.methods.catalog import get_method
 from merging.methods.spherical import nuslerp_tensors, slerp_tensors
 from merging.reductions import (
     column_mean_std64,
@@ -123,7 +123,7 @@ def all_cases(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor):
 def check_methods_against_float64(cases) -> None:
     """Each method on float32 inputs equals the same method run on float64 copies (whose reductions and
     elementwise steps are all float64) to float32 precision: no digits lost in the whole-tensor reductions."""
-    from merging.tensor_merge import full_params
+    from merging.methods.apply import full_params
 
     for name, models, anchor, params in cases:
         method = get_method(name)

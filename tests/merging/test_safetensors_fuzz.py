@@ -21,8 +21,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merging.checkpoint import open_checkpoint
-from merging.safetensors_io import DTYPES, read_header
+from merging.io.checkpoint import open_checkpoint
+from merging.io.safetensors_format import DTYPES, read_header
 from taxonomy.errors import BasinError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from evaluations.digits import accuracy, load_digits_split, make_mlp, train_classifier
-from merging.soups import greedy_soup, uniform_soup
+from merging.modelwise.soups import greedy_soup, uniform_soup
 from taxonomy import BasinError
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.methods import get_method
+from merging.methods.apply import full_params, tensor_rng
+from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, run_chunked
 from merging.methods.sparsify import magnitude_cuts, topk_mask
 from merging.methods.task_arithmetic import generalized_task_arithmetic
-from merging.tensor_merge import full_params, tensor_rng
 
 N = 3 * CHUNK_ELEMENTS + 17
 
@@ -59,7 +59,7 @@ def test_streaming_merge_is_bit_identical_to_whole_tensor_reference(method, spar
     if sparsify == "outliers":
         raw["gamma"] = 0.02
     params = full_params(m, raw, 3)
-    got = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    got = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
     expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
                                            sparsify, consensus)
     assert torch.equal(got, expected)
@@ -69,8 +69,8 @@ def test_streaming_rescale_matches_reference_and_threads_do_not_matter():
     models, base = _inputs(3)
     m = get_method("ties")
     params = full_params(m, {"weight": [1.0, 0.5, 0.5], "density": 0.3, "rescale": True}, 3)
-    one = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=1)
-    two = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    one = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=1)
+    two = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
     assert torch.equal(one, two)
     expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
                                            "magnitude", True)
@@ -82,14 +82,14 @@ def test_dare_streams_deterministically_and_keeps_density(method):
     models, base = _inputs(4, n_models=2)
     m = get_method(method)
     params = full_params(m, {"weight": 1.0, "density": 0.3, "rescale": "unbiased"}, 2)
-    one = run_chunked(m.fn, models, base, params, tensor_rng(5, "w"), torch.float32, workers=1)
-    two = run_chunked(m.fn, models, base, params, tensor_rng(5, "w"), torch.float32, workers=2)
+    one = run_chunked(m, models, base, params, tensor_rng(5, "w"), torch.float32, workers=1)
+    two = run_chunked(m, models, base, params, tensor_rng(5, "w"), torch.float32, workers=2)
     assert torch.equal(one, two)
-    other = run_chunked(m.fn, models, base, params, tensor_rng(6, "w"), torch.float32, workers=1)
+    other = run_chunked(m, models, base, params, tensor_rng(6, "w"), torch.float32, workers=1)
     assert not torch.equal(one, other)
     # one model at a time: the kept fraction is the density, kept entries are tau / density
     single = full_params(m, {"weight": 1.0, "density": 0.3, "rescale": "unbiased"}, 1)
-    out = run_chunked(m.fn, models[:1], base, single, tensor_rng(5, "w"), torch.float32)
+    out = run_chunked(m, models[:1], base, single, tensor_rng(5, "w"), torch.float32)
     tau = models[0].float() - base.float()
     kept = (out - base.float()) != 0
     assert abs(int(kept.sum()) / int((tau != 0).sum()) - 0.3) < 0.005  # 4 sigma is 0.0017
@@ -120,7 +120,7 @@ def test_magnitude_cuts_stay_exact_when_the_sampled_bracket_misses(monkeypatch, 
 
 
 def test_nan_in_a_task_vector_is_a_clear_error_naming_the_tensor():
-    from merging.tensor_merge import merge_tensor
+    from merging.methods.apply import merge_tensor
     from taxonomy.errors import BasinError
 
     models, base = _inputs(6, n_models=2)
@@ -220,8 +220,8 @@ def test_results_do_not_depend_on_the_chunk_size(method):
     m = get_method(method)
     raw = {"weight": [0.5, 1.0, 0.3]} | ({} if method == "task_arithmetic" else {"density": [0.4, 0.7, 0.25]})
     params = full_params(m, raw, 3)
-    small = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
+    small = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2)
     for chunk_elements in (2 * CHUNK_ELEMENTS, 4 * CHUNK_ELEMENTS):  # two chunks, then one holding everything
-        large = run_chunked(m.fn, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2,
+        large = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2,
                             chunk_elements=chunk_elements)
         assert torch.equal(large, small), chunk_elements

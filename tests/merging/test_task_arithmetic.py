@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import get_method
+from merging.methods.apply import tensor_rng
+from merging.methods.catalog import get_method
 from merging.methods.sparsify import kth_largest, rank_keep_probability, topk_mask
-from merging.tensor_merge import merge_state_dicts, tensor_rng
+from merging.modelwise.state_dicts import merge_state_dicts
 from taxonomy import BasinError
 
 GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.tensor_merge import merge_state_dicts
+from merging.modelwise.state_dicts import merge_state_dicts
 
 SENTENCES = ["The cat sat on the mat.", "Merging models averages their weights.",
              "A storm is coming from the north.", "Task vectors add skills to a base model."]
@@ -133,8 +133,8 @@ def test_merge_carries_both_fine_tunes_changes(minilm, embeddings, method, param
 
 
 def test_lora_adapter_on_minilm(minilm_dir, tmp_path, minilm):
-    from merging.checkpoint import open_checkpoint
-    from merging.lora import open_lora
+    from merging.io.checkpoint import open_checkpoint
+    from merging.io.lora import open_lora
 
     g = torch.Generator().manual_seed(3)
     targets = [f"encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]

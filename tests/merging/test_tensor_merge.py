@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from merging.tensor_merge import merge_state_dicts, tensor_rng
+from merging.methods.apply import tensor_rng
+from merging.modelwise.state_dicts import merge_state_dicts
 from taxonomy import BasinError
 
 

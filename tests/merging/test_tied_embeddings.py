@@ -1,4 +1,4 @@
-"""The tied-embedding rule (merging.arch): a tied model without `lm_head` merges with one that has it, its
+"""The tied-embedding rule (merging.plan.inputs): a tied model without `lm_head` merges with one that has it, its
 embedding standing in for its lm_head; and mixed architectures are refused unless allowed."""
 
 from __future__ import annotations

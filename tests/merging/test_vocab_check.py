@@ -1,4 +1,4 @@
-"""The no-rule vocabulary check (`merging.vocab.check_same_vocab`): inputs with equal embedding row counts but
+"""The no-rule vocabulary check (`merging.plan.vocab.check_same_vocab`): inputs with equal embedding row counts but
 different token -> id maps are refused at plan time unless a tokenizer rule remaps them. The token maps read
 from the files are checked against transformers' `get_vocab()`; the expected differences and merged rows are
 computed from the word lists the test models are built with."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import merging.vocab as vocab_mod
+import merging.plan.vocab as vocab_mod
 from merging import merge
-from merging.vocab import check_same_vocab, input_vocab, vocab_from_files
+from merging.plan.vocab import check_same_vocab, input_vocab, vocab_from_files
 from taxonomy.errors import BasinError
 from tests.merging.test_vocab_llama import EMBED, HEAD, WORDS_A, save_model, tensors, word_tokenizer
 

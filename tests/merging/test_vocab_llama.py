@@ -110,15 +110,15 @@ def test_union_tokenizer_and_rows(tmp_path, ab):
 def test_remapped_tensors_are_never_in_flight_together(tmp_path, ab, monkeypatch):
     """The engine merges largest first, but tensors remapped to the union vocabulary (fresh copies, not mapped
     files) lead, `prefetch` (2) other tensors apart, so no two are held at once."""
-    import merging.tensor_merge
+    import merging.methods.apply
 
-    order, original = [], merging.tensor_merge.merge_tensor
+    order, original = [], merging.methods.apply.merge_tensor
 
     def recording(method, name, *args, **kwargs):
         order.append(name)
         return original(method, name, *args, **kwargs)
 
-    monkeypatch.setattr(merging.tensor_merge, "merge_tensor", recording)
+    monkeypatch.setattr(merging.methods.apply, "merge_tensor", recording)
     merge(_linear(*ab, tokenizer_source="union"), tmp_path / "out", progress=False)
     assert sorted((order.index(EMBED), order.index(HEAD))) == [0, 3]
     state = tensors(ab[0])
@@ -273,8 +273,8 @@ def test_documented_tokenizer_configs_run(config, tmp_path, ab):
 # --- issue 17 follow-up: mergekit's mapping form of a model reference as a tokenizer source ----------------------
 def test_parse_tokenizer_mapping_references():
     """tokenizer_source / tokenizer.source / token rules take {model: <path or {path, revision}>, lora: ...}."""
-    from merging.recipe import Recipe
-    from merging.vocab import parse_tokenizer
+    from merging.recipe.schema import Recipe
+    from merging.recipe.tokenizer import parse_tokenizer
 
     spec = parse_tokenizer({"model": {"path": "org/m", "revision": "v2"}}, None)
     assert spec.source == "org/m@v2" and spec.model_ref == "org/m@v2"
@@ -298,7 +298,7 @@ def test_parse_tokenizer_mapping_references():
      r"tokens\['t'\]\.source\.model: a model reference mapping needs 'model'"),
 ])
 def test_parse_tokenizer_bad_mapping_is_one_line(block, message):
-    from merging.vocab import parse_tokenizer
+    from merging.recipe.tokenizer import parse_tokenizer
 
     with pytest.raises(BasinError, match=message) as e:
         parse_tokenizer(None, block)

@@ -1,4 +1,4 @@
-"""`merging.vocab.remap_rows` against a row-by-row reference of the documented fill rules, and the
+"""`merging.plan.vocab.remap_rows` against a row-by-row reference of the documented fill rules, and the
 tokenizer-block parser."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.vocab import TokenRule, TokenSource, mean_rows, parse_tokenizer, remap_rows
+from merging.plan.vocab import mean_rows, remap_rows
+from merging.recipe.tokenizer import TokenRule, TokenSource, parse_tokenizer
 from taxonomy.errors import BasinError
 
 
 def reference(tensors, perms, own, base, rules):
-    """Row by row, model by model, the rules of the merging.vocab docstring, in float64."""
+    """Row by row, model by model, the rules of the merging.plan.vocab docstring, in float64."""
     k, n = len(tensors), len(perms[0])
     out = [torch.zeros((n,) + tuple(t.shape[1:]), dtype=torch.float64) for t in tensors]
     for r in range(n):
@@ -90,7 +91,7 @@ def test_remap_rows_keeps_dtype_and_copies_present_rows_exactly():
 
 
 def test_mean_rows_chunked(monkeypatch):
-    import merging.vocab as vocab
+    import merging.plan.vocab as vocab
 
     monkeypatch.setattr(vocab, "ROW_CHUNK", 3)
     x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging.writer import HASH_APART, ShardWriter, parse_size
+from merging.io.writer import HASH_APART, ShardWriter, parse_size
 from taxonomy.errors import BasinError
 from tests.merging.conftest import random_state
 

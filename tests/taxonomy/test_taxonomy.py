@@ -26,7 +26,7 @@ def test_unknown_method_is_a_clear_error():
 
 
 def test_every_tensorwise_entry_has_an_implementation():
-    from merging.methods import registered_names
+    from merging.methods.catalog import registered_names
     from taxonomy import Kind
 
     implemented = set(registered_names())

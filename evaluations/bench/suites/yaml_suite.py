@@ -17,7 +17,7 @@ YAML schema (paths relative to the file):
 
 Every field is checked when the suite is loaded, before any training or merging: a malformed one is a
 one-line `BasinError` naming the file and the field (`tasks.task_a.head`, `methods[1].search.lambda`).
-Data and weights are safetensors only (read by `merging.checkpoint.open_path`; no pickle). `body`, and a
+Data and weights are safetensors only (read by `merging.io.checkpoint.open_path`; no pickle). `body`, and a
 `method` written `module:fn`, name code the user chose to run (see `evaluations.factories`); a `.py`
 suite file is executed likewise.
 """
@@ -93,7 +93,7 @@ def _check_value(value: Any, where: str) -> None:
 
 def _method_name(method: Any, where: str) -> Any:
     """A registered tensorwise or model-level method name, or a `module:fn` callable."""
-    from evaluations.bench.grid import MODEL_LEVEL
+    from merging.modelwise.catalog import MODEL_LEVEL
 
     method = _text(method, where)
     if ":" in method:
@@ -101,8 +101,8 @@ def _method_name(method: Any, where: str) -> Any:
         if not callable(fn):
             raise BasinError(f"{where}: {method!r} is not callable")
         return fn
-    if method not in MODEL_LEVEL:
-        from merging.methods import get_method
+    if method not in MODEL_LEVEL and method != "weight_matching":
+        from merging.methods.catalog import get_method
 
         try:
             get_method(method)

@@ -10,40 +10,36 @@ Parameter precedence (mergekit): a slice source's (or model's) parameters > the 
 the global `parameters:`; within one level, the first matching filter entry wins.
 
 Also from headers and config/tokenizer files, before any weight is read: mixed architectures are
-refused (`merging.arch`), tied models lacking `lm_head` read their embedding there (`merging.arch`),
+refused (`merging.plan.inputs`), tied models lacking `lm_head` read their embedding there (`merging.plan.inputs`),
 inputs whose vocabulary row counts (or, with equal counts, tokenizer vocabularies) differ are refused
 unless a tokenizer rule remaps them, and the rows of the vocabulary-indexed tensors are mapped to
-the output vocabulary (`merging.vocab`).
-Methods with an optional base (`fn.optional_base`, e.g. nuslerp, multislerp) receive a recipe
+the output vocabulary (`merging.plan.vocab`).
+Methods with an optional base (`optional_base`, e.g. nuslerp, multislerp) receive a recipe
 `base_model` not listed under `models:` as their base, without merging it as a model.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from merging.arch import (
+from merging.architectures import config_source, is_post, layer_index, with_layer
+from merging.dtypes import MERGE_DTYPES, canonical, torch_dtype
+from merging.io.checkpoint import Checkpoint, read_config
+from merging.plan.inputs import (
     check_architectures,
-    read_config,
     real_name,
     tie_hint,
     tie_inputs,
     vocab_rows,
     vocab_tensors,
 )
-from merging.architectures import config_source, is_post
-from merging.checkpoint import Checkpoint
-from merging.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
-from merging.vocab import VocabMap, check_same_vocab, plan_vocab
+from merging.plan.vocab import VocabMap, check_same_vocab, plan_vocab
+from merging.recipe.schema import OutputSlice, Recipe, SliceSource, evaluate_setting
 from taxonomy.errors import BasinError
-
-LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
-OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -129,17 +125,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def layer_index(name: str) -> int | None:
-    m = LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def with_layer(name: str, index: int) -> str:
-    m = LAYER.search(name)
-    assert m is not None
-    return name[: m.start(1)] + str(index) + name[m.end(1):]
-
-
 def num_layers(ckpt: Checkpoint) -> int:
     idx = [i for i in (layer_index(n) for n in ckpt.names()) if i is not None]
     return max(idx) + 1 if idx else 0
@@ -207,7 +192,7 @@ def _tokenizer_folder(ref: str):
     """The local folder of a tokenizer source that is not a merged model (Hub: config and tokenizer files)."""
     from pathlib import Path
 
-    from merging.hub import resolve
+    from merging.io.hub import resolve
 
     path = Path(ref).expanduser()
     if not path.exists():
@@ -219,11 +204,11 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
                allow_mixed_architectures: bool = False) -> MergePlan:
     """Resolve every output tensor of `recipe` over the opened checkpoints (headers, config and tokenizer
     files only)."""
-    from merging.methods import get_method
+    from merging.methods.catalog import get_method
 
     method = get_method(recipe.merge_method)
     dtype_name = out_dtype or recipe.out_dtype or recipe.dtype
-    dtype = OUT_DTYPES[_canonical_dtype(dtype_name)] if dtype_name else None
+    dtype = torch_dtype(_canonical_dtype(dtype_name)) if dtype_name else None
     inputs = recipe.model_refs()
     check_architectures({r: ckpts[r] for r in inputs}, allow_mixed_architectures or recipe.allow_mixed_architectures)
     ckpts = tie_inputs({r: ckpts[r] for r in inputs})  # tied models read their embedding as lm_head
@@ -282,14 +267,14 @@ class _Builder:
         self.method, self.recipe, self.ckpts, self.dtype = method, recipe, ckpts, dtype
         self.index = {ref: i for i, ref in enumerate(inputs)}
         self.vocab, self.vocab_names = vocab, vocab_names
-        self.optional_base = bool(getattr(method.fn, "optional_base", False))
+        self.optional_base = method.optional_base
         self.tensors: list[TensorPlan] = []
         self.cache: dict[tuple, dict[str, Any]] = {}
 
     def params(self, out_name: str, srcs: list[tuple[SliceSource, str]], slice_params: dict[str, Any],
                t: float) -> dict[str, Any]:
         """mergekit's precedence: source > slice > global; per-model parameters by source tensor name."""
-        from merging.tensor_merge import full_params
+        from merging.methods.apply import full_params
 
         resolved: dict[str, Any] = {}
         for p in self.method.info.params:
@@ -338,11 +323,9 @@ class _Builder:
             sources = [s for s in sl.sources if s is not base_src]
         else:  # base first (SLERP's t = 0); an optional base not listed is passed only as the base
             sources = sorted(sl.sources, key=lambda s: s.model != base_ref)
-        n = len(sources)
-        if n < info.min_models or (info.max_models is not None and n > info.max_models):
-            most = info.max_models if info.max_models is not None else "any number of"
-            raise BasinError(f"{info.name!r} takes {info.min_models} to {most} models besides the base; "
-                             f"a slice has {n}: {[s.model for s in sources]}")
+        problem = info.model_count_problem(len(sources))
+        if problem:
+            raise BasinError(f"{problem} in a slice (besides the base): {[s.model for s in sources]}")
         return sources, base_src
 
     def add_slice(self, sl: OutputSlice, out_layer: int, cfg_ref: str) -> list[tuple[str, int]]:
@@ -389,11 +372,10 @@ def _check_rule_models(tp: TensorPlan, vocab: VocabMap) -> None:
 
 
 def _canonical_dtype(name: str) -> str:
-    from merging.recipe import DTYPES
-
-    if name not in DTYPES:
-        raise BasinError(f"dtype must be one of float32, float16, bfloat16; got {name!r}")
-    return DTYPES[name]
+    value = canonical(name)
+    if value is None:
+        raise BasinError(f"dtype must be one of {', '.join(MERGE_DTYPES)}; got {name!r}")
+    return value
 
 
 def _models_as_slice(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> list[OutputSlice]:

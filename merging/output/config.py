@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from merging.arch import OUTPUT_EMBED, read_config
-from merging.architectures import config_source, patch_layers
-from merging.checkpoint import Checkpoint
+from merging.architectures import OUTPUT_EMBED, config_source, patch_layers
+from merging.io.checkpoint import Checkpoint, read_config
 from taxonomy.errors import BasinError
 
 LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")

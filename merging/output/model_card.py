@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from merging.recipe import Recipe
+from merging.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

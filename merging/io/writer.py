@@ -6,12 +6,12 @@ every shard's header is written up front and each tensor's bytes go straight to 
 `transformers` names them (`model.safetensors`, or `model-0000k-of-0000n.safetensors` plus
 `model.safetensors.index.json`). `close()` renames the folder into place (an existing output, with
 `overwrite`, is moved aside first and deleted only once the new one is in place); on error the
-temporary folder is removed. The output is guarded and locked (`merging.outputs`): it never replaces
+temporary folder is removed. The output is guarded and locked (`merging.io.guard`): it never replaces
 an input, and a second run on the same output fails at once. A failed write (ENOSPC, EROFS, EACCES)
 is a one-line `BasinError` saying nothing was written.
 
 Resume: with a `resume_key` (a fingerprint of the plan and the inputs' content, see
-`merging.api.resume_key`), every finished tensor is
+`merging.pipeline.resume_key`), every finished tensor is
 appended with its sha256 to a journal in the temporary folder. An interrupted merge
 (Ctrl-C, a killed process) leaves that folder behind; a later writer with the same key and
 layout reopens it, re-hashes the journalled tensors on disk, keeps those that match (`done`)
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from merging.outputs import OutputLock, check_output, io_error, real
-from merging.safetensors_io import DTYPE_NAMES, element_size
+from merging.io.guard import OutputLock, check_output, io_error, real, refuse_existing
+from merging.io.safetensors_format import DTYPE_NAMES, element_size
 from taxonomy.errors import OutputError
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -87,7 +87,7 @@ def output_path(out_dir: str | Path) -> Path:
 
 def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False,
                    protect: Iterable[Path] = ()) -> Path:
-    """Refuse an output that would replace an input (`merging.outputs.check_output`), an output that is a
+    """Refuse an output that would replace an input (`merging.io.guard.check_output`), an output that is a
     symbolic link, and an existing output unless `overwrite`; return the temporary sibling folder (fresh,
     unless `keep_partial` and an interrupted merge left one). The caller holds the output's lock."""
     tmp = temp_folder(out_dir)
@@ -95,8 +95,7 @@ def prepare_output(out_dir: Path, overwrite: bool, keep_partial: bool = False,
     if out_dir.is_symlink():
         raise OutputError(f"{out_dir}: the output is a symbolic link (to {os.readlink(out_dir)}); "
                          "give the folder it points to, or remove the link")
-    if out_dir.exists() and not overwrite:
-        raise OutputError(f"{out_dir}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+    refuse_existing(out_dir, overwrite)
     if not out_dir.parent.is_dir():
         raise OutputError(f"{out_dir.parent}: parent folder of the output does not exist")
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
@@ -137,7 +136,7 @@ def _remove(path: Path) -> None:
 class ShardWriter:
     """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`.
 
-    `protect`: the paths the run reads (`merging.outputs.protected_paths`), which the output may not replace.
+    `protect`: the paths the run reads (`merging.io.guard.protected_paths`), which the output may not replace.
     The output's lock (`OutputLock`) is held from construction to `close()` / `abort()`. A failed write
     (full disk, read-only folder) removes the temporary folder and raises a one-line `BasinError`.
     """

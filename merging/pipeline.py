@@ -6,7 +6,7 @@ tokenizer files); open checkpoints lazily and build the plan from headers, confi
 tokenizer files (names, shapes, parameters, architectures, vocabularies);
 only then stream tensors through the engine into the writer; write config.json (dtype, layer
 count, vocab_size, tie_word_embeddings patched) and the output tokenizer (copied, or built by the
-tokenizer rule, see `merging.vocab`); write the model card; rename the output into place.
+tokenizer rule, see `merging.plan.vocab`); write the model card; rename the output into place.
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merging.architectures import config_source
-from merging.checkpoint import Checkpoint, open_checkpoint
-from merging.modelcard import InputRecord, model_card
-from merging.outputs import OutputLock, check_output
-from merging.plan import OUT_DTYPES, MergePlan, build_plan
-from merging.recipe import DTYPES, Recipe
-from merging.writer import (
+from merging.dtypes import MERGE_DTYPES, canonical
+from merging.io.checkpoint import Checkpoint, open_checkpoint
+from merging.io.guard import OutputLock, check_output, refuse_existing
+from merging.io.writer import (
     DEFAULT_SHARD_SIZE,
     ShardWriter,
     old_folder,
@@ -37,13 +34,11 @@ from merging.writer import (
     replace_output,
     temp_folder,
 )
+from merging.output.finish import finish_output
+from merging.output.model_card import InputRecord
+from merging.plan.tensors import MergePlan, build_plan
+from merging.recipe.schema import Recipe
 from taxonomy.errors import BasinError
-
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-)
 
 
 @dataclass
@@ -99,21 +94,21 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False,
     """
     from huggingface_hub import constants
 
-    from merging.hub import HUB_ID, is_hub_id, remote_headers, resolve, weights_cached
+    from merging.io.hub import remote_headers, resolve, weights_cached
+    from merging.io.references import hub_id, is_hub_id, parts
 
     refs = recipe.model_refs()
     remote: dict[str, Checkpoint] = {}
     for ref in refs + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else []):
-        for part in ref.rsplit("+", 1) if "+" in ref and not Path(ref).exists() else [ref]:
+        for part in parts(ref):
             if Path(part).expanduser().exists():
                 continue
             if not is_hub_id(part):
                 raise BasinError(f"{part}: no such file or folder (model reference in the recipe)")
             folder = resolve(part, allow_pickle=allow_pickle, weights=False).path
             if part == ref and ref in refs and not constants.HF_HUB_OFFLINE and not weights_cached(folder):
-                m = HUB_ID.match(ref)
-                assert m is not None
-                remote[ref] = remote_headers(m.group("repo"), m.group("rev"), ref)
+                repo, rev = hub_id(ref)  # type: ignore[misc]  # is_hub_id(ref) above
+                remote[ref] = remote_headers(repo, rev, ref)
                 remote[ref].folder = folder  # config and tokenizer files are already here
     if remote and validate is not None:
         validate({ref: remote.get(ref) or open_checkpoint(ref, allow_pickle=allow_pickle, label=ref)
@@ -123,7 +118,7 @@ def open_inputs(recipe: Recipe, allow_pickle: bool = False,
 
 def _build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | None = None, *,
                 allow_mixed_architectures: bool = False) -> MergePlan:
-    """`merging.plan.build_plan`, with the recipe's low-precision compute dtype (None: float32) recorded."""
+    """`merging.plan.tensors.build_plan`, with the recipe's low-precision compute dtype (None: float32) recorded."""
     plan = build_plan(recipe, ckpts, out_dtype, allow_mixed_architectures=allow_mixed_architectures)
     plan.compute_dtype = recipe.low_compute_dtype
     return plan
@@ -156,7 +151,7 @@ def resume_key(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> str | None:
     """
     import hashlib
 
-    from merging.safetensors_io import SafetensorsCheckpoint
+    from merging.io.safetensors_format import SafetensorsCheckpoint
     from taxonomy.version import versions
 
     h = hashlib.sha256(json.dumps([plan.to_json(), versions()], sort_keys=True).encode())
@@ -192,103 +187,22 @@ def _file_fingerprint(path: Path, ckpt: Any) -> bytes:
 
 
 def protected(recipe_or_path: Any, recipe: Recipe, ckpts: dict[str, Checkpoint]) -> set[Path]:
-    """The paths a merge reads and its output may not replace (see `merging.outputs`)."""
-    from merging.outputs import checkpoint_paths, protected_paths
+    """The paths a merge reads and its output may not replace (see `merging.io.guard`)."""
+    from merging.io.guard import checkpoint_paths, protected_paths
+    from merging.io.references import parts
 
     paths: list[Any] = [recipe_or_path] if isinstance(recipe_or_path, (str, Path)) else []
     for ref in recipe.model_refs() + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else []):
-        paths += [ref, *ref.rsplit("+", 1)]
+        paths += [ref, *parts(ref)]
     for ckpt in ckpts.values():
         paths += checkpoint_paths(ckpt)
     return protected_paths(paths)
 
 
-def _tokenizer_source_folder(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan) -> Path | None:
-    """Where the output's tokenizer files come from: the tokenizer rule's, the tokenizer source's, the config
-    source's."""
-    if plan.vocab is not None:
-        return plan.vocab.tokenizer_folder
-    if recipe.tokenizer_ref in ckpts:
-        return ckpts[recipe.tokenizer_ref].folder
-    if recipe.tokenizer_ref:
-        from merging.hub import resolve
-
-        folder = resolve(recipe.tokenizer_ref, weights=False).path
-        return folder if folder.is_dir() else folder.parent
-    return ckpts[config_source(recipe)].folder
-
-
-def _copy_side_files(recipe: Recipe, ckpts: dict[str, Checkpoint], writer: ShardWriter, plan: MergePlan,
-                     dtype: str | None) -> None:
-    """config.json (`merging.output_check.output_config`: dtype, layer count and per-layer fields, vocab_size,
-    tie_word_embeddings patched) and generation_config.json from the config source; the output tokenizer
-    (built by the tokenizer rule, else copied from the tokenizer source or the config source), with the recipe's
-    chat template. In-memory inputs have none."""
-    from merging.output_check import output_config
-
-    cfg_folder = ckpts[config_source(recipe)].folder
-    if cfg_folder is not None:
-        config = output_config(recipe, ckpts, plan, dtype)
-        if config is not None:
-            writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
-        for name in CONFIG_FILES:
-            if name != "config.json" and (cfg_folder / name).is_file():
-                writer.copy_file(cfg_folder / name)
-    tok_folder = _tokenizer_source_folder(recipe, ckpts, plan)
-    template = _chat_template(recipe, ckpts)
-    if plan.vocab is not None and plan.vocab.tokenizer is not None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="basin-tokenizer-") as tmp:
-            plan.vocab.tokenizer.save_pretrained(tmp)
-            _write_tokenizer(writer, [p for p in sorted(Path(tmp).iterdir()) if p.is_file()], template)
-    elif tok_folder is not None:
-        _write_tokenizer(writer, [tok_folder / n for n in TOKENIZER_FILES if (tok_folder / n).is_file()], template)
-    elif template is not None:
-        _no_tokenizer_warning()
-
-
-def _chat_template(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> str | None:
-    """The recipe's chat_template resolved ('auto': the merged models' most common one), or None."""
-    from merging.chat_templates import resolve_chat_template
-
-    return resolve_chat_template(recipe.chat_template, [ckpts[r].folder for r in recipe.model_refs()])
-
-
-def _no_tokenizer_warning() -> None:
-    import warnings
-
-    from taxonomy.errors import BasinWarning
-
-    warnings.warn("chat_template: the output has no tokenizer files, so the chat template is not written",
-                  BasinWarning, stacklevel=3)
-
-
-def _write_tokenizer(writer: ShardWriter, files: list[Path], template: str | None) -> None:
-    """Copy the tokenizer files; with a chat template, set it in tokenizer_config.json (mergekit's place for it)
-    and drop chat_template.jinja / .json, which transformers would read first."""
-    from merging.chat_templates import DROPPED_FILES, with_chat_template
-
-    if template is None:
-        for path in files:
-            writer.copy_file(path)
-        return
-    config = None
-    for path in files:
-        if path.name == "tokenizer_config.json":
-            config = path.read_text(encoding="utf-8")
-        elif path.name not in DROPPED_FILES:
-            writer.copy_file(path)
-    if config is None and not files:
-        _no_tokenizer_warning()
-        return
-    writer.write_text("tokenizer_config.json", with_chat_template(config, template))
-
-
 def _check_output(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan, dtype: str | None,
                   progress: bool) -> None:
     """Refuse, before any tensor is merged, a plan whose output transformers would not load with its config."""
-    from merging.output_check import check_plan
+    from merging.output.config import check_plan
 
     note = check_plan(recipe, ckpts, plan, dtype)
     if note and progress:
@@ -315,7 +229,7 @@ def merge(
     With `resume` (default), a merge interrupted by Ctrl-C or a killed process continues where
     it stopped when rerun with the same recipe, inputs (by content: see `resume_key`) and options:
     finished tensors whose bytes still hash as journalled are kept. The output may not be, or contain,
-    an input, the recipe or the current folder (`merging.outputs.check_output`), with or without
+    an input, the recipe or the current folder (`merging.io.guard.check_output`), with or without
     `overwrite`. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
     `compute_dtype` (or the recipe key): float16/bfloat16 reproduce mergekit's low-precision arithmetic.
@@ -326,10 +240,10 @@ def merge(
         recipe.compute_dtype = compute_dtype
         recipe.validate("--compute-dtype")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise BasinError(f"--dtype must be one of float32, float16, bfloat16; got {dtype!r}")
-        dtype = DTYPES[dtype]
-    out_dtype = dtype or (DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None)
+        if canonical(dtype) is None:
+            raise BasinError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}; got {dtype!r}")
+        dtype = canonical(dtype)
+    out_dtype = dtype or canonical(recipe.out_dtype or recipe.dtype)
     size = parse_size(shard_size)
     from merging.engine import resolve_device
 
@@ -338,8 +252,7 @@ def merge(
     if not dry_run:
         if out is None:
             raise BasinError("an output folder is required unless dry_run")
-        if out.exists() and not overwrite:
-            raise BasinError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
+        refuse_existing(out, overwrite)
     points = recipe.grid_points()
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
@@ -369,31 +282,10 @@ def merge(
             print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
         stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
                          skip=writer.done)
-        digest = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
+        digest = finish_output(writer, recipe, ckpts, plan, inputs, out_dtype)
     return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
                        stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
                        resumed_tensors=len(writer.done), plan=plan)
-
-
-def _finish(writer: ShardWriter, recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan,
-            inputs: list[InputRecord], out_dtype: str | None, title: str) -> str:
-    """Config and tokenizer files, model card, index; check that transformers loads the written config and
-    tensors (`merging.output_check`); rename into place. Returns the content hash."""
-    from merging.output_check import check_written, reference_of
-    from taxonomy.version import versions
-
-    _copy_side_files(recipe, ckpts, writer, plan, out_dtype)
-    check_written(writer.tmp, {tp.name: tp.shape for tp in plan.tensors}, reference_of(recipe, ckpts))
-    digest = writer.content_hash()
-    writer.write_text("README.md", model_card(recipe, inputs, digest, versions(), title))
-    writer.close()
-    return digest
-
-
-def card_title(recipe: Recipe) -> str:
-    """The model card's title: the recipe's `name`, else the method (never the output path: reruns into
-    another folder write the same card)."""
-    return recipe.name or f"{recipe.merge_method} merge"
 
 
 def point_folder(index: int, values: dict[str, Any]) -> str:
@@ -436,7 +328,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
         stats = run_plans(plans, [ckpts[r] for r in plans[0].inputs], [w.add for w in writers], device=device,
                           progress=progress)
         for entry, writer, plan, (_, recipe) in zip(sweep, writers, plans, points):
-            entry["content_hash"] = _finish(writer, recipe, ckpts, plan, inputs, out_dtype, card_title(recipe))
+            entry["content_hash"] = finish_output(writer, recipe, ckpts, plan, inputs, out_dtype)
         _write_sweep_index(out, tmp, sweep, overwrite)
     except BaseException:
         for w in writers:
@@ -453,7 +345,7 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
 
 def _write_sweep_index(out: Path, tmp: Path, sweep: list[dict[str, Any]], overwrite: bool) -> None:
     """sweep.json, then the sweep folder renamed into place (a failed write: one line, nothing written)."""
-    from merging.outputs import io_error
+    from merging.io.guard import io_error
 
     try:
         (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
@@ -462,4 +354,4 @@ def _write_sweep_index(out: Path, tmp: Path, sweep: list[dict[str, Any]], overwr
         raise io_error(out, err) from None
 
 
-__all__ = ["OUT_DTYPES", "MergeReport", "load_recipe", "merge", "open_inputs"]
+__all__ = ["MergeReport", "load_recipe", "merge", "open_inputs"]

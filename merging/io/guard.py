@@ -53,7 +53,7 @@ def protected_paths(paths: Iterable[str | Path]) -> set[Path]:
 
 
 def checkpoint_paths(ckpt: object) -> list[Path]:
-    """The files and folders an opened checkpoint reads (`merging.checkpoint.Checkpoint`, any kind)."""
+    """The files and folders an opened checkpoint reads (`merging.io.checkpoint.Checkpoint`, any kind)."""
     paths: list[Path] = []
     base = getattr(ckpt, "base", None)  # LoraCheckpoint: the base, and the adapter folder
     if base is not None:
@@ -89,6 +89,12 @@ def check_output(out: str | Path, protected: Iterable[Path], *, siblings: Iterab
         raise OutputError(f"{out}: refused: the output is, or contains, the current folder {cwd}; "
                          "choose another output")
     return target
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite` (the one place this rule is written)."""
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
 
 
 def io_error(out: str | Path, err: OSError) -> BasinError:

@@ -21,7 +21,11 @@ import torch
 from torch import nn
 
 from merging.modes import eval_mode
+from taxonomy import get as get_info
 from taxonomy.errors import BasinError
+
+_FISHER = get_info("fisher").defaults()  # the defaults are the taxonomy entries'
+_REGMEAN = get_info("regmean").defaults()
 
 
 def _check_models(models: Sequence[nn.Module], weights: Sequence[float] | None) -> list[float]:
@@ -90,7 +94,7 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
 
 
 def fisher_merge(models: Sequence[nn.Module], data: Any, loss_fn: Callable | None = None,
-                 weights: Sequence[float] | None = None, eps: float = 1e-8) -> dict[str, torch.Tensor]:
+                 weights: Sequence[float] | None = None, eps: float = _FISHER["eps"]) -> dict[str, torch.Tensor]:
     """Fisher-weighted average of `models` (see the module docstring); `data` is shared or one per model."""
     w = _check_models(models, weights)
     fishers = [diagonal_fisher(m, d, loss_fn) for m, d in zip(models, _per_model(data, len(models)))]
@@ -146,7 +150,7 @@ def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
     return grams
 
 
-def regmean_merge(models: Sequence[nn.Module], data: Any, alpha: float = 0.9,
+def regmean_merge(models: Sequence[nn.Module], data: Any, alpha: float = _REGMEAN["alpha"],
                   weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """RegMean merge (see the module docstring); `data` is shared or one dataset per model."""
     if not 0.0 <= alpha <= 1.0:

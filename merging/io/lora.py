@@ -11,7 +11,7 @@ Other tensors in the adapter (`modules_to_save` copies, named as trained or as s
 `save_embedding_layers`, trained biases) replace the base's. A tied base (no `lm_head`, one input embedding, config
 not saying tie_word_embeddings: false) gets the adapter's `lm_head` (a full one, as mergekit-extract-lora or
 `modules_to_save` write, or LoRA factors applied to the input embedding) as a new tensor; the output's config.json
-then says tie_word_embeddings: false (merging.api).
+then says tie_word_embeddings: false (merging.pipeline).
 DoRA adapters (`use_dora`) are refused.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from merging.arch import INPUT_EMBED, OUTPUT_EMBED, read_config
-from merging.checkpoint import Checkpoint, TensorMeta
+from merging.architectures import INPUT_EMBED, OUTPUT_EMBED
+from merging.io.checkpoint import Checkpoint, TensorMeta, read_config
 from taxonomy.errors import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"

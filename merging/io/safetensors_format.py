@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merging.checkpoint import Checkpoint, TensorMeta
+from merging.io.checkpoint import Checkpoint, TensorMeta
 from taxonomy.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {

@@ -8,17 +8,14 @@ reads them). The resolved commit is the snapshot folder's name, recorded in the 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from merging.io.hf_files import SIDE_PATTERNS
+from merging.io.references import hub_id
 from taxonomy.errors import CheckpointError
 
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-CONFIG_PATTERNS = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.model", "chat_template*", "adapter_config.json", "*.safetensors.index.json",
-]
+CONFIG_PATTERNS = SIDE_PATTERNS
 WEIGHT_PATTERNS = ["*.safetensors"]
 PICKLE_PATTERNS = ["pytorch_model*.bin", "adapter_model.bin", "*.bin.index.json"]
 
@@ -33,10 +30,6 @@ class Resolved:
     revision: str | None = None
 
 
-def is_hub_id(ref: str) -> bool:
-    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/", "~"))
-
-
 def resolve(ref: str, *, allow_pickle: bool = False, weights: bool = True) -> Resolved:
     """A local file/folder as is, else a Hub id through the cache (download unless offline).
 
@@ -45,10 +38,10 @@ def resolve(ref: str, *, allow_pickle: bool = False, weights: bool = True) -> Re
     local = Path(os.path.expanduser(ref))
     if local.exists():
         return Resolved(ref, local)
-    m = HUB_ID.match(ref)
-    if not m or ref.startswith((".", "/", "~")):
+    hub = hub_id(ref)
+    if hub is None:
         raise CheckpointError(f"{ref}: no such file or folder")
-    repo_id, rev = m.group("repo"), m.group("rev")
+    repo_id, rev = hub
     patterns = list(CONFIG_PATTERNS)
     if weights:
         patterns += WEIGHT_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
@@ -89,8 +82,8 @@ def remote_headers(repo_id: str, revision: str | None, label: str):
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HfHubHTTPError
 
-    from merging.checkpoint import HeaderCheckpoint, TensorMeta
-    from merging.safetensors_io import DTYPES
+    from merging.io.checkpoint import HeaderCheckpoint, TensorMeta
+    from merging.io.safetensors_format import DTYPES
 
     try:
         info = HfApi().get_safetensors_metadata(repo_id, revision=revision)

@@ -9,7 +9,7 @@ Tied embeddings (rule): a model whose config.json says `tie_word_embeddings: tru
 checkpoint has no output embedding (`lm_head.weight`, `embed_out.weight`) while another input has
 one, takes its input embedding matrix as its output embedding. The output therefore has an
 `lm_head` unless every input lacks one, and its config.json then says `tie_word_embeddings: false`
-(`merging.api` patches it). A model without such a config line is never guessed to be tied.
+(`merging.output.config.output_config` patches it). A model without such a config line is never guessed to be tied.
 
 Mixed architectures: inputs whose config.json `architectures` or `model_type` differ are refused
 unless the user allows it (`allow_mixed_architectures`).
@@ -17,57 +17,11 @@ unless the user allows it (`allow_mixed_architectures`).
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
-from merging.checkpoint import Checkpoint, TensorMeta
+from merging.architectures import INPUT_EMBED, OUTPUT_EMBED, VOCAB_TENSOR, config_vocab_size, is_tied
+from merging.io.checkpoint import Checkpoint, TensorMeta, read_config
 from taxonomy.errors import BasinError
-
-INPUT_EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$")
-OUTPUT_EMBED = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
-VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared|lm_head|embed_out)"
-                          r"\.weight$|(?:^|\.)(?:lm_head|embed_out)\.bias$"
-                          r"|(?:^|\.)predictions\.(?:bias|decoder\.weight|decoder\.bias)$")  # BERT's MLM head
-
-
-def read_config(ckpt: Checkpoint) -> dict[str, Any] | None:
-    """The checkpoint's config.json (None without a folder or file); a broken file is an error."""
-    cached = getattr(ckpt, "_basin_config", False)
-    if cached is not False:
-        return cached
-    config = None
-    folder = getattr(ckpt, "folder", None)
-    if folder is not None and (folder / "config.json").is_file():
-        path = folder / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise BasinError(f"{path}: not valid JSON") from None
-        if not isinstance(config, dict):
-            raise BasinError(f"{path}: expected a JSON object")
-    try:
-        ckpt._basin_config = config  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    return config
-
-
-def config_vocab_size(config: dict[str, Any] | None) -> int | None:
-    if not config:
-        return None
-    for c in (config, config.get("text_config") or {}):
-        if isinstance(c.get("vocab_size"), int):
-            return c["vocab_size"]
-    return None
-
-
-def is_tied(config: dict[str, Any] | None) -> bool:
-    """Whether config.json says the output embedding is the input embedding (explicit `true` only)."""
-    if not config:
-        return False
-    return config.get("tie_word_embeddings") is True or (config.get("text_config") or {}).get(
-        "tie_word_embeddings") is True
 
 
 def vocab_rows(ckpt: Checkpoint) -> int | None:

@@ -6,13 +6,16 @@ headers without reading data; `get(name)` reads one tensor on demand.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from merging.io.references import split_adapter
 from taxonomy.errors import BasinError, CheckpointError
 
 
@@ -110,7 +113,7 @@ def open_checkpoint(ref: object, *, allow_pickle: bool = False, label: str | Non
     - a `Checkpoint` (returned as is), a state dict or an `nn.Module` (in memory);
     - a `.safetensors` file, or a folder with `model.safetensors` or sharded files plus
       `model.safetensors.index.json` (shard paths may not leave the folder);
-    - a Hub id `org/name[@revision]` (see `merging.hub.resolve`);
+    - a Hub id `org/name[@revision]` (see `merging.io.hub.resolve`);
     - `base+adapter` (mergekit's `model+lora`): the base with a PEFT LoRA adapter folded in;
     - `pytorch_model.bin` only with `allow_pickle=True` (then `torch.load(weights_only=True)`).
     """
@@ -121,10 +124,10 @@ def open_checkpoint(ref: object, *, allow_pickle: bool = False, label: str | Non
     if not isinstance(ref, (str, Path)):
         raise CheckpointError(f"cannot open a checkpoint from a {type(ref).__name__}")
     text = str(ref)
-    if "+" in text and not Path(text).exists():
-        base_ref, adapter_ref = text.rsplit("+", 1)
+    base_ref, adapter_ref = split_adapter(text)
+    if adapter_ref is not None:
         return _open_lora(base_ref, adapter_ref, allow_pickle=allow_pickle)
-    from merging.hub import resolve
+    from merging.io.hub import resolve
 
     resolved = resolve(text, allow_pickle=allow_pickle)
     return open_path(resolved.path, allow_pickle=allow_pickle, label=label or text, revision=resolved.revision,
@@ -134,7 +137,7 @@ def open_checkpoint(ref: object, *, allow_pickle: bool = False, label: str | Non
 def open_path(path: Path, *, allow_pickle: bool = False, label: str | None = None, revision: str | None = None,
               repo_id: str | None = None) -> Checkpoint:
     """Open a local `.safetensors` / `.bin` file or an HF-format folder."""
-    from merging.safetensors_io import SafetensorsCheckpoint
+    from merging.io.safetensors_format import SafetensorsCheckpoint
 
     label = label or str(path)
     if not path.exists():
@@ -233,11 +236,11 @@ def _open_lora(base_ref: str, adapter_ref: str, *, allow_pickle: bool) -> Checkp
     base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
     adapter = Path(adapter_ref)
     if not adapter.exists():
-        from merging.hub import resolve
+        from merging.io.hub import resolve
 
         adapter = resolve(adapter_ref, allow_pickle=allow_pickle).path
     try:
-        from merging.lora import open_lora
+        from merging.io.lora import open_lora
     except ImportError:
         raise CheckpointError(f"{base_ref}+{adapter_ref}: LoRA adapters are not available in this build") from None
     return open_lora(base, adapter)
@@ -260,3 +263,25 @@ class HeaderCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         raise CheckpointError(f"{self.label}: headers only, tensor data is not available here")
+
+
+def read_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's config.json (None without a folder or file); a broken file is an error."""
+    cached = getattr(ckpt, "_basin_config", False)
+    if cached is not False:
+        return cached
+    config = None
+    folder = getattr(ckpt, "folder", None)
+    if folder is not None and (folder / "config.json").is_file():
+        path = folder / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise BasinError(f"{path}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise BasinError(f"{path}: expected a JSON object")
+    try:
+        ckpt._basin_config = config  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return config

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from merging.recipe_yaml import load_recipe_text, read_recipe_file
+from merging.dtypes import LOW_PRECISION, MERGE_DTYPES, canonical
+from merging.io.references import join_adapter
+from merging.recipe.yaml_reader import load_recipe_text, read_recipe_file
 from taxonomy.errors import BasinWarning, RecipeError, unknown
 
 TOP_LEVEL = {
@@ -33,8 +35,6 @@ OTHER_TOOLS = {  # fields that mark a configuration for another mergekit command
     "experts": "a mergekit-moe (mixture of experts) configuration; basin does not build MoE models: use mergekit-moe",
     "genome": "a mergekit-evolve configuration; basin does not run evolutionary merges: use mergekit-evolve",
 }
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -75,13 +75,13 @@ class Recipe:
     align: dict[str, Any] | None = None
     name: str | None = None
     allow_mixed_architectures: bool = False  # basin: merge inputs whose config.json architectures differ
-    chat_template: str | None = None  # 'auto', a named template (merging.chat_templates) or a Jinja template
+    chat_template: str | None = None  # 'auto', a named template (merging.output.chat_templates) or a Jinja template
     compute_dtype: str | None = None  # None/float32: float32 arithmetic; float16/bfloat16: mergekit's (lowprec)
 
     # --- construction -------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, source: str | Path) -> Recipe:
-        """From a YAML file path or YAML text (bounded: see `merging.recipe_yaml`)."""
+        """From a YAML file path or YAML text (bounded: see `merging.recipe.yaml_reader`)."""
         where = "recipe"
         text = str(source)
         if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml", ".json"))):
@@ -144,7 +144,7 @@ class Recipe:
     # --- checks without I/O ---------------------------------------------------------------
     def validate(self, where: str = "recipe") -> None:
         """Check method, parameter names and ranges, model counts, dtypes, seed: no file is opened."""
-        from merging.methods import get_method
+        from merging.methods.catalog import get_method
         from taxonomy.core import Kind
 
         info = get_method(self.merge_method).info  # BasinError names unknown methods
@@ -168,8 +168,8 @@ class Recipe:
         """dtype, out_dtype, seed, name, allow_mixed_architectures, chat_template: their types and values."""
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or value not in DTYPES):
-                raise RecipeError(f"{where}: {key} must be one of float32, float16, bfloat16; got {value!r}")
+            if value is not None and canonical(value) is None:
+                raise RecipeError(f"{where}: {key} must be one of {', '.join(MERGE_DTYPES)}; got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise RecipeError(f"{where}: seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.name is not None and not isinstance(self.name, str):
@@ -178,7 +178,7 @@ class Recipe:
             raise RecipeError(f"{where}: allow_mixed_architectures must be true or false, "
                              f"got {self.allow_mixed_architectures!r}")
         if self.chat_template is not None:
-            from merging.chat_templates import check_chat_template
+            from merging.recipe.chat_template import check_chat_template
 
             check_chat_template(self.chat_template, f"{where}: chat_template")
 
@@ -195,8 +195,8 @@ class Recipe:
         value = self.compute_dtype
         if value is None:
             return
-        if not isinstance(value, str) or value not in DTYPES:
-            raise RecipeError(f"{where}: compute_dtype must be one of float32, float16, bfloat16; got {value!r}")
+        if canonical(value) is None:
+            raise RecipeError(f"{where}: compute_dtype must be one of {', '.join(MERGE_DTYPES)}; got {value!r}")
         if self.low_compute_dtype is not None:
             from merging.methods.lowprec import check_supported
 
@@ -205,8 +205,8 @@ class Recipe:
     @property
     def low_compute_dtype(self) -> str | None:
         """'float16' or 'bfloat16' when the recipe asks for mergekit's low-precision arithmetic, else None."""
-        canonical = DTYPES.get(self.compute_dtype) if isinstance(self.compute_dtype, str) else None
-        return None if canonical in (None, "float32") else canonical
+        value = canonical(self.compute_dtype)
+        return value if value in LOW_PRECISION else None
 
     def _check_parameters(self, info: Any, where: str) -> None:
         check_settings(info, self.parameters, f"{where}: parameters", per_model_level=False)
@@ -222,10 +222,9 @@ class Recipe:
         n_inputs = len(self.merge_inputs())
         if info.needs_base and self.base_model is None:
             raise RecipeError(f"{where}: merge_method {info.name!r} needs a base_model")
-        if n_inputs < info.min_models:
-            raise RecipeError(f"{where}: {info.name!r} needs at least {info.min_models} models, got {n_inputs}")
-        if info.max_models is not None and n_inputs > info.max_models:
-            raise RecipeError(f"{where}: {info.name!r} takes at most {info.max_models} models, got {n_inputs}")
+        problem = info.model_count_problem(n_inputs)
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
 
     # --- sweeps ------------------------------------------------------------------------------
     def _param_levels(self) -> list[tuple[str, dict[str, Any]]]:
@@ -270,8 +269,8 @@ class Recipe:
         return list(dict.fromkeys(refs))
 
     def tokenizer_spec(self, where: str = "recipe"):
-        """`tokenizer_source` or the `tokenizer:` block as a `merging.vocab.TokenizerSpec`, or None."""
-        from merging.vocab import parse_tokenizer
+        """`tokenizer_source` or the `tokenizer:` block as a `merging.recipe.tokenizer.TokenizerSpec`, or None."""
+        from merging.recipe.tokenizer import parse_tokenizer
 
         return parse_tokenizer(self.tokenizer_source, self.tokenizer, where)
 
@@ -288,7 +287,7 @@ class Recipe:
         Methods that need a base get it separately and it is not among these; for the others
         the base model, when listed under `models:`, comes first (SLERP's t = 0 end).
         """
-        from merging.methods import get_method
+        from merging.methods.catalog import get_method
 
         specs = list(self.models)
         if get_method(self.merge_method).info.needs_base:
@@ -368,10 +367,9 @@ def model_reference(value: Any, where: str) -> str | None:
             raise RecipeError(f"{where}: {unknown('field', sorted(map(str, extra))[0], REF_FIELDS)}")
         if value.get("override_architecture") is not None:
             _warn(f"{where}.override_architecture: ignored (basin reads tensor names from the checkpoint itself)")
-        ref = _model_path(value["model"], f"{where}.model")
-        if value.get("lora") is not None:
-            ref += "+" + _model_path(value["lora"], f"{where}.lora")
-        return ref
+        lora = value.get("lora")
+        return join_adapter(_model_path(value["model"], f"{where}.model"),
+                            None if lora is None else _model_path(lora, f"{where}.lora"))
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(f"{where}: expected a model reference string, got {value!r}")
     return value.strip()

@@ -1,0 +1,61 @@
+"""Merging one tensor name at a time: seeding, parameter broadcast, dtype handling.
+
+The streaming engine and the in-memory `merging.modelwise.state_dicts.merge_state_dicts` share these, so a
+merge of small models in memory and a streamed merge of the same inputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from merging.methods.chunking import CHUNK_ELEMENTS, run_chunked
+from merging.methods.registry import RegisteredMethod
+from taxonomy.errors import BasinError
+
+
+def tensor_rng(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (recipe seed, tensor name): independent of order and threads."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def full_params(method: RegisteredMethod, params: Mapping[str, Any] | None, n_models: int) -> dict[str, Any]:
+    """Fill defaults, check names and ranges, broadcast per-model scalars to lists of `n_models`."""
+    return method.info.resolve(dict(params or {}), n_models)
+
+
+def merge_tensor(
+    method: RegisteredMethod,
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: dict[str, Any],
+    seed: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor: float32 compute, result cast to `out_dtype` (default: the first input's)."""
+    first = tensors[0] if tensors else base
+    if first is None:
+        raise BasinError(f"{name}: no inputs to merge")
+    dtype = out_dtype or first.dtype
+    if not first.is_floating_point():  # integer buffers (position ids, counters): take the base's
+        return (base if base is not None else first).clone()
+    for i, t in enumerate(tensors):
+        if t.shape != first.shape:
+            raise BasinError(f"{name}: model {i} has shape {tuple(t.shape)}, expected {tuple(first.shape)}")
+    if base is not None and base.shape != first.shape:
+        raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
+    rng = tensor_rng(seed, name)
+    try:
+        large_on_cpu = first.numel() > CHUNK_ELEMENTS and first.device.type == "cpu"
+        if method.two_phase or (method.chunked and large_on_cpu):
+            return run_chunked(method, tensors, base, params, rng, dtype)
+        f32 = [t.to(torch.float32) for t in tensors]
+        b32 = base.to(torch.float32) if base is not None else None
+        return method.fn(f32, b32, params, rng).to(dtype)
+    except BasinError as err:  # the method's message, prefixed with the tensor it was merging
+        raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None

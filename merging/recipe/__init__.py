@@ -1,0 +1,1 @@
+"""Stage 2, the recipe: mergekit's YAML schema parsed and validated (no checkpoint is opened here)."""
