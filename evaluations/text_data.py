@@ -86,9 +86,18 @@ def _target(model_or_ref: object) -> _Target:
     return _Target(folder, config, model_kind(model_class(config, folder / "config.json").__name__, config))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _tokenizer(folder: Path):
+    """The checkpoint's own tokenizer; transformers 5 would build an empty one (special tokens only) for a folder
+    with no tokenizer files, so their absence is an error here."""
     from transformers import AutoTokenizer
 
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise DataError(f"{folder}: no usable tokenizer in the checkpoint folder (none of "
+                        f"{', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -139,23 +148,33 @@ def _read_text(path: Path) -> str:
 def _packed(path: Path, tokenizer, seq_len: int, kind: str) -> list[Example]:
     """Consecutive blocks of the file's tokens; for a masked LM, wrapped in the special tokens to `seq_len`."""
     if kind in (CLASSIFIER, ENCODER):
-        need = "a `label` column" if kind == CLASSIFIER else "`text` and `text_pair` columns (positive pairs)"
-        raise DataError(f"{path}: a {kind} is measured on rows with {need}: give a .jsonl/.csv/.parquet file")
+        need = ("a sequence classifier is measured on rows with a `label` column" if kind == CLASSIFIER else
+                "an encoder is measured on rows with `text` and `text_pair` columns (positive pairs)")
+        raise DataError(f"{path}: {need}: give a .jsonl/.csv/.parquet file")
     text = _read_text(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
     if not ids:
         raise DataError(f"{path}: no tokens (the file is empty)")
     if kind == CAUSAL:
         return [{"input_ids": ids[s : s + seq_len]} for s in range(0, len(ids), seq_len)]
-    width = seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = _specials(tokenizer, text)
+    width = seq_len - len(prefix) - len(suffix)
     if width < 1:
         raise DataError(f"seq_len={seq_len}: leaves no room beside the tokenizer's special tokens")
-    out = []
-    for s in range(0, len(ids), width):
-        chunk = ids[s : s + width]
-        out.append({"input_ids": tokenizer.build_inputs_with_special_tokens(chunk),
-                    "special": tokenizer.get_special_tokens_mask(chunk)})
-    return out
+    special = [1] * len(prefix), [1] * len(suffix)
+    return [{"input_ids": prefix + ids[s : s + width] + suffix,
+             "special": special[0] + [0] * len(ids[s : s + width]) + special[1]} for s in range(0, len(ids), width)]
+
+
+def _specials(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence (e.g. [CLS], [SEP]), read from its
+    encoding of the start of `text` (transformers 5 has no build_inputs_with_special_tokens on fast tokenizers)."""
+    enc = tokenizer(text.strip()[:64], return_special_tokens_mask=True)
+    mask = enc["special_tokens_mask"]
+    lead = next((i for i, m in enumerate(mask) if not m), len(mask))
+    trail = next((i for i, m in enumerate(reversed(mask)) if not m), 0)
+    ids = enc["input_ids"]
+    return ids[:lead], ids[len(ids) - trail:]
 
 
 # --- rows (.jsonl / .csv / .parquet) ------------------------------------------------------------------------------
