@@ -86,18 +86,16 @@ def _target(model_or_ref: object) -> _Target:
     return _Target(folder, config, model_kind(model_class(config, folder / "config.json").__name__, config))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
-
-
 def _tokenizer(folder: Path):
     """The checkpoint's own tokenizer; transformers 5 would build an empty one (special tokens only) for a folder
     with no tokenizer files, so their absence is an error here."""
     from transformers import AutoTokenizer
 
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    from merging.vocab import TOKENIZER_MAIN, has_tokenizer
+
+    if not has_tokenizer(folder):
         raise DataError(f"{folder}: no usable tokenizer in the checkpoint folder (none of "
-                        f"{', '.join(TOKENIZER_FILES)})")
+                        f"{', '.join(TOKENIZER_MAIN)})")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as err:
