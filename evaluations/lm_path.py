@@ -2,8 +2,8 @@
 
 `evaluate_checkpoint_path(model, a, b, data, alphas)` keeps A and B memory-mapped (`open_checkpoint`) and, at each
 alpha, writes theta(alpha) = (1 - alpha) A + alpha B (computed in float64, tensor by tensor) into the one live
-`model`, then measures `causal_lm_loss`. The result is a `PathResult` (accuracy = 1 - next-token error), so
-`evaluations.landscape.barrier` applies to it unchanged.
+`model`, then measures `measure_loss` with the causal-LM objective. The result is a `PathResult` (accuracy =
+1 - next-token error), so `evaluations.landscape.barrier` applies to it unchanged.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from evaluations.landscape.evaluate import PathResult, alpha_grid
+from evaluations.measure import measure_loss
+from evaluations.model_losses import CAUSAL_LM, check_causal_lm
 from evaluations.models import check_names
-from evaluations.text_data import causal_lm_loss, check_causal_lm
 from taxonomy.errors import CheckpointError, ProbeError
 
 
@@ -71,7 +72,7 @@ def evaluate_checkpoint_path(model: nn.Module, ckpt_a: object, ckpt_b: object, d
     losses = []
     for alpha in grid.tolist():
         write_point(model, a, b, sources, alpha)
-        losses.append(causal_lm_loss(model, data))
+        losses.append(measure_loss(model, data, CAUSAL_LM))
         if not np.isfinite(losses[-1].loss):
             raise ProbeError(f"the loss at alpha={alpha:g} is not finite ({losses[-1].loss}); with --dtype "
                              "float16/bfloat16 try float32")

@@ -39,11 +39,15 @@ def standard_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
 class Objective:
     """`predict(model, batch) -> (outputs, targets)`, then the standard `loss` between them.
 
-    `name` says what the model is measured on (it is printed by every command and stored in results)."""
+    `name` says what the model is measured on (it is printed by every command and stored in results); `unit`
+    what one output row is (predicted tokens, examples, pairs); `perplexity` whether exp(loss) is reported (a
+    token-level cross-entropy)."""
 
     name: str
     loss: str
     predict: Predict
+    unit: str = "rows"
+    perplexity: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -51,7 +51,7 @@ def run_text(args: argparse.Namespace) -> int:
     from evaluations.landscape import REFERENCES, barrier
     from evaluations.lm_path import evaluate_checkpoint_path
     from evaluations.models import load_model
-    from evaluations.text_data import load_text_data
+    from evaluations.text_data import load_data
     from taxonomy.errors import DataError
 
     if not Path(args.data).is_file():
@@ -59,8 +59,8 @@ def run_text(args: argparse.Namespace) -> int:
     with Outputs(args.overwrite, inputs=[args.a, args.b]) as outputs:
         out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
         model = load_model(args.a, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
-        data = load_text_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
-                              batch_size=args.batch_size)
+        data = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
+                         batch_size=args.batch_size)
         result = evaluate_checkpoint_path(model, args.a, args.b, data, alphas=args.alphas)
         barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
                     for rel in (False, True)]

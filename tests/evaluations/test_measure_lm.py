@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from evaluations.cli import main
 from evaluations.landscape import barrier
 from evaluations.lm_path import evaluate_checkpoint_path
+from evaluations.measure import measure_loss
 from evaluations.models import load_model
-from evaluations.text_data import causal_lm_loss, load_text_data
+from evaluations.text_data import load_data
 from taxonomy.errors import CheckpointError, DataError
 from tests.merging.test_vocab_llama import word_tokenizer
 
@@ -171,7 +172,7 @@ def test_load_model_bad_dtype_device(ckpts, kwargs, fragment):
 
 
 def test_load_text_data_packs_blocks(ckpts):
-    batches = load_text_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, batch_size=2)
+    batches = load_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, batch_size=2)
     ids = [WORDS.index(w) for w in TEXT.split()]  # 15 tokens -> blocks of 6, 6, 3 (+3 padding)
     assert [b["input_ids"].shape for b in batches] == [(2, 6), (1, 6)]
     flat = torch.cat([b["input_ids"] for b in batches])
@@ -180,8 +181,8 @@ def test_load_text_data_packs_blocks(ckpts):
     assert flat[mask.bool()].tolist() == ids
     assert mask.sum(1).tolist() == [6, 6, 3]
     assert labels[2].tolist() == ids[12:] + [-100] * 3
-    picked = load_text_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, max_examples=2, seed=3)
-    again = load_text_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, max_examples=2, seed=3)
+    picked = load_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, max_examples=2, seed=3)
+    again = load_data(ckpts["llama"][0], ckpts["calib"], seq_len=6, max_examples=2, seed=3)
     assert len(picked) == 1 and picked[0]["input_ids"].shape == (2, 6)
     assert torch.equal(picked[0]["input_ids"], again[0]["input_ids"])
 
@@ -190,24 +191,24 @@ def test_load_text_data_errors(ckpts, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(DataError, match="empty.txt: no tokens"):
-        load_text_data(ckpts["llama"][0], empty, seq_len=8)
+        load_data(ckpts["llama"][0], empty, seq_len=8)
     with pytest.raises(DataError, match="seq_len=64 exceeds the model's 32 positions"):
-        load_text_data(ckpts["llama"][0], ckpts["calib"], seq_len=64)
+        load_data(ckpts["llama"][0], ckpts["calib"], seq_len=64)
     notok = _copy(ckpts["llama"][0], tmp_path / "notok")
     for f in notok.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             f.unlink()
     with pytest.raises(DataError, match="no usable tokenizer"):
-        load_text_data(notok, ckpts["calib"], seq_len=8)
+        load_data(notok, ckpts["calib"], seq_len=8)
     with pytest.raises(DataError, match="no such text file"):
-        load_text_data(ckpts["llama"][0], tmp_path / "nope.txt", seq_len=8)
+        load_data(ckpts["llama"][0], tmp_path / "nope.txt", seq_len=8)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_causal_lm_loss_matches_transformers_and_hand_sum(ckpts, name):
     model = load_model(ckpts[name][0], dtype="float64")
-    data = load_text_data(model, ckpts["calib"], seq_len=6, batch_size=8)  # one batch, one padded row
-    got = causal_lm_loss(model, data)
+    data = load_data(model, ckpts["calib"], seq_len=6, batch_size=8)  # one batch, one padded row
+    got = measure_loss(model, data)
     batch = data[0]
     with torch.no_grad():
         hf = model(**batch).loss.item()  # transformers' own shifted, -100-masked mean
@@ -231,7 +232,7 @@ def test_causal_lm_loss_matches_transformers_and_hand_sum(ckpts, name):
 def test_path_point_equals_model_with_interpolated_state(ckpts, name):
     a, b = ckpts[name]
     model = load_model(a, dtype="float64")
-    data = load_text_data(model, ckpts["calib"], seq_len=5, batch_size=2)
+    data = load_data(model, ckpts["calib"], seq_len=5, batch_size=2)
     result = evaluate_checkpoint_path(model, a, b, data, alphas=[0.0, 0.3, 1.0])
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for i, alpha in enumerate([0.0, 0.3, 1.0]):
@@ -239,7 +240,7 @@ def test_path_point_equals_model_with_interpolated_state(ckpts, name):
         state = {k: (1 - alpha) * sa[k].double() + alpha * sb[k].double() for k in sa}
         ref.load_state_dict(state, strict=False)  # tied heads come with the embedding
         ref.tie_weights()
-        want = causal_lm_loss(ref, data)
+        want = measure_loss(ref, data)
         assert result.loss[i] == pytest.approx(want.loss, rel=1e-10)
         assert result.perplexity[i] == pytest.approx(want.perplexity, rel=1e-10)
         assert result.accuracy[i] == pytest.approx(1 - want.error)
@@ -251,7 +252,7 @@ def test_path_point_equals_model_with_interpolated_state(ckpts, name):
 def test_path_is_deterministic(ckpts):
     a, b = ckpts["gpt2"]
     model = load_model(a)
-    data = load_text_data(model, ckpts["calib"], seq_len=5, max_examples=2, seed=1)
+    data = load_data(model, ckpts["calib"], seq_len=5, max_examples=2, seed=1)
     first = evaluate_checkpoint_path(model, a, b, data, alphas=4)
     again = evaluate_checkpoint_path(load_model(a), a, b, data, alphas=4)
     assert first.loss.tobytes() == again.loss.tobytes() and first.tokens == again.tokens == 8
@@ -259,7 +260,7 @@ def test_path_is_deterministic(ckpts):
 
 def test_path_refuses_bad_inputs(ckpts, tmp_path):
     model = load_model(ckpts["llama"][0])
-    data = load_text_data(model, ckpts["calib"], seq_len=5)
+    data = load_data(model, ckpts["calib"], seq_len=5)
     with pytest.raises(CheckpointError, match="is missing from the checkpoint|has shape|is not in"):
         evaluate_checkpoint_path(model, ckpts["llama"][0], ckpts["gpt2"][1], data, alphas=2)
     nan = _copy(ckpts["llama"][1], tmp_path / "nan")
@@ -286,7 +287,7 @@ def test_cli_barrier_text(ckpts, tmp_path, capsys):
     assert "model LlamaForCausalLM (float64, cpu); 3 examples of 6 tokens, 12 predicted tokens" in out
     payload = json.loads((tmp_path / "out" / "barrier.json").read_text())
     model = load_model(a, dtype="float64")
-    want = causal_lm_loss(model, load_text_data(model, ckpts["calib"], seq_len=6))
+    want = measure_loss(model, load_data(model, ckpts["calib"], seq_len=6))
     assert payload["path"]["loss"][0] == pytest.approx(want.loss, rel=1e-10)
     assert payload["path"]["tokens"] == 12
 
