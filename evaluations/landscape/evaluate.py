@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm import tqdm
 
+from merging.batches import xy_batches
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
@@ -44,26 +45,9 @@ def default_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def iter_batches(data: object, batch_size: int | None = None, generator: torch.Generator | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) tensors (one batch, or shuffled minibatches when `batch_size` is given) or an iterable of batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if len(x) != len(y):
-            raise BasinError(f"data: x has {len(x)} rows but y has {len(y)}")
-        if batch_size is None:
-            yield x, y
-            return
-        order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
-        for s in range(0, len(x), batch_size):
-            idx = order[s : s + batch_size]
-            yield x[idx], y[idx]
-        return
-    if isinstance(data, Iterable):
-        for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise BasinError("data: each batch must be an (x, y) pair")
-            yield batch[0], batch[1]
-        return
-    raise BasinError(f"data: expected (x, y) tensors or a DataLoader, got {type(data).__name__}")
+    """(x, y) tensors (one batch, or minibatches, shuffled by `generator`) or an iterable of batches
+    (`merging.batches.xy_batches`)."""
+    return iter(xy_batches(data, batch_size, generator))
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -10,7 +10,6 @@ correlation between unit i of A and unit j of B over the data; one linear assign
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,27 +19,11 @@ from torch import nn
 
 from merging.alignment.spec import PermutationSpec
 from merging.alignment.weight_matching import MatchResult, check_same_architecture
+from merging.batches import input_batches as batches
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
 SITE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def batches(data: Any) -> Iterator[tuple[tuple, dict]]:
-    """Model inputs from `data`: a tensor, a dict of tensors (keyword inputs), a tuple (x, y, ...)
-    whose first item is the input, or a list/iterable (e.g. a DataLoader) of those."""
-    if isinstance(data, torch.Tensor):
-        yield (data,), {}
-    elif isinstance(data, dict):
-        yield (), dict(data)
-    elif isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor):
-        yield (data[0],), {}
-    elif isinstance(data, Iterable):
-        for item in data:
-            yield from batches(item)
-    else:
-        raise BasinError(f"data: expected a tensor, a dict, an (x, y) tuple or an iterable of batches, "
-                         f"got {type(data).__name__}")
 
 
 def run_model(model: nn.Module, args: tuple, kwargs: dict, label: str) -> Any:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from merging.alignment.activation_matching import run_model
+from merging.batches import input_batches, xy_batches
 from merging.modes import eval_mode
 from taxonomy import get as get_info
 from taxonomy.errors import BasinError
@@ -50,19 +52,6 @@ def _per_model(data: Any, n: int) -> list[Any]:
     return [data] * n
 
 
-def _xy_batches(data: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return [data]
-    try:
-        out = [tuple(b) for b in data]
-    except TypeError:
-        raise BasinError(f"data: expected (x, y) tensors or an iterable of (x, y) batches, got {type(data).__name__}"
-                         ) from None
-    if not out or not all(len(b) == 2 for b in out):
-        raise BasinError("data: expected (x, y) tensors or an iterable of (x, y) batches")
-    return out  # type: ignore[return-value]
-
-
 def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
     """Mean over examples of the squared per-example gradient of `loss_fn` (default cross-entropy)."""
     from torch.func import functional_call, grad, vmap
@@ -79,7 +68,7 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     count = 0
     with eval_mode(model):
-        for x, y in _xy_batches(data):
+        for x, y in xy_batches(data):
             try:
                 grads = per_example(params, x, y)
             except RuntimeError as err:
@@ -113,19 +102,6 @@ def fisher_merge(models: Sequence[nn.Module], data: Any, loss_fn: Callable | Non
     return out
 
 
-def _inputs(data: Any) -> list[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        return [data]
-    if isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor):
-        return [data[0]]
-    try:
-        return [b if isinstance(b, torch.Tensor) else b[0] for b in data]
-    except (TypeError, IndexError, KeyError):
-        raise BasinError(f"data: expected input tensors, (x, y) or an iterable of batches, got {type(data).__name__}"
-                         ) from None
-
-
-@torch.no_grad()
 def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
     """G = X^T X (float64) of every Linear layer's inputs over `data` (leading axes flattened)."""
     grams: dict[str, torch.Tensor] = {}
@@ -138,12 +114,8 @@ def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
             handles.append(mod.register_forward_pre_hook(hook))
     try:
         with eval_mode(model):
-            for x in _inputs(data):
-                try:
-                    model(x)
-                except RuntimeError as err:
-                    raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
-                                     f"({str(err).splitlines()[0]})") from None
+            for args, kwargs in input_batches(data):
+                run_model(model, args, kwargs, "the model")
     finally:
         for h in handles:
             h.remove()
