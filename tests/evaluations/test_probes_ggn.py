@@ -76,7 +76,8 @@ def _reference(model, f, targets, params, kind):
     for r in range(out.shape[0]):
         leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
         o = f(leaves)[r : r + 1]
-        lr = F.cross_entropy(o, targets[r : r + 1]) if kind == "cross_entropy" else ((o - targets[r : r + 1]) ** 2).sum()
+        t = targets[r : r + 1]
+        lr = F.cross_entropy(o, t) if kind == "cross_entropy" else ((o - t) ** 2).sum()
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(lr, list(leaves.values()))]))
     grads = torch.stack(rows)
     fisher = grads.T @ grads / (out.shape[0] if kind == "cross_entropy" else out.numel())
@@ -122,8 +123,7 @@ def test_operators_equal_dense_definitions_gpt2_objective():
     model, batch = _gpt2()
     sel = r"transformer\.h\.0\.(ln_1|attn\.c_proj)"
     op = GGNOperator(model, CAUSAL_LM, [batch], params=sel)
-    assert op.names == ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias", "transformer.h.0.attn.c_proj.weight",
-                        "transformer.h.0.attn.c_proj.bias"]
+    assert op.names == [f"transformer.h.0.{m}.{p}" for m in ("ln_1", "attn.c_proj") for p in ("weight", "bias")]
     assert op.rows == [6 - 1 + 4 - 1]  # predicted tokens: 5 in the full row, 3 before the padding
     state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
     params = {n: state[n] for n in op.names}
