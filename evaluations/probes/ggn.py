@@ -57,10 +57,16 @@ class OutputCurvature(CurvatureOperator):
             out, targets = self.outputs(leaves, batch)
             dummy = torch.zeros_like(out, requires_grad=True)
             jt = torch.autograd.grad(out, list(leaves.values()), dummy, create_graph=True, allow_unused=True)
+        self._check_targets(targets)
         graph = (leaves, out, out.detach(), targets, dummy, jt)
         if self.cache_graph:
             self._graphs[i] = graph
         return graph
+
+    def _check_targets(self, targets: torch.Tensor) -> None:
+        if self.kind == "cross_entropy" and not _class_indices(targets):
+            raise ProbeError(f"{self.label}: cross-entropy targets must be class indices, one per output row "
+                             "(no ignored -100 rows: an Objective drops them)")
 
     def _jvp(self, graph: tuple, tangents: dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
         """J v ([rows, C], or [k, rows, C] for `batched` tangents) by the double-vjp trick."""
@@ -114,6 +120,7 @@ class OutputCurvature(CurvatureOperator):
 
     def _linear_cost(self, i: int, batch) -> int:
         f, y = self.outputs(self.primals, batch)
+        self._check_targets(y)
         return int(f.shape[0]) * int(self._factor(i, f.detach(), y).shape[-1])
 
     def _batch_diagonal(self, i: int, batch) -> torch.Tensor:
@@ -127,6 +134,10 @@ class OutputCurvature(CurvatureOperator):
             parts = self._vjp(graph, cot, True, True)
             out += (self.flatten_rows(parts, k) ** 2).sum(0)
         return out
+
+
+def _class_indices(targets: torch.Tensor) -> bool:
+    return targets.dim() == 1 and not targets.is_floating_point() and not bool((targets < 0).any())
 
 
 def _onehot_sub(p: torch.Tensor, labels: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -261,6 +261,9 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(ProbeError, match="needs a likelihood"):
         GGNOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), data)
     HessianOperator(model, custom, data)  # the Hessian needs no likelihood
+    x, y = data
+    with pytest.raises(ProbeError, match="class indices"):
+        GGNOperator(model, nn.CrossEntropyLoss(), (x, y.masked_fill(y == 0, -100))).matvec(torch.zeros(57).double())
     with pytest.raises(ProbeError, match="samples"):
         MonteCarloFisherOperator(model, nn.CrossEntropyLoss(), data, samples=0)
 
