@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         json_path = outputs.file(args.json, "--json") if args.json else None
         op, base, line = _operator(args)
         print(line)
-        eig = lanczos(op, k=min(args.k, op.shape[0]), tol=args.tol)
+        eig = lanczos(op, k=args.k, tol=args.tol)
         blocks = f", {len(op.blocks)} diagonal blocks" if args.block_diagonal else ""
         out = {"operator": args.operator, "params": base.size, "names": base.names, "rows": base.n_examples,
                "block_diagonal": args.block_diagonal, "mode": base.mode, "eigen": eig.to_json()}
