@@ -1,9 +1,19 @@
-"""Curvature and kernel probes: Hessian spectra (Lanczos, Hutchinson, SLQ) of any `LinearOperator`, sharpness,
-and the empirical NTK; iterative results derive from `ProbeResult`."""
+"""Curvature and kernel probes: Hessian, GGN and Fisher operators; spectra (Lanczos, Hutchinson, SLQ, diagonal) of any
+`LinearOperator`, sharpness, and the empirical NTK; iterative results derive from `ProbeResult`."""
 
 from __future__ import annotations
 
+from evaluations.probes.blocks import BlockDiagonal
+from evaluations.probes.curvature import CurvatureOperator, Task, as_task
 from evaluations.probes.density import Density, spectral_density
+from evaluations.probes.diagonal import DiagonalEstimate, diagonal, hutchinson_diagonal
+from evaluations.probes.ggn import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    MonteCarloFisherOperator,
+    OutputCurvature,
+    curvature_operator,
+)
 from evaluations.probes.hvp import HessianOperator
 from evaluations.probes.kernel import (
     activation_pattern_distance,
@@ -28,6 +38,18 @@ def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: i
 
 
 __all__ = [
+    "BlockDiagonal",
+    "CurvatureOperator",
+    "DiagonalEstimate",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "MonteCarloFisherOperator",
+    "OutputCurvature",
+    "Task",
+    "as_task",
+    "curvature_operator",
+    "diagonal",
+    "hutchinson_diagonal",
     "CallableOperator",
     "DenseOperator",
     "LinearOperator",

@@ -1,0 +1,139 @@
+"""Curvature operators side by side with curvlinops (benchmarks only; curvlinops lives in its own venv).
+
+Same model (a 64-128-128-10 tanh MLP, 26,122 parameters, seeded), same data (512 examples, one batch,
+cross-entropy), same vectors: basin's Hessian / GGN / empirical Fisher against curvlinops'
+HessianLinearOperator / GGNLinearOperator / EFLinearOperator. Reported: the largest relative difference of
+the products, the median time per matrix-vector product, and the time of the top-3 eigenvalues (basin's
+Lanczos at tol 1e-3; curvlinops through scipy's eigsh at tol 1e-3), one thread each, float32 products checked
+in float64 too.
+
+    python benchmarks/curvature_operators.py --curvlinops-python /work/peers/cl/bin/python
+
+The curvlinops side is this file run with `--side curvlinops` by that interpreter (torch and curvlinops only).
+Timings are of a shared machine: read them as ratios measured seconds apart, not as absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPERATORS = ("hessian", "ggn", "fisher")
+REPS = 7
+
+
+def make_problem(dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10))
+    model = model.to(dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 64, generator=gen, dtype=dtype)
+    y = torch.randint(0, 10, (512,), generator=gen)
+    vs = torch.randn(4, sum(p.numel() for p in model.parameters()), generator=gen, dtype=dtype)
+    return model, x, y, vs
+
+
+def _median_time(fn, reps: int = REPS) -> float:
+    fn()  # warm-up (graphs, allocations)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def basin_side(dtype: torch.dtype) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from evaluations.probes import curvature_operator, lanczos
+
+    model, x, y, vs = make_problem(dtype)
+    out = {}
+    for name in OPERATORS:
+        op = curvature_operator(name, model, nn.CrossEntropyLoss(), (x, y))
+        products = torch.stack([op.matvec(v) for v in vs])
+        per = _median_time(lambda op=op: op.matvec(vs[0]))
+        start = time.perf_counter()
+        eig = lanczos(op, k=3, tol=1e-3)
+        out[name] = {"products": products, "matvec_s": per, "topk_s": time.perf_counter() - start,
+                     "top3": [float(v) for v in eig.values], "topk_products": eig.iterations}
+    return out
+
+
+def curvlinops_side(dtype: torch.dtype) -> dict:
+    from curvlinops import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
+    from scipy.sparse.linalg import eigsh
+
+    model, x, y, vs = make_problem(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    classes = {"hessian": HessianLinearOperator, "ggn": GGNLinearOperator, "fisher": EFLinearOperator}
+    out = {}
+    for name in OPERATORS:
+        op = classes[name](model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+        products = torch.stack([op @ v for v in vs])
+        per = _median_time(lambda op=op: op @ vs[0])
+        scipy_op = op.to_scipy()
+        start = time.perf_counter()
+        top = eigsh(scipy_op, k=3, which="LA", tol=1e-3, return_eigenvectors=False)
+        out[name] = {"products": products, "matvec_s": per, "topk_s": time.perf_counter() - start,
+                     "top3": sorted((float(v) for v in top), reverse=True)}
+    return out
+
+
+def compare(ours: dict, theirs: dict, dtype: str) -> dict:
+    rows = {}
+    for name in OPERATORS:
+        a, b = ours[name]["products"].double(), theirs[name]["products"].double()
+        rows[name] = {
+            "dtype": dtype,
+            "max_rel_diff": float(((a - b).norm(dim=1) / b.norm(dim=1)).max()),
+            "basin_matvec_ms": 1e3 * ours[name]["matvec_s"], "curvlinops_matvec_ms": 1e3 * theirs[name]["matvec_s"],
+            "matvec_speedup": theirs[name]["matvec_s"] / ours[name]["matvec_s"],
+            "basin_top3_s": ours[name]["topk_s"], "curvlinops_top3_s": theirs[name]["topk_s"],
+            "top3_speedup": theirs[name]["topk_s"] / ours[name]["topk_s"],
+            "basin_top3": ours[name]["top3"], "curvlinops_top3": theirs[name]["top3"],
+            "basin_top3_products": ours[name]["topk_products"],
+        }
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--side", choices=("basin", "curvlinops"), default="basin")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--out", help="(curvlinops side) where to save its results")
+    parser.add_argument("--curvlinops-python", default="/work/peers/cl/bin/python")
+    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "curvature_operators.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    if args.side == "curvlinops":
+        torch.save(curvlinops_side(dtype), args.out)
+        return
+    results = {"note": "shared 2-core machine, ~8 concurrent jobs: timings are noisy, compare ratios", "runs": {}}
+    for name in ("float64", "float32"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cl.pt"
+            subprocess.run([args.curvlinops_python, __file__, "--side", "curvlinops", "--dtype", name, "--out",
+                            str(path)], check=True)
+            theirs = torch.load(path, weights_only=True)
+        ours = basin_side(getattr(torch, name))
+        results["runs"][name] = compare(ours, theirs, name)
+        for op, row in results["runs"][name].items():
+            print(f"{name} {op:8s} rel diff {row['max_rel_diff']:.2e}  matvec {row['basin_matvec_ms']:.2f} ms vs "
+                  f"{row['curvlinops_matvec_ms']:.2f} ms (x{row['matvec_speedup']:.2f})  top-3 "
+                  f"{row['basin_top3_s']:.2f} s vs {row['curvlinops_top3_s']:.2f} s (x{row['top3_speedup']:.2f})")
+    Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
