@@ -16,10 +16,10 @@ def _is_pair(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
-def xy_batches(data: Any, batch_size: int | None = None, generator: torch.Generator | None = None
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_list(data: Any, batch_size: int | None = None, generator: torch.Generator | None = None) -> list:
     """`(x, y)` tensors as one batch, or split into batches of `batch_size` rows (in order, or shuffled by
-    `generator`); an iterable of `(x, y, ...)` batches as its `(x, y)` pairs."""
+    `generator`); an iterable of batches (pairs, tuples, dicts of tensors) as a list, each batch unchanged
+    (lists become tuples)."""
     if _is_pair(data):
         x, y = data
         if len(x) != len(y):
@@ -31,15 +31,22 @@ def xy_batches(data: Any, batch_size: int | None = None, generator: torch.Genera
         order = torch.randperm(len(x), generator=generator)
         return [(x[order[i : i + batch_size]], y[order[i : i + batch_size]]) for i in range(0, len(x), batch_size)]
     if isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, bytes, dict)):
-        out = []
-        for batch in data:
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise DataError("data: each batch must be an (x, y) pair")
-            out.append((batch[0], batch[1]))
+        out = [tuple(b) if isinstance(b, list) else b for b in data]
         if not out:
             raise DataError("data: no batches")
         return out
-    raise DataError(f"data: expected (x, y) tensors or an iterable of (x, y) batches, got {type(data).__name__}")
+    raise DataError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
+
+
+def xy_batches(data: Any, batch_size: int | None = None, generator: torch.Generator | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`batch_list`, each batch an `(x, y, ...)` tuple cut to its `(x, y)`."""
+    out = []
+    for batch in batch_list(data, batch_size, generator):
+        if not (isinstance(batch, tuple) and len(batch) >= 2):
+            raise DataError("data: each batch must be an (x, y) pair")
+        out.append((batch[0], batch[1]))
+    return out
 
 
 def input_batches(data: Any) -> Iterator[tuple[tuple, dict]]:

@@ -19,7 +19,7 @@ so it is the curvature of the row-weighted mean loss. Subclasses define the per-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +34,7 @@ from evaluations.objective import Objective, standard_loss
 from evaluations.probes.attention import math_attention
 from evaluations.probes.operator import Operator
 from evaluations.probes.params import Selection, select_params
+from merging.batches import batch_list as as_batches
 from taxonomy.errors import ProbeError
 
 MODES = ("eval", "train")
@@ -64,25 +65,6 @@ def network_mode(model: nn.Module, mode: str) -> Iterator[None]:
             m.training = training
             if track is not None:
                 m.track_running_stats = track
-
-
-def as_batches(data, batch_size: int | None = None) -> list:
-    """`(x, y)` tensors (optionally split into batches) or an iterable of batches -> list of batches.
-
-    Batches of an iterable are kept as they are (tuples `(x, y)`, or dicts for an `Objective`)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if len(x) != len(y):
-            raise ProbeError(f"data: x has {len(x)} examples but y has {len(y)}")
-        if batch_size is None or batch_size >= len(x):
-            return [(x, y)]
-        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
-        batches = [tuple(b) if isinstance(b, list) else b for b in data]
-        if not batches:
-            raise ProbeError("data: no batches")
-        return batches
-    raise ProbeError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
 
 
 def _xy(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
