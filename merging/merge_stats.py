@@ -143,13 +143,12 @@ class MergeStats:
         if not tensors or not tensors[0].is_floating_point():
             return
         labels = [plan.inputs[i] for i, _ in tp.sources]
-        keep, reference, relative = list(range(len(tensors))), base, None
-        if tp.base is not None:
-            relative = plan.inputs[tp.base[0]]
-        elif self.base_ref in labels and len(labels) > 1:
-            at = labels.index(self.base_ref)
-            keep.remove(at)
-            reference, relative = tensors[at], self.base_ref
+        reference, relative = base, None if tp.base is None else plan.inputs[tp.base[0]]
+        if reference is None and self.base_ref in labels and len(labels) > 1:
+            reference, relative = tensors[labels.index(self.base_ref)], self.base_ref
+        keep = [i for i, label in enumerate(labels) if relative is None or label != relative]
+        if not keep:
+            return
         stats = tensor_stats(tp.name, [tensors[i] for i in keep], reference)
         if self.kind is not None and "density" in tp.params:
             stats.dropped = [zeroed(self.kind, float(tp.params["density"][i]), stats.numel) for i in keep]
