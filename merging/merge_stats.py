@@ -57,13 +57,19 @@ def cosine_matrix(squares: list[float], dots: dict[tuple[int, int], float]) -> l
     for i in range(m):
         out[i][i] = 1.0 if squares[i] > 0 else None
         for j in range(i + 1, m):
-            den = math.sqrt(squares[i]) * math.sqrt(squares[j])
+            den = math.sqrt(squares[i] * squares[j])
             out[i][j] = out[j][i] = min(1.0, max(-1.0, dots[i, j] / den)) if den > 0 else None
     return out
 
 
 def _chunk64(t: torch.Tensor, start: int, stop: int) -> np.ndarray:
-    return t[start:stop].detach().to("cpu", torch.float64).numpy()
+    return t[start:stop].detach().to("cpu", torch.float64, copy=True).numpy()  # a copy: the caller subtracts in it
+
+
+def _dot(x: np.ndarray, y: np.ndarray, buffer: np.ndarray) -> float:
+    """sum(x * y) by numpy's pairwise sum (not BLAS: thread-independent, and a busy machine's BLAS threads cost
+    100x on a 64k dot)."""
+    return float(np.multiply(x, y, out=buffer[: len(x)]).sum())
 
 
 def tensor_stats(name: str, vectors: list[torch.Tensor], reference: torch.Tensor | None) -> TensorStats:
@@ -73,15 +79,19 @@ def tensor_stats(name: str, vectors: list[torch.Tensor], reference: torch.Tensor
     m, n = len(flats), flats[0].numel()
     squares: list[list[float]] = [[] for _ in range(m)]
     dots: dict[tuple[int, int], list[float]] = {(i, j): [] for i in range(m) for j in range(i + 1, m)}
+    buffer = np.empty(min(n, CHUNK), dtype=np.float64)
     conflicts = 0
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
-        base = None if ref is None else _chunk64(ref, start, stop)
-        taus = [_chunk64(f, start, stop) - base if base is not None else _chunk64(f, start, stop) for f in flats]
+        taus = [_chunk64(f, start, stop) for f in flats]
+        if ref is not None:
+            base = _chunk64(ref, start, stop)
+            for tau in taus:
+                tau -= base
         for i, tau in enumerate(taus):
-            squares[i].append(float(np.dot(tau, tau)))
+            squares[i].append(_dot(tau, tau, buffer))
         for i, j in dots:
-            dots[i, j].append(float(np.dot(taus[i], taus[j])))
+            dots[i, j].append(_dot(taus[i], taus[j], buffer))
         conflicts += _conflicts(taus)
     return TensorStats(name, n, [math.fsum(s) for s in squares], {k: math.fsum(v) for k, v in dots.items()},
                        conflicts)
@@ -107,8 +117,9 @@ def sparsifier(method: str) -> str | None:
     m = get_method(method)
     if "density" not in {p.name for p in m.info.params}:
         return None
-    kind = getattr(m.fn, "sparsify", None)
-    return kind if kind is not None else ("della" if m.info.name.startswith("della") else "random")
+    if hasattr(m.fn, "sparsify"):  # a TaskVectorMerge: None, 'magnitude', 'outliers' or 'random'
+        return m.fn.sparsify
+    return "della" if m.info.name.startswith("della") else "random"
 
 
 def zeroed(kind: str | None, density: float, n: int) -> float:

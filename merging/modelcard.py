@@ -68,7 +68,7 @@ def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, ver
 def with_section(card: str, heading: str, body: str) -> str:
     """`card` with its `## heading` section (up to the next `## ` heading) replaced by `body`, or `body` appended as
     that section; the text is given already computed (merging measures nothing)."""
-    lines = card.rstrip("\n").split("\n")
+    lines = card.rstrip("\n").split("\n") if card.strip() else []
     title = f"## {heading}"
     section = [title, "", *body.strip("\n").split("\n"), ""]
     if title in lines:
@@ -76,5 +76,5 @@ def with_section(card: str, heading: str, body: str) -> str:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines = lines[:start] + section + lines[end:]
     else:
-        lines = lines + [""] + section
+        lines = lines + ([""] if lines else []) + section
     return "\n".join(lines).rstrip("\n") + "\n"
