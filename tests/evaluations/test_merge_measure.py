@@ -274,6 +274,27 @@ def test_lora_input_is_measured_through_the_merge_reference_parser(fam, tmp_path
                                           float(sb[f"{name}.weight"].double().norm())], rel=1e-12)
 
 
+def test_hub_id_input(fam, tmp_path, capsys, monkeypatch):
+    """A Hub id from the local cache (offline), resolved by the merge's reference parser."""
+    import huggingface_hub.constants as constants
+
+    from tests.conftest import lay_out_hub_cache
+
+    cache = tmp_path / "hub"
+    lay_out_hub_cache(cache, "org/tiny-llama", fam["llama"][1], "a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache), raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True, raising=False)
+    recipe = _recipe(tmp_path / "r.yaml", fam["llama"][0], ["org/tiny-llama"], method="task_arithmetic",
+                     params=["{weight: 0.5}"])
+    rc, _, err = _basin(capsys, "merge", recipe, tmp_path / "out", "--measure", fam["calib"], "--measure-seq-len",
+                        SEQ, "--measure-points", "2", "--no-progress")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "out" / "measure.json").read_text())
+    assert report["models"] == [str(fam["llama"][0]), "org/tiny-llama", "merge"]
+    assert report["losses"]["org/tiny-llama"]["loss"] == _loss(fam["llama"][1], fam["calib"])
+
+
 def test_without_measure_the_hook_is_never_called(fam, tmp_path, capsys, monkeypatch):
     from merging import engine
     from merging.merge_stats import MergeStats
@@ -376,6 +397,9 @@ def _bad(kind: str, fam, bare, tmp_path) -> tuple[Path, list[str]]:
         return _recipe(tmp_path / "r.yaml", base, models, extra=block), data
     if kind == "no_data":
         return _recipe(tmp_path / "r.yaml", base, models), ["--measure-points", "5"]
+    if kind == "sweep":
+        return _recipe(tmp_path / "r.yaml", base, models[:1], method="task_arithmetic",
+                       params=["{weight: {grid: [0.5, 1.0]}}"]), data
     if kind == "bert":
         b0, b1 = (_save(BUILD["bert"](s), tmp_path / f"bert{s}") for s in (0, 1))
         return _recipe(tmp_path / "r.yaml", b0, [b1], method="task_arithmetic", params=["{weight: 1.0}"]), data
@@ -394,6 +418,7 @@ def _bad(kind: str, fam, bare, tmp_path) -> tuple[Path, list[str]]:
     ("no_data", "--measure-points: nothing to measure without --measure DATA"),
     ("bert", "BertModel: no text objective for this model class"),
     ("slices", "--measure: a slices: merge"),
+    ("sweep", "--measure: a sweep ({grid: ...} settings) writes several outputs"),
 ])
 def test_bad_input_fails_before_the_merge(fam, bare, tmp_path, capsys, kind, fragment):
     recipe, extra = _bad(kind, fam, bare, tmp_path)
