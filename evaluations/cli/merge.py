@@ -1,8 +1,8 @@
 """`basin merge RECIPE OUT_DIR`: a thin layer over `merging.merge` (imports no transformers unless measuring).
 
 With `--measure DATA` (or a `measure:` block naming `data` in the recipe) the merge is measured: the checks of
-`evaluations.measure.prepare` run before the merge, the data-free statistics (`merging.merge_stats`) are gathered
-while it streams, and `evaluations.measure` writes measure.json, measure_paths.png and the card's section after it.
+`evaluations.merge_report.prepare` run before the merge, the data-free statistics (`merging.merge_stats`) are gathered
+while it streams, and `evaluations.merge_report` writes measure.json, measure_paths.png and the card's section after it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _measure_session(args: argparse.Namespace):
-    """The measurement's session (`evaluations.measure.prepare`: every check before the merge), or None."""
+    """The measurement's session (`evaluations.merge_report.prepare`: every check before the merge), or None."""
     from merging.api import load_recipe
 
     overrides = {"data": args.measure, "points": args.measure_points, "params": args.measure_params,
@@ -54,7 +54,7 @@ def _measure_session(args: argparse.Namespace):
     recipe = load_recipe(args.recipe)  # no I/O beyond the recipe file; the merge parses it again
     if recipe.measure is None and not asked:
         return None
-    from evaluations.measure import MeasureSpec, prepare
+    from evaluations.merge_report import MeasureSpec, prepare
 
     spec = MeasureSpec.resolve(recipe.measure, hessian=args.measure_hessian, **overrides)
     return None if spec is None else prepare(recipe, spec, device=args.device, allow_pickle=args.allow_pickle)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     measured = None
     if session is not None:
-        from evaluations.measure import measure, write_report
+        from evaluations.merge_report import measure, write_report
 
         measured, _ = write_report(measure(session, report.out_dir, stats), report.out_dir)
     _print_report(args, report, measured)

@@ -349,7 +349,7 @@ def test_base_among_the_tensors_is_the_reference(fam, tmp_path):
 
 def test_card_without_matplotlib_says_so(fam, measured, tmp_path, monkeypatch):
     from evaluations import plotting
-    from evaluations.measure import MeasureReport, MeasureSpec, write_report
+    from evaluations.merge_report import MeasureReport, MeasureSpec, write_report
 
     out = tmp_path / "out"
     shutil.copytree(measured["llama", 0], out)
