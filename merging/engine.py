@@ -13,8 +13,10 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,22 @@ class EngineStats:
     def to_json(self) -> dict[str, float | int]:
         return {"tensors": self.tensors, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
                 "seconds": round(self.seconds, 4)}
+
+
+# observer(plan, k, inputs, base), called with every planned tensor's inputs as read (`merging.merge_stats`); set
+# only inside `observing`, so a merge without one pays a single lookup
+Observer = Callable[[MergePlan, int, list[torch.Tensor], "torch.Tensor | None"], None]
+_OBSERVER: ContextVar[Observer | None] = ContextVar("basin_merge_observer", default=None)
+
+
+@contextmanager
+def observing(observer: Observer) -> Iterator[None]:
+    """Merges run inside this block hand each tensor's inputs to `observer` (on the merging thread)."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,6 +151,7 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
     work = merge_order(lead, skip, prefetch)
     read = _reader(lead, checkpoints, dev)
     bar = _progress_bar(plans, work) if progress else None
+    observe = _OBSERVER.get()
     with ThreadPoolExecutor(read_workers, thread_name_prefix="basin-read") as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="basin-write") as writer:
         writes = _Writes(writer, bar)
@@ -149,6 +168,8 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
                 queue.append(readers.submit(read, nxt))
             bytes_read += sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes)
             tensors, base = _on_device(tensors, base, copied, dev)
+            if observe is not None:
+                observe(lead, k, tensors, base)
             for plan, method, sink in zip(plans, methods, sinks):
                 writes.submit(sink, plan.tensors[k].name, _merge_one(plan, method, k, tensors, base))
             del tensors, base

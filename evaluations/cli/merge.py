@@ -1,9 +1,17 @@
-"""`basin merge RECIPE OUT_DIR`: a thin layer over `merging.merge` (imports no transformers)."""
+"""`basin merge RECIPE OUT_DIR`: a thin layer over `merging.merge` (imports no transformers unless measuring).
+
+With `--measure DATA` (or a `measure:` block naming `data` in the recipe) the merge is measured: the checks of
+`evaluations.merge_report.prepare` run before the merge, the data-free statistics (`merging.merge_stats`) are gathered
+while it streams, and `evaluations.merge_report` writes measure.json, measure_paths.png and the card's section after it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
+
+from evaluations.cli.args import int_range
 
 HELP = "merge checkpoints as a YAML recipe says (mergekit schema)"
 
@@ -26,6 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge inputs whose config.json architectures / model_type differ (refused otherwise)")
     parser.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--measure", metavar="DATA", help="after the merge, measure inputs and output on this .txt "
+                        "file: losses, paths to the merge, pairwise barriers, data-free task-vector statistics "
+                        "(measure.json, the card's Measurements section); overrides the recipe's measure: block")
+    parser.add_argument("--measure-points", type=int_range(2), help="points on each path (default 11)")
+    parser.add_argument("--measure-hessian", action="store_true", help="also the top Hessian eigenvalue per model")
+    parser.add_argument("--measure-params", metavar="REGEX", help="parameters of the Hessian (default: all)")
+    parser.add_argument("--measure-seq-len", type=int_range(2), help="tokens per text block (default 128)")
+    parser.add_argument("--measure-max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
+
+
+def _measure_session(args: argparse.Namespace):
+    """The measurement's session (`evaluations.merge_report.prepare`: every check before the merge), or None."""
+    from merging.api import load_recipe
+
+    overrides = {"data": args.measure, "points": args.measure_points, "params": args.measure_params,
+                 "seq_len": args.measure_seq_len, "max_examples": args.measure_max_examples}
+    asked = any(v is not None for v in overrides.values()) or args.measure_hessian
+    recipe = load_recipe(args.recipe)  # no I/O beyond the recipe file; the merge parses it again
+    if recipe.measure is None and not asked:
+        return None
+    from evaluations.merge_report import MeasureSpec, prepare
+
+    spec = MeasureSpec.resolve(recipe.measure, hessian=args.measure_hessian, **overrides)
+    return None if spec is None else prepare(recipe, spec, device=args.device, allow_pickle=args.allow_pickle)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,23 +66,55 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out_dir is None and not args.dry_run:
         raise BasinError("OUT_DIR is required (or pass --dry-run)")
-    report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
-                   shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                   dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume,
-                   allow_mixed_architectures=args.allow_mixed_architectures, compute_dtype=args.compute_dtype)
+    session = _measure_session(args)
+    stats = None if session is None or args.dry_run else _merge_stats(session)
+    with _observing(stats):
+        report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
+                       shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                       dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume,
+                       allow_mixed_architectures=args.allow_mixed_architectures, compute_dtype=args.compute_dtype)
     if args.dry_run:
-        points = report.sweep or [{"folder": None, "values": {}, "plan": report.plan}]
-        if args.json:
-            print(json.dumps([{"folder": p["folder"], "values": p["values"], "plan": p["plan"].to_json()}
-                              for p in points] if report.sweep else report.plan.to_json(), indent=2))
-        else:
-            for p in points:
-                if p["folder"]:
-                    print(f"== sweep point {p['folder']}: {p['values']}")
-                print(p["plan"].table())
+        _print_plan(args, report)
         return 0
+    measured = None
+    if session is not None:
+        from evaluations.merge_report import measure, write_report
+
+        measured, _ = write_report(measure(session, report.out_dir, stats), report.out_dir)
+    _print_report(args, report, measured)
+    return 0
+
+
+def _merge_stats(session):
+    from merging.merge_stats import MergeStats
+
+    return MergeStats(base_ref=session.base_ref)
+
+
+def _observing(stats):
+    """Inside: the engine hands each tensor's inputs to `stats` (nothing is gathered without it)."""
+    if stats is None:
+        return nullcontext()
+    from merging.engine import observing
+
+    return observing(stats.observe)
+
+
+def _print_plan(args: argparse.Namespace, report) -> None:
+    points = report.sweep or [{"folder": None, "values": {}, "plan": report.plan}]
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps([{"folder": p["folder"], "values": p["values"], "plan": p["plan"].to_json()}
+                          for p in points] if report.sweep else report.plan.to_json(), indent=2))
+        return
+    for p in points:
+        if p["folder"]:
+            print(f"== sweep point {p['folder']}: {p['values']}")
+        print(p["plan"].table())
+
+
+def _print_report(args: argparse.Namespace, report, measured) -> None:
+    if args.json:
+        print(json.dumps(report.to_json() | ({"measure": measured.to_json()} if measured else {}), indent=2))
     else:
         mb = report.bytes_written / 1e6
         print(f"merged {report.tensors} tensors ({mb:.1f} MB, {len(report.shards)} shard(s)) with {report.method} "
@@ -60,4 +124,16 @@ def run(args: argparse.Namespace) -> int:
         if report.resumed_tensors:
             print(f"resumed: {report.resumed_tensors} tensors kept from an interrupted run")
         print(f"content hash {report.content_hash}")
-    return 0
+        if measured is not None:
+            _print_measured(measured)
+
+
+def _print_measured(measured) -> None:
+    for model, r in measured.losses.items():
+        print(f"  loss {r['loss']:.5f}  perplexity {r['perplexity']:.4f}  accuracy {r['accuracy']:.4f}  {model}")
+    for b in measured.barriers:
+        print(f"  loss barrier {b['loss_barrier']['value']:.5f} (alpha {b['loss_barrier']['alpha']:.2f})  "
+              f"{b['a']} <-> {b['b']}")
+    for h in measured.hessian:
+        print(f"  top Hessian eigenvalue {h['top_eigenvalue']:.6g} (converged={h['converged']})  {h['model']}")
+    print("measured: measure.json" + (", measure_paths.png" if measured.plot else "") + ", README.md section")

@@ -63,3 +63,18 @@ def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, ver
         "",
     ]
     return "\n".join(front_matter(recipe, inputs) + [""] + body)
+
+
+def with_section(card: str, heading: str, body: str) -> str:
+    """`card` with its `## heading` section (up to the next `## ` heading) replaced by `body`, or `body` appended as
+    that section; the text is given already computed (merging measures nothing)."""
+    lines = card.rstrip("\n").split("\n") if card.strip() else []
+    title = f"## {heading}"
+    section = [title, "", *body.strip("\n").split("\n"), ""]
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines = lines[:start] + section + lines[end:]
+    else:
+        lines = lines + ([""] if lines else []) + section
+    return "\n".join(lines).rstrip("\n") + "\n"

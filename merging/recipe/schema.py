@@ -25,7 +25,7 @@ from taxonomy.errors import BasinWarning, RecipeError, unknown
 
 TOP_LEVEL = {
     "models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "tokenizer", "seed", "align", "name", "allow_mixed_architectures", "chat_template", "compute_dtype",
+    "tokenizer", "seed", "align", "name", "allow_mixed_architectures", "chat_template", "compute_dtype", "measure",
 }
 UNSUPPORTED = {
     "modules": "multi-module merges are not supported",
@@ -77,6 +77,7 @@ class Recipe:
     allow_mixed_architectures: bool = False  # basin: merge inputs whose config.json architectures differ
     chat_template: str | None = None  # 'auto', a named template (merging.output.chat_templates) or a Jinja template
     compute_dtype: str | None = None  # None/float32: float32 arithmetic; float16/bfloat16: mergekit's (lowprec)
+    measure: dict[str, Any] | None = None  # basin: what `basin merge` measures after the merge (`check_measure`)
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -116,6 +117,7 @@ class Recipe:
             allow_mixed_architectures=data.get("allow_mixed_architectures", False),
             chat_template=data.get("chat_template"),
             compute_dtype=data.get("compute_dtype"),
+            measure=data.get("measure"),
         )
         recipe.validate(where)
         return recipe
@@ -163,6 +165,8 @@ class Recipe:
         self._check_parameters(info, where)
         if self.slices is None:
             self._check_model_count(info, where)
+        if self.measure is not None:
+            check_measure(self.measure, f"{where}: measure")
 
     def _check_scalars(self, where: str) -> None:
         """dtype, out_dtype, seed, name, allow_mixed_architectures, chat_template: their types and values."""
@@ -293,6 +297,41 @@ class Recipe:
         if get_method(self.merge_method).info.needs_base:
             return [m for m in specs if m.model != self.base_model]
         return sorted(specs, key=lambda m: m.model != self.base_model)
+
+
+MEASURE_PROBES = ("loss", "paths", "barriers", "hessian")
+MEASURE_INTS = {"points": 2, "seq_len": 2, "max_examples": 1, "batch_size": 1, "seed": 0}  # field -> minimum
+MEASURE_FIELDS = ("data", "probes", "params", *MEASURE_INTS)
+
+
+def check_measure(block: Any, where: str) -> None:
+    """The `measure:` block: known fields, `data` a path string, `probes` known names, integers in range, `params`
+    a regular expression. Only checked here: merging never measures (`basin merge` does, after the merge)."""
+    import re
+
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: expected a mapping of {', '.join(MEASURE_FIELDS)}, got {_kind(block)}")
+    for key in block:
+        if key not in MEASURE_FIELDS:
+            raise RecipeError(f"{where}: {unknown('field', key, MEASURE_FIELDS)}")
+    for key in ("data", "params"):
+        if block.get(key) is not None and (not isinstance(block[key], str) or not block[key].strip()):
+            raise RecipeError(f"{where}.{key}: expected a non-empty string, got {block[key]!r}")
+    probes = block.get("probes")
+    if probes is not None and (not isinstance(probes, list) or not probes):
+        raise RecipeError(f"{where}.probes: expected a non-empty list of {', '.join(MEASURE_PROBES)}, got {probes!r}")
+    for name in probes or []:
+        if name not in MEASURE_PROBES:
+            raise RecipeError(f"{where}.probes: {unknown('probe', name, MEASURE_PROBES)}")
+    for key, low in MEASURE_INTS.items():
+        value = block.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise RecipeError(f"{where}.{key}: expected an integer >= {low}, got {value!r}")
+    if block.get("params") is not None:
+        try:
+            re.compile(block["params"])
+        except re.error as err:
+            raise RecipeError(f"{where}.params: {block['params']!r} is not a regular expression ({err})") from None
 
 
 def _check_top_level(data: Any, where: str) -> None:
