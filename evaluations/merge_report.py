@@ -39,7 +39,7 @@ FILES = ("measure.json", "measure_paths.png", "README.md")
 
 @dataclass(frozen=True)
 class MeasureSpec:
-    """What to measure (the recipe's `measure:` block, `merging.recipe.check_measure`, with the CLI's overrides)."""
+    """What to measure: the recipe's `measure:` block (`merging.recipe.schema.check_measure`), CLI overrides applied."""
 
     data: str
     points: int = 11
@@ -54,7 +54,7 @@ class MeasureSpec:
     def resolve(cls, block: dict[str, Any] | None, hessian: bool = False, **overrides: Any) -> MeasureSpec | None:
         """The spec from `block` with the non-None `overrides` on top (`hessian` adds the probe); None when no data
         is named (nothing is measured)."""
-        from merging.recipe import check_measure
+        from merging.recipe.schema import check_measure
 
         merged = {**(block or {}), **{k: v for k, v in overrides.items() if v is not None}}
         if hessian:
@@ -113,7 +113,7 @@ class Session:
 
 
 def _open(ref: str, allow_pickle: bool):
-    from merging.checkpoint import open_checkpoint
+    from merging.io.checkpoint import open_checkpoint
 
     return open_checkpoint(ref, allow_pickle=allow_pickle, label=ref)
 
@@ -390,7 +390,7 @@ def write_report(report: MeasureReport, out_dir: str | Path) -> tuple[MeasureRep
     merged output; returns the report as written (with its `plot`) and the files."""
     from evaluations.cli.outputs import Outputs
     from evaluations.plotting import optional_pyplot
-    from merging.modelcard import with_section
+    from merging.output.model_card import with_section
 
     with Outputs(overwrite=True) as outputs:
         folder = outputs.folder(out_dir, list(FILES), "OUT_DIR")

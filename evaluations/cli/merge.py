@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _measure_session(args: argparse.Namespace):
     """The measurement's session (`evaluations.merge_report.prepare`: every check before the merge), or None."""
-    from merging.api import load_recipe
+    from merging.pipeline import load_recipe
 
     overrides = {"data": args.measure, "points": args.measure_points, "params": args.measure_params,
                  "seq_len": args.measure_seq_len, "max_examples": args.measure_max_examples}

@@ -313,9 +313,9 @@ def test_without_measure_the_hook_is_never_called(fam, tmp_path, capsys, monkeyp
 
 
 def test_observer_sees_every_tensor_once_and_is_reset(fam, tmp_path):
-    from merging.api import merge
     from merging.engine import _OBSERVER, observing
     from merging.merge_stats import MergeStats
+    from merging.pipeline import merge
 
     base, *models = fam["gpt2"]
     stats = MergeStats(base_ref=str(base))
@@ -330,9 +330,9 @@ def test_observer_sees_every_tensor_once_and_is_reset(fam, tmp_path):
 
 def test_base_among_the_tensors_is_the_reference(fam, tmp_path):
     """linear with the base listed under models: the base enters as one of `tensors`; task vectors from it."""
-    from merging.api import merge
     from merging.engine import observing
     from merging.merge_stats import MergeStats
+    from merging.pipeline import merge
 
     base, ft1, ft2, _ = fam["llama"]
     recipe = tmp_path / "r.yaml"

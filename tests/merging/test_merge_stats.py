@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from merging.merge_stats import CHUNK, cosine_matrix, sparsifier, tensor_stats, zeroed
-from merging.modelcard import with_section
-from merging.recipe import Recipe
+from merging.output.model_card import with_section
+from merging.recipe.schema import Recipe
 from taxonomy.errors import RecipeError
 
 
