@@ -77,18 +77,18 @@ class MeasureSpec:
 
 # --- adapters: the only calls into the data, loss and path API --------------------------------------------------
 def _load_data(model_or_ref: object, spec: MeasureSpec) -> list:
-    from evaluations.text_data import load_text_data
+    from evaluations.text_data import load_data
 
-    return load_text_data(model_or_ref, spec.data, seq_len=spec.seq_len, max_examples=spec.max_examples,
-                          batch_size=spec.batch_size, seed=spec.seed)
+    return load_data(model_or_ref, spec.data, seq_len=spec.seq_len, max_examples=spec.max_examples,
+                     batch_size=spec.batch_size, seed=spec.seed)
 
 
-def _loss(model: nn.Module, data: list) -> dict[str, float | int]:
-    """loss, perplexity, accuracy (1 - next-token error), tokens, examples."""
-    from evaluations.text_data import causal_lm_loss
+def _loss(model: nn.Module, data: list) -> dict[str, float | int | None]:
+    """loss, perplexity (token objectives), accuracy, rows counted (tokens for an LM), examples."""
+    from evaluations.measure import measure_loss
 
-    r = causal_lm_loss(model, data)
-    return {"loss": r.loss, "perplexity": r.perplexity, "accuracy": 1.0 - r.error, "tokens": r.tokens,
+    r = measure_loss(model, data)
+    return {"loss": r.loss, "perplexity": r.perplexity, "accuracy": r.accuracy, "tokens": r.rows,
             "examples": r.examples}
 
 
@@ -320,10 +320,14 @@ def _label(name: str) -> str:
     return "**merge**" if name == MERGE else f"`{name}`"
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _loss_table(losses: dict[str, dict]) -> list[str]:
     if not losses:
         return []
-    rows = [f"| {_label(m)} | {r['loss']:.4f} | {r['perplexity']:.3f} | {r['accuracy']:.4f} |"
+    rows = [f"| {_label(m)} | {r['loss']:.4f} | {_number(r['perplexity'], 3)} | {_number(r['accuracy'], 4)} |"
             for m, r in losses.items()]
     return ["| model | loss | perplexity | next-token accuracy |", "|---|---|---|---|", *rows, ""]
 

@@ -63,14 +63,14 @@ def load_checkpoint_task(args: argparse.Namespace):
 
     from evaluations.model_losses import objective_for
     from evaluations.models import load_model
-    from evaluations.text_data import load_text_data
+    from evaluations.text_data import load_data
     from taxonomy.errors import DataError
 
     if args.data is None or not Path(args.data).is_file():
         raise DataError(f"--data {args.data}: MODEL needs a text file of calibration text (--data calib.txt)")
     model = load_model(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     objective = objective_for(model)
-    batches = load_text_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
+    batches = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
                              batch_size=args.batch_size, seed=args.seed)
     examples = sum(len(b["input_ids"]) for b in batches)
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

@@ -17,7 +17,7 @@ from evaluations.models import load_model
 from evaluations.probes import GGNOperator
 from evaluations.probes.attention import math_attention
 from evaluations.probes.objective_ntk import objective_ntk
-from evaluations.text_data import load_text_data
+from evaluations.text_data import load_data
 from taxonomy.errors import ProbeError
 from tests.merging.test_vocab_llama import word_tokenizer
 
@@ -52,7 +52,7 @@ def test_basin_hessian_ggn_on_a_checkpoint_matches_the_dense_operator(llama, tmp
     assert "2 examples of 8 tokens, 13 predicted tokens" in text and "ggn: 16 parameters" in text
     result = json.loads(out.read_text())
     model = load_model(ckpt, dtype="float64")
-    batches = load_text_data(model, calib, seq_len=8, batch_size=1)
+    batches = load_data(model, calib, seq_len=8, batch_size=1)
     dense = GGNOperator(model, CAUSAL_LM, batches, params=NORM).dense()
     top = torch.linalg.eigvalsh(dense).flip(0)[:2]
     assert result["eigen"]["converged"] and result["rows"] == 13 and result["operator"] == "ggn"
@@ -85,7 +85,7 @@ def test_basin_hessian_bad_input_is_one_line(llama, capsys):
 def test_objective_ntk_matches_the_explicit_jacobian(llama):
     ckpt, calib = llama
     model = load_model(ckpt, dtype="float64")
-    batches = load_text_data(model, calib, seq_len=8, batch_size=2)
+    batches = load_data(model, calib, seq_len=8, batch_size=2)
     sel = r"model\.layers\.0\.self_attn\.o_proj"
     state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
     params = {n: state[n] for n in ("model.layers.0.self_attn.o_proj.weight",)}

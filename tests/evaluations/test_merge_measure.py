@@ -1,6 +1,6 @@
 """Issue 20, the merge report: `basin merge --measure`, measure.json, the card's section, data-free statistics.
 
-References: each model loaded separately (`load_model` + `causal_lm_loss`); the streamed path between two
+References: each model loaded separately (`load_model` + `measure_loss`); the streamed path between two
 checkpoints evaluated on its own; task-vector norms, cosines and sign conflicts computed in float64 over the
 inputs' whole state dicts; the dense Hessian of the token-weighted mean loss (torch.func.hessian) for the top
 eigenvalue; the exact kept count int(density n) of TIES."""
@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from evaluations.cli import main
+from evaluations.measure import measure_loss
 from evaluations.models import load_model
-from evaluations.text_data import causal_lm_loss, load_text_data
+from evaluations.text_data import load_data
 from tests.evaluations.test_measure_lm import TEXT, WORDS, _bert, _gpt2, _llama
 from tests.merging.test_vocab_llama import word_tokenizer
 
@@ -83,7 +84,7 @@ def _basin(capsys, *args) -> tuple[int, str, str]:
 
 def _loss(ref, calib, dtype="float32") -> float:
     model = load_model(ref, dtype=dtype)
-    return causal_lm_loss(model, load_text_data(model, calib, seq_len=SEQ)).loss
+    return measure_loss(model, load_data(model, calib, seq_len=SEQ)).loss
 
 
 def _task_vectors(base: Path, models: list[Path]) -> dict[str, list[torch.Tensor]]:
@@ -137,7 +138,7 @@ def test_measure_paths_and_barriers(fam, measured, arch):
     a, b = fam[arch][1], fam[arch][3]
     row = next(r for r in report["barriers"] if r["a"] == str(a) and r["b"] == str(b))
     model = load_model(a)
-    path = evaluate_checkpoint_path(model, a, b, load_text_data(model, fam["calib"], seq_len=SEQ), alphas=3)
+    path = evaluate_checkpoint_path(model, a, b, load_data(model, fam["calib"], seq_len=SEQ), alphas=3)
     assert row["path"]["loss"] == path.loss.tolist()
     assert row["loss_barrier"]["value"] == barrier(path, "loss", "linear").value
     chord = path.loss[1] - 0.5 * (path.loss[0] + path.loss[2])
@@ -193,7 +194,7 @@ def _dense_top_eigenvalue(ref: Path, calib: Path, prefix: str) -> float:
     from torch.func import functional_call, hessian
 
     model = load_model(ref, dtype="float64")
-    data = load_text_data(model, calib, seq_len=SEQ, batch_size=4)
+    data = load_data(model, calib, seq_len=SEQ, batch_size=4)
     names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
     state = dict(model.named_parameters())
     sizes = [state[n].numel() for n in names]
