@@ -308,3 +308,12 @@ def test_partial_sliding_window_is_refused_for_mixtral_style_outputs(tmp_path):
     config = _config([tmp_path / f"q{k}" for k in range(3)] + [tmp_path / "q2"], "random")
     with pytest.raises(BasinError, match="windows the attention of some layers only"):
         build_moe(config, tmp_path / "out", progress=False)
+
+
+def test_cli_help_and_listing(capsys):
+    from evaluations.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["moe", "--help"])
+    assert stop.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "  moe " in capsys.readouterr().out
