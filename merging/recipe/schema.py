@@ -31,8 +31,8 @@ UNSUPPORTED = {
     "modules": "multi-module merges are not supported",
 }
 OTHER_TOOLS = {  # fields that mark a configuration for another mergekit command
-    "gate_mode": "a mergekit-moe (mixture of experts) configuration; basin does not build MoE models: use mergekit-moe",
-    "experts": "a mergekit-moe (mixture of experts) configuration; basin does not build MoE models: use mergekit-moe",
+    "gate_mode": "a mergekit-moe (mixture of experts) configuration: build it with `basin moe CONFIG OUT`",
+    "experts": "a mergekit-moe (mixture of experts) configuration: build it with `basin moe CONFIG OUT`",
     "genome": "a mergekit-evolve configuration; basin does not run evolutionary merges: use mergekit-evolve",
 }
 

@@ -76,7 +76,7 @@ def test_moe_config_is_named_mergekit_moe():
     text = "base_model: a\ngate_mode: hidden\nexperts:\n  - source_model: b\n    positive_prompts: [x]\n"
     with pytest.raises(BasinError, match="mergekit-moe") as err:
         Recipe.from_yaml(text)
-    assert "unknown field" not in str(err.value)
+    assert "unknown field" not in str(err.value) and "basin moe" in str(err.value)
 
 
 # --- alias bomb (issue 18.3) ---------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""`basin moe` side by side with mergekit-moe 0.1.5 (its own venv, called as a subprocess; skipped without it).
+
+A Llama base (bfloat16 on disk, as real checkpoints are) and three MLP fine-tunes, with a word tokenizer; the same
+YAML is given to both tools for gate_mode hidden, cheap_embed and random. Compared: every tensor (mergekit
+writes transformers 5's fused `mlp.experts.gate_up_proj` / `down_proj`; basin the per-expert Hub layout, fused
+here the way transformers fuses it on load), the router rows, wall time and peak RSS of each whole process.
+
+    python benchmarks/moe_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-moe] [--hidden 256 --layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
+PROMPTS = [(["w1 w2 w3", "w4 w5"], []), (["w10 w11", "w12"], ["w30 w31"]), (["w20 w21 w22"], ["w40"]),
+           (["w50", "w51 w52"], [])]
+
+
+def _models(root: Path, hidden: int, layers: int) -> list[Path]:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, dtype="bfloat16")
+    folders = []
+    for k in range(5):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        if k:
+            g = torch.Generator().manual_seed(k)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".mlp." in name:
+                        p.add_(0.02 * torch.randn(p.shape, generator=g).to(p.dtype))
+        folders.append(root / f"m{k}")
+        model.save_pretrained(folders[-1])
+        tokenizer.save_pretrained(folders[-1])
+    return folders
+
+
+def _yaml(folders: list[Path], mode: str) -> str:
+    import yaml
+
+    experts = [{"source_model": str(f), "positive_prompts": p, **({"negative_prompts": n} if n else {})}
+               for f, (p, n) in zip(folders[1:], PROMPTS)]
+    return yaml.safe_dump({"base_model": str(folders[0]), "gate_mode": mode, "dtype": "bfloat16",
+                           "experts_per_token": 2, "experts": experts})
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> dict:
+    """Wall seconds and peak RSS (MB) of one whole process (GNU time when present, else rusage of children)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd,
+                          capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
+    rss = (int(proc.stderr.strip().splitlines()[-1]) / 1024 if Path("/usr/bin/time").exists()
+           else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(rss, 1)}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _fused(basin: dict[str, torch.Tensor], experts: int, layers: int) -> dict[str, torch.Tensor]:
+    """basin's per-expert Mixtral tensors fused as transformers 5 fuses them on load (mergekit writes these)."""
+    out = {n.replace(".block_sparse_moe.", ".mlp."): t for n, t in basin.items() if ".experts." not in n}
+    for i in range(layers):
+        p = f"model.layers.{i}.block_sparse_moe.experts"
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([basin[f"{p}.{k}.w1.weight"], basin[f"{p}.{k}.w3.weight"]]) for k in range(experts)])
+        out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([basin[f"{p}.{k}.w2.weight"]
+                                                                       for k in range(experts)])
+    return out
+
+
+def _compare(basin: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> dict:
+    fused = _fused(basin, len(PROMPTS), 1 + max(int(n.split(".")[2]) for n in basin if n.startswith("model.layers")))
+    names = sorted(set(fused) | set(mk))
+    only = sorted(set(fused) ^ set(mk))
+    differ = {}
+    for n in names:
+        if n in fused and n in mk and not torch.equal(fused[n], mk[n]):
+            a, b = fused[n].double(), mk[n].double()
+            differ[n] = round(float((a - b).norm() / b.norm().clamp(min=1e-30)), 6)
+    routers = [n for n in differ if n.endswith("mlp.gate.weight")]
+    return {"tensors": len(names), "only_in_one": only, "identical": len(names) - len(only) - len(differ),
+            "differ_rel_fro": differ, "differing_are_routers_only": sorted(routers) == sorted(differ)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mergekit", default="/work/peers/mk/bin/mergekit-moe")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if not Path(args.mergekit).exists():
+        print(f"skipped: {args.mergekit} not found", file=sys.stderr)
+        return {}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    basin = [sys.executable, "-m", "evaluations.cli", "moe"]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="basin-moe-") as tmp:
+        root = Path(tmp)
+        folders = _models(root, args.hidden, args.layers)
+        for mode in ("hidden", "cheap_embed", "random"):
+            (root / f"{mode}.yml").write_text(_yaml(folders, mode))
+            row: dict = {"gate_mode": mode}
+            row["mergekit"] = _timed([args.mergekit, str(root / f"{mode}.yml"), str(root / f"mk-{mode}"),
+                                      "--device", "cpu"], env)
+            for dtype in (["float32", "bfloat16"] if mode == "hidden" else ["float32"]):
+                out = root / f"basin-{mode}-{dtype}"
+                key = "basin" if dtype == "float32" else f"basin --hidden-dtype {dtype}"
+                row[key] = _timed([*basin, str(root / f"{mode}.yml"), str(out), "--no-progress",
+                                   "--hidden-dtype", dtype], env)
+                row[f"{key} vs mergekit"] = _compare(_tensors(out), _tensors(root / f"mk-{mode}"))
+            row["speedup"] = round(row["mergekit"]["seconds"] / row["basin"]["seconds"], 2)
+            runs.append(row)
+            print(json.dumps(row, indent=1)[:1500], file=sys.stderr)
+    result = {"benchmark": "moe_vs_mergekit", "model": f"llama hidden {args.hidden}, {args.layers} layers, "
+              f"4 experts, bfloat16", "machine": platform.platform(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
