@@ -112,7 +112,7 @@ def _conflicts(taus: list[np.ndarray]) -> int:
 def sparsifier(method: str) -> str | None:
     """How `method` zeroes task-vector entries: 'magnitude' / 'outliers' (exact count), 'random' / 'della'
     (random, expected fraction 1 - density), or None (it zeroes none by density)."""
-    from merging.methods import get_method
+    from merging.methods.catalog import get_method
 
     m = get_method(method)
     if "density" not in {p.name for p in m.info.params}:
