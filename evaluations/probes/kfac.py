@@ -13,7 +13,10 @@ every position the layer sees (examples x tokens x spatial locations), G a sum o
 number of output rows (and by `mc_samples`); positions and rows are treated as one batch axis ("KFAC-expand",
 Eschenhagen et al. 2023). With one output row per example (an MLP or a CNN classifier) this is
 curvlinops' `KFACLinearOperator` for a loss with reduction="mean" (cross-entropy; mse averaged over every
-output entry, as `torch.nn.functional.mse_loss`), and it is the exact GGN block for a single example.
+output entry, as `torch.nn.functional.mse_loss`), and it is the exact GGN block for a single example. The
+empirical Fisher is (1/R) sum_r grad l_r grad l_r^T of the rows' own losses (for mse l_r = |f_r - y_r|^2 / k,
+so its expectation under the matching Gaussian is the type-2 GGN); curvlinops normalises the mse empirical
+Fisher by the R * k loss terms instead, k times this one.
 
 EKFAC (George et al. 2018) keeps the eigenbasis Q_G (x) Q_A of the KFAC block and re-fits its diagonal:
 scale[i, j] = (1/R) sum over examples and seeds of (Q_G^T dM Q_A)[i, j]^2, dM the example's gradient for the
@@ -154,7 +157,8 @@ def _predict(objective, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Te
     outputs, targets = objective.predict(model, batch)
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] == 0:
         shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-        raise ProbeError(f"objective {objective.name!r}: predict must return 2-D outputs [rows, C], got {shape}")
+        name = getattr(objective, "name", type(objective).__name__)
+        raise ProbeError(f"objective {name!r}: predict must return 2-D outputs [rows, C], got {shape}")
     return outputs, targets
 
 
@@ -212,6 +216,20 @@ def kronecker_factors(sweep: _Sweep) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
+def _squared_projections(g: torch.Tensor, a: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """sum_b (sum_t g[b, t] a[b, t]^T)^2 for rotated rows g [B, T, out], a [B, T, cols] -> [out, cols].
+
+    One position per example: the square of an outer product is the outer product of the squares, one matmul.
+    Otherwise per example, in chunks of about `chunk_elements` entries."""
+    if g.shape[1] == 1:
+        return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
+    step = max(1, chunk_elements // (g.shape[2] * a.shape[2]))
+    total = g.new_zeros(g.shape[2], a.shape[2])
+    for lo in range(0, g.shape[0], step):
+        total += (torch.einsum("bto,btc->boc", g[lo : lo + step], a[lo : lo + step]) ** 2).sum(0)
+    return total
+
+
 def ekfac_scales(sweep: _Sweep, blocks: list[KroneckerBlock]) -> list[torch.Tensor]:
     """George et al. 2018, eq. 9: the mean over examples and seeds of (Q_G^T dM Q_A)^2, dM = sum_t g_t a_t^T."""
     s_sum = [torch.zeros(b.layer.out, b.layer.cols, dtype=torch.float64, device=b.A.device) for b in blocks]
@@ -221,8 +239,7 @@ def ekfac_scales(sweep: _Sweep, blocks: list[KroneckerBlock]) -> list[torch.Tens
         rotated[i] = a @ blocks[i].eigen()[3]
 
     def on_gradient(i: int, g: torch.Tensor) -> None:
-        projected = torch.einsum("bto,btc->boc", g @ blocks[i].eigen()[1], rotated[i])
-        s_sum[i] += (projected**2).sum(0)
+        s_sum[i] += _squared_projections(g @ blocks[i].eigen()[1], rotated[i])
 
     rows = sweep.run(on_features, on_gradient)
     return [s / rows for s in s_sum]
@@ -242,6 +259,8 @@ class KFACOperator(Operator):
         _check_objective(objective)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ProbeError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ProbeError(f"seed: expected an integer >= 0, got {seed!r}")
         self.kind, self.fisher_type, self.seed, self.mode = kind, fisher_type, seed, "eval"
         self.names = select_params(model, params)
         tensors = dict(model.named_parameters())

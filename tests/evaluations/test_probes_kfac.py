@@ -19,7 +19,7 @@ from torch.func import functional_call, hessian, jacrev
 from evaluations.model_losses import CAUSAL_LM
 from evaluations.objective import standard_loss, supervised
 from evaluations.probes import lanczos
-from evaluations.probes.kfac import KFACInverse, KFACOperator
+from evaluations.probes.kfac import KFACInverse, KFACOperator, _squared_projections
 from taxonomy.errors import ProbeError
 
 F64 = torch.float64
@@ -115,11 +115,13 @@ def test_linear_ce_constant_input_outer_product_is_exact():
         _close(_dense(op), _ggn(model, "cross_entropy", x, y, op.names))
 
 
-def test_empirical_one_example_equals_gradient_outer_product():
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_empirical_one_example_equals_gradient_outer_product(loss):
+    """The empirical Fisher of the row's own loss (mse: |f - y|^2 / k, gradient (2/k)(f - y))."""
     model = _mlp([3, 4, 2])
-    x, y = torch.randn(1, 3, generator=_gen(4), dtype=F64), _targets("cross_entropy", 1, 2)
-    op = KFACOperator(model, supervised(), (x, y), fisher_type="empirical")
-    _close(_dense(op), _blocks(op, _ggn(model, "cross_entropy", x, y, op.names, kind="empirical")))
+    x, y = torch.randn(1, 3, generator=_gen(4), dtype=F64), _targets(loss, 1, 2)
+    op = KFACOperator(model, supervised(loss), (x, y), fisher_type="empirical")
+    _close(_dense(op), _blocks(op, _ggn(model, loss, x, y, op.names, kind="empirical")))
 
 
 def test_selection_sub_blocks():
@@ -173,6 +175,29 @@ def test_ekfac_is_exact_diagonal_in_kfac_eigenbasis():
     # EKFAC's diagonal fits the GGN in that basis at least as well as KFAC's Kronecker eigenvalues
     err = lambda k: float((_blocks(op, dense) - _dense(k)).norm())  # noqa: E731
     assert err(op) <= err(kfac) + 1e-12
+
+
+@pytest.mark.parametrize("positions", [1, 3])
+def test_ekfac_squared_projections_brute_force(positions):
+    """sum_b (sum_t g_bt a_bt^T)^2 by an explicit loop; the one-position matmul and the chunked paths."""
+    g = torch.randn(5, positions, 4, generator=_gen(20), dtype=F64)
+    a = torch.randn(5, positions, 3, generator=_gen(21), dtype=F64)
+    brute = sum(sum(torch.outer(g[b, t], a[b, t]) for t in range(positions)) ** 2 for b in range(5))
+    for chunk in (1, 13, 1 << 22):
+        _close(_squared_projections(g, a, chunk), brute, 1e-13)
+
+
+def test_ekfac_conv_several_positions_is_diagonal_in_eigenbasis():
+    """A conv over several positions, one example per row: EKFAC is the exact GGN's diagonal in its basis."""
+    torch.manual_seed(3)
+    model = _CNN(nn.Conv2d(2, 3, 3, padding=1), spatial=4).double()
+    x, y = torch.randn(3, 2, 4, 4, generator=_gen(22), dtype=F64), _targets("cross_entropy", 3, 3)
+    op = KFACOperator(model, supervised(), (x, y), params="conv", kind="ekfac")
+    dense = _ggn(model, "cross_entropy", x, y, op.names)
+    q = _eigenbasis(op.blocks[0])
+    d = torch.diagonal(q.T @ dense @ q)
+    _close(op.blocks[0].refit.reshape(-1), d)
+    _close(_dense(op), (q * d) @ q.T)
 
 
 # --- Conv2d: factors from brute-force patches --------------------------------------------------------------------
@@ -443,7 +468,8 @@ def test_bad_arguments():
     model = _mlp([3, 2])
     data = (torch.randn(2, 3, dtype=F64), torch.tensor([0, 1]))
     for kwargs, match in [(dict(kind="kfc"), "kind"), (dict(fisher_type="exact"), "fisher_type"),
-                          (dict(mc_samples=0), "mc_samples"), (dict(params="nope"), "selects no")]:
+                          (dict(mc_samples=0), "mc_samples"), (dict(params="nope"), "selects no"),
+                          (dict(seed=1.5), "seed")]:
         with pytest.raises(ProbeError, match=match):
             KFACOperator(model, supervised(), data, **kwargs)
     with pytest.raises(ProbeError, match="objective"):
@@ -452,6 +478,8 @@ def test_bad_arguments():
         KFACOperator(model, supervised(), [])
     with pytest.raises(ProbeError, match=r"outside \[0, 2\)"):
         KFACOperator(model, supervised(), (data[0], torch.tensor([0, 5])), fisher_type="empirical")
+    with pytest.raises(ProbeError, match=r"2-D outputs \[rows, C\], got \(2, 1, 2\)"):
+        KFACOperator(nn.Sequential(model, nn.Unflatten(1, (1, 2))), supervised(), data)
     op = KFACOperator(model, supervised(), data)
     with pytest.raises(ProbeError, match="expected"):
         op.matvec(torch.zeros(op.size + 1, dtype=F64))
