@@ -10,9 +10,9 @@ N * k loss terms and basin by the N rows (its rows' losses are (1/k)|f - y|^2): 
 basin's (`ratio_to_curvlinops` 0.1). curvlinops runs with separate_weight_and_bias=False
 (basin's block is [W | b]), kfac_approx="expand" (its default, basin's convention), check_deterministic=False.
 
-Compared on the same 4 random vectors: K v (relative error), tr K, (K + 1e-3 I)^{-1} v (basin's log det(K + 1e-3 I) is
-recorded; curvlinops' logdet is undamped)
-(curvlinops' KFACInverseLinearOperator with use_exact_damping=True); timed: operator construction plus the
+Compared on the same 4 random vectors: K v (relative error), tr K, (K + 1e-3 I)^{-1} v (curvlinops'
+KFACInverseLinearOperator with use_exact_damping=True); basin's log det(K + 1e-3 I) is recorded (curvlinops'
+logdet is undamped: finite roundoff for a singular K, where basin's is -inf). Timed: operator construction plus the
 first matvec (curvlinops computes its factors at the first product), and one more matvec (median of 20).
 Rounds alternate peer and basin (best of the rounds per side): the 2-core machine is shared with other jobs,
 so timings are noisy. Writes benchmarks/results/curvature_kfac.json.
