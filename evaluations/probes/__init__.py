@@ -22,6 +22,7 @@ from evaluations.probes.kernel import (
     kernel_distance,
     kernel_velocity,
 )
+from evaluations.probes.kfac import KFACInverse, KFACOperator
 from evaluations.probes.lanczos import Eigen, lanczos, power_iteration
 from evaluations.probes.linearize import KernelRegression, LinearizedModel, linearize, ntk_regression
 from evaluations.probes.ntk import NTKResult, empirical_ntk, empirical_ntk_result
@@ -38,6 +39,7 @@ def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: i
 
 
 __all__ = [
+    "KFACInverse", "KFACOperator",
     "BlockDiagonal",
     "CurvatureOperator",
     "DiagonalEstimate",

@@ -417,7 +417,7 @@ def _bad(kind: str, fam, bare, tmp_path) -> tuple[Path, list[str]]:
     ("probe", "unknown probe 'hessain'; did you mean 'hessian'?"),
     ("field", "measure: unknown field 'point'; did you mean 'points'?"),
     ("no_data", "--measure-points: nothing to measure without --measure DATA"),
-    ("bert", "BertModel: no text objective for this model class"),
+    ("bert", "an encoder is measured on rows with `text` and `text_pair` columns"),
     ("slices", "--measure: a slices: merge"),
     ("sweep", "--measure: a sweep ({grid: ...} settings) writes several outputs"),
 ])
