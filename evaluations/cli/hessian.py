@@ -19,7 +19,7 @@ from evaluations.cli.args import float_range, int_range, positive_int
 from evaluations.cli.digits_mlp import add_model_arguments, build_model
 
 HELP = "top Hessian eigenvalues, trace and spectral density"
-OPERATORS = ("hessian", "ggn", "fisher", "mc_fisher")  # evaluations.probes.ggn.curvature_operator's names
+OPERATORS = ("hessian", "ggn", "fisher", "mc_fisher", "kfac", "ekfac")  # curvature_operator's names + KFAC
 DTYPES = ("bfloat16", "float16", "float32", "float64")  # evaluations.models.DTYPES, without importing torch
 __all__ = ["HELP", "add_arguments", "build_model", "run"]
 
@@ -91,11 +91,22 @@ def _operator(args: argparse.Namespace):
         model, digits = build_model(args)
         loss, data = nn.CrossEntropyLoss(), digits.train
         line = f"model digits MLP {args.widths}; objective: cross-entropy; {len(data[0])} examples"
+    if args.operator in ("kfac", "ekfac"):  # block-diagonal per layer by construction
+        return _kfac(args, model, loss, data), None, line
     options = {"mode": args.mode}
     if args.operator == "mc_fisher":
         options.update(samples=args.samples, seed=args.seed)
     op = curvature_operator(args.operator, model, loss, data, params=args.params, **options)
     return (BlockDiagonal(op) if args.block_diagonal else op), op, line
+
+
+def _kfac(args: argparse.Namespace, model, loss, data):
+    """KFAC / EKFAC (type-2) of the checkpoint's objective, or of the digits MLP's cross-entropy."""
+    from evaluations.objective import Objective, supervised
+    from evaluations.probes import KFACOperator
+
+    objective = loss if isinstance(loss, Objective) else supervised("cross_entropy")
+    return KFACOperator(model, objective, data, params=args.params, kind=args.operator, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,10 +117,12 @@ def run(args: argparse.Namespace) -> int:
         density_png = outputs.file(args.density, "--density") if args.density else None
         json_path = outputs.file(args.json, "--json") if args.json else None
         op, base, line = _operator(args)
+        base = op if base is None else base
         print(line)
         eig = lanczos(op, k=args.k, tol=args.tol)
         blocks = f", {len(op.blocks)} diagonal blocks" if args.block_diagonal else ""
-        out = {"operator": args.operator, "params": base.size, "names": base.names, "rows": base.n_examples,
+        rows = getattr(base, "n_examples", None)
+        out = {"operator": args.operator, "params": base.size, "names": base.names, "rows": rows,
                "block_diagonal": args.block_diagonal, "mode": base.mode, "eigen": eig.to_json()}
         print(f"{args.operator}: {base.size} parameters ({len(base.names)} tensors{blocks}), {base.mode} mode; "
               f"top-{len(eig.values)} eigenvalues (converged={eig.converged}, {eig.iterations} products):")
