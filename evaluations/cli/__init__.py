@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `basin merge` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("evaluations.cli.merge", "merge checkpoints as a YAML recipe says (mergekit schema)"),
+    "extract-lora": ("evaluations.cli.extract_lora", "extract a PEFT LoRA adapter from a fine-tune minus its base"),
     "methods": ("evaluations.cli.methods", "list merge methods with their taxonomy entries"),
     "align": ("evaluations.cli.align", "permute model B's hidden units to match model A"),
     "barrier": ("evaluations.cli.barrier", "loss and error barrier along the path between two models"),
