@@ -62,7 +62,8 @@ class ExtractionReport:
             shape = "x".join(map(str, m["shape"]))
             err = "-" if m.get("relative_error") is None else f"{m['relative_error']:.2e}"
             kept = "-" if m.get("kept_energy") is None else f"{m['kept_energy']:.4f}"
-            lines.append(f"{m['module'][:48]:48} {m['kind']:9} {shape:>12} {m.get('rank') or '-':>5} {err:>9} {kept:>7}")
+            rank = m.get("rank") or "-"
+            lines.append(f"{m['module'][:48]:48} {m['kind']:9} {shape:>12} {rank:>5} {err:>9} {kept:>7}")
         lines += [f"saved whole: {f['tensor']} ({f['reason']})" for f in self.full]
         lines += [f"not stored: {d['tensor']} ({d['reason']})" for d in self.dropped]
         if self.unchanged:

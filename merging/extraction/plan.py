@@ -134,7 +134,8 @@ def build_plan(ft: Checkpoint, base: Checkpoint, kinds: ModuleKinds, *, rank: in
         shape = tuple(ft.meta(name).shape)
         module = module_of(name)
         if not _selected(module, inc, exc):
-            jobs.append(Job(name, other, module, shape, kinds.kind(module, name, shape), EXCLUDED, "--include/--exclude"))
+            kind = kinds.kind(module, name, shape)
+            jobs.append(Job(name, other, module, shape, kind, EXCLUDED, "--include/--exclude"))
             continue
         kind, action, reason = _classify(name, shape, kinds, embed_lora)
         jobs.append(Job(name, other, module, shape, kind, action, reason, key=name))
