@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge inputs whose config.json architectures / model_type differ (refused otherwise)")
     parser.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--intermediate-dir", help="multi-stage recipe (several '---' documents): where named stages "
+                                                   "are written (default: OUT.stages beside OUT)")
+    parser.add_argument("--stage", help="multi-stage recipe: write this stage (and run what it needs) to OUT_DIR")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out_dir is None and not args.dry_run:
         raise BasinError("OUT_DIR is required (or pass --dry-run)")
+    from merging.recipe.stages import is_multi_stage
+
+    if is_multi_stage(args.recipe):
+        return _run_stages(args)
+    if args.stage or args.intermediate_dir:
+        raise BasinError(f"{args.recipe}: --stage and --intermediate-dir are for multi-stage recipes (several "
+                         "YAML documents separated by '---'); this file holds one recipe")
     report = merge(args.recipe, args.out_dir, overwrite=args.overwrite, device=args.device,
                    shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
                    dry_run=args.dry_run, progress=not args.no_progress, resume=not args.no_resume,
@@ -60,4 +70,25 @@ def run(args: argparse.Namespace) -> int:
         if report.resumed_tensors:
             print(f"resumed: {report.resumed_tensors} tensors kept from an interrupted run")
         print(f"content hash {report.content_hash}")
+    return 0
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    """A multi-stage recipe: `merging.multistage.merge_stages`, one line per stage."""
+    from merging.multistage import merge_stages
+
+    report = merge_stages(args.recipe, args.out_dir, intermediate_dir=args.intermediate_dir, stage=args.stage,
+                          overwrite=args.overwrite, dry_run=args.dry_run, device=args.device,
+                          shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                          progress=not args.no_progress, resume=not args.no_resume,
+                          allow_mixed_architectures=args.allow_mixed_architectures, compute_dtype=args.compute_dtype)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    for s in report.stages:
+        state = "would run" if report.out_dir is None or args.dry_run else ("merged" if s["ran"] else "up to date")
+        after = f" (after {', '.join(s['depends'])})" if s["depends"] else ""
+        print(f"stage {s['name']}: {state} -> {s['folder']}{after}")
+    if not args.dry_run:
+        print(f"{len(report.ran)} of {len(report.stages)} stage(s) merged; output {report.out_dir}")
     return 0
