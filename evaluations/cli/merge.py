@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-params", metavar="REGEX", help="parameters of the Hessian (default: all)")
     parser.add_argument("--measure-seq-len", type=int_range(2), help="tokens per text block (default 128)")
     parser.add_argument("--measure-max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
+    parser.add_argument("--intermediate-dir", help="multi-stage recipe (several '---' documents): where named stages "
+                                                   "are written (default: OUT.stages beside OUT)")
+    parser.add_argument("--stage", help="multi-stage recipe: write this stage (and run what it needs) to OUT_DIR")
 
 
 def _measure_session(args: argparse.Namespace):
@@ -66,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out_dir is None and not args.dry_run:
         raise BasinError("OUT_DIR is required (or pass --dry-run)")
+    from merging.recipe.stages import is_multi_stage
+
+    if is_multi_stage(args.recipe):
+        return _run_stages(args)
+    if args.stage or args.intermediate_dir:
+        raise BasinError(f"{args.recipe}: --stage and --intermediate-dir are for multi-stage recipes (several "
+                         "YAML documents separated by '---'); this file holds one recipe")
     session = _measure_session(args)
     stats = None if session is None or args.dry_run else _merge_stats(session)
     with _observing(stats):
@@ -128,9 +138,32 @@ def _print_report(args: argparse.Namespace, report, measured) -> None:
             _print_measured(measured)
 
 
+def _run_stages(args: argparse.Namespace) -> int:
+    """A multi-stage recipe: `merging.multistage.merge_stages`, one line per stage."""
+    from merging.multistage import merge_stages
+
+    report = merge_stages(args.recipe, args.out_dir, intermediate_dir=args.intermediate_dir, stage=args.stage,
+                          overwrite=args.overwrite, dry_run=args.dry_run, device=args.device,
+                          shard_size=args.shard_size, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                          progress=not args.no_progress, resume=not args.no_resume,
+                          allow_mixed_architectures=args.allow_mixed_architectures, compute_dtype=args.compute_dtype)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    for s in report.stages:
+        state = "would run" if report.out_dir is None or args.dry_run else ("merged" if s["ran"] else "up to date")
+        after = f" (after {', '.join(s['depends'])})" if s["depends"] else ""
+        print(f"stage {s['name']}: {state} -> {s['folder']}{after}")
+    if not args.dry_run:
+        print(f"{len(report.ran)} of {len(report.stages)} stage(s) merged; output {report.out_dir}")
+    return 0
+
+
 def _print_measured(measured) -> None:
     for model, r in measured.losses.items():
-        print(f"  loss {r['loss']:.5f}  perplexity {r['perplexity']:.4f}  accuracy {r['accuracy']:.4f}  {model}")
+        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.4f}"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        print(f"  loss {r['loss']:.5f}  perplexity {ppl}  accuracy {acc}  {model}")
     for b in measured.barriers:
         print(f"  loss barrier {b['loss_barrier']['value']:.5f} (alpha {b['loss_barrier']['alpha']:.2f})  "
               f"{b['a']} <-> {b['b']}")

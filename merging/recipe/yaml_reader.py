@@ -1,4 +1,5 @@
-"""Reading a recipe's YAML safely: bounded size, bounded alias expansion, one document, UTF-8.
+"""Reading a recipe's YAML safely: bounded size, bounded alias expansion, one document (or, for a multi-stage
+recipe, `load_recipe_documents`), UTF-8.
 
 PyYAML's SafeLoader shares the object an alias points to, so a "billion laughs" recipe (each
 anchor a list of ten aliases of the previous one) parses into a small graph that explodes when
@@ -73,10 +74,35 @@ def expanded_size(root: yaml.Node, where: str, limit: int = MAX_NODES, max_depth
 def _documents(loader: RecipeLoader, where: str) -> yaml.Node | None:
     node = loader.get_node() if loader.check_node() else None
     if node is not None and loader.check_node():
-        raise RecipeError(f"{where}: several YAML documents (separated by '---'): this is a mergekit-multi "
-                         "configuration; basin merges one recipe per file: split it and run `basin merge` on "
-                         "each, in order (or use mergekit-multi)")
+        raise RecipeError(f"{where}: several YAML documents (separated by '---'): a multi-stage (mergekit-multi) "
+                         "recipe; run it with `basin merge FILE OUT` (merging.multistage.merge_stages), which runs "
+                         "each stage in dependency order")
     return node
+
+
+def load_recipe_documents(text: str, where: str = "recipe") -> list[Any]:
+    """Every YAML document of `text` (a multi-stage recipe), bounded as `load_recipe_text` is, in file order;
+    empty documents are skipped."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: a recipe may be at most {MAX_RECIPE_BYTES} bytes")
+    loader = None
+    try:
+        loader = RecipeLoader(text)
+        docs, budget = [], MAX_NODES
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            budget -= expanded_size(node, where, limit=budget)
+            docs.append(loader.construct_document(node))
+        return docs
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: the recipe nests lists/mappings too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def load_recipe_text(text: str, where: str = "recipe") -> Any:

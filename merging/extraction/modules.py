@@ -1,0 +1,87 @@
+"""Which module each checkpoint tensor belongs to, and of what kind, as PEFT will see it.
+
+PEFT wraps modules by type: `nn.Linear` (weight out x in), transformers' `Conv1D` (GPT-2: weight in x out, PEFT's
+`fan_in_fan_out`), `nn.Embedding` (`lora_embedding_A/B`, Delta W = (B A)^T). The types come from the checkpoint's
+architecture built on the meta device (transformers' own class named in config.json, never remote code: no memory,
+no weights). A checkpoint without a config.json, or of an architecture transformers does not ship, falls back to
+tensor names: input embeddings by name, every other 2-D `.weight` taken for a Linear (a Conv1D cannot be told
+from its shape, so such a checkpoint needs its config.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from merging.architectures import INPUT_EMBED
+
+LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+
+
+@dataclass
+class ModuleKinds:
+    """module name -> kind (LINEAR, CONV1D, EMBEDDING, or the class name of anything else); `source` says how."""
+
+    kinds: dict[str, str]
+    source: str  # "transformers <Class>" or "tensor names"
+    output_embedding: str | None = None  # the module get_output_embeddings() returns, if known
+    causal_lm: str | None = None  # PEFT task_type the architecture fits, if known
+
+    def kind(self, module: str, tensor_name: str, shape: tuple[int, ...]) -> str:
+        if self.source != "tensor names":
+            return self.kinds.get(module, "unknown")
+        if len(shape) == 2 and tensor_name.endswith(".weight"):
+            return EMBEDDING if INPUT_EMBED.search(tensor_name) else LINEAR
+        return "unknown"
+
+
+def module_kinds(config: dict | None) -> ModuleKinds:
+    """The kinds of the modules of the architecture `config` names (tensor names when it cannot be built)."""
+    model = _meta_model(config) if config else None
+    if model is None:
+        return ModuleKinds({}, "tensor names")
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            kinds[name] = LINEAR
+        elif isinstance(module, Conv1D):
+            kinds[name] = CONV1D
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[name] = EMBEDDING
+        else:
+            kinds[name] = type(module).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    return ModuleKinds(kinds, f"transformers {type(model).__name__}", head_name, _task_type(type(model).__name__))
+
+
+def _task_type(class_name: str) -> str | None:
+    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if class_name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    return None
+
+
+def _meta_model(config: dict):
+    """transformers' own class named by `config` built on the meta device, or None when it cannot be."""
+    from merging.output.config import _class_name, _model_class
+
+    cls = _model_class(_class_name(config))
+    if cls is None:
+        return None
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        cfg = cls.config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+        with torch.device("meta"):
+            return cls(cfg)
+    except Exception:  # noqa: BLE001  (a config transformers refuses: fall back to tensor names)
+        return None
+    finally:
+        transformers.logging.set_verbosity(level)
