@@ -99,13 +99,13 @@ def test_hyperparameter_selected_on_validation(suite):
 
 def test_data_aware_merges_see_only_the_body(suite):
     """Fisher through the hidden head equals fisher_merge on plain Sequential(body, head) models, body part."""
-    from evaluations.bench.grid import fisher
+    from evaluations.bench.grid import model_level
     from merging.modelwise.data_aware import fisher_merge
 
     pool, tasks = suite.models, suite.tasks
     full = [nn.Sequential(pool.module(pool.models[t]), tasks[t].head) for t in tasks.names]
     reference = fisher_merge(full, [tasks[t].train for t in tasks.names])
-    merged = fisher(pool, tasks, {}, 0)
+    merged = model_level("fisher", pool, tasks, {})
     for k in pool.base:
         torch.testing.assert_close(merged[k], reference["0." + k])
 

@@ -95,7 +95,7 @@ def test_modes_are_restored_when_the_data_does_not_fit():
     model, bad = _mixed(), torch.randn(4, 5)
     before = _modes(model)
     for call in (lambda: gram_matrices(model, bad), lambda: diagonal_fisher(model, (bad, torch.zeros(4).long()))):
-        with pytest.raises(BasinError, match=r"a batch of shape \(4, 5\) does not fit the model"):
+        with pytest.raises(BasinError, match=r"a batch of shape \[?\(4, 5\)\]? does not fit the model"):
             call()
         assert _modes(model) == before
     with pytest.raises(BasinError, match=r"data: a batch of shape \[\(4, 5\)\] does not fit Sequential"):
