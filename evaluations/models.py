@@ -10,6 +10,8 @@ storage, e.g. `lm_head.weight` and the input embedding) need only one of their n
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,16 +91,30 @@ def model_class(config, path: Path) -> type:
     return cls
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default floating dtype set to `dtype` inside the block (as transformers' from_pretrained does)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def build_model(config, cls: type, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """An instance of `cls` for `config` on `device`, weights left uninitialised (they are loaded next)."""
+    """An instance of `cls` for `config` on `device`, weights left uninitialised (they are loaded next).
+
+    Built directly in `dtype` (no float32 copy, no conversion pass): buffers a class computes in float32 on
+    purpose (e.g. Llama's RoPE `inv_freq`) stay float32, as with `from_pretrained(dtype=...)`."""
     from transformers.initialization import no_init_weights
 
     try:
-        with no_init_weights(), torch.device(device):
+        with no_init_weights(), torch.device(device), default_dtype(dtype):
             model = cls(config)
     except RuntimeError as err:
         raise CheckpointError(f"cannot build {cls.__name__} on device {str(device)!r}: {err}") from None
-    model = model.to(dtype).eval()
+    model.eval()
     model.tie_weights()  # the config's ties (e.g. tie_word_embeddings), so tied names share one storage
     return model
 
