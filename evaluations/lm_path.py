@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from evaluations.landscape.evaluate import PathResult, alpha_grid
 from evaluations.models import check_names, tied_groups
-from evaluations.objective import Objective, standard_loss, supervised
+from evaluations.objective import Objective, supervised
 from taxonomy.errors import CheckpointError, DataError, ProbeError
 
 CHUNK_ELEMENTS = 1 << 20  # float64 elements per chunk of a point (8 MB): bounds the arithmetic's extra memory
@@ -130,21 +131,36 @@ def _not_finite(sources: Sequence, name: str, start: int, stop: int) -> Checkpoi
     return CheckpointError(f"tensor {name!r} is not finite at this point (weights too large?)")
 
 
+def _work_buffers(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 buffers of one chunk (the sum and the current term), reused for every tensor of a point so the
+    allocator never churns (fresh temporaries per tensor left several MB of freed heap per point behind)."""
+    def chunk_numel(t: torch.Tensor) -> int:
+        per_row = t.numel() // len(t) if t.dim() and len(t) else 1
+        return max(((stop - start) * per_row for start, stop in _row_chunks(t)), default=1)
+
+    largest = max((chunk_numel(t) for _, t in tensors if t.is_floating_point()), default=1)
+    return torch.empty(largest, dtype=torch.float64), torch.empty(largest, dtype=torch.float64)
+
+
 def write_point(model: nn.Module, sources: Sequence, weights: Sequence[float]) -> None:
     """theta = sum_i weights[i] sources[i] into `model`'s tensors in place: float64 arithmetic, one row chunk at a
     time; integer tensors (counters) are taken from sources[0]."""
+    tensors = unique_tensors(model)
+    acc_buf, term_buf = _work_buffers(tensors)
     with torch.no_grad():
-        for name, t in unique_tensors(model):
+        for name, t in tensors:
             if not t.is_floating_point():
                 t.copy_(sources[0].rows(name, 0, len(t) if t.dim() else 1))
                 continue
             for start, stop in _row_chunks(t):
-                acc = sources[0].rows(name, start, stop).to(torch.float64) * weights[0]
+                target = t if t.dim() == 0 else t[start:stop]
+                acc, term = (b[: target.numel()].view(target.shape) for b in (acc_buf, term_buf))
+                acc.copy_(sources[0].rows(name, start, stop)).mul_(weights[0])
                 for src, w in zip(sources[1:], weights[1:]):
-                    acc.add_(src.rows(name, start, stop).to(torch.float64), alpha=w)
+                    acc.add_(term.copy_(src.rows(name, start, stop)), alpha=w)
                 if not bool(torch.isfinite(acc).all()):
                     raise _not_finite(sources, name, start, stop)
-                (t if t.dim() == 0 else t[start:stop]).copy_(acc)
+                target.copy_(acc)
 
 
 def _examples(batch: object) -> int:
@@ -166,6 +182,15 @@ def objective_of(model: nn.Module, data: Sequence, objective: Objective | None =
     return supervised("mse" if y.is_floating_point() else "cross_entropy")
 
 
+def loss_sum64(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """n x the standard mean loss of `kind` on n rows, per-row losses summed in float64 (cross-entropy: per row;
+    squared error: per element, divided by the elements per row, as `F.mse_loss`'s mean over all of them)."""
+    if kind == "cross_entropy":
+        return float(F.cross_entropy(outputs, targets, reduction="none").to(torch.float64).sum())
+    per_row = outputs[0].numel() if len(outputs) else 1
+    return float(F.mse_loss(outputs, targets, reduction="none").to(torch.float64).sum()) / per_row
+
+
 def measure(model: nn.Module, objective: Objective, data: Sequence) -> Measure:
     """Row-weighted mean loss over `data` (float64 sums) and argmax accuracy (NaN for a squared error)."""
     total, hits, rows, examples = 0.0, 0, 0, 0
@@ -173,7 +198,7 @@ def measure(model: nn.Module, objective: Objective, data: Sequence) -> Measure:
         for batch in data:
             out, target = objective.predict(model, batch)
             n = int(out.shape[0])
-            total += float(standard_loss(objective.loss, out, target).to(torch.float64)) * n
+            total += loss_sum64(objective.loss, out, target)
             if objective.loss == "cross_entropy":
                 hits += int((out.argmax(-1) == target).sum())
             rows, examples = rows + n, examples + _examples(batch)
