@@ -375,3 +375,22 @@ def test_cli_checkpoint_errors_one_line_exit_2(llamas, ckpts, tmp_path, capsys, 
         rc, _, err = _basin(capsys, command, *args, "--data", calib, "--seq-len", 6, "--grid" if command ==
                             "landscape" else "--alphas", 2)
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_load_model_bfloat16_matches_from_pretrained(ckpts, name):  # noqa: F811
+    """Built directly in bfloat16: float32-by-design buffers (Llama's RoPE inv_freq) stay float32, so the logits
+    are bit-identical to transformers' own from_pretrained(dtype=bfloat16) (a .to(bfloat16) pass rounded them)."""
+    from transformers import AutoModel
+
+    folder = ckpts[name][0]
+    model = load_model(folder, dtype="bfloat16")
+    ref = AutoModel.from_pretrained(folder, dtype=torch.bfloat16).eval() if name == "bert" else None
+    if ref is None:
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert {k: v.dtype for k, v in model.named_buffers()} == {k: v.dtype for k, v in ref.named_buffers()}
+    x = torch.tensor([[1, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], ref(x)[0])
