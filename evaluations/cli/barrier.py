@@ -1,8 +1,11 @@
 """`basin barrier A B`: loss and error barriers on the line A -> B.
 
 Two forms: `--model-factory module:fn --data module:fn` (any nn.Module, (x, y) data), or, for transformers
-checkpoints with a config.json, `--data calib.txt`: the model built from A's config, the text packed into
-`--seq-len` blocks with A's tokenizer, the causal-LM loss measured with A and B streamed into the one model."""
+checkpoints with a config.json, `--data calib.txt`: the model built from A's config (`--dtype`, `--device`),
+the text packed into `--seq-len` blocks with A's tokenizer, and the loss of the model's own objective
+(`objective_for`: next-token cross-entropy for a causal LM, ...) measured with A and B memory-mapped and each
+point streamed into the one model (`evaluations.lm_path`). `--via C` bends the path through a third checkpoint
+(`--curve bezier`: Garipov et al.'s quadratic Bezier with control point C; `polychain`: A -> C -> B)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
     parser.add_argument("--dtype", choices=EVAL_DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument("--via", help="a third checkpoint C: the path bends through it (checkpoint form only)")
+    parser.add_argument("--curve", choices=("bezier", "polychain"), default="bezier",
+                        help="with --via: quadratic Bezier with control point C, or the chain A -> C -> B")
     parser.add_argument("--alphas", type=grid_size(1), default=25, help="points on the path, >= 2 (default 25)")
     parser.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                         help="vmap over parameter points (auto: small models without BatchNorm)")
@@ -38,39 +44,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.via is not None and args.model_factory is not None:
+        from taxonomy.errors import BasinError
+
+        raise BasinError("--via needs checkpoints with a config.json (not --model-factory)")
     if args.model_factory is None:
         return run_text(args)
     return run_factory(args)
 
 
 def run_text(args: argparse.Namespace) -> int:
-    """A and B are transformers checkpoints, --data a text file: the streamed causal-LM path."""
-    from pathlib import Path
-
+    """A and B are transformers checkpoints, --data a text file: the streamed path of the model's objective."""
     from evaluations.cli.outputs import Outputs
     from evaluations.landscape import REFERENCES, barrier
-    from evaluations.lm_path import evaluate_checkpoint_path
+    from evaluations.landscape.checkpoint_paths import CheckpointPath
+    from evaluations.lm_path import evaluate_weighted_path
+
+    refs = [args.a, args.b] if args.via is None else [args.a, args.via, args.b]
+    path = CheckpointPath(refs, "linear" if args.via is None else args.curve)
+    with Outputs(args.overwrite, inputs=refs) as outputs:
+        out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
+        model, data = load_text_model(args, args.a)
+        result = evaluate_weighted_path(model, path, data, alphas=args.alphas, progress=True,
+                                        allow_pickle=args.allow_pickle)
+        barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
+                    for rel in (False, True)]
+        written = _write(outputs, out, args, result, barriers) if out is not None else []
+    print(used_line(model, args, result.objective, result.tokens, result.examples))
+    _print(result, barriers)
+    if written:
+        print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def load_text_model(args: argparse.Namespace, ref: str):
+    """(the transformers model of `ref`, the --data text batches) for the checkpoint form of a command."""
+    from pathlib import Path
+
     from evaluations.models import load_model
     from evaluations.text_data import load_data
     from taxonomy.errors import DataError
 
     if not Path(args.data).is_file():
         raise DataError(f"--data {args.data}: no such text file (a module:fn needs --model-factory)")
-    with Outputs(args.overwrite, inputs=[args.a, args.b]) as outputs:
-        out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
-        model = load_model(args.a, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
-        data = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
-                         batch_size=args.batch_size)
-        result = evaluate_checkpoint_path(model, args.a, args.b, data, alphas=args.alphas)
-        barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
-                    for rel in (False, True)]
-        written = _write(outputs, out, args, result, barriers) if out is not None else []
-    print(f"model {type(model).__name__} ({args.dtype}, {args.device}); {result.examples} examples of "
-          f"{args.seq_len} tokens, {result.tokens} predicted tokens")
-    _print(result, barriers)
-    if written:
-        print("wrote " + ", ".join(map(str, written)))
-    return 0
+    model = load_model(ref, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    data = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
+                          batch_size=args.batch_size)
+    return model, data
+
+
+def used_line(model, args: argparse.Namespace, objective: str, rows: int, examples: int) -> str:
+    """The one line every checkpoint command prints: model class, dtype, device, loss, examples, tokens."""
+    unit = "predicted tokens" if "token" in objective else "targets"
+    return (f"model {type(model).__name__} ({args.dtype}, {args.device}); {examples} examples of {args.seq_len} "
+            f"tokens, {rows} {unit}; loss: {objective}")
 
 
 def run_factory(args: argparse.Namespace) -> int:
@@ -102,9 +129,12 @@ def _write(outputs, out, args: argparse.Namespace, result, barriers) -> list:
 
     from evaluations.landscape.plots import plot_path
 
-    payload = {"a": args.a, "b": args.b, "path": result.to_json(), "barriers": [bar.to_json() for bar in barriers]}
+    via = getattr(args, "via", None)
+    payload = {"a": args.a, "b": args.b, "via": via, "curve": args.curve if via else "linear",
+               "path": result.to_json(), "barriers": [bar.to_json() for bar in barriers]}
     outputs.write_text(out / "barrier.json", json.dumps(payload, indent=2))
-    outputs.write(out / "path.png", lambda tmp: plot_path(result, tmp, title="A -> B"))
+    title = "A -> B" if via is None else f"A -> C -> B ({args.curve})"
+    outputs.write(out / "path.png", lambda tmp: plot_path(result, tmp, title=title))
     return outputs.commit()
 
 

@@ -222,7 +222,16 @@ def evaluate_path(
     bn_reset_data: object = None,
     progress: bool = False,
 ) -> PathResult:
-    """Loss and accuracy of `model` with parameters `path(alpha)` at each alpha (K evenly spaced when an int)."""
+    """Loss and accuracy of `model` with parameters `path(alpha)` at each alpha (K evenly spaced when an int).
+
+    A `CheckpointPath` (`linear_path` / `chain_path` of checkpoint references) is streamed instead: its
+    checkpoints stay memory-mapped and each point is written into `model` itself (`evaluations.lm_path`), measured
+    with the model's objective (`objective_for`) on dict batches such as `load_text_data`'s, or `loss_fn` on
+    (x, y) batches; the result then also carries tokens, examples and the objective's name."""
+    from evaluations.landscape.checkpoint_paths import CheckpointPath
+
+    if isinstance(path, CheckpointPath):
+        return _streamed(model, path, data, alphas, loss_fn, bn_reset_data, progress)
     grid = alpha_grid(alphas)
     if hasattr(path, "stacked"):
         def points(idx):
@@ -234,3 +243,17 @@ def evaluate_path(
     loss, acc, used = evaluate_points(model, len(grid), points, data, loss_fn, batched, bn_reset_data,
                                       progress=progress, desc="path")
     return PathResult(alphas=grid.numpy(), loss=loss, accuracy=acc, batched=used)
+
+
+def _streamed(model: nn.Module, path, data: object, alphas, loss_fn: LossFn | None, bn_reset_data: object,
+              progress: bool) -> PathResult:
+    """`evaluate_path` for a CheckpointPath (see there)."""
+    from evaluations.lm_path import evaluate_weighted_path
+
+    if bn_reset_data is not None or loss_fn is not None:
+        raise BasinError("a streamed checkpoint path measures the model's own objective: bn_reset_data and "
+                         "loss_fn are not supported there")
+    batches = list(getattr(data, "batches", data))  # TextData from evaluations.text_data, or a list of batches
+    if not (batches and isinstance(batches[0], dict)):
+        batches = list(iter_batches(data))
+    return evaluate_weighted_path(model, path, batches, alphas, progress=progress)

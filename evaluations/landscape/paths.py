@@ -79,13 +79,23 @@ class ChainPath(Path):
         return lerp(self.models[i], self.models[i + 1], pos - i)
 
 
-def linear_path(a: object, b: object) -> LinearPath:
-    """The straight line between two models (modules, state dicts or checkpoints)."""
+def linear_path(a: object, b: object) -> Path:
+    """The straight line between two models (modules or state dicts); for checkpoint references (paths, Hub
+    ids, `Checkpoint`s) a streamed `CheckpointPath` that `evaluate_path` evaluates without loading them."""
+    from evaluations.landscape.checkpoint_paths import CheckpointPath, is_checkpoint_ref
+
+    if is_checkpoint_ref(a) or is_checkpoint_ref(b):
+        return CheckpointPath([a, b], "linear")
     return LinearPath(as_params(a, "A"), as_params(b, "B"))
 
 
-def chain_path(models: list[object]) -> ChainPath:
-    """The piecewise-linear path through `models` in order, each segment an equal share of alpha."""
+def chain_path(models: list[object]) -> Path:
+    """The piecewise-linear path through `models` in order, each segment an equal share of alpha (streamed
+    when they are checkpoint references, as `linear_path`)."""
+    from evaluations.landscape.checkpoint_paths import CheckpointPath, is_checkpoint_ref
+
+    if any(is_checkpoint_ref(m) for m in models):
+        return CheckpointPath(list(models), "chain")
     return ChainPath([as_params(m, f"model {i}") for i, m in enumerate(models)])
 
 
