@@ -269,8 +269,6 @@ def test_path_refuses_bad_inputs(ckpts, tmp_path):
     save_file(state, nan / "model.safetensors")
     with pytest.raises(CheckpointError, match="nan: tensor 'model.norm.weight' has NaN or infinite values"):
         evaluate_checkpoint_path(model, ckpts["llama"][0], nan, data, alphas=2)
-    with pytest.raises(DataError, match="BertModel is not a causal language model"):
-        evaluate_checkpoint_path(load_model(ckpts["bert"][0]), *ckpts["bert"], data, alphas=2)
 
 
 def _basin(capsys, *args: str) -> tuple[int, str, str]:
