@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluations.cli.demo_measure import FOLDERS as MEASURE_FOLDERS
+from evaluations.cli.demo_measure import measure_section
+
 HELP = "run the demo on embedded data (all-MiniLM-L6-v2, digits)"
 SENTENCES = [
     "Model merging averages the weights of fine-tuned networks.",
@@ -26,7 +29,7 @@ SENTENCES = [
     "The recipe needs two cups of flour and an egg.",
     "Permutation symmetry hides linear mode connectivity.",
 ]
-OUT_FOLDERS = ("minilm-perturbed", "linear", "slerp")  # what the demo writes in --out
+OUT_FOLDERS = ("minilm-perturbed", "linear", "slerp", *MEASURE_FOLDERS)  # what the demo writes in --out
 NOISE = 0.01  # perturbation: Gaussian noise of this fraction of each tensor's standard deviation
 
 
@@ -138,7 +141,7 @@ def merge_section(work: Path) -> list[DemoRow]:
     return rows
 
 
-SECTIONS: list[Callable[[Path], list[DemoRow]]] = [merge_section]
+SECTIONS: list[Callable[[Path], list[DemoRow]]] = [merge_section, measure_section]
 
 
 def run_demo(out_dir: Path | None = None) -> DemoReport:
