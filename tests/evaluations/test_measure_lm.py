@@ -269,7 +269,7 @@ def test_path_refuses_bad_inputs(ckpts, tmp_path):
     save_file(state, nan / "model.safetensors")
     with pytest.raises(CheckpointError, match="nan: tensor 'model.norm.weight' has NaN or infinite values"):
         evaluate_checkpoint_path(model, ckpts["llama"][0], nan, data, alphas=2)
-    with pytest.raises(DataError, match="the encoder objective needs data loaded for that model"):  # data for another model
+    with pytest.raises(DataError, match="the encoder objective needs data loaded for that model"):
         evaluate_checkpoint_path(load_model(ckpts["bert"][0]), *ckpts["bert"], data, alphas=2)
 
 
