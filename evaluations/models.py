@@ -118,6 +118,9 @@ def build_model(config, cls: type, dtype: torch.dtype, device: torch.device) -> 
             model = cls(config)
     except RuntimeError as err:
         raise CheckpointError(f"cannot build {cls.__name__} on device {str(device)!r}: {err}") from None
+    for param in model.parameters():  # a head some classes build in the config's dtype (Llama's score)
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = torch.empty_like(param.data, dtype=dtype)
     model.eval()
     model.tie_weights()  # the config's ties (e.g. tie_word_embeddings), so tied names share one storage
     return model
