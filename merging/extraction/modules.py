@@ -67,21 +67,15 @@ def _task_type(class_name: str) -> str | None:
 
 
 def _meta_model(config: dict):
-    """transformers' own class named by `config` built on the meta device, or None when it cannot be."""
-    from merging.output.config import _class_name, _model_class
+    """transformers' own class named by `config` built on the meta device, or None when it cannot be (the
+    extraction then falls back to tensor names)."""
+    from merging.output.config import _class_name, _model_class, meta_model
+    from taxonomy.errors import BasinError
 
     cls = _model_class(_class_name(config))
     if cls is None:
         return None
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        cfg = cls.config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
-        with torch.device("meta"):
-            return cls(cfg)
-    except Exception:  # noqa: BLE001  (a config transformers refuses: fall back to tensor names)
+        return meta_model(cls, config)
+    except BasinError:
         return None
-    finally:
-        transformers.logging.set_verbosity(level)

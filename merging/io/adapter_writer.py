@@ -15,14 +15,21 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from merging.io.guard import OutputLock, check_output, io_error
+from merging.io.guard import OutputLock, check_output
 from merging.io.safetensors_format import DTYPE_NAMES
-from merging.io.writer import old_folder, output_path, prepare_output, replace_output, temp_folder
+from merging.io.writer import (
+    aborting_on_os_error,
+    old_folder,
+    output_path,
+    prepare_output,
+    replace_output,
+    temp_folder,
+)
 from taxonomy.errors import OutputError
 
 SPOOL = ".basin-spool"
@@ -52,13 +59,8 @@ class SpoolWriter:
             self.abort()
             raise
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as err:
-            self.abort()
-            raise io_error(self.out_dir, err) from None
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        return aborting_on_os_error(self.abort, self.out_dir)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.entries:

@@ -133,6 +133,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+@contextlib.contextmanager
+def aborting_on_os_error(abort, out_dir: Path) -> Iterator[None]:
+    """An OSError (ENOSPC, EROFS, EACCES, ...) calls `abort` (the partial output is removed) and becomes one line."""
+    try:
+        yield
+    except OSError as err:
+        abort()
+        raise io_error(out_dir, err) from None
+
+
 class ShardWriter:
     """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`.
 
@@ -178,14 +188,8 @@ class ShardWriter:
             if not previous:
                 os.write(self._journal, (key + "\n").encode())
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """An OSError (ENOSPC, EROFS, EACCES, ...) removes the partial output and becomes one line."""
-        try:
-            yield
-        except OSError as err:
-            self.abort()
-            raise io_error(self.out_dir, err) from None
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        return aborting_on_os_error(self.abort, self.out_dir)
 
     def _read_journal(self, key: str | None) -> dict[str, str]:
         """name -> sha256 of the tensors a previous, interrupted run finished (same key), else {}."""

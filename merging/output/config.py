@@ -162,7 +162,7 @@ def _problems_cached(cls: type, config_text: str, tensors: tuple) -> list[str]:
 
 def _problems(cls: type, config: dict[str, Any], tensors: Shapes) -> list[str]:
     """What transformers would report loading `tensors` into `cls(config)`: missing, unexpected, shapes."""
-    model = _meta_model(cls, config)
+    model = meta_model(cls, config)
     saved, tied = _saved_layout(model)
     ignore_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
     ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
@@ -177,7 +177,7 @@ def _problems(cls: type, config: dict[str, Any], tensors: Shapes) -> list[str]:
             + [f"shape: {s}" for s in shapes])
 
 
-def _meta_model(cls: type, config: dict[str, Any]):
+def meta_model(cls: type, config: dict[str, Any]):
     """`cls` built from `config` on the meta device; a config transformers refuses is an error."""
     import transformers
 

@@ -96,13 +96,18 @@ def load_recipe_documents(text: str, where: str = "recipe") -> list[Any]:
             budget -= expanded_size(node, where, limit=budget)
             docs.append(loader.construct_document(node))
         return docs
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
-    except RecursionError:
-        raise RecipeError(f"{where}: the recipe nests lists/mappings too deeply") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise _yaml_error(err, where) from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _yaml_error(err: Exception, where: str) -> RecipeError:
+    """A parse failure as one line: invalid YAML, or nesting too deep for the parser."""
+    if isinstance(err, RecursionError):
+        return RecipeError(f"{where}: the recipe nests lists/mappings too deeply")
+    return RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})")
 
 
 def load_recipe_text(text: str, where: str = "recipe") -> Any:
@@ -117,10 +122,8 @@ def load_recipe_text(text: str, where: str = "recipe") -> Any:
             return None
         expanded_size(node, where)
         return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
-    except RecursionError:
-        raise RecipeError(f"{where}: the recipe nests lists/mappings too deeply") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise _yaml_error(err, where) from None
     finally:
         if loader is not None:
             loader.dispose()
