@@ -81,7 +81,9 @@ class MethodInfo:
     year: int
     kind: Kind = Kind.TENSORWISE
     needs_base: bool = False
-    needs_data: bool = False
+    needs_data: bool = False  # labeled or unlabeled examples beyond the weights (training sample, calibration)
+    needs_test_inputs: bool = False  # unlabeled inputs of the test distribution (test-time adaptation)
+    needs_task_identity: bool = False  # which task an input belongs to, at inference
     needs_shared_init: bool = True
     min_models: int = 1
     max_models: int | None = None

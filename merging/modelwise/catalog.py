@@ -24,7 +24,15 @@ def _regmean(models: Sequence[nn.Module], data: Any, params: dict[str, Any], los
     return regmean_merge(models, data, alpha=float(params["alpha"]))
 
 
-MODEL_LEVEL: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"fisher": _fisher, "regmean": _regmean}
+def _regmean_plusplus(models: Sequence[nn.Module], data: Any, params: dict[str, Any], loss_fn: Callable | None
+                      ) -> dict[str, torch.Tensor]:
+    from merging.modelwise.regmean_plusplus import regmean_plusplus_merge
+
+    return regmean_plusplus_merge(models, data, alpha=float(params["alpha"]))
+
+
+MODEL_LEVEL: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "fisher": _fisher, "regmean": _regmean, "regmean_plusplus": _regmean_plusplus}
 
 
 def merge_models(method: str, models: Sequence[nn.Module], data: Any, params: dict[str, Any] | None = None,

@@ -14,7 +14,7 @@ Both take nn.Modules of one architecture and data, and return a state dict.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,24 +102,34 @@ def fisher_merge(models: Sequence[nn.Module], data: Any, loss_fn: Callable | Non
     return out
 
 
-def gram_matrices(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
-    """G = X^T X (float64) of every Linear layer's inputs over `data` (leading axes flattened)."""
+def gram_matrices(model: nn.Module, data: Any, state: Mapping[str, torch.Tensor] | None = None,
+                  layers: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """G = X^T X (float64) of every Linear layer's inputs over `data` (leading axes flattened): of the layers
+    named in `layers` only when given, and with the model's tensors replaced by `state` when given
+    (`torch.func.functional_call`, no copy of the model)."""
     grams: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and (layers is None or name in layers):
             def hook(_m, inp, name=name):
                 x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
                 grams[name] = grams.get(name, 0) + x.T @ x
             handles.append(mod.register_forward_pre_hook(hook))
+    forward = model if state is None else _functional(model, state)
     try:
-        with eval_mode(model):
+        with eval_mode(model), torch.no_grad():
             for args, kwargs in input_batches(data):
-                run_model(model, args, kwargs, "the model")
+                run_model(forward, args, kwargs, "the model")
     finally:
         for h in handles:
             h.remove()
     return grams
+
+
+def _functional(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    from torch.func import functional_call
+
+    return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs)
 
 
 def regmean_merge(models: Sequence[nn.Module], data: Any, alpha: float = _REGMEAN["alpha"],
@@ -130,23 +140,32 @@ def regmean_merge(models: Sequence[nn.Module], data: Any, alpha: float = _REGMEA
     w = _check_models(models, weights)
     grams = [gram_matrices(m, d) for m, d in zip(models, _per_model(data, len(models)))]
     states = [m.state_dict() for m in models]
+    out = average_states(states, w)
+    for layer in grams[0]:
+        key = f"{layer}.weight" if layer else "weight"
+        if any(layer not in g for g in grams):
+            raise BasinError(f"regmean: layer {layer!r} saw no data in one of the models")
+        out[key] = regmean_solve([g[layer] for g in grams], [s[key] for s in states], alpha)
+    return out
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], w: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The w-weighted average of every floating tensor (float64 accumulation, cast back); others from the first."""
     out: dict[str, torch.Tensor] = {}
     for name, ref in states[0].items():
         if ref.is_floating_point():
             out[name] = (sum(wi * s[name].double() for wi, s in zip(w, states)) / sum(w)).to(ref.dtype)
         else:
             out[name] = ref.clone()
-    for layer in grams[0]:
-        key = f"{layer}.weight" if layer else "weight"
-        scaled = []
-        for g in grams:
-            if layer not in g:
-                raise BasinError(f"regmean: layer {layer!r} saw no data in one of the models")
-            gi = g[layer]
-            scaled.append(alpha * gi + (1 - alpha) * torch.diag(torch.diag(gi)))
-        lhs = sum(scaled)
-        rhs = sum(si @ s[key].double().T for si, s in zip(scaled, states))
-        solution = torch.linalg.lstsq(lhs, rhs).solution if torch.linalg.matrix_rank(lhs) < len(lhs) else \
-            torch.linalg.solve(lhs, rhs)
-        out[key] = solution.T.to(states[0][key].dtype).contiguous()
     return out
+
+
+def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """W* = [(sum_i G~_i)^-1 sum_i G~_i W_i^T]^T with G~ = alpha G + (1 - alpha) diag(G) (Jin et al. 2023, eq. 3),
+    in float64 (least squares when sum_i G~_i is singular), cast to the weights' dtype."""
+    scaled = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in grams]
+    lhs = sum(scaled)
+    rhs = sum(si @ wi.double().T for si, wi in zip(scaled, weights))
+    solution = torch.linalg.lstsq(lhs, rhs).solution if torch.linalg.matrix_rank(lhs) < len(lhs) else \
+        torch.linalg.solve(lhs, rhs)
+    return solution.T.to(weights[0].dtype).contiguous()
