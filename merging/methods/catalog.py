@@ -6,6 +6,7 @@ from merging.methods import interpolation, ram, spherical, subspace, task_arithm
 from merging.methods.registry import RegisteredMethod
 from taxonomy import BasinError
 from taxonomy import get as get_info
+from taxonomy.core import Kind, MethodInfo
 
 FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram)
 
@@ -30,7 +31,19 @@ def get_method(name: str) -> RegisteredMethod:
     try:
         return METHODS[info.name]
     except KeyError:
-        raise BasinError(f"method {name!r} is in the taxonomy but is not a tensorwise merge method") from None
+        raise BasinError(not_streamable(info)) from None
+
+
+def not_streamable(info: MethodInfo) -> str:
+    """Why a taxonomy entry cannot run in the streaming engine (`basin merge`), and where it does run."""
+    if info.kind is not Kind.MODELWISE:
+        return f"method {info.name!r} is in the taxonomy but is not a merge method ({info.kind.value})"
+    needs = [what for what, flag in (("a base model", info.needs_base), ("unlabeled test inputs",
+                                                                        info.needs_test_inputs),
+                                     ("data", info.needs_data and not info.needs_test_inputs)) if flag]
+    return (f"method {info.name!r} is a model-level merge" + (f" that needs {' and '.join(needs)}" if needs else "")
+            + ": it does not stream through `basin merge`; run it from the Python API "
+            "(merging.modelwise.catalog.merge_models) or in a `basin bench` suite")
 
 
 def registered_names() -> list[str]:
