@@ -6,6 +6,9 @@
   over tasks i and j (each through its own head, on its test split) of the loss or the error, and
   the barrier is the chord form max_alpha [v(alpha) - ((1 - alpha) v(0) + alpha v(1))]
   (Entezari et al. 2022, Definition 2.1), computed by `evaluations.landscape`.
+- Every merge's landscape columns (`merge_paths`): for each task t, the loss and accuracy along the
+  linear path from the merged body (alpha = 0) to fine-tune t's body (alpha = 1), on task t's test
+  split through task t's head, and the chord-form barrier of that path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ def pair_path(pool: ModelPool, tasks: TaskPool, a: str, b: str, alphas: int = N_
                              alphas=alphas, batched=False) for t in (a, b)]
     return PathResult(results[0].alphas, np.mean([r.loss for r in results], 0),
                       np.mean([r.accuracy for r in results], 0))
+
+
+def merge_paths(pool: ModelPool, tasks: TaskPool, merged: State, points: int = N_ALPHAS) -> dict:
+    """Per task: loss/accuracy along merged -> fine-tune, its loss and error barriers (see the module docstring)."""
+    from evaluations.landscape.barriers import barrier
+    from evaluations.landscape.evaluate import evaluate_path
+    from evaluations.landscape.paths import linear_path
+
+    start = {f"body.{k}": v for k, v in merged.items()}
+    out: dict = {"alphas": None, "loss": {}, "accuracy": {}, "barrier": {}, "error_barrier": {}}
+    for t in pool.models:
+        end = {f"body.{k}": v for k, v in pool.models[t].items()}
+        result = evaluate_path(HeadedBody(pool.module(pool.base), tasks[t].head), linear_path(start, end),
+                               tasks[t].test, alphas=points, batched=False)
+        out["alphas"] = result.alphas.tolist()
+        out["loss"][t], out["accuracy"][t] = result.loss.tolist(), result.accuracy.tolist()
+        out["barrier"][t] = barrier(result, "loss").value
+        out["error_barrier"][t] = barrier(result, "error").value
+    return out
 
 
 def pool_geometry(pool: ModelPool, tasks: TaskPool) -> dict:

@@ -7,7 +7,9 @@ Hyperparameters in `search` are selected on the tasks' validation splits by the 
 metric (grid search, first best on ties), as in the task arithmetic and TIES papers (Ilharco et
 al. 2023, sec. 3; Yadav et al. 2023, sec. 6).
 
-Model-level merges: `fisher` (Matena and Raffel 2022), `regmean` (Jin et al. 2023), and
+Model-level merges: `fisher` (Matena and Raffel 2022), `regmean` (Jin et al. 2023), `regmean_plusplus`
+(Nguyen et al. 2025) on each task's training sample, `adamerging_task` / `adamerging_layer` (Yang et al.
+2024) on each task's unlabeled test inputs (test-time adaptation, as in the paper), and
 `weight_matching` (Ainsworth et al. 2023: permute every fine-tune's hidden units onto the first
 fine-tune's, then merge with `params["then"]`, default the simple average `linear`).
 """
@@ -90,12 +92,37 @@ def _body(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> State:
     return {n: state["body." + n].clone() for n in names}
 
 
-def model_level(method: str, pool: ModelPool, tasks: TaskPool, params: dict[str, Any]) -> State:
-    """A model-level merge (`merging.modelwise`) of the fine-tunes, each on its own task's training sample."""
+def model_level(method: str, pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int = 0) -> State:
+    """A model-level merge (`merging.modelwise`) of the fine-tunes, each on its own task's training sample,
+    or on its own task's unlabeled test inputs for methods that adapt at test time (AdaMerging)."""
     from merging.modelwise.catalog import merge_models
+    from taxonomy import get as get_info
 
+    info = get_info(method)
     modules, data = _task_modules(pool, tasks)
-    return _body(merge_models(method, modules, data, params), list(pool.base))
+    if info.needs_test_inputs:
+        data = [tasks[name].test[0] for name in pool.models]
+    base = HeadedBody(pool.module(pool.base), None) if info.needs_base else None
+    return _body(merge_models(method, modules, data, params, base=base, seed=seed), list(pool.base))
+
+
+DATA_USED = {"fisher": "train sample (labeled)", "regmean": "train inputs", "regmean_plusplus": "train inputs",
+             "weight_matching": "none (weights)"}
+
+
+def data_used(entry: MethodEntry) -> str:
+    """Which data a grid entry's merge reads, and whether the validation split chose its hyperparameters."""
+    from taxonomy import get as get_info
+
+    if not isinstance(entry.method, str):
+        used = "user code"
+    elif entry.method in DATA_USED:
+        used = DATA_USED[entry.method]
+    else:
+        info = get_info(entry.method)
+        used = "unlabeled test inputs" if info.needs_test_inputs else ("data" if info.needs_data else "none")
+    searched = [k for k, v in entry.search.items() if len(list(v)) > 1]
+    return used + (f"; val picks {', '.join(searched)}" if searched else "")
 
 
 def weight_matching(pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
@@ -130,6 +157,8 @@ def run_merge(method: str | Merger, pool: ModelPool, tasks: TaskPool, params: di
 
     if method == "weight_matching":
         return weight_matching(pool, tasks, params, seed)
-    if method in MODEL_LEVEL:
-        return model_level(method, pool, tasks, params)
+    from taxonomy import get as get_info
+
+    if get_info(method).name in MODEL_LEVEL:
+        return model_level(get_info(method).name, pool, tasks, params, seed)
     return tensorwise(method, pool, params, seed)

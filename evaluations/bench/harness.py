@@ -4,12 +4,17 @@ Rows as FusionBench reports them (Tang et al. 2024): the pretrained model, each 
 fine-tune on its own task, the output ensemble of the fine-tunes (mean of their softmax outputs,
 each through the task's head), then one row per grid entry. Columns: the tasks' metric, its
 average, and the normalized score merged / individual fine-tune per task (Yadav et al. 2023,
-TIES-Merging, sec. 6; FusionBench), plus the merged body's L2 distance from the base. The pool's
+TIES-Merging, sec. 6; FusionBench), the merged body's L2 distance from the base, which data the
+merge read, and the landscape columns: for the pretrained body and every merge, the loss along the
+linear path to each fine-tune and its barrier (`evaluations.bench.geometry.merge_paths`). The pool's
 geometry (pairwise barriers among the fine-tunes, distances from the base, task-vector cosines)
 comes from `evaluations.bench.geometry`.
 
 Every cell's result is written to `cache_dir/<key>.json` as soon as it finishes; `key` hashes the
 suite's data and models, the cell and the seed, so a rerun skips finished cells.
+
+Seeds: `run_seeds` runs a suite built once per seed (a built-in suite trains its fine-tunes with that
+seed) and `aggregate` reports each row as the mean over seeds with its standard deviation (ddof 1).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
 from evaluations.bench.pools import ModelPool, TaskPool
 from taxonomy.errors import BasinError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Suite:
     methods: MethodGrid
     seed: int = 0
     description: str = ""
+    path_points: int = 11  # points on each merge -> fine-tune path (landscape columns)
 
     def __post_init__(self) -> None:
         if sorted(self.models.models) != sorted(self.tasks.names):
@@ -75,6 +81,16 @@ class Row:
     distance_from_base: float | None = None
     seconds: float = 0.0
     normalized: dict[str, float] = field(default_factory=dict)
+    data: str = ""  # which data the row's model read (beyond the weights)
+    paths: dict[str, Any] = field(default_factory=dict)  # merge_paths: loss along merged -> each fine-tune
+    spread: dict[str, float] = field(default_factory=dict)  # std over seeds: per task, average, normalized
+    per_seed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def barrier(self) -> float | None:
+        """Mean over tasks of the loss barrier from this row's body to each fine-tune."""
+        bars = self.paths.get("barrier")
+        return sum(bars.values()) / len(bars) if bars else None
 
     @property
     def average(self) -> float:
@@ -85,7 +101,8 @@ class Row:
         return sum(self.normalized.values()) / len(self.normalized) if self.normalized else None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "average": self.average, "normalized_average": self.normalized_average}
+        return {**asdict(self), "average": self.average, "normalized_average": self.normalized_average,
+                "barrier_to_finetunes": self.barrier}
 
 
 @dataclass
@@ -99,6 +116,7 @@ class BenchmarkResult:
     wall_seconds: float
     cached_cells: int
     environment: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
 
     def row(self, label: str) -> Row:
         for r in self.rows:
@@ -109,32 +127,18 @@ class BenchmarkResult:
     def to_json(self) -> dict[str, Any]:
         return {"suite": self.suite, "tasks": self.tasks, "rows": [r.to_json() for r in self.rows],
                 "geometry": self.geometry, "seed": self.seed, "executor": self.executor,
-                "wall_seconds": self.wall_seconds, "cached_cells": self.cached_cells, "environment": self.environment}
+                "wall_seconds": self.wall_seconds, "cached_cells": self.cached_cells, "environment": self.environment,
+                "seeds": self.seeds or [self.seed]}
 
     def table_rows(self) -> list[list[str]]:
-        head = ["method", *self.tasks, "avg", "norm. avg", "‖θ−θ₀‖", "params"]
-        out = [head]
-        for r in self.rows:
-            norm = r.normalized_average
-            out.append([r.label, *(f"{100 * r.scores[t]:.1f}" for t in self.tasks), f"{100 * r.average:.1f}",
-                        "" if norm is None else f"{100 * norm:.1f}",
-                        "" if r.distance_from_base is None else f"{r.distance_from_base:.2f}",
-                        ", ".join(f"{k}={v}" for k, v in r.params.items())])
-        return out
+        from evaluations.bench.report import table_rows
+
+        return table_rows(self)
 
     def to_markdown(self) -> str:
-        rows = self.table_rows()
-        rule = "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 2) + ["---"]) + "|"
-        lines = [f"## {self.suite}: accuracy (%) per task", "", "| " + " | ".join(rows[0]) + " |", rule]
-        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        lines += ["", "norm. avg: mean over tasks of merged / individual fine-tune accuracy. "
-                  "‖θ−θ₀‖: L2 distance of the merged body from the pretrained body.", ""]
-        lines += geometry_markdown(self.geometry, list(self.geometry.get("models", [])))
-        prepared = self.environment.get("suite_seconds")
-        lines += ["", f"{len(self.rows)} rows, seed {self.seed}, executor {self.executor}, "
-                  f"cells wall {self.wall_seconds:.1f} s ({self.cached_cells} cells from cache)"
-                  + ("." if prepared is None else f"; suite loaded (training if not cached) in {prepared:.1f} s.")]
-        return "\n".join(lines) + "\n"
+        from evaluations.bench.report import to_markdown
+
+        return to_markdown(self)
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -161,21 +165,6 @@ class BenchmarkResult:
 
             paths += save_plots(self, out, stem)
         return paths
-
-
-def geometry_markdown(geometry: Mapping[str, Any], models: list[str]) -> list[str]:
-    if not geometry:
-        return []
-    lines = ["### Fine-tunes' geometry", "", "| model | ‖τ‖ (from base) | " + " | ".join(f"cos {m}" for m in models)
-             + " | " + " | ".join(f"barrier {m}" for m in models) + " |",
-             "|---|" + "---:|" * (1 + 2 * len(models))]
-    for i, m in enumerate(models):
-        cos = [f"{geometry['cosine'][i][j]:.3f}" for j in range(len(models))]
-        bar = [f"{geometry['barrier'][i][j]:.3f}" for j in range(len(models))]
-        lines.append(f"| {m} | {geometry['distance_from_base'][i]:.2f} | " + " | ".join(cos) + " | "
-                     + " | ".join(bar) + " |")
-    lines += ["", geometry.get("note", "")]
-    return lines
 
 
 def _cell_key(suite_fp: str, cell: Cell, seed: int) -> str:
@@ -212,36 +201,56 @@ def run_cell(suite: Suite, cell: Cell, threads: int = 1) -> dict[str, Any]:
 
 def _compute(suite: Suite, cell: Cell) -> dict[str, Any]:
     pool, tasks = suite.models, suite.tasks
+    from evaluations.bench.geometry import merge_paths
+
     if cell.kind == "pretrained":
         return {"label": "pretrained", "kind": "reference", "scores": tasks.evaluate(pool.module(pool.base)),
-                "distance_from_base": 0.0}
+                "distance_from_base": 0.0, "data": "none",
+                "paths": merge_paths(pool, tasks, pool.base, suite.path_points)}
     if cell.kind == "individual":
         scores = {t: tasks[t].score(pool.module(s)) for t, s in pool.models.items()}
-        return {"label": "individual fine-tunes", "kind": "reference", "scores": scores}
+        return {"label": "individual fine-tunes", "kind": "reference", "scores": scores,
+                "data": "each task's train split (fine-tuning)"}
     if cell.kind == "ensemble":
-        return {"label": "output ensemble", "kind": "reference", "scores": _ensemble(suite)}
+        return {"label": "output ensemble", "kind": "reference", "scores": _ensemble(suite),
+                "data": "none (every fine-tune run, task identity for heads)"}
     if cell.kind == "geometry":
         from evaluations.bench.geometry import pool_geometry
 
         return {"geometry": pool_geometry(pool, tasks)}
     if cell.kind != "merge" or cell.entry is None:
         raise BasinError(f"unknown cell kind {cell.kind!r}")
-    entry = cell.entry
+    return _merge_cell(suite, cell.entry)
+
+
+def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The candidate with the best mean validation metric (first best on ties), and every candidate's score."""
+    pool, tasks = suite.models, suite.tasks
     candidates = entry.candidates()
+    if len(candidates) == 1:
+        return candidates[0], []
     selection: list[dict[str, Any]] = []
     best, best_val = candidates[0], -math.inf
-    if len(candidates) > 1:
-        for params in candidates:
-            merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
-            val = tasks.evaluate(pool.module(merged), "val")
-            score = sum(val.values()) / len(val)
-            selection.append({"params": params, "val": score})
-            if score > best_val:
-                best, best_val = params, score
+    for params in candidates:
+        merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
+        val = tasks.evaluate(pool.module(merged), "val")
+        score = sum(val.values()) / len(val)
+        selection.append({"params": params, "val": score})
+        if score > best_val:
+            best, best_val = params, score
+    return best, selection
+
+
+def _merge_cell(suite: Suite, entry: MethodEntry) -> dict[str, Any]:
+    from evaluations.bench.geometry import merge_paths
+    from evaluations.bench.grid import data_used
+
+    pool, tasks = suite.models, suite.tasks
+    best, selection = _select(suite, entry)
     merged = run_merge(entry.method, pool, tasks, dict(best), suite.seed)
     return {"label": entry.label, "kind": "merge", "scores": tasks.evaluate(pool.module(merged)),
-            "params": dict(best), "selection": selection,
-            "distance_from_base": _distance(merged, pool.base)}
+            "params": dict(best), "selection": selection, "distance_from_base": _distance(merged, pool.base),
+            "data": data_used(entry), "paths": merge_paths(pool, tasks, merged, suite.path_points)}
 
 
 def plan_cells(suite: Suite, geometry: bool = True) -> list[Cell]:
@@ -256,7 +265,8 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
     """Run every cell of `suite` (the grid narrowed to `methods`), reusing cells cached in `cache_dir`."""
     executor = executor or Local()
     start = time.perf_counter()
-    suite = Suite(suite.name, suite.models, suite.tasks, suite.methods.select(methods), suite.seed, suite.description)
+    suite = Suite(suite.name, suite.models, suite.tasks, suite.methods.select(methods), suite.seed, suite.description,
+                  suite.path_points)
     cells = plan_cells(suite, geometry)
     fp = suite.fingerprint()
     keys = [_cell_key(fp, c, suite.seed) for c in cells]
@@ -297,7 +307,8 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
             geo = out["geometry"]
             continue
         rows.append(Row(out["label"], out["kind"], out["scores"], out.get("params", {}), out.get("selection", []),
-                        out.get("distance_from_base"), out["seconds"]))
+                        out.get("distance_from_base"), out["seconds"], data=out.get("data", ""),
+                        paths=out.get("paths", {})))
     individual = next(r for r in rows if r.label == "individual fine-tunes")
     for r in rows:
         if r is not individual:
@@ -306,4 +317,23 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus_torch_threads": torch.get_num_threads()}
     return BenchmarkResult(suite.name, suite.tasks.names, rows, geo, suite.seed, executor.name,
-                           time.perf_counter() - start, cached, env)
+                           time.perf_counter() - start, cached, env, [suite.seed])
+
+
+def run_seeds(build: Callable[[int], Suite], seeds: Sequence[int], executor: Local | Ray | None = None,
+              cache_dir: str | Path | None = None, methods: Sequence[str] | None = None, geometry: bool = True,
+              progress: bool = True) -> BenchmarkResult:
+    """`run_benchmark` on `build(seed)` for every seed, aggregated (mean and std over seeds per row)."""
+    from evaluations.bench.report import aggregate
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BasinError(f"--seeds: give distinct seeds, got {list(seeds)}")
+    results = []
+    for seed in seeds:
+        start = time.perf_counter()
+        suite = build(seed)
+        prepared = time.perf_counter() - start
+        result = run_benchmark(suite, executor, cache_dir, methods, geometry, progress)
+        result.environment["suite_seconds"] = prepared
+        results.append(result)
+    return aggregate(results)

@@ -11,6 +11,8 @@ STEM = "bench"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", help="built-in suite name (digits-tasks) or a suite file (.yaml/.yml/.py)")
     parser.add_argument("--methods", nargs="+", help="only these grid entries (labels or method names)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of a built-in suite: each row is the "
+                        "mean and spread over them (default 0 1 2); a suite file's models are given, not trained")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run")
     parser.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local one)")
     parser.add_argument("--out", default="bench-results", help="output folder (bench.md/.json/.csv/.png, cells/)")
@@ -23,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import shutil
-    import time
 
-    from evaluations.bench import load_suite, run_benchmark
     from evaluations.bench.executors import make_executor
     from evaluations.cli.outputs import Outputs
 
@@ -37,18 +37,37 @@ def run(args: argparse.Namespace) -> int:
             from taxonomy.errors import BasinError
 
             raise BasinError(f"--out {out}: {cells} is not a folder")
-        start = time.perf_counter()
-        suite = load_suite(args.suite, cache_dir=args.cache)
-        prepared = time.perf_counter() - start
         if args.no_resume and cells.exists():
             shutil.rmtree(cells)
-        result = run_benchmark(suite, make_executor(args.executor, args.address), cache_dir=cells,
-                               methods=args.methods)
-        result.environment["suite_seconds"] = prepared
+        result = _run(args, cells, make_executor(args.executor, args.address))
         paths = _save(outputs, out, result, plots=not args.no_plots)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _run(args: argparse.Namespace, cells, executor):
+    """The suite's result: over `--seeds` (default 0 1 2) for a built-in suite, once for a suite file."""
+    import time
+
+    from evaluations.bench import load_suite, run_benchmark
+    from evaluations.bench.harness import run_seeds
+    from evaluations.bench.suites import BUILTIN, DEFAULT_SEEDS
+    from taxonomy.errors import BasinError
+
+    if args.suite in BUILTIN:
+        seeds = args.seeds or list(DEFAULT_SEEDS)
+        return run_seeds(lambda seed: load_suite(args.suite, cache_dir=args.cache, seed=seed), seeds, executor,
+                         cells, args.methods)
+    if args.seeds:
+        raise BasinError(f"--seeds: suite {args.suite!r} is a file whose models are given, not trained; its seed is "
+                         "the file's `seed:` field")
+    start = time.perf_counter()
+    suite = load_suite(args.suite, cache_dir=args.cache)
+    prepared = time.perf_counter() - start
+    result = run_benchmark(suite, executor, cache_dir=cells, methods=args.methods)
+    result.environment["suite_seconds"] = prepared
+    return result
 
 
 def _save(outputs, out, result, plots: bool) -> list:

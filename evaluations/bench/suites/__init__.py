@@ -7,11 +7,14 @@ from typing import Any
 
 from taxonomy.errors import BasinError
 
-BUILTIN = {"digits-tasks": "evaluations.bench.suites.digits_tasks"}
+BUILTIN = {"digits-tasks": "evaluations.bench.suites.digits_tasks",
+           "minilm-tasks": "evaluations.bench.suites.minilm_tasks"}
+DEFAULT_SEEDS = (0, 1, 2)  # built-in suites train their fine-tunes: each row is the mean over these
 
 
 def load_suite(name_or_path: str, cache_dir: str | Path | None = None, **options: Any):
-    """A built-in suite by name (`digits-tasks`), or a user suite from `*.yaml`/`*.yml` or `*.py`."""
+    """A built-in suite by name (`digits-tasks`, `minilm-tasks`; `seed=` picks the training seed), or a user suite
+    from `*.yaml`/`*.yml` or `*.py`."""
     import importlib
 
     if name_or_path in BUILTIN:

@@ -6,7 +6,9 @@ layers) is pretrained with a 10-way head on the digits; each task gets its own h
 linear probe on the frozen pretrained body (the analogue of CLIP's zero-shot head); then the body
 is fine-tuned with that head frozen. Merges combine bodies only; every task is evaluated through
 its own head. The training data is the first 80% of `load_digits_split()`'s training split, the
-validation split (hyperparameter selection) its last 20%, the test split the held-out 25%.
+validation split (hyperparameter selection) its last 20%, the test split the held-out 25%; the split
+is fixed (`split_seed`), while `seed` drives all training (pretraining, probes, fine-tunes), so
+`basin bench digits-tasks --seeds 0 1 2` reports each row's mean and spread over three trainings.
 
 Tasks: rot90 (images rotated by 90 degrees), flip (mirrored left-right), invert (negated pixels),
 permute (one fixed pixel permutation), parity (transposed images, label = digit mod 2).
@@ -45,6 +47,7 @@ class DigitsConfig:
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
     version: int = 1
+    split_seed: int = 0
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -72,7 +75,7 @@ def transform(task: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _splits(config: DigitsConfig):
-    split = load_digits_split(seed=config.seed)
+    split = load_digits_split(seed=config.split_seed)
     n_fit = int(round(len(split.x_train) * (1 - config.val_fraction)))
     fit = (split.x_train[:n_fit], split.y_train[:n_fit])
     val = (split.x_train[n_fit:], split.y_train[n_fit:])
@@ -120,6 +123,9 @@ def prepare(config: DigitsConfig = DigitsConfig(), cache_dir: str | Path | None 
     return out
 
 
+ADAMERGING = {"lr": 0.01, "steps": 100, "batch_size": 16}  # 100 Adam steps: these nets are tiny
+
+
 def default_grid() -> MethodGrid:
     lam = {"lambda": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}
     lam_mean = {"lambda": [0.1, 0.25, 0.5, 0.75, 1.0, 1.5]}  # for methods that average the task vectors (normalize)
@@ -134,15 +140,21 @@ def default_grid() -> MethodGrid:
         MethodEntry("Model Stock", "model_stock"),
         MethodEntry("Fisher", "fisher"),
         MethodEntry("RegMean", "regmean", {"alpha": 0.9}),
+        MethodEntry("RegMean++", "regmean_plusplus", {"alpha": 0.9}),
+        MethodEntry("AdaMerging (task-wise)", "adamerging_task", ADAMERGING),
+        MethodEntry("AdaMerging (layer-wise)", "adamerging_layer", ADAMERGING),
         MethodEntry("weight matching + average", "weight_matching"),
     ))
 
 
 def build_suite(cache_dir: str | Path | None = None, config: DigitsConfig = DigitsConfig(),
-                tasks: tuple[str, ...] | None = None, grid: MethodGrid | None = None) -> Suite:
-    """The `digits-tasks` suite (optionally a subset of its tasks, or another method grid)."""
+                tasks: tuple[str, ...] | None = None, grid: MethodGrid | None = None, seed: int | None = None) -> Suite:
+    """The `digits-tasks` suite (optionally a subset of its tasks, another method grid, or another training seed)."""
+    from dataclasses import replace
+
     from safetensors.torch import load_file
 
+    config = config if seed is None else replace(config, seed=int(seed))
     folder = prepare(config, cache_dir)
     names = tuple(tasks or config.tasks)
     fit, val, test = _splits(config)

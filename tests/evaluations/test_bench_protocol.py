@@ -1,0 +1,144 @@
+"""The benchmark protocol: landscape columns per merge, seeds (mean and spread), which data each method read,
+AdaMerging and RegMean++ in the bench, the minilm-tasks suite's data."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from evaluations.bench import MethodEntry, MethodGrid, Suite, run_benchmark
+from evaluations.bench.harness import BenchmarkResult, Row
+from evaluations.bench.report import aggregate
+from tests.evaluations.test_bench import shared_tiny_suite
+
+GRID = MethodGrid((
+    MethodEntry("TA", "task_arithmetic", search={"lambda": [0.5, 1.0]}),
+    MethodEntry("RegMean++", "regmean_plusplus"),
+    MethodEntry("Ada", "adamerging_task", {"steps": 3, "lr": 0.05}),
+))
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Suite:
+    s = shared_tiny_suite(tmp_path_factory)
+    return Suite(s.name, s.models, s.tasks, GRID, s.seed, s.description, path_points=5)
+
+
+@pytest.fixture(scope="module")
+def result(suite):
+    return run_benchmark(suite, progress=False, geometry=False)
+
+
+def test_every_merge_reports_its_path_to_each_fine_tune(suite, result):
+    """Loss along merged -> fine-tune t equals the loss of the explicitly interpolated body on task t."""
+    from evaluations.bench.grid import run_merge
+
+    pool, tasks = suite.models, suite.tasks
+    row = result.row("TA")
+    merged = run_merge("task_arithmetic", pool, tasks, dict(row.params), suite.seed)
+    assert row.paths["alphas"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    for t in tasks.names:
+        ref = []
+        for alpha in row.paths["alphas"]:
+            body = pool.module({k: (1 - alpha) * merged[k] + alpha * pool.models[t][k] for k in pool.base})
+            with torch.no_grad():
+                ref.append(float(F.cross_entropy(tasks[t].head(body(tasks[t].test[0])), tasks[t].test[1])))
+        assert row.paths["loss"][t] == pytest.approx(ref, rel=1e-5)
+        chord = max(v - ((1 - a) * ref[0] + a * ref[-1]) for a, v in zip(row.paths["alphas"], ref))
+        assert row.paths["barrier"][t] == pytest.approx(chord, abs=1e-6)
+        assert row.paths["accuracy"][t][-1] == pytest.approx(result.row("individual fine-tunes").scores[t])
+    assert row.barrier == pytest.approx(sum(row.paths["barrier"].values()) / 2)
+    assert result.row("pretrained").paths and not result.row("individual fine-tunes").paths
+    md = result.to_markdown()
+    assert "barrier→FT" in md and "### Merges' landscape" in md and "barrier→rot90" in md
+
+
+def test_the_table_says_which_data_each_method_read(result):
+    assert result.row("TA").data == "none; val picks lambda"
+    assert result.row("RegMean++").data == "train inputs"
+    assert result.row("Ada").data == "unlabeled test inputs"
+    assert result.row("pretrained").data == "none"
+    assert "| unlabeled test inputs |" in result.to_markdown()
+
+
+def test_adamerging_in_the_bench_learns_on_each_tasks_unlabeled_test_inputs(suite, result):
+    from evaluations.bench.pools import HeadedBody
+    from merging.modelwise.adamerging import adamerging
+
+    pool, tasks = suite.models, suite.tasks
+    modules = [HeadedBody(pool.module(pool.models[t]), tasks[t].head) for t in tasks.names]
+    direct = adamerging(HeadedBody(pool.module(pool.base), None), modules, [tasks[t].test[0] for t in tasks.names],
+                        "task", steps=3, lr=0.05, seed=suite.seed)
+    body = pool.module({k[len("body."):]: v for k, v in direct.state.items()})
+    assert result.row("Ada").scores == pytest.approx(tasks.evaluate(body))
+
+
+def test_regmean_plusplus_in_the_bench_sees_only_the_body(suite):
+    from evaluations.bench.grid import model_level
+    from merging.modelwise.regmean_plusplus import regmean_plusplus_merge
+
+    pool, tasks = suite.models, suite.tasks
+    bodies = [pool.module(pool.models[t]) for t in tasks.names]
+    reference = regmean_plusplus_merge(bodies, [tasks[t].train for t in tasks.names])  # heads come after the body
+    merged = model_level("regmean++", pool, tasks, {})
+    for k in pool.base:
+        torch.testing.assert_close(merged[k], reference[k])
+
+
+def _result(seed: int, scores: dict[str, float], barrier: float) -> BenchmarkResult:
+    ind = Row("individual fine-tunes", "reference", {"a": 0.8, "b": 0.5})
+    row = Row("m", "merge", scores, {"lambda": 0.3 + 0.1 * seed}, distance_from_base=1.0 + seed,
+              paths={"alphas": [0, 1], "loss": {"a": [1, 2], "b": [3, 4]}, "accuracy": {"a": [0, 1], "b": [0, 1]},
+                     "barrier": {"a": barrier, "b": barrier}, "error_barrier": {"a": 0, "b": 0}})
+    row.normalized = {t: scores[t] / ind.scores[t] for t in scores}
+    return BenchmarkResult("s", ["a", "b"], [ind, row], {}, seed, "local", 1.0, 0, {}, [seed])
+
+
+def test_seeds_aggregate_to_mean_and_sample_std_by_hand():
+    runs = [_result(0, {"a": 0.6, "b": 0.4}, 0.1), _result(1, {"a": 0.7, "b": 0.2}, 0.3),
+            _result(2, {"a": 0.8, "b": 0.3}, 0.2)]
+    agg = aggregate(runs)
+    row = agg.row("m")
+    assert agg.seeds == [0, 1, 2]
+    assert row.scores == pytest.approx({"a": 0.7, "b": 0.3})
+    assert row.spread["average"] == pytest.approx(statistics.stdev([0.5, 0.45, 0.55]))
+    norms = [(0.6 / 0.8 + 0.4 / 0.5) / 2, (0.7 / 0.8 + 0.2 / 0.5) / 2, (0.8 / 0.8 + 0.3 / 0.5) / 2]
+    assert row.normalized_average == pytest.approx(sum(norms) / 3)
+    assert row.spread["normalized_average"] == pytest.approx(statistics.stdev(norms))
+    assert row.barrier == pytest.approx(0.2) and row.spread["barrier"] == pytest.approx(0.1)
+    assert row.distance_from_base == pytest.approx(2.0)
+    assert [p["params"]["lambda"] for p in row.per_seed] == pytest.approx([0.3, 0.4, 0.5])
+    md = agg.to_markdown()
+    assert "| 50.0 ± 5.0 |" in md and "seeds [0, 1, 2]" in md and "(per seed)" in md
+
+
+def test_bench_seeds_of_a_suite_file_are_refused(tmp_path, capsys):
+    from evaluations.cli import main
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: x\n")
+    assert main(["bench", str(suite), "--seeds", "0", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--seeds" in err
+
+
+def test_minilm_tasks_data_is_offline_balanced_deterministic_and_labeled_by_its_rules():
+    from evaluations.bench.suites import minilm_tasks as m
+
+    config = m.MiniLMConfig()
+    for task in m.TASKS:
+        splits = m.task_splits(task, config)
+        assert splits == m.task_splits(task, config)
+        texts = [t for rows in splits.values() for t, _ in rows]
+        assert len(texts) == len(set(texts))  # no example in two splits
+        labels = [y for _, y in splits["test"] + splits["val"] + splits["train"]]
+        assert len(set(labels)) == (4 if task in ("topic", "module") else 2)
+        assert len(splits["test"]) == config.test and len(splits["val"]) == config.val
+    for text, label in m.sentiment_examples():
+        good = any(f" {a}." in text for a in m.GOOD)
+        assert label == int(good != (" not " in text))
+    for text, label in m.quantity_examples():
+        assert label == int(any(f" {n} " in text for n in m.LARGE))
