@@ -142,3 +142,11 @@ def test_minilm_tasks_data_is_offline_balanced_deterministic_and_labeled_by_its_
         assert label == int(good != (" not " in text))
     for text, label in m.quantity_examples():
         assert label == int(any(f" {n} " in text for n in m.LARGE))
+
+
+def test_plot_has_the_spread_and_the_paths(tmp_path):
+    from evaluations.bench.plots import save_plots
+
+    agg = aggregate([_result(0, {"a": 0.6, "b": 0.4}, 0.1), _result(1, {"a": 0.7, "b": 0.2}, 0.3)])
+    (png,) = save_plots(agg, tmp_path, "b")
+    assert png.name == "b.png" and png.stat().st_size > 1000
