@@ -35,7 +35,9 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -76,7 +78,7 @@ class Setup:
     kernel_test: int = 500
     probe: int = 256  # kernel velocity's probe set: the first test examples
     seeds: int = 3
-    record_times: tuple[float, ...] = (0, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10)
+    record_times: tuple[float, ...] = (0, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 10)
     spawn_times: tuple[float, ...] = (0, 0.25, 0.5, 1, 2, 3, 5)
     spawning: bool = True
     linearized_times: tuple[float, ...] = ()  # checkpoints the linearized comparison starts from (--full)
@@ -234,15 +236,42 @@ def summarise(setup: Setup, runs: list[dict], barriers: list[list[float]]) -> di
     return result
 
 
-def run(setup: Setup, quiet: bool = False) -> tuple[dict, list[dict], tuple]:
-    """All seeds of one setup: (summary, the runs, (train, test))."""
+def seed_run(setup: Setup, seed: int) -> tuple[dict, list[float], list[dict]]:
+    """One seed of one setup: (tracked run, spawn barriers, linearized comparisons); a pool job."""
+    torch.set_num_threads(1)
     train, test = make_task(setup)
-    runs, barriers = [], []
-    for seed in tqdm(range(setup.seeds), desc=f"{setup.task}/{setup.schedule}", disable=quiet):
-        runs.append(track(setup, train, test, seed))
-        if setup.spawning:
-            barriers.append(spawn_barriers(setup, train, test, seed))
-    return summarise(setup, runs, barriers), runs, (train, test)
+    tracked = track(setup, train, test, seed)
+    barriers = spawn_barriers(setup, train, test, seed) if setup.spawning else []
+    linear = [compare_from_checkpoint(setup, t, *tracked["checkpoints"][t], train, test)
+              for t in setup.linearized_times] if seed == 0 else []
+    tracked["checkpoints"] = {}
+    return tracked, barriers, linear
+
+
+def run_all(named: dict[str, Setup], jobs: int, quiet: bool) -> tuple[dict, list[dict]]:
+    """Every seed of every setup, over `jobs` processes (each job seeds itself: the results do not depend on
+    `jobs`); ({name: summary}, the main setup's linearized comparisons)."""
+    tasks = [(name, setup, seed) for name, setup in named.items() for seed in range(setup.seeds)]
+    bar = tqdm(total=len(tasks), desc="runs", disable=quiet)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(seed_run, setup, seed) for _, setup, seed in tasks]
+            outputs = []
+            for f in futures:
+                outputs.append(f.result())
+                bar.update()
+    else:
+        outputs = []
+        for _, setup, seed in tasks:
+            outputs.append(seed_run(setup, seed))
+            bar.update()
+    bar.close()
+    summaries, linearized = {}, []
+    for name, setup in named.items():
+        mine = [out for (n, _, _), out in zip(tasks, outputs) if n == name]
+        summaries[name] = summarise(setup, [m[0] for m in mine], [m[1] for m in mine if m[1]])
+        linearized += [row for m in mine for row in m[2]]
+    return summaries, linearized
 
 
 # ---- the linearized comparison (--full) -------------------------------------------------------------------
@@ -323,19 +352,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--full", action="store_true", help="5 seeds, 20 epochs, the linearized comparison")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny tensors)")
+    p.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each; results do not depend on it)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     start = time.perf_counter()
     setup = setups(args)
-    main_result, runs, (train, test) = run(setup, args.quiet)
-    ablations = {"linear_decay": run(replace(setup, schedule="linear", linearized_times=()), args.quiet)[0],
-                 "single_digits": run(replace(setup, task="digits", spawning=False, linearized_times=()),
-                                      args.quiet)[0]}
-    result = {"paper": PAPER, "main": main_result, "ablations": ablations,
-              "linearized": [compare_from_checkpoint(setup, t, *runs[0]["checkpoints"][t], train, test)
-                             for t in setup.linearized_times],
-              "seconds": time.perf_counter() - start}
+    named = {"main": setup, "linear_decay": replace(setup, schedule="linear", linearized_times=()),
+             "single_digits": replace(setup, task="digits", spawning=False, linearized_times=())}
+    summaries, linearized = run_all(named, args.jobs, args.quiet)
+    result = {"paper": PAPER, "main": summaries.pop("main"), "ablations": summaries, "linearized": linearized,
+              "jobs": args.jobs, "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fort2020_digits.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "fort2020_digits.png")

@@ -62,7 +62,7 @@ def test_velocity_slope_hand_worked(fort) -> None:
 
 
 def test_quick_run_matches_independent_recomputation(fort, tmp_path: Path) -> None:
-    fort.main(["--quick", "--quiet", "--out", str(tmp_path)])
+    fort.main(["--quick", "--quiet", "--jobs", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "fort2020_digits.json").read_text())
     assert (tmp_path / "fort2020_digits.png").stat().st_size > 0
     main = data["main"]
