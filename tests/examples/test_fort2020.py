@@ -65,6 +65,8 @@ def test_quick_run_matches_independent_recomputation(fort, tmp_path: Path) -> No
     fort.main(["--quick", "--quiet", "--jobs", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "fort2020_digits.json").read_text())
     assert (tmp_path / "fort2020_digits.png").stat().st_size > 0
+    table = (tmp_path / "fort2020_digits.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 3 and all(line.count("|") == 5 for line in table)
     main = data["main"]
     setup = fort.Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in main["setup"].items()})
     train, test = fort.make_task(setup)
