@@ -104,3 +104,17 @@ def test_quick_run_matches_independent_recomputation(fort, tmp_path: Path) -> No
     digits = data["ablations"]["single_digits"]
     assert digits["setup"]["task"] == "digits" and "spawning" not in digits
     assert digits["kernel_regression_error"]["mean"][0] < main["kernel_regression_error"]["mean"][0]
+
+
+def test_linearized_comparison_from_init_replays_plain_training(fort) -> None:
+    """--full's comparison from the checkpoint at t = 0 is plain training from the seed's initialization."""
+    setup = fort.Setup(epochs=1, n_train=200, n_test=100, kernel_train=50, kernel_test=100, probe=16, seeds=1,
+                       hidden=16, record_times=(0, 1), spawning=False, linearized_times=(0,))
+    _, _, rows = fort.seed_run(setup, 0)
+    train, test = fort.make_task(setup)
+    model = fort.make_model(setup, 128, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=setup.lr, momentum=setup.momentum)
+    train_epochs(model, opt, *train, 1, setup.batch, torch.Generator().manual_seed(1))
+    assert [r["t"] for r in rows] == [0]
+    assert rows[0]["network_trained_on"] == float(fort.network_wrong(model, test).double().mean())
+    assert 0.0 <= rows[0]["linearized_trained_on"] <= 1.0
