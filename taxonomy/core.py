@@ -83,6 +83,7 @@ class MethodInfo:
     needs_base: bool = False
     needs_data: bool = False
     needs_shared_init: bool = True
+    needs_task_id: bool = False  # per-task masks/scales beside the merged model: inference must name the task
     min_models: int = 1
     max_models: int | None = None
     params: tuple[Param, ...] = ()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from taxonomy import alignment, ensemble, importance, interpolation, task_arithmetic
+from taxonomy import alignment, ensemble, importance, interference, interpolation, task_arithmetic
 from taxonomy.core import Family, MethodInfo
 from taxonomy.errors import BasinError, suggest
 
-FAMILIES = (interpolation, task_arithmetic, importance, alignment, ensemble)
+FAMILIES = (interpolation, task_arithmetic, interference, importance, alignment, ensemble)
 
 
 def _index(infos: Iterable[MethodInfo]) -> dict[str, MethodInfo]:
@@ -51,7 +51,8 @@ def table(methods: Iterable[MethodInfo] | None = None) -> str:
     rows = [("method", "family", "category", "needs", "paper")]
     for m in methods if methods is not None else all_methods():
         needs = ",".join(
-            n for n, flag in (("base", m.needs_base), ("data", m.needs_data), ("shared-init", m.needs_shared_init))
+            n for n, flag in (("base", m.needs_base), ("data", m.needs_data), ("shared-init", m.needs_shared_init),
+                              ("task-id", m.needs_task_id))
             if flag
         ) or "-"
         rows.append((m.name, m.family.value, m.category, needs, m.paper))

@@ -1,0 +1,159 @@
+"""Issue 24 (part A): data-free interference methods of 2024-2026. Each against a hand-worked example and an
+independent float64 numpy implementation; streamed merges (`merging.merge` on tiny Llama and GPT-2, bf16 and
+float32 outputs) bit-identical to the method applied to the whole tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merging.methods.apply import full_params, merge_tensor
+from merging.methods.catalog import get_method
+from merging.modelwise.state_dicts import merge_state_dicts
+from merging.pipeline import merge
+from taxonomy import BasinError
+from taxonomy import get as get_info
+
+
+def run(method: str, tensors, base, seed: int = 0, name: str = "w", **params) -> torch.Tensor:
+    """Merge one tensor through merge_state_dicts (the public path: parameter checks, seeding)."""
+    base_sd = None if base is None else {name: base}
+    return merge_state_dicts(method, [{name: t} for t in tensors], base_sd, params, seed=seed)[name]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def family(shape, n=3, seed=0):
+    """A base and n models whose task vectors are random (float32)."""
+    base = rand(*shape, seed=seed)
+    return base, [base + rand(*shape, seed=seed + 1 + i) for i in range(n)]
+
+
+def f64(tensors):
+    return [t.numpy().astype(np.float64) for t in tensors]
+
+
+def np_polar(x):
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+# ---------------------------------------------------------------- Iso-C, Iso-CTS
+
+
+def np_iso_c(taus):
+    u, s, vt = np.linalg.svd(sum(taus), full_matrices=False)
+    return s.mean() * u @ vt
+
+
+def np_iso_cts(taus, fraction):
+    total = sum(taus)
+    r, t = min(total.shape), len(taus)
+    k = int(r * fraction)
+    s_task = min(round((r - k) / t), r // t)
+    k = r - t * s_task
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    us, ss, vs = [u[:, :k]], [s[:k]], [vt[:k]]
+    for tau in taus:
+        if s_task:
+            ut, st, vtt = np.linalg.svd(tau - u[:, :k] @ u[:, :k].T @ tau, full_matrices=False)
+            us.append(ut[:, :s_task])
+            ss.append(st[:s_task])
+            vs.append(vtt[:s_task])
+    return np.concatenate(ss).mean() * np_polar(np.hstack(us)) @ np_polar(np.vstack(vs))
+
+
+def test_iso_c_by_hand():
+    tau1, tau2 = torch.diag(torch.tensor([3.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))
+    # sum = diag(3, 1): singular values 3, 1 -> mean 2: the isotropic merge is 2 I
+    out = run("iso_c", [tau1, tau2], torch.zeros(2, 2))
+    torch.testing.assert_close(out, 2 * torch.eye(2), atol=1e-6, rtol=0)
+    bias = run("iso_c", [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])], torch.zeros(2), **{"lambda": 0.5})
+    torch.testing.assert_close(bias, torch.tensor([1.0, 0.5]))  # 1-D: lambda * mean task vector
+
+
+def test_iso_cts_by_hand():
+    e = torch.eye(4)
+    tau1 = 4 * torch.outer(e[0], e[0]) + 1 * torch.outer(e[2], e[2])
+    tau2 = 3 * torch.outer(e[1], e[1]) + 2 * torch.outer(e[3], e[3])
+    # r = 4, fraction 0.5: common k = 2 (e0, e1 with 4, 3); each task adds s = 1 direction outside them
+    # (e2 with 1, e3 with 2): all four orthonormal already, isotropic spectrum (4 + 3 + 1 + 2) / 4 = 2.5
+    out = run("iso_cts", [tau1, tau2], torch.zeros(4, 4), common_space_fraction=0.5)
+    torch.testing.assert_close(out, 2.5 * torch.eye(4), atol=1e-5, rtol=0)
+    # fraction 1: no task-specific directions, Iso-CTS is Iso-C
+    base, models = family((7, 5))
+    torch.testing.assert_close(run("iso_cts", models, base, common_space_fraction=1.0), run("iso_c", models, base),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (5, 12)])
+def test_iso_against_numpy(shape):
+    base, models = family(shape, n=3, seed=10)
+    taus = [t - b for t, b in zip(f64(models), f64([base] * 3))]
+    b = f64([base])[0]
+    out = run("iso_c", models, base, **{"lambda": 1.3})
+    np.testing.assert_allclose(out.numpy(), b + 1.3 * np_iso_c(taus), rtol=1e-4, atol=1e-5)
+    for fraction in (0.8, 0.5, 0.0):
+        out = run("iso_cts", models, base, common_space_fraction=fraction, **{"lambda": 0.7})
+        np.testing.assert_allclose(out.numpy(), b + 0.7 * np_iso_cts(taus, fraction), rtol=1e-4, atol=1e-5)
+
+
+def test_iso_cts_sizes_fill_the_rank():
+    from merging.methods.isotropic import iso_cts_sizes
+
+    assert iso_cts_sizes(768, 8, 0.8) == (616, 19)  # FusionBench's sizes for a ViT-B matrix, 8 tasks
+    for rank in range(1, 40):
+        for tasks in (1, 2, 3, 8):
+            for fraction in (0.0, 0.3, 0.8, 1.0):
+                k, s = iso_cts_sizes(rank, tasks, fraction)
+                assert k >= 0 and s >= 0 and k + tasks * s == rank
+
+
+# ---------------------------------------------------------------- the streamed merge is the whole-tensor one
+
+NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_streamed_merge_is_the_whole_tensor_method(tmp_path, family_dirs, arch, dtype, method):
+    folders = family_dirs(arch, 4)
+    info = get_info(method)
+    models = folders[1:] if info.needs_base else folders
+    recipe = {"merge_method": method, "models": [{"model": str(f)} for f in models], "dtype": dtype, "seed": 5,
+              "parameters": NEW_METHODS[method]}
+    if info.needs_base:
+        recipe["base_model"] = str(folders[0])
+    merge(recipe, tmp_path / "out", progress=False)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    inputs = [load_file(f / "model.safetensors") for f in models]
+    base = load_file(folders[0] / "model.safetensors") if info.needs_base else None
+    m = get_method(method)
+    params = full_params(m, NEW_METHODS[method], len(models))
+    for name, out in written.items():
+        expected = merge_tensor(m, name, [sd[name] for sd in inputs], None if base is None else base[name], params,
+                                5, getattr(torch, dtype))
+        assert out.dtype == getattr(torch, dtype)
+        assert torch.equal(out, expected), name
+
+
+def test_new_methods_are_listed_with_their_needs(capsys):
+    from evaluations.cli import main
+
+    assert main(["methods"]) == 0
+    table = capsys.readouterr().out
+    for method in NEW_METHODS:
+        line = next(row for row in table.splitlines() if row.startswith(method + " "))
+        assert ("base" in line) == get_info(method).needs_base
+        assert ("task-id" in line) == get_info(method).needs_task_id
+
+
+def test_bad_parameters_are_one_line_errors():
+    base, models = family((4, 3))
+    with pytest.raises(BasinError, match="common_space_fraction"):
+        run("iso_cts", models, base, common_space_fraction=1.5)
