@@ -14,6 +14,9 @@ ISO_PAPER = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging 
 ISO_LAMBDA = Param("lambda", 1.0, "scale of the merged task vector added to the base (alpha in the paper; "
                                   "FusionBench's scaling_factor)")
 
+PCB_PAPER = "Du et al. 2024, Parameter Competition Balancing for Model Merging"
+MAGMAX_PAPER = "Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning"
+
 ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
         name="iso_c", family=Family.TASK_ARITHMETIC, category="subspace", paper=ISO_PAPER, year=2025,
@@ -32,5 +35,27 @@ ENTRIES: tuple[MethodInfo, ...] = (
         ),
         summary="per matrix: top directions of the summed task vectors plus each task's top directions "
                 "orthogonal to them, orthogonalised, with an isotropic (mean) spectrum",
+    ),
+    MethodInfo(
+        name="pcb", family=Family.TASK_ARITHMETIC, category="competition balancing", paper=PCB_PAPER, year=2024,
+        needs_base=True, min_models=1,
+        params=(
+            Param("pcb_ratio", 0.1, "fraction of each task vector's entries kept, by balanced competition score",
+                  low=0.0, high=1.0, low_open=True),
+            Param("clamp_ratio", 0.0001, "fraction of each task vector's smallest and largest magnitudes clamped "
+                                         "(outliers), as the authors' code", low=0.0, high=0.5),
+            Param("lambda", 1.0, "scale of the merged task vector added to the base (tuned in the paper)"),
+        ),
+        summary="per entry: intra-balancing exp(T * minmax(|tau_i|)^2) times inter-balancing "
+                "tanh(tau_i * sum_j tau_j); keep the top pcb_ratio, score-weighted mean of the task vectors",
+        aliases=("pcb_merging",),
+    ),
+    MethodInfo(
+        name="magmax", family=Family.TASK_ARITHMETIC, category="magnitude selection", paper=MAGMAX_PAPER,
+        year=2024, needs_base=True, min_models=1,
+        params=(Param("lambda", 0.5, "scale of the merged task vector (0.5: the authors' 8-task script, "
+                                     "FusionBench's default)"),),
+        summary="per entry: the task-vector entry of largest magnitude (the later model on ties): "
+                "base + lambda * tau_argmax",
     ),
 )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from merging.methods import interpolation, isotropic, ram, spherical, subspace, task_arithmetic
+from merging.methods import competition, interpolation, isotropic, ram, spherical, subspace, task_arithmetic
 from merging.methods.registry import RegisteredMethod
 from taxonomy import BasinError
 from taxonomy import get as get_info
 
-FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic)
+FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition)
 
 
 def _collect() -> dict[str, RegisteredMethod]:

@@ -113,9 +113,77 @@ def test_iso_cts_sizes_fill_the_rank():
                 assert k >= 0 and s >= 0 and k + tasks * s == rank
 
 
+# ---------------------------------------------------------------- PCB, MagMax
+
+
+def np_pcb(taus, ratio, clamp_ratio):
+    rows = np.stack([t.reshape(-1) for t in taus])
+    n, d = rows.shape
+
+    def at(x, q):  # per row, the value at ascending position q
+        return np.sort(x, axis=1)[:, q][:, None]
+
+    def minmax(x):
+        low, high = x.min(1, keepdims=True), x.max(1, keepdims=True)
+        return np.where(high > low, (x - low) / np.where(high > low, high - low, 1), 0.0)
+
+    mag = np.abs(rows)
+    mag = np.clip(mag, at(mag, int(d * clamp_ratio)), at(mag, max(0, int(d * (1 - clamp_ratio) - 1))))
+    score = np.exp(n * minmax(mag) ** 2) * np.tanh(rows * rows.sum(0))
+    score = minmax(np.maximum(score, at(score, int(d * (1 - ratio)))))
+    merged = (np.sign(rows) * mag * score).sum(0) / np.maximum(score.sum(0), 1e-12)
+    return merged.reshape(taus[0].shape)
+
+
+def test_pcb_by_hand():
+    tau = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    # one task, no clamp: the score grows with |tau|; ratio 0.5 clamps it from below at its value of ascending
+    # rank int(4 * 0.5) = 2 (the score of -2), and min-max makes that 0: only the 3 keeps a weight
+    out = run("pcb", [tau], torch.zeros(4), pcb_ratio=0.5, clamp_ratio=0.0)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 3.0, 0.0]))
+    # two tasks agreeing in sign: both kept with their scores as weights; a lone opposite sign scores below 0
+    t1, t2 = torch.tensor([2.0, 1.0]), torch.tensor([2.0, -1.0])
+    out = run("pcb", [t1, t2], torch.zeros(2), pcb_ratio=1.0, clamp_ratio=0.0)
+    torch.testing.assert_close(out, torch.tensor([2.0, 0.0]))  # entry 1: weights 0 and 0 (minmax lows)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (50,), (3, 4, 5)])
+def test_pcb_against_numpy(shape):
+    base, models = family(shape, n=3, seed=40)
+    taus = [m - b for m, b in zip(f64(models), f64([base] * 3))]
+    for ratio, clamp_ratio in ((0.1, 0.0001), (0.5, 0.05), (1.0, 0.0)):
+        out = run("pcb", models, base, pcb_ratio=ratio, clamp_ratio=clamp_ratio, **{"lambda": 1.2})
+        expected = f64([base])[0] + 1.2 * np_pcb(taus, ratio, clamp_ratio)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pcb_constant_task_vector_is_finite():
+    out = run("pcb", [torch.ones(5), torch.full((5,), 2.0)], torch.zeros(5))
+    assert torch.isfinite(out).all()
+
+
+def test_magmax_by_hand():
+    t1, t2 = torch.tensor([1.0, -3.0, 2.0]), torch.tensor([-2.0, 1.0, -2.0])
+    # largest magnitudes: -2 (model 2), -3 (model 1), and the tie |2| = |-2| goes to the later model
+    out = run("magmax", [t1, t2], torch.zeros(3))
+    torch.testing.assert_close(out, 0.5 * torch.tensor([-2.0, -3.0, -2.0]))
+
+
+def test_magmax_against_numpy_and_chunks():
+    base, models = family((700, 800), n=4, seed=50)  # above CHUNK_ELEMENTS: streamed in chunks
+    taus = np.stack(f64(models)) - f64([base])[0]
+    pick = (np.abs(taus)[::-1]).argmax(0)  # the last model with the largest magnitude
+    expected = f64([base])[0] + np.take_along_axis(taus[::-1], pick[None], 0)[0]
+    out = run("magmax", models, base, **{"lambda": 1.0})
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
+    whole = get_method("magmax").fn(models, base, {"lambda": 1.0}, torch.Generator())
+    assert torch.equal(out, whole)
+
+
 # ---------------------------------------------------------------- the streamed merge is the whole-tensor one
 
-NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}}
+NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}, "pcb": {"pcb_ratio": 0.2},
+               "magmax": {}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
