@@ -16,6 +16,7 @@ ISO_LAMBDA = Param("lambda", 1.0, "scale of the merged task vector added to the 
 
 PCB_PAPER = "Du et al. 2024, Parameter Competition Balancing for Model Merging"
 MAGMAX_PAPER = "Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning"
+CART_PAPER = "Choi et al. 2024, Revisiting Weight Averaging for Model Merging (CART)"
 
 ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
@@ -57,5 +58,16 @@ ENTRIES: tuple[MethodInfo, ...] = (
                                      "FusionBench's default)"),),
         summary="per entry: the task-vector entry of largest magnitude (the later model on ties): "
                 "base + lambda * tau_argmax",
+    ),
+    MethodInfo(
+        name="cart", family=Family.TASK_ARITHMETIC, category="subspace", paper=CART_PAPER, year=2024,
+        needs_base=False, min_models=1,
+        params=(
+            Param("rank_ratio", 0.08, "fraction of min(shape) singular components kept of each centred task "
+                                      "vector (the paper's optimum, about 8%)", low=0.0, high=1.0, low_open=True),
+            Param("lambda", 1.0, "scale of the summed low-rank centred task vectors added to the average"),
+        ),
+        summary="per matrix: task vectors centred at the weight average, each cut to its top singular "
+                "components: mean + lambda * sum_i SVD_k(theta_i - mean); other tensors: the mean",
     ),
 )

@@ -180,10 +180,49 @@ def test_magmax_against_numpy_and_chunks():
     assert torch.equal(out, whole)
 
 
+# ---------------------------------------------------------------- CART
+
+
+def test_cart_by_hand():
+    e = torch.eye(3)
+    m1 = 4 * torch.outer(e[0], e[0]) + torch.outer(e[1], e[1])
+    m2 = -4 * torch.outer(e[0], e[0]) + 3 * torch.outer(e[2], e[2])
+    # mean = diag(0, 0.5, 1.5); centred: diag(4, 0.5, -1.5) and diag(-4, -0.5, 1.5); rank 1 keeps the 4s,
+    # which cancel: CART is the mean
+    out = run("cart", [m1, m2], None, rank_ratio=0.34)
+    torch.testing.assert_close(out, torch.diag(torch.tensor([0.0, 0.5, 1.5])), atol=1e-6, rtol=0)
+    m3 = torch.outer(e[0], e[0])  # three models: mean diag(1/3, 1/3, 1); the centred parts no longer cancel
+    out = run("cart", [m1, m2, m3], None, rank_ratio=0.34, **{"lambda": 1.0})
+    mean = (m1 + m2 + m3) / 3
+    expected = mean + sum(torch.from_numpy(np_truncated((m - mean).numpy().astype(np.float64), 1)).float()
+                          for m in (m1, m2, m3))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def np_truncated(x, k):
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@pytest.mark.parametrize("shape", [(20, 14), (9, 30)])
+def test_cart_against_numpy(shape):
+    _, models = family(shape, n=4, seed=60)
+    ms = f64(models)
+    mean = sum(ms) / 4
+    for ratio in (0.08, 0.3, 1.0):
+        k = max(1, int(min(shape) * ratio))
+        out = run("cart", models, None, rank_ratio=ratio, **{"lambda": 0.7})
+        expected = mean + 0.7 * sum(np_truncated(m - mean, k) for m in ms)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run("cart", models, None, rank_ratio=1.0).numpy(), mean, atol=1e-5)  # full rank
+    bias = run("cart", [torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])], None)
+    torch.testing.assert_close(bias, torch.tensor([2.0, 4.0]))
+
+
 # ---------------------------------------------------------------- the streamed merge is the whole-tensor one
 
 NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}, "pcb": {"pcb_ratio": 0.2},
-               "magmax": {}}
+               "magmax": {}, "cart": {"rank_ratio": 0.3}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
