@@ -17,6 +17,10 @@ ISO_LAMBDA = Param("lambda", 1.0, "scale of the merged task vector added to the 
 PCB_PAPER = "Du et al. 2024, Parameter Competition Balancing for Model Merging"
 MAGMAX_PAPER = "Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning"
 CART_PAPER = "Choi et al. 2024, Revisiting Weight Averaging for Model Merging (CART)"
+TALL_PAPER = "Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression"
+TALL_LAMBDA = Param("tall_lambda", 0.6, "task t keeps an entry where |tau_t| > tall_lambda * |tau_MTL - tau_t| "
+                                        "(the paper picks it per task in [0.2, 0.6] on validation data; "
+                                        "FusionBench's default)", low=0.0)
 
 ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
@@ -69,5 +73,20 @@ ENTRIES: tuple[MethodInfo, ...] = (
         ),
         summary="per matrix: task vectors centred at the weight average, each cut to its top singular "
                 "components: mean + lambda * sum_i SVD_k(theta_i - mean); other tensors: the mean",
+    ),
+    MethodInfo(
+        name="consensus_ta", family=Family.TASK_ARITHMETIC, category="consensus masks", paper=TALL_PAPER,
+        year=2024, needs_base=True, min_models=1,
+        params=(
+            TALL_LAMBDA,
+            Param("min_agreement", 2, "an entry is kept when at least this many tasks' TALL masks hold it "
+                                      "(k in the paper: 1 drops the weights no task uses, 2 also the 'selfish' "
+                                      "ones only one task uses)",
+                  low=0.0),
+            Param("lambda", 1.0, "scale of the masked multi-task vector added to the base (alpha in the paper)"),
+        ),
+        summary="TALL masks m_t = |tau_t| > tall_lambda |tau_MTL - tau_t| with tau_MTL = sum_t tau_t; keep the "
+                "entries at least min_agreement masks hold: base + lambda * consensus * tau_MTL",
+        aliases=("consensus",),
     ),
 )

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from merging.methods import competition, interpolation, isotropic, ram, spherical, subspace, task_arithmetic
+from merging.methods import (
+    competition,
+    interpolation,
+    isotropic,
+    masks,
+    ram,
+    spherical,
+    subspace,
+    task_arithmetic,
+)
 from merging.methods.registry import RegisteredMethod
 from taxonomy import BasinError
 from taxonomy import get as get_info
 
-FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition)
+FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks)
 
 
 def _collect() -> dict[str, RegisteredMethod]:

@@ -219,10 +219,37 @@ def test_cart_against_numpy(shape):
     torch.testing.assert_close(bias, torch.tensor([2.0, 4.0]))
 
 
+# ---------------------------------------------------------------- consensus (TALL masks)
+
+
+def np_tall(taus, tall_lambda):
+    total = sum(taus)
+    return total, [np.abs(t) > tall_lambda * np.abs(total - t) for t in taus]
+
+
+def test_consensus_by_hand():
+    t1, t2, t3 = torch.tensor([1.0, 0.0, 2.0, 0.1]), torch.tensor([1.0, 3.0, -2.0, 0.0]), torch.tensor([0, 0, 0, 0.1])
+    # tau_MTL = [2, 3, 0, 0.2]; masks (0.6): m1 = [1,0,1,1], m2 = [1,1,1,0], m3 = [0,0,0,1]: votes [2,1,2,2]
+    out = run("consensus_ta", [t1, t2, t3], torch.zeros(4))
+    torch.testing.assert_close(out, torch.tensor([2.0, 0.0, 0.0, 0.2]))
+    out = run("consensus_ta", [t1, t2, t3], torch.zeros(4), min_agreement=1)  # every entry some task uses
+    torch.testing.assert_close(out, torch.tensor([2.0, 3.0, 0.0, 0.2]))
+
+
+def test_consensus_against_numpy_and_chunks():
+    base, models = family((600, 900), n=4, seed=70)  # above CHUNK_ELEMENTS: streamed in chunks
+    taus = [m - f64([base])[0] for m in f64(models)]
+    for tall_lambda, k in ((0.6, 2), (0.3, 3)):
+        total, masks = np_tall(taus, tall_lambda)
+        expected = f64([base])[0] + 0.8 * total * (np.sum(masks, 0) >= k)
+        out = run("consensus_ta", models, base, tall_lambda=tall_lambda, min_agreement=k, **{"lambda": 0.8})
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the streamed merge is the whole-tensor one
 
 NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}, "pcb": {"pcb_ratio": 0.2},
-               "magmax": {}, "cart": {"rank_ratio": 0.3}}
+               "magmax": {}, "cart": {"rank_ratio": 0.3}, "consensus_ta": {"tall_lambda": 0.4}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
