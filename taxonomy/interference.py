@@ -21,6 +21,7 @@ TALL_PAPER = "Wang et al. 2024, Localizing Task Information for Improved Model M
 TALL_LAMBDA = Param("tall_lambda", 0.6, "task t keeps an entry where |tau_t| > tall_lambda * |tau_MTL - tau_t| "
                                         "(the paper picks it per task in [0.2, 0.6] on validation data; "
                                         "FusionBench's default)", low=0.0)
+EMR_PAPER = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging"
 
 ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
@@ -88,5 +89,19 @@ ENTRIES: tuple[MethodInfo, ...] = (
         summary="TALL masks m_t = |tau_t| > tall_lambda |tau_MTL - tau_t| with tau_MTL = sum_t tau_t; keep the "
                 "entries at least min_agreement masks hold: base + lambda * consensus * tau_MTL",
         aliases=("consensus",),
+    ),
+    MethodInfo(
+        name="tall_masks", family=Family.TASK_ARITHMETIC, category="consensus masks", paper=TALL_PAPER,
+        year=2024, needs_base=True, needs_task_id=True, min_models=1,
+        params=(TALL_LAMBDA, Param("lambda", 1.0, "scale of tau_MTL in the merged model written (task arithmetic)")),
+        summary="writes base + lambda * tau_MTL and, beside it, tau_MTL and each task's TALL mask; task t "
+                "(named at inference) is base + m_t * tau_MTL",
+    ),
+    MethodInfo(
+        name="emr", family=Family.TASK_ARITHMETIC, category="sign election", paper=EMR_PAPER, year=2024,
+        needs_base=True, needs_task_id=True, min_models=1, params=(),
+        summary="elect sign(sum tau) and the largest agreeing magnitude (tau_uni); beside base + tau_uni, each "
+                "task's sign mask and rescaler: task t (named at inference) is base + c_t M_t * tau_uni",
+        aliases=("emr_merging",),
     ),
 )

@@ -246,10 +246,114 @@ def test_consensus_against_numpy_and_chunks():
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- TALL masks and EMR: per-task outputs
+
+
+def _write(folder, tensor):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": tensor}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def _task_merge(tmp_path, method, base, taus, **params):
+    refs = [_write(tmp_path / f"m{i}", base + tau) for i, tau in enumerate(taus)]
+    recipe = {"merge_method": method, "base_model": _write(tmp_path / "base", base),
+              "models": [{"model": r} for r in refs], "dtype": "float32", "parameters": params}
+    merge(recipe, tmp_path / "out", progress=False)
+    return tmp_path / "out", refs
+
+
+def test_tall_masks_by_hand(tmp_path):
+    from merging.output.task_files import task_tensors
+
+    taus = [torch.tensor([1.0, 0.0, 2.0, 0.1]), torch.tensor([1.0, 3.0, -2.0, 0.0]), torch.tensor([0, 0, 0, 0.1])]
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    out, refs = _task_merge(tmp_path, "tall_masks", base, taus, **{"lambda": 0.5})
+    # merged: base + 0.5 tau_MTL = base + 0.5 [2, 3, 0, 0.2]; masks m1 = [1,0,1,1], m2 = [1,1,1,0], m3 = [0,0,0,1]
+    torch.testing.assert_close(load_file(out / "model.safetensors")["w"], base + torch.tensor([1.0, 1.5, 0.0, 0.1]))
+    for t, mask in enumerate(([1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 1])):
+        task = dict(task_tensors(out, t))["w"]
+        torch.testing.assert_close(task, base + torch.tensor(mask) * torch.tensor([2.0, 3.0, 0.0, 0.2]))
+    torch.testing.assert_close(dict(task_tensors(out, refs[1]))["w"], dict(task_tensors(out, 1))["w"])  # by ref
+
+
+def test_emr_by_hand(tmp_path):
+    from merging.output.task_files import task_tensors
+
+    taus = [torch.tensor([2.0, -1.0, 0.0, 3.0]), torch.tensor([-1.0, -2.0, 0.0, 1.0])]
+    base = torch.zeros(4)
+    out, _ = _task_merge(tmp_path, "emr", base, taus)
+    # sum [1, -3, 0, 4]: signs [+, -, - (a zero sum), +]; masks M1 = [1,1,0,1], M2 = [0,1,0,1];
+    # tau_uni = [2, -2, 0, 3]; rescalers (6/4) / (7/4) and (4/4) / (5/4)
+    unified = torch.tensor([2.0, -2.0, 0.0, 3.0])
+    torch.testing.assert_close(load_file(out / "model.safetensors")["w"], unified)
+    torch.testing.assert_close(dict(task_tensors(out, 0))["w"], 6 / 7 * unified * torch.tensor([1.0, 1, 0, 1]))
+    torch.testing.assert_close(dict(task_tensors(out, 1))["w"], 4 / 5 * unified * torch.tensor([0.0, 1, 0, 1]))
+
+
+def np_emr(taus):
+    sign = np.where(sum(taus) > 0, 1.0, -1.0)
+    masks = [t * sign > 0 for t in taus]
+    unified = sign * np.max([np.abs(t) * m for t, m in zip(taus, masks)], axis=0)
+    return unified, masks
+
+
+@pytest.mark.parametrize("method", ["tall_masks", "emr"])
+def test_task_models_against_numpy_on_a_llama(tmp_path, family_dirs, method):
+    from merging.output.task_files import task_tensors
+
+    folders = family_dirs("llama", 4)
+    recipe = {"merge_method": method, "base_model": str(folders[0]), "models": [{"model": str(f)} for f in folders[1:]],
+              "dtype": "float32"}
+    merge(recipe, tmp_path / "out", progress=False)
+    base = {k: v.numpy().astype(np.float64) for k, v in load_file(folders[0] / "model.safetensors").items()}
+    models = [{k: v.numpy().astype(np.float64) for k, v in load_file(f / "model.safetensors").items()}
+              for f in folders[1:]]
+    taus = {name: [m[name] - b for m in models] for name, b in base.items()}
+    if method == "emr":
+        elected = {name: np_emr(t) for name, t in taus.items()}
+        num = [sum(np.abs(taus[n][t]).mean() for n in base) for t in range(3)]
+        den = [sum(np.abs(elected[n][0] * elected[n][1][t]).mean() for n in base) for t in range(3)]
+        scales, vectors, masks = [a / b for a, b in zip(num, den)], {n: e[0] for n, e in elected.items()}, \
+            {n: e[1] for n, e in elected.items()}
+    else:
+        scales = [1.0] * 3
+        vectors, masks = {n: sum(t) for n, t in taus.items()}, {n: np_tall(t, 0.6)[1] for n, t in taus.items()}
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for name, b in base.items():
+        np.testing.assert_allclose(written[name].numpy(), b + vectors[name], rtol=1e-5, atol=1e-6)
+    for t in range(3):
+        for name, tensor in task_tensors(tmp_path / "out", t):
+            np.testing.assert_allclose(tensor.numpy(), base[name] + scales[t] * masks[name][t] * vectors[name],
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tall_masks", "emr"])
+def test_one_task_is_rebuilt_exactly(tmp_path, method):
+    from merging.output.task_files import task_tensors
+
+    base, models = family((6, 5), n=1, seed=80)
+    out, _ = _task_merge(tmp_path, method, base, [models[0] - base])
+    assert torch.equal(dict(task_tensors(out, 0))["w"], base + (models[0] - base))
+
+
+def test_task_outputs_bad_input(tmp_path):
+    from merging.output.task_files import task_tensors
+
+    out, _ = _task_merge(tmp_path, "emr", torch.zeros(3), [torch.ones(3), -torch.ones(3)])
+    with pytest.raises(BasinError, match="not one of the 2 tasks"):
+        next(task_tensors(out, 2))
+    with pytest.raises(BasinError, match="not the output of a tall_masks or emr merge"):
+        next(task_tensors(tmp_path / "m0", 0))
+
+
 # ---------------------------------------------------------------- the streamed merge is the whole-tensor one
 
 NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}, "pcb": {"pcb_ratio": 0.2},
-               "magmax": {}, "cart": {"rank_ratio": 0.3}, "consensus_ta": {"tall_lambda": 0.4}}
+               "magmax": {}, "cart": {"rank_ratio": 0.3}, "consensus_ta": {"tall_lambda": 0.4},
+               "tall_masks": {}, "emr": {}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
