@@ -22,6 +22,8 @@ TALL_LAMBDA = Param("tall_lambda", 0.6, "task t keeps an entry where |tau_t| > t
                                         "(the paper picks it per task in [0.2, 0.6] on validation data; "
                                         "FusionBench's default)", low=0.0)
 EMR_PAPER = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging"
+WUDI_PAPER = ("Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding Data-Free Model "
+              "Merging via Task Vectors (WUDI-merging)")
 
 ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo(
@@ -103,5 +105,16 @@ ENTRIES: tuple[MethodInfo, ...] = (
         summary="elect sign(sum tau) and the largest agreeing magnitude (tau_uni); beside base + tau_uni, each "
                 "task's sign mask and rescaler: task t (named at inference) is base + c_t M_t * tau_uni",
         aliases=("emr_merging",),
+    ),
+    MethodInfo(
+        name="wudi", family=Family.TASK_ARITHMETIC, category="interference minimisation", paper=WUDI_PAPER,
+        year=2025, needs_base=True, min_models=1,
+        params=(
+            Param("iterations", 400, "Adam steps per matrix (FusionBench's default)", low=0.0, high=100000.0),
+            Param("lr", 1e-5, "Adam learning rate (the authors')", low=0.0),
+        ),
+        summary="per matrix: Adam on sum_i ||(tau - tau_i) tau_i^T||^2 / ||tau_i||^2 from sum_i tau_i (the "
+                "task vectors as data proxies); other tensors: the mean task vector",
+        aliases=("wudi_merging",),
     ),
 )

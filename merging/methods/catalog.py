@@ -11,12 +11,13 @@ from merging.methods import (
     spherical,
     subspace,
     task_arithmetic,
+    wudi,
 )
 from merging.methods.registry import RegisteredMethod
 from taxonomy import BasinError
 from taxonomy import get as get_info
 
-FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks)
+FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks, wudi)
 
 
 def _collect() -> dict[str, RegisteredMethod]:

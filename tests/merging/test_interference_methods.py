@@ -349,11 +349,60 @@ def test_task_outputs_bad_input(tmp_path):
         next(task_tensors(tmp_path / "m0", 0))
 
 
+# ---------------------------------------------------------------- WUDI
+
+
+def np_wudi(taus, iterations, lr, betas=(0.9, 0.999), eps=1e-8):
+    """The authors' loop in float64: explicit products (tau - tau_i) tau_i^T, Adam by its formulas."""
+    tau = sum(taus)
+    m, v = np.zeros_like(tau), np.zeros_like(tau)
+    norms = [np.sum(t ** 2) for t in taus]
+    for step in range(1, iterations + 1):
+        grad = sum(2 * ((tau - t) @ t.T) @ t / n for t, n in zip(taus, norms))
+        m = betas[0] * m + (1 - betas[0]) * grad
+        v = betas[1] * v + (1 - betas[1]) * grad ** 2
+        tau = tau - lr * (m / (1 - betas[0] ** step)) / (np.sqrt(v / (1 - betas[1] ** step)) + eps)
+    return tau
+
+
+def test_wudi_by_hand():
+    e, f = torch.eye(4), torch.eye(3)
+    tau1, tau2 = 3 * torch.outer(e[0], f[0]), 2 * torch.outer(e[1], f[1])
+    # disjoint rows and columns: (tau - tau_1) tau_1^T = tau_2 tau_1^T = 0, no interference, the sum stays
+    out = run("wudi", [tau1, tau2], torch.zeros(4, 3), iterations=10)
+    torch.testing.assert_close(out, tau1 + tau2, atol=0, rtol=0)
+    base, models = family((5, 4), n=1, seed=90)  # one task: the loss is 0 at its own task vector
+    assert torch.equal(run("wudi", models, base, iterations=5), base + (models[0] - base))
+    bias = run("wudi", [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])], torch.zeros(2))
+    torch.testing.assert_close(bias, torch.tensor([2.0, 1.0]))  # 1-D: the mean task vector
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (6, 15)])
+def test_wudi_against_numpy_and_autograd(shape):
+    base, models = family(shape, n=3, seed=91)
+    taus = [m - b for m, b in zip(f64(models), f64([base] * 3))]
+    out = run("wudi", models, base, iterations=25, lr=2e-2)
+    expected = f64([base])[0] + np_wudi(taus, 25, 2e-2)
+    assert np.abs(expected - (f64([base])[0] + sum(taus))).max() > 0.1  # the optimisation moved it
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=2e-4)
+    # FusionBench's loop: autograd through the explicit products, torch.optim.Adam
+    tvs = torch.stack([m - base for m in models])
+    merged = torch.nn.Parameter(tvs.sum(0))
+    opt = torch.optim.Adam([merged], lr=2e-2)
+    norms = tvs.reshape(3, -1).norm(dim=1).square()
+    for _ in range(25):
+        loss = torch.sum(torch.matmul(merged.unsqueeze(0) - tvs, tvs.transpose(1, 2)).square() / norms[:, None, None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(out, base + merged.detach(), atol=2e-4, rtol=0)
+
+
 # ---------------------------------------------------------------- the streamed merge is the whole-tensor one
 
 NEW_METHODS = {"iso_c": {"lambda": 0.9}, "iso_cts": {"common_space_fraction": 0.6}, "pcb": {"pcb_ratio": 0.2},
                "magmax": {}, "cart": {"rank_ratio": 0.3}, "consensus_ta": {"tall_lambda": 0.4},
-               "tall_masks": {}, "emr": {}}
+               "tall_masks": {}, "emr": {}, "wudi": {"iterations": 3}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
