@@ -349,6 +349,37 @@ def test_task_outputs_bad_input(tmp_path):
         next(task_tensors(tmp_path / "m0", 0))
 
 
+def test_task_outputs_under_an_outer_observer(tmp_path):
+    from merging.engine import observing
+    from merging.output.task_files import task_tensors
+
+    seen = []
+    with observing(lambda plan, k, tensors, base: seen.append(plan.tensors[k].name)):
+        out, _ = _task_merge(tmp_path, "tall_masks", torch.zeros(3), [torch.ones(3), torch.tensor([1.0, -1, 0])])
+    assert seen == ["w"]  # the outer observer (`basin merge --measure` statistics) still sees every tensor
+    torch.testing.assert_close(dict(task_tensors(out, 1))["w"], torch.tensor([2.0, 0.0, 0.0]))
+
+
+def test_cli_merge_writes_task_outputs_and_refuses_a_sweep(tmp_path, capsys):
+    import yaml
+
+    from evaluations.cli import main
+
+    refs = [_write(tmp_path / f"m{i}", torch.full((4,), float(i))) for i in range(3)]
+    recipe = {"merge_method": "emr", "base_model": refs[0], "models": [{"model": r} for r in refs[1:]]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "task_outputs" / "tasks.json").is_file()
+    recipe = {"merge_method": "tall_masks", "base_model": refs[0], "models": [{"model": r} for r in refs[1:]],
+              "parameters": {"tall_lambda": {"grid": [0.2, 0.4]}}}
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["merge", str(path), str(tmp_path / "sweep"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot run as a sweep" in err and len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------- WUDI
 
 
