@@ -157,6 +157,16 @@ def test_pcb_against_numpy(shape):
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pcb_ranked_value_is_exact_on_both_paths():
+    from merging.methods.competition import ranked_value
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.cat([torch.randn(2, 70_001, generator=g), torch.randint(-5, 5, (1, 70_001), generator=g).float()])
+    for index in (0, 7, 35_000, 63_000, 70_000):  # positive and non-positive order statistics, heavy ties
+        expected = torch.sort(rows, dim=1).values[:, index:index + 1]
+        assert torch.equal(ranked_value(rows, index), expected)
+
+
 def test_pcb_constant_task_vector_is_finite():
     out = run("pcb", [torch.ones(5), torch.full((5,), 2.0)], torch.zeros(5))
     assert torch.isfinite(out).all()
