@@ -36,7 +36,7 @@ def ranked_value(rows: torch.Tensor, index: int) -> torch.Tensor:
     values = []
     for row in rows:
         if k <= int(torch.count_nonzero(row > 0)):
-            values.append(kth_largest(row.clamp(min=0), k))
+            values.append(kth_largest(torch.where(row > 0, row, 0.0), k))  # +0 for -0 too (a sign bit)
         else:
             values.append(torch.kthvalue(row, index + 1).values)
     return torch.stack(values).unsqueeze(1)
