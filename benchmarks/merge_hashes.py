@@ -42,7 +42,8 @@ def recipe(method: str, refs: list[str]) -> dict:
     if method in WITH_BASE_LISTED:
         models.append({"model": refs[0]})
     params = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "nuslerp": {"weight": 0.5},
-              "task_arithmetic": {"weight": 0.7}, "sce": {"select_topk": 0.5}}.get(method, {})
+              "task_arithmetic": {"weight": 0.7}, "sce": {"select_topk": 0.5},
+              "wudi": {"iterations": 20}}.get(method, {})
     if method in SPARSE:
         params = {"density": 0.5, "weight": 0.7}
     return {"merge_method": method, "base_model": refs[0], "models": models, "parameters": params,

@@ -46,8 +46,15 @@ _OBSERVER: ContextVar[Observer | None] = ContextVar("basin_merge_observer", defa
 
 @contextmanager
 def observing(observer: Observer) -> Iterator[None]:
-    """Merges run inside this block hand each tensor's inputs to `observer` (on the merging thread)."""
-    token = _OBSERVER.set(observer)
+    """Merges run inside this block hand each tensor's inputs to `observer` (on the merging thread), after any
+    observer of an enclosing block."""
+    outer = _OBSERVER.get()
+
+    def both(plan: MergePlan, k: int, tensors: list[torch.Tensor], base: torch.Tensor | None) -> None:
+        outer(plan, k, tensors, base)
+        observer(plan, k, tensors, base)
+
+    token = _OBSERVER.set(observer if outer is None else both)
     try:
         yield
     finally:

@@ -274,14 +274,18 @@ def merge(
                            _peak_rss_mb(), None, [], inputs, dry_run=True, plan=plan)
     assert out is not None
     from merging.engine import run_plan
+    from merging.methods.catalog import get_method
+    from merging.output.task_files import recording_task_outputs
 
     layout = [(tp.name, tp.shape, tp.out_dtype) for tp in plan.tensors]
-    key = resume_key(plan, ckpts) if resume else None
+    method = get_method(plan.method)
+    key = resume_key(plan, ckpts) if resume and method.task_outputs is None else None
     with ShardWriter(out, layout, size, overwrite=overwrite, resume_key=key, protect=guard) as writer:
         if writer.done and progress:
             print(f"resuming: {len(writer.done)} of {len(layout)} tensors already written", file=sys.stderr)
-        stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
-                         skip=writer.done)
+        with recording_task_outputs(method, plan, writer):
+            stats = run_plan(plan, [ckpts[r] for r in plan.inputs], writer.add, device=device, progress=progress,
+                             skip=writer.done)
         digest = finish_output(writer, recipe, ckpts, plan, inputs, out_dtype)
     return MergeReport(str(out), plan.method, len(plan.tensors), stats.bytes_written, time.perf_counter() - start,
                        stats.seconds, _peak_rss_mb(), digest, list(writer.shard_names), inputs,
@@ -303,6 +307,11 @@ def _sweep(points: list[tuple[dict[str, Any], Recipe]], ckpts: dict[str, Checkpo
     from merging.engine import run_plans
 
     plans = [_build_plan(r, ckpts, out_dtype, allow_mixed_architectures=mixed) for _, r in points]
+    from merging.methods.catalog import get_method
+
+    if get_method(plans[0].method).task_outputs is not None:
+        raise BasinError(f"{plans[0].method}: writes per-task outputs beside the merge and cannot run as a sweep; "
+                         "merge each parameter value separately")
     for (_, r), p in zip(points, plans):
         _check_output(r, ckpts, p, out_dtype, progress)
     if any(r.align for _, r in points):

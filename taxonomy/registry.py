@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from taxonomy import adaptive, alignment, ensemble, importance, interpolation, task_arithmetic
+from taxonomy import adaptive, alignment, ensemble, importance, interference, interpolation, task_arithmetic
 from taxonomy.core import Family, MethodInfo
 from taxonomy.errors import BasinError, suggest
 
-FAMILIES = (interpolation, task_arithmetic, importance, alignment, ensemble, adaptive)
+FAMILIES = (interpolation, task_arithmetic, interference, importance, alignment, ensemble, adaptive)
 
 
 def _index(infos: Iterable[MethodInfo]) -> dict[str, MethodInfo]:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from merging.methods import interpolation, ram, spherical, subspace, task_arithmetic
+from merging.methods import (
+    competition,
+    interpolation,
+    isotropic,
+    masks,
+    ram,
+    spherical,
+    subspace,
+    task_arithmetic,
+    wudi,
+)
 from merging.methods.registry import RegisteredMethod
 from taxonomy import BasinError
 from taxonomy import get as get_info
 from taxonomy.core import Kind, MethodInfo
 
-FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram)
+FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks, wudi)
 
 
 def _collect() -> dict[str, RegisteredMethod]:

@@ -30,6 +30,27 @@ from taxonomy import get as get_info
 MergeFn = Callable[[list[torch.Tensor], "torch.Tensor | None", dict[str, Any], torch.Generator], torch.Tensor]
 
 
+Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class TaskOutputs:
+    """Per-task tensors of one tensor name, written beside the merged model (`merging.output.task_files`).
+
+    - `layout(shape, n_models, dtype)`: (key, shape, dtype) of each tensor `compute` returns for an input of that
+      shape and output dtype, known before any data is read (the writer plans its file from it);
+    - `compute(task_vectors, params, dtype)`: key -> tensor, from the float32 task vectors of one tensor name:
+      "task_vector" (the vector the tasks share, in `dtype`), "mask.{t}" (task t's bool mask) and any per-task
+      statistics (float64 vectors of n_models entries);
+    - `rescale`: True when task t is base + c_t mask_t * task_vector with c_t from the statistics (EMR),
+      False when c_t = 1 (TALL masks).
+    """
+
+    layout: Callable[[tuple[int, ...], int, torch.dtype], Layout]
+    compute: Callable[[list[torch.Tensor], dict[str, Any], torch.dtype], dict[str, torch.Tensor]]
+    rescale: bool = False
+
+
 @dataclass(frozen=True)
 class RegisteredMethod:
     """A merge function bound to its taxonomy entry (name, parameters, defaults, ranges) and its capabilities.
@@ -38,7 +59,9 @@ class RegisteredMethod:
     - two-phase (`fn` has `prepare` and `apply`, see `merging.methods.chunking`): chunked after a whole-tensor
       pass;
     - `fused(inputs, params[, state])`: the compiled kernel's per-chunk function, or None where it does not apply;
-    - `optional_base`: the method uses a recipe's base_model when one is given but does not need one.
+    - `optional_base`: the method uses a recipe's base_model when one is given but does not need one;
+    - `task_outputs`: per-task tensors (masks, a task vector) the merge writes beside the merged model, for
+      methods whose tasks are rebuilt at inference from the task's identity (`TaskOutputs`).
     """
 
     info: MethodInfo
@@ -46,6 +69,7 @@ class RegisteredMethod:
     elementwise: bool = False
     fused: Callable[..., Any] | None = None
     optional_base: bool = False
+    task_outputs: TaskOutputs | None = None
 
     @property
     def two_phase(self) -> bool:
@@ -75,12 +99,13 @@ class RegisteredMethod:
 
 
 def merge_method(name: str, *, elementwise: bool = False, fused: Callable[..., Any] | None = None,
-                 optional_base: bool = False) -> Callable[[MergeFn], RegisteredMethod]:
+                 optional_base: bool = False, task_outputs: TaskOutputs | None = None
+                 ) -> Callable[[MergeFn], RegisteredMethod]:
     """Bind `fn` to taxonomy entry `name` (which must exist) with its capabilities; `merging.methods.catalog`
     collects the bound methods. A two-phase object's own `fused` method is its kernel."""
 
     def wrap(fn: MergeFn) -> RegisteredMethod:
         kernel = fused if fused is not None else getattr(fn, "fused", None)
-        return RegisteredMethod(get_info(name), fn, elementwise, kernel, optional_base)
+        return RegisteredMethod(get_info(name), fn, elementwise, kernel, optional_base, task_outputs)
 
     return wrap

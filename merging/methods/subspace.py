@@ -1,4 +1,5 @@
-"""Subspace merges of task vectors: TSV-Merge (Gargiulo et al. 2025, Task Singular Vectors).
+"""Subspace merges of task vectors: TSV-Merge (Gargiulo et al. 2025, Task Singular Vectors) and CART (Choi et
+al. 2024, centred task vectors of low rank).
 
 For a 2-D tensor, each task vector tau_i = U_i S_i V_i^T is cut to its k = max(1, int(r * f))
 leading singular triplets (r = min(shape), f = `sv_reduction`, by default 1 / T for T models);
@@ -12,6 +13,11 @@ the authors' CLIP code, no tensor is special-cased by name (they average `text_p
 components whose singular value is numerically zero (below numpy.linalg.matrix_rank's tolerance)
 are left out before orthogonalising: their singular vectors are arbitrary (a task vector that is
 zero on a tensor would otherwise rotate the other tasks' vectors), and they add nothing to Delta.
+
+CART (Choi et al. 2024, eq. 5): no base; the task vectors are centred at the weight average m = mean_i
+theta_i, and each centred matrix theta_i - m is cut to its k = max(1, int(r * rank_ratio)) leading singular
+triplets (exact SVD: the reference the tests hold it to): theta = m + lambda * sum_i SVD_k(theta_i - m).
+At full rank the centred vectors sum to zero and CART is the average; tensors of other ranks get m.
 """
 
 from __future__ import annotations
@@ -64,3 +70,23 @@ def tsv(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str
     else:
         delta = torch.stack(task_vectors).mean(0)
     return base + params["lambda"] * delta
+
+
+def truncated(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The best rank-k approximation of a 2-D tensor (Eckart-Young): its k leading singular triplets."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+@merge_method("cart")
+def cart(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+         rng: torch.Generator) -> torch.Tensor:
+    """CART (Choi et al. 2024, eq. 5); see the module docstring."""
+    mean = torch.stack(tensors).mean(0)
+    if mean.dim() != 2:
+        return mean
+    k = max(1, int(min(mean.shape) * params["rank_ratio"]))
+    delta = torch.zeros_like(mean)
+    for t in tensors:
+        delta += truncated(t - mean, k)
+    return mean + params["lambda"] * delta
