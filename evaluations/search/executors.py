@@ -156,10 +156,10 @@ class RayTrials:
                     trial = study.ask()
                     worker = idle.pop()
                     pending[worker.run.remote(suggest(trial, dims))] = (trial, worker, started)
-                done, _ = ray.wait(list(pending), num_returns=1)
-                trial, worker, started = pending.pop(done[0])
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                trial, worker, started = pending.pop(ready[0])
                 idle.append(worker)
-                result = ray.get(done[0])
+                result = ray.get(ready[0])
                 if "error" in result:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise BasinError(result["error"])

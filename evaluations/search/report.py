@@ -3,7 +3,8 @@
 `best.yaml` is the search recipe with the best trial's values filled in (a plain recipe: `basin merge best.yaml
 OUT`); with several objectives, the Pareto front's trial best on the first objective (the whole front is in
 search.json). Times per trial: `merge_seconds` and `score_seconds` (the worker's), `wall_seconds` (the driver's,
-from ask to tell): `overhead` is their difference, the cost of the search itself.
+from ask to just before tell) and `duration_seconds` (Optuna's, ask to tell): `time_per_trial` in search.json gives
+the mean overhead, the duration beyond merge and score (sampler, storage, transfers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from evaluations.search.study import optuna_module
 from merging.recipe.search_space import SearchSpace
 
-TIMES = ("merge_seconds", "score_seconds", "seconds", "wall_seconds")
+TIMES = ("merge_seconds", "score_seconds", "seconds", "wall_seconds", "duration_seconds")
 FILES = ("best.yaml", "trials.json", "trials.csv", "search.json", "search.png")
 
 
@@ -29,7 +30,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         row = {"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
                "values": None if t.values is None else list(t.values)}
         attrs = t.user_attrs.get("basin", {})
-        row.update({k: attrs.get(k) for k in (*TIMES, "mode", "worker")})
+        row.update({k: attrs.get(k) for k in (*TIMES[:-1], "mode", "worker")})
+        row["duration_seconds"] = None if t.duration is None else t.duration.total_seconds()
         rows.append(row)
     return rows
 
@@ -66,13 +68,15 @@ def csv_text(rows: list[dict[str, Any]], labels: list[str], names: list[str]) ->
 
 
 def overhead(rows: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Mean seconds per completed trial: wall, merge, score, and the overhead fraction beyond merge + score."""
-    done = [r for r in rows if r["state"] == "complete" and r["wall_seconds"] is not None]
+    """Mean seconds per completed trial: its duration in the study (ask to tell, Optuna's clock), merge, score, and
+    the fraction of the duration beyond merge + score (sampler, storage, transfers: the search's overhead)."""
+    keys = ("duration_seconds", "merge_seconds", "score_seconds")
+    done = [r for r in rows if r["state"] == "complete" and all(r[k] is not None for k in keys)]
     if not done:
         return None
-    mean = {k: sum(r[k] for r in done) / len(done) for k in ("wall_seconds", "merge_seconds", "score_seconds")}
-    extra = mean["wall_seconds"] - mean["merge_seconds"] - mean["score_seconds"]
-    mean["overhead_fraction"] = extra / mean["wall_seconds"] if mean["wall_seconds"] > 0 else math.nan
+    mean = {k: sum(r[k] for r in done) / len(done) for k in keys}
+    extra = mean["duration_seconds"] - mean["merge_seconds"] - mean["score_seconds"]
+    mean["overhead_fraction"] = extra / mean["duration_seconds"] if mean["duration_seconds"] > 0 else math.nan
     return mean
 
 
