@@ -67,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options(args)
     if args.write_best:
+        from pathlib import Path
+
         from merging.io.guard import refuse_existing
 
-        refuse_existing(args.write_best, args.overwrite)
+        refuse_existing(Path(args.write_best), args.overwrite)
     written: list = []
     with Outputs(overwrite=True, inputs=[args.recipe, args.data]) as outputs:
         out = outputs.folder(args.out, list(FILES), "OUT")

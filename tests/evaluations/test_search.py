@@ -49,7 +49,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "        from evaluations.models import load_model\n"
         "        model = load_model(model)\n"
         "    sd = model.state_dict()\n"
-        "    return float(sum(((sd[n].double() - T[n].double()) ** 2).sum() for n in T))\n")
+        "    return float(sum(((sd[n].double() - T[n].double()) ** 2).sum() for n in T))\n"
+        "def norm(model):\n"
+        "    return float(sum((t.double() ** 2).sum() for t in model.state_dict().values()))\n")
     (root / "calib.txt").write_text(" ".join(WORDS[3:] * 12) + "\n")
     return {"root": root, "a": root / "a", "b": root / "b", "objective": root / "objective.py",
             "data": root / "calib.txt"}
@@ -143,13 +145,13 @@ def test_finds_the_known_optimum_and_repeats_with_the_seed(tmp_path, models, cap
 
 def test_grid_sampler_scratch_equals_memory(tmp_path, models):
     """A stepped range under the grid sampler hits w* exactly; trials merged on disk score bit-identically."""
-    recipe = _recipe(tmp_path, models, "{search: [0.0, 1.0], step: 0.125}")
+    recipe = _recipe(tmp_path, models, "{search: [0.0, 1.0], step: 0.25}")
     memory, scratch = tmp_path / "memory", tmp_path / "scratch"
     assert _search(tmp_path, models, memory, "--sampler", "grid", "--trials", "50", recipe=recipe) == 0
-    assert _search(tmp_path, models, scratch, "--sampler", "grid", "--trials", "9", "--in-memory", "never",
+    assert _search(tmp_path, models, scratch, "--sampler", "grid", "--trials", "5", "--in-memory", "never",
                    "--scratch", str(tmp_path), recipe=recipe) == 0
     a, b = _trials(memory), _trials(scratch)
-    assert len(a) == 9 and {r["mode"] for r in b} == {"scratch"}
+    assert len(a) == 5 and {r["mode"] for r in b} == {"scratch"}
     assert sorted((r["params"]["models[0].parameters.weight"], r["values"]) for r in a) == \
         sorted((r["params"]["models[0].parameters.weight"], r["values"]) for r in b)
     best = json.loads((memory / "search.json").read_text())["best"][0]
@@ -188,7 +190,7 @@ def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models):
     """TIES at a few densities: the loss of the live model equals the loss of the merged folder, bit for bit, and
     the chunked loss equals `measure_loss` over all the data."""
     from evaluations.measure import measure_loss
-    from evaluations.search.trials import DataSpec, ObjectiveSpec, TrialRunner, TrialSetup, chunked_loss
+    from evaluations.search.trials import DataSpec, ObjectiveSpec, Pruned, TrialRunner, TrialSetup, chunked_loss
 
     raw = {"merge_method": "ties", "base_model": str(models["a"]),
            "models": [{"model": str(models["b"]), "parameters": {"weight": 1.0, "density": {"search": [0.2, 1.0]}}}],
@@ -204,6 +206,25 @@ def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models):
         whole = measure_loss(memory.model, memory.data, memory.objective).loss
         assert m["values"][0] == pytest.approx(whole, rel=1e-12)
     assert len(memory.data) >= 4 and chunked_loss(memory.model, memory.data, memory.objective) == m["values"][0]
+    seen = []
+    with pytest.raises(Pruned):  # a pruner that stops at once: one chunk measured, its loss reported
+        chunked_loss(memory.model, memory.data, memory.objective, lambda step, value: seen.append((step, value)) or 1)
+    first = memory.data.batches[:len(memory.data) // 4]
+    assert seen == [(0, pytest.approx(measure_loss(memory.model, first, memory.objective).loss, rel=1e-12))]
+
+
+def test_two_objectives_give_a_pareto_front_and_write_best(tmp_path, models, capsys):
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    recipe = _recipe(tmp_path, models, "{search: [0.0, 1.0], step: 0.5}")
+    code = main(["search", str(recipe), str(out), "--objective", f"{models['objective']}:distance",
+                 "--objective", f"{models['objective']}:norm", "--direction", "minimize", "--direction", "maximize",
+                 "--sampler", "grid", "--write-best", str(merged)])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / "search.json").read_text())
+    assert info["directions"] == ["minimize", "maximize"] and info["trials"]["complete"] == 3
+    front = [b["params"]["models[0].parameters.weight"] for b in info["best"]]
+    assert front[0] == W_STAR  # the front sorted by the first objective
+    assert "weight: 0.5" in (out / "best.yaml").read_text() and (merged / "config.json").is_file()
 
 
 BAD_CLI = [
@@ -241,6 +262,7 @@ def test_bad_recipe_and_data_one_line_exit_2_nothing_written(tmp_path, models, c
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_ray_matches_local_trial_by_trial(tmp_path, models):
     """Two Ray workers on a local instance: the grid's trials score exactly as locally, and w* is found."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
