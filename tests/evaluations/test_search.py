@@ -209,7 +209,7 @@ def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models):
     seen = []
     with pytest.raises(Pruned):  # a pruner that stops at once: one chunk measured, its loss reported
         chunked_loss(memory.model, memory.data, memory.objective, lambda step, value: seen.append((step, value)) or 1)
-    first = memory.data.batches[:len(memory.data) // 4]
+    first = memory.data.batches[:round(len(memory.data) / 4)]  # the first of 4 chunks
     assert seen == [(0, pytest.approx(measure_loss(memory.model, first, memory.objective).loss, rel=1e-12))]
 
 
