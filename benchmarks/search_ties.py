@@ -8,7 +8,7 @@ and measured on held-out text of both tasks. Reported: time per trial (Optuna's 
 and scoring, the overhead fraction beyond them, Ray's wall time per trial against local, held-out losses.
 Writes benchmarks/results/search_ties.json.
 
-    nice python benchmarks/search_ties.py [--trials 30] [--hidden 128] [--steps 120] [--out benchmarks/results]
+    nice python benchmarks/search_ties.py [--trials 30] [--hidden 64] [--steps 60] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -144,9 +144,9 @@ def losses(recipe, files: dict[str, Path], root: Path, name: str) -> dict[str, f
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=120, help="base training steps (fine-tunes: half)")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60, help="base training steps (fine-tunes: half)")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
