@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "hessian": ("evaluations.cli.hessian", "top Hessian eigenvalues, trace and spectral density"),
     "ntk": ("evaluations.cli.ntk", "empirical neural tangent kernel and kernel distances"),
     "bench": ("evaluations.cli.bench", "benchmark merge methods on a suite of tasks"),
+    "search": ("evaluations.cli.search", "tune a recipe's weights, densities and method with Optuna (local or Ray)"),
     "demo": ("evaluations.cli.demo", "run the demo on embedded data (all-MiniLM-L6-v2, digits)"),
 }
 EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
