@@ -280,3 +280,23 @@ def test_ray_matches_local_trial_by_trial(tmp_path, models):
     key = "models[0].parameters.weight"
     assert sorted((r["params"][key], r["values"]) for r in a) == sorted((r["params"][key], r["values"]) for r in b)
     assert json.loads((remote / "search.json").read_text())["best"][0]["params"][key] == W_STAR
+
+
+def test_cmaes_sampler_searches_two_weights(tmp_path, models):
+    """mergekit-evolve's sampler: CMA-ES over both weights (two dimensions, so Optuna does not fall back to its
+    independent sampler); the best ratio w_a / w_b approaches the known optimum W_STAR."""
+    pytest.importorskip("cmaes", reason="the search extra's cmaes is not installed")
+    path = tmp_path / "two.yaml"
+    path.write_text(f"merge_method: linear\nmodels:\n  - model: {models['a']}\n"
+                    "    parameters: {weight: {search: [0.05, 1.0]}}\n"
+                    f"  - model: {models['b']}\n    parameters: {{weight: {{search: [0.05, 1.0]}}}}\n")
+    out = tmp_path / "cma"
+    assert main(["search", str(path), str(out), "--objective", f"{models['objective']}:distance",
+                 "--sampler", "cmaes", "--trials", "24", "--seed", "0"]) == 0
+    rows = [r for r in _trials(out) if r["state"] == "complete"]
+    assert len(rows) == 24
+    best = json.loads((out / "search.json").read_text())["best"][0]["params"]
+    ratio = best["models[0].parameters.weight"] / best["models[1].parameters.weight"]
+    assert abs(ratio - W_STAR) < 0.15
+    first = min(r["values"][0] for r in rows[:6])
+    assert min(r["values"][0] for r in rows) <= first
