@@ -159,7 +159,7 @@ typedef struct {
  * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
  * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf, as in `trim`. */
 INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
-                               const Combine *c, float *restrict out) {
+                               const Combine *c, float *restrict out, const int masked, const float *restrict kept) {
     const void *data[REGISTER_MODELS];
     float cut[REGISTER_MODELS], times[REGISTER_MODELS], weight[REGISTER_MODELS];
     for (int i = 0; i < M; i++) {
@@ -181,6 +181,7 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
     for (int i = 0; i < M; i++) {                                                                             \
         float t = VALUE(data[i], j) - b, a = fabsf(t);                                                        \
         t = copysignf(a <= cut[i] ? 0.0f : a, t);                                                             \
+        if (masked) t = t * kept[i * BLOCK + j]; /* (x - b) * bit, as `trim` (copysign(|t|, t) is t) */       \
         tau[i] = (t * times[i]) * weight[i];                                                                  \
     }
     if (c->consensus) {
@@ -214,21 +215,30 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
 #undef VALUE
 }
 
-/* merge_in_registers where it applies (returns 1), else 0 */
-INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
-                      float *out) {
+static inline const void *shifted(const void *data, int dtype, Py_ssize_t start) {
+    return dtype == DTYPE_BF16 ? (const void *)((const uint16_t *)data + start) : (const void *)((const float *)data + start);
+}
+
+/* merge_in_registers where it applies (returns 1), else 0; `kept`: NULL, or each model's BLOCK entries' mask bits
+ * as 0 / 1 (1 for a model without a mask) where n <= BLOCK and some model is KEEP_MASK */
+INLINE int merge_fast_kept(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
+                           const Combine *c, float *out, const float *kept) {
     if (m > REGISTER_MODELS)
         return 0;
     for (int i = 0; i < m; i++)
-        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE) || models[i].post == POST_DIVIDE ||
-            models[i].dtype != base_dtype)
+        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE && !(kept && models[i].keep == KEEP_MASK))
+            || models[i].post == POST_DIVIDE || models[i].dtype != base_dtype)
             return 0;
 #define CASE(M)                                                                                               \
     case M:                                                                                                   \
-        if (base_dtype == DTYPE_BF16)                                                                         \
-            merge_in_registers(models, M, 1, base, n, c, out);                                                \
+        if (kept && base_dtype == DTYPE_BF16)                                                                 \
+            merge_in_registers(models, M, 1, base, n, c, out, 1, kept);                                       \
+        else if (kept)                                                                                        \
+            merge_in_registers(models, M, 0, base, n, c, out, 1, kept);                                       \
+        else if (base_dtype == DTYPE_BF16)                                                                    \
+            merge_in_registers(models, M, 1, base, n, c, out, 0, NULL);                                       \
         else                                                                                                  \
-            merge_in_registers(models, M, 0, base, n, c, out);                                                \
+            merge_in_registers(models, M, 0, base, n, c, out, 0, NULL);                                       \
         return 1;
     switch (m) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
@@ -237,10 +247,110 @@ INLINE int merge_fast(const Model *models, int m, const void *base, int base_dty
     return 0;
 }
 
+INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                      float *out) {
+    return merge_fast_kept(models, m, base, base_dtype, n, c, out, NULL);
+}
+
+/* DARE (every model masked or kept whole, no division): merge_in_registers per block of BLOCK entries, the masks'
+ * bits expanded to 0 / 1 floats in L1 first. Returns 0 (nothing done) where it does not apply. */
+INLINE int merge_masked(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                        float *out) {
+    int masked = 0;
+    if (m > REGISTER_MODELS)
+        return 0;
+    for (int i = 0; i < m; i++) {
+        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_MASK) || models[i].post == POST_DIVIDE ||
+            models[i].dtype != base_dtype)
+            return 0;
+        masked |= models[i].keep == KEEP_MASK;
+    }
+    if (!masked)
+        return 0;
+    float kept[REGISTER_MODELS * BLOCK];
+    Model segment[REGISTER_MODELS];
+    for (int i = 0; i < m; i++)
+        if (models[i].keep != KEEP_MASK)
+            for (int j = 0; j < BLOCK; j++) kept[i * BLOCK + j] = 1.0f;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        for (int i = 0; i < m; i++) {
+            segment[i] = models[i];
+            segment[i].data = shifted(models[i].data, models[i].dtype, start);
+            if (models[i].keep == KEEP_MASK) {
+                const uint8_t *bits = models[i].mask + start / 8; /* blocks start at multiples of 256 entries */
+                for (int q = 0; q < (len + 7) / 8; q++)
+                    for (int r = 0; r < 8; r++) kept[i * BLOCK + 8 * q + r] = (float)((bits[q] >> r) & 1);
+            }
+        }
+        merge_fast_kept(segment, m, shifted(base, base_dtype, start), base_dtype, len, c, out + start, kept);
+    }
+    return 1;
+}
+
+/* KEEP_PARTIAL_TIES: the end of the entry holding the model's allowed-th tie |x - base| == threshold (n if none) */
+INLINE Py_ssize_t ties_end(const Model *md, const void *base, int base_dtype, Py_ssize_t n) {
+    float x[BLOCK], b[BLOCK];
+    long long seen = 0;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        load(base, base_dtype, start, len, b);
+        load(md->data, md->dtype, start, len, x);
+        int block = 0;
+        for (int j = 0; j < len; j++) block += fabsf(x[j] - b[j]) == md->cut;
+        if (seen + block < md->allowed) {
+            seen += block;
+            continue;
+        }
+        for (int j = 0; j < len; j++)
+            if (fabsf(x[j] - b[j]) == md->cut && ++seen == md->allowed) return start + j + 1;
+    }
+    return n;
+}
+
+/* The chunk where some models' kept ties run out (TIES), in registers: split where each such model's allowed-th
+ * tie ends, every segment is a plain cut per model, just below the threshold (ties kept) before that point, at it
+ * (ties dropped) after, which keeps exactly the entries the running tie count keeps (and |t| * 1, |t| * 0 are
+ * |t|, +0: the same bits). Returns 0 (nothing done) where merge_in_registers would not apply to the segments. */
+INLINE int merge_split(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                       float *out) {
+    Py_ssize_t ends[REGISTER_MODELS];
+    int partial = 0;
+    if (m > REGISTER_MODELS)
+        return 0;
+    for (int i = 0; i < m; i++) {
+        const Model *md = &models[i];
+        if ((md->keep != KEEP_ALL && md->keep != KEEP_ABOVE && md->keep != KEEP_PARTIAL_TIES) ||
+            md->post == POST_DIVIDE || md->dtype != base_dtype)
+            return 0;
+        ends[i] = md->keep == KEEP_PARTIAL_TIES ? ties_end(md, base, base_dtype, n) : -1;
+        partial |= md->keep == KEEP_PARTIAL_TIES;
+    }
+    if (!partial)
+        return 0;
+    Model segment[REGISTER_MODELS];
+    for (Py_ssize_t start = 0, stop; start < n; start = stop) {
+        stop = n;
+        for (int i = 0; i < m; i++)
+            if (ends[i] > start && ends[i] < stop) stop = ends[i];
+        for (int i = 0; i < m; i++) {
+            segment[i] = models[i];
+            segment[i].data = shifted(models[i].data, models[i].dtype, start);
+            if (models[i].keep == KEEP_PARTIAL_TIES) {
+                segment[i].keep = KEEP_ABOVE;
+                segment[i].cut = start < ends[i] ? nextafterf(models[i].cut, -INFINITY) : models[i].cut;
+            }
+        }
+        merge_fast(segment, m, shifted(base, base_dtype, start), base_dtype, stop - start, c, out + start);
+    }
+    return 1;
+}
+
 /* work: (3 + m) BLOCK floats; ties_seen: 2 m zeros (two cuts per model at most) */
 VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
                                       const Combine *c, float *out, float *work, long long *ties_seen) {
-    if (merge_fast(models, m, base, base_dtype, n, c, out))
+    if (merge_fast(models, m, base, base_dtype, n, c, out) || merge_split(models, m, base, base_dtype, n, c, out) ||
+        merge_masked(models, m, base, base_dtype, n, c, out))
         return;
     float *b = work, *elected = work + BLOCK, *divisor = work + 2 * BLOCK, *taus = work + 3 * BLOCK;
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
@@ -465,7 +575,7 @@ typedef struct {
 
 VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, int base_dtype, Py_ssize_t n) {
     float a[BLOCK], b[BLOCK];
-    int wanted[BLOCK];
+    uint8_t wanted[BLOCK];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
         load(base, base_dtype, start, len, b);
@@ -485,8 +595,9 @@ VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, in
                 block_nan += v != v;
                 block_up += v > hi;
                 block_same += v == skip;
-                wanted[j] = (v >= lo) & (v <= hi) & (v != skip);
-                block_inside += wanted[j];
+                int inside = (v >= lo) & (v <= hi) & (v != skip);
+                wanted[j] = (uint8_t)inside;
+                block_inside += inside;
             }
             cut->above += block_up;
             cut->heavy_count += block_same;
@@ -496,14 +607,20 @@ VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, in
                  * ones (no branch to mispredict; `candidates` has room: kept < n before each write) */
                 float *out = cut->candidates;
                 long long kept = cut->kept;
-                for (int j = 0; j < len; j += 16) {
-                    int group = 0, end = j + 16 < len ? j + 16 : len;
-                    for (int q = j; q < end; q++) group += wanted[q];
-                    if (group)
-                        for (int q = j; q < end; q++) {
+                int j = 0;
+                for (; j + 16 <= len; j += 16) { /* a group's 16 flags tested as two 8-byte words */
+                    uint64_t w0, w1;
+                    memcpy(&w0, wanted + j, 8);
+                    memcpy(&w1, wanted + j + 8, 8);
+                    if (w0 | w1)
+                        for (int q = j; q < j + 16; q++) {
                             out[kept] = a[q];
                             kept += wanted[q];
                         }
+                }
+                for (; j < len; j++) {
+                    out[kept] = a[j];
+                    kept += wanted[j];
                 }
                 cut->kept = kept;
             }

@@ -308,7 +308,7 @@ def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tu
             _sum64(a.mul(above)) if sums else 0.0)
 
 
-_SAMPLE = 1 << 17
+_SAMPLE = 1 << 16
 
 
 @functools.lru_cache(maxsize=16)
