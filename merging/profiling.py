@@ -14,8 +14,6 @@ writes. Outside `profiling()` a call costs one global lookup.
 
 from __future__ import annotations
 
-import os
-import platform
 import threading
 import time
 from collections.abc import Iterator
@@ -106,6 +104,9 @@ def simd_level(flags: set[str]) -> str:
 
 def machine() -> dict[str, object]:
     """The machine a figure came from: CPU model, cores (all and usable), SIMD level, OS, Python, numpy, torch, GPU."""
+    import os
+    import platform
+
     import numpy as np
     import torch
 
