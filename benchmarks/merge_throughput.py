@@ -362,7 +362,7 @@ def main() -> None:
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             n_read = n + (1 if method in BASE_METHODS else 0)
             row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3),
-                         "dtype": args.dtype, "device": args.device}
+                         "dtype": args.dtype, "device": args.device, "note": args.note, "machine": machine_block()}
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors: dict[str, list[dict]] = {"safetensors_floor": [], "floor": []}
             basins, mks = [], []

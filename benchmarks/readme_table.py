@@ -79,8 +79,19 @@ def main() -> None:
           + (f"; `{data['command']}`" if data.get("command") else "") + ":\n")
     print("| merge (1 GB Llama-shaped models) | basin | / issues' floor | / strict floor | mergekit 0.1.5 |")
     print("| --- | --- | --- | --- | --- |")
+    older = []  # rows of earlier runs (another note or machine): marked, their provenance listed below the table
     for r in runs:
-        print(row(r))
+        line = row(r)
+        if r.get("note", "") != data.get("note", "") or r.get("machine", data["machine"]) != data["machine"]:
+            older.append(r)
+            line = line.replace(" |", " (*) |", 1)
+        print(line)
+    for r in older:
+        where = machine_line(r["machine"]) if "machine" in r else "machine not recorded"
+        print(f"\n(*) {LABELS.get(r['method'], r['method'])}, {r['n_models']} models: an earlier run ({where}"
+              + (f"; {r['note']}" if r.get("note") else "") + ")", end="")
+    if older:
+        print()
     profiled = [line for line in map(profile_row, runs) if line]
     if profiled:
         print("\nWhere basin's time goes (thread-seconds summed over threads, and bytes, per phase; CPU = the "
