@@ -14,7 +14,11 @@ method and N runs, each in a fresh subprocess:
     safetensors floor;
 - basin: `merging.merge` of the recipe;
 - mergekit (if --mergekit points at a `mergekit-yaml`): the same YAML.
-Records wall time, peak RSS (VmHWM) and RSS after imports (the interpreter's baseline) per run;
+Records wall time, peak RSS (VmHWM) and RSS after imports (the interpreter's baseline) per run, and for basin the
+profile (`merging.profiling`): per phase (read, sample, scan, select, masks, apply, write) thread-seconds, bytes and
+calls, and the process's CPU seconds, page faults and /proc/self/io counters; the JSON names the machine (CPU
+model, cores, SIMD level, versions, whether the compiled kernel ran) and the command. `benchmarks/readme_table.py`
+prints the README's table from it;
 for task_arithmetic and ties, the maximum absolute difference per tensor between basin's and
 mergekit's outputs. Data lives under --workdir (default /tmp), never in the repository.
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -153,16 +156,20 @@ RSS_PROBE = (
 BASIN_CHILD = RSS_PROBE + """
 import json, sys, time
 import torch
-from merging import merge
+from merging import merge, profiling
 baseline = _rss('VmRSS')
+before = profiling.process_counters()
 t0 = time.perf_counter()
-report = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False, device=sys.argv[3])
-print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
-                  "content_hash": report.content_hash}))
+with profiling.profiling() as profile:
+    report = merge(sys.argv[1], sys.argv[2], overwrite=True, progress=False, device=sys.argv[3])
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
+                  "content_hash": report.content_hash, "phases": profile.to_json(),
+                  "process": profiling.counters_since(before)}))
 """
 
 SAFETENSORS_FLOOR_CHILD = RSS_PROBE + """
-import json, sys, time
+import json, os, sys, time
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -179,7 +186,8 @@ for k, folder in enumerate(sys.argv[2:]):
                 if k == 0:
                     out[name] = t
 save_file(out, sys.argv[1] + "/model.safetensors", metadata={"format": "pt"})
-print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM')}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
+                  "process": {"user_seconds": os.times().user, "system_seconds": os.times().system}}))
 """
 
 STRICT_FLOOR_CHILD = RSS_PROBE + """
@@ -212,7 +220,8 @@ for k, folder in enumerate(sys.argv[2:]):
         del data, piece
         mapped.close()
 os.close(out)
-print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM')}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
+                  "process": {"user_seconds": os.times().user, "system_seconds": os.times().system}}))
 """
 
 
@@ -304,6 +313,16 @@ def threshold_ties(models: list[Path], base: Path, trim: tuple[float, float], ou
     return {"entries_differing": differing, "differing_where_no_model_ties_at_its_threshold": outside}
 
 
+def machine_block() -> dict:
+    """The machine these figures come from (merging.profiling.machine), and whether the compiled kernel ran."""
+    from merging import profiling
+    from merging.methods import kernels
+
+    return {**profiling.machine(), "compiled_kernel": kernels.compiled is not None,
+            "kernel_functions": sorted(n for n in dir(kernels.compiled) if not n.startswith("_"))
+            if kernels.compiled is not None else []}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
@@ -343,7 +362,7 @@ def main() -> None:
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             n_read = n + (1 if method in BASE_METHODS else 0)
             row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3),
-                         "dtype": args.dtype, "device": args.device}
+                         "dtype": args.dtype, "device": args.device, "note": args.note, "machine": machine_block()}
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors: dict[str, list[dict]] = {"safetensors_floor": [], "floor": []}
             basins, mks = [], []
@@ -388,9 +407,8 @@ def main() -> None:
                        for x in results)]
     payload = {
         "benchmark": "merge_throughput",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "command": "python benchmarks/merge_throughput.py " + " ".join(sys.argv[1:]),
+        "machine": machine_block(),
         "note": args.note or previous.get("note", ""),
         "floors": {"safetensors_floor": "the issues' floor (their targets refer to it): every input tensor read once "
                                         "with safetensors get_tensor + clone, one model written with save_file",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merging import profiling
 from merging.io.checkpoint import Checkpoint
 from merging.plan.tensors import MergePlan
 from taxonomy.errors import BasinError
@@ -200,11 +201,13 @@ def _reader(lead: MergePlan, checkpoints: Sequence[Checkpoint], dev: torch.devic
     copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def read(k: int) -> Read:
+        started = profiling.start()
         tp = lead.tensors[k]
         tensors = [checkpoints[i].get(name) for i, name in tp.sources]
         base = None if tp.base is None else checkpoints[tp.base[0]].get(tp.base[1])
         if tp.vocab and lead.vocab is not None:  # embedding / lm_head rows onto the output vocabulary
             tensors, base = lead.vocab.remap_inputs(tp.name, tp.sources, tp.base, tensors, base)
+        profiling.stop("read", started, sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes))
         if copy_stream is None:
             return tensors, base, None
         with torch.cuda.stream(copy_stream):
@@ -254,6 +257,13 @@ def _progress_bar(plans: Sequence[MergePlan], work: list[int]):
                 dynamic_ncols=True, leave=False)
 
 
+def _timed_write(sink: Callable[[str, torch.Tensor], None], name: str, out: torch.Tensor) -> None:
+    """sink(name, out), its time and bytes counted as the "write" phase under `merging.profiling`."""
+    started = profiling.start()
+    sink(name, out)
+    profiling.stop("write", started, out.nbytes)
+
+
 class _Writes:
     """Merged tensors handed to the writer thread, at most two waiting (each one tensor's memory)."""
 
@@ -265,7 +275,7 @@ class _Writes:
     def submit(self, sink: Callable[[str, torch.Tensor], None], name: str, out: torch.Tensor) -> None:
         while len(self.pending) >= 2:
             self.pending.popleft().result()
-        self.pending.append(self.writer.submit(sink, name, out))
+        self.pending.append(self.writer.submit(_timed_write, sink, name, out))
         self.written += out.nbytes
         if self.bar is not None:
             self.bar.update(out.nbytes)

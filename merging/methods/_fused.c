@@ -2,6 +2,7 @@
  * weight it, combine (a sum, or TIES' sign election and disjoint sum), normalize, scale, add the base.
  * tally_chunk: one chunk of TIES' and Breadcrumbs' threshold scan (sparsify.magnitude_cuts), every cut at once.
  * weighted_sum_chunk: one chunk of a linear merge (interpolation.linear and model_soup).
+ * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): PCG64 drop masks and L1 sums.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -158,7 +159,7 @@ typedef struct {
  * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
  * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf, as in `trim`. */
 INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
-                               const Combine *c, float *restrict out) {
+                               const Combine *c, float *restrict out, const int masked, const float *restrict kept) {
     const void *data[REGISTER_MODELS];
     float cut[REGISTER_MODELS], times[REGISTER_MODELS], weight[REGISTER_MODELS];
     for (int i = 0; i < M; i++) {
@@ -180,6 +181,7 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
     for (int i = 0; i < M; i++) {                                                                             \
         float t = VALUE(data[i], j) - b, a = fabsf(t);                                                        \
         t = copysignf(a <= cut[i] ? 0.0f : a, t);                                                             \
+        if (masked) t = t * kept[i * BLOCK + j]; /* (x - b) * bit, as `trim` (copysign(|t|, t) is t) */       \
         tau[i] = (t * times[i]) * weight[i];                                                                  \
     }
     if (c->consensus) {
@@ -213,21 +215,30 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
 #undef VALUE
 }
 
-/* merge_in_registers where it applies (returns 1), else 0 */
-INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
-                      float *out) {
+static inline const void *shifted(const void *data, int dtype, Py_ssize_t start) {
+    return dtype == DTYPE_BF16 ? (const void *)((const uint16_t *)data + start) : (const void *)((const float *)data + start);
+}
+
+/* merge_in_registers where it applies (returns 1), else 0; `kept`: NULL, or each model's BLOCK entries' mask bits
+ * as 0 / 1 (1 for a model without a mask) where n <= BLOCK and some model is KEEP_MASK */
+INLINE int merge_fast_kept(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
+                           const Combine *c, float *out, const float *kept) {
     if (m > REGISTER_MODELS)
         return 0;
     for (int i = 0; i < m; i++)
-        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE) || models[i].post == POST_DIVIDE ||
-            models[i].dtype != base_dtype)
+        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE && !(kept && models[i].keep == KEEP_MASK))
+            || models[i].post == POST_DIVIDE || models[i].dtype != base_dtype)
             return 0;
 #define CASE(M)                                                                                               \
     case M:                                                                                                   \
-        if (base_dtype == DTYPE_BF16)                                                                         \
-            merge_in_registers(models, M, 1, base, n, c, out);                                                \
+        if (kept && base_dtype == DTYPE_BF16)                                                                 \
+            merge_in_registers(models, M, 1, base, n, c, out, 1, kept);                                       \
+        else if (kept)                                                                                        \
+            merge_in_registers(models, M, 0, base, n, c, out, 1, kept);                                       \
+        else if (base_dtype == DTYPE_BF16)                                                                    \
+            merge_in_registers(models, M, 1, base, n, c, out, 0, NULL);                                       \
         else                                                                                                  \
-            merge_in_registers(models, M, 0, base, n, c, out);                                                \
+            merge_in_registers(models, M, 0, base, n, c, out, 0, NULL);                                       \
         return 1;
     switch (m) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
@@ -236,10 +247,110 @@ INLINE int merge_fast(const Model *models, int m, const void *base, int base_dty
     return 0;
 }
 
+INLINE int merge_fast(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                      float *out) {
+    return merge_fast_kept(models, m, base, base_dtype, n, c, out, NULL);
+}
+
+/* DARE (every model masked or kept whole, no division): merge_in_registers per block of BLOCK entries, the masks'
+ * bits expanded to 0 / 1 floats in L1 first. Returns 0 (nothing done) where it does not apply. */
+INLINE int merge_masked(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                        float *out) {
+    int masked = 0;
+    if (m > REGISTER_MODELS)
+        return 0;
+    for (int i = 0; i < m; i++) {
+        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_MASK) || models[i].post == POST_DIVIDE ||
+            models[i].dtype != base_dtype)
+            return 0;
+        masked |= models[i].keep == KEEP_MASK;
+    }
+    if (!masked)
+        return 0;
+    float kept[REGISTER_MODELS * BLOCK];
+    Model segment[REGISTER_MODELS];
+    for (int i = 0; i < m; i++)
+        if (models[i].keep != KEEP_MASK)
+            for (int j = 0; j < BLOCK; j++) kept[i * BLOCK + j] = 1.0f;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        for (int i = 0; i < m; i++) {
+            segment[i] = models[i];
+            segment[i].data = shifted(models[i].data, models[i].dtype, start);
+            if (models[i].keep == KEEP_MASK) {
+                const uint8_t *bits = models[i].mask + start / 8; /* blocks start at multiples of 256 entries */
+                for (int q = 0; q < (len + 7) / 8; q++)
+                    for (int r = 0; r < 8; r++) kept[i * BLOCK + 8 * q + r] = (float)((bits[q] >> r) & 1);
+            }
+        }
+        merge_fast_kept(segment, m, shifted(base, base_dtype, start), base_dtype, len, c, out + start, kept);
+    }
+    return 1;
+}
+
+/* KEEP_PARTIAL_TIES: the end of the entry holding the model's allowed-th tie |x - base| == threshold (n if none) */
+INLINE Py_ssize_t ties_end(const Model *md, const void *base, int base_dtype, Py_ssize_t n) {
+    float x[BLOCK], b[BLOCK];
+    long long seen = 0;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        load(base, base_dtype, start, len, b);
+        load(md->data, md->dtype, start, len, x);
+        int block = 0;
+        for (int j = 0; j < len; j++) block += fabsf(x[j] - b[j]) == md->cut;
+        if (seen + block < md->allowed) {
+            seen += block;
+            continue;
+        }
+        for (int j = 0; j < len; j++)
+            if (fabsf(x[j] - b[j]) == md->cut && ++seen == md->allowed) return start + j + 1;
+    }
+    return n;
+}
+
+/* The chunk where some models' kept ties run out (TIES), in registers: split where each such model's allowed-th
+ * tie ends, every segment is a plain cut per model, just below the threshold (ties kept) before that point, at it
+ * (ties dropped) after, which keeps exactly the entries the running tie count keeps (and |t| * 1, |t| * 0 are
+ * |t|, +0: the same bits). Returns 0 (nothing done) where merge_in_registers would not apply to the segments. */
+INLINE int merge_split(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n, const Combine *c,
+                       float *out) {
+    Py_ssize_t ends[REGISTER_MODELS];
+    int partial = 0;
+    if (m > REGISTER_MODELS)
+        return 0;
+    for (int i = 0; i < m; i++) {
+        const Model *md = &models[i];
+        if ((md->keep != KEEP_ALL && md->keep != KEEP_ABOVE && md->keep != KEEP_PARTIAL_TIES) ||
+            md->post == POST_DIVIDE || md->dtype != base_dtype)
+            return 0;
+        ends[i] = md->keep == KEEP_PARTIAL_TIES ? ties_end(md, base, base_dtype, n) : -1;
+        partial |= md->keep == KEEP_PARTIAL_TIES;
+    }
+    if (!partial)
+        return 0;
+    Model segment[REGISTER_MODELS];
+    for (Py_ssize_t start = 0, stop; start < n; start = stop) {
+        stop = n;
+        for (int i = 0; i < m; i++)
+            if (ends[i] > start && ends[i] < stop) stop = ends[i];
+        for (int i = 0; i < m; i++) {
+            segment[i] = models[i];
+            segment[i].data = shifted(models[i].data, models[i].dtype, start);
+            if (models[i].keep == KEEP_PARTIAL_TIES) {
+                segment[i].keep = KEEP_ABOVE;
+                segment[i].cut = start < ends[i] ? nextafterf(models[i].cut, -INFINITY) : models[i].cut;
+            }
+        }
+        merge_fast(segment, m, shifted(base, base_dtype, start), base_dtype, stop - start, c, out + start);
+    }
+    return 1;
+}
+
 /* work: (3 + m) BLOCK floats; ties_seen: 2 m zeros (two cuts per model at most) */
 VECTOR_CLONES static void merge_chunk(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
                                       const Combine *c, float *out, float *work, long long *ties_seen) {
-    if (merge_fast(models, m, base, base_dtype, n, c, out))
+    if (merge_fast(models, m, base, base_dtype, n, c, out) || merge_split(models, m, base, base_dtype, n, c, out) ||
+        merge_masked(models, m, base, base_dtype, n, c, out))
         return;
     float *b = work, *elected = work + BLOCK, *divisor = work + 2 * BLOCK, *taus = work + 3 * BLOCK;
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
@@ -464,7 +575,7 @@ typedef struct {
 
 VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, int base_dtype, Py_ssize_t n) {
     float a[BLOCK], b[BLOCK];
-    int wanted[BLOCK];
+    uint8_t wanted[BLOCK];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int len = (int)(n - start < BLOCK ? n - start : BLOCK);
         load(base, base_dtype, start, len, b);
@@ -484,8 +595,9 @@ VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, in
                 block_nan += v != v;
                 block_up += v > hi;
                 block_same += v == skip;
-                wanted[j] = (v >= lo) & (v <= hi) & (v != skip);
-                block_inside += wanted[j];
+                int inside = (v >= lo) & (v <= hi) & (v != skip);
+                wanted[j] = (uint8_t)inside;
+                block_inside += inside;
             }
             cut->above += block_up;
             cut->heavy_count += block_same;
@@ -495,14 +607,20 @@ VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, in
                  * ones (no branch to mispredict; `candidates` has room: kept < n before each write) */
                 float *out = cut->candidates;
                 long long kept = cut->kept;
-                for (int j = 0; j < len; j += 16) {
-                    int group = 0, end = j + 16 < len ? j + 16 : len;
-                    for (int q = j; q < end; q++) group += wanted[q];
-                    if (group)
-                        for (int q = j; q < end; q++) {
+                int j = 0;
+                for (; j + 16 <= len; j += 16) { /* a group's 16 flags tested as two 8-byte words */
+                    uint64_t w0, w1;
+                    memcpy(&w0, wanted + j, 8);
+                    memcpy(&w1, wanted + j + 8, 8);
+                    if (w0 | w1)
+                        for (int q = j; q < j + 16; q++) {
                             out[kept] = a[q];
                             kept += wanted[q];
                         }
+                }
+                for (; j < len; j++) {
+                    out[kept] = a[j];
+                    kept += wanted[j];
                 }
                 cut->kept = kept;
             }
@@ -553,10 +671,182 @@ static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): per model, the Bernoulli(keep) drop mask of
+ * its blocks, packed 8 entries to a byte, and optionally the float64 sums of |x - base| and of its kept entries.
+ * The bits are those of numpy's PCG64 as bernoulli_mask reads them: each 64-bit output r_k = xsl_rr(s_{k+1}),
+ * s_{k+1} = s_k MULT + inc (O'Neill 2014), gives entries 2k (low half) and 2k + 1 (high half); entry j is kept
+ * when (r >> 8) < threshold = ceil(keep 2^24), which is numpy's float32 uniform (r >> 8) 2^-24 < keep. LANES
+ * streams jumped LANES steps apart run side by side (the same outputs, LANES times the instruction parallelism
+ * of one LCG). The sums follow numpy's float32 -> float64 `sum` exactly (merging.methods.sparsify._sum64):
+ * buffers of 8192 entries, each summed pairwise as numpy's pairwise_sum (8 accumulators up to 128 entries),
+ * the buffers' sums added left to right. */
+#if defined(__SIZEOF_INT128__)
+typedef unsigned __int128 u128;
+#define PCG_MULT (((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL)
+#define LANES 8 /* a multiple of 4, at most 16 */
+#define SUM_BUFFER 8192 /* numpy's default buffer size (np.getbufsize()) */
+
+static inline uint64_t pcg_output(u128 s) {
+    uint64_t x = (uint64_t)(s >> 64) ^ (uint64_t)s;
+    unsigned r = (unsigned)(s >> 122);
+    return (x >> r) | (x << ((64 - r) & 63));
+}
+
+static inline uint8_t mask_bits(uint64_t r, uint32_t threshold, int shift) {
+    return (uint8_t)(((((uint32_t)r >> 8) < threshold) | ((((uint32_t)(r >> 32) >> 8) < threshold) << 1)) << shift);
+}
+
+/* the mask of one block of n entries into `out` (ceil(n / 8) bytes, unused high bits of the last one zero) */
+static void draw_block(u128 state, u128 inc, uint32_t threshold, Py_ssize_t n, uint8_t *out) {
+    u128 lane[LANES], jump_mult = 1, jump_add = 0;
+    for (int s = 0; s < LANES; s++) {
+        state = state * PCG_MULT + inc;
+        lane[s] = state;
+        jump_add = jump_add * PCG_MULT + inc;
+        jump_mult = jump_mult * PCG_MULT;
+    }
+    Py_ssize_t outputs = (n + 1) / 2, k = 0, byte = 0;
+    for (; k + LANES <= outputs; k += LANES, byte += LANES / 4) { /* 4 outputs: 8 entries, one byte */
+        uint32_t bits = 0;
+        for (int s = 0; s < LANES; s++) {
+            bits |= (uint32_t)mask_bits(pcg_output(lane[s]), threshold, 0) << (2 * s);
+            lane[s] = lane[s] * jump_mult + jump_add;
+        }
+        for (int q = 0; q < LANES / 4; q++) out[byte + q] = (uint8_t)(bits >> (8 * q));
+    }
+    if (k < outputs) {
+        uint32_t bits = 0;
+        for (int s = 0; k < outputs; s++, k++) bits |= (uint32_t)mask_bits(pcg_output(lane[s]), threshold, 0) << (2 * s);
+        for (int q = 0; 8 * (byte + q) < n; q++) out[byte + q] = (uint8_t)(bits >> (8 * q));
+    }
+    if (n % 8) out[n / 8] &= (uint8_t)((1u << (n % 8)) - 1); /* entries past n: zero, as np.packbits pads */
+}
+
+VECTOR_CLONES static double pairwise_sum(const float *a, Py_ssize_t n) {
+    if (n < 8) {
+        double res = 0.;
+        for (Py_ssize_t i = 0; i < n; i++) res += (double)a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8], res;
+        Py_ssize_t i;
+        for (int j = 0; j < 8; j++) r[j] = (double)a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++) r[j] += (double)a[i + j];
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += (double)a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+typedef struct {
+    const void *x;      /* this chunk of the model's stored tensor */
+    int dtype;          /* DTYPE_* */
+    const uint64_t *states; /* per block: state high, low, inc high, low (numpy's PCG64 state after seeding) */
+    uint32_t threshold; /* ceil(keep 2^24) */
+    uint8_t *mask;      /* ceil(n / 8) bytes */
+    double total, kept;
+} Draw;
+
+/* sums over [0, n) of |x - base| and of its kept entries, per model, in numpy's order */
+VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int base_dtype, Py_ssize_t n,
+                                     float *work) {
+    float *b = work, *a = work + SUM_BUFFER, *k = work + 2 * SUM_BUFFER;
+    for (Py_ssize_t start = 0; start < n; start += SUM_BUFFER) {
+        int len = (int)(n - start < SUM_BUFFER ? n - start : SUM_BUFFER);
+        for (int off = 0; off < len; off += BLOCK)
+            load(base, base_dtype, start + off, len - off < BLOCK ? len - off : BLOCK, b + off);
+        for (int i = 0; i < m; i++) {
+            Draw *d = &draws[i];
+            for (int off = 0; off < len; off += BLOCK)
+                load(d->x, d->dtype, start + off, len - off < BLOCK ? len - off : BLOCK, a + off);
+            const uint8_t *bits = d->mask + start / 8; /* buffers start at multiples of 8 entries */
+            for (int q = 0; q < (len + 7) / 8; q++) /* the bits as 0 / 1, eight at a time */
+                for (int r = 0; r < 8; r++) k[8 * q + r] = (float)((bits[q] >> r) & 1);
+            for (int j = 0; j < len; j++) {
+                a[j] = fabsf(a[j] - b[j]);
+                k[j] = a[j] * k[j];
+            }
+            double total = pairwise_sum(a, len), kept = pairwise_sum(k, len);
+            d->total = start == 0 ? total : d->total + total;
+            d->kept = start == 0 ? kept : d->kept + kept;
+        }
+    }
+}
+
+/* dare_chunk(base, base_dtype, n, block, draws, sums) -> ((total, kept), ...): draws a tuple of (x, x_dtype,
+ * states, threshold, mask) per model, `states` the address of 4 uint64 per block of `block` entries (the chunk
+ * starts a block), `mask` of ceil(n / 8) bytes; sums 0: masks only (x and base unread, sums 0). Releases the GIL. */
+static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
+    unsigned long long base;
+    int base_dtype, sums;
+    Py_ssize_t n, block;
+    PyObject *draws_obj;
+    if (!PyArg_ParseTuple(args, "KinnO!p", &base, &base_dtype, &n, &block, &PyTuple_Type, &draws_obj, &sums))
+        return NULL;
+    if (block <= 0 || block % 8) {
+        PyErr_SetString(PyExc_ValueError, "dare_chunk: block must be a positive multiple of 8");
+        return NULL;
+    }
+    Py_ssize_t m = PyTuple_GET_SIZE(draws_obj);
+    Draw *draws = (Draw *)calloc(m > 0 ? (size_t)m : 1, sizeof(Draw));
+    float *work = (float *)malloc(sizeof(float) * (3 * SUM_BUFFER + 8));
+    if (!draws || !work) {
+        free(draws);
+        free(work);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long x, states, mask;
+        unsigned int threshold;
+        Draw *d = &draws[i];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(draws_obj, i), "KiKIK", &x, &d->dtype, &states, &threshold, &mask)) {
+            free(draws);
+            free(work);
+            return NULL;
+        }
+        d->x = (const void *)(uintptr_t)x;
+        d->states = (const uint64_t *)(uintptr_t)states;
+        d->threshold = threshold;
+        d->mask = (uint8_t *)(uintptr_t)mask;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const uint64_t *st = draws[i].states;
+        for (Py_ssize_t start = 0, q = 0; start < n; start += block, q++) {
+            u128 state = ((u128)st[4 * q] << 64) | st[4 * q + 1], inc = ((u128)st[4 * q + 2] << 64) | st[4 * q + 3];
+            draw_block(state, inc, draws[i].threshold, n - start < block ? n - start : block, draws[i].mask + start / 8);
+        }
+    }
+    if (sums)
+        sum_masked(draws, (int)m, (const void *)(uintptr_t)base, base_dtype, n, work);
+    Py_END_ALLOW_THREADS
+    PyObject *result = PyTuple_New(m);
+    for (Py_ssize_t i = 0; result && i < m; i++) {
+        PyObject *item = Py_BuildValue("dd", draws[i].total, draws[i].kept);
+        if (!item) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyTuple_SET_ITEM(result, i, item);
+    }
+    free(draws);
+    free(work);
+    return result;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {"weighted_sum_chunk", py_weighted_sum_chunk, METH_VARARGS, "One chunk of a linear merge (see _fused.c)."},
+#if defined(__SIZEOF_INT128__)
+    {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from merging import profiling
+
 CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26  # a multiple of CHUNK_ELEMENTS
 T = TypeVar("T")
@@ -86,6 +88,11 @@ class ChunkedInputs:
     def numel(self) -> int:
         first = self.tensors[0] if self.tensors else self.base
         return first.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes one pass over every input and the base reads."""
+        return sum(t.nbytes for t in self.tensors) + (0 if self.base is None else self.base.nbytes)
 
     @property
     def num_chunks(self) -> int:
@@ -152,6 +159,7 @@ def run_chunked(
     kernel = None
     if method.fused is not None:
         kernel = method.fused(inputs, params, state) if two_phase else method.fused(inputs, params)
+    started = profiling.start()
     if kernel is not None:  # one compiled pass per chunk, straight from the stored inputs
 
         def fused(index: int) -> None:
@@ -159,6 +167,7 @@ def run_chunked(
             flat_out[start:stop] = kernel(index, scratch(1, stop - start)[0])
 
         map_threads(fused, inputs.num_chunks, inputs.workers)
+        profiling.stop("apply", started, inputs.nbytes + out.nbytes)
         return out
     if two_phase:
 
@@ -172,4 +181,5 @@ def run_chunked(
             flat_out[start:stop] = fn(chunks, b, params, rng)
 
     inputs.map(work)
+    profiling.stop("apply", started, inputs.nbytes + out.nbytes)
     return out

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from merging import profiling
 from merging.methods import kernels
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads, scratch
 from taxonomy.errors import BasinError
@@ -307,7 +308,7 @@ def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tu
             _sum64(a.mul(above)) if sums else 0.0)
 
 
-_SAMPLE = 1 << 17
+_SAMPLE = 1 << 16
 
 
 @functools.lru_cache(maxsize=16)
@@ -376,8 +377,13 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
     magnitudes (float64, summed in chunk order: independent of thread counts).
     """
     n, m = inputs.numel, len(inputs.tensors)
+    started = profiling.start()
     brackets = _brackets(inputs, ks)
+    profiling.stop("sample", started)
+    started = profiling.start()
     per_chunk = _scan(inputs, ks, brackets, sums, sums)
+    profiling.stop("scan", started, inputs.nbytes)
+    started = profiling.start()
     totals = [sum(c[i][1] for c in per_chunk) if ks[i] else 0.0 for i in range(m)]
 
     def select(i: int, j: int, chunks: list[list]) -> tuple[MagnitudeCut, float] | None:
@@ -391,6 +397,7 @@ def magnitude_cuts(inputs: ChunkedInputs, ks: list[list[int]], sums: bool = Fals
             above = sum(c[i][0][j][0] for c in per_chunk)
             brackets[i][j] = (hi, float("inf"), None) if ks[i][j] <= above else (float("-inf"), lo, None)
             found[(i, j)] = select(i, j, _scan(inputs, ks, brackets, sums, False))
+    profiling.stop("select", started)
     cuts: list[list[MagnitudeCut]] = []
     kept_sums: list[list[float]] = []
     for i in range(m):
@@ -530,8 +537,19 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
     float32), drawn from `chunk_generator(key, i, block)` for each block of CHUNK_ELEMENTS entries (a chunk on
     the CPU; several on an accelerator, so masks do not depend on the device); models with keep >= 1 get none.
     With `sums`, also sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
+    started = profiling.start()
+    masks, totals, kept = _random_masks(inputs, keep, key, sums)
+    profiling.stop("masks", started, inputs.nbytes if sums else 0)
+    return masks, totals, kept
+
+
+def _random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
+                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
+    """`random_masks`, unprofiled: through the compiled kernel where it applies, else numpy."""
     m = len(inputs.tensors)
     device = inputs.tensors[0].device
+    if _dare_compiled(inputs):
+        return _random_masks_compiled(inputs, keep, key, sums)
 
     def draw(index: int) -> list[np.ndarray | None]:
         start, stop = inputs.span(index)
@@ -563,6 +581,53 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
         return out
 
     per_chunk = inputs.map(draw_and_sum)
+    masks = [[c[i][0] for c in per_chunk] for i in range(m)]
+    return masks, [sum(c[i][1] for c in per_chunk) for i in range(m)], [sum(c[i][2] for c in per_chunk)
+                                                                         for i in range(m)]
+
+
+def _dare_compiled(inputs: ChunkedInputs) -> bool:
+    """Whether the compiled kernel draws DARE's masks here (built with 128-bit integers, CPU inputs it reads,
+    a little-endian machine as `bernoulli_mask`'s raw route)."""
+    return (sys.byteorder == "little" and hasattr(kernels.compiled, "dare_chunk")
+            and kernels.readable(inputs.tensors + [inputs.base], inputs.numel))
+
+
+def pcg64_states(key: int, model: int, blocks: range) -> np.ndarray:
+    """The PCG64 states of `chunk_generator(key, model, b)` for b in `blocks`, as 4 uint64 per block (state high,
+    low, increment high, low): what the compiled kernel continues from."""
+    out = np.empty((max(1, len(blocks)), 4), dtype=np.uint64)
+    low = (1 << 64) - 1
+    for row, b in enumerate(blocks):
+        state = chunk_generator(key, model, b).bit_generator.state["state"]
+        out[row] = (state["state"] >> 64, state["state"] & low, state["inc"] >> 64, state["inc"] & low)
+    return out
+
+
+def _random_masks_compiled(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
+                           ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
+    """`random_masks` in one compiled pass per chunk (masks drawn from the same PCG64 streams, sums in numpy's
+    order: the same bits, tested), straight from the stored inputs."""
+    m = len(inputs.tensors)
+    drawn = [i for i in range(m) if keep[i] < 1]
+    thresholds = {i: math.ceil(float(np.float32(keep[i])) * 2**24) for i in drawn}
+    base_code = kernels.DTYPE_CODES[inputs.base.dtype]
+
+    def visit(index: int) -> list[tuple[torch.Tensor | None, float, float]]:
+        start, stop = inputs.span(index)
+        blocks = range(start // CHUNK_ELEMENTS, max(1, -(-stop // CHUNK_ELEMENTS)))
+        states = [pcg64_states(key, i, blocks) for i in drawn]
+        masks = [torch.empty(-(-(stop - start) // 8), dtype=torch.uint8) for _ in drawn]
+        args = tuple((kernels.address(inputs.tensors[i], start), kernels.DTYPE_CODES[inputs.tensors[i].dtype],
+                      st.ctypes.data, thresholds[i], mask.data_ptr()) for i, st, mask in zip(drawn, states, masks))
+        result = kernels.compiled.dare_chunk(kernels.address(inputs.base, start), base_code, stop - start,
+                                             CHUNK_ELEMENTS, args, sums)
+        out: list[tuple[torch.Tensor | None, float, float]] = [(None, 0.0, 0.0)] * m
+        for i, mask, (total, kept) in zip(drawn, masks, result):
+            out[i] = (mask, total, kept)
+        return out
+
+    per_chunk = map_threads(visit, inputs.num_chunks, inputs.workers)
     masks = [[c[i][0] for c in per_chunk] for i in range(m)]
     return masks, [sum(c[i][1] for c in per_chunk) for i in range(m)], [sum(c[i][2] for c in per_chunk)
                                                                          for i in range(m)]

@@ -1,0 +1,128 @@
+"""Where a merge's time goes: seconds and bytes per phase, gathered only inside `profiling()`.
+
+The phases (`PHASES`) are those of a task-arithmetic merge: the engine's reads (mapping the inputs; the page
+faults that bring their bytes in land in the first phase that touches them) and writes, and per tensor the
+threshold scan (bracket sample, scan, selection), DARE's mask draws and L1 sums, and the merge pass (`apply`: task
+vectors, trim or mask, election, sum, base, in one pass where the kernel is built). Seconds are summed over the
+threads a phase runs on (thread-seconds, which may exceed the wall time), bytes are those the phase reads or
+writes. Outside `profiling()` a call costs one global lookup.
+
+    with profiling() as profile:
+        merge(...)
+    profile.to_json()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+PHASES = ("read", "sample", "scan", "select", "masks", "apply", "write")
+
+
+@dataclass
+class Profile:
+    """Per phase: thread-seconds, bytes moved, calls."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, phase: str, seconds: float, nbytes: int) -> None:
+        with self._lock:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+            self.bytes[phase] = self.bytes.get(phase, 0) + nbytes
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+
+    def to_json(self) -> dict[str, dict[str, float | int]]:
+        return {p: {"thread_seconds": round(self.seconds[p], 4), "bytes": self.bytes[p], "calls": self.calls[p]}
+                for p in sorted(self.seconds, key=lambda p: PHASES.index(p) if p in PHASES else len(PHASES))}
+
+
+_active: Profile | None = None
+
+
+@contextmanager
+def profiling() -> Iterator[Profile]:
+    """Gather the phases of everything run inside (all threads) into the yielded `Profile`."""
+    global _active
+    previous, _active = _active, Profile()
+    try:
+        yield _active
+    finally:
+        _active = previous
+
+
+def start() -> float | None:
+    """A phase's start time, or None outside `profiling()`."""
+    return None if _active is None else time.perf_counter()
+
+
+def stop(phase: str, started: float | None, nbytes: int = 0) -> None:
+    """Count the time since `started` (from `start()`) and `nbytes` against `phase`."""
+    profile = _active
+    if started is not None and profile is not None:
+        profile.add(phase, time.perf_counter() - started, nbytes)
+
+
+def process_counters() -> dict[str, float | int]:
+    """This process so far: CPU seconds (user, system), page faults, and /proc/self/io's byte counters (Linux)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out: dict[str, float | int] = {"user_seconds": usage.ru_utime, "system_seconds": usage.ru_stime,
+                                   "minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt}
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                key, value = line.split(":")
+                if key in ("rchar", "wchar", "read_bytes", "write_bytes"):
+                    out[key] = int(value)
+    except OSError:
+        pass
+    return out
+
+
+def counters_since(before: dict[str, float | int]) -> dict[str, float | int]:
+    """`process_counters()` now minus `before`."""
+    now = process_counters()
+    return {k: round(v - before[k], 4) if isinstance(v, float) else v - before[k] for k, v in now.items()
+            if k in before}
+
+
+def simd_level(flags: set[str]) -> str:
+    """The widest x86 vector extension among /proc/cpuinfo's `flags` (what the kernel's clones can use)."""
+    for level in ("avx512f", "avx2", "avx", "sse4_2", "sse2"):
+        if level in flags:
+            return level
+    return "asimd" if "asimd" in flags else "none"
+
+
+def machine() -> dict[str, object]:
+    """The machine a figure came from: CPU model, cores (all and usable), SIMD level, OS, Python, numpy, torch, GPU."""
+    import os
+    import platform
+
+    import numpy as np
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.processor() or platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": model, "cpus": os.cpu_count(), "usable_cpus": usable, "simd": simd_level(flags),
+            "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
