@@ -162,8 +162,10 @@ class CurvatureOperator(Operator):
         """Output rows per batch: len(x) for (x, y) data under a legacy loss, else one forward pass per batch."""
         if self.objective is None:
             return [len(b[0]) for b in self.batches]
-        with torch.no_grad(), self.context():
-            return [int(self.outputs(self.primals, b)[0].shape[0]) for b in self.batches]
+        rows: list[int] = []
+        with torch.no_grad():
+            self.each_batch(lambda _, b: rows.append(int(self.outputs(self.primals, b)[0].shape[0])))
+        return rows
 
     def outputs(self, p: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs, targets) of one batch with the selected parameters set to `p` (the others fixed)."""

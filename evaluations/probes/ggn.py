@@ -115,8 +115,10 @@ class OutputCurvature(CurvatureOperator):
         return self.accumulate(self._batch_diagonal, (self.size,))
 
     def _diagonal_cost(self) -> int:
-        with torch.no_grad(), self.context():
-            return sum(self._linear_cost(i, b) for i, b in enumerate(self.batches))
+        costs: list[int] = []
+        with torch.no_grad():
+            self.each_batch(lambda i, b: costs.append(self._linear_cost(i, b)))
+        return sum(costs)
 
     def _linear_cost(self, i: int, batch) -> int:
         f, y = self.outputs(self.primals, batch)
@@ -211,15 +213,18 @@ class MonteCarloFisherOperator(OutputCurvature):
     def _draw(self) -> list[torch.Tensor]:
         """Per batch: sampled labels [rows, S] (cross-entropy) or standard normals [rows, C, S] (squared error)."""
         gen = torch.Generator().manual_seed(self.seed)
-        draws = []
-        with torch.no_grad(), self.context():
-            for batch in self.batches:
-                f = self.outputs(self.primals, batch)[0].detach().double().cpu()
-                if self.kind == "mse":
-                    draw = torch.randn(*f.shape, self.samples, generator=gen, dtype=torch.float64)
-                else:
-                    draw = torch.multinomial(torch.softmax(f, -1), self.samples, replacement=True, generator=gen)
-                draws.append(draw.to(self.device))
+        draws: list[torch.Tensor] = []
+
+        def draw(_: int, batch) -> None:
+            f = self.outputs(self.primals, batch)[0].detach().double().cpu()
+            if self.kind == "mse":
+                sample = torch.randn(*f.shape, self.samples, generator=gen, dtype=torch.float64)
+            else:
+                sample = torch.multinomial(torch.softmax(f, -1), self.samples, replacement=True, generator=gen)
+            draws.append(sample.to(self.device))
+
+        with torch.no_grad():
+            self.each_batch(draw)
         return draws
 
     def _apply(self, i: int, f: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
