@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--operator", choices=OPERATORS, default="hessian",
                         help="curvature: hessian, ggn (generalized Gauss-Newton), fisher (empirical), mc_fisher")
     parser.add_argument("--samples", type=positive_int, default=1, help="mc_fisher: targets drawn per row")
+    parser.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
+                        help="kfac / ekfac on weight-shared layers (tokens, feature-map locations): expand (every "
+                             "position a row, default) or reduce (positions averaged / summed per example)")
     parser.add_argument("--block-diagonal", action="store_true", help="keep only the per-module diagonal blocks")
     parser.add_argument("--params", help="restrict to parameters matching this regular expression or name prefix "
                         "(e.g. '2', 'layers\\.1\\.')")
@@ -111,7 +114,8 @@ def _kfac(args: argparse.Namespace, model, loss, data):
     from evaluations.probes import KFACOperator
 
     objective = loss if isinstance(loss, Objective) else supervised("cross_entropy")
-    return KFACOperator(model, objective, data, params=args.params, kind=args.operator, seed=args.seed)
+    return KFACOperator(model, objective, data, params=args.params, kind=args.operator, seed=args.seed,
+                        kfac_approx=args.kfac_approx)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         blocks = f", {len(op.blocks)} diagonal blocks" if args.block_diagonal else ""
         rows = getattr(base, "n_examples", None)
         out = {"operator": args.operator, "params": base.size, "names": base.names, "rows": rows,
-               "block_diagonal": args.block_diagonal, "mode": base.mode, "which": args.which, "eigen": eig.to_json()}
+               "block_diagonal": args.block_diagonal, "mode": base.mode, "which": args.which,
+               "kfac_approx": getattr(base, "kfac_approx", None), "eigen": eig.to_json()}
         print(f"{args.operator}: {base.size} parameters ({len(base.names)} tensors{blocks}), {base.mode} mode; "
               f"{args.which}-{len(eig.values)} eigenvalues (converged={eig.converged}, {eig.iterations} products):")
         for v, r in zip(eig.values, eig.residuals):

@@ -11,7 +11,12 @@ approximated (Martens & Grosse 2015, eq. 1-3; Grosse & Martens 2016, KFC, for co
 where g is the backpropagated gradient at the layer's output. The scaling convention: A is a mean over
 every position the layer sees (examples x tokens x spatial locations), G a sum over positions divided by the
 number of output rows (and by `mc_samples`); positions and rows are treated as one batch axis ("KFAC-expand",
-Eschenhagen et al. 2023). With one output row per example (an MLP or a CNN classifier) this is
+Eschenhagen et al. 2023, "Kronecker-factored approximate curvature for modern neural network architectures").
+`kfac_approx="reduce"` (their KFAC-reduce) first reduces each example's positions -- a the mean of its features,
+g the sum of its output gradients -- so A = mean over examples of a a^T and G = sum over seeds and examples of
+g g^T / rows; it is exact for one example whose layer output is summed over positions, and equals expand where
+a layer sees one position per example. Both match curvlinops' `kfac_approx` (float64 rounding,
+benchmarks/curvature_kfac.py). With one output row per example (an MLP or a CNN classifier) this is
 curvlinops' `KFACLinearOperator` for a loss with reduction="mean" (cross-entropy; mse averaged over every
 output entry, as `torch.nn.functional.mse_loss`), and it is the exact GGN block for a single example. The
 empirical Fisher is (1/R) sum_r grad l_r grad l_r^T of the rows' own losses (for mse l_r = |f_r - y_r|^2 / k,

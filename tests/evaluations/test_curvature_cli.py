@@ -123,19 +123,21 @@ def test_basin_ntk_on_a_checkpoint(llama, tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
 
 
-def test_basin_hessian_kfac_on_a_checkpoint_matches_the_operator(llama, tmp_path):
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_basin_hessian_kfac_on_a_checkpoint_matches_the_operator(llama, tmp_path, approx):
     from evaluations.probes import KFACOperator
 
     ckpt, calib = llama
     out = tmp_path / "k.json"
     assert main(["hessian", str(ckpt), "--data", str(calib), "--operator", "kfac", "--params", "lm_head", "-k", "2",
                  "--tol", "1e-6", "--seq-len", "8", "--batch-size", "1", "--dtype", "float64",
-                 "--json", str(out)]) == 0
+                 "--kfac-approx", approx, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     model = load_model(ckpt, dtype="float64")
-    op = KFACOperator(model, CAUSAL_LM, load_data(model, calib, seq_len=8, batch_size=1), params="lm_head")
+    op = KFACOperator(model, CAUSAL_LM, load_data(model, calib, seq_len=8, batch_size=1), params="lm_head",
+                      kfac_approx=approx)
     top = torch.linalg.eigvalsh(op.matmat(torch.eye(op.size, dtype=torch.float64))).flip(0)[:2]
-    assert result["operator"] == "kfac" and result["eigen"]["converged"]
+    assert result["operator"] == "kfac" and result["eigen"]["converged"] and result["kfac_approx"] == approx
     torch.testing.assert_close(torch.tensor(result["eigen"]["values"], dtype=torch.float64), top, rtol=1e-6, atol=0)
 
 
