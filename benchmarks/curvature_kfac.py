@@ -1,14 +1,17 @@
 """KFAC / EKFAC operators vs curvlinops' KFACLinearOperator / EKFACLinearOperator (benchmark only; curvlinops
 runs in its own venv, as a second process).
 
-Models (float64, trained 5 epochs with Adam on all 1,797 standardized digits): a 64-256-256-10 ReLU MLP and a
-CNN (Conv2d 1->8 3x3 pad 1, Conv2d 8->8 3x3 pad 1 stride 2, Linear 128->10). Data: the 1,797 digits in 6
+Models (float64, trained 5 epochs with Adam on all 1,797 standardized digits): a 64-256-256-10 ReLU MLP, a
+CNN (Conv2d 1->8 3x3 pad 1, Conv2d 8->8 3x3 pad 1 stride 2, Linear 128->10) and a weight-sharing "seq" model
+(each digit as 8 positions of 8 features, Linear 8->64 and 64->64 at every position, mean over positions,
+Linear 64->10). The seq model and the CNN also run KFAC-reduce (kfac_approx="reduce", Eschenhagen et al. 2023)
+beside the default KFAC-expand. Data: the 1,797 digits in 6
 batches of 300; cross-entropy (mean) for both, and mse (mean) against one-hot targets for the MLP. Cases: KFAC
 and EKFAC, type-2 and empirical Fisher (the MC Fisher draws from different random streams: not compared).
 Expected: equal up to float64 rounding, except the mse empirical Fisher, which curvlinops normalises by the
 N * k loss terms and basin by the N rows (its rows' losses are (1/k)|f - y|^2): curvlinops' is k = 10 times
 basin's (`ratio_to_curvlinops` 0.1). curvlinops runs with separate_weight_and_bias=False
-(basin's block is [W | b]), kfac_approx="expand" (its default, basin's convention), check_deterministic=False.
+(basin's block is [W | b]), the case's kfac_approx on both sides, check_deterministic=False.
 
 Compared on the same 4 random vectors: K v (relative error), tr K, (K + 1e-3 I)^{-1} v (curvlinops'
 KFACInverseLinearOperator with use_exact_damping=True); basin's log det(K + 1e-3 I) is recorded (curvlinops'
@@ -41,17 +44,28 @@ from evaluations.objective import supervised
 from evaluations.probes.kfac import KFACOperator
 
 DAMPING = 1e-3
-CASES = [(model, loss, kind, fisher) for model, loss in (("mlp", "cross_entropy"), ("cnn", "cross_entropy"),
-                                                          ("mlp", "mse")) for kind in ("kfac", "ekfac")
+CASES = [(model, loss, kind, fisher, "expand") for model, loss in (("mlp", "cross_entropy"), ("cnn", "cross_entropy"),
+                                                                    ("mlp", "mse")) for kind in ("kfac", "ekfac")
          for fisher in ("type-2", "empirical")]
+# weight sharing (the sequence model's 8 positions, the CNN's feature-map locations): KFAC-expand vs KFAC-reduce
+CASES += [("seq", "cross_entropy", kind, fisher, approx) for approx in ("expand", "reduce")
+          for kind in ("kfac", "ekfac") for fisher in ("type-2", "empirical")]
+CASES += [("cnn", "cross_entropy", kind, "type-2", "reduce") for kind in ("kfac", "ekfac")]
 
 MODELS = r'''
 import torch
 from torch import nn
 
+class MeanOverPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
 def build(name):
     if name == "mlp":
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    if name == "seq":  # each digit as 8 positions (rows) of 8 features; two position-wise layers, mean, head
+        return nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             MeanOverPositions(), nn.Linear(64, 10))
     return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
 '''
@@ -63,7 +77,7 @@ torch.set_num_threads(int(sys.argv[3]))
 blob = torch.load(sys.argv[1], weights_only=True)
 out = {}
 for case in json.loads(sys.argv[4]):
-    name, loss, kind, fisher = case
+    name, loss, kind, fisher, approx = case
     model = build(name).double()
     model.load_state_dict(blob["state"][name])
     model.eval()
@@ -72,7 +86,7 @@ for case in json.loads(sys.argv[4]):
     t = time.perf_counter()
     loss_func = nn.CrossEntropyLoss() if loss == "cross_entropy" else nn.MSELoss()
     op = cls(model, loss_func, params, blob["batches"][loss], fisher_type=fisher,
-             separate_weight_and_bias=False, check_deterministic=False)
+             separate_weight_and_bias=False, check_deterministic=False, kfac_approx=approx)
     vs = blob["vectors"][name]
     op @ vs[0]  # curvlinops computes its factors lazily, at the first product
     build_s = time.perf_counter() - t
@@ -99,9 +113,10 @@ def trained(name: str, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     return train_classifier(model, x, y, epochs=5, seed=0).double().eval()
 
 
-def basin_case(model: nn.Module, batches: list, loss: str, kind: str, fisher: str, vs: torch.Tensor) -> dict:
+def basin_case(model: nn.Module, batches: list, loss: str, kind: str, fisher: str, approx: str,
+               vs: torch.Tensor) -> dict:
     t = time.perf_counter()
-    op = KFACOperator(model, supervised(loss), batches, kind=kind, fisher_type=fisher)
+    op = KFACOperator(model, supervised(loss), batches, kind=kind, fisher_type=fisher, kfac_approx=approx)
     op.matvec(vs[0])
     build_s = time.perf_counter() - t
     kv = op.matmat(vs)
@@ -153,8 +168,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/curvature_kfac.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     x, y = load_digits_all()
-    models = {name: trained(name, x, y) for name in ("mlp", "cnn")}
+    models = {name: trained(name, x, y) for name in ("mlp", "cnn", "seq")}
     x = x.double()
     onehot = nn.functional.one_hot(y, 10).double()
     batches = {"cross_entropy": [(x[i : i + 300], y[i : i + 300]) for i in range(0, len(x), 300)],
@@ -170,13 +186,13 @@ def main() -> None:
         for r in range(args.rounds):
             peer_runs.append(run_peer(args.peer, blob, f"{tmp}/peer{r}.pt", args.threads))
             print(f"round {r}: curvlinops done", file=sys.stderr, flush=True)
-            ours_runs.append({"|".join(c): basin_case(models[c[0]], batches[c[1]], c[1], c[2], c[3], vectors[c[0]])
+            ours_runs.append({"|".join(c): basin_case(models[c[0]], batches[c[1]], *c[1:], vectors[c[0]])
                               for c in CASES})
             print(f"round {r}: basin done", file=sys.stderr, flush=True)
     rows = []
     for case in CASES:
         key = "|".join(case)
-        row = {"model": case[0], "loss": case[1], "kind": case[2], "fisher_type": case[3],
+        row = {"model": case[0], "loss": case[1], "kind": case[2], "fisher_type": case[3], "kfac_approx": case[4],
                **compare(ours_runs[0][key], peer_runs[0][key])}
         for side, runs in (("basin", ours_runs), ("curvlinops", peer_runs)):
             row[f"{side}_build_s"] = min(run[key]["build_s"] for run in runs)
@@ -187,6 +203,8 @@ def main() -> None:
               "threads": args.threads, "rounds": args.rounds, "dtype": "float64", "damping": DAMPING,
               "data": "1797 digits, 6 batches of 300", "params": {n: vectors[n].shape[1] for n in vectors},
               "note": "shared 2-core machine, other jobs running: timings are noisy (best of the rounds)",
+              "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+              "load_average_at_start": [round(v, 2) for v in load_start],
               "cases": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def main() -> None:
     if args.side == "curvlinops":
         torch.save(curvlinops_side(dtype), args.out)
         return
-    results = {"note": "shared 2-core machine, ~8 concurrent jobs: timings are noisy, compare ratios", "runs": {}}
+    results = {"note": "shared 2-core machine, ~8 concurrent jobs: timings are noisy, compare ratios",
+               "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "runs": {}}
     for name in ("float64", "float32"):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "cl.pt"
@@ -132,6 +134,7 @@ def main() -> None:
             print(f"{name} {op:8s} rel diff {row['max_rel_diff']:.2e}  matvec {row['basin_matvec_ms']:.2f} ms vs "
                   f"{row['curvlinops_matvec_ms']:.2f} ms (x{row['matvec_speedup']:.2f})  top-3 "
                   f"{row['basin_top3_s']:.2f} s vs {row['curvlinops_top3_s']:.2f} s (x{row['top3_speedup']:.2f})")
+    results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     Path(args.json).write_text(json.dumps(results, indent=2))
 
 

@@ -235,44 +235,12 @@ def measure(session: Session, out_dir: str | Path, stats=None) -> MeasureReport:
 
 
 # --- the Hessian probe ------------------------------------------------------------------------------------------
-class _Indexed(nn.Module):
-    """`forward(tensor([b]))`: the objective's outputs on batch b of `batches`, so `HessianOperator` (which calls
-    `loss_fn(model(x), y)`) differentiates any objective's loss on any batch type."""
-
-    def __init__(self, model: nn.Module, objective, batches: list) -> None:
-        super().__init__()
-        self.model, self.objective, self.batches = model, objective, batches
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.objective.predict(self.model, self.batches[int(index[0])])[0]
-
-
-def hessian_operator(model: nn.Module, objective, data: list, params: str | None):
-    """The Hessian of the objective's row-weighted mean loss over `data` (the dataset loss) on `params`.
-
-    `HessianOperator` weights batch b by len(x_b) / n = 1 / B (one index per batch); batch b's loss is scaled by
-    rows_b B / rows, so the operator is sum_b (rows_b / rows) H_b, the Hessian of the row-weighted mean."""
-    from evaluations.objective import standard_loss
-    from evaluations.probes import HessianOperator
-    from evaluations.probes.params import select_params
-
-    names = ["model." + n for n in select_params(model, params)]
-    with torch.no_grad():
-        targets = [objective.predict(model, batch)[1] for batch in data]
-    rows = sum(len(t) for t in targets)
-    batches = [(torch.tensor([b]), (t, len(t) * len(data) / rows)) for b, t in enumerate(targets)]
-
-    def loss_fn(outputs: torch.Tensor, y: tuple[torch.Tensor, float]) -> torch.Tensor:
-        return standard_loss(objective.loss, outputs, y[0]) * y[1]
-
-    return HessianOperator(_Indexed(model, objective, data), loss_fn, batches, params=names)
-
-
 def _top_eigenvalue(session: Session, ckpt, label: str, data: list) -> dict[str, Any]:
-    from evaluations.probes import lanczos
+    from evaluations.probes import HessianOperator, lanczos
 
     _write_weights(session.model, ckpt, label)
-    op = hessian_operator(session.model, session.objective, data, session.spec.params)
+    # the objective's row-weighted mean loss over `data` (the dataset loss): the operator's own batch weighting
+    op = HessianOperator(session.model, session.objective, data, params=session.spec.params)
     eig = lanczos(op, k=1, tol=1e-3, seed=session.spec.seed)
     value = float(eig.values[0])
     if not math.isfinite(value):

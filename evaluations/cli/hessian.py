@@ -1,4 +1,5 @@
-"""`basin hessian [MODEL]`: top eigenvalues, trace and spectral density of a curvature operator of a model's loss.
+"""`basin hessian [MODEL]`: top or bottom eigenvalues (`--which`, `--k`; Lanczos), trace and spectral density of a
+curvature operator of a model's loss.
 
 `--operator`: hessian (default), ggn, fisher (empirical) or mc_fisher (Monte-Carlo, `--samples`, `--seed`), on
 the `--params` subset, optionally `--block-diagonal` (one block per module). Two models:
@@ -18,9 +19,10 @@ import json
 from evaluations.cli.args import float_range, int_range, positive_int
 from evaluations.cli.digits_mlp import add_model_arguments, build_model
 
-HELP = "top Hessian eigenvalues, trace and spectral density"
+HELP = "top or bottom Hessian eigenvalues, trace and spectral density"
 OPERATORS = ("hessian", "ggn", "fisher", "mc_fisher", "kfac", "ekfac")  # curvature_operator's names + KFAC
 DTYPES = ("bfloat16", "float16", "float32", "float64")  # evaluations.models.DTYPES, without importing torch
+WHICH = {"top": "LA", "bottom": "SA"}  # --which -> lanczos(which=)
 __all__ = ["HELP", "add_arguments", "build_model", "run"]
 
 
@@ -42,10 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--operator", choices=OPERATORS, default="hessian",
                         help="curvature: hessian, ggn (generalized Gauss-Newton), fisher (empirical), mc_fisher")
     parser.add_argument("--samples", type=positive_int, default=1, help="mc_fisher: targets drawn per row")
+    parser.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
+                        help="kfac / ekfac on weight-shared layers (tokens, feature-map locations): expand (every "
+                             "position a row, default) or reduce (positions averaged / summed per example)")
     parser.add_argument("--block-diagonal", action="store_true", help="keep only the per-module diagonal blocks")
     parser.add_argument("--params", help="restrict to parameters matching this regular expression or name prefix "
                         "(e.g. '2', 'layers\\.1\\.')")
-    parser.add_argument("-k", "--top-k", dest="k", type=positive_int, default=3, help="how many top eigenvalues")
+    parser.add_argument("-k", "--k", "--top-k", dest="k", type=positive_int, default=3,
+                        help="how many eigenvalues (default 3)")
+    parser.add_argument("--which", choices=WHICH, default="top",
+                        help="top: the largest eigenvalues (default); bottom: the smallest (algebraic)")
     parser.add_argument("--tol", type=float_range(0, 1, lo_open=True), default=1e-3,
                         help="relative eigenvalue tolerance, in (0, 1] (default 1e-3)")
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
@@ -106,7 +114,8 @@ def _kfac(args: argparse.Namespace, model, loss, data):
     from evaluations.probes import KFACOperator
 
     objective = loss if isinstance(loss, Objective) else supervised("cross_entropy")
-    return KFACOperator(model, objective, data, params=args.params, kind=args.operator, seed=args.seed)
+    return KFACOperator(model, objective, data, params=args.params, kind=args.operator, seed=args.seed,
+                        kfac_approx=args.kfac_approx)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,13 +128,14 @@ def run(args: argparse.Namespace) -> int:
         op, base, line = _operator(args)
         base = op if base is None else base
         print(line)
-        eig = lanczos(op, k=args.k, tol=args.tol)
+        eig = lanczos(op, k=args.k, tol=args.tol, which=WHICH[args.which])
         blocks = f", {len(op.blocks)} diagonal blocks" if args.block_diagonal else ""
         rows = getattr(base, "n_examples", None)
         out = {"operator": args.operator, "params": base.size, "names": base.names, "rows": rows,
-               "block_diagonal": args.block_diagonal, "mode": base.mode, "eigen": eig.to_json()}
+               "block_diagonal": args.block_diagonal, "mode": base.mode, "which": args.which,
+               "kfac_approx": getattr(base, "kfac_approx", None), "eigen": eig.to_json()}
         print(f"{args.operator}: {base.size} parameters ({len(base.names)} tensors{blocks}), {base.mode} mode; "
-              f"top-{len(eig.values)} eigenvalues (converged={eig.converged}, {eig.iterations} products):")
+              f"{args.which}-{len(eig.values)} eigenvalues (converged={eig.converged}, {eig.iterations} products):")
         for v, r in zip(eig.values, eig.residuals):
             print(f"  {float(v):.6g}  (residual {float(r):.2g})")
         if args.trace:

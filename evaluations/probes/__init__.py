@@ -1,5 +1,6 @@
-"""Curvature and kernel probes: Hessian, GGN and Fisher operators; spectra (Lanczos, Hutchinson, SLQ, diagonal) of any
-`LinearOperator`, sharpness, and the empirical NTK; iterative results derive from `ProbeResult`."""
+"""Curvature and kernel probes: Hessian, GGN, Fisher and KFAC operators; spectra (Lanczos, Hutchinson / Hutch++ /
+XTrace, SLQ, diagonal) of any `LinearOperator`, sharpness, and the empirical NTK; iterative results derive from
+`ProbeResult`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from evaluations.probes.operator import CallableOperator, DenseOperator, LinearO
 from evaluations.probes.params import Selection, select_params
 from evaluations.probes.result import ProbeResult
 from evaluations.probes.sharpness import Sharpness, adaptive_sharpness, epsilon_sharpness, top_to_trace_ratio
-from evaluations.probes.trace import Estimate, hutchinson_trace
+from evaluations.probes.trace import Estimate, hutchinson_trace, xtrace
 
 
 def top_eigenvalue(model, loss_fn, data, params=None, tol: float = 1e-3, seed: int = 0) -> float:
@@ -77,6 +78,7 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_result",
     "hutchinson_trace",
+    "xtrace",
     "kernel_alignment",
     "kernel_distance",
     "kernel_velocity",

@@ -162,8 +162,10 @@ class CurvatureOperator(Operator):
         """Output rows per batch: len(x) for (x, y) data under a legacy loss, else one forward pass per batch."""
         if self.objective is None:
             return [len(b[0]) for b in self.batches]
-        with torch.no_grad(), self.context():
-            return [int(self.outputs(self.primals, b)[0].shape[0]) for b in self.batches]
+        rows: list[int] = []
+        with torch.no_grad():
+            self.each_batch(lambda _, b: rows.append(int(self.outputs(self.primals, b)[0].shape[0])))
+        return rows
 
     def outputs(self, p: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs, targets) of one batch with the selected parameters set to `p` (the others fixed)."""
@@ -209,14 +211,24 @@ class CurvatureOperator(Operator):
         return self.flatten(self.primals)
 
     # --- the batch loop, once ---------------------------------------------------------------------------------
+    def each_batch(self, visit: Callable[[int, Any], None]) -> None:
+        """visit(b, batch_b) for every batch in batch order, inside `context()`: the one loop over the data
+        (products, gradient and loss here; KFAC's factor passes)."""
+        with self.context():
+            for i, batch in enumerate(self.batches):
+                visit(i, batch)
+
     def accumulate(self, part: Callable[[int, Any], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """sum_b w_b part(b, batch_b) in batch order, inside `context()` (one batch: its part as it is)."""
-        with self.context():
-            if len(self.batches) == 1:
+        if len(self.batches) == 1:
+            with self.context():
                 return part(0, self.batches[0])
-            out = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for i, batch in enumerate(self.batches):
-                out += part(i, batch) * self.weights[i]
+        out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        def add(i: int, batch) -> None:
+            out.add_(part(i, batch) * self.weights[i])
+
+        self.each_batch(add)
         return out
 
     def _product(self, tangent: dict[str, torch.Tensor], i: int, batch) -> dict[str, torch.Tensor | None]:
@@ -272,16 +284,21 @@ class CurvatureOperator(Operator):
         """The flat gradient of the mean loss over `data` at the stored parameters, or at `flat`."""
         p = self.primals if flat is None else self.unflatten(flat)
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        with self.context():
-            for i, batch in enumerate(self.batches):
-                out += self._batch_gradient(p, i, batch) * self.weights[i]
+
+        def add(i: int, batch) -> None:
+            out.add_(self._batch_gradient(p, i, batch) * self.weights[i])
+
+        self.each_batch(add)
         return out
 
     def loss(self, flat: torch.Tensor | None = None) -> float:
         """Mean loss over `data` at the stored parameters, or at `flat` (a flat vector of the selected ones)."""
         p = self.primals if flat is None else self.unflatten(flat)
-        total = 0.0
-        with torch.no_grad(), self.context():
-            for rows, batch in zip(self.rows, self.batches):
-                total += float(self.batch_loss(p, batch)) * rows
-        return total / self.n_examples
+        total = [0.0]
+
+        def add(i: int, batch) -> None:
+            total[0] += float(self.batch_loss(p, batch)) * self.rows[i]
+
+        with torch.no_grad():
+            self.each_batch(add)
+        return total[0] / self.n_examples

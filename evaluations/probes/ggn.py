@@ -4,8 +4,10 @@ For one batch with outputs f (rows x C) and Jacobian J = df/dw, each operator is
 over rows (Martens 2020, "New insights and perspectives on the natural gradient method", Sec. 8-9):
 
 - GGN (Schraudolph 2002): M = the Hessian of the batch's mean loss w.r.t. f. Cross-entropy: M_r = (diag p_r -
-  p_r p_r^T) / rows (p = softmax f), applied row-wise as p*u - p (p.u): never a rows x C x C array, the largest
-  intermediate is the logits' size. Mean squared error (mean over rows * C elements): M = 2 I / (rows C).
+  p_r p_r^T) / rows (p = softmax f), applied row-wise as p*u - p (p.u): never a rows x C x C array. Every
+  operator's M u runs over chunks of rows (`by_rows`) written over u, so a product holds one logits-sized array
+  (u) and about CHUNK_ELEMENTS entries of temporaries, however large the vocabulary. Mean squared error (mean
+  over rows * C elements): M = 2 I / (rows C).
 - empirical Fisher: M_r = s g_r g_r^T with g_r the gradient of the row's loss at the observed target.
 - Monte-Carlo Fisher: the same with `samples` targets per row drawn (seeded, once, at construction) from the
   model's predictive distribution, averaged: E[MC Fisher] = GGN for both losses.
@@ -24,6 +26,7 @@ column; for small outputs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,6 +37,20 @@ from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
 OPERATORS = ("ggn", "fisher", "mc_fisher")
+CHUNK_ELEMENTS = 1 << 22  # entries of an output-Hessian product's temporaries at once (32 MiB in float64)
+
+
+def by_rows(u: torch.Tensor, rows: int, part: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """M u computed over chunks r of the output rows, `part(r)` = (M u)[..., r, :], each written over u[..., r, :]:
+    a product holds u and one chunk's temporaries (about CHUNK_ELEMENTS entries), never a second array of
+    u's size, whatever the vocabulary. Small u: one chunk (no copy)."""
+    step = max(1, CHUNK_ELEMENTS * rows // max(u.numel(), 1))
+    if step >= rows:
+        return part(slice(None))
+    for lo in range(0, rows, step):
+        r = slice(lo, lo + step)
+        u[..., r, :] = part(r)
+    return u
 
 
 class OutputCurvature(CurvatureOperator):
@@ -115,8 +132,10 @@ class OutputCurvature(CurvatureOperator):
         return self.accumulate(self._batch_diagonal, (self.size,))
 
     def _diagonal_cost(self) -> int:
-        with torch.no_grad(), self.context():
-            return sum(self._linear_cost(i, b) for i, b in enumerate(self.batches))
+        costs: list[int] = []
+        with torch.no_grad():
+            self.each_batch(lambda i, b: costs.append(self._linear_cost(i, b)))
+        return sum(costs)
 
     def _linear_cost(self, i: int, batch) -> int:
         f, y = self.outputs(self.primals, batch)
@@ -159,9 +178,13 @@ class GGNOperator(OutputCurvature):
 
     def _apply(self, i: int, f: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.kind == "mse":
-            return u * (2.0 / f.numel())
-        p = torch.softmax(f, -1)
-        return (p * u - p * (p * u).sum(-1, keepdim=True)) / f.shape[0]
+            return u.mul_(2.0 / f.numel())
+
+        def part(r: slice) -> torch.Tensor:
+            p, ur = torch.softmax(f[r], -1), u[..., r, :]
+            return (p * ur - p * (p * ur).sum(-1, keepdim=True)) / f.shape[0]
+
+        return by_rows(u, f.shape[0], part)
 
     def _factor(self, i: int, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows, classes = f.shape
@@ -182,10 +205,16 @@ class EmpiricalFisherOperator(OutputCurvature):
         return 2.0 * (f - y.to(f.dtype))
 
     def _apply(self, i: int, f: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.kind == "mse":
-            g = self._residual(f, y)
-            return g * (g * u).sum(-1, keepdim=True) / f.numel()
-        return _ce_outer(torch.softmax(f, -1), y.reshape(-1, 1), u) / f.shape[0]
+        labels = y.reshape(-1, 1) if self.kind == "cross_entropy" else y
+
+        def part(r: slice) -> torch.Tensor:
+            ur = u[..., r, :]
+            if self.kind == "mse":
+                g = self._residual(f[r], labels[r])
+                return g * (g * ur).sum(-1, keepdim=True) / f.numel()
+            return _ce_outer(torch.softmax(f[r], -1), labels[r], ur) / f.shape[0]
+
+        return by_rows(u, f.shape[0], part)
 
     def _factor(self, i: int, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "mse":
@@ -211,24 +240,32 @@ class MonteCarloFisherOperator(OutputCurvature):
     def _draw(self) -> list[torch.Tensor]:
         """Per batch: sampled labels [rows, S] (cross-entropy) or standard normals [rows, C, S] (squared error)."""
         gen = torch.Generator().manual_seed(self.seed)
-        draws = []
-        with torch.no_grad(), self.context():
-            for batch in self.batches:
-                f = self.outputs(self.primals, batch)[0].detach().double().cpu()
-                if self.kind == "mse":
-                    draw = torch.randn(*f.shape, self.samples, generator=gen, dtype=torch.float64)
-                else:
-                    draw = torch.multinomial(torch.softmax(f, -1), self.samples, replacement=True, generator=gen)
-                draws.append(draw.to(self.device))
+        draws: list[torch.Tensor] = []
+
+        def draw(_: int, batch) -> None:
+            f = self.outputs(self.primals, batch)[0].detach().double().cpu()
+            if self.kind == "mse":
+                sample = torch.randn(*f.shape, self.samples, generator=gen, dtype=torch.float64)
+            else:
+                sample = torch.multinomial(torch.softmax(f, -1), self.samples, replacement=True, generator=gen)
+            draws.append(sample.to(self.device))
+
+        with torch.no_grad():
+            self.each_batch(draw)
         return draws
 
     def _apply(self, i: int, f: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         draw = self._draws[i]
-        if self.kind == "mse":
-            eps = draw.to(f.dtype)
-            c = torch.einsum("...rc,rcs->...rs", u, eps)
-            return torch.einsum("...rs,rcs->...rc", c, eps) * (2.0 / (f.numel() * self.samples))
-        return _ce_outer(torch.softmax(f, -1), draw, u) / (f.shape[0] * self.samples)
+
+        def part(r: slice) -> torch.Tensor:
+            ur = u[..., r, :]
+            if self.kind == "mse":
+                eps = draw[r].to(f.dtype)
+                c = torch.einsum("...rc,rcs->...rs", ur, eps)
+                return torch.einsum("...rs,rcs->...rc", c, eps) * (2.0 / (f.numel() * self.samples))
+            return _ce_outer(torch.softmax(f[r], -1), draw[r], ur) / (f.shape[0] * self.samples)
+
+        return by_rows(u, f.shape[0], part)
 
     def _factor(self, i: int, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         draw = self._draws[i]

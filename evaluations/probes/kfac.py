@@ -11,7 +11,12 @@ approximated (Martens & Grosse 2015, eq. 1-3; Grosse & Martens 2016, KFC, for co
 where g is the backpropagated gradient at the layer's output. The scaling convention: A is a mean over
 every position the layer sees (examples x tokens x spatial locations), G a sum over positions divided by the
 number of output rows (and by `mc_samples`); positions and rows are treated as one batch axis ("KFAC-expand",
-Eschenhagen et al. 2023). With one output row per example (an MLP or a CNN classifier) this is
+Eschenhagen et al. 2023, "Kronecker-factored approximate curvature for modern neural network architectures").
+`kfac_approx="reduce"` (their KFAC-reduce) first reduces each example's positions -- a the mean of its features,
+g the sum of its output gradients -- so A = mean over examples of a a^T and G = sum over seeds and examples of
+g g^T / rows; it is exact for one example whose layer output is summed over positions, and equals expand where
+a layer sees one position per example. Both match curvlinops' `kfac_approx` (float64 rounding,
+benchmarks/curvature_kfac.py). With one output row per example (an MLP or a CNN classifier) this is
 curvlinops' `KFACLinearOperator` for a loss with reduction="mean" (cross-entropy; mse averaged over every
 output entry, as `torch.nn.functional.mse_loss`), and it is the exact GGN block for a single example. The
 empirical Fisher is (1/R) sum_r grad l_r grad l_r^T of the rows' own losses (for mse l_r = |f_r - y_r|^2 / k,
@@ -37,21 +42,22 @@ per output class per batch; for a large vocabulary use "mc".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from evaluations.objective import LOSSES
-from evaluations.probes.hvp import network_mode
+from evaluations.probes.curvature import CurvatureOperator
 from evaluations.probes.kfac_capture import Layer, LayerCapture, layers_of, seeds
 from evaluations.probes.operator import Operator
-from evaluations.probes.params import Selection, select_params
+from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
 KINDS = ("kfac", "ekfac")
 FISHER_TYPES = ("type-2", "mc", "empirical")
+APPROXIMATIONS = ("expand", "reduce")
 
 
 def _roundoff_to_zero(values: torch.Tensor) -> torch.Tensor:
@@ -141,18 +147,6 @@ def _damping(damping: float) -> float:
     return float(damping)
 
 
-def _batches(data) -> list:
-    """`(x, y)` tensors as one batch, or an iterable of batches (anything the objective's predict takes)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return [tuple(data)]
-    if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable):
-        raise ProbeError(f"data: expected (x, y) tensors or an iterable of batches, got {type(data).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ProbeError("data: no batches")
-    return batches
-
-
 def _predict(objective, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     outputs, targets = objective.predict(model, batch)
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] == 0:
@@ -164,48 +158,66 @@ def _predict(objective, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Te
 
 @dataclass
 class _Sweep:
-    """One pass over the data: forward with the capture hooks, then one backward per seed."""
+    """One pass over the operator's data (its shared batch loop): forward with the capture hooks, then one
+    backward per seed."""
 
-    model: nn.Module
-    objective: object
-    batches: list
+    op: CurvatureOperator
     layers: list[Layer]
     fisher_type: str
     generator: torch.Generator
     mc_samples: int
 
     def run(self, on_features, on_gradient) -> int:
-        """Call on_features(i, a) per layer call and on_gradient(i, g) per seed; return the number of rows."""
-        rows = 0
-        for batch in self.batches:
+        """Call on_features(i, a) per layer call and on_gradient(i, g) per seed; return the number of rows
+        (times `mc_samples` for "mc")."""
+        rows = [0]
+
+        def visit(_: int, batch) -> None:
             with torch.enable_grad(), LayerCapture(self.layers, on_features) as capture:
-                outputs, targets = _predict(self.objective, self.model, batch)
+                outputs, targets = _predict(self.op.objective, self.op.model, batch)
             capture.check_calls()
-            for seed in seeds(self.objective.loss, self.fisher_type, outputs, targets, self.generator,
+            for seed in seeds(self.op.objective.loss, self.fisher_type, outputs, targets, self.generator,
                               self.mc_samples):
                 for i, g in enumerate(capture.output_gradients(outputs, seed)):
                     on_gradient(i, g)
-            rows += int(outputs.shape[0])
-        return rows * (self.mc_samples if self.fisher_type == "mc" else 1)
+            rows[0] += int(outputs.shape[0])
+
+        self.op.each_batch(visit)
+        if rows[0] != self.op.n_examples:  # the operator's row weights and the factors' scaling agree
+            raise ProbeError(f"KFAC: the objective gave {rows[0]} output rows, then {self.op.n_examples} "
+                             "(predict is not deterministic)")
+        return rows[0] * (self.mc_samples if self.fisher_type == "mc" else 1)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def kronecker_factors(sweep: _Sweep) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, G) per layer: A the mean of a a^T over positions, G the sum of g g^T over seeds and positions / rows."""
-    device = next(sweep.model.parameters()).device
+def _shared(t: torch.Tensor, approx: str, reduce: str) -> torch.Tensor:
+    """[B, T, d] rows over a weight-shared axis T -> the rows KFAC sums over (Eschenhagen et al. 2023, Sec. 3):
+    "expand": every position a row [B * T, d]; "reduce": one row per example [B, d], the positions reduced by
+    `reduce` ("mean" for features, "sum" for output gradients)."""
+    if approx == "expand":
+        return _flat(t)
+    return t.mean(1) if reduce == "mean" else t.sum(1)
+
+
+def kronecker_factors(sweep: _Sweep, approx: str = "expand") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, G) per layer: A the mean of a a^T over the rows `_shared` makes (positions, or examples for
+    "reduce"), G the sum of g g^T over seeds and those rows / the objective's output rows."""
+    device = sweep.op.device
     a_sum = [torch.zeros(n.cols, n.cols, dtype=torch.float64, device=device) for n in sweep.layers]
     g_sum = [torch.zeros(n.out, n.out, dtype=torch.float64, device=device) for n in sweep.layers]
     positions = [0] * len(sweep.layers)
 
     def on_features(i: int, a: torch.Tensor) -> None:
-        a_sum[i] += _flat(a).T @ _flat(a)
-        positions[i] += _flat(a).shape[0]
+        a = _shared(a, approx, "mean")
+        a_sum[i] += a.T @ a
+        positions[i] += a.shape[0]
 
     def on_gradient(i: int, g: torch.Tensor) -> None:
-        g_sum[i] += _flat(g).T @ _flat(g)
+        g = _shared(g, approx, "sum")
+        g_sum[i] += g.T @ g
 
     rows = sweep.run(on_features, on_gradient)
     factors = [(a / max(n, 1), g / rows) for a, g, n in zip(a_sum, g_sum, positions)]
@@ -245,37 +257,36 @@ def ekfac_scales(sweep: _Sweep, blocks: list[KroneckerBlock]) -> list[torch.Tens
     return [s / rows for s in s_sum]
 
 
-class KFACOperator(Operator):
+class KFACOperator(CurvatureOperator):
     """KFAC / EKFAC approximation of the GGN ("type-2"), MC Fisher ("mc") or empirical Fisher ("empirical") of
     `objective`'s mean loss over `data`, block-diagonal over the nn.Linear / nn.Conv2d layers that own the
     selected parameters (`params`: see evaluations.probes.params). A `LinearOperator` on flat vectors (order
     `op.names`); `op.blocks` holds each layer's factors. `seed` drives the "mc" samples (`mc_samples` per row).
-    Convention and algorithms: see the module docstring."""
+    `kfac_approx`: "expand" (every position of a weight-shared axis -- tokens, feature-map locations -- as its
+    own row) or "reduce" (features averaged and output gradients summed over those positions, per example;
+    Eschenhagen et al. 2023); they agree where a layer sees one position per example.
+    The factor passes run in the shared batch loop of `CurvatureOperator` (eval mode, batch order), which
+    also gives `gradient()` and `loss()` of the objective's mean loss. Convention: see the module docstring."""
 
     def __init__(self, model: nn.Module, objective, data, params: Selection = None, kind: str = "kfac",
-                 fisher_type: str = "type-2", seed: int = 0, mc_samples: int = 1):
+                 fisher_type: str = "type-2", seed: int = 0, mc_samples: int = 1, kfac_approx: str = "expand"):
         _choice("kind", kind, KINDS)
         _choice("fisher_type", fisher_type, FISHER_TYPES)
+        _choice("kfac_approx", kfac_approx, APPROXIMATIONS)
         _check_objective(objective)
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ProbeError(f"mc_samples: expected a positive integer, got {mc_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ProbeError(f"seed: expected an integer >= 0, got {seed!r}")
-        self.kind, self.fisher_type, self.seed, self.mode = kind, fisher_type, seed, "eval"
-        self.names = select_params(model, params)
-        tensors = dict(model.named_parameters())
-        numels = [tensors[n].numel() for n in self.names]
-        self.size = sum(numels)
-        self.shape = (self.size, self.size)
-        self.dtype, self.device = tensors[self.names[0]].dtype, tensors[self.names[0]].device
-        layers = layers_of(model, self.names, numels)
-        sweep = _Sweep(model, objective, _batches(data), layers, fisher_type, torch.Generator().manual_seed(seed),
-                       mc_samples)
-        with network_mode(model, "eval"):
-            self.blocks = [KroneckerBlock(layer, a, g, kind) for layer, (a, g) in zip(layers, kronecker_factors(sweep))]
-            if kind == "ekfac":
-                for block, scale in zip(self.blocks, ekfac_scales(sweep, self.blocks)):
-                    block.refit = scale
+        super().__init__(model, objective, data, params=params, mode="eval")
+        self.kind, self.fisher_type, self.seed, self.kfac_approx = kind, fisher_type, seed, kfac_approx
+        layers = layers_of(model, self.names, self.numels)
+        sweep = _Sweep(self, layers, fisher_type, torch.Generator().manual_seed(seed), mc_samples)
+        self.blocks = [KroneckerBlock(layer, a, g, kind) for layer, (a, g) in
+                       zip(layers, kronecker_factors(sweep, kfac_approx))]
+        if kind == "ekfac":
+            for block, scale in zip(self.blocks, ekfac_scales(sweep, self.blocks)):
+                block.refit = scale
 
     def _blockwise(self, vs: torch.Tensor, fn: Callable[[KroneckerBlock, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         self._check_rows(vs)
@@ -283,6 +294,7 @@ class KFACOperator(Operator):
         out = torch.zeros_like(xs)
         for block in self.blocks:
             block.scatter(fn(block, block.gather(xs)), out)
+        self.n_products += len(vs)
         return out.to(vs.dtype if vs.is_floating_point() else self.dtype)
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
@@ -293,6 +305,8 @@ class KFACOperator(Operator):
         if v.dim() != 1:
             raise ProbeError(f"KFACOperator.matvec: expected a vector of length {self.size}, got {tuple(v.shape)}")
         return self.matmat(v.reshape(1, -1))[0]
+
+    __matmul__ = matvec
 
     def trace(self) -> float:
         """tr K: tr(G) tr(A) per KFAC block, the sum of the scales per EKFAC block."""

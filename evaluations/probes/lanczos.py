@@ -233,7 +233,8 @@ def lanczos(
     invisible to two independent Krylov sequences, the second from a random start (a probability-zero event
     in exact arithmetic, not observed in the seeded tests). It is also True when the basis spans the whole
     space and (a) holds. Otherwise `max_iter` operator applications (default min(n, 200)) were spent.
-    `which`: "LA" largest algebraic, "SA" smallest, "LM" largest magnitude. `iterations` counts operator
+    `which`: "LA" largest algebraic, "SA" smallest ("auto" then starts from a random vector: the gradient lies
+    near the top eigenvectors), "LM" largest magnitude. `iterations` counts operator
     applications; `extra["confirmation_steps"]` those spent confirming.
     """
     op = as_operator(op, size)
@@ -242,6 +243,8 @@ def lanczos(
         raise ProbeError(f"k: must be between 1 and the operator size {n}, got {k}")
     _pick(torch.zeros(1), 1, which)  # validates `which`
     max_iter = min(n, max_iter or 200)
+    if start == "auto" and which == "SA":  # the gradient start aims at the top of the spectrum
+        start = "random"
     v0, used = start_vector(op, n, start, seed, op.dtype) if v0 is None else (v0, "given")
     dtype = v0.dtype
     gen = torch.Generator().manual_seed(seed + 7919)  # restart / confirmation vectors, apart from the start's

@@ -123,17 +123,44 @@ def test_basin_ntk_on_a_checkpoint(llama, tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
 
 
-def test_basin_hessian_kfac_on_a_checkpoint_matches_the_operator(llama, tmp_path):
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_basin_hessian_kfac_on_a_checkpoint_matches_the_operator(llama, tmp_path, approx):
     from evaluations.probes import KFACOperator
 
     ckpt, calib = llama
     out = tmp_path / "k.json"
     assert main(["hessian", str(ckpt), "--data", str(calib), "--operator", "kfac", "--params", "lm_head", "-k", "2",
                  "--tol", "1e-6", "--seq-len", "8", "--batch-size", "1", "--dtype", "float64",
-                 "--json", str(out)]) == 0
+                 "--kfac-approx", approx, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     model = load_model(ckpt, dtype="float64")
-    op = KFACOperator(model, CAUSAL_LM, load_data(model, calib, seq_len=8, batch_size=1), params="lm_head")
+    op = KFACOperator(model, CAUSAL_LM, load_data(model, calib, seq_len=8, batch_size=1), params="lm_head",
+                      kfac_approx=approx)
     top = torch.linalg.eigvalsh(op.matmat(torch.eye(op.size, dtype=torch.float64))).flip(0)[:2]
-    assert result["operator"] == "kfac" and result["eigen"]["converged"]
+    assert result["operator"] == "kfac" and result["eigen"]["converged"] and result["kfac_approx"] == approx
     torch.testing.assert_close(torch.tensor(result["eigen"]["values"], dtype=torch.float64), top, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("operator, params", [("hessian", r"model\.layers\.\d\.\w+_layernorm"), ("ggn", NORM)])
+def test_basin_hessian_bottom_k_matches_eigvalsh(llama, tmp_path, capsys, operator, params):
+    """`--which bottom --k 2`: Lanczos on the low end; converged means each value is within its rigorous error
+    bound of an eigenvalue and, by interlacing, at or above the i-th smallest (eigvalsh of the dense operator)."""
+    from evaluations.probes import curvature_operator
+
+    ckpt, calib = llama
+    out = tmp_path / "b.json"
+    argv = ["hessian", str(ckpt), "--data", str(calib), "--operator", operator, "--params", params, "--which",
+            "bottom", "--k", "2", "--tol", "1e-4", "--seq-len", "8", "--batch-size", "2", "--dtype", "float64",
+            "--json", str(out)]
+    assert main(argv) == 0
+    assert f"{operator}: " in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    model = load_model(ckpt, dtype="float64")
+    batches = load_data(model, calib, seq_len=8, batch_size=2)
+    low = torch.linalg.eigvalsh(curvature_operator(operator, model, CAUSAL_LM, batches, params=params).dense())[:2]
+    eig = result["eigen"]
+    assert result["which"] == "bottom" and eig["converged"] and eig["start"] == "random"
+    values = torch.tensor(eig["values"], dtype=torch.float64)
+    assert bool((values >= low - 1e-10).all())  # interlacing: theta_i >= lambda_i
+    assert bool(((values - low).abs() <= torch.tensor(eig["error_bounds"]) + 1e-10).all())
+    torch.testing.assert_close(values, low, rtol=1e-4, atol=1e-8)

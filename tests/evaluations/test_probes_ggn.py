@@ -24,6 +24,7 @@ from evaluations.probes import (
     GGNOperator,
     HessianOperator,
     MonteCarloFisherOperator,
+    curvature_operator,
     diagonal,
     hutchinson_diagonal,
     hutchinson_trace,
@@ -277,3 +278,40 @@ def test_products_are_deterministic_and_matmat_matches_matvec():
         assert torch.equal(first, op.matmat(vs))
         torch.testing.assert_close(first, torch.stack([op.matvec(v) for v in vs]), atol=1e-13, rtol=1e-11)
         assert op.n_products == 3 * 4
+
+
+@pytest.mark.parametrize("name", ["ggn", "fisher", "mc_fisher"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_output_hessian_product_chunked_over_rows(monkeypatch, name, loss):
+    """A tiny CHUNK_ELEMENTS (3 rows of 7 outputs per chunk, 4 chunks for 10 rows): the same products (matvec and
+    matmat) as one chunk, each chunk's part computed on its rows only."""
+    from evaluations.probes import ggn as ggn_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 7)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 7, (10,), generator=gen) if loss == "cross_entropy" else torch.randn(10, 7, generator=gen,
+                                                                                            dtype=torch.float64)
+    fn = nn.CrossEntropyLoss() if loss == "cross_entropy" else nn.MSELoss()
+    vs = torch.randn(3, sum(p.numel() for p in model.parameters()), generator=gen, dtype=torch.float64)
+    whole = curvature_operator(name, model, fn, (x, y))
+    expected = whole.matmat(vs), whole.matvec(vs[0])
+    calls = []
+    real = ggn_module.by_rows
+
+    def spy(u, rows, part):
+        calls.append(rows)
+        return real(u, rows, lambda r: (calls.append(r), part(r))[1])
+
+    monkeypatch.setattr(ggn_module, "CHUNK_ELEMENTS", 21)
+    monkeypatch.setattr(ggn_module, "by_rows", spy)
+    chunked = curvature_operator(name, model, fn, (x, y))
+    torch.testing.assert_close(chunked.matvec(vs[0]), expected[1], rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(chunked.matmat(vs), expected[0], rtol=1e-14, atol=1e-16)
+    if name == "ggn" and loss == "mse":  # M = 2 I / (rows C): scaled in place, no temporary at all
+        assert calls == []
+        return
+    slices = [c for c in calls if isinstance(c, slice)]
+    assert slices[:4] == [slice(lo, lo + 3) for lo in (0, 3, 6, 9)]  # matvec: 3 rows x 7 outputs a chunk
+    assert slices[4:] == [slice(lo, lo + 1) for lo in range(10)]  # matmat, 3 vectors: 1 row a chunk

@@ -20,7 +20,7 @@ from evaluations.model_losses import CAUSAL_LM
 from evaluations.objective import standard_loss, supervised
 from evaluations.probes import lanczos
 from evaluations.probes.kfac import KFACInverse, KFACOperator, _squared_projections
-from taxonomy.errors import ProbeError
+from taxonomy.errors import DataError, ProbeError
 
 F64 = torch.float64
 
@@ -474,7 +474,7 @@ def test_bad_arguments():
             KFACOperator(model, supervised(), data, **kwargs)
     with pytest.raises(ProbeError, match="objective"):
         KFACOperator(model, nn.CrossEntropyLoss(), data)
-    with pytest.raises(ProbeError, match="no batches"):
+    with pytest.raises(DataError, match="no batches"):  # the shared batch list's error, as for every operator
         KFACOperator(model, supervised(), [])
     with pytest.raises(ProbeError, match=r"outside \[0, 2\)"):
         KFACOperator(model, supervised(), (data[0], torch.tensor([0, 5])), fisher_type="empirical")
