@@ -3,7 +3,8 @@
 Order of work, so that mistakes cost seconds: open both checkpoints lazily; refuse an output that exists (without
 `overwrite`) or would replace an input; plan from headers and config.json (`merging.extraction.plan`); then stream
 one tensor pair at a time: difference, SVD (`merging.extraction.factorize`), factors appended to the adapter file
-(`merging.io.adapter_writer`); last, adapter_config.json (ranks known only now) and extraction.json, and the folder
+(`merging.io.adapter_writer`); last, adapter_config.json (ranks known only now), extraction.json and the model card
+(README.md, `merging.extraction.card`), and the folder
 renamed into place. The adapter loads with `peft.PeftModel.from_pretrained(base, out_dir)` and as `base+out_dir`
 in a basin recipe.
 """
@@ -30,6 +31,7 @@ from taxonomy.errors import BasinError
 
 PREFIX = "base_model.model."
 REPORT_NAME = "extraction.json"
+CARD_NAME = "README.md"
 
 
 @dataclass
@@ -159,7 +161,17 @@ def _write(plan: ExtractionPlan, ft: Checkpoint, bs: Checkpoint, out: Path, repo
         report.bytes_written, report.content_hash = writer.nbytes, writer.content_hash()
         report.peak_rss_mb = _peak_rss_mb()
         writer.write_text(REPORT_NAME, json.dumps(report.to_json(), indent=2) + "\n")
+        writer.write_text(CARD_NAME, _card(report, ft, bs))
         writer.close()
+
+
+def _card(report: ExtractionReport, ft: Checkpoint, bs: Checkpoint) -> str:
+    from merging.extraction.card import adapter_card
+    from merging.output.model_card import InputRecord
+    from taxonomy.version import versions
+
+    inputs = [InputRecord(ref, c.repo_id, c.revision) for ref, c in ((report.finetuned, ft), (report.base, bs))]
+    return adapter_card(report, inputs, versions())
 
 
 def _bar(total: int):
