@@ -1,6 +1,7 @@
 """The arguments every `basin` command that writes a model folder shares (merge, moe, extract-lora,
 tokensurgeon), defined once: OUT_DIR (optional with --dry-run), --shard-size, --allow-pickle, --overwrite,
---dry-run, --json, --no-progress; and the one check they share (`out_dir`)."""
+--dry-run, --json, --no-progress (--device where the command computes on one); and the one check they share
+(`out_dir`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ DEFAULT_HELP = {
 
 def add_output_arguments(parser: argparse.ArgumentParser, *, out_help: str | None = None,
                          dry_run_help: str | None = None, shard_size: bool = True,
-                         json_help: str = "print the report as JSON") -> None:
-    """OUT_DIR and the flags above (`shard_size=False`: a command writing one adapter file has no shards)."""
+                         json_help: str = "print the report as JSON", device_help: str | None = None) -> None:
+    """OUT_DIR and the flags above (`shard_size=False`: a command writing one adapter file has no shards;
+    `device_help`: the command computes on a device, --device, default cpu)."""
     parser.add_argument("out_dir", nargs="?", help=out_help or DEFAULT_HELP["out_dir"])
+    if device_help:
+        parser.add_argument("--device", default="cpu", help=device_help)
     if shard_size:
         parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")

@@ -183,43 +183,23 @@ def token_surgery(model: Any, donor: Any, out_dir: str | Path | None, *, method:
                   progress: bool = True) -> SurgeryReport:
     """Give `model` the tokenizer of `donor` (module docstring); `k`: OMP's sparsity (at most the number of
     shared tokens); `batch_size`: new tokens approximated at a time."""
-    from merging.io.guard import check_output, refuse_existing
+    from merging.io.guard import guard_output, planned_output
 
     start = time.perf_counter()
     check_settings(method, k, batch_size)
     size = parse_size(shard_size)
-    out = None if out_dir is None else Path(out_dir)
-    if not dry_run:
-        if out is None:
-            raise BasinError("an output folder is required unless dry_run")
-        refuse_existing(out, overwrite)
+    out = planned_output(out_dir, overwrite, dry_run)
     m, d = open_side(model, "model", allow_pickle), open_side(donor, "donor", allow_pickle)
-    guard = _protected([model, donor], [m.ckpt, d.ckpt])
-    if out is not None and not dry_run:
-        check_output(out, guard)
+    guard = guard_output(out, [model, donor], [m.ckpt, d.ckpt])
     plan = plan_surgery(m, d, method, k)
     report = SurgeryReport(None, method, plan.k, len(plan.tokens.shared), len(plan.tokens.new), plan.rows,
                            len(plan.layout), dry_run=True, plan=plan)
-    if not dry_run:
-        assert out is not None
+    if out is not None:
         tensors = new_tensors(plan, batch_size, progress)
         report.content_hash, report.bytes_written = _write(plan, tensors, out, size, overwrite, guard, progress)
         report.out_dir, report.dry_run = str(out), False
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _protected(refs: list[Any], ckpts: list[Checkpoint]) -> set[Path]:
-    from merging.io.guard import checkpoint_paths, protected_paths
-    from merging.io.references import parts
-
-    paths: list[Any] = []
-    for ref in refs:
-        if isinstance(ref, (str, Path)):
-            paths += [ref, *parts(str(ref))]
-    for ckpt in ckpts:
-        paths += checkpoint_paths(ckpt)
-    return protected_paths(paths)
 
 
 def new_tensors(plan: SurgeryPlan, batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
