@@ -42,14 +42,14 @@ def _run(cmd: list[str], env: dict[str, str]) -> float:
     return round(time.perf_counter() - start, 3)
 
 
-def _rows(basin: Path, mk: Path, donor: Path) -> dict:
+def _rows(basin: Path, mk: Path, model: Path, donor: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from merging.tokensurgeon.vocab import match
 
     a, b = load_file(basin / "model.safetensors"), load_file(mk / "model.safetensors")
-    tokens = match(AutoTokenizer.from_pretrained(basin), AutoTokenizer.from_pretrained(donor), 10**9)
+    tokens = match(AutoTokenizer.from_pretrained(model), AutoTokenizer.from_pretrained(donor), 10**9)
     out: dict = {}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         shared = [i for i in tokens.shared if i < b[name].shape[0]]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"benchmark": "tokensurgeon_vs_mergekit", "model": "tiny llama (hidden 16), word tokenizers, "
                   f"10 shared / 5 donor-only tokens, omp k={args.k}", "machine": platform.platform(),
                   "cpus": os.cpu_count(), "torch": torch.__version__, "seconds": times,
-                  "rows": _rows(root / "basin", root / "mk", donor),
+                  "rows": _rows(root / "basin", root / "mk", model, donor),
                   "config differences": {k: [cfg[0].get(k), cfg[1].get(k)] for k in sorted(set(cfg[0]) | set(cfg[1]))
                                          if cfg[0].get(k) != cfg[1].get(k)}}
     args.out.mkdir(parents=True, exist_ok=True)
