@@ -55,10 +55,11 @@ def _rows(basin: Path, mk: Path, model: Path, donor: Path) -> dict:
         shared = [i for i in tokens.shared if i < b[name].shape[0]]
         new = [i for i in tokens.new if i < b[name].shape[0]]
         diff = (a[name][new].double() - b[name][new].double()).abs()
+        norm = b[name][new].double().norm(dim=1).clamp_min(1e-30)  # a zero row (mergekit's <pad>): no NaN
         out[name] = {"rows basin / mergekit": [a[name].shape[0], b[name].shape[0]],
                      "shared rows bit-identical": bool(torch.equal(a[name][shared], b[name][shared])),
                      "new rows max abs diff": float(diff.max()) if new else 0.0,
-                     "new rows max rel diff": float((diff.norm(dim=1) / b[name][new].double().norm(dim=1)).max())}
+                     "new rows max rel diff": float((diff.norm(dim=1) / norm).max())}
     return out
 
 

@@ -62,12 +62,15 @@ def _orthogonalize(q: torch.Tensor, atom: torch.Tensor) -> tuple[torch.Tensor, t
 def omp_rows(donor_new: torch.Tensor, donor_shared: torch.Tensor, model_shared: torch.Tensor, k: int,
              batch: int = 512, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The model's rows for the new tokens (float64, (B, model dim)), OMP over the donor's shared rows, `batch`
-    targets at a time."""
+    targets at a time. Memory: the shared rows in float64 (both models'), and per batch Q (batch x dim x k)."""
     out = torch.empty(donor_new.shape[0], model_shared.shape[1], dtype=torch.float64)
     shared = model_shared.to(torch.float64)
     for start in range(0, donor_new.shape[0], batch):
         idx, coeffs = omp(donor_new[start:start + batch], donor_shared, k)
-        out[start:start + batch] = torch.einsum("bk,bkd->bd", coeffs, shared[idx])
+        rows = torch.zeros(idx.shape[0], shared.shape[1], dtype=torch.float64)
+        for t in range(idx.shape[1]):  # one (batch, dim) gather at a time, never (batch, k, dim)
+            rows += coeffs[:, t, None] * shared[idx[:, t]]
+        out[start:start + batch] = rows
         if progress is not None:
             progress(idx.shape[0])
     return out
