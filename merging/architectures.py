@@ -33,6 +33,23 @@ VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 
+# transformers' Conv1D modules (weight stored in x out), by family (config.json model_type). PEFT decides
+# fan_in_fan_out per wrapped module from its type (True for a Conv1D, False for an nn.Linear), whatever
+# adapter_config.json says; tests/merging/test_lora_fan_in_fan_out.py checks this table against transformers.
+_GPT2_CONV1D = r"(?:^|\.)h\.\d+\.(?:(?:attn|crossattention)\.(?:c_attn|c_proj|q_attn)|mlp\.(?:c_fc|c_proj))$"
+CONV1D_MODULES = {**{t: re.compile(_GPT2_CONV1D) for t in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")},
+                  "clvp": re.compile(r"(?:^|\.)decoder\.layers\.\d+\.mlp\.(?:c_fc|c_proj)$")}
+
+
+def is_conv1d(module: str, config: dict[str, Any] | None) -> bool | None:
+    """Whether `module` of a checkpoint with this config.json is a transformers Conv1D (None: no model_type)."""
+    model_type = (config or {}).get("model_type")
+    if not isinstance(model_type, str):
+        return None
+    pattern = CONV1D_MODULES.get(model_type)
+    return bool(pattern and pattern.search(module))
+
+
 def layer_index(name: str) -> int | None:
     m = LAYER.search(name)
     return int(m.group(1)) if m else None

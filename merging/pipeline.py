@@ -23,7 +23,7 @@ from typing import Any
 
 from merging.dtypes import MERGE_DTYPES, canonical
 from merging.io.checkpoint import Checkpoint, open_checkpoint
-from merging.io.guard import OutputLock, check_output, refuse_existing
+from merging.io.guard import OutputLock, check_output, guard_output, planned_output
 from merging.io.writer import (
     DEFAULT_SHARD_SIZE,
     ShardWriter,
@@ -186,17 +186,10 @@ def _file_fingerprint(path: Path, ckpt: Any) -> bytes:
     return h.digest()
 
 
-def protected(recipe_or_path: Any, recipe: Recipe, ckpts: dict[str, Checkpoint]) -> set[Path]:
-    """The paths a merge reads and its output may not replace (see `merging.io.guard`)."""
-    from merging.io.guard import checkpoint_paths, protected_paths
-    from merging.io.references import parts
-
-    paths: list[Any] = [recipe_or_path] if isinstance(recipe_or_path, (str, Path)) else []
-    for ref in recipe.model_refs() + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else []):
-        paths += [ref, *parts(ref)]
-    for ckpt in ckpts.values():
-        paths += checkpoint_paths(ckpt)
-    return protected_paths(paths)
+def protected(recipe_or_path: Any, recipe: Recipe, ckpts: dict[str, Checkpoint], out: Path | None = None) -> set[Path]:
+    """The paths a merge reads and its output may not replace (`merging.io.guard.guard_output`: `out` is checked)."""
+    refs = recipe.model_refs() + ([recipe.tokenizer_ref] if recipe.tokenizer_ref else [])
+    return guard_output(out, refs, ckpts.values(), files=[recipe_or_path])
 
 
 def _check_output(recipe: Recipe, ckpts: dict[str, Checkpoint], plan: MergePlan, dtype: str | None,
@@ -248,18 +241,12 @@ def merge(
     from merging.engine import resolve_device
 
     resolve_device(device)  # an unknown or absent device fails before any input is opened
-    out = None if out_dir is None else Path(out_dir)
-    if not dry_run:
-        if out is None:
-            raise BasinError("an output folder is required unless dry_run")
-        refuse_existing(out, overwrite)
+    out = planned_output(out_dir, overwrite, dry_run)
     points = recipe.grid_points()
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
     ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
                         validate=lambda headers: [_build_plan(r, headers, out_dtype, **mixed) for _, r in points])
-    guard = protected(recipe_or_path, recipe, ckpts)
-    if out is not None and not dry_run:
-        check_output(out, guard)  # before alignment or planning reads any weights
+    guard = protected(recipe_or_path, recipe, ckpts, out)  # out checked before alignment or planning reads weights
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,
                       progress=progress, start=start, mixed=allow_mixed_architectures, protect=guard)

@@ -11,7 +11,7 @@ PACKAGES = {"taxonomy": 0, "merging": 1, "evaluations": 2}
 STAGES = {"architectures": 0, "batches": 0, "dtypes": 0, "modes": 0, "objects": 0, "profiling": 0, "reductions": 0,
           "io": 1,
           "methods": 2, "recipe": 3, "plan": 4, "engine": 5, "merge_stats": 5, "alignment": 5, "output": 6,
-          "modelwise": 6, "pipeline": 7, "moe": 7, "extraction": 8, "multistage": 8}
+          "modelwise": 6, "pipeline": 7, "moe": 7, "tokensurgeon": 7, "extraction": 8, "multistage": 8}
 IMPORT = re.compile(r"^\s*(?:from|import)\s+(taxonomy|merging|evaluations)(?:\.(\w+))?", re.MULTILINE)
 
 

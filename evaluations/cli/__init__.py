@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("evaluations.cli.merge", "merge checkpoints as a YAML recipe says (mergekit schema)"),
     "moe": ("evaluations.cli.moe", "build a mixture-of-experts model from dense models (mergekit-moe's YAML)"),
     "extract-lora": ("evaluations.cli.extract_lora", "extract a PEFT LoRA adapter from a fine-tune minus its base"),
+    "tokensurgeon": ("evaluations.cli.tokensurgeon", "give a model a donor's tokenizer (new rows by OMP)"),
     "methods": ("evaluations.cli.methods", "list merge methods with their taxonomy entries"),
     "align": ("evaluations.cli.align", "permute model B's hidden units to match model A"),
     "barrier": ("evaluations.cli.barrier", "loss and error barrier along the path between two models"),

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from evaluations.cli.args import float_range, int_range
+from evaluations.cli.output_args import add_output_arguments, out_dir
 
 HELP = "extract a PEFT LoRA adapter from a fine-tune minus its base (truncated SVD per module)"
 
@@ -23,7 +24,8 @@ def _rank(text: str) -> int | str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("finetuned", help="the fine-tuned model (folder, .safetensors, Hub id, or base+lora)")
     parser.add_argument("base", help="the base model it was fine-tuned from")
-    parser.add_argument("out_dir", nargs="?", help="output adapter folder (not needed with --dry-run)")
+    add_output_arguments(parser, out_help="output adapter folder (not needed with --dry-run)", shard_size=False,
+                         dry_run_help="print what would be extracted; read no weights")
     parser.add_argument("--rank", type=_rank, default=128,
                         help="LoRA rank of every module (default 128; larger than a matrix is an error), or 'auto': "
                              "per module, the smallest rank keeping --energy of the difference's squared norm")
@@ -38,20 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only modules whose name matches this regex (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="RE",
                         help="skip modules whose name matches this regex (repeatable)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be extracted; read no weights")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from merging.extraction import extract_lora
-    from taxonomy.errors import BasinError
 
-    if args.out_dir is None and not args.dry_run:
-        raise BasinError("OUT_DIR is required (or pass --dry-run)")
-    report = extract_lora(args.finetuned, args.base, args.out_dir, rank=args.rank, energy=args.energy,
+    report = extract_lora(args.finetuned, args.base, out_dir(args), rank=args.rank, energy=args.energy,
                           sv_epsilon=args.sv_epsilon, embed_lora=args.embed_lora, include=args.include,
                           exclude=args.exclude, dry_run=args.dry_run, overwrite=args.overwrite,
                           progress=not args.no_progress, allow_pickle=args.allow_pickle)

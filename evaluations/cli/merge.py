@@ -12,28 +12,24 @@ import json
 from contextlib import nullcontext
 
 from evaluations.cli.args import int_range
+from evaluations.cli.output_args import add_output_arguments, out_dir
 
 HELP = "merge checkpoints as a YAML recipe says (mergekit schema)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (mergekit schema)")
-    parser.add_argument("out_dir", nargs="?", help="output folder (not needed with --dry-run)")
+    add_output_arguments(parser, dry_run_help="validate inputs and print the per-tensor plan",
+                         json_help="print the report (or plan) as JSON",
+                         device_help="compute device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype")
     parser.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"],
                         help="arithmetic dtype: float32 (default, most precise) or float16/bfloat16 to reproduce "
                              "mergekit's low-precision merge bit for bit (linear, task_arithmetic, ties, slerp)")
-    parser.add_argument("--device", default="cpu", help="compute device: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 5GB, 500MB (default 5GB)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only load)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--dry-run", action="store_true", help="validate inputs and print the per-tensor plan")
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh even if an interrupted run of the same merge left partial output")
     parser.add_argument("--allow-mixed-architectures", action="store_true",
                         help="merge inputs whose config.json architectures / model_type differ (refused otherwise)")
-    parser.add_argument("--json", action="store_true", help="print the report (or plan) as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--measure", metavar="DATA", help="after the merge, measure inputs and output on this .txt "
                         "file: losses, paths to the merge, pairwise barriers, data-free task-vector statistics "
                         "(measure.json, the card's Measurements section); overrides the recipe's measure: block")
@@ -67,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from merging.pipeline import merge
     from taxonomy.errors import BasinError
 
-    if args.out_dir is None and not args.dry_run:
-        raise BasinError("OUT_DIR is required (or pass --dry-run)")
+    out_dir(args)
     from merging.recipe.stages import is_multi_stage
 
     if is_multi_stage(args.recipe):

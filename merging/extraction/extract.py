@@ -3,7 +3,8 @@
 Order of work, so that mistakes cost seconds: open both checkpoints lazily; refuse an output that exists (without
 `overwrite`) or would replace an input; plan from headers and config.json (`merging.extraction.plan`); then stream
 one tensor pair at a time: difference, SVD (`merging.extraction.factorize`), factors appended to the adapter file
-(`merging.io.adapter_writer`); last, adapter_config.json (ranks known only now) and extraction.json, and the folder
+(`merging.io.adapter_writer`); last, adapter_config.json (ranks known only now), extraction.json and the model card
+(README.md, `merging.extraction.card`), and the folder
 renamed into place. The adapter loads with `peft.PeftModel.from_pretrained(base, out_dir)` and as `base+out_dir`
 in a basin recipe.
 """
@@ -24,12 +25,13 @@ from merging.extraction.factorize import EXACT_LIMIT, Factors, factorize
 from merging.extraction.modules import EMBEDDING, module_kinds
 from merging.extraction.plan import EXCLUDED, FULL, LORA, ExtractionPlan, Job, build_plan
 from merging.io.checkpoint import Checkpoint, open_checkpoint, read_config
-from merging.io.guard import checkpoint_paths, protected_paths, refuse_existing
+from merging.io.guard import guard_output, planned_output
 from merging.io.lora import CONFIG_NAME, WEIGHTS_NAME
 from taxonomy.errors import BasinError
 
 PREFIX = "base_model.model."
 REPORT_NAME = "extraction.json"
+CARD_NAME = "README.md"
 
 
 @dataclass
@@ -102,37 +104,25 @@ def extract_lora(finetuned: Any, base: Any, out_dir: str | Path | None, *, rank:
     """
     start = time.perf_counter()
     rank, energy = _check_settings(rank, energy, sv_epsilon)
-    if out_dir is None and not dry_run:
-        raise BasinError("an output folder is required unless dry_run")
-    if out_dir is not None and not dry_run:
-        refuse_existing(Path(out_dir), overwrite)
+    out = planned_output(out_dir, overwrite, dry_run)
     ft = open_checkpoint(finetuned, allow_pickle=allow_pickle, label=str(finetuned))
     bs = open_checkpoint(base, allow_pickle=allow_pickle, label=str(base))
+    guard = guard_output(out, [finetuned, base], [ft, bs])
     kinds = module_kinds(read_config(bs) or read_config(ft))
     plan = build_plan(ft, bs, kinds, rank=rank, embed_lora=embed_lora, include=include, exclude=exclude)
     settings = {"rank": rank, "energy": energy if rank == "auto" else None, "sv_epsilon": sv_epsilon,
                 "embed_lora": embed_lora, "include": list(include), "exclude": list(exclude)}
-    report = ExtractionReport(str(finetuned), str(base), None if dry_run else str(out_dir), settings, kinds.source)
+    report = ExtractionReport(str(finetuned), str(base), None if out is None else str(out), settings, kinds.source)
     report.excluded = [j.name for j in plan.by_action(EXCLUDED)]
-    if dry_run:
+    if out is None:
         report.modules = [_module_entry(j, None) for j in plan.by_action(LORA)]
         report.full = [_full_entry(j) for j in plan.by_action(FULL)]
         report.dry_run, report.seconds = True, time.perf_counter() - start
         return report
-    _write(plan, ft, bs, Path(out_dir), report, rank=rank, energy=energy, sv_epsilon=sv_epsilon, overwrite=overwrite,
-           progress=progress, exact_limit=exact_limit, protect=_protect(finetuned, base, ft, bs))
+    _write(plan, ft, bs, out, report, rank=rank, energy=energy, sv_epsilon=sv_epsilon, overwrite=overwrite,
+           progress=progress, exact_limit=exact_limit, protect=guard)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _protect(finetuned: Any, base: Any, ft: Checkpoint, bs: Checkpoint) -> set[Path]:
-    from merging.io.references import parts
-
-    paths: list[Any] = []
-    for ref in (finetuned, base):
-        if isinstance(ref, (str, Path)):
-            paths += [ref, *parts(str(ref))]
-    return protected_paths(paths + checkpoint_paths(ft) + checkpoint_paths(bs))
 
 
 def _write(plan: ExtractionPlan, ft: Checkpoint, bs: Checkpoint, out: Path, report: ExtractionReport, *,
@@ -159,7 +149,17 @@ def _write(plan: ExtractionPlan, ft: Checkpoint, bs: Checkpoint, out: Path, repo
         report.bytes_written, report.content_hash = writer.nbytes, writer.content_hash()
         report.peak_rss_mb = _peak_rss_mb()
         writer.write_text(REPORT_NAME, json.dumps(report.to_json(), indent=2) + "\n")
+        writer.write_text(CARD_NAME, _card(report, ft, bs))
         writer.close()
+
+
+def _card(report: ExtractionReport, ft: Checkpoint, bs: Checkpoint) -> str:
+    from merging.extraction.card import adapter_card
+    from merging.output.model_card import InputRecord
+    from taxonomy.version import versions
+
+    inputs = [InputRecord(ref, c.repo_id, c.revision) for ref, c in ((report.finetuned, ft), (report.base, bs))]
+    return adapter_card(report, inputs, versions())
 
 
 def _bar(total: int):

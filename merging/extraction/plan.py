@@ -140,21 +140,17 @@ def build_plan(ft: Checkpoint, base: Checkpoint, kinds: ModuleKinds, *, rank: in
         kind, action, reason = _classify(name, shape, kinds, embed_lora)
         jobs.append(Job(name, other, module, shape, kind, action, reason, key=name))
     plan = ExtractionPlan(jobs, kinds)
-    _one_orientation(plan)
+    _orientation(plan)
     _bias_keys(plan)
     _tied_head(plan, ft)
     _check_ranks(plan, rank)
     return plan
 
 
-def _one_orientation(plan: ExtractionPlan) -> None:
-    """PEFT's `fan_in_fan_out` is one flag per adapter: with Conv1D LoRA modules, Linear ones are saved whole."""
-    lora = plan.by_action(LORA)
-    plan.fan_in_fan_out = any(j.kind == CONV1D for j in lora)
-    if plan.fan_in_fan_out:
-        for j in lora:
-            if j.kind == LINEAR:
-                j.action, j.reason = FULL, "a Linear in a model whose LoRA modules are Conv1D (fan_in_fan_out)"
+def _orientation(plan: ExtractionPlan) -> None:
+    """adapter_config.json's `fan_in_fan_out`: true when a LoRA module is a Conv1D. PEFT overrides it per wrapped
+    module (True for a Conv1D, False for an nn.Linear), so Linear and Conv1D modules are both LoRA in one adapter."""
+    plan.fan_in_fan_out = any(j.kind == CONV1D for j in plan.by_action(LORA))
 
 
 def _bias_keys(plan: ExtractionPlan) -> None:

@@ -97,6 +97,37 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out}: output folder exists (pass --overwrite / overwrite=True to replace it)")
 
 
+def planned_output(out_dir: str | Path | None, overwrite: bool, dry_run: bool) -> Path | None:
+    """The output folder of a command that writes one, checked before any input is opened: required unless
+    `dry_run` (which writes nothing: None), refused when it exists without `overwrite`."""
+    if dry_run:
+        return None
+    if out_dir is None:
+        raise BasinError("an output folder is required unless dry_run")
+    out = Path(out_dir)
+    refuse_existing(out, overwrite)
+    return out
+
+
+def guard_output(out: Path | None, refs: Iterable[object], ckpts: Iterable[object],
+                 files: Iterable[object] = ()) -> set[Path]:
+    """The paths a run reads (each reference as given and its parts, e.g. both sides of `base+adapter`; every
+    opened checkpoint's files; `files`, e.g. the recipe), with `out` (None: a dry run) checked against them
+    (`check_output`); the set is what the writer protects."""
+    from merging.io.references import parts
+
+    paths: list[object] = [f for f in files if isinstance(f, (str, Path))]
+    for ref in refs:
+        if isinstance(ref, (str, Path)):
+            paths += [ref, *parts(str(ref))]
+    for ckpt in ckpts:
+        paths += checkpoint_paths(ckpt)
+    protected = protected_paths(paths)  # type: ignore[arg-type]
+    if out is not None:
+        check_output(out, protected)
+    return protected
+
+
 def io_error(out: str | Path, err: OSError) -> BasinError:
     """A failed write (full disk, read-only or forbidden folder, ...) as one line saying nothing was written."""
     reason = err.strerror or type(err).__name__

@@ -4,8 +4,12 @@ LoRA (Hu et al. 2022) adds Delta W = s * B @ A to a targeted weight W (A: r x in
 s = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora` (Kalajdzievski 2023). A PEFT adapter
 folder holds `adapter_config.json` and `adapter_model.safetensors` with tensors named
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (embedding layers:
-`lora_embedding_A` / `lora_embedding_B`, Delta W = s * (B @ A)^T; `fan_in_fan_out` layers: transposed
-too). `alpha_pattern` overrides lora_alpha per module (PEFT's rule: the pattern matches a dotted
+`lora_embedding_A` / `lora_embedding_B`, Delta W = s * (B @ A)^T; transformers' Conv1D layers (GPT-2, weight
+stored in x out): transposed too). Which layers are transposed is decided per module, as PEFT decides it: PEFT
+sets `fan_in_fan_out` from each wrapped module's type (True for a Conv1D, False for an nn.Linear), overriding the
+config's value, so basin reads the base's family (`merging.architectures.is_conv1d`); only for a base without a
+config.json `model_type` does the shape decide, and for a square weight the config's `fan_in_fan_out`.
+`alpha_pattern` overrides lora_alpha per module (PEFT's rule: the pattern matches a dotted
 suffix of the module name); r is read from A's shape, so `rank_pattern` needs no handling.
 Other tensors in the adapter (`modules_to_save` copies, named as trained or as saved, embedding layers saved with
 `save_embedding_layers`, trained biases) replace the base's. A tied base (no `lm_head`, one input embedding, config
@@ -20,12 +24,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from merging.architectures import INPUT_EMBED, OUTPUT_EMBED
+from merging.architectures import INPUT_EMBED, OUTPUT_EMBED, is_conv1d
 from merging.io.checkpoint import Checkpoint, TensorMeta, read_config
 from taxonomy.errors import CheckpointError
 
@@ -37,13 +41,14 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<par
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: Delta W = scale * B @ A, transposed when `transpose`."""
+    """One adapted module: Delta W = scale * B @ A, transposed when `transpose` (an embedding's always)."""
 
     module: str
     a: torch.Tensor
     b: torch.Tensor
     scale: float
     transpose: bool = False
+    embedding: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -156,7 +161,8 @@ def read_adapter(folder: Path | str) -> LoraAdapter:
         rank = a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        modules[module] = LoraModule(module, a, b, scale, transpose=module in embedding or fan_in_fan_out)
+        modules[module] = LoraModule(module, a, b, scale, transpose=module in embedding or fan_in_fan_out,
+                                     embedding=module in embedding)
     if not modules and not full:
         raise CheckpointError(f"{weights_path}: holds no LoRA tensors")
     return LoraAdapter(folder, config, modules, full)
@@ -215,8 +221,10 @@ def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule]
         return tuple(base.meta(source if name not in names else name).shape)
 
     lora: dict[str, LoraModule] = {}
+    config = read_config(base)
     for module, lm in adapter.modules.items():
         name = _bind_name(module + ".weight", names, source, label, "target module", module)
+        lm = replace(lm, transpose=_transposed(lm, name.removesuffix(".weight"), shape_of(name), config))
         if shape_of(name) != lm.shape:
             raise CheckpointError(f"{label}: LoRA module {module!r} gives a {lm.shape} update for {name!r} of shape "
                              f"{shape_of(name)}")
@@ -231,6 +239,19 @@ def _bind(base: Checkpoint, adapter: LoraAdapter) -> tuple[dict[str, LoraModule]
         full[name] = tensor
     added = any(n not in names for n in [*lora, *full])
     return lora, full, source if added else None
+
+
+def _transposed(lm: LoraModule, module: str, shape: tuple[int, ...], config: dict | None) -> bool:
+    """Whether the update of base module `module` is (B A)^T (module docstring: PEFT's per-module rule)."""
+    if lm.embedding:
+        return True
+    conv1d = is_conv1d(module, config)
+    if conv1d is not None:
+        return conv1d
+    out, inp = lm.b.shape[0], lm.a.shape[1]
+    if out != inp and shape in ((out, inp), (inp, out)):
+        return shape == (inp, out)
+    return lm.transpose
 
 
 class LoraCheckpoint(Checkpoint):
@@ -258,9 +279,12 @@ class LoraCheckpoint(Checkpoint):
         return self.base.meta(self._stored(name))
 
     def get(self, name: str) -> torch.Tensor:
+        """The adapter's full tensor, else the base's; plus the LoRA update of that module if any (PEFT saves a
+        LoRA'd embedding or head whole as well, `<module>.base_layer.weight`, and adds its update on top)."""
         if name in self._full:
-            return self._full[name].to(self.meta(name).dtype)
-        weight = self.base.get(self._stored(name))
+            weight = self._full[name].to(self.meta(name).dtype)
+        else:
+            weight = self.base.get(self._stored(name))
         module = self._lora.get(name)
         if module is None:
             return weight
@@ -290,5 +314,6 @@ def lora_task_vector(adapter_dir: Path | str, base: Checkpoint | None = None) ->
     names = set(base.names())
     out = {name: lm.delta() for name, lm in lora.items()}
     for name, tensor in full.items():
-        out[name] = tensor.to(torch.float32) - base.get(name if name in names else source).to(torch.float32)
+        diff = tensor.to(torch.float32) - base.get(name if name in names else source).to(torch.float32)
+        out[name] = diff + out[name] if name in out else diff
     return out

@@ -274,7 +274,7 @@ def build_moe(config_or_path: MoEConfig | dict | str | Path, out_dir: str | Path
               dry_run: bool = False, device: str = "cpu", shard_size: int | str = DEFAULT_SHARD_SIZE,
               hidden_dtype: str = "float32", allow_pickle: bool = False, progress: bool = True) -> MoEReport:
     """Build a mixture-of-experts model from dense models, as a mergekit-moe config says (module docstring)."""
-    from merging.io.guard import check_output, refuse_existing
+    from merging.io.guard import guard_output, planned_output
 
     start = time.perf_counter()
     config = load_config(config_or_path)
@@ -283,24 +283,17 @@ def build_moe(config_or_path: MoEConfig | dict | str | Path, out_dir: str | Path
 
     resolve_device(device)
     size = parse_size(shard_size)
-    out = None if out_dir is None else Path(out_dir)
-    if not dry_run:
-        if out is None:
-            raise BasinError("an output folder is required unless dry_run")
-        refuse_existing(out, overwrite)
+    out = planned_output(out_dir, overwrite, dry_run)
     ckpts = open_models(config, allow_pickle)
-    guard = _protected(config_or_path, config, ckpts)
-    if out is not None and not dry_run:
-        check_output(out, guard)
+    guard = guard_output(out, config.model_refs(), ckpts.values(), files=[config_or_path])
     plan = plan_moe(config, ckpts)
     _check_extra(config, ckpts, plan.layers)
     check_plan(plan)
     report = MoEReport(None, plan.arch.name, len(config.experts), len(plan.entries), 0, 0.0, 0.0, None,
                        dry_run=True, plan=plan)
-    if dry_run:
+    if out is None:
         report.seconds = time.perf_counter() - start
         return report
-    assert out is not None
     t0 = time.perf_counter()
     gates = router_weights(config, plan, ckpts[config.base_model], device, hidden_dtype)
     report.router_seconds = time.perf_counter() - t0
@@ -315,18 +308,6 @@ def _check_hidden_dtype(name: str) -> None:
 
     if canonical(name, EVAL_DTYPES) != name:
         raise BasinError(f"hidden_dtype must be one of {', '.join(EVAL_DTYPES)}; got {name!r}")
-
-
-def _protected(config_or_path: Any, config: MoEConfig, ckpts: dict[str, Checkpoint]) -> set[Path]:
-    from merging.io.guard import checkpoint_paths, protected_paths
-    from merging.io.references import parts
-
-    paths: list[Any] = [config_or_path] if isinstance(config_or_path, (str, Path)) else []
-    for ref in config.model_refs():
-        paths += [ref, *parts(ref)]
-    for ckpt in ckpts.values():
-        paths += checkpoint_paths(ckpt)
-    return protected_paths(paths)
 
 
 def _write(config: MoEConfig, plan: MoEPlan, ckpts: dict[str, Checkpoint], gates: torch.Tensor, out: Path,

@@ -22,47 +22,41 @@ class InputRecord:
         return {"ref": self.ref, "repo_id": self.repo_id, "revision": self.revision}
 
 
-def front_matter(recipe: Recipe, inputs: list[InputRecord]) -> list[str]:
-    """The Hub's YAML header for a merge: base_model (the Hub inputs), library_name, tags [merge, basin]."""
+def front_matter(recipe: Recipe | None, inputs: list[InputRecord], library: str = "transformers",
+                 tags: tuple[str, ...] = ("merge", "basin")) -> list[str]:
+    """The Hub's YAML header: base_model (the Hub inputs), library_name, tags (a merge's: [merge, basin])."""
     hub = list(dict.fromkeys(i.repo_id for i in inputs if i.repo_id))
     front = ["---"]
     if hub:
         front += ["base_model:"] + [f"- {r}" for r in hub]
-    front += ["library_name: transformers", "tags:", "- merge", "- basin", "---"]
+    front += [f"library_name: {library}", "tags:", *(f"- {t}" for t in tags), "---"]
     return front
+
+
+def card_text(front: list[str], title: str, intro: str, inputs: list[InputRecord],
+              sections: list[tuple[str, list[str]]], content_hash: str, versions: dict[str, str]) -> str:
+    """A card (merge, tokensurgeon, extracted adapter): front matter, title, intro, the inputs' table, `sections`
+    (heading, lines), then the content hash and versions. A function of its arguments only (no time, host or
+    output path): reruns write byte-identical cards."""
+    rows = [f"| `{i.ref}` | {i.repo_id or 'local'} | {i.revision or '-'} |" for i in inputs]
+    body = [f"# {title}", "", intro, "", "## Inputs", "", "| reference | Hub repository | resolved commit |",
+            "|---|---|---|", *rows, ""]
+    for heading, lines in sections:
+        body += [f"## {heading}", "", *lines, ""]
+    body += ["## Reproducibility", "",
+             f"- content hash of the tensors (sha256 over name, dtype, shape, data): `{content_hash}`",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}", ""]
+    return "\n".join(front + [""] + body)
 
 
 def model_card(recipe: Recipe, inputs: list[InputRecord], content_hash: str, versions: dict[str, str],
                title: str) -> str:
-    """The card's text: a function of its arguments only (no time, host or output path), so reruns of one
-    merge write byte-identical cards."""
-    rows = [f"| `{i.ref}` | {i.repo_id or 'local'} | {i.revision or '-'} |" for i in inputs]
-    version_line = ", ".join(f"{k} {v}" for k, v in versions.items())
-    body = [
-        f"# {title}",
-        "",
-        f"This model is a merge made with basin {versions.get('basin', '')}, using the "
-        f"`{recipe.merge_method}` merge method.",
-        "",
-        "## Inputs",
-        "",
-        "| reference | Hub repository | resolved commit |",
-        "|---|---|---|",
-        *rows,
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe.to_yaml().rstrip(),
-        "```",
-        "",
-        "## Reproducibility",
-        "",
-        f"- content hash of the tensors (sha256 over name, dtype, shape, data): `{content_hash}`",
-        f"- versions: {version_line}",
-        "",
-    ]
-    return "\n".join(front_matter(recipe, inputs) + [""] + body)
+    """A merge's card: its method, inputs and recipe (`card_text`)."""
+    intro = (f"This model is a merge made with basin {versions.get('basin', '')}, using the "
+             f"`{recipe.merge_method}` merge method.")
+    recipe_lines = ["```yaml", recipe.to_yaml().rstrip(), "```"]
+    return card_text(front_matter(recipe, inputs), title, intro, inputs, [("Recipe", recipe_lines)], content_hash,
+                     versions)
 
 
 def with_section(card: str, heading: str, body: str) -> str:

@@ -200,6 +200,25 @@ def test_deterministic_and_dry_run_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "one", "two"]
 
 
+def test_model_card_lists_inputs_settings_and_every_module(tmp_path):
+    """README.md: base, fine-tune, rank, one row per LoRA module with the report's rank and error; the same bytes
+    for a rerun into another folder."""
+    base, ft = _pair(tmp_path, "gpt2")
+    report = extract_lora(ft, base, tmp_path / "one", rank=3, progress=False)
+    extract_lora(ft, base, tmp_path / "two", rank=3, progress=False)
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert card == (tmp_path / "two" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\ntags:\n- lora\n")
+    assert f"| `{ft}` | local | - |" in card and f"| `{base}` | local | - |" in card
+    assert "- rank: 3 (every module)" in card and f"`{report.content_hash}`" in card
+    for m in report.modules:
+        shape = "x".join(map(str, m["shape"]))
+        assert f"| `{m['module']}` | {m['kind']} | {shape} | 3 | {m['relative_error']:.4g} |" in card
+    errors = sorted(m["relative_error"] for m in report.modules)
+    assert f"max {errors[-1]:.4g}" in card and "saved whole: `transformer.wte.weight`" in card
+    assert str(tmp_path / "one") not in card
+
+
 # --- bad input: one line, exit 2, nothing written -------------------------------------------------------------------
 
 def test_bad_input_errors(tmp_path):
