@@ -371,7 +371,7 @@ def _stats_lines(stats: dict | None) -> list[str]:
 # --- writing --------------------------------------------------------------------------------------------------
 def plot_paths(report: MeasureReport, path: Path) -> str | None:
     """Loss along each input -> merge path (alpha 0: the input, 1: the merge); None without matplotlib."""
-    from evaluations.plotting import optional_pyplot
+    from evaluations.plotting import optional_pyplot, save_figure
 
     plt = optional_pyplot()
     if plt is None:
@@ -384,8 +384,7 @@ def plot_paths(report: MeasureReport, path: Path) -> str | None:
     ax.set_title("loss along the paths to the merge")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, metadata={"Software": None})
     return str(path)
 
 

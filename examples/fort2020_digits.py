@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from evaluations.digits import load_digits_split, make_mlp
-from evaluations.plotting import pyplot
+from evaluations.plotting import pyplot, save_figure
 from evaluations.probes.linearize import linearize, ntk_regression
 from evaluations.tracking import Tracker, spawn, train_epochs
+from merging.io.atomic import atomic_write_text
 
 WIDTHS = [64, 128, 128, 10]
 EPOCHS = 10
@@ -88,7 +89,7 @@ def main(out_dir: str = "benchmarks/results", seeds: int = 3) -> dict:
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fort2020_digits.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "fort2020_digits.json", json.dumps(result, indent=2))
     plot(result, out / "fort2020_digits.png")
     return result
 
@@ -170,8 +171,7 @@ def plot(result: dict, path: Path) -> None:
     axes[5].plot(epochs, [r["top_eigenvalue"] for r in result["tracking"]], "o-")
     axes[5].set(xlabel="epoch", ylabel="top Hessian eigenvalue (probe set)", title="sharpness")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

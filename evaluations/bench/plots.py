@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 
 
 def save_plots(result: Any, out_dir: str | Path, stem: str = "bench") -> list[Path]:
@@ -25,6 +25,5 @@ def save_plots(result: Any, out_dir: str | Path, stem: str = "bench") -> list[Pa
     ax.set_title(f"{result.suite}: average over {len(result.tasks)} tasks")
     fig.tight_layout()
     path = out / f"{stem}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return [path]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merging.io.atomic import atomic_write_text
+
 DATASETS = ("load_iris", "load_wine", "load_breast_cancer", "load_diabetes", "load_digits", "load_linnerud")
 MODULES = ("json", "os", "collections", "re", "pathlib", "itertools", "functools", "textwrap", "string", "random",
            "math", "statistics", "shutil", "heapq", "bisect", "argparse", "csv", "datetime", "fractions", "decimal")
@@ -93,7 +95,7 @@ def pair(sentence: str) -> dict[str, str]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_data(folder: Path, settings: Settings) -> dict[str, Path]:

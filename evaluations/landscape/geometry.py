@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from evaluations.landscape.barriers import barrier
 from evaluations.landscape.evaluate import PathResult, evaluate_path, iter_batches
-from evaluations.landscape.params import as_params, flatten, subtract
+from evaluations.landscape.params import as_params, check_points, flatten, subtract
 from evaluations.landscape.paths import linear_path
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
@@ -115,6 +115,7 @@ def pairwise_barriers(model: nn.Module, states: list, data, alphas=11, kind: str
     """[n, n] matrix of barriers along the straight line between every pair of states."""
     n = len(states)
     params = [as_params(s, f"model {i}") for i, s in enumerate(states)]
+    check_points(params, model)
     m = np.zeros((n, n))
     for i, j in combinations(range(n), 2):
         r = evaluate_path(model, linear_path(params[i], params[j]), data, alphas=alphas, **evaluate_kwargs)
@@ -176,6 +177,7 @@ def determinism(model: nn.Module, states: list, data) -> Determinism:
     n = len(params)
     if n < 2:
         raise BasinError(f"determinism needs at least 2 models, got {n}")
+    check_points(params, model)  # a state of another architecture: one line naming it, not torch's RuntimeError
     vecs = [flatten(p, sorted(p)) for p in params]
     norms = [float(v.norm()) for v in vecs]
     wd, rwd = np.zeros((n, n)), np.zeros((n, n))
@@ -210,6 +212,7 @@ def directedness(base: object, states: list, successive: bool = False) -> Direct
     """Cosine similarity of task vectors theta_i - base (or of successive updates of a trajectory)."""
     base_p = as_params(base, "base")
     params = [as_params(s, f"model {i}") for i, s in enumerate(states)]
+    check_points([base_p, *params], labels=["base", *(f"model {i}" for i in range(len(params)))])
     if successive:
         seq = [base_p, *params]
         deltas = [subtract(seq[i + 1], seq[i]) for i in range(len(params))]
