@@ -40,17 +40,19 @@ CHUNK_ELEMENTS = 1 << 20  # float64 elements per chunk of a point (8 MB): bounds
 
 @dataclass
 class CheckpointPathResult(PathResult):
-    """A path's loss and accuracy plus what was measured: `tokens` = output rows (predicted tokens for a
-    language model), `examples` = input rows, `objective` = the loss's name."""
+    """A path's loss and accuracy plus what was measured: `tokens` = output rows, `unit` = what a row is
+    (predicted or masked tokens, examples, pairs: the objective's `unit`), `examples` = input rows, `objective` =
+    the loss's name."""
 
     perplexity: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tokens: int = 0
     examples: int = 0
     objective: str = ""
+    unit: str = "rows"
 
     def to_json(self) -> dict:
         return {**super().to_json(), "perplexity": self.perplexity.tolist(), "tokens": self.tokens,
-                "examples": self.examples, "objective": self.objective}
+                "unit": self.unit, "examples": self.examples, "objective": self.objective}
 
 
 LMPathResult = CheckpointPathResult  # the name of the causal-LM-only first version
@@ -242,7 +244,7 @@ def path_result(alphas: np.ndarray, measures: list[Measure], objective: Objectiv
     ppl = np.exp(loss) if objective.loss == "cross_entropy" else np.full(len(loss), np.nan)
     return CheckpointPathResult(alphas=np.asarray(alphas), loss=loss, accuracy=np.array([m.accuracy for m in measures]),
                                 perplexity=ppl, tokens=measures[0].rows, examples=measures[0].examples,
-                                objective=objective.name)
+                                objective=objective.name, unit=objective.unit)
 
 
 def evaluate_weighted_path(model: nn.Module, path, data: Sequence, alphas: int | Iterable[float] = 25,

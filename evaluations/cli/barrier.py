@@ -70,7 +70,7 @@ def run_text(args: argparse.Namespace) -> int:
         barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
                     for rel in (False, True)]
         written = _write(outputs, out, args, result, barriers) if out is not None else []
-    print(used_line(model, args, result.objective, result.tokens, result.examples))
+    print(used_line(model, args, result.objective, result.tokens, result.examples, result.unit))
     _print(result, barriers)
     if written:
         print("wrote " + ", ".join(map(str, written)))
@@ -93,9 +93,9 @@ def load_text_model(args: argparse.Namespace, ref: str):
     return model, data
 
 
-def used_line(model, args: argparse.Namespace, objective: str, rows: int, examples: int) -> str:
-    """The one line every checkpoint command prints: model class, dtype, device, loss, examples, tokens."""
-    unit = "predicted tokens" if "token" in objective else "targets"
+def used_line(model, args: argparse.Namespace, objective: str, rows: int, examples: int, unit: str) -> str:
+    """The one line every checkpoint command prints: model class, dtype, device, loss, examples, and the output
+    rows in the unit the objective counts (predicted or masked tokens, examples, pairs)."""
     return (f"model {type(model).__name__} ({args.dtype}, {args.device}); {examples} examples of {args.seq_len} "
             f"tokens, {rows} {unit}; loss: {objective}")
 

@@ -75,7 +75,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             land = checkpoint_slices(model, args.model, data, grid=args.grid, span=args.range, seed=args.seed,
                                      ignore=None if args.keep_biasbn else "biasbn", progress=True)
         written = _write(outputs, out, args, land.slice_1d, land.slice_2d, land) if out is not None else []
-    print(used_line(model, args, land.objective, land.tokens, land.examples))
+    print(used_line(model, args, land.objective, land.tokens, land.examples, land.unit))
     _print(land.slice_1d, land.slice_2d)
     if written:
         print("wrote " + ", ".join(map(str, written)))
