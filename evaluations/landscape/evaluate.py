@@ -250,10 +250,10 @@ def _streamed(model: nn.Module, path, data: object, alphas, loss_fn: LossFn | No
     """`evaluate_path` for a CheckpointPath (see there)."""
     from evaluations.lm_path import evaluate_weighted_path
 
-    if bn_reset_data is not None or loss_fn is not None:
-        raise BasinError("a streamed checkpoint path measures the model's own objective: bn_reset_data and "
-                         "loss_fn are not supported there")
+    if loss_fn is not None:
+        raise BasinError("a streamed checkpoint path measures the model's own objective: loss_fn is not supported "
+                         "there")
     batches = list(getattr(data, "batches", data))  # TextData from evaluations.text_data, or a list of batches
     if not (batches and isinstance(batches[0], dict)):
         batches = list(iter_batches(data))
-    return evaluate_weighted_path(model, path, batches, alphas, progress=progress)
+    return evaluate_weighted_path(model, path, batches, alphas, progress=progress, bn_reset_data=bn_reset_data)

@@ -373,7 +373,9 @@ def test_cli_checkpoint_errors_one_line_exit_2(llamas, ckpts, tmp_path, capsys, 
         cases = [([c[0][0], llamas[1]], c[1]) for c in cases]
         cases += [([llamas[0], gpt], "is missing from the checkpoint"),
                   ([llamas[0], llamas[1], "--via", gpt], "is missing from the checkpoint"),
-                  ([llamas[0], llamas[1], "--via", llamas[2], "--model-factory", "x:y"], "--via needs checkpoints")]
+                  # --via with a factory is streamed too now: the factory itself is what is wrong here
+                  ([llamas[0], llamas[1], "--via", llamas[2], "--model-factory", "x:y"],
+                   "--model-factory x:y: cannot import module 'x'")]
     else:
         cases += [([llamas[0], "--through", llamas[1], gpt], "is missing from the checkpoint"),
                   ([llamas[0], "--through", llamas[1], llamas[2], "--model-factory", "x:y"],
