@@ -33,6 +33,7 @@ from tqdm import tqdm
 from evaluations.landscape.evaluate import PathResult, alpha_grid, reset_batchnorm
 from evaluations.models import check_names, tied_groups
 from evaluations.objective import Objective, supervised
+from evaluations.results import as_float64
 from taxonomy.errors import CheckpointError, DataError, ProbeError
 
 CHUNK_ELEMENTS = 1 << 20  # float64 elements per chunk of a point (8 MB): bounds the arithmetic's extra memory
@@ -50,9 +51,9 @@ class CheckpointPathResult(PathResult):
     objective: str = ""
     unit: str = "rows"
 
-    def to_json(self) -> dict:
-        return {**super().to_json(), "perplexity": self.perplexity.tolist(), "tokens": self.tokens,
-                "unit": self.unit, "examples": self.examples, "objective": self.objective}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.perplexity = as_float64(self.perplexity)
 
 
 LMPathResult = CheckpointPathResult  # the name of the causal-LM-only first version

@@ -29,6 +29,7 @@ from evaluations.landscape.barriers import barrier
 from evaluations.landscape.evaluate import PathResult, evaluate_path, iter_batches
 from evaluations.landscape.params import as_params, check_points, flatten, subtract
 from evaluations.landscape.paths import linear_path
+from evaluations.results import fields_json
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
@@ -43,7 +44,7 @@ class Convexity:
     fraction_locally_convex: float  # share of interior points with second difference >= 0
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return fields_json(self)
 
 
 def convexity(result: PathResult, kind: str = "loss", atol: float = 1e-12) -> Convexity:
@@ -77,9 +78,7 @@ class Connectivity:
     form: str
 
     def to_json(self) -> dict:
-        return {"names": self.names, "matrix": self.matrix.tolist(), "threshold": self.threshold,
-                "basins": self.basins, "basin_names": [[self.names[i] for i in b] for b in self.basins],
-                "kind": self.kind, "form": self.form}
+        return fields_json(self) | {"basin_names": [[self.names[i] for i in b] for b in self.basins]}
 
     def linkage(self) -> np.ndarray:
         from scipy.cluster.hierarchy import linkage
@@ -140,7 +139,7 @@ class ModeConvexity:
     matrix: np.ndarray
 
     def to_json(self) -> dict:
-        return {"value": self.value, "pair": list(self.pair), "matrix": self.matrix.tolist()}
+        return fields_json(self)
 
 
 def mode_convexity(model: nn.Module, states: list, data, alphas=11, kind: str = "loss", form: str = "linear",
@@ -166,9 +165,7 @@ class Determinism:
     disagreement: np.ndarray  # fraction of inputs with different argmax
 
     def to_json(self) -> dict:
-        out = {k: v.tolist() for k, v in self.__dict__.items()}
-        out.update({f"mean_{k}": _offdiag_mean(v) for k, v in self.__dict__.items()})
-        return out
+        return fields_json(self) | {f"mean_{k}": _offdiag_mean(v) for k, v in self.__dict__.items()}
 
 
 def determinism(model: nn.Module, states: list, data) -> Determinism:
@@ -205,7 +202,7 @@ class Directedness:
         return _offdiag_mean(self.cosine)
 
     def to_json(self) -> dict:
-        return {"cosine": self.cosine.tolist(), "norms": self.norms, "mean_cosine": self.mean_cosine}
+        return fields_json(self) | {"mean_cosine": self.mean_cosine}
 
 
 def directedness(base: object, states: list, successive: bool = False) -> Directedness:
