@@ -27,6 +27,7 @@ from torch import nn
 
 from evaluations.digits import load_digits_all, make_mlp, train_classifier
 from evaluations.landscape import evaluate_path, linear_path, random_directions, slice_2d
+from merging.io.atomic import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results" / "landscape_speed.json"
 
@@ -197,7 +198,7 @@ def main() -> None:
                        "(evaluations/landscape/evaluate.py AUTO_MAX_PARAMS); the loop otherwise",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from merging.io.atomic import atomic_write_text
 from tests.merging.lowprec_inputs import DTYPES, METHODS, make_inputs, recipe, tensor_hashes, tensor_values
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "merging" / "data"
@@ -44,7 +45,7 @@ def record(mergekit_yaml: str, merges: list[tuple[str, str]], out: Path, values:
     if not result["values"]:
         del result["values"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print("wrote", out)
 
 

@@ -43,9 +43,10 @@ class CheckpointLandscape:
     tokens: int
     examples: int
     plane: PlaneWeights | None = None
+    unit: str = "rows"  # what `tokens` counts: the objective's unit (predicted tokens, examples, pairs)
 
     def to_json(self) -> dict:
-        out = {"objective": self.objective, "tokens": self.tokens, "examples": self.examples,
+        out = {"objective": self.objective, "tokens": self.tokens, "unit": self.unit, "examples": self.examples,
                "slice_2d": self.slice_2d.to_json()}
         if self.slice_1d is not None:
             out["slice_1d"] = self.slice_1d.to_json()
@@ -81,11 +82,11 @@ def checkpoint_slices(model: nn.Module, center: object, data: Sequence, grid: in
                                           progress, "slice 1d")
     s1 = Slice1D(alphas=g.numpy(), loss=np.array([m.loss for m in one]), accuracy=np.array([m.accuracy for m in one]))
     if not two_d:
-        return CheckpointLandscape(s1, _slice2(g, g[:0], []), obj.name, one[0].rows, one[0].examples)
+        return CheckpointLandscape(s1, _slice2(g, g[:0], []), obj.name, one[0].rows, one[0].examples, unit=obj.unit)
     a, b = _grid2(g, g)
     two, _ = evaluate_checkpoint_points(model, [src, d1, d2], np.stack([np.ones(len(a)), a, b], 1), data, obj,
                                         progress, "slice 2d")
-    return CheckpointLandscape(s1, _slice2(g, g, two), obj.name, one[0].rows, one[0].examples)
+    return CheckpointLandscape(s1, _slice2(g, g, two), obj.name, one[0].rows, one[0].examples, unit=obj.unit)
 
 
 def plane_grid(plane: PlaneWeights, grid: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,4 +107,4 @@ def checkpoint_plane(model: nn.Module, center: object, a: object, b: object, dat
     x, y = _grid2(gx, gy)
     measures, obj = evaluate_checkpoint_points(model, srcs, plane.weights(x, y), data, objective, progress, "plane")
     return CheckpointLandscape(None, _slice2(gx.numpy(), gy.numpy(), measures), obj.name, measures[0].rows,
-                               measures[0].examples, plane=plane)
+                               measures[0].examples, plane=plane, unit=obj.unit)

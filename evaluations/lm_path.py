@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from evaluations.landscape.evaluate import PathResult, alpha_grid
+from evaluations.landscape.evaluate import PathResult, alpha_grid, reset_batchnorm
 from evaluations.models import check_names, tied_groups
 from evaluations.objective import Objective, supervised
+from evaluations.results import as_float64
 from taxonomy.errors import CheckpointError, DataError, ProbeError
 
 CHUNK_ELEMENTS = 1 << 20  # float64 elements per chunk of a point (8 MB): bounds the arithmetic's extra memory
@@ -40,17 +41,19 @@ CHUNK_ELEMENTS = 1 << 20  # float64 elements per chunk of a point (8 MB): bounds
 
 @dataclass
 class CheckpointPathResult(PathResult):
-    """A path's loss and accuracy plus what was measured: `tokens` = output rows (predicted tokens for a
-    language model), `examples` = input rows, `objective` = the loss's name."""
+    """A path's loss and accuracy plus what was measured: `tokens` = output rows, `unit` = what a row is
+    (predicted or masked tokens, examples, pairs: the objective's `unit`), `examples` = input rows, `objective` =
+    the loss's name."""
 
     perplexity: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tokens: int = 0
     examples: int = 0
     objective: str = ""
+    unit: str = "rows"
 
-    def to_json(self) -> dict:
-        return {**super().to_json(), "perplexity": self.perplexity.tolist(), "tokens": self.tokens,
-                "examples": self.examples, "objective": self.objective}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.perplexity = as_float64(self.perplexity)
 
 
 LMPathResult = CheckpointPathResult  # the name of the causal-LM-only first version
@@ -217,9 +220,11 @@ def open_sources(model: nn.Module, refs: Sequence[object], allow_pickle: bool = 
 
 def evaluate_checkpoint_points(model: nn.Module, sources: Sequence[object], weights: np.ndarray, data: Sequence,
                                objective: Objective | None = None, progress: bool = False,
-                               desc: str = "points") -> tuple[list[Measure], Objective]:
+                               desc: str = "points", bn_reset_data: object = None) -> tuple[list[Measure], Objective]:
     """The model's loss at theta_p = sum_i weights[p, i] sources[i] for each row p (sources: checkpoint references,
-    CheckpointSources or SeededDirections). The model's weights are overwritten (it holds the last point)."""
+    CheckpointSources or SeededDirections). The model's weights are overwritten (it holds the last point). With
+    `bn_reset_data`, BatchNorm statistics are re-estimated on it at each point (`reset_batchnorm`; Jordan et al.
+    2023) before the point is measured."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] != len(sources) or not np.isfinite(weights).all():
         raise CheckpointError(f"weights: expected a finite [points, {len(sources)}] array, got shape "
@@ -230,6 +235,8 @@ def evaluate_checkpoint_points(model: nn.Module, sources: Sequence[object], weig
     out = []
     for w in tqdm(weights.tolist(), desc=desc, disable=not progress):
         write_point(model, srcs, w)
+        if bn_reset_data is not None:
+            reset_batchnorm(model, bn_reset_data)
         out.append(measure(model, objective, data))
         if not math.isfinite(out[-1].loss):
             raise ProbeError(f"the loss at weights {[round(x, 6) for x in w]} is not finite ({out[-1].loss}); "
@@ -242,17 +249,19 @@ def path_result(alphas: np.ndarray, measures: list[Measure], objective: Objectiv
     ppl = np.exp(loss) if objective.loss == "cross_entropy" else np.full(len(loss), np.nan)
     return CheckpointPathResult(alphas=np.asarray(alphas), loss=loss, accuracy=np.array([m.accuracy for m in measures]),
                                 perplexity=ppl, tokens=measures[0].rows, examples=measures[0].examples,
-                                objective=objective.name)
+                                objective=objective.name, unit=objective.unit)
 
 
 def evaluate_weighted_path(model: nn.Module, path, data: Sequence, alphas: int | Iterable[float] = 25,
                            objective: Objective | None = None, progress: bool = False,
-                           allow_pickle: bool = False) -> CheckpointPathResult:
-    """Loss along a `CheckpointPath` (evaluations.landscape.checkpoint_paths), streamed."""
+                           allow_pickle: bool = False, bn_reset_data: object = None) -> CheckpointPathResult:
+    """Loss along a `CheckpointPath` (evaluations.landscape.checkpoint_paths), streamed (`bn_reset_data`: as
+    `evaluate_checkpoint_points`)."""
     grid = alpha_grid(alphas)
     weights = np.array([path.weights(a) for a in grid.tolist()])
     sources = open_sources(model, path.refs, allow_pickle)
-    measures, objective = evaluate_checkpoint_points(model, sources, weights, data, objective, progress, "path")
+    measures, objective = evaluate_checkpoint_points(model, sources, weights, data, objective, progress, "path",
+                                                     bn_reset_data)
     return path_result(grid.numpy(), measures, objective)
 
 

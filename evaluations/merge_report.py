@@ -84,11 +84,12 @@ def _load_data(model_or_ref: object, spec: MeasureSpec) -> list:
 
 
 def _loss(model: nn.Module, data: list) -> dict[str, float | int | None]:
-    """loss, perplexity (token objectives), accuracy, rows counted (tokens for an LM), examples."""
+    """loss, perplexity (token objectives), accuracy, rows counted (`tokens`, in the objective's `unit`: predicted
+    tokens for an LM, pairs for an encoder), examples."""
     from evaluations.measure import measure_loss
 
     r = measure_loss(model, data)
-    return {"loss": r.loss, "perplexity": r.perplexity, "accuracy": r.accuracy, "tokens": r.rows,
+    return {"loss": r.loss, "perplexity": r.perplexity, "accuracy": r.accuracy, "tokens": r.rows, "unit": r.unit,
             "examples": r.examples}
 
 
@@ -272,8 +273,8 @@ class MeasureReport:
     def card_section(self) -> str:
         """The model card's "Measurements" section (markdown)."""
         first = next(iter(self.losses.values()), None)
-        size = f"{first['examples']} blocks of {self.spec.seq_len} tokens, {first['tokens']} predicted tokens; " \
-            if first else ""
+        size = (f"{first['examples']} examples of {self.spec.seq_len} tokens, {first['tokens']} "
+                f"{first.get('unit', 'rows')}; ") if first else ""
         lines = [f"Measured by `basin merge --measure` on `{Path(self.spec.data).name}` ({size}sha256 "
                  f"`{self.data_sha256[:16]}`), objective: {self.objective}. Full results: `measure.json`.", ""]
         lines += _loss_table(self.losses) + _barrier_table(self.barriers) + _hessian_table(self.hessian)
@@ -339,7 +340,7 @@ def _stats_lines(stats: dict | None) -> list[str]:
 # --- writing --------------------------------------------------------------------------------------------------
 def plot_paths(report: MeasureReport, path: Path) -> str | None:
     """Loss along each input -> merge path (alpha 0: the input, 1: the merge); None without matplotlib."""
-    from evaluations.plotting import optional_pyplot
+    from evaluations.plotting import optional_pyplot, save_figure
 
     plt = optional_pyplot()
     if plt is None:
@@ -352,8 +353,7 @@ def plot_paths(report: MeasureReport, path: Path) -> str | None:
     ax.set_title("loss along the paths to the merge")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, metadata={"Software": None})
     return str(path)
 
 

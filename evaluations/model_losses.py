@@ -96,14 +96,26 @@ def pair_similarities(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     return SCALE * a @ b.T, torch.arange(len(a), device=a.device)
 
 
+def _predicted(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _masked(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != IGNORE).sum())
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["input_ids"])
+
+
 CAUSAL_LM = Objective(name="causal LM next-token cross-entropy", loss="cross_entropy", predict=next_token_logits,
-                      unit="predicted tokens", perplexity=True)
+                      unit="predicted tokens", perplexity=True, count=_predicted)
 SEQUENCE_CLASSIFICATION = Objective(name="sequence classification cross-entropy", loss="cross_entropy",
-                                    predict=class_logits, unit="examples")
+                                    predict=class_logits, unit="examples", count=_rows)
 MASKED_LM = Objective(name="masked LM cross-entropy (fixed 15% mask)", loss="cross_entropy",
-                      predict=masked_token_logits, unit="masked tokens", perplexity=True)
+                      predict=masked_token_logits, unit="masked tokens", perplexity=True, count=_masked)
 CONTRASTIVE = Objective(name="in-batch contrastive (mean pooling, cosine x 20)", loss="cross_entropy",
-                        predict=pair_similarities, unit="pairs")
+                        predict=pair_similarities, unit="pairs", count=_rows)
 OBJECTIVES = {CAUSAL: CAUSAL_LM, CLASSIFIER: SEQUENCE_CLASSIFICATION, MASKED: MASKED_LM, ENCODER: CONTRASTIVE}
 
 

@@ -24,6 +24,7 @@ from taxonomy.errors import ProbeError
 
 LOSSES = ("cross_entropy", "mse")
 Predict = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+Count = Callable[[Any], int]
 
 
 def standard_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,14 +41,15 @@ class Objective:
     """`predict(model, batch) -> (outputs, targets)`, then the standard `loss` between them.
 
     `name` says what the model is measured on (it is printed by every command and stored in results); `unit`
-    what one output row is (predicted tokens, examples, pairs); `perplexity` whether exp(loss) is reported (a
-    token-level cross-entropy)."""
+    what one output row is (predicted tokens, examples, pairs), and `count(batch)` how many a batch has without
+    running the model; `perplexity` whether exp(loss) is reported (a token-level cross-entropy)."""
 
     name: str
     loss: str
     predict: Predict
     unit: str = "rows"
     perplexity: bool = False
+    count: Count | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -58,12 +60,20 @@ class Objective:
         outputs, targets = self.predict(model, batch)
         return standard_loss(self.loss, outputs, targets), int(outputs.shape[0])
 
+    def rows(self, batches: Any) -> int | None:
+        """The output rows (in `unit`) of an iterable of batches, counted without the model; None without `count`."""
+        return None if self.count is None else sum(int(self.count(b)) for b in batches)
+
 
 def _xy(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
     return model(x), y
 
 
+def _targets(batch: Any) -> int:
+    return len(batch[1])
+
+
 def supervised(loss: str = "cross_entropy") -> Objective:
     """`(x, y)` batches: outputs `model(x)`, targets `y` (the digits MLP, any `module:fn` model)."""
-    return Objective(name=f"supervised {loss}", loss=loss, predict=_xy)
+    return Objective(name=f"supervised {loss}", loss=loss, predict=_xy, unit="examples", count=_targets)

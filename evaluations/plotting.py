@@ -4,8 +4,10 @@ file-only Agg backend: `pyplot()` raises `MatplotlibMissing` (a BasinError, and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
+from merging.io.atomic import atomic_write
 from taxonomy.errors import BasinError
 
 
@@ -32,3 +34,11 @@ def optional_pyplot() -> ModuleType | None:
         return pyplot()
     except MatplotlibMissing:
         return None
+
+
+def save_figure(fig: object, path: str | Path, **savefig_kwargs: object) -> Path:
+    """`fig.savefig(path, ...)` written atomically (`merging.io.atomic.atomic_write`), then the figure closed."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs))
+    finally:
+        pyplot().close(fig)

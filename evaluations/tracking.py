@@ -23,6 +23,7 @@ from torch import nn
 from evaluations.probes import HessianOperator, kernel_distance, lanczos
 from evaluations.probes.linearize import ntk_regression
 from evaluations.probes.ntk import empirical_ntk_result
+from merging.io.atomic import atomic_write, atomic_write_text
 from merging.reductions import distance64
 from taxonomy.errors import BasinError
 
@@ -143,7 +144,8 @@ class Tracker:
             rec.ntk_accuracy = ntk_regression(snapshot, *self.train, *self.test).accuracy
         if self.checkpoint_dir:
             Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(snapshot.state_dict(), Path(self.checkpoint_dir) / f"epoch_{epoch:g}.pt")
+            state = snapshot.state_dict()
+            atomic_write(Path(self.checkpoint_dir) / f"epoch_{epoch:g}.pt", lambda tmp: torch.save(state, tmp))
         self._prev, self._prev_kernel, self._prev_out = (w, epoch, snapshot), kernel, out
         self.records.append(rec)
         return rec
@@ -164,7 +166,7 @@ class Tracker:
         return {"records": [asdict(r) for r in self.records], "barrier_matrix": {"epochs": epochs, "barriers": matrix}}
 
     def save(self, path: str) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
 
 
 def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, x, y, epochs: float, batch_size: int,

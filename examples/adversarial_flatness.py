@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
 from evaluations.minimum import MinimumMeasures, measure_minimum
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
+from merging.io.atomic import atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 METHODS = ("standard", "fgsm", "pgd")
@@ -234,8 +235,7 @@ def plot(result: AdversarialFlatnessResult, out: Path) -> Path | None:
         ax.set(xlabel="alpha (d1)", ylabel="beta (d2)", title=f"2D slice: {method} (seed 0)")
     fig.tight_layout()
     path = out / "adversarial_flatness.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> AdversarialFlatnessResult:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    (args.out / "adversarial_flatness.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    atomic_write_text(args.out / "adversarial_flatness.json", json.dumps(result.to_json(), indent=1) + "\n")
     print(result.to_markdown())
     if not args.no_plot:
         print("plot:", plot(result, args.out))

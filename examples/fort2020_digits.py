@@ -46,10 +46,11 @@ import torch
 from tqdm import tqdm
 
 from evaluations.digits import load_digits_split, make_mlp
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 from evaluations.probes.linearize import kernel_ridge_predict, linearize
 from evaluations.probes.ntk import empirical_ntk
 from evaluations.tracking import Tracker, spawn, train_epochs
+from merging.io.atomic import atomic_write_text
 
 DEFAULT_OUT = Path("benchmarks/results")
 CLASSES = 10
@@ -328,8 +329,7 @@ def plot(result: dict, path: Path) -> Path | None:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"paper": PAPER, "main": summaries.pop("main"), "ablations": summaries, "linearized": linearized,
               "jobs": args.jobs, "seconds": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fort2020_digits.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "fort2020_digits.md").write_text(to_markdown(result))
+    atomic_write_text(args.out / "fort2020_digits.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out / "fort2020_digits.md", to_markdown(result))
     plot(result, args.out / "fort2020_digits.png")
     if not args.quiet:
         print(json.dumps(headline(result), indent=1))

@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from evaluations.digits import load_digits_split
 from evaluations.minimum import MinimumMeasures, measure_minimum
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 from evaluations.quantum import PatchQNN, extract_patches
+from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -238,8 +239,7 @@ def plot(result: QNNPatchesResult, out: Path) -> Path | None:
         ax.axis("off")
     fig.tight_layout()
     path = out / "qnn_patches.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> QNNPatchesResult:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    (args.out / "qnn_patches.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    atomic_write_text(args.out / "qnn_patches.json", json.dumps(result.to_json(), indent=1) + "\n")
     print(result.to_markdown())
     if not args.no_plot:
         print("plot:", plot(result, args.out))

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from evaluations.digits import load_digits_split, make_mlp, train_classifier
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 from merging.alignment import activation_matching, apply_permutation, infer_spec, repair, weight_matching
+from merging.io.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,8 +168,7 @@ def plot(results: dict, alphas: list[float], path: Path) -> bool:
         axes[1, col].set_xlabel("alpha (A -> B)")
         axes[0, col].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["seconds_total"] = time.perf_counter() - start
     results["cpu_seconds_total"] = time.process_time() - cpu_start
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rebasin_digits.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(args.out / "rebasin_digits.json", json.dumps(results, indent=1) + "\n")
     results["plot"] = plot(results, alphas, args.out / "rebasin_digits.png")
     for name, exp in experiments.items():
         line = ", ".join(f"{k}: train barrier {v['train_loss_barrier']:.4f}" for k, v in exp["summary"].items())

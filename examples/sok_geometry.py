@@ -47,8 +47,9 @@ from evaluations.landscape.geometry import (
     pairwise_barriers,
 )
 from evaluations.landscape.params import subtract
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 from merging.alignment import apply_permutation, infer_spec, weight_matching
+from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -283,8 +284,7 @@ def plot(result: SoKGeometryResult, out: Path) -> Path | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "sok_geometry.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> SoKGeometryResult:
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     markdown = result.to_markdown()
-    (args.out / "sok_geometry.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    (args.out / "sok_geometry.md").write_text(markdown + "\n")
+    atomic_write_text(args.out / "sok_geometry.json", json.dumps(result.to_json(), indent=1) + "\n")
+    atomic_write_text(args.out / "sok_geometry.md", markdown + "\n")
     print(markdown)
     if not args.no_plot:
         print("plot:", plot(result, args.out))

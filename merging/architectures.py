@@ -30,6 +30,14 @@ OUTPUT_EMBED = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|shared|lm_head|embed_out)"
                           r"\.weight$|(?:^|\.)(?:lm_head|embed_out)\.bias$"
                           r"|(?:^|\.)predictions\.(?:bias|decoder\.weight|decoder\.bias)$")  # BERT's MLM head
+# Buffers transformers recomputes when it builds a model and never saves with save_pretrained: its
+# non-persistent buffers (`nn.Buffer(..., persistent=False)`: BERT's `embeddings.position_ids` and
+# `token_type_ids`, rotary `inv_freq` / `original_inv_freq`) and the `_keys_to_ignore_on_load_unexpected` of
+# older checkpoints (GPT-2's `attn.bias` / `attn.masked_bias` causal masks, `relative_position_index`). Older
+# files (e.g. sentence-transformers' all-MiniLM-L6-v2) still hold some, so a fine-tune saved with save_pretrained
+# lacks tensors its base has.
+RECOMPUTED_BUFFER = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|inv_freq|original_inv_freq|masked_bias"
+                               r"|relative_position_index)$|(?:^|\.)attn\.bias$")
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 

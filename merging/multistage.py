@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merging.io.atomic import atomic_write_text
 from merging.io.guard import check_output, protected_paths, refuse_existing
 from merging.io.references import is_hub_id, parts
 from merging.io.writer import output_path
@@ -107,9 +108,7 @@ def _read_state(folder: Path) -> dict[str, Any]:
 
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    tmp = folder / f".{STATE_NAME}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / STATE_NAME)
+    atomic_write_text(folder / STATE_NAME, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _external_fingerprint(part: str) -> str | None:

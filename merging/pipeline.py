@@ -66,7 +66,12 @@ class MergeReport:
             "content_hash": self.content_hash, "shards": self.shards, "inputs": [i.to_json() for i in self.inputs],
             "dry_run": self.dry_run, "resumed_tensors": self.resumed_tensors,
             "sweep": None if self.sweep is None else [{k: v for k, v in s.items() if k != "plan"} for s in self.sweep],
-        }
+        } | ({"notes": self.notes} if self.notes else {})
+
+    @property
+    def notes(self) -> list[str]:
+        """The planner's notes (tensors left out, and why)."""
+        return list(self.plan.notes) if self.plan is not None else []
 
 
 def load_recipe(recipe: Recipe | dict | str | Path) -> Recipe:

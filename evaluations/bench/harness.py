@@ -36,6 +36,7 @@ import torch
 from evaluations.bench.executors import Local, Ray
 from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
 from evaluations.bench.pools import ModelPool, TaskPool
+from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
 
 CACHE_VERSION = 3
@@ -157,9 +158,8 @@ class BenchmarkResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
-        paths[0].write_text(self.to_markdown())
-        paths[1].write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        paths[2].write_text(self.to_csv())
+        for path, text in zip(paths, (self.to_markdown(), json.dumps(self.to_json(), indent=2) + "\n", self.to_csv())):
+            atomic_write_text(path, text)
         if plots:
             from evaluations.bench.plots import save_plots
 
@@ -291,9 +291,7 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
             out = json.loads(json.dumps(out))  # the cached form, so fresh and resumed runs are identical
             results[i] = out
             if cache is not None:
-                tmp = cache / f"{keys[i]}.json.tmp"
-                tmp.write_text(json.dumps(out))
-                tmp.replace(cache / f"{keys[i]}.json")
+                atomic_write_text(cache / f"{keys[i]}.json", json.dumps(out))
             if bar is not None:
                 bar.set_postfix_str(cells[i].entry.label if cells[i].entry else cells[i].kind)
                 bar.update(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 
 
 def _bars(ax: Any, result: Any) -> None:
@@ -48,6 +48,5 @@ def save_plots(result: Any, out_dir: str | Path, stem: str = "bench") -> list[Pa
         _paths(axes[0][1], result)
     fig.tight_layout()
     path = Path(out_dir) / f"{stem}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return [path]

@@ -3,9 +3,10 @@
 Two forms: `--model-factory module:fn --data module:fn` (any nn.Module, (x, y) data), or, for transformers
 checkpoints with a config.json, `--data calib.txt`: the model built from A's config (`--dtype`, `--device`),
 the text packed into `--seq-len` blocks with A's tokenizer, and the loss of the model's own objective
-(`objective_for`: next-token cross-entropy for a causal LM, ...) measured with A and B memory-mapped and each
-point streamed into the one model (`evaluations.lm_path`). `--via C` bends the path through a third checkpoint
-(`--curve bezier`: Garipov et al.'s quadratic Bezier with control point C; `polychain`: A -> C -> B)."""
+(`objective_for`: next-token cross-entropy for a causal LM, ...). In both forms A and B stay memory-mapped and
+each point is streamed into the one model (`evaluations.lm_path`): memory is one model plus a few chunks. `--via C`
+bends the path through a third checkpoint (`--curve bezier`: Garipov et al.'s quadratic Bezier with control point
+C; `polychain`: A -> C -> B)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
     parser.add_argument("--dtype", choices=EVAL_DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument("--via", help="a third checkpoint C: the path bends through it (checkpoint form only)")
+    parser.add_argument("--via", help="a third checkpoint C: the path bends through it")
     parser.add_argument("--curve", choices=("bezier", "polychain"), default="bezier",
                         help="with --via: quadratic Bezier with control point C, or the chain A -> C -> B")
     parser.add_argument("--alphas", type=grid_size(1), default=25, help="points on the path, >= 2 (default 25)")
     parser.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
-                        help="vmap over parameter points (auto: small models without BatchNorm)")
-    parser.add_argument("--bn-reset", action="store_true", help="re-estimate BatchNorm statistics at each point")
+                        help="accepted for compatibility, no effect: points are streamed into the model one at a time")
+    parser.add_argument("--bn-reset", action="store_true",
+                        help="re-estimate BatchNorm statistics at each point (--model-factory form)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept PyTorch pickle checkpoints (loaded with torch.load(weights_only=True))")
     parser.add_argument("--out", help="folder for barrier.json and path.png")
@@ -44,17 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.via is not None and args.model_factory is not None:
-        from taxonomy.errors import BasinError
-
-        raise BasinError("--via needs checkpoints with a config.json (not --model-factory)")
-    if args.model_factory is None:
-        return run_text(args)
-    return run_factory(args)
-
-
-def run_text(args: argparse.Namespace) -> int:
-    """A and B are transformers checkpoints, --data a text file: the streamed path of the model's objective."""
+    """Both forms stream the path: A, B (and C) stay memory-mapped, each point is written into the one model."""
     from evaluations.cli.outputs import Outputs
     from evaluations.landscape import REFERENCES, barrier
     from evaluations.landscape.checkpoint_paths import CheckpointPath
@@ -64,17 +56,30 @@ def run_text(args: argparse.Namespace) -> int:
     path = CheckpointPath(refs, "linear" if args.via is None else args.curve)
     with Outputs(args.overwrite, inputs=refs) as outputs:
         out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
-        model, data = load_text_model(args, args.a)
+        model, data, bn_data = load_text_model(args, args.a) if args.model_factory is None else _factory_task(args)
         result = evaluate_weighted_path(model, path, data, alphas=args.alphas, progress=True,
-                                        allow_pickle=args.allow_pickle)
+                                        allow_pickle=args.allow_pickle, bn_reset_data=bn_data)
         barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
                     for rel in (False, True)]
         written = _write(outputs, out, args, result, barriers) if out is not None else []
-    print(used_line(model, args, result.objective, result.tokens, result.examples))
+    if args.model_factory is None:
+        print(used_line(model, args, result.objective, result.tokens, result.examples, result.unit))
     _print(result, barriers)
     if written:
         print("wrote " + ", ".join(map(str, written)))
     return 0
+
+
+def _factory_task(args: argparse.Namespace):
+    """(the --model-factory model, its --data as a list of (x, y) batches, the same for --bn-reset or None)."""
+    from evaluations.landscape.evaluate import iter_batches
+    from evaluations.landscape.io import build_model, check_runs, load_data
+
+    model = build_model(args.model_factory)
+    data = load_data(args.data)
+    check_runs(model, data, args.data)
+    batches = list(iter_batches(data))
+    return model, batches, batches if args.bn_reset else None
 
 
 def load_text_model(args: argparse.Namespace, ref: str):
@@ -90,38 +95,14 @@ def load_text_model(args: argparse.Namespace, ref: str):
     model = load_model(ref, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     data = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
                           batch_size=args.batch_size)
-    return model, data
+    return model, data, None
 
 
-def used_line(model, args: argparse.Namespace, objective: str, rows: int, examples: int) -> str:
-    """The one line every checkpoint command prints: model class, dtype, device, loss, examples, tokens."""
-    unit = "predicted tokens" if "token" in objective else "targets"
+def used_line(model, args: argparse.Namespace, objective: str, rows: int, examples: int, unit: str) -> str:
+    """The one line every checkpoint command prints: model class, dtype, device, loss, examples, and the output
+    rows in the unit the objective counts (predicted or masked tokens, examples, pairs)."""
     return (f"model {type(model).__name__} ({args.dtype}, {args.device}); {examples} examples of {args.seq_len} "
             f"tokens, {rows} {unit}; loss: {objective}")
-
-
-def run_factory(args: argparse.Namespace) -> int:
-    """--model-factory module:fn and --data module:fn."""
-    from evaluations.cli.outputs import Outputs
-    from evaluations.landscape import REFERENCES, barrier, evaluate_path, linear_path
-    from evaluations.landscape.io import build_model, check_runs, load_data, load_state
-
-    with Outputs(args.overwrite, inputs=[args.a, args.b]) as outputs:
-        out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
-        model = build_model(args.model_factory)
-        a, b = (load_state(ref, model, args.allow_pickle) for ref in (args.a, args.b))
-        data = load_data(args.data)
-        check_runs(model, data, args.data)
-        batched = {"auto": "auto", "yes": True, "no": False}[args.batched]
-        result = evaluate_path(model, linear_path(a, b), data, alphas=args.alphas, batched=batched,
-                               bn_reset_data=data if args.bn_reset else None, progress=True)
-        barriers = [barrier(result, kind, form, rel) for kind in ("loss", "error") for form in REFERENCES
-                    for rel in (False, True)]
-        written = _write(outputs, out, args, result, barriers) if out is not None else []
-    _print(result, barriers)
-    if written:
-        print("wrote " + ", ".join(map(str, written)))
-    return 0
 
 
 def _write(outputs, out, args: argparse.Namespace, result, barriers) -> list:

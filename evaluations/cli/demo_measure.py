@@ -93,7 +93,9 @@ def pair(sentence: str) -> dict[str, str]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    from merging.io.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_data(folder: Path, settings: Settings) -> dict[str, Path]:
@@ -141,22 +143,14 @@ def fine_tune(base: Path, data: Path, out: Path, settings: Settings) -> Path:
 
 
 def save(model, base: Path, out: Path) -> None:
-    """`model.save_pretrained` into `out` (replaced), with the base's tokenizer files and the base's tensors that
-    transformers does not save (buffers such as `embeddings.position_ids`), so `out` has the base's tensor names
-    and merges with it."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
+    """`model.save_pretrained` into `out` (replaced), with the base's tokenizer files. The buffers save_pretrained
+    drops (`embeddings.position_ids`, which the base's file holds) need no copying: the merge planner leaves them
+    out (`merging.plan.inputs.drop_recomputed`)."""
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(base / name, out / name)
-    state = load_file(out / "model.safetensors")
-    with safe_open(base / "model.safetensors", "pt") as f:
-        missing = {n: f.get_tensor(n) for n in f.keys() if n not in state}
-    if missing:
-        save_file({**state, **missing}, out / "model.safetensors", metadata={"format": "pt"})
 
 
 def evaluate(folder: Path, files: list[Path], settings: Settings) -> list[tuple[float, float]]:

@@ -44,12 +44,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_model(args: argparse.Namespace, data=None):
     """(model in eval mode, digits split): the MLP of `args.widths` with `--state` loaded, or trained."""
     from evaluations.digits import load_digits_split, make_mlp, train_classifier
-    from evaluations.landscape.io import load_state
+    from evaluations.landscape.io import load_into
 
     data = data if data is not None else load_digits_split()
     model = make_mlp(list(args.widths), seed=args.seed)
     if args.state:
-        model.load_state_dict(load_state(args.state, model, allow_pickle=args.allow_pickle))
+        load_into(args.state, model, allow_pickle=args.allow_pickle)
     else:
         train_classifier(model, *data.train, epochs=args.epochs, seed=args.seed)
     return model.eval(), data

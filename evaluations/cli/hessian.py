@@ -81,9 +81,9 @@ def load_checkpoint_task(args: argparse.Namespace):
     batches = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
                              batch_size=args.batch_size, seed=args.seed)
     examples = sum(len(b["input_ids"]) for b in batches)
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    rows = objective.rows(batches)
     line = (f"model {type(model).__name__} ({args.dtype}, {args.device}); objective: {objective.name}; "
-            f"{examples} examples of {args.seq_len} tokens, {tokens} predicted tokens")
+            f"{examples} examples of {args.seq_len} tokens, {rows} {objective.unit}")
     return model, objective, batches, line
 
 

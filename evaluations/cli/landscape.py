@@ -67,7 +67,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
     with Outputs(args.overwrite, inputs=[args.model, *(args.through or [])]) as outputs:
         out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
-        model, data = load_text_model(args, args.model)
+        model, data, _ = load_text_model(args, args.model)
         if args.through:
             land = checkpoint_plane(model, args.model, *args.through, data, grid=args.grid, margin=args.margin,
                                     progress=True)
@@ -75,7 +75,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             land = checkpoint_slices(model, args.model, data, grid=args.grid, span=args.range, seed=args.seed,
                                      ignore=None if args.keep_biasbn else "biasbn", progress=True)
         written = _write(outputs, out, args, land.slice_1d, land.slice_2d, land) if out is not None else []
-    print(used_line(model, args, land.objective, land.tokens, land.examples))
+    print(used_line(model, args, land.objective, land.tokens, land.examples, land.unit))
     _print(land.slice_1d, land.slice_2d)
     if written:
         print("wrote " + ", ".join(map(str, written)))
@@ -85,13 +85,13 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 def run_factory(args: argparse.Namespace) -> int:
     from evaluations.cli.outputs import Outputs
     from evaluations.landscape import random_directions, slice_1d, slice_2d
-    from evaluations.landscape.io import build_model, check_runs, load_data, load_state
+    from evaluations.landscape.io import build_model, check_runs, load_data, load_into
+    from evaluations.landscape.params import as_params
 
     with Outputs(args.overwrite, inputs=[args.model]) as outputs:
         out = outputs.folder(args.out, OUT_FILES, "--out") if args.out else None
         model = build_model(args.model_factory)
-        center = load_state(args.model, model, args.allow_pickle)
-        model.load_state_dict(center)
+        center = as_params(load_into(args.model, model, args.allow_pickle))  # the model's own tensors, no copy
         data = load_data(args.data)
         check_runs(model, data, args.data)
         d1, d2 = random_directions(model, n=2, normalize="filter", seed=args.seed,

@@ -126,6 +126,8 @@ def _print_report(args: argparse.Namespace, report, measured) -> None:
               f"into {report.out_dir} in {report.seconds:.2f} s; peak RSS {report.peak_rss_mb:.0f} MB")
         for point in report.sweep or []:
             print(f"  {point['folder']}: {point['values']} (content hash {point['content_hash'][:16]})")
+        for note in report.notes:
+            print(f"note: {note}")
         if report.resumed_tensors:
             print(f"resumed: {report.resumed_tensors} tensors kept from an interrupted run")
         print(f"content hash {report.content_hash}")

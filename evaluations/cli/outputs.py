@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from merging.io.atomic import temp_name
 from taxonomy.errors import OutputError
 
 
@@ -73,7 +74,7 @@ class Outputs:
         if target not in self._planned:
             raise RuntimeError(f"output {target} was not planned")  # a programming error, not bad input
         self._mkdir(target.parent)
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.basin-tmp{target.suffix}")
+        tmp = temp_name(target)
         self._temps[target] = tmp
         return tmp
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from evaluations.landscape.evaluate import PathResult, evaluate_path
 from evaluations.landscape.paths import linear_path
+from evaluations.results import fields_json
 from taxonomy.errors import BasinError
 
 REFERENCES = {
@@ -45,9 +46,7 @@ class Barrier:
     stable: bool | None = None  # Frankle et al.'s criterion (error barrier below 2%), for form="frankle"
 
     def to_json(self) -> dict:
-        return {"value": self.value, "alpha": self.alpha, "kind": self.kind, "form": self.form,
-                "relative": self.relative, "reference": self.reference, "endpoints": list(self.endpoints),
-                "stable": self.stable}
+        return fields_json(self)
 
 
 def barrier_values(alphas: np.ndarray, values: np.ndarray, form: str = "linear") -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from evaluations.landscape.params import Params, as_params, flatten, is_float, unflatten
+from evaluations.results import fields_json
 from merging.reductions import norm64, row_norms64
 from taxonomy.errors import BasinError
 
@@ -82,7 +83,7 @@ class PCADirections:
     coordinates: np.ndarray  # [n_points, k]: the trajectory projected on the directions (origin: final point)
 
     def to_json(self) -> dict:
-        return {"explained_variance_ratio": self.explained_variance_ratio, "coordinates": self.coordinates.tolist()}
+        return fields_json(self, exclude=("directions",))
 
 
 def pca_directions(trajectory: list[object], k: int = 2, final: object | None = None) -> PCADirections:
@@ -112,7 +113,7 @@ class Plane:
     points: np.ndarray  # [3, 2] in-plane coordinates of a, b, c
 
     def to_json(self) -> dict:
-        return {"points": self.points.tolist()}
+        return fields_json(self, exclude=("origin", "u", "v"))
 
 
 def plane_through(a: object, b: object, c: object) -> Plane:

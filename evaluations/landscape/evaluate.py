@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm import tqdm
 
+from evaluations.results import as_float64, fields_json
 from merging.batches import xy_batches
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
@@ -203,13 +204,16 @@ class PathResult:
     accuracy: np.ndarray
     batched: bool = False
 
+    def __post_init__(self) -> None:  # evaluations.results: result arrays are numpy float64
+        self.alphas, self.loss, self.accuracy = (as_float64(v) for v in (self.alphas, self.loss, self.accuracy))
+
     @property
     def error(self) -> np.ndarray:
         return 1.0 - self.accuracy
 
     def to_json(self) -> dict:
-        return {"alphas": self.alphas.tolist(), "loss": self.loss.tolist(), "accuracy": self.accuracy.tolist(),
-                "error": self.error.tolist(), "batched": self.batched}
+        """The fields (a subclass's too) and `error`."""
+        return fields_json(self) | {"error": self.error.tolist()}
 
 
 def evaluate_path(
@@ -250,10 +254,10 @@ def _streamed(model: nn.Module, path, data: object, alphas, loss_fn: LossFn | No
     """`evaluate_path` for a CheckpointPath (see there)."""
     from evaluations.lm_path import evaluate_weighted_path
 
-    if bn_reset_data is not None or loss_fn is not None:
-        raise BasinError("a streamed checkpoint path measures the model's own objective: bn_reset_data and "
-                         "loss_fn are not supported there")
+    if loss_fn is not None:
+        raise BasinError("a streamed checkpoint path measures the model's own objective: loss_fn is not supported "
+                         "there")
     batches = list(getattr(data, "batches", data))  # TextData from evaluations.text_data, or a list of batches
     if not (batches and isinstance(batches[0], dict)):
         batches = list(iter_batches(data))
-    return evaluate_weighted_path(model, path, batches, alphas, progress=progress)
+    return evaluate_weighted_path(model, path, batches, alphas, progress=progress, bn_reset_data=bn_reset_data)

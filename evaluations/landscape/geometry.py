@@ -27,8 +27,9 @@ from torch.func import functional_call
 
 from evaluations.landscape.barriers import barrier
 from evaluations.landscape.evaluate import PathResult, evaluate_path, iter_batches
-from evaluations.landscape.params import as_params, flatten, subtract
+from evaluations.landscape.params import as_params, check_points, flatten, subtract
 from evaluations.landscape.paths import linear_path
+from evaluations.results import fields_json
 from merging.modes import eval_mode
 from taxonomy.errors import BasinError
 
@@ -43,7 +44,7 @@ class Convexity:
     fraction_locally_convex: float  # share of interior points with second difference >= 0
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return fields_json(self)
 
 
 def convexity(result: PathResult, kind: str = "loss", atol: float = 1e-12) -> Convexity:
@@ -77,9 +78,7 @@ class Connectivity:
     form: str
 
     def to_json(self) -> dict:
-        return {"names": self.names, "matrix": self.matrix.tolist(), "threshold": self.threshold,
-                "basins": self.basins, "basin_names": [[self.names[i] for i in b] for b in self.basins],
-                "kind": self.kind, "form": self.form}
+        return fields_json(self) | {"basin_names": [[self.names[i] for i in b] for b in self.basins]}
 
     def linkage(self) -> np.ndarray:
         from scipy.cluster.hierarchy import linkage
@@ -115,6 +114,7 @@ def pairwise_barriers(model: nn.Module, states: list, data, alphas=11, kind: str
     """[n, n] matrix of barriers along the straight line between every pair of states."""
     n = len(states)
     params = [as_params(s, f"model {i}") for i, s in enumerate(states)]
+    check_points(params, model)
     m = np.zeros((n, n))
     for i, j in combinations(range(n), 2):
         r = evaluate_path(model, linear_path(params[i], params[j]), data, alphas=alphas, **evaluate_kwargs)
@@ -139,7 +139,7 @@ class ModeConvexity:
     matrix: np.ndarray
 
     def to_json(self) -> dict:
-        return {"value": self.value, "pair": list(self.pair), "matrix": self.matrix.tolist()}
+        return fields_json(self)
 
 
 def mode_convexity(model: nn.Module, states: list, data, alphas=11, kind: str = "loss", form: str = "linear",
@@ -165,9 +165,7 @@ class Determinism:
     disagreement: np.ndarray  # fraction of inputs with different argmax
 
     def to_json(self) -> dict:
-        out = {k: v.tolist() for k, v in self.__dict__.items()}
-        out.update({f"mean_{k}": _offdiag_mean(v) for k, v in self.__dict__.items()})
-        return out
+        return fields_json(self) | {f"mean_{k}": _offdiag_mean(v) for k, v in self.__dict__.items()}
 
 
 def determinism(model: nn.Module, states: list, data) -> Determinism:
@@ -176,6 +174,7 @@ def determinism(model: nn.Module, states: list, data) -> Determinism:
     n = len(params)
     if n < 2:
         raise BasinError(f"determinism needs at least 2 models, got {n}")
+    check_points(params, model)  # a state of another architecture: one line naming it, not torch's RuntimeError
     vecs = [flatten(p, sorted(p)) for p in params]
     norms = [float(v.norm()) for v in vecs]
     wd, rwd = np.zeros((n, n)), np.zeros((n, n))
@@ -203,13 +202,14 @@ class Directedness:
         return _offdiag_mean(self.cosine)
 
     def to_json(self) -> dict:
-        return {"cosine": self.cosine.tolist(), "norms": self.norms, "mean_cosine": self.mean_cosine}
+        return fields_json(self) | {"mean_cosine": self.mean_cosine}
 
 
 def directedness(base: object, states: list, successive: bool = False) -> Directedness:
     """Cosine similarity of task vectors theta_i - base (or of successive updates of a trajectory)."""
     base_p = as_params(base, "base")
     params = [as_params(s, f"model {i}") for i, s in enumerate(states)]
+    check_points([base_p, *params], labels=["base", *(f"model {i}" for i in range(len(params)))])
     if successive:
         seq = [base_p, *params]
         deltas = [subtract(seq[i + 1], seq[i]) for i in range(len(params))]

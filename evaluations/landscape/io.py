@@ -15,17 +15,18 @@ from torch import nn
 from taxonomy.errors import DataError
 
 
-def load_state(ref: str, model: nn.Module, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read checkpoint `ref` (via merging.io.checkpoint.open_checkpoint) and check it against `model`'s tensors
-    (`evaluations.models.check_names`: a tied tensor may be saved under one name only; tensors the model
-    recomputes, e.g. non-persistent buffers, are skipped)."""
-    from evaluations.models import check_names
+def load_into(ref: str, model: nn.Module, allow_pickle: bool = False) -> nn.Module:
+    """Copy checkpoint `ref` into `model`'s own tensors, one tensor at a time from the memory-mapped file
+    (merging.io.checkpoint.open_checkpoint; a `.pt` only with `allow_pickle`, then weights_only=True), so loading
+    holds one model, never a second copy. Names are checked first (`evaluations.models.check_names`: a tied
+    tensor may be saved under one name only; tensors the model recomputes, e.g. non-persistent buffers, are
+    skipped); returns `model`."""
+    from evaluations.models import check_names, copy_weights
     from merging.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
-    expected = model.state_dict()
-    source = check_names(model, ckpt, ref)
-    return {k: ckpt.get(source[k]).to(expected[k].dtype) for k in expected}
+    copy_weights(model, ckpt, check_names(model, ckpt, ref))
+    return model
 
 
 def load_data(spec: str) -> object:

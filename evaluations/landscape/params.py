@@ -50,6 +50,23 @@ def check_same_keys(a: Mapping, b: Mapping, label_a: str = "A", label_b: str = "
                              f"vs {tuple(b[k].shape)} in {label_b}")
 
 
+def check_points(points: list[Params], model: nn.Module | None = None, labels: list[str] | None = None) -> None:
+    """Raise a BasinError naming the first model (and tensor) whose names or shapes differ from the first
+    point's, or from `model`'s own parameters and buffers."""
+    labels = labels or [f"model {i}" for i in range(len(points))]
+    for label, p in zip(labels[1:], points[1:]):
+        check_same_keys(points[0], p, labels[0], label)
+    if model is None or not points:
+        return
+    own = as_params(model)
+    for k, v in points[0].items():
+        if k not in own:
+            raise BasinError(f"{labels[0]}: tensor {k!r} is not a parameter or buffer of the model")
+        if own[k].shape != v.shape:
+            raise BasinError(f"{labels[0]}: tensor {k!r} has shape {tuple(v.shape)}, "
+                             f"the model's is {tuple(own[k].shape)}")
+
+
 def is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluations.plotting import optional_pyplot
+from evaluations.plotting import optional_pyplot, save_figure
 
 
 def plot_path(result, path: str | Path, title: str = "") -> str | None:
@@ -27,8 +27,7 @@ def plot_path(result, path: str | Path, title: str = "") -> str | None:
     ax.set_title(title)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)
 
 
@@ -42,8 +41,7 @@ def plot_slice_1d(s, path: str | Path, title: str = "") -> str | None:
     ax.set_ylabel("loss")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)
 
 
@@ -60,8 +58,7 @@ def plot_contour(s, path: str | Path, title: str = "", levels: int = 30) -> str 
     ax.set_ylabel("d2")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)
 
 
@@ -81,8 +78,7 @@ def plot_surface(s, path: str | Path, title: str = "") -> str | None:
     ax.set_zlabel("loss")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)
 
 
@@ -99,6 +95,5 @@ def plot_dendrogram(conn, path: str | Path, title: str = "") -> str | None:
     ax.set_ylabel(f"{conn.kind} barrier")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return str(path)

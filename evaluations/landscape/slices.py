@@ -15,6 +15,7 @@ from torch import nn
 
 from evaluations.landscape.evaluate import LossFn, alpha_grid, evaluate_points
 from evaluations.landscape.params import Params, as_params, is_float
+from evaluations.results import as_float64, fields_json
 from taxonomy.errors import BasinError
 
 
@@ -52,9 +53,11 @@ class Slice1D:
     accuracy: np.ndarray
     batched: bool = False
 
+    def __post_init__(self) -> None:  # evaluations.results: result arrays are numpy float64
+        self.alphas, self.loss, self.accuracy = (as_float64(v) for v in (self.alphas, self.loss, self.accuracy))
+
     def to_json(self) -> dict:
-        return {"alphas": self.alphas.tolist(), "loss": self.loss.tolist(), "accuracy": self.accuracy.tolist(),
-                "batched": self.batched}
+        return fields_json(self)
 
 
 @dataclass
@@ -65,9 +68,12 @@ class Slice2D:
     accuracy: np.ndarray
     batched: bool = False
 
+    def __post_init__(self) -> None:
+        self.alphas, self.betas = as_float64(self.alphas), as_float64(self.betas)
+        self.loss, self.accuracy = as_float64(self.loss), as_float64(self.accuracy)
+
     def to_json(self) -> dict:
-        return {"alphas": self.alphas.tolist(), "betas": self.betas.tolist(), "loss": self.loss.tolist(),
-                "accuracy": self.accuracy.tolist(), "batched": self.batched}
+        return fields_json(self)
 
 
 def slice_1d(model: nn.Module, center: object, direction: Params, data, loss_fn: LossFn | None = None,

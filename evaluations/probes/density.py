@@ -59,7 +59,7 @@ class Density(ProbeResult):
                 "moment_stderr": self.moment_stderr, "mode": self.mode}
 
     def plot(self, path: str, log: bool = True) -> None:
-        from evaluations.plotting import pyplot
+        from evaluations.plotting import pyplot, save_figure
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -70,8 +70,7 @@ class Density(ProbeResult):
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path, dpi=120)
 
 
 def spectral_density(

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
+from evaluations.results import fields_json, jsonable
 
-
-def jsonable(value):
-    """Tensors as (nested) lists, containers element-wise, everything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    return value
+__all__ = ["ProbeResult", "jsonable"]
 
 
 @dataclass
@@ -32,4 +23,4 @@ class ProbeResult:
         iterations: int
 
     def to_json(self) -> dict:
-        return jsonable(asdict(self))
+        return fields_json(self)

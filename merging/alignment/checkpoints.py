@@ -49,7 +49,7 @@ def spec_for(ckpt: Checkpoint, options: Mapping[str, Any]) -> PermutationSpec:
         except (OSError, json.JSONDecodeError) as err:
             raise BasinError(f"{given}: cannot read the permutation spec ({err})") from None
     if options.get("model_factory") is not None:
-        model = _load_object(options["model_factory"])()
+        model = _build(_load_object(options["model_factory"]), "align: model_factory")
         return infer_spec(model, options.get("example_input"), residual=options.get("residual", "auto"))
     if ckpt.folder is not None and (Path(ckpt.folder) / "config.json").is_file():
         shapes = {n: ckpt.meta(n).shape for n in ckpt.names()}
@@ -59,19 +59,34 @@ def spec_for(ckpt: Checkpoint, options: Mapping[str, Any]) -> PermutationSpec:
 
 
 def hf_factory(folder: Path) -> Any:
-    """A factory building the architecture named in `folder`/config.json with transformers (no remote code)."""
+    """A factory building the architecture named in `folder`/config.json with transformers (no remote code);
+    an `architectures` entry that is not a transformers model class is a one-line BasinError."""
 
     def build():
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        archs = [getattr(transformers, a, None) for a in (config.architectures or [])]
-        cls = next((a for a in archs if a is not None), transformers.AutoModel)
-        if cls is transformers.AutoModel:
+        names = list(config.architectures or [])
+        archs = [getattr(transformers, a, None) for a in names]
+        cls = next((a for a in archs if a is not None), None)
+        if cls is None:
             return transformers.AutoModel.from_config(config, trust_remote_code=False)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise BasinError(f"{folder}/config.json: architectures {names} names {cls.__name__!r}, "
+                             "not a transformers model class")
         return cls(config)
 
     return build
+
+
+def _build(factory: Any, label: str) -> torch.nn.Module:
+    """`factory()`, checked to be an nn.Module (a factory returning anything else is a one-line BasinError)."""
+    if not callable(factory):
+        raise BasinError(f"{label}: is a {type(factory).__name__}, not a callable")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise BasinError(f"{label}: returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def match(state_ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], spec: PermutationSpec,
@@ -86,10 +101,11 @@ def match(state_ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tenso
         folder = options.get("hf_folder")
         if options.get("data") is None or (options.get("model_factory") is None and folder is None):
             raise BasinError("activation_matching needs 'data' and a 'model_factory' (or a Hugging Face folder)")
-        factory = _load_object(options["model_factory"]) if options.get("model_factory") else hf_factory(folder)
+        factory, label = ((_load_object(options["model_factory"]), "align: model_factory")
+                          if options.get("model_factory") else (hf_factory(folder), f"align: {folder}"))
         data = options["data"]
         data = _load_object(data)() if isinstance(data, str) else data
-        model_a, model_b = factory(), factory()
+        model_a, model_b = _build(factory, label), _build(factory, label)
         for model, weights, label in ((model_a, state_ref, "A"), (model_b, state, "B")):
             try:
                 model.load_state_dict(dict(weights))

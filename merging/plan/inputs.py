@@ -13,13 +13,25 @@ one, takes its input embedding matrix as its output embedding. The output theref
 
 Mixed architectures: inputs whose config.json `architectures` or `model_type` differ are refused
 unless the user allows it (`allow_mixed_architectures`).
+
+Recomputed buffers (rule): a tensor transformers rebuilds itself and save_pretrained drops
+(`architectures.RECOMPUTED_BUFFER`: `embeddings.position_ids`, `token_type_ids`, `inv_freq`, ...) that some
+inputs hold and others lack is left out of the merge (`drop_recomputed`, noted in the plan): a base saved by an
+older transformers and its fine-tunes saved with save_pretrained then merge, and the output loads as both do.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from merging.architectures import INPUT_EMBED, OUTPUT_EMBED, VOCAB_TENSOR, config_vocab_size, is_tied
+from merging.architectures import (
+    INPUT_EMBED,
+    OUTPUT_EMBED,
+    RECOMPUTED_BUFFER,
+    VOCAB_TENSOR,
+    config_vocab_size,
+    is_tied,
+)
 from merging.io.checkpoint import Checkpoint, TensorMeta, read_config
 from taxonomy.errors import BasinError
 
@@ -45,6 +57,43 @@ def vocab_tensors(ckpt: Checkpoint) -> list[str]:
     if rows is None:
         return []
     return [n for n in ckpt.names() if VOCAB_TENSOR.search(n) and ckpt.meta(n).shape[:1] == (rows,)]
+
+
+class HiddenView(Checkpoint):
+    """A checkpoint with some names left out (recomputed buffers that other inputs lack)."""
+
+    def __init__(self, inner: Checkpoint, hidden: set[str]):
+        self.inner, self.hidden = inner, set(hidden)
+        self.label, self.folder = inner.label, inner.folder
+        self.revision, self.repo_id = inner.revision, inner.repo_id
+
+    def names(self) -> list[str]:
+        return [n for n in self.inner.names() if n not in self.hidden]
+
+    def meta(self, name: str) -> TensorMeta:
+        if name in self.hidden:
+            raise self._missing(name)
+        return self.inner.meta(name)
+
+    def get(self, name: str):
+        if name in self.hidden:
+            raise self._missing(name)
+        return self.inner.get(name)
+
+
+def drop_recomputed(ckpts: dict[str, Checkpoint]) -> tuple[dict[str, Checkpoint], list[str]]:
+    """Hide the recomputed buffers (see the module docstring) that some inputs have and others lack; returns
+    the views and one note per buffer left out."""
+    names = {ref: set(c.names()) for ref, c in ckpts.items()}
+    buffers = sorted({n for s in names.values() for n in s if RECOMPUTED_BUFFER.search(n)})
+    uneven = [n for n in buffers if not all(n in s for s in names.values())]
+    if not uneven:
+        return dict(ckpts), []
+    notes = [f"left out {n}: a buffer transformers recomputes (not saved by save_pretrained), absent from "
+             f"{', '.join(ref for ref, s in names.items() if n not in s)}" for n in uneven]
+    out = {ref: HiddenView(c, set(uneven) & names[ref]) if set(uneven) & names[ref] else c
+           for ref, c in ckpts.items()}
+    return out, notes
 
 
 class TiedView(Checkpoint):

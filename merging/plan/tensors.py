@@ -21,7 +21,7 @@ Methods with an optional base (`optional_base`, e.g. nuslerp, multislerp) receiv
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from merging.dtypes import MERGE_DTYPES, canonical, torch_dtype
 from merging.io.checkpoint import Checkpoint, read_config
 from merging.plan.inputs import (
     check_architectures,
+    drop_recomputed,
     real_name,
     tie_hint,
     tie_inputs,
@@ -84,6 +85,7 @@ class MergePlan:
     layer_origins: list[tuple[str, int]] | None = None  # per output layer: (model, source layer), for config.json
     vocab: VocabMap | None = None  # output vocabulary and row maps (tokenizer rule), None if none applies
     compute_dtype: str | None = None  # float16/bfloat16: mergekit's low-precision arithmetic (merging.methods.lowprec)
+    notes: list[str] = field(default_factory=list)  # what the planner left out and why (e.g. recomputed buffers)
 
     @property
     def nbytes(self) -> int:
@@ -93,13 +95,15 @@ class MergePlan:
         return {"method": self.method, "inputs": self.inputs, "seed": self.seed, "num_layers": self.num_layers,
                 "layer_origins": self.layer_origins, "tensors": [t.to_json(self.inputs) for t in self.tensors]} | (
                     {"vocab": self.vocab.to_json()} if self.vocab is not None else {}) | (
-                    {"compute_dtype": self.compute_dtype} if self.compute_dtype else {})
+                    {"compute_dtype": self.compute_dtype} if self.compute_dtype else {}) | (
+                    {"notes": self.notes} if self.notes else {})
 
     def table(self) -> str:
         """A readable per-tensor listing: name, shape, t, inputs, effective parameters."""
         lines = [f"method {self.method}, seed {self.seed}, {len(self.tensors)} tensors, "
                  f"{self.nbytes / 1e6:.1f} MB out"]
         lines += [f"  input {i}: {ref}" for i, ref in enumerate(self.inputs)]
+        lines += [f"  note: {note}" for note in self.notes]
         if self.vocab is not None:
             v = self.vocab
             what = "unchanged" if v.identity else "rows remapped (remap_vocab)"
@@ -211,7 +215,8 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     dtype = torch_dtype(_canonical_dtype(dtype_name)) if dtype_name else None
     inputs = recipe.model_refs()
     check_architectures({r: ckpts[r] for r in inputs}, allow_mixed_architectures or recipe.allow_mixed_architectures)
-    ckpts = tie_inputs({r: ckpts[r] for r in inputs})  # tied models read their embedding as lm_head
+    ckpts, notes = drop_recomputed({r: ckpts[r] for r in inputs})  # buffers save_pretrained drops
+    ckpts = tie_inputs(ckpts)  # tied models read their embedding as lm_head
     vocab = _vocab_for(recipe, ckpts, inputs)
     remap = vocab is not None and not vocab.identity
     vocab_names = {n for r in inputs for n in vocab_tensors(ckpts[r])} if remap else set()
@@ -248,7 +253,7 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     layers_in = num_layers(ref_ckpt)
     return MergePlan(method.info.name, inputs, builder.tensors, recipe.seed,
                      num_layers=len(origins) if len(origins) != layers_in else None, vocab=vocab,
-                     layer_origins=origins if recipe.slices is not None else None)
+                     layer_origins=origins if recipe.slices is not None else None, notes=notes)
 
 
 def _check_layer_ranges(slices: list[OutputSlice], ckpts: dict[str, Checkpoint]) -> None:

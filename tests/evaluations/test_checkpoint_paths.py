@@ -153,7 +153,7 @@ def _masked_lm(model, batch):
     return logits[keep], batch["input_ids"][keep]
 
 
-MASKED = Objective(name="masked LM token cross-entropy", loss="cross_entropy", predict=_masked_lm)
+MASKED = Objective(name="masked LM token cross-entropy", loss="cross_entropy", predict=_masked_lm, unit="masked tokens")
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +335,7 @@ def test_cli_barrier_on_bert_with_its_objective_and_via(berts, llamas, tmp_path,
     rc, out, err = _basin(capsys, "barrier", a, b, "--data", a.parent / "calib.txt", "--seq-len", 6, "--alphas", 3,
                           "--out", tmp_path / "bert")
     assert rc == 0, err
-    assert re.search(r"model BertForMaskedLM \(float32, cpu\); \d+ examples of 6 tokens, \d+ predicted tokens; "
+    assert re.search(r"model BertForMaskedLM \(float32, cpu\); \d+ examples of 6 tokens, \d+ masked tokens; "
                      r"loss: masked LM", out)
     payload = json.loads((tmp_path / "bert" / "barrier.json").read_text())
     assert payload["path"]["objective"] == MASKED.name and len(payload["path"]["loss"]) == 3
@@ -373,7 +373,9 @@ def test_cli_checkpoint_errors_one_line_exit_2(llamas, ckpts, tmp_path, capsys, 
         cases = [([c[0][0], llamas[1]], c[1]) for c in cases]
         cases += [([llamas[0], gpt], "is missing from the checkpoint"),
                   ([llamas[0], llamas[1], "--via", gpt], "is missing from the checkpoint"),
-                  ([llamas[0], llamas[1], "--via", llamas[2], "--model-factory", "x:y"], "--via needs checkpoints")]
+                  # --via with a factory is streamed too now: the factory itself is what is wrong here
+                  ([llamas[0], llamas[1], "--via", llamas[2], "--model-factory", "x:y"],
+                   "--model-factory x:y: cannot import module 'x'")]
     else:
         cases += [([llamas[0], "--through", llamas[1], gpt], "is missing from the checkpoint"),
                   ([llamas[0], "--through", llamas[1], llamas[2], "--model-factory", "x:y"],

@@ -111,3 +111,31 @@ def test_directedness_by_hand():
     assert d.norms == pytest.approx([1.0, np.sqrt(2), 2.0])
     s = directedness(base, states, successive=True)  # updates: (1,0,0), (0,1,0), (-3,-1,0)
     assert s.cosine[0, 1] == pytest.approx(0.0) and s.cosine[1, 2] == pytest.approx(-1 / np.sqrt(10))
+
+
+def test_states_of_another_architecture_are_one_line_errors():
+    """determinism, directedness, mode_convexity: a state of other shapes or names is a BasinError naming the
+    model and the tensor (determinism raised torch's RuntimeError from the flattening)."""
+    import pytest
+    from torch import nn
+
+    from evaluations.landscape.geometry import determinism, directedness, mode_convexity
+    from taxonomy.errors import BasinError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    a = model.state_dict()
+    wide = {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3)}
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(BasinError, match=r"tensor '0.weight': shape \(3, 4\) in model 0 vs \(3, 5\) in model 1"):
+        determinism(model, [a, wide], data)
+    with pytest.raises(BasinError, match="tensor '0.bias' is missing from model 1"):
+        determinism(model, [a, {"0.weight": a["0.weight"]}], data)
+    with pytest.raises(BasinError, match=r"model 0: tensor '0.weight' has shape \(3, 5\), the model's is \(3, 4\)"):
+        determinism(model, [wide, wide], data)
+    with pytest.raises(BasinError, match="in base vs"):
+        directedness(a, [wide])
+    with pytest.raises(BasinError, match="model 0: tensor"):
+        mode_convexity(model, [wide, wide], data)
+    d = determinism(model, [a, {k: v + 1 for k, v in a.items()}], data)
+    assert d.weight_distance[0, 1] == pytest.approx(float(torch.full((15,), 1.0, dtype=torch.float64).norm()))

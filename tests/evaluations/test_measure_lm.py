@@ -309,21 +309,27 @@ def test_cli_barrier_text_errors(ckpts, tmp_path, capsys, extra, fragment):
     assert fragment in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_factory_load_state_accepts_tied_and_recomputed_tensors(ckpts, minilm_dir):
-    """The --model-factory path (landscape.io.load_state) reads tied heads saved once and old checkpoints'
-    non-persistent buffers, as load_model does; empty tensors (all at data_ptr 0) are not taken as tied."""
+def test_factory_load_into_accepts_tied_and_recomputed_tensors(ckpts, minilm_dir):
+    """The --model-factory path (landscape.io.load_into, in place) reads tied heads saved once and old
+    checkpoints' non-persistent buffers, as load_model does; empty tensors (all at data_ptr 0) are not taken as
+    tied."""
     from torch import nn
     from transformers import BertConfig, BertModel
 
-    from evaluations.landscape.io import load_state
+    from evaluations.landscape.io import load_into
 
-    state = load_state(str(ckpts["gpt2"][0]), _gpt2(5))
+    model = _gpt2(5)
+    assert load_into(str(ckpts["gpt2"][0]), model) is model
     saved = load_file(ckpts["gpt2"][0] / "model.safetensors")
-    assert torch.equal(state["lm_head.weight"], saved["transformer.wte.weight"])
+    for name, t in saved.items():
+        assert torch.equal(model.state_dict()[name], t), name
+    assert torch.equal(model.state_dict()["lm_head.weight"], saved["transformer.wte.weight"])
     bert = BertModel(BertConfig.from_pretrained(minilm_dir))
-    assert "embeddings.position_ids" not in load_state(str(minilm_dir), bert)
+    load_into(str(minilm_dir), bert)  # position_ids: absent from the file, recomputed by the model
+    assert torch.equal(bert.embeddings.word_embeddings.weight, load_file(minilm_dir / "model.safetensors")[
+        "embeddings.word_embeddings.weight"])
     module = nn.Module()
     module.a, module.b = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(0))
     with pytest.raises(CheckpointError, match="'b' of Module is missing"):
-        load_state({"a": torch.zeros(0)}, module)
+        load_into({"a": torch.zeros(0)}, module)
 

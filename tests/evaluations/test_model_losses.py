@@ -230,3 +230,39 @@ def test_data_of_another_kind_is_a_one_line_error(kind_ckpts, tmp_path):
     data = load_data(llama, write_rows(tmp_path / "d.jsonl", columns(ROWS, "text")), seq_len=8)
     with pytest.raises(DataError, match="the batch has no 'pair_input_ids': the encoder objective needs data"):
         measure_loss(bert, data)
+
+
+@pytest.mark.parametrize("name, names, unit", [
+    ("llama", ("text",), "predicted tokens"), ("bert_mlm", ("text",), "masked tokens"),
+    ("bert_cls", ("text", "label"), "examples"), ("bert", ("text", "text_pair"), "pairs"),
+])
+def test_objective_counts_its_rows_without_the_model(kind_ckpts, tmp_path, name, names, unit):
+    """`Objective.rows(batches)` (what `basin hessian` prints) equals the rows the forward pass measures, in the
+    objective's unit: an encoder's rows are pairs, not tokens."""
+    model = load_model(kind_ckpts[name])
+    data = load_data(model, write_rows(tmp_path / "d.jsonl", columns(ROWS, *names)), seq_len=12, batch_size=2, seed=1)
+    objective = objective_for(model)
+    got = measure_loss(model, data)
+    assert objective.unit == got.unit == unit
+    assert objective.rows(data) == got.rows > 0
+    if unit in ("examples", "pairs"):
+        assert got.rows == got.examples == len(ROWS)
+
+
+def test_cli_barrier_on_an_encoder_counts_pairs(kind_ckpts, tmp_path, capsys):
+    """`basin barrier` on an encoder (BertModel, like all-MiniLM-L6-v2) with text pairs printed "0 predicted
+    tokens": it names pairs."""
+    import json
+
+    from evaluations.cli import main
+
+    data = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    encoder = kind_ckpts["bert"]
+    rc = main(["barrier", str(encoder), str(encoder), "--data", str(data), "--seq-len", "16", "--alphas", "2",
+               "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "model BertModel (float32, cpu); 5 examples of 16 tokens, 5 pairs; loss: in-batch contrastive" in out
+    assert "predicted tokens" not in out
+    path = json.loads((tmp_path / "out" / "barrier.json").read_text())["path"]
+    assert (path["tokens"], path["unit"], path["examples"]) == (5, "pairs", 5)

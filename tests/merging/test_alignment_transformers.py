@@ -233,3 +233,24 @@ def test_cli_activation_matching_on_hf_folders(tmp_path):
     written, original = load_file(out / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
     for name in original:
         assert torch.equal(written[name], original[name]), name
+
+
+def test_factories_returning_the_wrong_type_are_one_line_errors(tmp_path):
+    """A config.json naming a non-model transformers class, or a model factory returning a dict: a BasinError
+    naming the folder / option, not an AttributeError from deep inside the matching."""
+    from merging.alignment.checkpoints import hf_factory, match
+
+    model = tiny("bert")
+    model.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "architectures": ["BertTokenizer"]}))
+    with pytest.raises(BasinError, match=r"config.json: architectures \['BertTokenizer'\].*not a transformers model"):
+        hf_factory(tmp_path / "a")()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    assert isinstance(hf_factory(tmp_path / "a")(), transformers.BertModel)
+    state = model.state_dict()
+    spec = infer_spec(model)
+    options = {"method": "activation_matching", "data": {"input_ids": torch.zeros(2, 4, dtype=torch.long)},
+               "model_factory": lambda: {"not": "a model"}}
+    with pytest.raises(BasinError, match="align: model_factory: returned a dict, not an nn.Module"):
+        match(state, state, spec, options)
