@@ -52,6 +52,21 @@ def _per_model(data: Any, n: int) -> list[Any]:
     return [data] * n
 
 
+def _example_gradients(example_grad: Callable, params: dict, x: torch.Tensor, y: torch.Tensor,
+                       batched: Callable | None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Per-example gradients of one batch: vmapped when the model allows it, else one example at a time (models
+    with data-dependent control flow, e.g. transformers' attention-mask checks, which vmap cannot trace). Returns
+    the gradients (stacked on a leading axis) and whether vmap still applies."""
+    if batched is not None:
+        try:
+            return batched(params, x, y), True
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
+    rows = [example_grad(params, x[i], y[i]) for i in range(len(x))]
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, False
+
+
 def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
     """Mean over examples of the squared per-example gradient of `loss_fn` (default cross-entropy)."""
     from torch.func import functional_call, grad, vmap
@@ -64,16 +79,18 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0))
 
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    example_grad = grad(example_loss)
+    batched: Callable | None = vmap(example_grad, in_dims=(None, 0, 0))
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     count = 0
     with eval_mode(model):
         for x, y in xy_batches(data):
             try:
-                grads = per_example(params, x, y)
+                grads, vmapped = _example_gradients(example_grad, params, x, y, batched)
             except RuntimeError as err:
                 raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
                                  f"({str(err).splitlines()[0]})") from None
+            batched = batched if vmapped else None
             for k, g in grads.items():
                 total[k] += (g.double() ** 2).sum(0)
             count += len(x)

@@ -41,6 +41,33 @@ def test_fisher_of_a_linear_model_by_hand():
     torch.testing.assert_close(got["bias"][0], torch.tensor(fisher_b, dtype=torch.float64))
 
 
+class _Branching(nn.Module):
+    """Data-dependent control flow (as transformers' attention-mask checks have): vmap cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(2, 1).double()
+
+    def forward(self, x):
+        return self.lin(x) * 2 if bool(x.sum() > 0) else self.lin(x)
+
+
+def test_fisher_with_data_dependent_control_flow_falls_back_to_one_example_at_a_time():
+    model = _Branching()
+    x = torch.tensor([[1.0, 2.0], [-1.0, -0.5], [3.0, -2.0]], dtype=torch.float64)
+    y = torch.tensor([[0.5], [1.0], [-1.0]], dtype=torch.float64)
+    expected = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for xi, yi in zip(x, y):  # the definition: per-example gradients by autograd, squared, averaged
+        model.zero_grad()
+        squared_error(model(xi.unsqueeze(0)), yi.unsqueeze(0)).backward()
+        for k, v in model.named_parameters():
+            expected[k] += v.grad ** 2 / 3
+    got = diagonal_fisher(model, [(x[:2], y[:2]), (x[2:], y[2:])], loss_fn=squared_error)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
+
+
 def test_fisher_merge_is_the_fisher_weighted_average():
     m1, m2 = _linear(0), _linear(1)
     x1, y1 = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
