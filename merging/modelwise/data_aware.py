@@ -52,19 +52,25 @@ def _per_model(data: Any, n: int) -> list[Any]:
     return [data] * n
 
 
-def _example_gradients(example_grad: Callable, params: dict, x: torch.Tensor, y: torch.Tensor,
-                       batched: Callable | None) -> tuple[dict[str, torch.Tensor], bool]:
-    """Per-example gradients of one batch: vmapped when the model allows it, else one example at a time (models
-    with data-dependent control flow, e.g. transformers' attention-mask checks, which vmap cannot trace). Returns
-    the gradients (stacked on a leading axis) and whether vmap still applies."""
+def _add_squared_gradients(total: dict[str, torch.Tensor], example_grad: Callable, params: dict, x: torch.Tensor,
+                           y: torch.Tensor, batched: Callable | None) -> bool:
+    """Add the squared per-example gradients of one batch to `total` (float64): vmapped when the model allows it,
+    else one example at a time (models with data-dependent control flow, e.g. transformers' attention-mask checks,
+    which vmap cannot trace), holding one example's gradient at a time. Returns whether vmap still applies."""
     if batched is not None:
         try:
-            return batched(params, x, y), True
+            grads = batched(params, x, y)
         except RuntimeError as err:
             if "vmap" not in str(err):
                 raise
-    rows = [example_grad(params, x[i], y[i]) for i in range(len(x))]
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, False
+        else:
+            for k, g in grads.items():
+                total[k] += (g.double() ** 2).sum(0)
+            return True
+    for i in range(len(x)):
+        for k, g in example_grad(params, x[i], y[i]).items():
+            total[k] += g.double() ** 2
+    return False
 
 
 def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
@@ -86,13 +92,11 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
     with eval_mode(model):
         for x, y in xy_batches(data):
             try:
-                grads, vmapped = _example_gradients(example_grad, params, x, y, batched)
+                vmapped = _add_squared_gradients(total, example_grad, params, x, y, batched)
             except RuntimeError as err:
                 raise BasinError(f"data: a batch of shape {tuple(x.shape)} does not fit the model "
                                  f"({str(err).splitlines()[0]})") from None
             batched = batched if vmapped else None
-            for k, g in grads.items():
-                total[k] += (g.double() ** 2).sum(0)
             count += len(x)
     if count == 0:
         raise BasinError("data: no examples")
