@@ -89,7 +89,10 @@ def diagonal_fisher(model: nn.Module, data: Any, loss_fn: Callable | None = None
     batched: Callable | None = vmap(example_grad, in_dims=(None, 0, 0))
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     count = 0
-    with eval_mode(model):
+    # outer no_grad: tensors outside `params` that require grad (a task head hidden from named_parameters) must not
+    # record an outer autograd graph into the float64 sums (it grew by a model's size per example); torch.func.grad
+    # ignores an outer no_grad, so the gradients themselves are unchanged
+    with eval_mode(model), torch.no_grad():
         for x, y in xy_batches(data):
             try:
                 vmapped = _add_squared_gradients(total, example_grad, params, x, y, batched)

@@ -139,3 +139,32 @@ def test_taxonomy_entries():
         info = taxonomy.get(name)
         assert info.family == Family.INTERPOLATION and info.category == "importance-weighted averaging"
         assert info.needs_data and info.kind == Kind.MODELWISE
+
+
+def test_fisher_records_no_graph_through_tensors_outside_its_parameters():
+    """A head hidden from named_parameters() (the bench's HeadedBody) still requires grad: the Fisher sums must not
+    chain an autograd graph through it (it held a model's worth of memory per example)."""
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.body = nn.Linear(2, 3).double()
+            self._head = (nn.Linear(3, 1).double(),)  # not registered
+
+        def forward(self, x):
+            return self._head[0](torch.tanh(self.body(x)))
+
+    model = Hidden()
+    x = torch.tensor([[1.0, 2.0], [-1.0, -0.5], [3.0, -2.0]], dtype=torch.float64)
+    y = torch.tensor([[0.5], [1.0], [-1.0]], dtype=torch.float64)
+    got = diagonal_fisher(model, (x, y), loss_fn=squared_error)
+    assert all(v.grad_fn is None and not v.requires_grad for v in got.values())
+    expected = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for xi, yi in zip(x, y):
+        model.zero_grad()
+        squared_error(model(xi.unsqueeze(0)), yi.unsqueeze(0)).backward()
+        for k, v in model.named_parameters():
+            expected[k] += v.grad ** 2 / 3
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
