@@ -129,6 +129,7 @@ ADAMERGING = {"lr": 0.01, "steps": 100, "batch_size": 16}  # 100 Adam steps: the
 def default_grid() -> MethodGrid:
     lam = {"lambda": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}
     lam_mean = {"lambda": [0.1, 0.25, 0.5, 0.75, 1.0, 1.5]}  # for methods that average the task vectors (normalize)
+    lam_iso = {"lambda": [0.5, 1.0, 1.5, 2.0]}  # Iso-C/CTS's alpha: FusionBench's default 1.0, the paper tunes it
     return MethodGrid((
         MethodEntry("simple average", "linear"),
         MethodEntry("task arithmetic", "task_arithmetic", search=lam),
@@ -138,6 +139,14 @@ def default_grid() -> MethodGrid:
         MethodEntry("breadcrumbs", "breadcrumbs", {"density": 0.8, "gamma": 0.02}, lam),
         MethodEntry("DELLA", "della", {"density": 0.5, "epsilon": 0.15}, lam_mean),
         MethodEntry("Model Stock", "model_stock"),
+        MethodEntry("TSV-M", "tsv", search=lam),
+        MethodEntry("Iso-C", "iso_c", search=lam_iso),
+        MethodEntry("Iso-CTS", "iso_cts", search=lam_iso),
+        MethodEntry("PCB", "pcb", search=lam),
+        MethodEntry("MagMax", "magmax", search=lam),
+        MethodEntry("CART", "cart", search=lam),
+        MethodEntry("consensus TA", "consensus_ta", search=lam),
+        MethodEntry("WUDI", "wudi"),
         MethodEntry("Fisher", "fisher"),
         MethodEntry("RegMean", "regmean", {"alpha": 0.9}),
         MethodEntry("RegMean++", "regmean_plusplus", {"alpha": 0.9}),
