@@ -87,6 +87,8 @@ def check_loadable(config: dict[str, Any], tensors: Shapes,
     """Raise BasinError if transformers would not load `tensors` (name -> shape) with `config`
     (missing, unexpected or misshapen tensors, or a config it refuses); return a note when not checked."""
     _check_layer_lists(config)
+    if reference is not None and _same_model(config, tensors, *reference):
+        return None  # the config source's own model, tensor for tensor: no problem of the output is a new one
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -109,6 +111,20 @@ def check_loadable(config: dict[str, Any], tensors: Shapes,
                          f"({_layer_count(config)}): {'; '.join(problems[:4])}"
                          f"{' ...' if len(problems) > 4 else ''}; nothing was written")
     return None
+
+
+_NOT_SHAPE_FIELDS = frozenset({"torch_dtype", "dtype", "transformers_version", "_name_or_path"})
+
+
+def _same_model(config: dict[str, Any], tensors: Shapes, ref_config: dict[str, Any], ref_tensors: Shapes) -> bool:
+    """The output's config (fields that do not shape the model aside) and tensor shapes equal the config source's.
+    Only problems absent from the reference are reported, so none can be: the check (and importing transformers,
+    seconds on a small machine) is skipped."""
+    def strip(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in _NOT_SHAPE_FIELDS}
+
+    return bool(ref_config) and strip(config) == strip(ref_config) and dict(tensors) == {
+        n: tuple(s) for n, s in ref_tensors.items()}
 
 
 def _check_layer_lists(config: dict[str, Any]) -> None:

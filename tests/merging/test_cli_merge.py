@@ -133,3 +133,24 @@ def test_bad_device_and_shard_size(tmp_path, two, capsys):
     if not torch.cuda.is_available():
         _fails(capsys, tmp_path, [recipe, str(tmp_path / "out"), "--device", "cuda"], "CUDA is not available")
     _fails(capsys, tmp_path, [recipe, str(tmp_path / "out"), "--shard-size", "huge"], "shard size 'huge'")
+
+
+@pytest.mark.parametrize("pair", ["llama_pair", "bert_pair"])
+def test_output_identical_in_shape_to_its_config_source_skips_importing_transformers(tmp_path, pair, request):
+    """A merge whose config and tensor shapes are the config source's cannot fail the loadability check (only new
+    problems are reported), so the check (and transformers' import: seconds) is skipped; the output still loads."""
+    a, b = request.getfixturevalue(pair)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: 0.5}}\n")
+    out = tmp_path / "out"
+    code = ("import sys\nfrom evaluations.cli import main\n"
+            f"rc = main(['merge', {str(recipe)!r}, {str(out)!r}])\n"
+            "print(rc, 'transformers' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[2])
+    assert result.stdout.strip().splitlines()[-1].split() == ["0", "False"], result.stderr[-2000:]
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
