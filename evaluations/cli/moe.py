@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from evaluations.cli.output_args import add_output_arguments, out_dir
+from evaluations.cli.output_args import add_output_arguments, out_dir, print_report
 
 HELP = "build a mixture-of-experts model from dense models (mergekit-moe's YAML)"
 
@@ -24,14 +23,7 @@ def run(args: argparse.Namespace) -> int:
     report = build_moe(args.config, out_dir(args), overwrite=args.overwrite, dry_run=args.dry_run,
                        device=args.device, shard_size=args.shard_size, hidden_dtype=args.hidden_dtype,
                        allow_pickle=args.allow_pickle, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    elif args.dry_run:
-        assert report.plan is not None
-        print(report.plan.table())
-    else:
-        print(f"wrote {report.architecture} with {report.experts} experts ({report.tensors} tensors, "
-              f"{report.bytes_written / 1e6:.1f} MB) into {report.out_dir} in {report.seconds:.2f} s "
-              f"(router weights {report.router_seconds:.2f} s)")
-        print(f"content hash {report.content_hash}")
+    print_report(args, report, lambda r: (
+        f"wrote {r.architecture} with {r.experts} experts ({r.tensors} tensors, {r.bytes_written / 1e6:.1f} MB) "
+        f"into {r.out_dir} in {r.seconds:.2f} s (router weights {r.router_seconds:.2f} s)"))
     return 0

@@ -6,6 +6,8 @@ tokensurgeon), defined once: OUT_DIR (optional with --dry-run), --shard-size, --
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_HELP = {
     "out_dir": "output folder (not needed with --dry-run)",
@@ -37,3 +39,17 @@ def out_dir(args: argparse.Namespace) -> str | None:
     if args.out_dir is None and not args.dry_run:
         raise BasinError("OUT_DIR is required (or pass --dry-run)")
     return args.out_dir
+
+
+def print_report(args: argparse.Namespace, report: Any, summary: Callable[[Any], str]) -> None:
+    """The report as JSON with --json, the plan's table on a dry run, else `summary(report)` and the content
+    hash (`summary` is called only for a written output: a dry run's report has no sizes or times)."""
+    import json
+
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif args.dry_run:
+        print(report.plan.table())
+    else:
+        print(summary(report))
+        print(f"content hash {report.content_hash}")

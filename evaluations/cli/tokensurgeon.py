@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from evaluations.cli.args import int_range
-from evaluations.cli.output_args import add_output_arguments, out_dir
+from evaluations.cli.output_args import add_output_arguments, out_dir, print_report
 
 HELP = "give a model a donor's tokenizer (shared rows copied, new rows by OMP)"
 
@@ -31,14 +30,8 @@ def run(args: argparse.Namespace) -> int:
     report = token_surgery(args.model, args.donor, out_dir(args), method=args.method, k=args.k,
                            batch_size=args.batch_size, overwrite=args.overwrite, dry_run=args.dry_run,
                            shard_size=args.shard_size, allow_pickle=args.allow_pickle, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    elif args.dry_run:
-        assert report.plan is not None
-        print(report.plan.table())
-    else:
-        print(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) into {report.out_dir} in "
-              f"{report.seconds:.2f} s: {report.shared} shared tokens copied, {report.approximated} approximated "
-              f"({report.method}{f', k={report.k}' if report.method == 'omp' else ''}), {report.rows} rows")
-        print(f"content hash {report.content_hash}")
+    print_report(args, report, lambda r: (
+        f"wrote {r.tensors} tensors ({r.bytes_written / 1e6:.1f} MB) into {r.out_dir} in {r.seconds:.2f} s: "
+        f"{r.shared} shared tokens copied, {r.approximated} approximated "
+        f"({r.method}{f', k={r.k}' if r.method == 'omp' else ''}), {r.rows} rows"))
     return 0

@@ -29,6 +29,7 @@ from torch import nn
 from evaluations.bench.grid import MethodEntry, MethodGrid
 from evaluations.bench.harness import Suite
 from evaluations.bench.pools import ModelPool, Task, TaskPool
+from evaluations.bench.suites.cache import prepare_cached, save_fine_tune
 from evaluations.digits import load_digits_split, train_classifier
 
 TASKS = ("rot90", "flip", "invert", "permute", "parity")
@@ -82,7 +83,7 @@ def _splits(config: DigitsConfig):
     return fit, val, split.test
 
 
-def _train(config: DigitsConfig, out: Path) -> None:
+def _train(config: DigitsConfig, tmp: Path) -> None:
     from safetensors.torch import save_file
 
     fit, _, _ = _splits(config)
@@ -91,8 +92,6 @@ def _train(config: DigitsConfig, out: Path) -> None:
     head = nn.Linear(config.width, 10)
     train_classifier(nn.Sequential(body, head), *fit, epochs=config.pretrain_epochs, lr=config.lr, seed=config.seed)
     base = {k: v.clone() for k, v in body.state_dict().items()}
-    tmp = out.with_suffix(".tmp")
-    (tmp / "heads").mkdir(parents=True, exist_ok=True)
     save_file(base, str(tmp / "base.safetensors"))
     for i, task in enumerate(config.tasks):
         x, y = transform(task, *fit)
@@ -107,20 +106,12 @@ def _train(config: DigitsConfig, out: Path) -> None:
         head.requires_grad_(False)
         train_classifier(nn.Sequential(body, head), x, y, epochs=config.finetune_epochs, lr=config.lr,
                          seed=config.seed + 100 + i)
-        save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp / f"{task}.safetensors"))
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "heads" / f"{task}.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    tmp.replace(out)
+        save_fine_tune(tmp, task, body, head)
 
 
 def prepare(config: DigitsConfig = DigitsConfig(), cache_dir: str | Path | None = None) -> Path:
     """The folder holding the trained base, fine-tunes and heads (trained now if not cached)."""
-    root = Path(cache_dir or DEFAULT_CACHE).expanduser()
-    out = root / config.key()
-    if not (out / "config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        _train(config, out)
-    return out
+    return prepare_cached(config, cache_dir, DEFAULT_CACHE, _train)
 
 
 ADAMERGING = {"lr": 0.01, "steps": 100, "batch_size": 16}  # 100 Adam steps: these nets are tiny

@@ -32,6 +32,7 @@ from torch import nn
 from evaluations.bench.grid import MethodEntry, MethodGrid
 from evaluations.bench.harness import Suite
 from evaluations.bench.pools import ModelPool, Task, TaskPool
+from evaluations.bench.suites.cache import prepare_cached, save_fine_tune
 
 TASKS = ("topic", "module", "sentiment", "quantity")
 DEFAULT_CACHE = Path("~/.cache/basin/minilm-tasks")
@@ -222,32 +223,20 @@ def _fine_tune(body: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tenso
     body.eval()
 
 
-def _train(config: MiniLMConfig, out: Path) -> None:
-    from safetensors.torch import save_file
-
+def _train(config: MiniLMConfig, tmp: Path) -> None:
     base = base_state()
-    tmp = out.with_suffix(".tmp")
-    (tmp / "heads").mkdir(parents=True, exist_ok=True)
     for i, task in enumerate(config.tasks):
         x, y = _xy(task_splits(task, config)["train"], config.seq_len)
         body = make_body()
         body.load_state_dict(base)
         head = _probe(body, x, y, config, config.seed * 1000 + i)
         _fine_tune(body, head, x, y, config, config.seed * 1000 + 100 + i)
-        save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp / f"{task}.safetensors"))
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "heads" / f"{task}.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    tmp.replace(out)
+        save_fine_tune(tmp, task, body, head)
 
 
 def prepare(config: MiniLMConfig = MiniLMConfig(), cache_dir: str | Path | None = None) -> Path:
     """The folder holding the fine-tunes and heads (trained now if not cached)."""
-    root = Path(cache_dir or DEFAULT_CACHE).expanduser()
-    out = root / config.key()
-    if not (out / "config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        _train(config, out)
-    return out
+    return prepare_cached(config, cache_dir, DEFAULT_CACHE, _train)
 
 
 ADAMERGING = {"lr": 0.01, "steps": 30, "batch_size": 8}
