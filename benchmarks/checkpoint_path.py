@@ -155,8 +155,9 @@ def main() -> None:
         "vmhwm_over_model": path["rss_growth_bytes"] / size,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("time_ratio", "cpu_time_ratio", "write_share", "forward_ratio", "peak_anon_over_model", "load_anon_over_model",
-            "floor_anon_over_model", "path_anon_less_activations_over_model", "vmhwm_over_model")
+    keys = ("time_ratio", "cpu_time_ratio", "write_share", "forward_ratio", "peak_anon_over_model",
+            "load_anon_over_model", "floor_anon_over_model", "path_anon_less_activations_over_model",
+            "vmhwm_over_model")
     print(json.dumps({k: round(result[k], 3) for k in keys}))
 
 

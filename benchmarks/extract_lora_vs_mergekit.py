@@ -2,13 +2,14 @@
 it), on a realistic-size Llama-shaped random model (default hidden 768, 12 layers, vocab 32000: ~125M parameters,
 bfloat16 on disk) so that start-up does not dominate, and a fine-tune of it (every tensor moved by seeded noise).
 
-Measured: wall time and peak RSS of each whole process (GNU time's %M, else rusage of the children), run back to
-back under the same conditions. Compared per LoRA module: the products B @ A (the factors themselves differ by the
-SVD's sign choice: basin fixes each singular vector's sign, mergekit keeps LAPACK's), as the relative Frobenius
-difference of basin's from mergekit's, and each tool's error against the exact delta; the tensors each tool saves
-whole; rank and alpha. In bfloat16 the products differ by ~bf16 rounding because mergekit subtracts `model - base`
-in the checkpoint's dtype (the task vector rounded to bf16 before its SVD) while basin subtracts in float32
-(exact); a second, small float32 pair (both exact) shows the products agree to float32 rounding.
+Measured: wall time, CPU time and peak RSS of each whole process (`benchmarks/_peer.timed`: os.wait4's rusage of
+that child), run back to back under the same conditions. Compared per LoRA module: the products B @ A (the factors
+themselves differ by the SVD's sign choice: basin fixes each singular vector's sign, mergekit keeps LAPACK's), as
+the relative Frobenius difference of basin's from mergekit's, and each tool's error against the exact delta; the
+tensors each tool saves whole; rank and alpha. In bfloat16 the products differ by ~bf16 rounding because mergekit
+subtracts `model - base` in the checkpoint's dtype (the task vector rounded to bf16 before its SVD) while basin
+subtracts in float32 (exact); a second, small float32 pair (both exact) shows the products agree to float32
+rounding.
 
     python benchmarks/extract_lora_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-extract-lora]
         [--hidden 768 --layers 12 --vocab 32000 --rank 32]
@@ -20,14 +21,14 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,23 +57,6 @@ def _models(root: Path, hidden: int, layers: int, vocab: int, dtype: torch.dtype
         cfg.save_pretrained(folder)
         folders.append(folder)
     return folders[0], folders[1]
-
-
-def _timed(cmd: list[str], env: dict[str, str]) -> dict:
-    """Wall seconds, CPU seconds (user + system: less sensitive than wall time to a loaded machine) and peak RSS
-    (MB) of one whole process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd,
-                          capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    rss = (int(proc.stderr.strip().splitlines()[-1]) / 1024 if Path("/usr/bin/time").exists()
-           else after.ru_maxrss / 1024)
-    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mb": round(rss, 1)}
 
 
 def _adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -126,9 +110,9 @@ def _run(args: argparse.Namespace, root: Path, hidden: int, layers: int, vocab: 
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     root.mkdir()
     base, ft = _models(root, hidden, layers, vocab, dtype)
-    runs = {"mergekit": _timed([args.mergekit, "--model", str(ft), "--base-model", str(base), "--out-path",
+    runs = {"mergekit": timed([args.mergekit, "--model", str(ft), "--base-model", str(base), "--out-path",
                                 str(root / "mk"), "--max-rank", str(args.rank), "--device", "cpu"], env),
-            "basin": _timed([sys.executable, "-m", "evaluations.cli", "extract-lora", str(ft), str(base),
+            "basin": timed([sys.executable, "-m", "evaluations.cli", "extract-lora", str(ft), str(base),
                              str(root / "basin"), "--rank", str(args.rank), "--no-progress"], env)}
     return {"model": f"llama hidden {hidden}, {layers} layers, vocab {vocab}, {_parameters(base) / 1e6:.0f}M "
                      f"parameters, {str(dtype).removeprefix('torch.')}; rank {args.rank}",

@@ -14,14 +14,14 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer import timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
@@ -61,19 +61,6 @@ def _yaml(folders: list[Path], mode: str) -> str:
                for f, (p, n) in zip(folders[1:], PROMPTS)]
     return yaml.safe_dump({"base_model": str(folders[0]), "gate_mode": mode, "dtype": "bfloat16",
                            "experts_per_token": 2, "experts": experts})
-
-
-def _timed(cmd: list[str], env: dict[str, str]) -> dict:
-    """Wall seconds and peak RSS (MB) of one whole process (GNU time when present, else rusage of children)."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd,
-                          capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
-    rss = (int(proc.stderr.strip().splitlines()[-1]) / 1024 if Path("/usr/bin/time").exists()
-           else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-    return {"seconds": round(seconds, 3), "peak_rss_mb": round(rss, 1)}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -130,12 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in ("hidden", "cheap_embed", "random"):
             (root / f"{mode}.yml").write_text(_yaml(folders, mode))
             row: dict = {"gate_mode": mode}
-            row["mergekit"] = _timed([args.mergekit, str(root / f"{mode}.yml"), str(root / f"mk-{mode}"),
+            row["mergekit"] = timed([args.mergekit, str(root / f"{mode}.yml"), str(root / f"mk-{mode}"),
                                       "--device", "cpu"], env)
             for dtype in (["float32", "bfloat16"] if mode == "hidden" else ["float32"]):
                 out = root / f"basin-{mode}-{dtype}"
                 key = "basin" if dtype == "float32" else f"basin --hidden-dtype {dtype}"
-                row[key] = _timed([*basin, str(root / f"{mode}.yml"), str(out), "--no-progress",
+                row[key] = timed([*basin, str(root / f"{mode}.yml"), str(out), "--no-progress",
                                    "--hidden-dtype", dtype], env)
                 row[f"{key} vs mergekit"] = _compare(_tensors(out), _tensors(root / f"mk-{mode}"))
             row["speedup"] = round(row["mergekit"]["seconds"] / row["basin"]["seconds"], 2)

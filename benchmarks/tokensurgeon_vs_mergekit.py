@@ -3,7 +3,8 @@ it), on a tiny Llama pair whose word tokenizers differ (the donor's embedding pa
 
 Compared per output row: shared tokens (rows copied: must be bit-identical), donor-only tokens (OMP: basin in
 float64, mergekit in float32, so they agree to float32 rounding), the rows count (mergekit keeps one row per
-donor token, dropping the donor's padding; basin keeps the donor's row count), config.json and whole-process time.
+donor token, dropping the donor's padding; basin keeps the donor's row count), config.json and each whole
+process's wall time, CPU time and peak RSS (`benchmarks/_peer.timed`, as the other side-by-side benchmarks).
 
     python benchmarks/tokensurgeon_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-tokensurgeon] [-k 8]
 """
@@ -14,16 +15,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _peer import timed  # noqa: E402
 
 
 def _pair(root: Path) -> tuple[Path, Path]:
@@ -32,14 +33,6 @@ def _pair(root: Path) -> tuple[Path, Path]:
 
     return (save(root / "model", "llama", MODEL_WORDS, 0, False),
             save(root / "donor", "llama", DONOR_WORDS, 1, False, pad_rows=3, donor=True))
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
-    return round(time.perf_counter() - start, 3)
 
 
 def _rows(basin: Path, mk: Path, model: Path, donor: Path) -> dict:
@@ -76,13 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="basin-surgeon-") as tmp:
         root = Path(tmp)
         model, donor = _pair(root)
-        times = {"mergekit": _run([args.mergekit, str(model), str(donor), str(root / "mk"), "-k", str(args.k)], env),
-                 "basin": _run([sys.executable, "-m", "evaluations.cli", "tokensurgeon", str(model), str(donor),
+        times = {"mergekit": timed([args.mergekit, str(model), str(donor), str(root / "mk"), "-k", str(args.k)], env),
+                 "basin": timed([sys.executable, "-m", "evaluations.cli", "tokensurgeon", str(model), str(donor),
                                 str(root / "basin"), "-k", str(args.k), "--no-progress"], env)}
         cfg = [json.loads((root / f / "config.json").read_text()) for f in ("basin", "mk")]
         result = {"benchmark": "tokensurgeon_vs_mergekit", "model": "tiny llama (hidden 16), word tokenizers, "
                   f"10 shared / 5 donor-only tokens, omp k={args.k}", "machine": platform.platform(),
-                  "cpus": os.cpu_count(), "torch": torch.__version__, "seconds": times,
+                  "cpus": os.cpu_count(), "torch": torch.__version__, "runs": times,
                   "rows": _rows(root / "basin", root / "mk", model, donor),
                   "config differences": {k: [cfg[0].get(k), cfg[1].get(k)] for k in sorted(set(cfg[0]) | set(cfg[1]))
                                          if cfg[0].get(k) != cfg[1].get(k)}}
