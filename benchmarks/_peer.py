@@ -30,10 +30,11 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    """{"seconds", "cpu_seconds", "peak_rss_mb"} of one whole process; a failure raises with its stderr's tail."""
+def timed(cmd: list[str], env: dict[str, str] | None = None, stdout: bool = False) -> dict:
+    """{"seconds", "cpu_seconds", "peak_rss_mb"} of one whole process (and its "stdout" text when asked); a
+    failure raises with its stderr's tail."""
     with tempfile.TemporaryDirectory(prefix="basin-peer-") as tmp, \
-            open(os.path.join(tmp, "out"), "wb") as out, open(os.path.join(tmp, "err"), "wb+") as err:
+            open(os.path.join(tmp, "out"), "wb+") as out, open(os.path.join(tmp, "err"), "wb+") as err:
         report = os.path.join(tmp, "report.json")
         subprocess.run([sys.executable, "-S", "-c", LAUNCHER, report, *cmd], stdout=out, stderr=err, env=env,
                        check=False)
@@ -41,5 +42,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict:
         if usage["code"] != 0:
             err.seek(0)
             raise RuntimeError(f"{cmd[0]} failed ({usage['code']}): {err.read().decode(errors='replace')[-2000:]}")
+        out.seek(0)
+        text = out.read().decode(errors="replace")
     return {"seconds": round(usage["seconds"], 3), "cpu_seconds": round(usage["cpu_seconds"], 3),
-            "peak_rss_mb": round(usage["peak_rss_kib"] / 1024, 1)}
+            "peak_rss_mb": round(usage["peak_rss_kib"] / 1024, 1), **({"stdout": text} if stdout else {})}
