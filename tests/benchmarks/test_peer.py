@@ -1,4 +1,5 @@
-"""benchmarks/_peer.timed: one child's own wall time, CPU time and peak RSS (os.wait4), and its failure."""
+"""benchmarks/_peer.timed: one child's own wall time, CPU time and peak RSS (os.wait4), and its failure; the
+forward passes benchmarks/measure_cost.py counts in a report."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def test_peak_rss_and_cpu_are_the_childs_own():
 def test_failure_raises_with_stderr():
     with pytest.raises(RuntimeError, match="boom"):
         peer.timed([sys.executable, "-c", "import sys; sys.exit('boom')"])
+
+
+def test_measure_cost_counts_every_forward_pass():
+    spec = importlib.util.spec_from_file_location("measure_cost", peer.__file__.replace("_peer.py", "measure_cost.py"))
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    path = {"alphas": [0.0, 0.5, 1.0]}
+    report = {"losses": {"a": {}, "b": {}, "merge": {}}, "paths": [dict(path), dict(path)],
+              "barriers": [{"path": {"alphas": [0.0, 1.0]}}]}
+    assert mc.forwards(report) == 3 + 6 + 2
+    assert mc.forwards({"losses": {"merge": {}}}) == 1
