@@ -116,7 +116,9 @@ def main() -> None:
     extra_cpu = measured["cpu_seconds"] - plain["cpu_seconds"]
     result = {"benchmark": "measure_cost", "parameters_per_model": params, "models": 4, "layers": args.layers,
               "points": args.points, "tokens": args.seq_len * args.examples, "forwards": n,
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+                          "note": "shared machine: the load average (1, 5, 15 min) at the end says how loaded; "
+                                  "the floor runs in its own process, so wall ratios mix loads, CPU less so"},
               "plain_merge": plain, "measured_merge": measured, "floor": {**fwd, "process": out},
               "extra_s": extra, "extra_cpu_s": extra_cpu,
               "extra_over_forwards": extra / fwd["seconds"], "extra_cpu_over_forwards": extra_cpu / fwd["cpu_seconds"],
