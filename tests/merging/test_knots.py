@@ -299,3 +299,22 @@ def test_methods_listed_with_their_needs(capsys):
     assert len(rows) == 3 and all("base,lora" in row for row in rows)
     assert taxonomy.get("knots_dare_ties").name == "knots_dare"
     assert json.dumps(taxonomy.get("knots_ties").defaults())  # plain JSON values
+
+
+def test_an_observer_sees_each_input_in_full(tmp_path, peft_pairs):
+    """`engine.observing` (merge statistics, --measure) gets dense tensors even where the method reads factors."""
+    from merging.engine import observing
+    from merging.io.checkpoint import open_checkpoint
+    from merging.pipeline import merge
+
+    base, adapters, _ = peft_pairs["llama"]
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def observe(plan, k, tensors, base_tensor):
+        seen[plan.tensors[k].name] = tensors
+
+    with observing(observe):
+        merge(_recipe(tmp_path / "r.yaml", base, adapters, "knots_dare"), tmp_path / "out", progress=False)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight", "lm_head.weight"):
+        for got, adapter in zip(seen[name], adapters):
+            torch.testing.assert_close(got, open_checkpoint(f"{base}+{adapter}").get(name), rtol=0, atol=1e-6)
