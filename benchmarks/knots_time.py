@@ -53,7 +53,7 @@ def main() -> None:
         m = get_method(method)
         params = full_params(m, PARAMS[method], args.models)
         row = {"method": method, "inputs": "factors",
-               **best_of(lambda: merge_tensor(m, "w", inputs, base, params, 0), args.repeats)}
+               **best_of(lambda m=m, params=params: merge_tensor(m, "w", inputs, base, params, 0), args.repeats)}
         rows.append(row)
         print(json.dumps(row))
     dense = [x.dense(base) for x in inputs]
