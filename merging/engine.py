@@ -23,6 +23,7 @@ import torch
 
 from merging import profiling
 from merging.io.checkpoint import Checkpoint
+from merging.io.lora import LoraCheckpoint, LoraTensor
 from merging.plan.tensors import MergePlan
 from taxonomy.errors import BasinError
 
@@ -114,6 +115,8 @@ def run_plans(
         if [(t.name, t.sources, t.base) for t in p.tensors] != [(t.name, t.sources, t.base) for t in lead.tensors]:
             raise BasinError("run_plans: the plans of a sweep must read the same tensors")
     methods = [low_precision_method(get_method(p.method), p.compute_dtype) for p in plans]
+    if len({m.info.needs_lora for m in methods}) > 1:
+        raise BasinError("run_plans: a sweep cannot mix methods that read LoRA factors (KnOTS) with others")
     dev = resolve_device(device)
     # Elementwise methods run on cache-sized chunks: one intra-op thread is fastest there, and
     # OpenMP's barriers on a busy machine can cost 100x (measured: 1.6 s vs 4.5 ms for 100 adds).
@@ -157,7 +160,7 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
     start = time.perf_counter()
     bytes_read = 0
     work = merge_order(lead, skip, prefetch)
-    read = _reader(lead, checkpoints, dev)
+    read = _reader(lead, checkpoints, dev, methods[0].info.needs_lora)
     bar = _progress_bar(plans, work) if progress else None
     observe = _OBSERVER.get()
     with ThreadPoolExecutor(read_workers, thread_name_prefix="basin-read") as readers, \
@@ -174,10 +177,10 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
             nxt = next(todo, None)
             if nxt is not None:
                 queue.append(readers.submit(read, nxt))
-            bytes_read += sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes)
+            bytes_read += _nbytes(tensors) + (0 if base is None else base.nbytes)
             tensors, base = _on_device(tensors, base, copied, dev)
             if observe is not None:
-                observe(lead, k, tensors, base)
+                observe(lead, k, _dense(tensors, base), base)
             for plan, method, sink in zip(plans, methods, sinks):
                 writes.submit(sink, plan.tensors[k].name, _merge_one(plan, method, k, tensors, base))
             del tensors, base
@@ -192,9 +195,26 @@ def _run(plans: Sequence[MergePlan], methods: list, checkpoints: Sequence[Checkp
 Read = tuple[list[torch.Tensor], torch.Tensor | None, torch.cuda.Event | None]  # inputs, base, copies done
 
 
-def _reader(lead: MergePlan, checkpoints: Sequence[Checkpoint], dev: torch.device) -> Callable[[int], Read]:
+def _nbytes(tensors: list) -> int:
+    return sum(t.nbytes for x in tensors for t in (x.tensors() if isinstance(x, LoraTensor) else [x]))
+
+
+def _dense(tensors: list, base: torch.Tensor | None) -> list[torch.Tensor]:
+    """The inputs as full tensors (an observer's view of LoRA inputs read as factors)."""
+    return [x.dense(base).to(base.dtype) if isinstance(x, LoraTensor) else x for x in tensors]
+
+
+def _lora_tensor(checkpoint: Checkpoint, name: str) -> LoraTensor:
+    if not isinstance(checkpoint, LoraCheckpoint):
+        raise BasinError(f"{checkpoint.label}: not a base+lora reference; this method merges LoRA factors")
+    return checkpoint.lora_tensor(name)
+
+
+def _reader(lead: MergePlan, checkpoints: Sequence[Checkpoint], dev: torch.device, factors: bool = False
+            ) -> Callable[[int], Read]:
     """read(k): the inputs of planned tensor k (rows remapped onto the output vocabulary where planned); on CUDA
-    copied to the device on a side stream, with the event that marks the copies done."""
+    copied to the device on a side stream, with the event that marks the copies done. With `factors`, each input
+    is read as a `LoraTensor` (its full tensor if the adapter replaces it, and its LoRA factors)."""
     # CUDA: inputs are copied on a side stream by the reader threads, so the copies overlap the merge of the
     # previous tensor and the merge's own syncs never wait on them (measured on an H200: host-to-device
     # copies were a third of the main thread's time in a TIES merge)
@@ -203,15 +223,20 @@ def _reader(lead: MergePlan, checkpoints: Sequence[Checkpoint], dev: torch.devic
     def read(k: int) -> Read:
         started = profiling.start()
         tp = lead.tensors[k]
-        tensors = [checkpoints[i].get(name) for i, name in tp.sources]
+        if factors:
+            tensors = [_lora_tensor(checkpoints[i], name) for i, name in tp.sources]
+        else:
+            tensors = [checkpoints[i].get(name) for i, name in tp.sources]
         base = None if tp.base is None else checkpoints[tp.base[0]].get(tp.base[1])
         if tp.vocab and lead.vocab is not None:  # embedding / lm_head rows onto the output vocabulary
+            if factors:
+                raise BasinError(f"{tp.name}: LoRA inputs of one base share its vocabulary; no remap applies")
             tensors, base = lead.vocab.remap_inputs(tp.name, tp.sources, tp.base, tensors, base)
-        profiling.stop("read", started, sum(t.nbytes for t in tensors) + (0 if base is None else base.nbytes))
+        profiling.stop("read", started, _nbytes(tensors) + (0 if base is None else base.nbytes))
         if copy_stream is None:
             return tensors, base, None
         with torch.cuda.stream(copy_stream):
-            tensors = [t.to(dev, non_blocking=True) for t in tensors]
+            tensors = [_to(t, dev, non_blocking=True) for t in tensors]
             base = None if base is None else base.to(dev, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(copy_stream)
@@ -226,12 +251,19 @@ def _on_device(tensors: list[torch.Tensor], base: torch.Tensor | None, copied: t
     if copied is not None:  # the merge's stream waits for the copies; their memory stays its own until used
         compute = torch.cuda.current_stream(dev)
         compute.wait_event(copied)
-        for t in tensors + ([] if base is None else [base]):
+        parts = [t for x in tensors for t in (x.tensors() if isinstance(x, LoraTensor) else [x])]
+        for t in parts + ([] if base is None else [base]):
             t.record_stream(compute)
     elif dev.type != "cpu":
-        tensors = [t.to(dev) for t in tensors]
+        tensors = [_to(t, dev) for t in tensors]
         base = None if base is None else base.to(dev)
     return tensors, base
+
+
+def _to(x: torch.Tensor | LoraTensor, dev: torch.device, non_blocking: bool = False) -> torch.Tensor | LoraTensor:
+    if isinstance(x, LoraTensor):
+        return x.map(lambda t: t.to(dev, non_blocking=non_blocking))
+    return x.to(dev, non_blocking=non_blocking)
 
 
 def _merge_one(plan: MergePlan, method, k: int, tensors: list[torch.Tensor], base: torch.Tensor | None

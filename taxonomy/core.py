@@ -84,6 +84,7 @@ class MethodInfo:
     needs_data: bool = False  # labeled or unlabeled examples beyond the weights (training sample, calibration)
     needs_test_inputs: bool = False  # unlabeled inputs of the test distribution (test-time adaptation)
     needs_task_identity: bool = False  # which task an input belongs to, at inference
+    needs_lora: bool = False  # every model is a `base+lora` reference of the base: the method reads LoRA factors
     needs_shared_init: bool = True
     min_models: int = 1
     max_models: int | None = None

@@ -52,7 +52,8 @@ def table(methods: Iterable[MethodInfo] | None = None) -> str:
     for m in methods if methods is not None else all_methods():
         needs = ",".join(
             n for n, flag in (("base", m.needs_base), ("data", m.needs_data), ("test-inputs", m.needs_test_inputs),
-                              ("task-id", m.needs_task_identity), ("shared-init", m.needs_shared_init))
+                              ("task-id", m.needs_task_identity), ("lora", m.needs_lora),
+                              ("shared-init", m.needs_shared_init))
             if flag
         ) or "-"
         rows.append((m.name, m.family.value, m.category, needs, m.paper))

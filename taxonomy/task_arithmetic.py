@@ -4,6 +4,8 @@ Names, parameters and defaults follow mergekit's where mergekit has the method (
 generalized task arithmetic, `model_stock` and `sce`); `tsv` follows Gargiulo et al. 2025.
 """
 
+from dataclasses import replace
+
 from taxonomy.core import Family, MethodInfo, Param
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector (negative: forget the task)", per_model=True)
@@ -23,7 +25,7 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default, "divide the merged task vector by the sum of the (agreeing) weights")
 
 
-def _rescale(default: bool) -> Param:
+def _rescale(default: bool | str) -> Param:
     return Param(
         "rescale", default,
         "after dropping: true = match the task vector's L1 norm (mergekit); 'unbiased' = divide by the keep "
@@ -46,6 +48,20 @@ DARE_PAPER = ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilit
               "as a Free Lunch")
 BREADCRUMBS_PAPER = "Davari and Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks"
 DELLA_PAPER = "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling"
+
+KNOTS_PAPER = "Stoica et al. 2025, Model merging with SVD to tie the KnOTS (ICLR 2025)"
+
+
+def _knots(name: str, summary: str, extra: tuple[Param, ...], normalize: bool,
+           aliases: tuple[str, ...] = ()) -> MethodInfo:
+    """KnOTS: the LoRA updates of each weight put in one shared SVD basis, the task-vector method run on the
+    per-task coefficients there (merging.methods.knots)."""
+    return MethodInfo(
+        name=name, family=Family.TASK_ARITHMETIC, category="LoRA subspace", paper=KNOTS_PAPER, year=2025,
+        needs_base=True, needs_lora=True, min_models=1,
+        params=(WEIGHT, *extra, LAMBDA, _normalize(normalize)), in_mergekit=False, summary=summary, aliases=aliases,
+    )
+
 
 RAM_PAPER = "Reinforced Agent Merging (RAM), arXiv:2601.13572, 2026"
 RAM_EPSILON = Param("epsilon", 1e-5, "a task-vector entry counts as changed when |tau| > epsilon", low=0.0)
@@ -123,4 +139,14 @@ ENTRIES: tuple[MethodInfo, ...] = (
         summary="per matrix: low-rank SVD of each task vector, orthogonalise the concatenated singular vectors",
         aliases=("tsv_merge",),
     ),
+    # defaults of the authors' ViT-B/32 configs (configs/vitB_r16_knots_*.py): TIES keeps the top 20%, DARE drops
+    # 10% and divides by the keep probability, both elect signs and take the disjoint mean; their lambda (0.6, 0.7)
+    # is tuned per benchmark on validation data, so lambda stays 1 here
+    _knots("knots_ta", "LoRA updates in a shared SVD basis, coefficients summed: exactly task arithmetic of the "
+           "updates", (), normalize=False),
+    _knots("knots_ties", "LoRA updates in a shared SVD basis (U S [V_1 .. V_n]^T), TIES on the coefficients S V_i^T",
+           (replace(DENSITY, default=0.2), _rescale(False)), normalize=True),
+    _knots("knots_dare", "LoRA updates in a shared SVD basis, DARE drop and rescale then TIES sign election on the "
+           "coefficients S V_i^T", (replace(DENSITY, default=0.9), _rescale("unbiased")), normalize=True,
+           aliases=("knots_dare_ties",)),
 )

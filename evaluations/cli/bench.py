@@ -9,7 +9,10 @@ STEM = "bench"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", help="built-in suite name (digits-tasks) or a suite file (.yaml/.yml/.py)")
+    parser.add_argument("suite", nargs="?", help="built-in suite name (digits-tasks, minilm-tasks) or a suite file "
+                        "(.yaml/.yml/.py; a YAML file of Hugging Face checkpoints and data files, see "
+                        "evaluations.bench.suites.hf_suite)")
+    parser.add_argument("--suite", dest="suite_file", metavar="SUITE", help="the same, as an option")
     parser.add_argument("--methods", nargs="+", help="only these grid entries (labels or method names)")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of a built-in suite: each row is the "
                         "mean and spread over them (default 0 1 2); a suite file's models are given, not trained")
@@ -28,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     from evaluations.bench.executors import make_executor
     from evaluations.cli.outputs import Outputs
+    from taxonomy.errors import BasinError
 
+    if (args.suite is None) == (args.suite_file is None):
+        raise BasinError("give one suite: a built-in name or a suite file, as SUITE or --suite SUITE")
+    args.suite = args.suite or args.suite_file
     names = [f"{STEM}.{ext}" for ext in ("md", "json", "csv")] + ([] if args.no_plots else [f"{STEM}.png"])
     with Outputs(args.overwrite, inputs=[args.suite, args.cache]) as outputs:
         out = outputs.folder(args.out, names, "--out")

@@ -60,6 +60,38 @@ class LoraModule:
         return product.T if self.transpose else product
 
 
+@dataclass(frozen=True)
+class LoraTensor:
+    """One input's tensor with its LoRA update kept as factors, for methods that merge the factors (KnOTS):
+    the tensor is `full` (None: the base's own) plus `up @ down` (None: no update), transposed when `transpose`.
+    `up` (out x r) carries the scale s, `down` is A (r x in): the layer's orientation, whatever the storage."""
+
+    full: torch.Tensor | None
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    transpose: bool = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.full, self.up, self.down) if t is not None]
+
+    def map(self, fn) -> LoraTensor:
+        """The same tensor with `fn` applied to each part (a device move, a dtype cast)."""
+        return LoraTensor(*(None if t is None else fn(t) for t in (self.full, self.up, self.down)), self.transpose)
+
+    def update(self) -> torch.Tensor | None:
+        """The LoRA update as stored (float32), or None."""
+        if self.up is None:
+            return None
+        product = self.up.to(torch.float32) @ self.down.to(torch.float32)
+        return product.T if self.transpose else product
+
+    def dense(self, base: torch.Tensor) -> torch.Tensor:
+        """The input's tensor in full (float32), `base` standing for the base's own."""
+        weight = (base if self.full is None else self.full).to(torch.float32)
+        update = self.update()
+        return weight if update is None else weight + update
+
+
 @dataclass
 class LoraAdapter:
     """A PEFT LoRA adapter read from a folder: its modules and any full tensors it replaces."""
@@ -289,6 +321,17 @@ class LoraCheckpoint(Checkpoint):
         if module is None:
             return weight
         return (weight.to(torch.float32) + module.delta().to(weight.device)).to(weight.dtype)
+
+    def lora_tensor(self, name: str) -> LoraTensor:
+        """Tensor `name` as the base's (`full` None) or the adapter's full tensor, plus its LoRA factors if any."""
+        full = self._full[name].to(self.meta(name).dtype) if name in self._full else None
+        if full is None and name in self._added:  # an output embedding added to a tied base: its own tensor
+            full = self.base.get(self._stored(name))
+        module = self._lora.get(name)
+        if module is None:
+            return LoraTensor(full)
+        return LoraTensor(full, module.scale * module.b.to(torch.float32), module.a.to(torch.float32),
+                          module.transpose)
 
     def adapted_names(self) -> list[str]:
         """Base tensor names that the adapter changes."""

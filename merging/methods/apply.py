@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from merging.io.lora import LoraTensor
 from merging.methods.chunking import CHUNK_ELEMENTS, run_chunked
 from merging.methods.registry import RegisteredMethod
 from taxonomy.errors import BasinError
@@ -38,6 +39,8 @@ def merge_tensor(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: float32 compute, result cast to `out_dtype` (default: the first input's)."""
+    if method.info.needs_lora:
+        return _merge_lora(method, name, tensors, base, params, seed, out_dtype)
     first = tensors[0] if tensors else base
     if first is None:
         raise BasinError(f"{name}: no inputs to merge")
@@ -58,4 +61,23 @@ def merge_tensor(
         b32 = base.to(torch.float32) if base is not None else None
         return method.fn(f32, b32, params, rng).to(dtype)
     except BasinError as err:  # the method's message, prefixed with the tensor it was merging
+        raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
+
+
+def _merge_lora(method: RegisteredMethod, name: str, inputs: Sequence[Any], base: torch.Tensor | None,
+                params: dict[str, Any], seed: int, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """Merge one tensor of a method that reads LoRA factors (KnOTS): `inputs` are `merging.io.lora.LoraTensor`s,
+    float32 compute, the result cast to `out_dtype` (default: the base's)."""
+    if base is None:
+        raise BasinError(f"{name}: method {method.info.name!r} needs the base model's tensor")
+    if not base.is_floating_point():
+        return base.clone()
+    for i, x in enumerate(inputs):
+        full = getattr(x, "full", None)
+        if full is not None and full.shape != base.shape:
+            raise BasinError(f"{name}: model {i} has shape {tuple(full.shape)}, the base {tuple(base.shape)}")
+    inputs32 = [x.map(lambda t: t.to(torch.float32)) if isinstance(x, LoraTensor) else x for x in inputs]
+    try:
+        return method.fn(inputs32, base.to(torch.float32), params, tensor_rng(seed, name)).to(out_dtype or base.dtype)
+    except BasinError as err:
         raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None

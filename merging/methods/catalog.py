@@ -6,6 +6,7 @@ from merging.methods import (
     competition,
     interpolation,
     isotropic,
+    knots,
     masks,
     ram,
     spherical,
@@ -18,7 +19,8 @@ from taxonomy import BasinError
 from taxonomy import get as get_info
 from taxonomy.core import Kind, MethodInfo
 
-FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks, wudi)
+FAMILY_MODULES = (interpolation, spherical, task_arithmetic, subspace, ram, isotropic, competition, masks, wudi,
+                  knots)
 
 
 def _collect() -> dict[str, RegisteredMethod]:

@@ -309,13 +309,20 @@ def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tu
 
 
 _SAMPLE = 1 << 16
+_RUN = 16  # consecutive entries per sampled position: 32 bytes of bf16, one cache line or half of one
 
 
 @functools.lru_cache(maxsize=16)
 def _sample_positions(n: int) -> torch.Tensor:
-    """min(n, 2^17) fixed pseudo-random flat positions in [0, n), sorted (for locality)."""
+    """About min(n, 2^16) fixed pseudo-random flat positions in [0, n), sorted (for locality): runs of `_RUN`
+    consecutive entries at random starts where n allows, so a sample costs one cache miss per run instead of one
+    per entry (loaded, 4 x 0.36 GB bf16 TIES: the sample phase 0.79 -> 0.27 thread-s). Where the positions fall only
+    changes how tight the brackets are, never a cut: `magnitude_cuts` is exact for any bracket."""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(n, (min(n, _SAMPLE),), generator=g).sort().values
+    if n < _RUN * _SAMPLE:
+        return torch.randint(n, (min(n, _SAMPLE),), generator=g).sort().values
+    starts = torch.randint(n // _RUN, (_SAMPLE // _RUN,), generator=g).sort().values * _RUN
+    return (starts.unsqueeze(1) + torch.arange(_RUN)).reshape(-1)
 
 
 def _brackets(inputs: ChunkedInputs, ks: list[list[int]]) -> list[list[Bracket | None]]:

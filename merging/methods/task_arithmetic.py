@@ -59,8 +59,10 @@ def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: 
                           rng: torch.Generator) -> torch.Tensor:
     """Sparsify model i's task vector in place: 'magnitude' (TIES), 'random' (DARE), 'outliers'
     (Breadcrumbs), 'della' (MagPrune), or None."""
+    if how is None:
+        return delta
     density = params["density"][i]
-    if how is None or density >= 1:
+    if density >= 1:
         return delta
     rescale = params["rescale"]
     if how == "magnitude":

@@ -170,3 +170,29 @@ def _arch_text(arch: Any) -> str:
     if isinstance(arch, tuple):
         return "/".join(map(str, arch)) or "?"
     return "?" if arch is None else str(arch)
+
+
+def check_lora_inputs(method: str, refs: list[str], base_ref: str | None, ckpts: dict[str, Checkpoint]) -> None:
+    """For a method that merges LoRA factors (KnOTS): every model besides the base is a `base+lora` reference
+    whose base is the recipe's base_model (the same folder and revision)."""
+    from pathlib import Path
+
+    from merging.io.lora import LoraCheckpoint
+
+    if base_ref is None:
+        raise BasinError(f"merge_method {method!r} needs a base_model (the base the LoRA adapters were trained on)")
+    base = ckpts[base_ref]
+
+    def where(c: Checkpoint) -> tuple[str | None, str | None]:
+        return (None if c.folder is None else str(Path(c.folder).resolve()), c.revision)
+
+    for ref in refs:
+        if ref == base_ref:
+            continue
+        ckpt = ckpts[ref]
+        if not isinstance(ckpt, LoraCheckpoint):
+            raise BasinError(f"model {ref!r} is not a base+lora reference: merge_method {method!r} merges LoRA "
+                             f"adapters of the base_model ({base_ref}+ADAPTER_DIR)")
+        if where(ckpt.base) != where(base):
+            raise BasinError(f"model {ref!r}: its base {ckpt.base.label} is not the recipe's base_model {base_ref}; "
+                             f"{method!r} merges adapters of one base")

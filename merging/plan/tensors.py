@@ -31,6 +31,7 @@ from merging.dtypes import MERGE_DTYPES, canonical, torch_dtype
 from merging.io.checkpoint import Checkpoint, read_config
 from merging.plan.inputs import (
     check_architectures,
+    check_lora_inputs,
     drop_recomputed,
     real_name,
     tie_hint,
@@ -214,6 +215,8 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint], out_dtype: str | No
     dtype_name = out_dtype or recipe.out_dtype or recipe.dtype
     dtype = torch_dtype(_canonical_dtype(dtype_name)) if dtype_name else None
     inputs = recipe.model_refs()
+    if method.info.needs_lora:
+        check_lora_inputs(method.info.name, inputs, recipe.base_model, ckpts)
     check_architectures({r: ckpts[r] for r in inputs}, allow_mixed_architectures or recipe.allow_mixed_architectures)
     ckpts, notes = drop_recomputed({r: ckpts[r] for r in inputs})  # buffers save_pretrained drops
     ckpts = tie_inputs(ckpts)  # tied models read their embedding as lm_head

@@ -137,11 +137,15 @@ def test_minilm_tasks_data_is_offline_balanced_deterministic_and_labeled_by_its_
         labels = [y for _, y in splits["test"] + splits["val"] + splits["train"]]
         assert len(set(labels)) == (4 if task in ("topic", "module") else 2)
         assert len(splits["test"]) == config.test and len(splits["val"]) == config.val
-    for text, label in m.sentiment_examples():
+    for text, label in m.order_examples():
+        words = text.rstrip(".").split()
+        assert label == int(words[1] in m.PETS) and {words[1], words[-1]} & set(m.WILD)
+    for text, label in m.negation_examples():
         good = any(f" {a}." in text for a in m.GOOD)
-        assert label == int(good != (" not " in text))
-    for text, label in m.quantity_examples():
-        assert label == int(any(f" {n} " in text for n in m.LARGE))
+        negations = text.count(" not ") + text.startswith("I doubt")
+        assert label == int(good != bool(negations % 2))
+    for text, label in m.counting_examples():
+        assert label == int(text.count(" a ") >= 4)
 
 
 def test_plot_has_the_spread_and_the_paths(tmp_path):

@@ -200,6 +200,8 @@ TABLE = [
     ("bench {d}/missing.yaml --out {d}/b2", "missing.yaml"),
     ("bench {d}/existing.json --out {d}/afile", "afile"),
     ("bench digits-tasks --executor nope", "--executor"),
+    ("bench --out {d}/b3", "give one suite"),
+    ("bench digits-tasks --suite {d}/x.yaml --out {d}/b4", "give one suite"),
     # align, demo, methods, merge
     ("align {d}/m0.safetensors {d}/m1.safetensors {d}/aligned --seed -1", "--seed"),
     ("align {d}/m0.safetensors {d}/m1.safetensors {d}/aligned --max-iter 0", "--max-iter"),

@@ -225,3 +225,24 @@ def test_results_do_not_depend_on_the_chunk_size(method):
         large = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers=2,
                             chunk_elements=chunk_elements)
         assert torch.equal(large, small), chunk_elements
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+def test_magnitude_cuts_stay_exact_when_the_sample_is_drawn_in_runs(levels):
+    from merging.methods.sparsify import _RUN, _SAMPLE, _sample_positions
+
+    n = _RUN * _SAMPLE + 17  # large enough for runs of consecutive sampled entries
+    positions = _sample_positions(n)
+    assert positions.numel() == _SAMPLE and int(positions.max()) < n
+    assert torch.equal(positions.view(-1, _RUN).diff(dim=1), torch.ones(_SAMPLE // _RUN, _RUN - 1, dtype=torch.long))
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    delta = torch.randn(n, generator=g) * 0.002 if levels is None else \
+        torch.randint(-levels, levels + 1, (n,), generator=g).float()
+    model = (base.float() + delta).to(torch.bfloat16)
+    magnitude = (model.float() - base.float()).abs()
+    for k in (n // 2, n // 10 + 3):
+        cut = magnitude_cuts(ChunkedInputs([model], base), [[k]])[0][0][0]
+        got = torch.cat([cut.keep_(magnitude[s:s + CHUNK_ELEMENTS].clone(), c) != 0
+                         for c, s in enumerate(range(0, n, CHUNK_ELEMENTS))])
+        assert torch.equal(got, topk_mask(magnitude, k) & (magnitude != 0)), k

@@ -1,6 +1,8 @@
-"""User suites from a YAML file (models and data as safetensors) or a Python file (`suite()` or `SUITE`).
+"""User suites from a YAML file or a Python file (`suite()` or `SUITE`).
 
-YAML schema (paths relative to the file):
+A YAML file whose `tasks` is a list of {name, model, data, metric} is a suite of Hugging Face checkpoints and data
+files (`evaluations.bench.suites.hf_suite`). The other YAML schema (a `body` factory, models and data as
+safetensors), paths relative to the file:
 
     name: my-suite
     seed: 0
@@ -216,10 +218,6 @@ def _read(path: Path) -> dict:
     doc = {} if doc is None else doc
     if not isinstance(doc, dict):
         raise BasinError(f"{path}: the suite must be a YAML mapping, got a {type(doc).__name__}")
-    for key in REQUIRED:
-        if key not in doc:
-            raise BasinError(f"{path}: missing field {key!r}")
-    _unknown(doc, FIELDS, str(path))
     return doc
 
 
@@ -263,6 +261,14 @@ def _pool(doc: dict, root: Path, where: str) -> ModelPool:
 def suite_from_yaml(path: str | Path) -> Suite:
     path = Path(path)
     doc = _read(path)
+    from evaluations.bench.suites.hf_suite import is_hf_suite, suite_from_doc
+
+    if is_hf_suite(doc):
+        return suite_from_doc(doc, path)
+    for key in REQUIRED:
+        if key not in doc:
+            raise BasinError(f"{path}: missing field {key!r}")
+    _unknown(doc, FIELDS, str(path))
     name = _text(doc.get("name", path.stem), f"{path}: name")
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
