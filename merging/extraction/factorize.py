@@ -88,7 +88,9 @@ def _lowrank(d: torch.Tensor, q: int, seed_name: str):
 
 def _choose_rank(s: torch.Tensor, rank: int | str, energy: float, sv_epsilon: float, total: float) -> int:
     """The fixed rank, or the smallest reaching `energy`; then singular values <= `sv_epsilon` dropped."""
-    if rank == "auto":
+    if rank == "auto" and energy >= 1.0:  # all of it: a float32 SVD's sum can fall short of the float64 total
+        r = s.numel()
+    elif rank == "auto":
         cumulative = torch.cumsum(s.to(torch.float64) ** 2, 0) / total
         r = int((cumulative < energy - 1e-12).sum()) + 1
         r = min(r, s.numel())
