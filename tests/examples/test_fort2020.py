@@ -14,7 +14,7 @@ import torch
 
 from evaluations.probes import kernel_distance
 from evaluations.probes.linearize import kernel_ridge_predict
-from evaluations.probes.ntk import empirical_ntk
+from evaluations.probes.ntk import empirical_ntk, empirical_ntk_result
 from evaluations.tracking import train_epochs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fort2020_digits.py"
@@ -66,7 +66,7 @@ def test_quick_run_matches_independent_recomputation(fort, tmp_path: Path) -> No
     data = json.loads((tmp_path / "fort2020_digits.json").read_text())
     assert (tmp_path / "fort2020_digits.png").stat().st_size > 0
     table = (tmp_path / "fort2020_digits.md").read_text().strip().splitlines()
-    assert len(table) == 2 + 3 and all(line.count("|") == 5 for line in table)
+    assert len(table) == 2 + 4 and all(line.count("|") == 5 for line in table)
     main = data["main"]
     setup = fort.Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in main["setup"].items()})
     train, test = fort.make_task(setup)
@@ -104,12 +104,38 @@ def test_quick_run_matches_independent_recomputation(fort, tmp_path: Path) -> No
     digits = data["ablations"]["single_digits"]
     assert digits["setup"]["task"] == "digits" and "spawning" not in digits
     assert digits["kernel_regression_error"]["mean"][0] < main["kernel_regression_error"]["mean"][0]
+    mlp = data["ablations"]["mlp"]
+    assert mlp["setup"]["arch"] == "mlp" and main["setup"]["arch"] == "cnn" and "spawning" not in mlp
+    assert mlp["ratio_init_over_epoch3"]["ratio"] is not None
+
+
+def test_cnn_kernel_is_the_explicit_jacobian_product(fort) -> None:
+    """The CNN's trace NTK as the example computes it (basin's structured rule for Conv2d and Linear) equals
+    sum_a J_a J_a^T with J built row by row from autograd gradients, in float64."""
+    model = fort.make_cnn(128, 4, 8, seed=3).double()
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    params = list(model.parameters())
+    out = model(x)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i, a], params, retain_graph=True)])
+            for i in range(5) for a in range(10)]
+    jac = torch.stack(rows).reshape(5, 10, -1)
+    explicit = torch.einsum("iap,jap->ij", jac, jac)
+    assert fort.make_model(fort.Setup(channels=4, hidden=8), 128, 3).state_dict().keys() == model.state_dict().keys()
+    ntk = empirical_ntk_result(model, x, kind="trace")
+    assert set(ntk.methods.values()) == {"structured"} and not ntk.fallbacks
+    assert torch.allclose(ntk.kernel, explicit, rtol=1e-10, atol=1e-10)
+    x2 = x[:3] * 0.5
+    out2 = model(x2)
+    rows2 = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out2[i, a], params, retain_graph=True)])
+             for i in range(3) for a in range(10)]
+    cross = torch.einsum("iap,jap->ij", torch.stack(rows2).reshape(3, 10, -1), jac)
+    assert torch.allclose(empirical_ntk(model, x2, x, kind="trace"), cross, rtol=1e-10, atol=1e-10)
 
 
 def test_linearized_comparison_from_init_replays_plain_training(fort) -> None:
     """--full's comparison from the checkpoint at t = 0 is plain training from the seed's initialization."""
     setup = fort.Setup(epochs=1, n_train=200, n_test=100, kernel_train=50, kernel_test=100, probe=16, seeds=1,
-                       hidden=16, record_times=(0, 1), spawning=False, linearized_times=(0,))
+                       channels=4, hidden=16, record_times=(0, 1), spawning=False, linearized_times=(0,))
     _, _, rows = fort.seed_run(setup, 0)
     train, test = fort.make_task(setup)
     model = fort.make_model(setup, 128, seed=0)
