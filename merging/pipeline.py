@@ -221,6 +221,7 @@ def merge(
     resume: bool = True,
     allow_mixed_architectures: bool = False,
     compute_dtype: str | None = None,
+    inputs: dict[str, Checkpoint] | None = None,
 ) -> MergeReport:
     """Merge the checkpoints a recipe names into `out_dir` (sharded safetensors + config + card).
 
@@ -231,6 +232,8 @@ def merge(
     `overwrite`. `allow_mixed_architectures` (or the recipe key of
     that name) merges inputs whose config.json architectures differ, which is refused otherwise.
     `compute_dtype` (or the recipe key): float16/bfloat16 reproduce mergekit's low-precision arithmetic.
+    `inputs`: checkpoints already opened by reference (`open_inputs`), e.g. a search worker's, reused merge after
+    merge; used when it holds every reference of the recipe.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe_or_path)
@@ -249,8 +252,11 @@ def merge(
     out = planned_output(out_dir, overwrite, dry_run)
     points = recipe.grid_points()
     mixed = {"allow_mixed_architectures": allow_mixed_architectures}
-    ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
-                        validate=lambda headers: [_build_plan(r, headers, out_dtype, **mixed) for _, r in points])
+    if inputs is not None and all(ref in inputs for ref in recipe.model_refs()):
+        ckpts = {ref: inputs[ref] for ref in recipe.model_refs()}
+    else:
+        ckpts = open_inputs(recipe, allow_pickle=allow_pickle,
+                            validate=lambda headers: [_build_plan(r, headers, out_dtype, **mixed) for _, r in points])
     guard = protected(recipe_or_path, recipe, ckpts, out)  # out checked before alignment or planning reads weights
     if len(points) > 1:
         return _sweep(points, ckpts, out, out_dtype, size, overwrite=overwrite, device=device, dry_run=dry_run,

@@ -12,10 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder: study.db (resumed when rerun), best.yaml, trials.csv/.json, "
                         "search.json, search.png")
     parser.add_argument("--data", help="text (.txt) or JSONL/CSV file the loss objective is measured on")
-    parser.add_argument("--objective", action="append", help="'loss' (default) or a callable module:fn / file.py:fn "
-                        "taking the merged model (in memory) or its folder's path; repeat for a Pareto front")
+    parser.add_argument("--objective", action="append", help="'loss' (default), 'suite' (default with --suite) or a "
+                        "callable module:fn / file.py:fn taking the merged model (in memory) or its folder's path; "
+                        "repeat for a Pareto front")
     parser.add_argument("--direction", action="append", choices=["minimize", "maximize"],
-                        help="per --objective (default minimize)")
+                        help="per --objective (default minimize; maximize for suite)")
+    parser.add_argument("--suite", help="benchmark suite YAML (as basin bench --suite): the suite objective is its "
+                        "average normalized accuracy on the validation splits; the recipe may name suite:base and "
+                        "suite:TASK")
     parser.add_argument("--trials", type=int, default=50, help="completed trials the study should hold (default 50)")
     parser.add_argument("--sampler", default="tpe", help="tpe (default), cmaes, random or grid")
     parser.add_argument("--pruner", default="median", help="median (default: stop a trial whose partial loss is "
@@ -42,11 +46,11 @@ def _objectives(args: argparse.Namespace):
     from evaluations.search import ObjectiveSpec
     from taxonomy.errors import BasinError
 
-    names = args.objective or ["loss"]
+    names = args.objective or ["suite" if args.suite else "loss"]
     directions = args.direction or []
     if len(directions) > len(names):
         raise BasinError(f"--direction given {len(directions)} times for {len(names)} objective(s)")
-    directions += ["minimize"] * (len(names) - len(directions))
+    directions += ["maximize" if n == "suite" else "minimize" for n in names[len(directions):]]
     return tuple(ObjectiveSpec(n, d) for n, d in zip(names, directions))
 
 
@@ -57,7 +61,8 @@ def options(args: argparse.Namespace):
                                                    args.seed)
     return SearchOptions(args.recipe, args.out, args.trials, _objectives(args), data, args.sampler, args.pruner,
                          args.seed, args.executor, args.address, args.workers, args.storage, args.study,
-                         args.in_memory, args.device, args.allow_pickle, args.overwrite, args.scratch)
+                         args.in_memory, args.device, args.allow_pickle, args.overwrite, args.scratch,
+                         suite=args.suite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
         refuse_existing(Path(args.write_best), args.overwrite)
     written: list = []
-    with Outputs(overwrite=True, inputs=[args.recipe, args.data]) as outputs:
+    with Outputs(overwrite=True, inputs=[args.recipe, args.data, args.suite]) as outputs:
         out = outputs.folder(args.out, list(FILES), "OUT")
 
         def report(result) -> None:
-            written.extend(write(outputs, out, result.study, result.space, result.names))
+            written.extend(write(outputs, out, result.study, result.space, result.names, result.extra))
 
         result = run_search(opts, on_done=report)
     best = best_trials(result.study)
@@ -86,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if best:
         values = ", ".join(f"{n} {v:.6g}" for n, v in zip(result.names, best[0].values))
         print(f"best: trial {best[0].number}: {values}; {best[0].params}")
+    suite = result.extra.get("suite")
+    if suite:
+        print(f"best on the suite's test splits: normalized accuracy {suite['test']['normalized_average']:.4f} "
+              f"(validation {suite['val']['normalized_average']:.4f})")
     print("wrote " + ", ".join(str(p) for p in written))
     if args.write_best and best:
         from merging.pipeline import merge

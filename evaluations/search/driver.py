@@ -47,6 +47,7 @@ class SearchOptions:
     overwrite: bool = False
     scratch: str | None = None
     memory_budget: int | None = None
+    suite: str | None = None  # the benchmark suite file of the `suite` objective
 
 
 @dataclass
@@ -83,6 +84,22 @@ def _check(opts: SearchOptions) -> None:
             raise BasinError(f"--direction: expected minimize or maximize, got {o.direction!r}")
     if len({o.name for o in opts.objectives}) != len(opts.objectives):
         raise BasinError("--objective: an objective is named twice")
+    has_suite = any(o.is_suite for o in opts.objectives)
+    if has_suite != (opts.suite is not None):
+        raise BasinError("--objective suite needs --suite FILE" if has_suite else
+                         "--suite FILE: list 'suite' among the objectives (--objective suite)")
+
+
+def _space(opts: SearchOptions) -> SearchSpace:
+    """The search recipe, its `suite:NAME` model references resolved against the suite file (`--suite`)."""
+    if opts.suite is None:
+        return SearchSpace.from_yaml(opts.recipe)
+    from evaluations.search.suite_objective import suite_refs, suite_sources
+    from merging.recipe.yaml_reader import load_recipe_text, read_recipe_file
+
+    where = str(opts.recipe)
+    raw = load_recipe_text(read_recipe_file(Path(opts.recipe)), where)
+    return SearchSpace.from_dict(suite_refs(raw, suite_sources(opts.suite), where), where)
 
 
 def _executor(opts: SearchOptions, setup: TrialSetup) -> LocalTrials | RayTrials:
@@ -120,16 +137,25 @@ def _record(trial: Any, result: dict[str, Any]) -> None:
     trial.set_user_attr("basin", {k: result[k] for k in keys if k in result})
 
 
+def _suite_report(opts: SearchOptions, result: SearchResult, executor: LocalTrials | RayTrials) -> None:
+    """The suite objective's best trial scored on the test splits too (`extra["suite"]`, in search.json)."""
+    from evaluations.search.report import best_trials
+
+    best = best_trials(result.study)
+    if opts.suite is not None and best:
+        result.extra["suite"] = {"trial": best[0].number, **executor.suite_report(dict(best[0].params))}
+
+
 def prepare(opts: SearchOptions) -> tuple[SearchSpace, Any, Any, Any]:
     """Every check before anything is written: the space, sampler, pruner and executor (workers built)."""
     _check(opts)
-    space = SearchSpace.from_yaml(opts.recipe)
+    space = _space(opts)
     sampler = st.make_sampler(opts.sampler, opts.seed, space.dims)
     pruner = st.make_pruner(opts.pruner, len(opts.objectives))
     out = Path(opts.out)
     check_out(out, opts.overwrite, opts.storage is None)
     setup = TrialSetup(space.raw, space.where, tuple(opts.objectives), opts.data, opts.in_memory, opts.device,
-                       opts.allow_pickle, opts.scratch, opts.memory_budget)
+                       opts.allow_pickle, opts.scratch, opts.memory_budget, opts.suite)
     return space, sampler, pruner, _executor(opts, setup)
 
 
@@ -154,6 +180,7 @@ def run_search(opts: SearchOptions, on_done: Callable[[SearchResult], object] | 
         prune = opts.pruner != "none" and len(opts.objectives) == 1 and opts.objectives[0].is_loss
         try:
             executor.run(study, space.dims, total, _record, prune)
+            _suite_report(opts, result, executor)
         finally:
             if on_done is not None:
                 on_done(result)

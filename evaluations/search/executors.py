@@ -56,6 +56,9 @@ class LocalTrials:
             _tell_result(study, trial, result, started, record)
             done += 1
 
+    def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
+        return self.runner.suite_report(values)
+
 
 def _reporter(trial: Any) -> Callable[[int, float], bool]:
     def report(step: int, value: float) -> bool:
@@ -85,6 +88,12 @@ class _Worker:
     def run(self, values: dict[str, Any]) -> dict[str, Any]:
         try:
             return self.runner.run(values)
+        except BasinError as err:
+            return {"error": str(err)}
+
+    def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.runner.suite_report(values)
         except BasinError as err:
             return {"error": str(err)}
 
@@ -169,6 +178,14 @@ class RayTrials:
         finally:
             for trial, _, _ in pending.values():
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        out = ray.get(self.actors[0].suite_report.remote(values))
+        if "error" in out:
+            raise BasinError(out["error"])
+        return out
 
     def stop(self) -> None:
         import ray

@@ -95,9 +95,12 @@ def importances(study: Any) -> dict[str, float]:
         return {}
 
 
-def summary(study: Any, space: SearchSpace, names: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(study: Any, space: SearchSpace, names: list[str], rows: list[dict[str, Any]],
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """search.json: the study, space, trial counts, best trial(s), importances, time per trial, and `extra` (e.g. the
+    suite objective's best trial on the test splits)."""
     best = best_trials(study)
-    return {
+    return {**(extra or {}),
         "study": study.study_name, "objectives": names, "directions": [d.name.lower() for d in study.directions],
         "space": space.to_json(), "defaults": space.defaults(),
         "trials": {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")},
@@ -133,10 +136,11 @@ def plot(path: Path, rows: list[dict[str, Any]], names: list[str], importance: d
     return True
 
 
-def write(outputs: Any, out: Path, study: Any, space: SearchSpace, names: list[str]) -> list[Path]:
+def write(outputs: Any, out: Path, study: Any, space: SearchSpace, names: list[str],
+          extra: dict[str, Any] | None = None) -> list[Path]:
     """Every report file into `out` through `outputs` (`evaluations.cli.outputs.Outputs`: atomic, planned)."""
     rows = trial_rows(study)
-    info = summary(study, space, names, rows)
+    info = summary(study, space, names, rows, extra)
     best = best_trials(study)
     if best:
         outputs.write_text(out / "best.yaml", best_yaml(space, best[0], names))

@@ -9,8 +9,12 @@ names and shapes, no vocabulary change, no alignment) and the model fits in `mem
 merges into a scratch folder (`merging.pipeline.merge`), loads it, scores it and removes the folder.
 
 Objectives: `loss` (the evaluator's mean loss on the data, `evaluations.measure.measure_loss`, summed over chunks
-of batches in float64 so that a pruner can stop a bad trial after a chunk) or a callable `module:fn` /
-`file.py:fn` called with the live model (in memory) or the merged folder's path (scratch), returning a number.
+of batches in float64 so that a pruner can stop a bad trial after a chunk), `suite` (a benchmark suite's average
+normalized accuracy on its validation splits, `evaluations.search.suite_objective`: the merged tensors go into the
+suite's live body; no other live model is built for it) or a callable `module:fn` / `file.py:fn` called with the
+live model (in memory) or the merged folder's path (scratch), returning a number.
+
+The inputs are opened once per worker: trials merged on disk reuse them (`merging.pipeline.merge(inputs=...)`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class ObjectiveSpec:
     def is_loss(self) -> bool:
         return self.name == "loss"
 
+    @property
+    def is_suite(self) -> bool:
+        return self.name == "suite"
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -74,6 +82,7 @@ class TrialSetup:
     allow_pickle: bool = False
     scratch: str | None = None  # parent of the scratch folders (None: the system's temporary folder)
     memory_budget: int | None = None  # bytes the live model may take (None: half the memory available now)
+    suite: str | None = None  # the suite file of the `suite` objective
 
 
 def available_memory() -> int:
@@ -113,11 +122,37 @@ class TrialRunner:
         self.space = SearchSpace.from_dict(setup.raw, setup.where)
         self.ckpts = open_inputs(self.space.recipe(self.space.defaults()), allow_pickle=setup.allow_pickle)
         self.fns = {o.name: load_object(o.name, f"--objective {o.name}", files=True)
-                    for o in setup.objectives if not o.is_loss}
+                    for o in setup.objectives if not (o.is_loss or o.is_suite)}
+        self.suite: Any = None
+        if any(o.is_suite for o in setup.objectives):
+            from evaluations.search.suite_objective import SuiteObjective
+
+            if setup.suite is None:
+                raise BasinError("--objective suite needs --suite FILE (a benchmark suite's YAML file)")
+            self.suite = SuiteObjective(setup.suite)
+            self._check_suite_plan()
         self.model: nn.Module | None = None
         self.data: Any = None
         self.objective: Any = None
-        self._build_model()
+        self._sources: dict[tuple[str, ...], dict[str, list[torch.Tensor]]] = {}
+        if self.needs_model:
+            self._build_model()
+
+    def _check_suite_plan(self) -> None:
+        """The recipe at its defaults planned and mapped onto the suite's body before any trial (one-line errors)."""
+        try:
+            plan = self._plan(self.space.recipe(self.space.defaults()))
+        except BasinError as err:
+            raise BasinError(f"{err} (--suite: the recipe's models must share their tensor names, as basin merge "
+                             "needs; a headless base, e.g. a BertModel beside BertForSequenceClassification "
+                             "fine-tunes, cannot be merged with them: save the base with the fine-tunes' class)"
+                             ) from None
+        self.suite.targets([tp.name for tp in plan.tensors])
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether an objective scores a whole model (the loss, a callable); the suite scores its own body."""
+        return bool(self.fns) or any(o.is_loss for o in self.setup.objectives)
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _build_model(self) -> None:
@@ -184,25 +219,46 @@ class TrialRunner:
         return plan
 
     def _targets(self, recipe: Any, plan: Any) -> dict[str, list[torch.Tensor]] | None:
-        """output tensor name -> the live model's tensors it fills, or None when the trial cannot run in memory."""
+        """output tensor name -> the live tensors it fills (the model's, the suite's body), or None when the trial
+        cannot run in memory."""
+        if self.setup.in_memory == "never" or recipe.align or plan.vocab is not None:
+            return self._refuse_memory("the merge aligns or remaps the vocabulary")
+        targets: dict[str, list[torch.Tensor]] = {}
+        if self.suite is not None:
+            for name, tensor in self.suite.targets([tp.name for tp in plan.tensors]).items():
+                targets.setdefault(name, []).append(tensor)
+        if not self.needs_model:
+            return targets
+        model = self._model_targets(plan)
+        if model is None:
+            return None
+        for name, tensors in model.items():
+            targets.setdefault(name, []).extend(tensors)
+        return targets
+
+    def _model_targets(self, plan: Any) -> dict[str, list[torch.Tensor]] | None:
+        """output tensor name -> the live model's tensors, cached per plan layout (names, shapes)."""
         from evaluations.models import check_names
 
-        if self.model is None or self.setup.in_memory == "never" or recipe.align or plan.vocab is not None:
-            return self._refuse_memory("the merge aligns or remaps the vocabulary, or no live model was built")
-        budget = self.setup.memory_budget
-        budget = available_memory() // 2 if budget is None else budget
-        size = sum(t.nbytes for t in self.model.state_dict().values())
-        if self.setup.in_memory == "auto" and budget and size > budget:
-            return None
-        try:
-            source = check_names(self.model, _PlanHeaders(plan), "the merged output")
-        except CheckpointError as err:
-            return self._refuse_memory(str(err))
-        state = self.model.state_dict()
-        targets: dict[str, list[torch.Tensor]] = {}
-        for name, tensor in state.items():
-            targets.setdefault(source[name], []).append(tensor)
-        return targets
+        if self.model is None:
+            return self._refuse_memory("no live model was built")
+        key = tuple(f"{tp.name}:{tuple(tp.shape)}" for tp in plan.tensors)
+        if key not in self._sources:
+            state = self.model.state_dict()
+            budget = self.setup.memory_budget
+            budget = available_memory() // 2 if budget is None else budget
+            size = sum(t.nbytes for t in state.values())
+            if self.setup.in_memory == "auto" and budget and size > budget:
+                return None
+            try:
+                source = check_names(self.model, _PlanHeaders(plan), "the merged output")
+            except CheckpointError as err:
+                return self._refuse_memory(str(err))
+            targets: dict[str, list[torch.Tensor]] = {}
+            for name, tensor in state.items():
+                targets.setdefault(source[name], []).append(tensor)
+            self._sources[key] = targets
+        return self._sources[key]
 
     def _refuse_memory(self, why: str) -> None:
         if self.setup.in_memory == "always":
@@ -232,7 +288,7 @@ class TrialRunner:
         try:
             start = time.perf_counter()
             merge(recipe, folder / "merged", progress=False, resume=False, allow_pickle=self.setup.allow_pickle,
-                  device=self.setup.device)
+                  device=self.setup.device, inputs=self.ckpts)
             merge_s = time.perf_counter() - start
             scores = self._score_folder(folder / "merged", plan.vocab is not None, report)
             return scores, merge_s, time.perf_counter() - start - merge_s
@@ -242,6 +298,10 @@ class TrialRunner:
     def _score_folder(self, folder: Path, new_vocab: bool, report: Report | None) -> list[float]:
         from evaluations.models import load_model
 
+        if self.suite is not None:
+            from merging.io.checkpoint import open_checkpoint
+
+            self.suite.load(open_checkpoint(str(folder)))
         if self.model is None and self.data is None:
             return self._score(None, folder, report)
         model = load_model(folder, device=self.setup.device)
@@ -249,12 +309,21 @@ class TrialRunner:
             self._load_data(model)
         return self._score(model, folder, report)
 
+    def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The suite's figures (validation and test) for the merge at `values` (the best trial, after a search)."""
+        if self.suite is None:
+            raise BasinError("suite_report: this search has no suite objective")
+        self.run(values)
+        return self.suite.report()
+
     # --- scoring -----------------------------------------------------------------------------------------------
     def _score(self, model: nn.Module | None, folder: Path | None, report: Report | None) -> list[float]:
         out = []
         for o in self.setup.objectives:
             if o.is_loss:
                 value = chunked_loss(model, self.data, self.objective, report if len(out) == 0 else None)
+            elif o.is_suite:
+                value = self.suite.normalized("val")
             else:
                 value = _call(self.fns[o.name], o.name, model if folder is None else str(folder))
             out.append(value)
