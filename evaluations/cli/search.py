@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=50, help="completed trials the study should hold (default 50)")
     parser.add_argument("--sampler", default="tpe", help="tpe (default), cmaes, random or grid")
     parser.add_argument("--pruner", default="median", help="median (default: stop a trial whose partial loss is "
-                        "worse than the median; local executor, loss objective) or none")
+                        "worse than the median after a chunk of the data; loss objective, local or Ray) or none")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (the local executor's trials repeat)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="where trials run")
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")

@@ -173,13 +173,17 @@ def run_search(opts: SearchOptions, on_done: Callable[[SearchResult], object] | 
         what = st.fingerprint(space.raw, space.dims, objectives)
         study = st.load_study(storage, name, sampler, pruner, [o.direction for o in opts.objectives], what)
         stale = st.fail_stale(study)
+        driven = st.StoredStudy(study, sampler, pruner)
         total = opts.trials
         if opts.sampler == "grid":
-            total = min(total, st.enqueue_grid(study, space.dims))
+            total = min(total, st.enqueue_grid(driven, space.dims))
         result = SearchResult(study, space, [o.name for o in opts.objectives], out, stale)
         prune = opts.pruner != "none" and len(opts.objectives) == 1 and opts.objectives[0].is_loss
         try:
-            executor.run(study, space.dims, total, _record, prune)
+            try:
+                executor.run(driven, space.dims, total, _record, prune)
+            finally:
+                driven.close()
             _suite_report(opts, result, executor)
         finally:
             if on_done is not None:

@@ -69,10 +69,13 @@ def _reporter(trial: Any) -> Callable[[int, float], bool]:
 
 
 class _Worker:
-    """A Ray actor's state: one TrialRunner; errors come back as values (one line), never as Ray tracebacks."""
+    """A Ray actor's state: one TrialRunner and the trial it is scoring chunk by chunk (pruning: `begin`, then
+    `resume` while the driver's pruner lets it go on, or `abort`); errors come back as values (one line), never as
+    Ray tracebacks."""
 
     def __init__(self, setup: TrialSetup, threads: int | None) -> None:
         self.setup, self.threads, self.runner = setup, threads, None
+        self.steps: Any = None
 
     def ready(self) -> str | None:
         import torch
@@ -90,6 +93,32 @@ class _Worker:
             return self.runner.run(values)
         except BasinError as err:
             return {"error": str(err)}
+
+    def begin(self, values: dict[str, Any], partial: bool) -> dict[str, Any]:
+        """Start a trial: with `partial`, run it to its first partial loss ({"step", "value"}) or its end."""
+        if not partial:
+            return self.run(values)
+        self.abort()
+        self.steps = self.runner.steps(values)
+        return self.resume()
+
+    def resume(self) -> dict[str, Any]:
+        """Run the trial on to its next partial loss or its end (its result)."""
+        try:
+            step, value = next(self.steps)
+            return {"step": step, "value": value}
+        except StopIteration as stop:
+            self.steps = None
+            return stop.value
+        except BasinError as err:
+            self.steps = None
+            return {"error": str(err)}
+
+    def abort(self) -> None:
+        """Drop the trial being scored (pruned)."""
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
 
     def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -153,6 +182,8 @@ class RayTrials:
                 raise BasinError(problem)
 
     def run(self, study: Any, dims: list[Dimension], total: int, record: Record, prune: bool) -> None:
+        """Keep every worker busy until `total` trials are finished. With `prune`, a worker stops after each chunk
+        of the loss: the driver reports it to the trial and either resumes the worker or prunes the trial."""
         import ray
 
         optuna = optuna_module()
@@ -164,20 +195,40 @@ class RayTrials:
                     started = time.perf_counter()
                     trial = study.ask()
                     worker = idle.pop()
-                    pending[worker.run.remote(suggest(trial, dims))] = (trial, worker, started)
+                    pending[worker.begin.remote(suggest(trial, dims), prune)] = (trial, worker, started)
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                trial, worker, started = pending.pop(ready[0])
-                idle.append(worker)
+                entry = pending.pop(ready[0])
                 result = ray.get(ready[0])
-                if "error" in result:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    raise BasinError(result["error"])
-                result["worker"] = self.actors.index(worker)
-                _tell_result(study, trial, result, started, record)
+                if "step" in result and not self._pruned(study, entry, result):
+                    pending[entry[1].resume.remote()] = entry
+                    continue
+                idle.append(entry[1])
                 done += 1
+                if "step" not in result:
+                    self._finish(study, entry, result, record)
         finally:
             for trial, _, _ in pending.values():
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    @staticmethod
+    def _pruned(study: Any, entry: tuple[Any, Any, float], partial: dict[str, Any]) -> bool:
+        """Report a partial loss to its trial; when the pruner stops it, the worker drops it and it is told pruned."""
+        trial, worker, started = entry
+        trial.report(partial["value"], partial["step"])
+        if not trial.should_prune():
+            return False
+        worker.abort.remote()
+        trial.set_user_attr("basin", {"wall_seconds": time.perf_counter() - started})
+        study.tell(trial, state=optuna_module().trial.TrialState.PRUNED)
+        return True
+
+    def _finish(self, study: Any, entry: tuple[Any, Any, float], result: dict[str, Any], record: Record) -> None:
+        trial, worker, started = entry
+        if "error" in result:
+            study.tell(trial, state=optuna_module().trial.TrialState.FAIL)
+            raise BasinError(result["error"])
+        result["worker"] = self.actors.index(worker)
+        _tell_result(study, trial, result, started, record)
 
     def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
         import ray

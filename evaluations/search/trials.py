@@ -23,10 +23,10 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from taxonomy.errors import BasinError, CheckpointError, DataError
 CHUNKS = 4  # the loss is reported to the pruner after each quarter of the data
 IN_MEMORY = ("auto", "always", "never")
 Report = Callable[[int, float], bool]  # report(step, value) -> True when the trial should stop
+T = TypeVar("T")
+Steps = Generator[tuple[int, float], None, T]  # yields (chunk, running mean loss), returns T
 
 
 class Pruned(Exception):
@@ -194,18 +196,28 @@ class TrialRunner:
 
     # --- one trial --------------------------------------------------------------------------------------------
     def run(self, values: dict[str, Any], report: Report | None = None) -> dict[str, Any]:
-        """Merge and score the recipe at `values`: objective values and times (see the module docstring)."""
+        """Merge and score the recipe at `values`: objective values and times (see the module docstring); after each
+        chunk of the first objective's loss `report(chunk, running mean)` may stop the trial (`Pruned`)."""
+        return drive(self.steps(values), report)
+
+    def steps(self, values: dict[str, Any]) -> Generator[tuple[int, float], None, dict[str, Any]]:
+        """`run` as a generator: yields (chunk, running mean loss) after each chunk but the last of the first
+        objective's loss (when it is the loss), returns the result (closing it stops the trial: a Ray worker pauses
+        here while the driver asks the pruner). The merge's seconds count the recipe's planning too (as
+        `basin merge`'s do), the scoring's every objective."""
         start = time.perf_counter()
         recipe = self.space.recipe(values)
         plan = self._plan(recipe)
         targets = self._targets(recipe, plan)
         if targets is None:
-            scores, merge_s, score_s = self._run_scratch(recipe, plan, report)
-            mode = "scratch"
+            planned = time.perf_counter() - start
+            scores, merge_s, score_s = yield from self._run_scratch(recipe, plan)
+            merge_s, mode = merge_s + planned, "scratch"
         else:
-            merge_s = self._merge_into(plan, targets)
+            self._merge_into(plan, targets)
             t = time.perf_counter()
-            scores = self._score(self.model, None, report)
+            merge_s = t - start
+            scores = yield from self._score(self.model, None)
             score_s, mode = time.perf_counter() - t, "memory"
         return {"values": scores, "merge_seconds": merge_s, "score_seconds": score_s, "mode": mode,
                 "seconds": time.perf_counter() - start}
@@ -277,7 +289,7 @@ class TrialRunner:
         run_plan(plan, [self.ckpts[r] for r in plan.inputs], sink, device=self.setup.device, progress=False)
         return time.perf_counter() - start
 
-    def _run_scratch(self, recipe: Any, plan: Any, report: Report | None) -> tuple[list[float], float, float]:
+    def _run_scratch(self, recipe: Any, plan: Any) -> Steps[tuple[list[float], float, float]]:
         """Merge into a scratch folder, score the folder, remove it: (scores, merge seconds, score seconds)."""
         from merging.pipeline import merge
 
@@ -290,12 +302,12 @@ class TrialRunner:
             merge(recipe, folder / "merged", progress=False, resume=False, allow_pickle=self.setup.allow_pickle,
                   device=self.setup.device, inputs=self.ckpts)
             merge_s = time.perf_counter() - start
-            scores = self._score_folder(folder / "merged", plan.vocab is not None, report)
+            scores = yield from self._score_folder(folder / "merged", plan.vocab is not None)
             return scores, merge_s, time.perf_counter() - start - merge_s
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _score_folder(self, folder: Path, new_vocab: bool, report: Report | None) -> list[float]:
+    def _score_folder(self, folder: Path, new_vocab: bool) -> Steps[list[float]]:
         from evaluations.models import load_model
 
         if self.suite is not None:
@@ -303,11 +315,11 @@ class TrialRunner:
 
             self.suite.load(open_checkpoint(str(folder)))
         if self.model is None and self.data is None:
-            return self._score(None, folder, report)
+            return (yield from self._score(None, folder))
         model = load_model(folder, device=self.setup.device)
         if new_vocab and self.data is not None:  # the output's own tokenizer
             self._load_data(model)
-        return self._score(model, folder, report)
+        return (yield from self._score(model, folder))
 
     def suite_report(self, values: dict[str, Any]) -> dict[str, Any]:
         """The suite's figures (validation and test) for the merge at `values` (the best trial, after a search)."""
@@ -317,11 +329,13 @@ class TrialRunner:
         return self.suite.report()
 
     # --- scoring -----------------------------------------------------------------------------------------------
-    def _score(self, model: nn.Module | None, folder: Path | None, report: Report | None) -> list[float]:
-        out = []
+    def _score(self, model: nn.Module | None, folder: Path | None) -> Steps[list[float]]:
+        out: list[float] = []
         for o in self.setup.objectives:
-            if o.is_loss:
-                value = chunked_loss(model, self.data, self.objective, report if len(out) == 0 else None)
+            if o.is_loss and not out:
+                value = yield from loss_chunks(model, self.data, self.objective)
+            elif o.is_loss:
+                value = chunked_loss(model, self.data, self.objective)
             elif o.is_suite:
                 value = self.suite.normalized("val")
             else:
@@ -330,9 +344,9 @@ class TrialRunner:
         return out
 
 
-def chunked_loss(model: nn.Module, data: Any, objective: Any, report: Report | None = None) -> float:
-    """The mean loss over every row of `data` (`measure_loss` per chunk of batches, row-weighted in float64); after
-    each chunk `report(chunk, running mean)` may stop the trial (`Pruned`)."""
+def loss_chunks(model: nn.Module, data: Any, objective: Any) -> Steps[float]:
+    """The mean loss over every row of `data` (`measure_loss` per chunk of batches, row-weighted in float64),
+    yielding (chunk, running mean) after each chunk but the last."""
     from evaluations.measure import measure_loss
 
     batches = list(data)
@@ -342,9 +356,26 @@ def chunked_loss(model: nn.Module, data: Any, objective: Any, report: Report | N
     for step in range(n):
         r = measure_loss(model, batches[bounds[step]:bounds[step + 1]], objective)
         total, rows = total + r.loss * r.rows, rows + r.rows
-        if report is not None and step < n - 1 and report(step, total / rows):
-            raise Pruned(f"pruned after {step + 1} of {n} chunks")
+        if step < n - 1:
+            yield step, total / rows
     return total / rows
+
+
+def chunked_loss(model: nn.Module, data: Any, objective: Any, report: Report | None = None) -> float:
+    """`loss_chunks` run through: after each chunk `report(chunk, running mean)` may stop the trial (`Pruned`)."""
+    return drive(loss_chunks(model, data, objective), report)
+
+
+def drive(steps: Steps[T], report: Report | None = None) -> T:
+    """Run `steps` to its result; after each (chunk, value) it yields, `report` may stop it (`Pruned`)."""
+    try:
+        while True:
+            step, value = next(steps)
+            if report is not None and report(step, value):
+                steps.close()
+                raise Pruned(f"pruned after chunk {step + 1}")
+    except StopIteration as stop:
+        return stop.value
 
 
 def _call(fn: Any, name: str, arg: Any) -> float:

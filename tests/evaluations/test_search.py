@@ -300,3 +300,53 @@ def test_cmaes_sampler_searches_two_weights(tmp_path, models):
     assert abs(ratio - W_STAR) < 0.15
     first = min(r["values"][0] for r in rows[:6])
     assert min(r["values"][0] for r in rows) <= first
+
+
+@pytest.mark.slow
+def test_ray_loss_objective_matches_local_and_prunes_on_ray(tmp_path, models):
+    """The loss objective on two Ray workers, against the local runner for the same trial parameters: without
+    pruning the losses are equal; with a pruner that stops every trial, each is pruned after its first chunk with the
+    local first partial loss; with one that never does, every partial loss reaches the trial (its intermediate
+    values) and the final losses are equal."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    import optuna
+
+    from evaluations.search.executors import RayTrials
+    from evaluations.search.study import enqueue_grid, suggest
+    from evaluations.search.trials import DataSpec, ObjectiveSpec, TrialRunner, TrialSetup
+
+    space = SearchSpace.from_yaml(_recipe(tmp_path, models, "{search: [0.0, 1.0], step: 0.25}"))
+    setup = TrialSetup(space.raw, space.where, (ObjectiveSpec("loss"),), DataSpec(str(models["data"]), 8, None, 2))
+    runner = TrialRunner(setup)
+
+    def partials(values):
+        seen: list = []
+        result = runner.run(values, lambda step, value: seen.append((step, value)) or False)
+        return dict(seen), result["values"][0]
+
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    executor = RayTrials(setup, workers=2)
+    try:
+        executor.start()
+        runs = ((optuna.pruners.NopPruner(), False, "COMPLETE"), (Always(), True, "PRUNED"),
+                (optuna.pruners.NopPruner(), True, "COMPLETE"))
+        for pruner, prune, state in runs:
+            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0), pruner=pruner)
+            enqueue_grid(study, space.dims)
+            executor.run(study, space.dims, 5, lambda trial, result: None, prune=prune)
+            assert [t.state.name for t in study.trials] == [state] * 5
+            assert sorted(t.params["models[0].parameters.weight"] for t in study.trials) == [0, 0.25, 0.5, 0.75, 1]
+            for t in study.trials:
+                chunks, loss = partials(suggest(t, space.dims))
+                if state == "PRUNED":
+                    assert t.intermediate_values == {0: chunks[0]}
+                else:
+                    assert t.values == [loss] and t.intermediate_values == (chunks if prune else {})
+                    assert len(chunks) == 3
+    finally:
+        executor.stop()
+        ray.shutdown()
