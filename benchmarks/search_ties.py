@@ -4,9 +4,12 @@ Three small Llamas over a 64-word vocabulary: a base trained on text of one Mark
 two other chains (tasks A and B). The search tunes TIES's four per-model values (weight and density of each
 fine-tune) on calibration text (half A, half B) for `--trials` trials (TPE, seed 0), locally and with two Ray
 workers; the best recipe and the recipe's defaults (weight 1.0, density 0.5) are then merged with `basin merge`
-and measured on held-out text of both tasks. Reported: time per trial (Optuna's ask-to-tell duration), its merge
-and scoring, the overhead fraction beyond them, Ray's wall time per trial against local, held-out losses.
-Writes benchmarks/results/search_ties.json.
+and measured on held-out text of both tasks. Locally the search runs twice: with torch's default threads and with
+one thread (as each Ray worker: on a loaded machine, threads that wait for each other's cores slow a tiny model's
+scoring many times over). Reported per run: the wall time per trial (the loop's, first ask to last tell, divided by
+the trials), its merge (planning included) and scoring, the overhead beyond them as a fraction of the wall time per
+trial (sampler, storage, transfers; also by Optuna's ask-to-tell clock), Ray's wall time per trial against local,
+held-out losses. Writes benchmarks/results/search_ties.json.
 
     nice python benchmarks/search_ties.py [--trials 30] [--hidden 64] [--steps 60] [--out benchmarks/results]
 """
@@ -107,22 +110,33 @@ def build(root: Path, hidden: int, layers: int, steps: int) -> dict[str, Path]:
     return {**paths, "recipe": recipe, "calib": root / "calib.txt", "heldout": root / "heldout.txt"}
 
 
-def search(files: dict[str, Path], out: Path, trials: int, executor: str) -> dict:
+def search(files: dict[str, Path], out: Path, trials: int, executor: str, threads: int | None = None) -> dict:
     from evaluations.search import DataSpec, SearchOptions, run_search
     from evaluations.search.report import overhead, trial_rows
 
     opts = SearchOptions(files["recipe"], out, trials, data=DataSpec(str(files["calib"]), seq_len=64, batch_size=8),
                          executor=executor, workers=2, pruner="none")
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
     start = time.perf_counter()
-    result = run_search(opts)
+    try:
+        result = run_search(opts)
+    finally:
+        torch.set_num_threads(default)
     elapsed = time.perf_counter() - start
     rows = trial_rows(result.study)
     done = [r for r in rows if r["state"] == "complete"]
     first = min(t.datetime_start for t in result.study.trials)
     last = max(t.datetime_complete for t in result.study.trials)
     best = result.study.best_trial
-    return {"executor": executor, "trials": len(done), "seconds_total": elapsed,
-            "loop_wall_per_trial": (last - first).total_seconds() / len(done), "time_per_trial": overhead(rows),
+    wall = (last - first).total_seconds() / len(done)
+    work = sum(r["merge_seconds"] + r["score_seconds"] for r in done) / len(done)
+    serial = executor == "local"  # Ray's trials overlap: their wall time per trial is not one trial's time
+    return {"executor": executor, "threads": 1 if executor == "ray" else threads or default, "trials": len(done),
+            "seconds_total": elapsed, "loop_wall_per_trial": wall, "merge_and_score_per_trial": work,
+            "overhead_seconds_per_trial": wall - work if serial else None,
+            "overhead_fraction_of_wall": (wall - work) / wall if serial else None,
+            "time_per_trial": overhead(rows),
             "best": {"number": best.number, "params": best.params, "calib_loss": best.value},
             "result": result}
 
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         files = build(root, args.hidden, args.layers, args.steps)
         build_s = time.perf_counter() - t
-        runs = [search(files, root / "local", args.trials, "local")]
+        runs = [search(files, root / "local", args.trials, "local"),
+                search(files, root / "local1", args.trials, "local", threads=1)]
         if not args.no_ray:
             import ray
 
@@ -180,8 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
                      **{n: losses(files[n], files, root, n) for n in ("base", "ft_a", "ft_b")}},
             "runs": [{k: v for k, v in r.items() if k != "result"} for r in runs],
         }
-        if len(runs) > 1:
-            report["ray_vs_local_wall_per_trial"] = runs[1]["loop_wall_per_trial"] / runs[0]["loop_wall_per_trial"]
+        if len(runs) > 2:
+            report["ray_vs_local_wall_per_trial"] = runs[2]["loop_wall_per_trial"] / runs[0]["loop_wall_per_trial"]
+            report["ray_vs_local_1_thread_wall_per_trial"] = (runs[2]["loop_wall_per_trial"]
+                                                              / runs[1]["loop_wall_per_trial"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search_ties.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(json.dumps(report, indent=1, default=str))

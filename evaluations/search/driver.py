@@ -1,10 +1,12 @@
 """`run_search`: a recipe's `{search: ...}` values tuned by Optuna, each trial merged and scored (`basin search`).
 
 Order of work, so that bad input costs nothing and writes nothing: the search recipe (`merging.recipe.search_space`:
-every range and choice checked), the sampler and pruner, the executor (Ray reachable; the workers built: inputs
-opened, live model built, data tokenised), and only then the storage (the default SQLite file in OUT) and the
-study, created or resumed (`evaluations.search.study.load_study`). Trials run until the study holds `trials`
-completed or pruned ones; trials an interrupted run left running are marked failed and run again.
+every range and choice checked; `--suite`'s `suite:NAME` references resolved), the sampler and pruner, the executor
+(Ray reachable; the workers built: inputs opened, live model or suite built, data tokenised), and only then the
+storage (the default SQLite file in OUT) and the study, created or resumed (`evaluations.search.study.load_study`).
+The executor drives an in-memory copy of it that stores each finished trial (`study.StoredStudy`). Trials run until
+the study holds `trials` completed or pruned ones; trials an interrupted run left running are marked failed and run
+again. With `--suite`, the best trial is then scored on the suite's test splits too (`SearchResult.extra`).
 """
 
 from __future__ import annotations

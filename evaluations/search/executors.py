@@ -5,6 +5,10 @@ the SQLite file needs no shared filesystem and the sampler is the very one the l
 is a long-lived worker that opens the inputs, builds the live model and tokenises the data once, then runs trial
 after trial (Ray Tune would start a trainable per trial, or need its reuse machinery, and keep its own trial
 records beside Optuna's). A trial's values depend only on its parameters, so Ray and local agree trial by trial.
+Pruning works on both: locally the pruner is asked after each chunk of the loss inside the trial; on Ray the worker
+pauses after each chunk (`TrialRunner.steps`, a generator), the driver reports the partial loss to the trial and
+asks the pruner, then resumes the worker or drops the trial (one round trip per chunk; which trials are pruned
+depends on the order trials finish in, so it is not repeatable across runs the way local pruning is).
 """
 
 from __future__ import annotations

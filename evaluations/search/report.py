@@ -2,9 +2,11 @@
 
 `best.yaml` is the search recipe with the best trial's values filled in (a plain recipe: `basin merge best.yaml
 OUT`); with several objectives, the Pareto front's trial best on the first objective (the whole front is in
-search.json). Times per trial: `merge_seconds` and `score_seconds` (the worker's), `wall_seconds` (the driver's,
-from ask to just before tell) and `duration_seconds` (Optuna's, ask to tell): `time_per_trial` in search.json gives
-the mean overhead, the duration beyond merge and score (sampler, storage, transfers).
+search.json). Times per trial: `merge_seconds` (the recipe planned and merged) and `score_seconds` (the worker's),
+`wall_seconds` (the driver's, from ask to just before tell) and `duration_seconds` (Optuna's, ask to tell; the trial
+is stored after it, by a writer thread while the next one runs): `time_per_trial` in search.json gives the mean
+overhead, the duration beyond merge and score (sampler, transfers). With `--suite`, search.json's `suite` holds the
+best trial's accuracies and normalized accuracies on the suite's validation and test splits.
 """
 
 from __future__ import annotations
