@@ -114,7 +114,11 @@ class SuiteObjective:
         """Fill the body from a merged checkpoint (a trial merged on disk)."""
         with torch.no_grad():
             for name, t in self.targets(list(ckpt.names())).items():
-                t.copy_(ckpt.get(name))
+                value = ckpt.get(name)
+                if tuple(value.shape) != tuple(t.shape):
+                    raise BasinError(f"--suite {self.path}: merged tensor {name!r} has shape {tuple(value.shape)}, "
+                                     f"the suite's body expects {tuple(t.shape)}")
+                t.copy_(value)
 
     def scores(self, split: str = "val") -> dict[str, float]:
         return self.suite.tasks.evaluate(self.body, split)

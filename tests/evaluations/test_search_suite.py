@@ -140,3 +140,63 @@ def test_unknown_suite_model_is_a_one_line_error(pool, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "'suite:fruits': the suite has no model 'fruits'" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_suite_objective_equals_bench(tmp_path, capsys):
+    """A suite of safetensors bodies (no Hugging Face checkpoints): each task's labels are its fine-tune's own
+    predictions (the fine-tune scores 1), and every grid trial of a linear merge scores the bench's normalized
+    accuracy on the validation split; the best on test likewise."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from evaluations.bench import load_suite, run_benchmark
+    from tests.evaluations.test_suite_yaml_errors import BODY, body16
+
+    torch.manual_seed(0)
+    base = body16().state_dict()
+    data: dict[str, dict[str, torch.Tensor]] = {}
+    for task, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        state = {k: (v + 0.5 * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()}
+        save_file(state, str(tmp_path / f"{task}.safetensors"))
+        body = body16()
+        body.load_state_dict(state)
+        x = torch.randn(96, 64, generator=g)
+        with torch.no_grad():
+            y = body(x).argmax(-1)
+        data[task] = {"x_val": x[:48], "y_val": y[:48], "x_test": x[48:], "y_test": y[48:]}
+        save_file(data[task], str(tmp_path / f"{task}_data.safetensors"))
+        save_file({"x_val": x[:48], "y_val": y[:48], "x_test": x[:48].clone(), "y_test": y[:48].clone()},
+                  str(tmp_path / f"{task}_val.safetensors"))
+    save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+
+    def suite(name: str, split: str, methods: list) -> Path:
+        doc = {"name": "st", "body": BODY, "base": "base.safetensors",
+               "models": {"a": "a.safetensors", "b": "b.safetensors"},
+               "tasks": {t: {"data": f"{t}_{split}.safetensors"} for t in ("a", "b")}, "methods": methods}
+        (tmp_path / name).write_text(yaml.safe_dump(doc))
+        return tmp_path / name
+
+    path = suite("suite.yaml", "data", [{"method": "linear"}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: suite:a\n"
+                      "    parameters: {weight: {search: [0.0, 1.0], step: 0.5}}\n"
+                      "  - model: suite:b\n    parameters: {weight: 1.0}\n")
+    out = tmp_path / "out"
+    assert main(["search", str(recipe), str(out), "--suite", str(path), "--sampler", "grid"]) == 0, \
+        capsys.readouterr().err
+
+    def bench(w: float, split: str) -> float:
+        methods = [{"label": "L", "method": "linear", "params": {"weight": [w, 1.0]}}]
+        return run_benchmark(load_suite(str(suite(f"b_{split}.yaml", split, methods))), geometry=False,
+                             progress=False).row("L").normalized_average
+
+    rows = json.loads((out / "trials.json").read_text())
+    values = {r["params"]["models[0].parameters.weight"]: r["values"][0] for r in rows}
+    assert sorted(values) == [0.0, 0.5, 1.0] and len(set(values.values())) > 1
+    for w, v in values.items():
+        assert v == pytest.approx(bench(w, "val"), abs=1e-12)
+    info = json.loads((out / "search.json").read_text())["suite"]
+    best = max(values, key=values.get)
+    assert info["test"]["normalized_average"] == pytest.approx(bench(best, "data"), abs=1e-12)
