@@ -65,17 +65,19 @@ def suite_refs(raw: Any, sources: dict[str, str], where: str = "recipe") -> Any:
     return raw
 
 
-def _body_names(body_names: list[str], merged: list[str], what: str) -> dict[str, str]:
+def _body_names(body: dict[str, torch.Tensor], merged: dict[str, tuple[int, ...]], what: str) -> dict[str, str]:
     """merged tensor name -> body tensor name: the same name, or the merged name with one leading component
-    (the base model's prefix, e.g. `bert.`) for a body name `model.<rest>`."""
-    have = set(merged)
+    (the base model's prefix, e.g. `bert.`) for a body name `model.<rest>`; shapes must agree."""
     out: dict[str, str] = {}
-    for b in body_names:
+    for b, t in body.items():
         rest = b.removeprefix("model.")
-        found = [n for n in (b, rest) if n in have] or sorted(n for n in have if n.split(".", 1)[-1] == rest
-                                                               and n.count(".") == rest.count(".") + 1)
+        found = [n for n in (b, rest) if n in merged] or sorted(n for n in merged if n.split(".", 1)[-1] == rest
+                                                                 and n.count(".") == rest.count(".") + 1)
         if not found:
             raise BasinError(f"{what}: the merged output has no tensor for the suite's body tensor {b!r}")
+        if tuple(merged[found[0]]) != tuple(t.shape):
+            raise BasinError(f"{what}: merged tensor {found[0]!r} has shape {tuple(merged[found[0]])}, the suite's "
+                             f"body tensor {b!r} {tuple(t.shape)}")
         out[found[0]] = b
     return out
 
@@ -101,24 +103,21 @@ class SuiteObjective:
             if zero:
                 raise BasinError(f"--suite {path}: the fine-tune of {zero[0]!r} scores 0 on its {split} split: its "
                                  "normalized accuracy is undefined")
-        self._names: dict[tuple[str, ...], dict[str, str]] = {}
+        self._names: dict[tuple, dict[str, str]] = {}
 
-    def targets(self, merged: list[str]) -> dict[str, torch.Tensor]:
-        """merged tensor name -> the body tensor it fills (merged tensors outside the body, e.g. heads: none)."""
-        key = tuple(merged)
+    def targets(self, merged: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """merged tensor name (-> shape) -> the body tensor it fills (merged tensors outside the body, e.g. heads:
+        none); the mapping is computed once per layout."""
+        key = tuple((n, tuple(s)) for n, s in merged.items())
         if key not in self._names:
-            self._names[key] = _body_names(list(self.state), merged, f"--suite {self.path}")
+            self._names[key] = _body_names(self.state, merged, f"--suite {self.path}")
         return {m: self.state[b] for m, b in self._names[key].items()}
 
     def load(self, ckpt: Any) -> None:
         """Fill the body from a merged checkpoint (a trial merged on disk)."""
         with torch.no_grad():
-            for name, t in self.targets(list(ckpt.names())).items():
-                value = ckpt.get(name)
-                if tuple(value.shape) != tuple(t.shape):
-                    raise BasinError(f"--suite {self.path}: merged tensor {name!r} has shape {tuple(value.shape)}, "
-                                     f"the suite's body expects {tuple(t.shape)}")
-                t.copy_(value)
+            for name, t in self.targets({n: tuple(ckpt.meta(n).shape) for n in ckpt.names()}).items():
+                t.copy_(ckpt.get(name))
 
     def scores(self, split: str = "val") -> dict[str, float]:
         return self.suite.tasks.evaluate(self.body, split)

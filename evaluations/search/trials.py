@@ -149,7 +149,7 @@ class TrialRunner:
                              "needs; a headless base, e.g. a BertModel beside BertForSequenceClassification "
                              "fine-tunes, cannot be merged with them: save the base with the fine-tunes' class)"
                              ) from None
-        self.suite.targets([tp.name for tp in plan.tensors])
+        self.suite.targets({tp.name: tuple(tp.shape) for tp in plan.tensors})
 
     @property
     def needs_model(self) -> bool:
@@ -237,7 +237,7 @@ class TrialRunner:
             return self._refuse_memory("the merge aligns or remaps the vocabulary")
         targets: dict[str, list[torch.Tensor]] = {}
         if self.suite is not None:
-            for name, tensor in self.suite.targets([tp.name for tp in plan.tensors]).items():
+            for name, tensor in self.suite.targets({tp.name: tuple(tp.shape) for tp in plan.tensors}).items():
                 targets.setdefault(name, []).append(tensor)
         if not self.needs_model:
             return targets

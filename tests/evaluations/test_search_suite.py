@@ -45,6 +45,7 @@ def pool(tmp_path_factory, minilm_dir) -> Path:
     headed = transformers.BertForSequenceClassification(_config()).eval()
     headed.bert.load_state_dict(base.state_dict())
     _save(headed, root / "base", minilm_dir)
+    _save(base, root / "headless", minilm_dir)
     _save(_fine_tune(base, sentiment_rows(), minilm_dir, 1), root / "ft-sent", minilm_dir)
     _save(_fine_tune(base, fruit_rows(), minilm_dir, 2), root / "ft-fruit", minilm_dir)
     for task, rows in (("sent", sentiment_rows()), ("fruit", fruit_rows())):
@@ -131,6 +132,19 @@ def test_bad_suite_options_one_line_exit_2_nothing_written(pool, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_headless_base_is_a_one_line_error_with_the_fix(pool, tmp_path, capsys):
+    """A suite whose base is a BertModel (the bench accepts it) cannot be merged by basin merge with its classifier
+    fine-tunes: refused before anything is written, saying what to do."""
+    suite = pool / "headless.yaml"
+    suite.write_text((pool / "suite.yaml").read_text().replace("base: ./base", "base: ./headless"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((pool / "search.yaml").read_text() + "allow_mixed_architectures: true\n")
+    assert main(["search", str(recipe), str(tmp_path / "out"), "--suite", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tensor names differ" in err and "save the base with the fine-tunes' class" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_suite_model_is_a_one_line_error(pool, tmp_path, capsys):
