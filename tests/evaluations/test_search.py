@@ -186,9 +186,11 @@ def test_resume_keeps_the_first_trials(tmp_path, models, monkeypatch):
     assert _search(tmp_path, models, out, "--trials", "7", recipe=other) == 2  # another search: refused
 
 
-def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models):
-    """TIES at a few densities: the loss of the live model equals the loss of the merged folder, bit for bit, and
-    the chunked loss equals `measure_loss` over all the data."""
+def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models, monkeypatch):
+    """TIES at a few densities: the loss of the live model equals the loss of the merged folder, bit for bit (and
+    neither opens the inputs again: they were opened when the runner was built), and the chunked loss equals
+    `measure_loss` over all the data."""
+    import merging.pipeline
     from evaluations.measure import measure_loss
     from evaluations.search.trials import DataSpec, ObjectiveSpec, Pruned, TrialRunner, TrialSetup, chunked_loss
 
@@ -198,6 +200,11 @@ def test_loss_objective_in_memory_equals_scratch_and_measure_loss(models):
     data = DataSpec(str(models["data"]), seq_len=8, batch_size=2)
     setups = [TrialSetup(raw, "recipe", (ObjectiveSpec("loss"),), data, mode) for mode in ("always", "never")]
     memory, scratch = TrialRunner(setups[0]), TrialRunner(setups[1])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the inputs were opened again for a trial")
+
+    monkeypatch.setattr(merging.pipeline, "open_inputs", refuse)
     for density in (0.2, 0.6):
         values = {"models[0].parameters.density": density}
         m, s = memory.run(values), scratch.run(values)
