@@ -3,9 +3,15 @@
 A Llama base (bfloat16 on disk, as real checkpoints are) and three MLP fine-tunes, with a word tokenizer; the same
 YAML is given to both tools for gate_mode hidden, cheap_embed and random. Compared: every tensor (mergekit
 writes transformers 5's fused `mlp.experts.gate_up_proj` / `down_proj`; basin the per-expert Hub layout, fused
-here the way transformers fuses it on load), the router rows, wall time and peak RSS of each whole process.
+here the way transformers fuses it on load), the router rows, wall time, CPU time and peak RSS of each whole
+process, both with `--threads` intra-op threads (default 1, as `extract_lora_vs_mergekit.py`: on a shared machine
+multithreaded BLAS/LAPACK calls wait on descheduled threads; the number is in the JSON). Also the import floor:
+CPU seconds of processes that only import what each tool must (torch; + transformers' config classes, which write
+the output's config.json; + the MoE modeling class, which checks the output loads and runs the `hidden` forward
+passes; mergekit's moe script): at this size nearly all of both tools' time.
 
-    python benchmarks/moe_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-moe] [--hidden 256 --layers 4]
+    python benchmarks/moe_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-moe] [--hidden 768 --layers 12]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -98,17 +104,33 @@ def _compare(basin: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> dic
             "differ_rel_fro": differ, "differing_are_routers_only": sorted(routers) == sorted(differ)}
 
 
+CONFIG_IMPORT = "import torch, transformers.models.llama.configuration_llama"
+FLOOR = {"torch": "import torch", "+ transformers config": CONFIG_IMPORT,
+         "+ modeling (loadability check, hidden forward)":
+             CONFIG_IMPORT + ", transformers.models.mixtral.modeling_mixtral"}
+
+
+def _import_floor(mergekit: str, env: dict[str, str]) -> dict:
+    """CPU seconds (and wall, RSS) of processes that only import (see the module docstring)."""
+    out = {f"basin: {k}": timed([sys.executable, "-c", code], env) for k, code in FLOOR.items()}
+    out["mergekit: import mergekit.scripts.moe"] = timed([str(Path(mergekit).parent / "python"), "-c",
+                                                          "import mergekit.scripts.moe"], env)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default="/work/peers/mk/bin/mergekit-moe")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both tools (see the docstring)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if not Path(args.mergekit).exists():
         print(f"skipped: {args.mergekit} not found", file=sys.stderr)
         return {}
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     basin = [sys.executable, "-m", "evaluations.cli", "moe"]
     runs = []
     with tempfile.TemporaryDirectory(prefix="basin-moe-") as tmp:
@@ -126,11 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
                                    "--hidden-dtype", dtype], env)
                 row[f"{key} vs mergekit"] = _compare(_tensors(out), _tensors(root / f"mk-{mode}"))
             row["speedup"] = round(row["mergekit"]["seconds"] / row["basin"]["seconds"], 2)
+            row["cpu speedup"] = round(row["mergekit"]["cpu_seconds"] / row["basin"]["cpu_seconds"], 2)
+            row["rss_ratio basin / mergekit"] = round(row["basin"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"], 3)
+            row["load_average"] = os.getloadavg()
             runs.append(row)
             print(json.dumps(row, indent=1)[:1500], file=sys.stderr)
     result = {"benchmark": "moe_vs_mergekit", "model": f"llama hidden {args.hidden}, {args.layers} layers, "
-              f"4 experts, bfloat16", "machine": platform.platform(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "runs": runs}
+              f"4 experts, bfloat16", "threads": args.threads, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "import_floor": _import_floor(args.mergekit, env), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

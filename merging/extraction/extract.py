@@ -108,7 +108,7 @@ def extract_lora(finetuned: Any, base: Any, out_dir: str | Path | None, *, rank:
     ft = open_checkpoint(finetuned, allow_pickle=allow_pickle, label=str(finetuned))
     bs = open_checkpoint(base, allow_pickle=allow_pickle, label=str(base))
     guard = guard_output(out, [finetuned, base], [ft, bs])
-    kinds = module_kinds(read_config(bs) or read_config(ft))
+    kinds = module_kinds(read_config(bs) or read_config(ft), [*ft.names(), *bs.names()])
     plan = build_plan(ft, bs, kinds, rank=rank, embed_lora=embed_lora, include=include, exclude=exclude)
     settings = {"rank": rank, "energy": energy if rank == "auto" else None, "sv_epsilon": sv_epsilon,
                 "embed_lora": embed_lora, "include": list(include), "exclude": list(exclude)}

@@ -125,25 +125,26 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 def base_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> Any:
-    """The base as a transformers causal LM (its config.json's class; no remote code), weights streamed from the
+    """The base's decoder stack (transformers' base model of its config.json's class, e.g. LlamaModel: no output
+    head, so no vocabulary-sized weight copied nor logits computed; no remote code), weights streamed from the
     checkpoint one tensor at a time (so `base+lora` and Hub references work as everywhere else)."""
     import transformers
     from transformers.initialization import no_init_weights
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     folder = ckpt.folder
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     cls = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0], None)
-    if cls is None or not hasattr(cls, "config_class"):
+    if cls is None or not hasattr(cls, "config_class") or type(config) not in MODEL_MAPPING:
         raise BasinError(f"{folder}: config.json names no transformers class basin can run")
     with no_init_weights(), torch.device(device):
-        model = cls(config)
+        model = MODEL_MAPPING[type(config)](config)
     model = model.to(dtype).eval()
-    model.tie_weights()
+    prefix = f"{cls.base_model_prefix}." if cls.base_model_prefix else ""
     names = set(ckpt.names())
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if name in names:
-                t.copy_(ckpt.get(name))
-            elif not name.startswith("lm_head."):
-                raise BasinError(f"{ckpt.label}: tensor {name!r} of {cls.__name__} is missing")
+            if prefix + name not in names:
+                raise BasinError(f"{ckpt.label}: tensor {prefix + name!r} of {cls.__name__} is missing")
+            t.copy_(ckpt.get(prefix + name))
     return model
