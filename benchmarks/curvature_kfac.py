@@ -20,8 +20,10 @@ first matvec (curvlinops computes its factors at the first product), and one mor
 Rounds alternate peer and basin (best of the rounds per side): the 2-core machine is shared with other jobs,
 so timings are noisy. Writes benchmarks/results/curvature_kfac.json.
 
-Set up the peer once: python3 -m venv /tmp/peer-cl && /tmp/peer-cl/bin/pip install torch curvlinops-for-pytorch
-Usage: python benchmarks/curvature_kfac.py [--peer /tmp/peer-cl/bin/python] [--rounds 2] [--threads 2]
+Set up the peer once: python3 -m venv /work/peers/cl && /work/peers/cl/bin/pip install torch==2.13.0
+    && /work/peers/cl/bin/pip install curvlinops-for-pytorch (then reinstall torch==2.13.0 and uninstall
+    torchvision and nvidia-* if pip pulled them in)
+Usage: python benchmarks/curvature_kfac.py [--peer /work/peers/cl/bin/python] [--rounds 2] [--threads 2]
 """
 
 from __future__ import annotations

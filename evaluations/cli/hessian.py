@@ -1,5 +1,5 @@
-"""`basin hessian [MODEL]`: top or bottom eigenvalues (`--which`, `--k`; Lanczos), trace and spectral density of a
-curvature operator of a model's loss.
+"""`basin hessian [MODEL]`: top or bottom eigenvalues (`--which`, `--k`; Lanczos), trace (`--trace hutchpp|xtrace`)
+and spectral density of a curvature operator of a model's loss.
 
 `--operator`: hessian (default), ggn, fisher (empirical) or mc_fisher (Monte-Carlo, `--samples`, `--seed`), on
 the `--params` subset, optionally `--block-diagonal` (one block per module). Two models:
@@ -23,6 +23,7 @@ HELP = "top or bottom Hessian eigenvalues, trace and spectral density"
 OPERATORS = ("hessian", "ggn", "fisher", "mc_fisher", "kfac", "ekfac")  # curvature_operator's names + KFAC
 DTYPES = ("bfloat16", "float16", "float32", "float64")  # evaluations.models.DTYPES, without importing torch
 WHICH = {"top": "LA", "bottom": "SA"}  # --which -> lanczos(which=)
+TRACES = ("hutchpp", "xtrace")  # --trace: hutchinson_trace (Hutch++) or xtrace
 __all__ = ["HELP", "add_arguments", "build_model", "run"]
 
 
@@ -59,7 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
                         help="network mode of the Hessian: eval (BatchNorm running statistics) or train (BatchNorm "
                              "batch statistics, running statistics untouched); Dropout off in both")
-    parser.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
+    parser.add_argument("--trace", nargs="?", choices=TRACES, const="hutchpp",
+                        help="also estimate the trace: hutchpp (Hutch++, adaptive to a 5%% standard error; the "
+                             "default) or xtrace (XTrace, a fixed --trace-products budget)")
+    parser.add_argument("--trace-products", type=int_range(4), default=40,
+                        help="xtrace: operator products to spend (default 40)")
     parser.add_argument("--density", help="also write the SLQ density plot to this PNG")
     parser.add_argument("--json", help="write results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json / --density files")
@@ -120,7 +125,7 @@ def _kfac(args: argparse.Namespace, model, loss, data):
 
 def run(args: argparse.Namespace) -> int:
     from evaluations.cli.outputs import Outputs
-    from evaluations.probes import hutchinson_trace, lanczos, spectral_density
+    from evaluations.probes import hutchinson_trace, lanczos, spectral_density, xtrace
 
     with Outputs(args.overwrite, inputs=[args.state, args.model]) as outputs:
         density_png = outputs.file(args.density, "--density") if args.density else None
@@ -139,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
         for v, r in zip(eig.values, eig.residuals):
             print(f"  {float(v):.6g}  (residual {float(r):.2g})")
         if args.trace:
-            est = hutchinson_trace(op)
-            out["trace"] = est.to_json()
-            print(f"trace {est.mean:.6g} +- {est.stderr:.2g} ({est.products} products, converged={est.converged})")
+            est = xtrace(op, matvecs=args.trace_products) if args.trace == "xtrace" else hutchinson_trace(op)
+            out["trace"] = {"method": args.trace, **est.to_json()}
+            print(f"trace ({args.trace}) {est.mean:.6g} +- {est.stderr:.2g} ({est.products} products, "
+                  f"converged={est.converged})")
         if density_png is not None:
             dens = spectral_density(op)
             outputs.write(density_png, dens.plot)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from evaluations.objective import Objective, standard_loss
@@ -105,6 +105,23 @@ def as_task(loss: Objective | Callable) -> Task:
         raise ProbeError(f"loss: expected an Objective or a loss function, got {type(loss).__name__}")
     name = getattr(loss, "__name__", type(loss).__name__)
     return Task(_xy, loss, likelihood_kind(loss), f"loss {name}")
+
+
+def vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+        retain_graph: bool | None = None, create_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """sum_i J_i^T c_i: `torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)` as the gradient of
+    the scalar sum_i <outputs_i, c_i>, bit-identical (its backward hands each output exactly c_i: 1 * c_i).
+
+    A tensor `grad_outputs` makes torch import torch.fx.experimental.symbolic_shapes (sympy; 1.5-2.5 s once per
+    process) to check shapes; a scalar output does not, so no product pays that import. Outputs that do not
+    require grad contribute nothing (their inputs' parts are None).
+    """
+    with torch.enable_grad():
+        terms = [(o * c).sum() for o, c in zip(outputs, cotangents) if o.requires_grad]
+        if not terms:
+            return (None,) * len(inputs)
+        return torch.autograd.grad(sum(terms[1:], terms[0]), list(inputs), retain_graph=retain_graph,
+                                   create_graph=create_graph, allow_unused=True)
 
 
 class _Predict(nn.Module):
@@ -278,7 +295,14 @@ class CurvatureOperator(Operator):
 
     # --- loss and gradient (the optional part of the protocol) -------------------------------------------------
     def _batch_gradient(self, p: dict[str, torch.Tensor], i: int, batch) -> torch.Tensor:
-        return self.flatten(grad(self.batch_loss)(p, batch))
+        # torch.autograd.grad, not torch.func.grad: the same values without torch.func's lazy torch._dynamo import
+        with torch.enable_grad():
+            leaves = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+            loss = self.batch_loss(leaves, batch)
+            if not loss.requires_grad:  # a loss that no selected parameter reaches
+                return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+            parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return self.flatten({n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), parts)})
 
     def gradient(self, flat: torch.Tensor | None = None) -> torch.Tensor:
         """The flat gradient of the mean loss over `data` at the stored parameters, or at `flat`."""

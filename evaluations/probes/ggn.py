@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from evaluations.probes.curvature import CurvatureOperator
+from evaluations.probes.curvature import CurvatureOperator, vjp
 from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
@@ -73,7 +73,7 @@ class OutputCurvature(CurvatureOperator):
             leaves = {n: t.detach().requires_grad_(True) for n, t in self.primals.items()}
             out, targets = self.outputs(leaves, batch)
             dummy = torch.zeros_like(out, requires_grad=True)
-            jt = torch.autograd.grad(out, list(leaves.values()), dummy, create_graph=True, allow_unused=True)
+            jt = vjp([out], list(leaves.values()), [dummy], create_graph=True)
         self._check_targets(targets)
         graph = (leaves, out, out.detach(), targets, dummy, jt)
         if self.cache_graph:
@@ -92,16 +92,21 @@ class OutputCurvature(CurvatureOperator):
         if not used:
             return torch.zeros((len(next(iter(tangents.values()))),) * batched + tuple(f.shape), dtype=f.dtype,
                                device=f.device)
-        with torch.enable_grad():
-            (ju,) = torch.autograd.grad([g for g, _ in used], dummy, [t for _, t in used], retain_graph=True,
-                                        allow_unused=True, is_grads_batched=batched)
+        if batched:
+            with torch.enable_grad():
+                (ju,) = torch.autograd.grad([g for g, _ in used], dummy, [t for _, t in used], retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)
+        else:
+            (ju,) = vjp([g for g, _ in used], [dummy], [t for _, t in used], retain_graph=True)
         return torch.zeros_like(f) if ju is None else ju
 
     def _vjp(self, graph: tuple, w: torch.Tensor, batched: bool, retain: bool) -> dict[str, torch.Tensor | None]:
         leaves, out = graph[0], graph[1]
+        if not batched:
+            return dict(zip(leaves, vjp([out], list(leaves.values()), [w], retain_graph=retain)))
         with torch.enable_grad():
             parts = torch.autograd.grad(out, list(leaves.values()), w, retain_graph=retain, allow_unused=True,
-                                        is_grads_batched=batched)
+                                        is_grads_batched=True)
         return dict(zip(leaves, parts))
 
     def _product(self, tangent: dict[str, torch.Tensor], i: int, batch) -> dict[str, torch.Tensor | None]:

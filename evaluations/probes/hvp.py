@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from evaluations.probes.curvature import MODES, CurvatureOperator, as_batches, network_mode
+from evaluations.probes.curvature import MODES, CurvatureOperator, as_batches, network_mode, vjp
 from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
@@ -80,9 +80,7 @@ class HessianOperator(CurvatureOperator):
 
         def hvp_double(v: dict[str, torch.Tensor], i: int, batch) -> dict[str, torch.Tensor]:
             p, g = self._gradient_graph(i, batch)
-            with torch.enable_grad():
-                hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[v[n] for n in p], allow_unused=True,
-                                         retain_graph=self.cache_graph)
+            hv = vjp(g, list(p.values()), [v[n] for n in p], retain_graph=self.cache_graph)
             return {n: torch.zeros_like(p[n]) if h is None else h for n, h in zip(p, hv)}
 
         return hvp if self.method == "forward_over_reverse" else hvp_double

@@ -118,37 +118,59 @@ def start_vector(op, n: int, start: str, seed: int, dtype: torch.dtype) -> tuple
 
 
 class _Subspace:
-    """An orthonormal basis Q (rows), its images W = A Q (rows) and C = Q W^T, grown one vector at a time.
+    """An orthonormal basis Q (rows), its images W = A Q (rows), C = Q W^T and the Gram matrix G = W W^T, grown one
+    vector at a time.
 
     Rayleigh-Ritz on span(Q) works for any basis, not only a single Krylov sequence, so restarted and
-    confirmation vectors join the same subspace; residuals |A y - theta y| are formed explicitly from W.
+    confirmation vectors join the same subspace. Residuals |A y - theta y| are formed explicitly from W
+    (`residuals`); `screen` estimates them from G and C alone (|r|^2 = s^T G s - theta^2 for an orthonormal Q),
+    so a step costs two passes over Q and one over W, and the explicit residuals are formed only when the
+    estimate says they may pass.
     """
 
     def __init__(self, n: int, capacity: int):
         self.n, self.m = n, 0
-        self.q = torch.zeros(capacity, n, dtype=torch.float64)
-        self.w = torch.zeros(capacity, n, dtype=torch.float64)
+        # rows are written before they are read; `empty` commits memory only as rows are written
+        self.q = torch.empty(capacity, n, dtype=torch.float64)
+        self.w = torch.empty(capacity, n, dtype=torch.float64)
         self.c = torch.zeros(capacity, capacity, dtype=torch.float64)
+        self.g = torch.zeros(capacity, capacity, dtype=torch.float64)
 
-    def orthogonalize(self, v: torch.Tensor) -> torch.Tensor:
-        """v less its components along Q (classical Gram-Schmidt twice: "twice is enough")."""
+    def orthogonalize(self, v: torch.Tensor, coefficients: torch.Tensor | None = None) -> torch.Tensor:
+        """v less its components along Q (classical Gram-Schmidt twice: "twice is enough"); `coefficients`: Q v
+        when already known (the first pass then reads Q once)."""
         for _ in range(2):
-            v = v - self.q[: self.m].T @ (self.q[: self.m] @ v)
+            coefficients = self.q[: self.m] @ v if coefficients is None else coefficients
+            v = v - self.q[: self.m].T @ coefficients
+            coefficients = None
         return v
+
+    def _grow(self) -> None:
+        size = 2 * max(len(self.q), 8)
+        for name in ("q", "w"):
+            old, new = getattr(self, name), torch.empty(size, self.n, dtype=torch.float64)
+            new[: self.m] = old[: self.m]
+            setattr(self, name, new)
+        for name in ("c", "g"):
+            old, new = getattr(self, name), torch.zeros(size, size, dtype=torch.float64)
+            new[: self.m, : self.m] = old[: self.m, : self.m]
+            setattr(self, name, new)
 
     def add(self, q: torch.Tensor, w: torch.Tensor) -> None:
         if self.m == len(self.q):
-            grow = max(len(self.q), 8)
-            self.q = torch.cat([self.q, torch.zeros(grow, self.n, dtype=torch.float64)])
-            self.w = torch.cat([self.w, torch.zeros(grow, self.n, dtype=torch.float64)])
-            c = torch.zeros(len(self.q), len(self.q), dtype=torch.float64)
-            c[: self.m, : self.m] = self.c[: self.m, : self.m]
-            self.c = c
+            self._grow()
         j = self.m
         self.q[j], self.w[j] = q, w
         self.m += 1
         self.c[: j + 1, j] = self.q[: j + 1] @ w
-        self.c[j, :j] = self.w[:j] @ q
+        both = torch.mm(torch.stack([q, w]), self.w[: j + 1].T)  # one pass over W: W q (C's row), W w (G's column)
+        self.c[j, :j] = both[0, :j]
+        self.g[: j + 1, j] = both[1]
+        self.g[j, :j] = both[1, :j]
+
+    def projection(self) -> torch.Tensor:
+        """Q w_last: the last image's coefficients along the basis (for `orthogonalize`)."""
+        return self.c[: self.m, self.m - 1]
 
     def ritz(self, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Ritz values and coefficient vectors of the compression of A onto rows lo: of Q."""
@@ -163,6 +185,18 @@ class _Subspace:
             r = r - torch.mm(torch.mm(r, self.q[:lo].T), self.q[:lo])
         return r.norm(dim=1)
 
+    def screen(self, s: torch.Tensor, theta: torch.Tensor, bound: torch.Tensor, lo: int = 0,
+               deflate: bool = False) -> bool:
+        """False only if every explicit residual `residuals(s, theta, lo, deflate)` is surely above `bound` for some
+        pair: the estimate |r|^2 = s^T G s - theta^2 (- |C[:lo, lo:] s|^2 deflated) with a rounding allowance of
+        8 m n eps max diag(G), a worst case for the inner products that form G and C."""
+        g = self.g[lo : self.m, lo : self.m]
+        est = (s * (g @ s)).sum(0) - theta**2
+        if deflate and lo:
+            est = est - (self.c[:lo, lo : self.m] @ s).pow(2).sum(0)
+        slack = 8 * self.m * self.n * torch.finfo(torch.float64).eps * float(self.g.diagonal()[: self.m].max())
+        return bool((est <= bound**2 + slack).all())
+
     def vectors(self, s: torch.Tensor) -> torch.Tensor:
         return torch.mm(s.T.contiguous(), self.q[: self.m])
 
@@ -172,7 +206,7 @@ def _next_vector(sub: _Subspace, w: torch.Tensor, gen: torch.Generator, fresh: b
     subspace (an invariant subspace: the Krylov sequence ended early), a random vector orthogonal to it.
     None when the subspace is the whole space."""
     if not fresh:
-        v = sub.orthogonalize(w)
+        v = sub.orthogonalize(w, sub.projection())
         if v.norm() > 1e-10 * max(w.norm(), 1e-300):
             return v / v.norm()
     for _ in range(3):
@@ -180,6 +214,11 @@ def _next_vector(sub: _Subspace, w: torch.Tensor, gen: torch.Generator, fresh: b
         if v.norm() > 1e-6:
             return v / v.norm()
     return None
+
+
+def _explicit_ok(sub: _Subspace, s: torch.Tensor, theta: torch.Tensor, bound: torch.Tensor) -> bool:
+    """Every explicit residual |A y_i - theta_i y_i| within its bound: the rigorous test behind `converged`."""
+    return bool((sub.residuals(s, theta) <= bound).all())
 
 
 @dataclass
@@ -200,8 +239,11 @@ def _confirmed(sub: _Subspace, check: _Check, values: torch.Tensor, tol: float, 
         return None
     theta, s = sub.ritz(check.start)
     i = _pick(theta, 1, which)
+    bound = tol * values[-1].abs()
+    if not sub.screen(s[:, i], theta[i], bound, check.start, deflate=True):
+        return None
     res = sub.residuals(s[:, i], theta[i], check.start, deflate=True)
-    return True if float(res[0]) <= tol * float(values[-1].abs()) else None
+    return True if float(res[0]) <= float(bound) else None
 
 
 def lanczos(
@@ -248,7 +290,7 @@ def lanczos(
     v0, used = start_vector(op, n, start, seed, op.dtype) if v0 is None else (v0, "given")
     dtype = v0.dtype
     gen = torch.Generator().manual_seed(seed + 7919)  # restart / confirmation vectors, apart from the start's
-    sub = _Subspace(n, min(max_iter, 2 * k + 8))
+    sub = _Subspace(n, min(max_iter, max(2 * k + 8, (1 << 24) // n)))  # up to 128 MiB reserved per buffer
     q: torch.Tensor | None = v0.double() / v0.double().norm()
     check: _Check | None = None
     converged = False
@@ -257,12 +299,16 @@ def lanczos(
         sub.add(q, w)
         theta, s = sub.ritz()
         idx = _pick(theta, min(k, sub.m), which)
-        res = sub.residuals(s[:, idx], theta[idx])
-        ok = sub.m >= k and bool((res <= tol * theta[idx].abs()).all())
+        bound = tol * theta[idx].abs()
+        ok = sub.m >= k and sub.screen(s[:, idx], theta[idx], bound)  # the estimate; explicit residuals where
+        if ok and check is None:  # a decision rests on them: before a confirmation starts and before returning
+            ok = _explicit_ok(sub, s[:, idx], theta[idx], bound)
         state = _confirmed(sub, check, theta[idx], tol, which) if ok and check is not None else None
         if ok and (state or sub.m == n):
-            converged = True
-            break
+            if check is None or _explicit_ok(sub, s[:, idx], theta[idx], bound):
+                converged = True
+                break
+            ok = False
         fresh = ok and (check is None or state is False)  # start (or restart) a confirmation sequence
         check = (_Check(sub.m, theta[idx].clone()) if fresh else check) if ok else None
         q = _next_vector(sub, w, gen, fresh)
