@@ -46,12 +46,14 @@ class Density(ProbeResult):
 
     def mass(self, low: float, high: float) -> float:
         """Estimated fraction of eigenvalues in [low, high) (from the quadrature weights, no smoothing)."""
-        inside = (self.nodes >= low) & (self.nodes < high)
-        return float((self.weights * inside).sum() / self.nodes.shape[0])
+        nodes, weights = torch.from_numpy(self.nodes), torch.from_numpy(self.weights)  # torch's sums: the same bits
+        inside = (nodes >= low) & (nodes < high)
+        return float((weights * inside).sum() / nodes.shape[0])
 
     def moment(self, p: int) -> float:
         """Estimated (1/n) tr(A^p)."""
-        return float((self.weights * self.nodes**p).sum() / self.nodes.shape[0])
+        nodes, weights = torch.from_numpy(self.nodes), torch.from_numpy(self.weights)
+        return float((weights * nodes**p).sum() / nodes.shape[0])
 
     def to_json(self) -> dict:
         return {"grid": self.grid.tolist(), "density": self.density.tolist(), "sigma": self.sigma,
