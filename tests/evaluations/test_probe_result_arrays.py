@@ -27,6 +27,8 @@ from evaluations.probes import (
     epsilon_sharpness,
     hutchinson_diagonal,
     hutchinson_trace,
+    kernel_alignment,
+    kernel_distance,
     lanczos,
     power_iteration,
     spectral_density,
@@ -150,13 +152,22 @@ def test_every_probe_result_holds_numpy_float64_arrays_and_its_json_is_unchanged
 
 
 def test_tensor_apis_keep_their_tensors():
-    """`empirical_ntk` is the kernel as a tensor in the model's dtype, the kernel `NTKResult` holds as float64."""
+    """`empirical_ntk` is the kernel as a tensor in the model's dtype, the kernel `NTKResult` holds as float64; the
+    kernel comparisons give the same bits for either."""
     for dtype in (torch.float32, torch.float64):
-        model, x, _ = _model(dtype)
+        model, x, y = _model(dtype)
         k = empirical_ntk(model, x, kind="trace")
         res = empirical_ntk_result(model, x, kind="trace")
         assert isinstance(k, torch.Tensor) and k.dtype == dtype
         assert np.array_equal(res.kernel, k.double().numpy())
+        moved = _model(dtype)[0]
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.mul_(1.5).add_(0.1)
+        k0 = empirical_ntk(moved, x, kind="trace")
+        assert kernel_distance(k0, k) > 0
+        assert kernel_distance(k0.double().numpy(), res.kernel) == kernel_distance(k0, k)
+        assert kernel_alignment(res.kernel, y, num_classes=3) == kernel_alignment(k, y, num_classes=3)
 
 
 if __name__ == "__main__":  # records the fixture (from the code before the change)
