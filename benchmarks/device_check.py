@@ -180,7 +180,7 @@ def main() -> None:
         ref_values = torch.tensor(list(ref.values), dtype=torch.float64)
         return {
             "top1_cuda_s": round(t1 - t0, 4), "top5_cuda_s": round(t2 - t1, 4),
-            "top1_rel_error_vs_cpu_tight": float(abs(top1.values[0] - ref_values[0]) / ref_values[0]),
+            "top1_rel_error_vs_cpu_tight": float(abs(float(top1.values[0]) - ref_values[0]) / ref_values[0]),
             "top5_max_rel_error_vs_cpu_tight": float(((torch.tensor(list(top5.values), dtype=torch.float64)
                                                        - ref_values).abs() / ref_values.abs()).max()),
             "converged": [bool(top1.converged), bool(top5.converged), bool(trace.converged), bool(density.converged)],

@@ -193,7 +193,7 @@ def main() -> None:
 
     ref = lanczos(op, k=5, tol=1e-9, max_iter=300, start="random", seed=123)
     result["reference_top5"] = ref.to_json()
-    ref_vals = ref.values
+    ref_vals = torch.from_numpy(ref.values)
     result["hvp"] = hvp_profile(model, loss_fn, x, y)
     result["lanczos_steps_to_1e-3"] = {}
     for start in ("random", "gradient"):
@@ -262,9 +262,9 @@ def main() -> None:
     result["basin_density"] = {
         "seconds": secs, "steps": 80, "runs": 1, "converged": dens.converged, "iterations": dens.iterations,
         "edge_residuals": dens.edge_residuals.tolist(),
-        "integral": float(torch.trapezoid(dens.density, dens.grid)),
+        "integral": float(torch.trapezoid(torch.from_numpy(dens.density), torch.from_numpy(dens.grid))),
         "top_node": float(dens.nodes.max()),
-        "top_node_rel_error": float((dens.nodes.max() - ref_vals[0]) / ref_vals[0]),
+        "top_node_rel_error": float((float(dens.nodes.max()) - ref_vals[0]) / ref_vals[0]),
         "trace_from_density": dens.moment(1) * op.size, "hutchinson_trace": est.mean,
         "check": "no dense Hessian at 300k parameters: checked against the converged Lanczos top eigenvalue and "
                  "the trace; the dense checks are in tests/evaluations/test_probes_hessian.py",

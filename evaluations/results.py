@@ -1,9 +1,11 @@
 """The one result protocol of `evaluations/`: every result is a dataclass with `to_json()`, built on this module.
 
-Array convention: a result's arrays are numpy float64 (`as_float64`), for JSON and plotting; tensors stay inside
-the algorithms. `jsonable` is the one conversion to JSON values (tensors and arrays as nested lists, numpy
-scalars as Python numbers, nested results through their own `to_json`), and `fields_json` a dataclass's fields
-through it, so a result's `to_json` only adds what is derived (e.g. `error = 1 - accuracy`).
+Array convention: a result's arrays are numpy float64 (`as_float64`, applied when the result is built: the
+landscape results' and `evaluations.probes.result.ProbeResult`'s `__post_init__`), for JSON and plotting; tensors
+stay inside the algorithms, and a caller that needs one converts at the use site (`torch.from_numpy`).
+`jsonable` is the one conversion to JSON values (tensors and arrays as nested lists, numpy scalars as Python
+numbers, nested results through their own `to_json`), and `fields_json` a dataclass's fields through it, so a
+result's `to_json` only adds what is derived (e.g. `error = 1 - accuracy`).
 """
 
 from __future__ import annotations

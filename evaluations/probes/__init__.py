@@ -1,6 +1,6 @@
 """Curvature and kernel probes: Hessian, GGN, Fisher and KFAC operators; spectra (Lanczos, Hutchinson / Hutch++ /
-XTrace, SLQ, diagonal) of any `LinearOperator`, sharpness, and the empirical NTK; iterative results derive from
-`ProbeResult`."""
+XTrace, SLQ, diagonal) of any `LinearOperator`, sharpness, and the empirical NTK; their results derive from
+`ProbeResult` and hold numpy float64 arrays (`evaluations.results`)."""
 
 from __future__ import annotations
 

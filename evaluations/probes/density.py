@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from evaluations.probes.lanczos import lanczos_tridiag, tridiagonal
@@ -28,28 +29,31 @@ from evaluations.probes.trace import rademacher
 @dataclass
 class Density(ProbeResult):
     """SLQ quadrature nodes and weights per run and the smoothed density on a grid; `iterations`: operator
-    applications, all runs together; `converged`: see the module docstring."""
+    applications, all runs together; `converged`: see the module docstring. Arrays: numpy float64."""
 
-    nodes: torch.Tensor  # [runs, m] Ritz values (quadrature nodes)
-    weights: torch.Tensor  # [runs, m] quadrature weights, each row sums to 1
-    grid: torch.Tensor  # [points]
-    density: torch.Tensor  # [points], integrates to 1 over grid
+    ARRAYS = ("nodes", "weights", "grid", "density", "edge_residuals")
+    nodes: np.ndarray  # [runs, m] Ritz values (quadrature nodes)
+    weights: np.ndarray  # [runs, m] quadrature weights, each row sums to 1
+    grid: np.ndarray  # [points]
+    density: np.ndarray  # [points], integrates to 1 over grid
     sigma: float
     steps: int
     converged: bool = False
     iterations: int = 0  # operator applications, all runs together
-    edge_residuals: torch.Tensor | None = None  # [runs, 2] residuals of the smallest and largest Ritz pairs
+    edge_residuals: np.ndarray | None = None  # [runs, 2] residuals of the smallest and largest Ritz pairs
     moment_stderr: float | None = None
     mode: str | None = None  # a HessianOperator's network mode ("eval" / "train")
 
     def mass(self, low: float, high: float) -> float:
         """Estimated fraction of eigenvalues in [low, high) (from the quadrature weights, no smoothing)."""
-        inside = (self.nodes >= low) & (self.nodes < high)
-        return float((self.weights * inside).sum() / self.nodes.shape[0])
+        nodes, weights = torch.from_numpy(self.nodes), torch.from_numpy(self.weights)  # torch's sums: the same bits
+        inside = (nodes >= low) & (nodes < high)
+        return float((weights * inside).sum() / nodes.shape[0])
 
     def moment(self, p: int) -> float:
         """Estimated (1/n) tr(A^p)."""
-        return float((self.weights.double() * self.nodes.double() ** p).sum() / self.nodes.shape[0])
+        nodes, weights = torch.from_numpy(self.nodes), torch.from_numpy(self.weights)
+        return float((weights * nodes**p).sum() / nodes.shape[0])
 
     def to_json(self) -> dict:
         return {"grid": self.grid.tolist(), "density": self.density.tolist(), "sigma": self.sigma,
@@ -63,7 +67,7 @@ class Density(ProbeResult):
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(self.grid.numpy(), self.density.numpy())
+        ax.plot(self.grid, self.density)
         if log:
             ax.set_yscale("log")
             ax.set_ylim(bottom=max(1e-8, float(self.density.max()) * 1e-9))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from evaluations.probes.operator import as_operator, operator_mode
@@ -24,10 +25,12 @@ METHODS = ("auto", "exact", "hutchinson")
 @dataclass
 class DiagonalEstimate(ProbeResult):
     """`values` +- `stderr` (per entry; zeros when exact); `error`: |stderr|_2 / |values|_2; `products`
-    (= `iterations`): operator applications (vector-Jacobian products for the exact diagonal)."""
+    (= `iterations`): operator applications (vector-Jacobian products for the exact diagonal). Arrays: numpy
+    float64."""
 
-    values: torch.Tensor
-    stderr: torch.Tensor
+    ARRAYS = ("values", "stderr")
+    values: np.ndarray
+    stderr: np.ndarray
     samples: int
     converged: bool
     products: int
@@ -40,7 +43,8 @@ class DiagonalEstimate(ProbeResult):
 
     @property
     def error(self) -> float:
-        return float(self.stderr.double().norm() / self.values.double().norm().clamp_min(1e-300))
+        stderr, values = torch.from_numpy(self.stderr), torch.from_numpy(self.values)  # torch's norm: the same bits
+        return float(stderr.norm() / values.norm().clamp_min(1e-300))
 
     def to_json(self) -> dict:
         return {"values": self.values.tolist(), "stderr": self.stderr.tolist(), "samples": self.samples,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,18 +18,19 @@ from merging.modes import eval_mode
 from taxonomy.errors import ProbeError
 
 
-def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> float:
-    """S = 1 - <K1, K2>_F / (|K1|_F |K2|_F), computed in float64; 0 for identical (or proportional) kernels."""
-    if k1.shape != k2.shape:
+def kernel_distance(k1: torch.Tensor | np.ndarray, k2: torch.Tensor | np.ndarray) -> float:
+    """S = 1 - <K1, K2>_F / (|K1|_F |K2|_F), computed in float64; 0 for identical (or proportional) kernels.
+    Kernels: tensors or arrays (an `NTKResult`'s)."""
+    if tuple(k1.shape) != tuple(k2.shape):
         raise ProbeError(f"kernel_distance: kernels have shapes {tuple(k1.shape)} and {tuple(k2.shape)}")
-    a, b = k1.double().reshape(-1), k2.double().reshape(-1)
+    a, b = torch.as_tensor(k1).double().reshape(-1), torch.as_tensor(k2).double().reshape(-1)
     denom = a.norm() * b.norm()
     if denom == 0:
         raise ProbeError("kernel_distance: a kernel is all zeros")
     return float(1.0 - torch.dot(a, b) / denom)
 
 
-def kernel_velocity(k1: torch.Tensor, k2: torch.Tensor, dt: float) -> float:
+def kernel_velocity(k1: torch.Tensor | np.ndarray, k2: torch.Tensor | np.ndarray, dt: float) -> float:
     """v = S(K_t, K_{t+dt}) / dt."""
     if dt <= 0:
         raise ProbeError(f"kernel_velocity: dt must be positive, got {dt}")
@@ -41,12 +43,14 @@ def _center(k: torch.Tensor) -> torch.Tensor:
     return h @ k @ h
 
 
-def kernel_alignment(k: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, centered: bool = True) -> float:
-    """Alignment of an [n, n] kernel with the labels' kernel Y Y^T (one-hot Y), or of an [nC, nC] kernel with vec(Y)."""
+def kernel_alignment(k: torch.Tensor | np.ndarray, y: torch.Tensor, num_classes: int | None = None,
+                     centered: bool = True) -> float:
+    """Alignment of an [n, n] kernel (tensor or array) with the labels' kernel Y Y^T (one-hot Y), or of an [nC, nC]
+    kernel with vec(Y)."""
     y = y.reshape(-1)
     c = num_classes or int(y.max()) + 1
     onehot = torch.nn.functional.one_hot(y.long(), c).double()
-    k = k.double()
+    k = torch.as_tensor(k).double()
     if k.shape == (len(y), len(y)):
         target = onehot @ onehot.T
     elif k.shape == (len(y) * c, len(y) * c):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from evaluations.probes.operator import as_operator, has_gradient, operator_mode
@@ -26,13 +27,16 @@ JSON_EXTRAS = ("error_bounds", "start", "confirmation_steps", "mode")
 
 @dataclass
 class Eigen(ProbeResult):
-    """Eigenvalues (ordered as asked: largest first for "LA"/"LM"), eigenvectors as rows, convergence."""
+    """Eigenvalues (ordered as asked: largest first for "LA"/"LM"), eigenvectors as rows, convergence; numpy
+    float64 arrays (the vectors hold the operator dtype's values: `torch.from_numpy(eig.vectors)` for operator
+    algebra)."""
 
-    values: torch.Tensor  # [k]
-    vectors: torch.Tensor  # [k, n]
+    ARRAYS = ("values", "vectors", "residuals")
+    values: np.ndarray  # [k]
+    vectors: np.ndarray  # [k, n]
     converged: bool
     iterations: int  # operator applications
-    residuals: torch.Tensor  # [k] |A v - lambda v|
+    residuals: np.ndarray  # [k] |A v - lambda v|
     method: str = "lanczos"
     extra: dict = field(default_factory=dict)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
@@ -161,9 +162,11 @@ def ntk_vp(model, x1, x2=None, kind="full", params=None, chunk: int | None = Non
 class NTKResult(ProbeResult):
     """An empirical NTK: the kernel (layout by `kind`), the method asked for, the method each selected
     parameter took, and the Linear/Conv2d layers the structured rule left to the Jacobian method, with why.
-    The kernel is computed exactly (no iteration): `converged` is True and `iterations` 0."""
+    The kernel is computed exactly (no iteration): `converged` is True and `iterations` 0. `kernel` is a numpy
+    float64 array (the model dtype's values; `empirical_ntk` returns the tensor itself)."""
 
-    kernel: torch.Tensor
+    ARRAYS = ("kernel",)
+    kernel: np.ndarray
     kind: str
     method: str
     methods: dict[str, str]
@@ -186,20 +189,26 @@ class NTKResult(ProbeResult):
         out = {"kind": self.kind, "method": self.method, "shape": list(self.kernel.shape), "converged": True,
                "iterations": 0, "methods": dict(self.methods), "fallbacks": dict(self.fallbacks)}
         if kernel:
-            out["kernel"] = self.kernel.double().tolist()
+            out["kernel"] = self.kernel.tolist()
         return out
 
 
-def _dispatch(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, kind: str, method: str,
-              params: Selection, chunk: int | None, max_bytes: float) -> NTKResult:
-    if method in ("auto", "structured"):
-        from evaluations.probes.ntk_structured import structured_ntk
+def _compute(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, kind: str, method: str,
+             params: Selection, chunk: int | None, max_bytes: float) -> tuple[torch.Tensor, dict, dict]:
+    """(the kernel, a tensor in the model's dtype; the method per parameter; the structured rule's fallbacks)."""
+    _check(kind, method)
+    if x2 is not None and x2.shape[1:] != x.shape[1:]:
+        raise ProbeError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
+    select_params(model, params)  # a selection matching nothing fails here, naming it
+    with eval_mode(model), math_attention():
+        if method in ("auto", "structured"):
+            from evaluations.probes.ntk_structured import structured_ntk
 
-        s = structured_ntk(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
-        return NTKResult(s.kernel, kind, method, s.methods, s.fallbacks)
-    fn = ntk_jacobian if method == "jacobian" else ntk_vp
-    k = fn(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
-    return NTKResult(k, kind, method, {n: method for n in select_params(model, params)})
+            s = structured_ntk(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
+            return s.kernel, s.methods, s.fallbacks
+        fn = ntk_jacobian if method == "jacobian" else ntk_vp
+        k = fn(model, x, x2, kind=kind, params=params, chunk=chunk, max_bytes=max_bytes)
+        return k, {n: method for n in select_params(model, params)}, {}
 
 
 def empirical_ntk_result(
@@ -212,13 +221,9 @@ def empirical_ntk_result(
     chunk: int | None = None,
     max_bytes: float = 2e9,
 ) -> NTKResult:
-    """The empirical NTK with how it was computed (arguments as `empirical_ntk`)."""
-    _check(kind, method)
-    if x2 is not None and x2.shape[1:] != x.shape[1:]:
-        raise ProbeError(f"x2: example shape {tuple(x2.shape[1:])} differs from x's {tuple(x.shape[1:])}")
-    select_params(model, params)  # a selection matching nothing fails here, naming it
-    with eval_mode(model), math_attention():
-        return _dispatch(model, x, x2, kind, method, params, chunk, max_bytes)
+    """The empirical NTK with how it was computed (arguments as `empirical_ntk`), the kernel as numpy float64."""
+    kernel, methods, fallbacks = _compute(model, x, x2, kind, method, params, chunk, max_bytes)
+    return NTKResult(kernel, kind, method, methods, fallbacks)
 
 
 def empirical_ntk(
@@ -239,4 +244,4 @@ def empirical_ntk(
     None = all trainable, a regular expression, names or prefixes, modules, tensors). `chunk` bounds the examples
     (jacobian, structured) or kernel columns (ntk_vp) handled at once. `empirical_ntk_result` also returns how.
     """
-    return empirical_ntk_result(model, x, x2, kind, method, params, chunk, max_bytes).kernel
+    return _compute(model, x, x2, kind, method, params, chunk, max_bytes)[0]

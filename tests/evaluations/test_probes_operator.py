@@ -72,9 +72,9 @@ def test_lanczos_on_a_dense_operator_equals_eigvalsh(n, dtype, which):
     want = ev.flip(0)[:3] if which == "LA" else ev[:3]
     assert eig.converged
     bounds = torch.tensor(eig.extra["error_bounds"], dtype=torch.float64)
-    assert ((eig.values - want).abs() <= bounds + 1e-5 * want.abs()).all()
+    assert ((torch.from_numpy(eig.values) - want).abs() <= bounds + 1e-5 * want.abs()).all()
     # the same run as with the raw matrix (which the probes wrap in a DenseOperator)
-    assert torch.equal(lanczos(a, k=3, tol=tol, which=which).values, eig.values)
+    assert np.array_equal(lanczos(a, k=3, tol=tol, which=which).values, eig.values)
 
 
 def test_a_duck_typed_operator_and_a_callable_work_through_the_protocol():
@@ -109,8 +109,8 @@ def test_density_on_a_dense_operator_matches_the_histogram():
     dens = spectral_density(DenseOperator(a), steps=20, runs=60, seed=0)
     assert dens.converged and dens.iterations == 60 * 20
     # a full Krylov space: every run's nodes are the eigenvalues
-    assert torch.allclose(dens.nodes.sort(1).values, ev.expand(60, 20), atol=1e-8)
-    assert abs(float(torch.trapezoid(dens.density, dens.grid)) - 1.0) < 1e-6
+    assert np.allclose(np.sort(dens.nodes, 1), ev.expand(60, 20).numpy(), atol=1e-8)
+    assert abs(float(torch.trapezoid(torch.from_numpy(dens.density), torch.from_numpy(dens.grid))) - 1.0) < 1e-6
     for lo, hi in [(-1e9, 0.0), (0.0, 10.0), (10.0, 1e9)]:
         frac = float(((ev >= lo) & (ev < hi)).double().mean())
         assert abs(dens.mass(lo, hi) - frac) < 0.06, (lo, hi)
@@ -142,7 +142,7 @@ def test_hessian_to_scipy_eigsh_equals_lanczos(make):
     vals = np.sort(eigsh(sp, k=3, which="LA", ncv=20, tol=1e-12)[0])[::-1]
     eig = lanczos(op, k=3, tol=1e-8)
     assert eig.converged
-    assert np.allclose(eig.values.numpy(), vals, rtol=1e-6, atol=1e-9)
+    assert np.allclose(eig.values, vals, rtol=1e-6, atol=1e-9)
     cols = np.random.default_rng(0).standard_normal((op.size, 3))  # scipy's matmat: columns
     assert np.allclose(sp.matmat(cols), op.dense().numpy() @ cols, atol=1e-10)
 

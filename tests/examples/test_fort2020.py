@@ -123,7 +123,7 @@ def test_cnn_kernel_is_the_explicit_jacobian_product(fort) -> None:
     assert fort.make_model(fort.Setup(channels=4, hidden=8), 128, 3).state_dict().keys() == model.state_dict().keys()
     ntk = empirical_ntk_result(model, x, kind="trace")
     assert set(ntk.methods.values()) == {"structured"} and not ntk.fallbacks
-    assert torch.allclose(ntk.kernel, explicit, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(torch.from_numpy(ntk.kernel), explicit, rtol=1e-10, atol=1e-10)
     x2 = x[:3] * 0.5
     out2 = model(x2)
     rows2 = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out2[i, a], params, retain_graph=True)])
