@@ -2,7 +2,9 @@
 
 A point is a weight vector w over N sources (checkpoints, or seeded random directions around one):
 theta = sum_i w_i source_i. `write_point` computes it in float64, one row chunk of one tensor at a time
-(`CHUNK_ELEMENTS`), and copies it into the model's own tensor, so a path holds one model plus a few chunks,
+(`CHUNK_ELEMENTS`; float32 targets from float32/bf16 checkpoints in one pass of the compiled `point_chunk`,
+merging/methods/_fused.c, with the bits of the torch ops), into the model's own tensor, so a path holds one
+model plus a few chunks,
 whatever N: checkpoints stay memory-mapped (`merging.io.checkpoint.open_checkpoint`, file pages, not anonymous
 memory). The model is then measured with its `Objective` (`evaluations.model_losses.objective_for`, or
 `supervised()` for (x, y) batches): row-weighted mean loss (float64 sums) and, for cross-entropy, accuracy.

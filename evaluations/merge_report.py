@@ -217,10 +217,12 @@ class _Points:
     """Every loss of the report, each distinct model measured once (Issue 20: the report costs its forward
     passes). A model's loss (its weights copied in, `_loss`) is also the alpha = 0 or 1 point of each path that
     ends at it: writing that point (`lm_path.write_point`, weights (1, 0) or (0, 1) in float64) gives the same
-    weights, exactly (float32 and bf16 values are doubles; x * 1 + y * 0 = x), so the same loss, whenever the
-    objective's sums are those of `lm_path.measure` (cross-entropy), the checkpoint's tied names agree and the
-    path's first source has the same integer tensors; otherwise the point is evaluated as before. Inputs and
-    merge are opened and their names checked once."""
+    weights (float32 and bf16 values are exact doubles; x * 1 + y * 0 = x, up to the sign of a zero), so the same
+    loss, whenever the objective's sums are those of `lm_path.measure` (cross-entropy), the checkpoint's tied
+    names agree and the path's first source has the same integer tensors; otherwise, and for a loss that is not
+    finite (a NaN in either end: the point raises what it always raised), the point is evaluated as before.
+    Inputs and merge are opened and their names checked once. `tests/evaluations/test_merge_measure.py` compares
+    measure.json with every point evaluated on its own, byte for byte."""
 
     def __init__(self, session: Session, models: dict[str, Any], data: list):
         from evaluations.lm_path import CheckpointSource, objective_of
