@@ -150,12 +150,12 @@ def _work_buffers(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor
 def _compiled_terms(target: torch.Tensor, sources: Sequence, weights: Sequence[float], name: str, start: int,
                     stop: int) -> tuple[list[torch.Tensor], tuple] | None:
     """The chunk's rows (held while the kernel reads them) and the compiled kernel's (address, dtype, weight)
-    terms, or None where the torch ops run: no kernel, a target other than float32, or a source that is not a
-    checkpoint stored in float32 or bf16."""
+    terms, or None where the torch ops run: no kernel, a target other than a float32 CPU tensor, or a source that
+    is not a checkpoint stored in float32 or bf16 on the CPU."""
     from merging.methods import kernels
 
-    if kernels.compiled is None or target.dtype != torch.float32 or not target.is_contiguous() \
-            or not all(isinstance(src, CheckpointSource) for src in sources):
+    if kernels.compiled is None or target.device.type != "cpu" or target.dtype != torch.float32 \
+            or not target.is_contiguous() or not all(isinstance(src, CheckpointSource) for src in sources):
         return None
     rows = [src.rows(name, start, stop) for src in sources]
     if not kernels.readable(rows, target.numel()):

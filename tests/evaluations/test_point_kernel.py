@@ -116,3 +116,17 @@ def test_non_finite_entry_names_the_checkpoint_and_tensor_either_way(tmp_path):
             _point(paths, [0.5, 0.5], compiled)
         messages.append(str(err.value))
     assert messages[0] == messages[1] and "'w'" in messages[0] and "NaN" in messages[0]
+
+
+def test_kernel_only_takes_float32_cpu_targets_and_checkpoint_rows(tmp_path):
+    """Anything else (a device or bf16 model, a seeded direction) takes the torch ops: the kernel writes through a
+    CPU address."""
+    from evaluations.lm_path import SeededDirection, _compiled_terms
+
+    model = Tiny()
+    srcs = open_sources(model, _checkpoints(tmp_path, [torch.float32, torch.bfloat16]))
+    assert _compiled_terms(model.v.data, srcs, [0.5, 0.5], "v", 0, 37) is not None
+    for target in (torch.empty(37, device="meta"), torch.empty(37, dtype=torch.bfloat16), torch.empty(74)[::2]):
+        assert _compiled_terms(target, srcs, [0.5, 0.5], "v", 0, 37) is None
+    direction = SeededDirection(srcs[0], {"v"}, seed=0, index=0)
+    assert _compiled_terms(model.v.data, [srcs[0], direction], [1.0, 0.1], "v", 0, 37) is None
