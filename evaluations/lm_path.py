@@ -2,7 +2,9 @@
 
 A point is a weight vector w over N sources (checkpoints, or seeded random directions around one):
 theta = sum_i w_i source_i. `write_point` computes it in float64, one row chunk of one tensor at a time
-(`CHUNK_ELEMENTS`), and copies it into the model's own tensor, so a path holds one model plus a few chunks,
+(`CHUNK_ELEMENTS`; float32 targets from float32/bf16 checkpoints in one pass of the compiled `point_chunk`,
+merging/methods/_fused.c, with the bits of the torch ops), into the model's own tensor, so a path holds one
+model plus a few chunks,
 whatever N: checkpoints stay memory-mapped (`merging.io.checkpoint.open_checkpoint`, file pages, not anonymous
 memory). The model is then measured with its `Objective` (`evaluations.model_losses.objective_for`, or
 `supervised()` for (x, y) batches): row-weighted mean loss (float64 sums) and, for cross-entropy, accuracy.
@@ -145,11 +147,42 @@ def _work_buffers(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor
     return torch.empty(largest, dtype=torch.float64), torch.empty(largest, dtype=torch.float64)
 
 
+def _compiled_terms(target: torch.Tensor, sources: Sequence, weights: Sequence[float], name: str, start: int,
+                    stop: int) -> tuple[list[torch.Tensor], tuple] | None:
+    """The chunk's rows (held while the kernel reads them) and the compiled kernel's (address, dtype, weight)
+    terms, or None where the torch ops run: no kernel, a target other than a float32 CPU tensor, or a source that
+    is not a checkpoint stored in float32 or bf16 on the CPU."""
+    from merging.methods import kernels
+
+    if kernels.compiled is None or target.device.type != "cpu" or target.dtype != torch.float32 \
+            or not target.is_contiguous() or not all(isinstance(src, CheckpointSource) for src in sources):
+        return None
+    rows = [src.rows(name, start, stop) for src in sources]
+    if not kernels.readable(rows, target.numel()):
+        return None
+    return rows, tuple((kernels.address(r), kernels.DTYPE_CODES[r.dtype], float(w)) for r, w in zip(rows, weights))
+
+
+def _torch_chunk(target: torch.Tensor, sources: Sequence, weights: Sequence[float], name: str, start: int,
+                 stop: int, buffers: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """The chunk in float64 torch ops (the sum, then add_(term, alpha=w): a fused multiply-add); whether finite."""
+    acc, term = (b[: target.numel()].view(target.shape) for b in buffers)
+    acc.copy_(sources[0].rows(name, start, stop)).mul_(weights[0])
+    for src, w in zip(sources[1:], weights[1:]):
+        acc.add_(term.copy_(src.rows(name, start, stop)), alpha=w)
+    finite = math.isfinite(float(acc.sum()))  # a NaN/inf anywhere; float64 cannot overflow here
+    target.copy_(acc)
+    return finite
+
+
 def write_point(model: nn.Module, sources: Sequence, weights: Sequence[float]) -> None:
     """theta = sum_i weights[i] sources[i] into `model`'s tensors in place: float64 arithmetic, one row chunk at a
-    time; integer tensors (counters) are taken from sources[0]."""
+    time (one pass of the compiled `point_chunk` where it can read the chunk, else torch ops; the same bits);
+    integer tensors (counters) are taken from sources[0]."""
+    from merging.methods import kernels
+
     tensors = unique_tensors(model)
-    acc_buf, term_buf = _work_buffers(tensors)
+    buffers = None  # the torch path's, made when a chunk needs them
     with torch.no_grad():
         for name, t in tensors:
             if not t.is_floating_point():
@@ -157,13 +190,14 @@ def write_point(model: nn.Module, sources: Sequence, weights: Sequence[float]) -
                 continue
             for start, stop in _row_chunks(t):
                 target = t if t.dim() == 0 else t[start:stop]
-                acc, term = (b[: target.numel()].view(target.shape) for b in (acc_buf, term_buf))
-                acc.copy_(sources[0].rows(name, start, stop)).mul_(weights[0])
-                for src, w in zip(sources[1:], weights[1:]):
-                    acc.add_(term.copy_(src.rows(name, start, stop)), alpha=w)
-                if not math.isfinite(float(acc.sum())):  # a NaN/inf anywhere; float64 cannot overflow here
+                compiled = _compiled_terms(target, sources, weights, name, start, stop)
+                if compiled is not None:
+                    finite = kernels.compiled.point_chunk(kernels.address(target), target.numel(), compiled[1])
+                else:
+                    buffers = buffers or _work_buffers(tensors)
+                    finite = _torch_chunk(target, sources, weights, name, start, stop, buffers)
+                if not finite:
                     raise _not_finite(sources, name, start, stop)
-                target.copy_(acc)
 
 
 def _examples(batch: object) -> int:

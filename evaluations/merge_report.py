@@ -15,7 +15,9 @@ memory-mapped checkpoints (never all inputs in memory):
 
 `MeasureReport.to_json` is `out/measure.json` (no times or paths that vary: the same recipe and seed give the same
 bytes); `card_section` the model card's "Measurements" section; the loss along the paths is `measure_paths.png`.
-The private `_load_data`, `_loss`, `_path` adapters are the only places that name the data and loss API.
+Each distinct model is measured once (`_Points`): a path's end points are the losses of the models at its ends, so
+4 inputs and a merge at 3 points per path take 15 forward passes, not 35. The private `_load_data`, `_loss` and
+`_Points` are the only places that name the data, loss and path API.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,20 +86,17 @@ def _load_data(model_or_ref: object, spec: MeasureSpec) -> list:
                      batch_size=spec.batch_size, seed=spec.seed)
 
 
-def _loss(model: nn.Module, data: list) -> dict[str, float | int | None]:
-    """loss, perplexity (token objectives), accuracy, rows counted (`tokens`, in the objective's `unit`: predicted
-    tokens for an LM, pairs for an encoder), examples."""
+def _loss(model: nn.Module, data: list):
+    """The objective's `LossReport`: loss, perplexity (token objectives), accuracy, rows counted (in the
+    objective's `unit`: predicted tokens for an LM, pairs for an encoder), examples."""
     from evaluations.measure import measure_loss
 
-    r = measure_loss(model, data)
+    return measure_loss(model, data)
+
+
+def _row(r) -> dict[str, float | int | None]:
     return {"loss": r.loss, "perplexity": r.perplexity, "accuracy": r.accuracy, "tokens": r.rows, "unit": r.unit,
             "examples": r.examples}
-
-
-def _path(model: nn.Module, a, b, data: list, points: int):
-    from evaluations.lm_path import evaluate_checkpoint_path
-
-    return evaluate_checkpoint_path(model, a, b, data, alphas=points)
 
 
 # --- before the merge -------------------------------------------------------------------------------------------
@@ -194,20 +194,98 @@ def _series(result) -> dict[str, list[float]]:
     return out
 
 
-def _paths(session: Session, models: dict[str, Any], data: list) -> list[dict[str, Any]]:
-    out = models[MERGE]
-    return [{"from": ref, "to": MERGE, **_series(_path(session.model, ckpt, out, data, session.spec.points))}
-            for ref, ckpt in session.inputs.items()]
+def _ties_agree(model: nn.Module, source) -> bool:
+    """Whether writing `source` as a point (`lm_path.write_point`: each storage from the first name of its tied
+    group) gives the weights `copy_weights` gives (each name copied in turn: the last name of the group wins)."""
+    from evaluations.models import tied_groups
+
+    names = source.names
+    return all(names[g[0]] == names[g[-1]] or torch.equal(source.ckpt.get(names[g[0]]), source.ckpt.get(names[g[-1]]))
+               for g in tied_groups(model).values() if len(g) > 1)
 
 
-def _barriers(session: Session, data: list) -> list[dict[str, Any]]:
+def _integers_agree(model: nn.Module, source, first) -> bool:
+    """Whether `source`'s integer tensors equal `first`'s (a point takes its integer tensors from its first
+    source)."""
+    from evaluations.lm_path import unique_tensors
+
+    return all(torch.equal(source.ckpt.get(source.names[n]), first.ckpt.get(first.names[n]))
+               for n, t in unique_tensors(model) if not t.is_floating_point())
+
+
+class _Points:
+    """Every loss of the report, each distinct model measured once (Issue 20: the report costs its forward
+    passes). A model's loss (its weights copied in, `_loss`) is also the alpha = 0 or 1 point of each path that
+    ends at it: writing that point (`lm_path.write_point`, weights (1, 0) or (0, 1) in float64) gives the same
+    weights (float32 and bf16 values are exact doubles; x * 1 + y * 0 = x, up to the sign of a zero), so the same
+    loss, whenever the objective's sums are those of `lm_path.measure` (cross-entropy), the checkpoint's tied
+    names agree and the path's first source has the same integer tensors; otherwise, and for a loss that is not
+    finite (a NaN in either end: the point raises what it always raised), the point is evaluated as before.
+    Inputs and merge are opened and their names checked once. `tests/evaluations/test_merge_measure.py` compares
+    measure.json with every point evaluated on its own, byte for byte."""
+
+    def __init__(self, session: Session, models: dict[str, Any], data: list):
+        from evaluations.lm_path import CheckpointSource, objective_of
+
+        self.model, self.data, self.points = session.model, data, session.spec.points
+        self.sources = {label: CheckpointSource(self.model, ckpt, label) for label, ckpt in models.items()}
+        self.objective = objective_of(self.model, data)
+        self.known: dict[str, Any] = {}  # label -> LossReport
+        self.ties: dict[str, bool] = {}
+
+    def loss(self, label: str):
+        """Model `label`'s `LossReport`, its weights copied in as `load_model` does."""
+        from evaluations.models import copy_weights
+
+        if label not in self.known:
+            src = self.sources[label]
+            copy_weights(self.model, src.ckpt, src.names)
+            self.known[label] = _loss(self.model, self.data)
+        return self.known[label]
+
+    def _endpoint(self, label: str, first: str):
+        """The path point at model `label` from its loss, or None where it must be evaluated as a point."""
+        from evaluations.lm_path import Measure
+
+        if self.objective.loss != "cross_entropy":
+            return None
+        if label not in self.ties:
+            self.ties[label] = _ties_agree(self.model, self.sources[label])
+        if not self.ties[label] or (label != first and not _integers_agree(self.model, self.sources[label],
+                                                                           self.sources[first])):
+            return None
+        r = self.loss(label)
+        if not math.isfinite(r.loss):  # evaluated as a point, it raises what the path always raised
+            return None
+        return Measure(loss=r.loss, accuracy=r.accuracy, rows=r.rows, examples=r.examples)
+
+    def path(self, a: str, b: str):
+        """The line from model `a` to model `b` (`spec.points` alphas), as `lm_path.evaluate_checkpoint_path`."""
+        from evaluations.landscape.checkpoint_paths import CheckpointPath
+        from evaluations.landscape.evaluate import alpha_grid
+        from evaluations.lm_path import evaluate_checkpoint_points, path_result
+
+        grid = alpha_grid(self.points).tolist()
+        ends = {0.0: a, 1.0: b}
+        measures = [self._endpoint(ends[x], a) if x in ends else None for x in grid]
+        todo = [i for i, m in enumerate(measures) if m is None]
+        if todo:
+            line = CheckpointPath([self.sources[a], self.sources[b]])
+            weights = np.array([line.weights(grid[i]) for i in todo])
+            got, _ = evaluate_checkpoint_points(self.model, line.refs, weights, self.data, self.objective)
+            for i, m in zip(todo, got):
+                measures[i] = m
+        return path_result(np.array(grid), measures, self.objective)
+
+
+def _barriers(session: Session, points: _Points) -> list[dict[str, Any]]:
     from evaluations.landscape import barrier
 
     refs = list(session.inputs)
     rows = []
     for i, a in enumerate(refs):
         for b in refs[i + 1:]:
-            result = _path(session.model, session.inputs[a], session.inputs[b], data, session.spec.points)
+            result = points.path(a, b)
             rows.append({"a": a, "b": b, "loss_barrier": barrier(result, "loss", "linear").to_json(),
                          "error_barrier": barrier(result, "error", "linear").to_json(), "path": _series(result)})
     return rows
@@ -215,21 +293,22 @@ def _barriers(session: Session, data: list) -> list[dict[str, Any]]:
 
 def measure(session: Session, out_dir: str | Path, stats=None) -> MeasureReport:
     """The report on the merged output `out_dir` (see the module docstring); `stats`: a `MergeStats` or None."""
+    from evaluations.models import check_names
+
     out = _open(str(out_dir), False)
-    _write_weights(session.model, out, str(out_dir))  # the output fits the model (names, shapes)
+    check_names(session.model, out, str(out_dir))  # the output fits the model (names, shapes)
     data = _output_data(session, out)
     models = {**session.inputs, MERGE: out}
     probes = session.spec.probes
     report = MeasureReport(spec=session.spec, objective=session.objective.name, data_sha256=session.data_sha256,
                            models=list(models), stats=None if stats is None else stats.to_json())
+    points = _Points(session, models, data) if {"loss", "paths", "barriers"} & set(probes) else None
     if "loss" in probes:
-        for label, ckpt in models.items():
-            _write_weights(session.model, ckpt, label)
-            report.losses[label] = _loss(session.model, data)
+        report.losses = {label: _row(points.loss(label)) for label in models}
     if "paths" in probes:
-        report.paths = _paths(session, models, data)
+        report.paths = [{"from": ref, "to": MERGE, **_series(points.path(ref, MERGE))} for ref in session.inputs]
     if "barriers" in probes:
-        report.barriers = _barriers(session, data)
+        report.barriers = _barriers(session, points)
     if "hessian" in probes:
         report.hessian = [_top_eigenvalue(session, ckpt, label, data) for label, ckpt in models.items()]
     return report

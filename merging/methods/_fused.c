@@ -3,6 +3,7 @@
  * tally_chunk: one chunk of TIES' and Breadcrumbs' threshold scan (sparsify.magnitude_cuts), every cut at once.
  * weighted_sum_chunk: one chunk of a linear merge (interpolation.linear and model_soup).
  * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): PCG64 drop masks and L1 sums.
+ * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -14,6 +15,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -840,10 +842,101 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
 }
 #endif
 
+/* point_chunk: one chunk of a point theta = sum_i w_i x_i between checkpoints (evaluations.lm_path.write_point),
+ * the same bits as its torch ops on float64 chunks: each x_i read exactly as a double, sum = x_0 w_0 (one
+ * rounding), then sum = fma(x_i, w_i, sum) for each later input (torch's add_(other, alpha=w) on float64 tensors
+ * is a fused multiply-add, vectorized or not; the explicit fma() is unaffected by -ffp-contract=off), then
+ * rounded to float32. One pass over the inputs instead of six over float64 buffers. */
+typedef struct {
+    const void *data; /* this chunk of the input's stored tensor */
+    int dtype;        /* DTYPE_* */
+    double weight;
+} Term;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FMA_CLONES __attribute__((target_clones("arch=haswell", "default"))) /* fma() inlined and vectorized */
+#else
+#define FMA_CLONES
+#endif
+
+INLINE double as_double(const void *data, int dtype, Py_ssize_t j) {
+    if (dtype == DTYPE_F32)
+        return (double)((const float *)data)[j];
+    union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)data)[j] << 16};
+    return (double)v.f;
+}
+
+/* Returns 1 when every sum is finite (the torch path checks the chunk's sum; float64 cannot overflow on float32
+ * or bf16 inputs). */
+FMA_CLONES static int point_chunk(const Term *terms, int m, Py_ssize_t n, float *out) {
+    double sum[BLOCK];
+    int finite = 1;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        const double w0 = terms[0].weight;
+        if (terms[0].dtype == DTYPE_F32) {
+            const float *x = (const float *)terms[0].data + start;
+            for (int j = 0; j < len; j++) sum[j] = (double)x[j] * w0;
+        } else {
+            for (int j = 0; j < len; j++) sum[j] = as_double(terms[0].data, DTYPE_BF16, start + j) * w0;
+        }
+        for (int i = 1; i < m; i++) {
+            const double w = terms[i].weight;
+            if (terms[i].dtype == DTYPE_F32) {
+                const float *x = (const float *)terms[i].data + start;
+                for (int j = 0; j < len; j++) sum[j] = fma((double)x[j], w, sum[j]);
+            } else {
+                for (int j = 0; j < len; j++) sum[j] = fma(as_double(terms[i].data, DTYPE_BF16, start + j), w, sum[j]);
+            }
+        }
+        int bad = 0;
+        for (int j = 0; j < len; j++) {
+            bad |= !(fabs(sum[j]) <= DBL_MAX); /* NaN compares false */
+            out[start + j] = (float)sum[j];
+        }
+        finite &= !bad;
+    }
+    return finite;
+}
+
+/* point_chunk(out, n, terms): out a float32 buffer of n entries; terms a tuple of (data, dtype, weight), weights
+ * as Python floats (doubles); addresses are integers (the Python side checks sizes, dtypes and contiguity).
+ * Returns whether every entry is finite. Releases the GIL. */
+static PyObject *py_point_chunk(PyObject *self, PyObject *args) {
+    unsigned long long out_addr;
+    Py_ssize_t n;
+    PyObject *terms_obj;
+    if (!PyArg_ParseTuple(args, "KnO!", &out_addr, &n, &PyTuple_Type, &terms_obj))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(terms_obj);
+    if (m < 1) {
+        PyErr_SetString(PyExc_ValueError, "point_chunk: no terms");
+        return NULL;
+    }
+    Term *terms = (Term *)calloc((size_t)m, sizeof(Term));
+    if (!terms)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(terms_obj, i), "Kid", &data, &terms[i].dtype, &terms[i].weight)) {
+            free(terms);
+            return NULL;
+        }
+        terms[i].data = (const void *)(uintptr_t)data;
+    }
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = point_chunk(terms, (int)m, n, (float *)(uintptr_t)out_addr);
+    Py_END_ALLOW_THREADS
+    free(terms);
+    return PyBool_FromLong(finite);
+}
+
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {"weighted_sum_chunk", py_weighted_sum_chunk, METH_VARARGS, "One chunk of a linear merge (see _fused.c)."},
+    {"point_chunk", py_point_chunk, METH_VARARGS, "One chunk of a point between checkpoints (see _fused.c)."},
 #if defined(__SIZEOF_INT128__)
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
 #endif

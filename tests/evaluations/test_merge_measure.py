@@ -296,6 +296,120 @@ def test_hub_id_input(fam, tmp_path, capsys, monkeypatch):
     assert report["losses"]["org/tiny-llama"]["loss"] == _loss(fam["llama"][1], fam["calib"])
 
 
+def _every_point_report(refs: list, out: Path, calib: Path, points: int, payload: dict) -> bytes:
+    """measure.json as the report made it before it reused end points, on the config source's model (`refs[0]`:
+    the base, else the first input): every loss by `copy_weights` + `measure_loss`, every point of every path and
+    barrier by `evaluate_checkpoint_path`, in torch ops (the compiled point kernel off); the merge statistics,
+    objective and data hash taken from `payload`."""
+    from evaluations.landscape import barrier
+    from evaluations.lm_path import evaluate_checkpoint_path
+    from evaluations.merge_report import MeasureReport, MeasureSpec, _row, _series
+    from evaluations.models import check_names, copy_weights
+    from merging.io.checkpoint import open_checkpoint
+    from merging.methods import kernels
+
+    saved, kernels.compiled = kernels.compiled, None
+    try:
+        labels = {str(r): r for r in refs}
+        labels["merge"] = out
+        model = load_model(refs[0])
+        data = load_data(model, calib, seq_len=SEQ)
+        losses = {}
+        for label, ref in labels.items():
+            ckpt = open_checkpoint(ref)
+            copy_weights(model, ckpt, check_names(model, ckpt, label))
+            losses[label] = _row(measure_loss(model, data))
+        paths = [{"from": str(r), "to": "merge", **_series(evaluate_checkpoint_path(model, r, out, data, points))}
+                 for r in refs]
+        barriers = []
+        for i, a in enumerate(refs):
+            for b in refs[i + 1:]:
+                path = evaluate_checkpoint_path(model, a, b, data, points)
+                barriers.append({"a": str(a), "b": str(b), "loss_barrier": barrier(path, "loss", "linear").to_json(),
+                                 "error_barrier": barrier(path, "error", "linear").to_json(), "path": _series(path)})
+    finally:
+        kernels.compiled = saved
+    report = MeasureReport(spec=MeasureSpec(data=str(calib), points=points, seq_len=SEQ),
+                           objective=payload["objective"], data_sha256=payload["data_sha256"], models=list(labels),
+                           losses=losses, paths=paths, barriers=barriers, stats=payload["merge_stats"],
+                           plot=payload["plot"])
+    return (json.dumps(report.to_json(), indent=2) + "\n").encode()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_measure_json_equals_every_point_evaluated_on_its_own(fam, measured, arch):
+    """Reusing each model's loss for the path end points (and the compiled point kernel) changes no byte."""
+    got = (measured[arch, 0] / "measure.json").read_bytes()
+    assert got == _every_point_report(fam[arch], measured[arch, 0], fam["calib"], 3, json.loads(got))
+
+
+def test_each_distinct_model_is_measured_once(fam, tmp_path, monkeypatch):
+    """4 inputs and a merge at 4 points per path: 5 losses + 2 interior points x (4 paths + 6 barriers) = 25
+    forward passes (45 when every point of every path is evaluated on its own)."""
+    from evaluations import lm_path, measure
+    from merging.methods import kernels
+
+    calls = {"loss": 0, "point": 0, "kernel": 0}
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(measure, "measure_loss", counted("loss", measure.measure_loss))
+    monkeypatch.setattr(lm_path, "measure", counted("point", lm_path.measure))
+
+    class Kernels:  # the compiled module, its point kernel counted
+        def __init__(self, module):
+            self.module, self.point_chunk = module, counted("kernel", module.point_chunk)
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+    if kernels.compiled is not None:
+        monkeypatch.setattr(kernels, "compiled", Kernels(kernels.compiled))
+    base, *models = fam["gpt2"]
+    recipe = _recipe(tmp_path / "r.yaml", base, models)
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out), "--measure", str(fam["calib"]), "--measure-seq-len", str(SEQ),
+                 "--measure-points", "4", "--no-progress"]) == 0
+    assert calls["loss"] == 5 and calls["point"] == 2 * (4 + 6)
+    assert kernels.compiled is None or calls["kernel"] > 0
+    monkeypatch.undo()
+    got = (out / "measure.json").read_bytes()
+    assert got == _every_point_report(fam["gpt2"], out, fam["calib"], 4, json.loads(got))
+
+
+def test_end_point_whose_tied_tensors_differ_is_evaluated_as_a_point(fam, tmp_path):
+    """GPT-2 ties lm_head to wte: a file holding both, different, loads (copy_weights) with its lm_head but is
+    written as a point with its wte; the report then evaluates that end point instead of reusing the loss."""
+    from evaluations.lm_path import CheckpointSource
+    from evaluations.merge_report import _ties_agree
+
+    base, ft = fam["gpt2"][:2]
+    odd = tmp_path / "odd"
+    shutil.copytree(ft, odd)
+    state = load_file(odd / "model.safetensors")
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 0.5
+    from safetensors.torch import save_file
+
+    save_file(state, odd / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(odd)
+    assert not _ties_agree(model, CheckpointSource(model, odd, "odd"))
+    assert _ties_agree(model, CheckpointSource(model, ft, "ft"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {odd}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {base}\n    parameters: {{weight: 0.5}}\n")
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out), "--measure", str(fam["calib"]), "--measure-seq-len", str(SEQ),
+                 "--measure-points", "3", "--no-progress"]) == 0
+    got = (out / "measure.json").read_bytes()
+    report = json.loads(got)
+    assert report["paths"][0]["loss"][0] != report["losses"][str(odd)]["loss"]  # the guard matters here
+    assert got == _every_point_report([odd, base], out, fam["calib"], 3, report)
+
+
 def test_without_measure_the_hook_is_never_called(fam, tmp_path, capsys, monkeypatch):
     from merging import engine
     from merging.merge_stats import MergeStats

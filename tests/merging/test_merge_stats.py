@@ -35,6 +35,24 @@ def test_tensor_stats_equal_float64_reference(dtype, shape):
     assert again.squares == got.squares and again.dots == got.dots  # bit-identical reruns
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_chunk64_is_torch_conversion_bit_for_bit(dtype):
+    """The float64 chunk (numpy's conversion on this thread) equals torch's `.to(float64)`, signed zeros, NaN,
+    infinities, subnormals included."""
+    from merging.merge_stats import _chunk64
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3 * CHUNK + 11, generator=g) * 10.0 ** torch.randint(-40, 38, (3 * CHUNK + 11,), generator=g))
+    x[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45])
+    x = x.to(dtype)
+    for start, stop in ((0, CHUNK), (CHUNK, 3 * CHUNK + 11), (5, 9)):
+        got = torch.from_numpy(_chunk64(x, start, stop))
+        want = x[start:stop].to(torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got.view(torch.int64), want.view(torch.int64))
+        got[0] = 7.0
+        assert x[start] != 7.0  # a copy
+
+
 def test_tensor_stats_without_reference_and_zero_vectors():
     a = torch.tensor([1.0, -2.0, 0.0])
     got = tensor_stats("w", [a, torch.zeros(3)], None)
