@@ -181,3 +181,35 @@ def test_minilm_body_is_the_packaged_model_with_frozen_word_embeddings_and_paddi
         mask = enc["attention_mask"].unsqueeze(-1).float()
         expected = (hidden * mask).sum(1) / mask.sum(1)
         assert torch.allclose(body.eval()(short), expected, atol=1e-5)
+
+
+def test_an_interrupted_training_resumes_after_the_last_saved_fine_tune(tmp_path):
+    """`prepare_cached` retrains only the tasks whose body file is missing from `KEY.tmp` (head written first)."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from evaluations.bench.suites.cache import prepare_cached, save_fine_tune, trained
+
+    @dataclass(frozen=True)
+    class Config:
+        def key(self) -> str:
+            return "k"
+
+    calls = []
+
+    def train(config, folder):
+        for task in ("a", "b"):
+            if trained(folder, task):
+                continue
+            calls.append(task)
+            if task == "b" and len(calls) == 2:
+                raise KeyboardInterrupt  # the first run dies while training b
+            save_fine_tune(folder, task, nn.Linear(2, 2), nn.Linear(2, 1))
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cached(Config(), tmp_path, tmp_path, train)
+    assert trained(tmp_path / "k.tmp", "a") and not trained(tmp_path / "k.tmp", "b")
+    assert not list((tmp_path / "k.tmp").rglob("*.partial"))
+    out = prepare_cached(Config(), tmp_path, tmp_path, train)
+    assert calls == ["a", "b", "b"] and trained(out, "a") and trained(out, "b") and (out / "config.json").is_file()
