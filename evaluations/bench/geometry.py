@@ -56,7 +56,8 @@ def merge_paths(pool: ModelPool, tasks: TaskPool, merged: State, points: int = N
     return out
 
 
-def pool_geometry(pool: ModelPool, tasks: TaskPool) -> dict:
+def pool_geometry(pool: ModelPool, tasks: TaskPool, alphas: int = N_ALPHAS) -> dict:
+    """Task-vector norms and cosines, and every pair's barrier over `alphas` points (see the module docstring)."""
     from evaluations.landscape.barriers import barrier
 
     models = list(pool.models)
@@ -70,11 +71,11 @@ def pool_geometry(pool: ModelPool, tasks: TaskPool) -> dict:
     err_bar = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            result = pair_path(pool, tasks, models[i], models[j])
+            result = pair_path(pool, tasks, models[i], models[j], alphas)
             loss_bar[i][j] = loss_bar[j][i] = barrier(result, "loss").value
             err_bar[i][j] = err_bar[j][i] = barrier(result, "error").value
     return {"models": models, "distance_from_base": [float(t.norm()) for t in taus], "cosine": cos,
-            "barrier": loss_bar, "error_barrier": err_bar, "alphas": N_ALPHAS,
-            "note": f"barrier: loss barrier (chord form, Entezari et al. 2022 def. 2.1) over {N_ALPHAS} points of the "
+            "barrier": loss_bar, "error_barrier": err_bar, "alphas": alphas,
+            "note": f"barrier: loss barrier (chord form, Entezari et al. 2022 def. 2.1) over {alphas} points of the "
                     "linear path between two fine-tuned bodies, on the mean test cross-entropy of the pair's two "
                     "tasks (each through its own head); 0 on the diagonal. error_barrier in the JSON."}

@@ -35,7 +35,7 @@ import torch
 
 from evaluations.bench.executors import Local, Ray
 from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
-from evaluations.bench.pools import ModelPool, TaskPool
+from evaluations.bench.pools import ModelPool, State, TaskPool
 from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
 
@@ -217,28 +217,29 @@ def _compute(suite: Suite, cell: Cell) -> dict[str, Any]:
     if cell.kind == "geometry":
         from evaluations.bench.geometry import pool_geometry
 
-        return {"geometry": pool_geometry(pool, tasks)}
+        return {"geometry": pool_geometry(pool, tasks, suite.path_points)}
     if cell.kind != "merge" or cell.entry is None:
         raise BasinError(f"unknown cell kind {cell.kind!r}")
     return _merge_cell(suite, cell.entry)
 
 
-def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The candidate with the best mean validation metric (first best on ties), and every candidate's score."""
+def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict[str, Any]], State | None]:
+    """The candidate with the best mean validation metric (first best on ties), every candidate's score, and the
+    best candidate's merged state (None when there was a single candidate, nothing merged yet)."""
     pool, tasks = suite.models, suite.tasks
     candidates = entry.candidates()
     if len(candidates) == 1:
-        return candidates[0], []
+        return candidates[0], [], None
     selection: list[dict[str, Any]] = []
-    best, best_val = candidates[0], -math.inf
+    best, best_val, best_state = candidates[0], -math.inf, None
     for params in candidates:
         merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
         val = tasks.evaluate(pool.module(merged), "val")
         score = sum(val.values()) / len(val)
         selection.append({"params": params, "val": score})
         if score > best_val:
-            best, best_val = params, score
-    return best, selection
+            best, best_val, best_state = params, score, merged
+    return best, selection, best_state
 
 
 def _merge_cell(suite: Suite, entry: MethodEntry) -> dict[str, Any]:
@@ -246,8 +247,9 @@ def _merge_cell(suite: Suite, entry: MethodEntry) -> dict[str, Any]:
     from evaluations.bench.grid import data_used
 
     pool, tasks = suite.models, suite.tasks
-    best, selection = _select(suite, entry)
-    merged = run_merge(entry.method, pool, tasks, dict(best), suite.seed)
+    best, selection, merged = _select(suite, entry)
+    if merged is None:
+        merged = run_merge(entry.method, pool, tasks, dict(best), suite.seed)
     return {"label": entry.label, "kind": "merge", "scores": tasks.evaluate(pool.module(merged)),
             "params": dict(best), "selection": selection, "distance_from_base": _distance(merged, pool.base),
             "data": data_used(entry), "paths": merge_paths(pool, tasks, merged, suite.path_points)}

@@ -154,3 +154,62 @@ def test_plot_has_the_spread_and_the_paths(tmp_path):
     agg = aggregate([_result(0, {"a": 0.6, "b": 0.4}, 0.1), _result(1, {"a": 0.7, "b": 0.2}, 0.3)])
     (png,) = save_plots(agg, tmp_path, "b")
     assert png.name == "b.png" and png.stat().st_size > 1000
+
+
+def test_minilm_body_is_the_packaged_model_with_frozen_word_embeddings_and_padding_only_costs():
+    """The suite's body (word embeddings frozen, outside its state; ids padded to the longest sentence) gives the
+    features of the packaged checkpoint loaded by transformers itself, mean-pooled, on ids padded to 24 tokens."""
+    import transformers
+
+    from evaluations.bench.suites import minilm_tasks as m
+
+    body = m.make_body()
+    body.load_state_dict(m.base_state())
+    state = body.state_dict()
+    assert not any("word_embeddings" in k for k in state)
+    assert not any("word_embeddings" in n for n, _ in body.named_parameters())
+    ref = transformers.BertModel.from_pretrained(str(m.minilm_folder()), add_pooling_layer=False).eval()
+    assert sum(v.numel() for v in state.values()) + ref.embeddings.word_embeddings.weight.numel() == \
+        sum(p.numel() for p in ref.parameters())
+    texts = ["The dog chased the wolf.", "It is not true that the meal was not awful.", "We found a cup."]
+    short = m.encode(texts, 24)
+    assert short.shape[1] < 24 and short[:, -1].tolist().count(0) == 2  # padded to the longest only
+    tok = transformers.AutoTokenizer.from_pretrained(str(m.minilm_folder()))
+    enc = tok(texts, padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ref(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        expected = (hidden * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(body.eval()(short), expected, atol=1e-5)
+
+
+def test_an_interrupted_training_resumes_after_the_last_saved_fine_tune(tmp_path):
+    """`prepare_cached` retrains only the tasks whose body file is missing from `KEY.tmp` (head written first)."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from evaluations.bench.suites.cache import prepare_cached, save_fine_tune, trained
+
+    @dataclass(frozen=True)
+    class Config:
+        def key(self) -> str:
+            return "k"
+
+    calls = []
+
+    def train(config, folder):
+        for task in ("a", "b"):
+            if trained(folder, task):
+                continue
+            calls.append(task)
+            if task == "b" and len(calls) == 2:
+                raise KeyboardInterrupt  # the first run dies while training b
+            save_fine_tune(folder, task, nn.Linear(2, 2), nn.Linear(2, 1))
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cached(Config(), tmp_path, tmp_path, train)
+    assert trained(tmp_path / "k.tmp", "a") and not trained(tmp_path / "k.tmp", "b")
+    assert not list((tmp_path / "k.tmp").rglob("*.partial"))
+    out = prepare_cached(Config(), tmp_path, tmp_path, train)
+    assert calls == ["a", "b", "b"] and trained(out, "a") and trained(out, "b") and (out / "config.json").is_file()

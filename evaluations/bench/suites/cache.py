@@ -1,5 +1,7 @@
 """Where built-in suites keep what they train: one folder per configuration key (`config.key()`), filled in a
-hidden sibling and renamed into place once complete, with the configuration as `config.json`."""
+sibling `KEY.tmp` and renamed into place once complete, with the configuration as `config.json`. Each fine-tune
+lands in `KEY.tmp` atomically (head first, then body), so an interrupted run resumes at the first task without a
+body (`trained`)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,16 @@ def prepare_cached(config: Any, cache_dir: str | Path | None, default_root: Path
 
 
 def save_fine_tune(folder: Path, task: str, body: nn.Module, head: nn.Module) -> None:
-    """`task`'s fine-tuned body and its head, as `TASK.safetensors` and `heads/TASK.safetensors`."""
+    """`task`'s fine-tuned body and its head, as `TASK.safetensors` and `heads/TASK.safetensors` (each written to a
+    partial file and renamed, the head first: the body's file marks the task done)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(folder / f"{task}.safetensors"))
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / "heads" / f"{task}.safetensors"))
+    for module, path in ((head, folder / "heads" / f"{task}.safetensors"), (body, folder / f"{task}.safetensors")):
+        part = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(part))
+        part.replace(path)
+
+
+def trained(folder: Path, task: str) -> bool:
+    """Whether `save_fine_tune` finished `task` in `folder` (an interrupted training run skips it when resumed)."""
+    return (folder / f"{task}.safetensors").is_file() and (folder / "heads" / f"{task}.safetensors").is_file()

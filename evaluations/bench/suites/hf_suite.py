@@ -20,6 +20,12 @@ e.g. `BertModel` inside `BertForSequenceClassification`); each task keeps its ow
 (the classification head) as its head, as FusionBench does for task-specific heads. Every task must be the same
 class with the same body tensors (names and shapes) as the base's base model.
 
+RegMean (alpha 0.9) solves its per-layer least squares exactly, but where a pool's Gram matrices are ill-conditioned
+it can put large weights in input directions the data barely spans. On the tests' tiny random-init BERT pool
+(hidden 16; Gram eigenvalues from 1e-13 to 5e3) this collapses the model to one predicted class, so its accuracy equals
+the pretrained model's, which also predicts one class. Its per-layer objective is below the simple average's
+(147 vs 3,329 on layer 0's query), and alpha 0 recovers 100%. Search alpha on the validation split for such pools.
+
 Metrics: `accuracy` (sequence classifiers). A causal LM's next-token `loss` is not a bench metric yet (the
 bench's rows are higher-is-better scores normalized by the fine-tune's): it is refused with a one-line error.
 """
