@@ -34,7 +34,9 @@ def test_measure_cost_counts_every_forward_pass():
     mc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mc)
     path = {"alphas": [0.0, 0.5, 1.0]}
-    report = {"losses": {"a": {}, "b": {}, "merge": {}}, "paths": [dict(path), dict(path)],
-              "barriers": [{"path": {"alphas": [0.0, 1.0]}}]}
-    assert mc.forwards(report) == 3 + 6 + 2
-    assert mc.forwards({"losses": {"merge": {}}}) == 1
+    report = {"losses": {"a": {}, "b": {}, "merge": {}}, "models": ["a", "b", "merge"],
+              "paths": [dict(path), dict(path)], "barriers": [{"path": {"alphas": [0.0, 1.0]}}]}
+    assert mc.forwards_every_point(report) == 3 + 6 + 2
+    assert mc.forwards(report) == 3 + 2  # each model once, then only the paths' interior points
+    assert mc.forwards_every_point({"losses": {"merge": {}}}) == 1
+    assert mc.forwards({"models": ["merge"]}) == 1
