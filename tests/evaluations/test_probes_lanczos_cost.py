@@ -102,7 +102,7 @@ def test_lanczos_on_an_operator_with_converged_pairs_matches_eigvalsh_and_report
         ev = torch.linalg.eigvalsh(op.dense()).flip(0)
         eig = lanczos(op, k=4, tol=1e-6)
         assert eig.converged and eig.extra["confirmation_steps"] > 0
-        assert torch.allclose(eig.values, ev[:4], rtol=1e-6, atol=0)
+        assert torch.allclose(torch.as_tensor(eig.values), ev[:4], rtol=1e-6, atol=0)
         for value, bound in zip(eig.values, eig.extra["error_bounds"]):
             assert bound <= 1e-6 * abs(float(value)) and float((ev - value).abs().min()) <= bound + 1e-12
         short = lanczos(op, k=4, tol=1e-6, max_iter=6)
