@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,12 +180,23 @@ def _torch_chunk(target: torch.Tensor, sources: Sequence, weights: Sequence[floa
 def write_point(model: nn.Module, sources: Sequence, weights: Sequence[float]) -> None:
     """theta = sum_i weights[i] sources[i] into `model`'s tensors in place: float64 arithmetic, one row chunk at a
     time (one pass of the compiled `point_chunk` where it can read the chunk, else torch ops; the same bits);
-    integer tensors (counters) are taken from sources[0]."""
+    integer tensors (counters) are taken from sources[0]. Compiled chunks run on up to torch's thread count of
+    threads (the kernel releases the GIL; each chunk owns its slice, so the bits do not depend on the count), at
+    most two per thread in flight; a non-finite chunk is reported in chunk order."""
     from merging.methods import kernels
 
     tensors = unique_tensors(model)
     buffers = None  # the torch path's, made when a chunk needs them
-    with torch.no_grad():
+    threads = max(1, min(2, torch.get_num_threads()))
+    pending: deque = deque()  # (future, terms kept alive, name, start, stop), in chunk order
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            future, _, name, start, stop = pending.popleft()
+            if not future.result():
+                raise _not_finite(sources, name, start, stop)
+
+    with torch.no_grad(), ThreadPoolExecutor(threads) as pool:
         for name, t in tensors:
             if not t.is_floating_point():
                 t.copy_(sources[0].rows(name, 0, len(t) if t.dim() else 1))
@@ -192,12 +205,17 @@ def write_point(model: nn.Module, sources: Sequence, weights: Sequence[float]) -
                 target = t if t.dim() == 0 else t[start:stop]
                 compiled = _compiled_terms(target, sources, weights, name, start, stop)
                 if compiled is not None:
-                    finite = kernels.compiled.point_chunk(kernels.address(target), target.numel(), compiled[1])
-                else:
-                    buffers = buffers or _work_buffers(tensors)
-                    finite = _torch_chunk(target, sources, weights, name, start, stop, buffers)
+                    future = pool.submit(kernels.compiled.point_chunk, kernels.address(target), target.numel(),
+                                         compiled[1])
+                    pending.append((future, compiled, name, start, stop))
+                    settle(2 * threads)
+                    continue
+                buffers = buffers or _work_buffers(tensors)
+                finite = _torch_chunk(target, sources, weights, name, start, stop, buffers)
                 if not finite:
+                    settle(0)  # an earlier chunk's problem first
                     raise _not_finite(sources, name, start, stop)
+        settle(0)
 
 
 def _examples(batch: object) -> int:

@@ -130,3 +130,27 @@ def test_kernel_only_takes_float32_cpu_targets_and_checkpoint_rows(tmp_path):
         assert _compiled_terms(target, srcs, [0.5, 0.5], "v", 0, 37) is None
     direction = SeededDirection(srcs[0], {"v"}, seed=0, index=0)
     assert _compiled_terms(model.v.data, [srcs[0], direction], [1.0, 0.1], "v", 0, 37) is None
+
+
+def test_compiled_chunks_on_one_and_two_threads_give_the_same_bits_and_the_first_bad_chunk(tmp_path):
+    from safetensors.torch import load_file
+
+    paths = _checkpoints(tmp_path, [torch.bfloat16, torch.float32, torch.float32], seed=2)
+    weights = [0.25, -0.5, 1.25]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _point(paths, weights, kernels.compiled)
+        torch.set_num_threads(2)
+        two = _point(paths, weights, kernels.compiled)
+        for name in one:
+            assert torch.equal(one[name].view(-1).view(torch.uint8), two[name].view(-1).view(torch.uint8)), name
+        state = load_file(paths[2])
+        state["w"][0, 3] = float("inf")  # the first chunk of w (rows 0-1)
+        state["v"][5] = float("nan")  # a later tensor, whose chunk may finish first on another thread
+        save_file(state, paths[2])
+        with pytest.raises(CheckpointError) as err:
+            _point(paths, weights, kernels.compiled)
+        assert "'w'" in str(err.value) and "'v'" not in str(err.value)
+    finally:
+        torch.set_num_threads(threads)
