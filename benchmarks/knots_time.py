@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_of  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"knots_ta": {}, "knots_ties": {"density": 0.2}, "knots_dare": {"density": 0.9},
           "ties": {"density": 0.2}}
-
-
-def best_of(fn, repeats: int) -> dict:
-    best = None
-    for _ in range(repeats):
-        cpu, wall = time.process_time(), time.perf_counter()
-        fn()
-        run = {"cpu_seconds": round(time.process_time() - cpu, 4), "wall_seconds": round(time.perf_counter() - wall, 4)}
-        best = run if best is None or run["cpu_seconds"] < best["cpu_seconds"] else best
-    return best
 
 
 def main() -> None:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"ties": {"density": 0.2}, "dare_ties": {"density": 0.2}, "dare_linear": {"density": 0.2},
@@ -25,19 +28,6 @@ PARAMS = {"ties": {"density": 0.2}, "dare_ties": {"density": 0.2}, "dare_linear"
           "breadcrumbs_ties": {"density": 0.9}, "slerp": {"t": 0.5}, "nearswap": {"t": 0.5},
           "wudi": {"iterations": 20}}  # WUDI's iterations cost the same each: scaled to its default 400 below
 SLOW_SECONDS = 10.0
-
-
-def timed(fn, repeats: int) -> dict:
-    """Best (lowest CPU seconds) of `repeats` runs; one run when the first is slow."""
-    best = None
-    for i in range(repeats):
-        cpu, wall = time.process_time(), time.perf_counter()
-        fn()
-        run = {"cpu_seconds": round(time.process_time() - cpu, 4), "wall_seconds": round(time.perf_counter() - wall, 4)}
-        best = run if best is None or run["cpu_seconds"] < best["cpu_seconds"] else best
-        if i == 0 and run["wall_seconds"] > SLOW_SECONDS:
-            break
-    return best
 
 
 def data_free_methods() -> list[str]:
@@ -74,9 +64,10 @@ def main() -> None:
         n = min(args.models, method.info.max_models or args.models)
         params = full_params(method, PARAMS.get(name, {}), n)
         inputs = models[:n]
-        reference = timed(lambda: merge_tensor(ties, "w", models, base, ties_params, 0), args.repeats)
+        reference = best_of(lambda: merge_tensor(ties, "w", models, base, ties_params, 0), args.repeats, SLOW_SECONDS)
         row = {"method": name, "models": n, "svd": name in {"iso_c", "iso_cts", "tsv", "cart"},
-               **timed(lambda m=method, x=inputs, p=params: merge_tensor(m, "w", x, base, p, 0), args.repeats)}
+               **best_of(lambda m=method, x=inputs, p=params: merge_tensor(m, "w", x, base, p, 0), args.repeats,
+                          SLOW_SECONDS)}
         row["ties_cpu_seconds"] = reference["cpu_seconds"]
         row["cpu_vs_ties"] = round(row["cpu_seconds"] / reference["cpu_seconds"], 2)
         row["wall_vs_ties"] = round(row["wall_seconds"] / reference["wall_seconds"], 2)
