@@ -117,8 +117,7 @@ def _sqlite_pragmas(engine: Any) -> None:
     from sqlalchemy import event
 
     def pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor = dbapi_connection.cursor()  # the WAL journal mode is the file's own, set by open_storage
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

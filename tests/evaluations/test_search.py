@@ -357,3 +357,19 @@ def test_ray_loss_objective_matches_local_and_prunes_on_ray(tmp_path, models):
     finally:
         executor.stop()
         ray.shutdown()
+
+
+def test_sqlite_storage_is_in_wal_mode_with_normal_sync(tmp_path):
+    """open_storage's SQLite settings (the per-trial overhead fix): the file's journal is a write-ahead log, and the
+    storage's connections sync at NORMAL (1), not FULL (2)."""
+    import sqlite3
+
+    from evaluations.search.study import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    with storage.engine.connect() as con:
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+    storage.engine.dispose()
+    raw = sqlite3.connect(tmp_path / "study.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.close()
