@@ -4,8 +4,9 @@ The phases (`PHASES`) are those of a task-arithmetic merge: the engine's reads (
 faults that bring their bytes in land in the first phase that touches them) and writes, and per tensor the
 threshold scan (bracket sample, scan, selection), DARE's mask draws and L1 sums, and the merge pass (`apply`: task
 vectors, trim or mask, election, sum, base, in one pass where the kernel is built). Seconds are summed over the
-threads a phase runs on (thread-seconds, which may exceed the wall time), bytes are those the phase reads or
-writes. Outside `profiling()` a call costs one global lookup.
+threads a phase runs on (thread-seconds, which may exceed the wall time), CPU seconds likewise (those threads' own
+user + system time: on a shared machine, what the phase cost without the waits for a core), bytes are those the
+phase reads or writes. Outside `profiling()` a call costs one global lookup.
 
     with profiling() as profile:
         merge(...)
@@ -25,21 +26,24 @@ PHASES = ("read", "sample", "scan", "select", "masks", "apply", "write")
 
 @dataclass
 class Profile:
-    """Per phase: thread-seconds, bytes moved, calls."""
+    """Per phase: thread-seconds, CPU seconds, bytes moved, calls."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, phase: str, seconds: float, nbytes: int) -> None:
+    def add(self, phase: str, seconds: float, nbytes: int, cpu_seconds: float = 0.0) -> None:
         with self._lock:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+            self.cpu_seconds[phase] = self.cpu_seconds.get(phase, 0.0) + cpu_seconds
             self.bytes[phase] = self.bytes.get(phase, 0) + nbytes
             self.calls[phase] = self.calls.get(phase, 0) + 1
 
     def to_json(self) -> dict[str, dict[str, float | int]]:
-        return {p: {"thread_seconds": round(self.seconds[p], 4), "bytes": self.bytes[p], "calls": self.calls[p]}
+        return {p: {"thread_seconds": round(self.seconds[p], 4), "cpu_seconds": round(self.cpu_seconds[p], 4),
+                    "bytes": self.bytes[p], "calls": self.calls[p]}
                 for p in sorted(self.seconds, key=lambda p: PHASES.index(p) if p in PHASES else len(PHASES))}
 
 
@@ -57,16 +61,35 @@ def profiling() -> Iterator[Profile]:
         _active = previous
 
 
-def start() -> float | None:
-    """A phase's start time, or None outside `profiling()`."""
-    return None if _active is None else time.perf_counter()
+_charged = threading.local()  # per thread: CPU seconds its pool tasks spent on its behalf (`charge`)
 
 
-def stop(phase: str, started: float | None, nbytes: int = 0) -> None:
-    """Count the time since `started` (from `start()`) and `nbytes` against `phase`."""
+def _charged_seconds() -> float:
+    return getattr(_charged, "seconds", 0.0)
+
+
+def start() -> tuple[float, float, float] | None:
+    """A phase's start (wall time, this thread's CPU time and charged CPU time), or None outside `profiling()`."""
+    return None if _active is None else (time.perf_counter(), time.thread_time(), _charged_seconds())
+
+
+def stop(phase: str, started: tuple[float, float, float] | None, nbytes: int = 0) -> None:
+    """Count the time since `started` (from `start()`, on this thread) and `nbytes` against `phase`; its CPU
+    seconds are this thread's plus what `charge` added for the pool tasks it waited on."""
     profile = _active
     if started is not None and profile is not None:
-        profile.add(phase, time.perf_counter() - started, nbytes)
+        cpu = time.thread_time() - started[1] + _charged_seconds() - started[2]
+        profile.add(phase, time.perf_counter() - started[0], nbytes, cpu)
+
+
+def active() -> bool:
+    """Whether a `profiling()` block is gathering."""
+    return _active is not None
+
+
+def charge(cpu_seconds: float) -> None:
+    """Add CPU seconds spent by other threads on this thread's behalf (a pool's tasks) to its open phases."""
+    _charged.seconds = _charged_seconds() + cpu_seconds
 
 
 def process_counters() -> dict[str, float | int]:

@@ -2,7 +2,7 @@
  * weight it, combine (a sum, or TIES' sign election and disjoint sum), normalize, scale, add the base.
  * tally_chunk: one chunk of TIES' and Breadcrumbs' threshold scan (sparsify.magnitude_cuts), every cut at once.
  * weighted_sum_chunk: one chunk of a linear merge (interpolation.linear and model_soup).
- * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): PCG64 drop masks and L1 sums.
+ * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): Philox drop masks and L1 sums.
  * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
@@ -674,54 +674,209 @@ static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
 }
 
 /* dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): per model, the Bernoulli(keep) drop mask of
- * its blocks, packed 8 entries to a byte, and optionally the float64 sums of |x - base| and of its kept entries.
- * The bits are those of numpy's PCG64 as bernoulli_mask reads them: each 64-bit output r_k = xsl_rr(s_{k+1}),
- * s_{k+1} = s_k MULT + inc (O'Neill 2014), gives entries 2k (low half) and 2k + 1 (high half); entry j is kept
- * when (r >> 8) < threshold = ceil(keep 2^24), which is numpy's float32 uniform (r >> 8) 2^-24 < keep. LANES
- * streams jumped LANES steps apart run side by side (the same outputs, LANES times the instruction parallelism
- * of one LCG). The sums follow numpy's float32 -> float64 `sum` exactly (merging.methods.sparsify._sum64):
- * buffers of 8192 entries, each summed pairwise as numpy's pairwise_sum (8 accumulators up to 128 entries),
- * the buffers' sums added left to right. */
-#if defined(__SIZEOF_INT128__)
-typedef unsigned __int128 u128;
-#define PCG_MULT (((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL)
-#define LANES 8 /* a multiple of 4, at most 16 */
+ * its entries, packed 8 entries to a byte, and optionally the float64 sums of |x - base| and of its kept entries.
+ * The bits are those of merging/methods/philox.py: entry j of stream s (the model) is kept when (r >> 8) <
+ * threshold = ceil(keep 2^24), r word j % 4 of Philox4x32-10 (Salmon et al. 2011) of the counter (j / 4 low and
+ * high 32 bits, s, 0) under the 64-bit key. PHILOX_GROUPS counters are run side by side through each round (the
+ * loop over them vectorizes: 32 x 32 -> 64-bit products are one instruction per 4 or 8 lanes). The sums follow
+ * numpy's float32 -> float64 `sum` exactly (merging.methods.sparsify._sum64): buffers of 8192 entries, each summed
+ * pairwise as numpy's pairwise_sum (8 accumulators up to 128 entries), the buffers' sums added left to right. */
 #define SUM_BUFFER 8192 /* numpy's default buffer size (np.getbufsize()) */
+#define PHILOX_GROUPS 64 /* counters per call of a `philox_bits` kernel: 256 entries, 32 mask bytes */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
 
-static inline uint64_t pcg_output(u128 s) {
-    uint64_t x = (uint64_t)(s >> 64) ^ (uint64_t)s;
-    unsigned r = (unsigned)(s >> 122);
-    return (x >> r) | (x << ((64 - r) & 63));
-}
+static uint32_t spread_bits[256]; /* bit l of the index moved to bit 4 l: one word's keep bits into entry order */
+static float bit_floats[256][8];  /* bit r of the index as 0.0f or 1.0f at position r */
 
-static inline uint8_t mask_bits(uint64_t r, uint32_t threshold, int shift) {
-    return (uint8_t)(((((uint32_t)r >> 8) < threshold) | ((((uint32_t)(r >> 32) >> 8) < threshold) << 1)) << shift);
-}
+/* The keep bits of counters first .. first + PHILOX_GROUPS - 1 (entries 4 first ..): 32 bytes into `bytes`. Three
+ * versions of the same integer operations (the same bits): plain C, AVX2 (8 counters per vector) and AVX-512 (16),
+ * chosen when the module loads. */
+typedef void (*PhiloxBits)(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t first, uint32_t threshold,
+                           uint8_t *bytes);
 
-/* the mask of one block of n entries into `out` (ceil(n / 8) bytes, unused high bits of the last one zero) */
-static void draw_block(u128 state, u128 inc, uint32_t threshold, Py_ssize_t n, uint8_t *out) {
-    u128 lane[LANES], jump_mult = 1, jump_add = 0;
-    for (int s = 0; s < LANES; s++) {
-        state = state * PCG_MULT + inc;
-        lane[s] = state;
-        jump_add = jump_add * PCG_MULT + inc;
-        jump_mult = jump_mult * PCG_MULT;
-    }
-    Py_ssize_t outputs = (n + 1) / 2, k = 0, byte = 0;
-    for (; k + LANES <= outputs; k += LANES, byte += LANES / 4) { /* 4 outputs: 8 entries, one byte */
-        uint32_t bits = 0;
-        for (int s = 0; s < LANES; s++) {
-            bits |= (uint32_t)mask_bits(pcg_output(lane[s]), threshold, 0) << (2 * s);
-            lane[s] = lane[s] * jump_mult + jump_add;
+static void philox_bits_plain(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t first, uint32_t threshold,
+                              uint8_t *bytes) {
+    for (int g = 0; g < PHILOX_GROUPS; g += 2) {
+        uint32_t byte = 0;
+        for (int h = 0; h < 2; h++) {
+            uint32_t x0 = (uint32_t)(first + (uint64_t)(g + h)), x1 = (uint32_t)((first + (uint64_t)(g + h)) >> 32);
+            uint32_t x2 = stream, x3 = 0, a = k0, b = k1;
+            for (int r = 0; r < 10; r++) {
+                const uint64_t p0 = (uint64_t)PHILOX_M0 * x0, p1 = (uint64_t)PHILOX_M1 * x2;
+                const uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1 ^ a, y2 = (uint32_t)(p0 >> 32) ^ x3 ^ b;
+                x1 = (uint32_t)p1;
+                x3 = (uint32_t)p0;
+                x0 = y0;
+                x2 = y2;
+                a += PHILOX_W0;
+                b += PHILOX_W1;
+            }
+            byte |= (((x0 >> 8) < threshold) | (((x1 >> 8) < threshold) << 1) | (((x2 >> 8) < threshold) << 2) |
+                     (((x3 >> 8) < threshold) << 3)) << (4 * h);
         }
-        for (int q = 0; q < LANES / 4; q++) out[byte + q] = (uint8_t)(bits >> (8 * q));
+        bytes[g / 2] = (uint8_t)byte;
     }
-    if (k < outputs) {
-        uint32_t bits = 0;
-        for (int s = 0; k < outputs; s++, k++) bits |= (uint32_t)mask_bits(pcg_output(lane[s]), threshold, 0) << (2 * s);
-        for (int q = 0; 8 * (byte + q) < n; q++) out[byte + q] = (uint8_t)(bits >> (8 * q));
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define PHILOX_SIMD 1
+
+/* hi, lo of m * x per 32-bit lane: the even lanes' products, then the odd lanes' (shifted down), blended */
+#define MULHILO(SFX, x, m, hi, lo)                                                                                \
+    do {                                                                                                          \
+        const __typeof__(x) even = _mm##SFX##_mul_epu32(x, m), odd = _mm##SFX##_mul_epu32(_mm##SFX##_srli_epi64(x, 32), m); \
+        lo = BLEND##SFX(even, _mm##SFX##_slli_epi64(odd, 32));                                                    \
+        hi = BLEND##SFX(_mm##SFX##_srli_epi64(even, 32), odd);                                                    \
+    } while (0)
+#define BLEND256(a, b) _mm256_blend_epi32(a, b, 0xAA)
+#define BLEND512(a, b) _mm512_mask_blend_epi32((__mmask16)0xAAAA, a, b)
+
+/* One Philox4x32-10 pass over CHAINS independent vectors of counters, interleaved round by round (each round's
+ * products wait on the previous round: chains side by side keep the multipliers busy). */
+#define PHILOX_VECTOR(SFX, VEC, LANES, CHAINS, SET1, XOR, LOAD, ZERO)                                              \
+    VEC x0[CHAINS], x1[CHAINS], x2[CHAINS], x3[CHAINS];                                                           \
+    for (int c = 0; c < CHAINS; c++) {                                                                            \
+        uint32_t low[LANES], high[LANES];                                                                         \
+        for (int l = 0; l < LANES; l++) {                                                                         \
+            low[l] = (uint32_t)(first + (uint64_t)(g + c * LANES + l));                                           \
+            high[l] = (uint32_t)((first + (uint64_t)(g + c * LANES + l)) >> 32);                                  \
+        }                                                                                                         \
+        x0[c] = LOAD(low);                                                                                        \
+        x1[c] = LOAD(high);                                                                                       \
+        x2[c] = SET1((int)stream);                                                                                \
+        x3[c] = ZERO();                                                                                           \
+    }                                                                                                             \
+    uint32_t a = k0, b = k1;                                                                                      \
+    for (int r = 0; r < 10; r++) {                                                                                \
+        const VEC ka = SET1((int)a), kb = SET1((int)b);                                                           \
+        for (int c = 0; c < CHAINS; c++) {                                                                        \
+            VEC hi0, lo0, hi1, lo1;                                                                               \
+            MULHILO(SFX, x0[c], m0, hi0, lo0);                                                                    \
+            MULHILO(SFX, x2[c], m1, hi1, lo1);                                                                    \
+            x0[c] = XOR(XOR(hi1, x1[c]), ka);                                                                     \
+            x2[c] = XOR(XOR(hi0, x3[c]), kb);                                                                     \
+            x1[c] = lo1;                                                                                          \
+            x3[c] = lo0;                                                                                          \
+        }                                                                                                         \
+        a += PHILOX_W0;                                                                                           \
+        b += PHILOX_W1;                                                                                           \
     }
-    if (n % 8) out[n / 8] &= (uint8_t)((1u << (n % 8)) - 1); /* entries past n: zero, as np.packbits pads */
+
+#define AVX2_CHAINS 2 /* 16 ymm registers: two chains of four words, the constants beside them */
+#define AVX512_CHAINS 4
+
+__attribute__((target("avx2"))) static void philox_bits_avx2(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t first,
+                                                              uint32_t threshold, uint8_t *bytes) {
+    const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
+    const __m256i limit = _mm256_set1_epi32((int)threshold); /* words >> 8 < 2^24: signed compares are exact */
+    for (int g = 0; g < PHILOX_GROUPS; g += 8 * AVX2_CHAINS) {
+#define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
+        PHILOX_VECTOR(256, __m256i, 8, AVX2_CHAINS, _mm256_set1_epi32, _mm256_xor_si256, LOAD256, _mm256_setzero_si256)
+#undef LOAD256
+        for (int c = 0; c < AVX2_CHAINS; c++) {
+            const __m256i words[4] = {x0[c], x1[c], x2[c], x3[c]};
+            uint32_t bits = 0;
+            for (int w = 0; w < 4; w++) {
+                const __m256i kept = _mm256_cmpgt_epi32(limit, _mm256_srli_epi32(words[w], 8));
+                bits |= spread_bits[_mm256_movemask_ps(_mm256_castsi256_ps(kept))] << w;
+            }
+            memcpy(bytes + (g + 8 * c) / 2, &bits, 4);
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void philox_bits_avx512(uint32_t k0, uint32_t k1, uint32_t stream,
+                                                                   uint64_t first, uint32_t threshold, uint8_t *bytes) {
+    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+    const __m512i limit = _mm512_set1_epi32((int)threshold);
+    for (int g = 0; g < PHILOX_GROUPS; g += 16 * AVX512_CHAINS) {
+#define LOAD512(p) _mm512_loadu_si512((const void *)(p))
+        PHILOX_VECTOR(512, __m512i, 16, AVX512_CHAINS, _mm512_set1_epi32, _mm512_xor_si512, LOAD512, _mm512_setzero_si512)
+#undef LOAD512
+        for (int c = 0; c < AVX512_CHAINS; c++) {
+            const __m512i words[4] = {x0[c], x1[c], x2[c], x3[c]};
+            uint64_t bits = 0;
+            for (int w = 0; w < 4; w++) {
+                const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(words[w], 8), limit);
+                bits |= ((uint64_t)spread_bits[kept & 0xFF] | ((uint64_t)spread_bits[kept >> 8] << 32)) << w;
+            }
+            memcpy(bytes + (g + 16 * c) / 2, &bits, 8);
+        }
+    }
+}
+#endif
+
+static PhiloxBits philox_bits = philox_bits_plain;
+
+static void init_tables(void) { /* and choose the Philox kernel */
+    for (int m = 0; m < 256; m++) {
+        uint32_t v = 0;
+        for (int l = 0; l < 8; l++) {
+            v |= (uint32_t)((m >> l) & 1) << (4 * l);
+            bit_floats[m][l] = (float)((m >> l) & 1);
+        }
+        spread_bits[m] = v;
+    }
+#ifdef PHILOX_SIMD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        philox_bits = philox_bits_avx512;
+    else if (__builtin_cpu_supports("avx2"))
+        philox_bits = philox_bits_avx2;
+#endif
+}
+
+/* the mask bits of entries [start, start + n) (start a multiple of 8) into `out` (ceil(n / 8) bytes, the unused
+ * high bits of the last one zero, as np.packbits pads) */
+static void philox_mask(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t start, Py_ssize_t n, uint32_t threshold,
+                        uint8_t *out) {
+    uint8_t bytes[PHILOX_GROUPS / 2];
+    for (Py_ssize_t done = 0; done < n; done += 4 * PHILOX_GROUPS) {
+        const Py_ssize_t left = (n - done + 7) / 8;
+        uint8_t *to = left >= PHILOX_GROUPS / 2 ? out + done / 8 : bytes; /* the last, partial group via `bytes` */
+        philox_bits(k0, k1, stream, (start + (uint64_t)done) / 4, threshold, to);
+        if (to == bytes)
+            memcpy(out + done / 8, bytes, (size_t)left);
+    }
+    if (n % 8) out[n / 8] &= (uint8_t)((1u << (n % 8)) - 1);
+}
+
+/* which philox_bits version runs: "avx512f", "avx2" or "plain" */
+static PyObject *py_philox_version(PyObject *self, PyObject *args) {
+#ifdef PHILOX_SIMD
+    if (philox_bits == philox_bits_avx512)
+        return PyUnicode_FromString("avx512f");
+    if (philox_bits == philox_bits_avx2)
+        return PyUnicode_FromString("avx2");
+#endif
+    return PyUnicode_FromString("plain");
+}
+
+/* philox_use(version): run this philox_bits version ("avx512f", "avx2", "plain"; tests compare them); returns
+ * whether this processor has it */
+static PyObject *py_philox_use(PyObject *self, PyObject *args) {
+    const char *version;
+    if (!PyArg_ParseTuple(args, "s", &version))
+        return NULL;
+    if (strcmp(version, "plain") == 0) {
+        philox_bits = philox_bits_plain;
+        Py_RETURN_TRUE;
+    }
+#ifdef PHILOX_SIMD
+    if (strcmp(version, "avx512f") == 0 && __builtin_cpu_supports("avx512f")) {
+        philox_bits = philox_bits_avx512;
+        Py_RETURN_TRUE;
+    }
+    if (strcmp(version, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
+        philox_bits = philox_bits_avx2;
+        Py_RETURN_TRUE;
+    }
+#endif
+    Py_RETURN_FALSE;
 }
 
 VECTOR_CLONES static double pairwise_sum(const float *a, Py_ssize_t n) {
@@ -748,7 +903,7 @@ VECTOR_CLONES static double pairwise_sum(const float *a, Py_ssize_t n) {
 typedef struct {
     const void *x;      /* this chunk of the model's stored tensor */
     int dtype;          /* DTYPE_* */
-    const uint64_t *states; /* per block: state high, low, inc high, low (numpy's PCG64 state after seeding) */
+    uint32_t k0, k1, stream; /* the Philox key words and stream (the model's index) */
     uint32_t threshold; /* ceil(keep 2^24) */
     uint8_t *mask;      /* ceil(n / 8) bytes */
     double total, kept;
@@ -768,7 +923,7 @@ VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int b
                 load(d->x, d->dtype, start + off, len - off < BLOCK ? len - off : BLOCK, a + off);
             const uint8_t *bits = d->mask + start / 8; /* buffers start at multiples of 8 entries */
             for (int q = 0; q < (len + 7) / 8; q++) /* the bits as 0 / 1, eight at a time */
-                for (int r = 0; r < 8; r++) k[8 * q + r] = (float)((bits[q] >> r) & 1);
+                memcpy(k + 8 * q, bit_floats[bits[q]], sizeof(bit_floats[0]));
             for (int j = 0; j < len; j++) {
                 a[j] = fabsf(a[j] - b[j]);
                 k[j] = a[j] * k[j];
@@ -780,18 +935,18 @@ VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int b
     }
 }
 
-/* dare_chunk(base, base_dtype, n, block, draws, sums) -> ((total, kept), ...): draws a tuple of (x, x_dtype,
- * states, threshold, mask) per model, `states` the address of 4 uint64 per block of `block` entries (the chunk
- * starts a block), `mask` of ceil(n / 8) bytes; sums 0: masks only (x and base unread, sums 0). Releases the GIL. */
+/* dare_chunk(base, base_dtype, n, start, draws, sums) -> ((total, kept), ...): entries [start, start + n) of the
+ * tensor (start a multiple of 8), draws a tuple of (x, x_dtype, k0, k1, stream, threshold, mask) per model, `mask`
+ * of ceil(n / 8) bytes; sums 0: masks only (x and base unread, sums 0). Releases the GIL. */
 static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
-    unsigned long long base;
+    unsigned long long base, start;
     int base_dtype, sums;
-    Py_ssize_t n, block;
+    Py_ssize_t n;
     PyObject *draws_obj;
-    if (!PyArg_ParseTuple(args, "KinnO!p", &base, &base_dtype, &n, &block, &PyTuple_Type, &draws_obj, &sums))
+    if (!PyArg_ParseTuple(args, "KinKO!p", &base, &base_dtype, &n, &start, &PyTuple_Type, &draws_obj, &sums))
         return NULL;
-    if (block <= 0 || block % 8) {
-        PyErr_SetString(PyExc_ValueError, "dare_chunk: block must be a positive multiple of 8");
+    if (start % 8) {
+        PyErr_SetString(PyExc_ValueError, "dare_chunk: start must be a multiple of 8");
         return NULL;
     }
     Py_ssize_t m = PyTuple_GET_SIZE(draws_obj);
@@ -803,27 +958,20 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < m; i++) {
-        unsigned long long x, states, mask;
-        unsigned int threshold;
+        unsigned long long x, mask;
         Draw *d = &draws[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(draws_obj, i), "KiKIK", &x, &d->dtype, &states, &threshold, &mask)) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(draws_obj, i), "KiIIIIK", &x, &d->dtype, &d->k0, &d->k1, &d->stream,
+                              &d->threshold, &mask)) {
             free(draws);
             free(work);
             return NULL;
         }
         d->x = (const void *)(uintptr_t)x;
-        d->states = (const uint64_t *)(uintptr_t)states;
-        d->threshold = threshold;
         d->mask = (uint8_t *)(uintptr_t)mask;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < m; i++) {
-        const uint64_t *st = draws[i].states;
-        for (Py_ssize_t start = 0, q = 0; start < n; start += block, q++) {
-            u128 state = ((u128)st[4 * q] << 64) | st[4 * q + 1], inc = ((u128)st[4 * q + 2] << 64) | st[4 * q + 3];
-            draw_block(state, inc, draws[i].threshold, n - start < block ? n - start : block, draws[i].mask + start / 8);
-        }
-    }
+    for (Py_ssize_t i = 0; i < m; i++)
+        philox_mask(draws[i].k0, draws[i].k1, draws[i].stream, start, n, draws[i].threshold, draws[i].mask);
     if (sums)
         sum_masked(draws, (int)m, (const void *)(uintptr_t)base, base_dtype, n, work);
     Py_END_ALLOW_THREADS
@@ -840,7 +988,6 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
     free(work);
     return result;
 }
-#endif
 
 /* point_chunk: one chunk of a point theta = sum_i w_i x_i between checkpoints (evaluations.lm_path.write_point),
  * the same bits as its torch ops on float64 chunks: each x_i read exactly as a double, sum = x_0 w_0 (one
@@ -937,12 +1084,15 @@ static PyMethodDef methods[] = {
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {"weighted_sum_chunk", py_weighted_sum_chunk, METH_VARARGS, "One chunk of a linear merge (see _fused.c)."},
     {"point_chunk", py_point_chunk, METH_VARARGS, "One chunk of a point between checkpoints (see _fused.c)."},
-#if defined(__SIZEOF_INT128__)
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
-#endif
+    {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
+    {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void) {
+    init_tables();
+    return PyModule_Create(&module);
+}

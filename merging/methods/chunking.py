@@ -27,6 +27,7 @@ what lets the size differ between devices.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,7 +58,21 @@ def map_threads(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
         return [fn(i) for i in range(n)]
     if workers not in _pools:
         _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="basin-chunk")
-    return list(_pools[workers].map(fn, range(n)))
+    if not profiling.active():
+        return list(_pools[workers].map(fn, range(n)))
+    spent: list[float] = []  # the tasks' CPU seconds, charged to the caller's open phases
+
+    def timed(i: int) -> T:
+        started = time.thread_time()
+        try:
+            return fn(i)
+        finally:
+            spent.append(time.thread_time() - started)
+
+    try:
+        return list(_pools[workers].map(timed, range(n)))
+    finally:
+        profiling.charge(sum(spent))
 
 
 _local = threading.local()

@@ -14,8 +14,8 @@
   chunks of a tensor (a sampled bracket around the k-th largest, then an exact selection among the
   entries inside it, as in Floyd and Rivest's SELECT) and applied chunk by chunk, so TIES and
   Breadcrumbs stream like elementwise methods (on the CPU the scan runs in the compiled kernel where
-  built); `random_masks`: DARE's Bernoulli masks drawn per chunk from seeds derived from (tensor key,
-  model, block), independent of thread count, chunk order and chunk size.
+  built); `random_masks`: DARE's Bernoulli masks from the counter-based Philox generator keyed by
+  (tensor key, model, entry), independent of thread count, chunk order, chunk size and device.
 Functions ending in _ modify their first argument in place (the callers own those task vectors: in
 place saves the allocation of a fresh tensor per step, the costly part on CPU); the rest are pure.
 Randomness only through the generator passed in (drawn on CPU).
@@ -26,15 +26,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from merging import profiling
-from merging.methods import kernels
-from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads, scratch
+from merging.methods import kernels, philox
+from merging.methods.chunking import ChunkedInputs, map_threads, scratch
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -499,30 +498,20 @@ def _select_cut(k: int, n: int, heavy: float | None, tallies: list[tuple[int, to
     return MagnitudeCut(k, n, threshold, ties_kept, ties_total, before), kept
 
 
-def chunk_generator(key: int, model: int, chunk: int) -> np.random.Generator:
-    """The random stream of one (tensor, model, chunk): PCG64 seeded from the three numbers."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([key, model, chunk])))
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as bits, 8 to a byte (entry j at bit j % 8 of byte j // 8; the last byte's unused bits zero), on
+    the mask's device: 8x less memory than bools for the masks DARE holds between its passes (4 bytes per entry
+    of a 4-model merge, twice a bf16 output, as bools)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+    return _pack_bits(mask)
 
 
-def bernoulli_mask(generator: np.random.Generator, n: int, keep: float) -> np.ndarray:
-    """n draws of `generator.random(dtype=np.float32) < np.float32(keep)`, bit for bit, 1.5x faster.
-
-    numpy's float32 uniform is u = (r >> 8) / 2^24 for the next 32 random bits r, and PCG64 hands out
-    each 64-bit output as two 32-bit draws, low half first; so u < keep is (r >> 8) < ceil(keep 2^24),
-    computed on the raw outputs without making floats. (Big-endian machines take the float route.)"""
-    keep32 = np.float32(keep)
-    if sys.byteorder != "little" or not isinstance(generator.bit_generator, np.random.PCG64):
-        return generator.random(n, dtype=np.float32) < keep32
-    bits = generator.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
-    np.right_shift(bits, 8, out=bits)
-    return bits < np.uint32(math.ceil(float(keep32) * 2**24))
-
-
-def pack_mask(mask: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A bool mask as bits, 8 to a byte (entry j at bit j % 8 of byte j // 8), on `device`: 8x less memory than
-    bools for the masks DARE holds between its passes (4 bytes per entry of a 4-model merge, twice a bf16
-    output, as bools)."""
-    return torch.from_numpy(np.packbits(mask, bitorder="little")).to(device)
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """`pack_mask` in torch ops, for masks on an accelerator."""
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -mask.numel() % 8))
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=mask.device)
+    return (padded.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, size: int) -> torch.Tensor:
@@ -540,9 +529,9 @@ def _unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool = False
                  ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
-    """DARE's Bernoulli(keep[i]) masks of model i, one `pack_mask`ed tensor per chunk (uniform < keep,
-    float32), drawn from `chunk_generator(key, i, block)` for each block of CHUNK_ELEMENTS entries (a chunk on
-    the CPU; several on an accelerator, so masks do not depend on the device); models with keep >= 1 get none.
+    """DARE's Bernoulli(keep[i]) masks of model i, one `pack_mask`ed tensor per chunk: entry j is kept when
+    Philox's word for (key, stream i, entry j) says so (`merging.methods.philox.keep_mask`: the float32 uniform <
+    keep), so masks do not depend on the chunk size, the threads or the device; models with keep >= 1 get none.
     With `sums`, also sum |tau_i| and the sum of the kept |tau_i| (float64, in chunk order)."""
     started = profiling.start()
     masks, totals, kept = _random_masks(inputs, keep, key, sums)
@@ -552,29 +541,20 @@ def random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool 
 
 def _random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
                   ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
-    """`random_masks`, unprofiled: through the compiled kernel where it applies, else numpy."""
+    """`random_masks`, unprofiled: through the compiled kernel where it applies, else torch ops."""
     m = len(inputs.tensors)
     device = inputs.tensors[0].device
     if _dare_compiled(inputs):
         return _random_masks_compiled(inputs, keep, key, sums)
 
-    def draw(index: int) -> list[np.ndarray | None]:
+    def draw(index: int) -> list[torch.Tensor | None]:
         start, stop = inputs.span(index)
-        # one stream per block of CHUNK_ELEMENTS entries, whatever the chunk size (an empty tensor: one empty block)
-        blocks = range(start // CHUNK_ELEMENTS, max(1, -(-stop // CHUNK_ELEMENTS)))
-        out: list[np.ndarray | None] = []
-        for i in range(m):
-            if keep[i] >= 1:
-                out.append(None)
-                continue
-            parts = [bernoulli_mask(chunk_generator(key, i, b), min(stop - b * CHUNK_ELEMENTS, CHUNK_ELEMENTS), keep[i])
-                     for b in blocks]
-            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        return out
+        return [None if keep[i] >= 1 else philox.keep_mask(key, i, start, stop - start, philox.keep_threshold(keep[i]),
+                                                           device) for i in range(m)]
 
     if not sums:  # the masks need no input data: no chunk is read or converted
-        per_chunk = map_threads(lambda index: [None if mask is None else pack_mask(mask, device)
-                                               for mask in draw(index)], inputs.num_chunks, inputs.workers)
+        per_chunk = map_threads(lambda index: [None if mask is None else pack_mask(mask) for mask in draw(index)],
+                                inputs.num_chunks, inputs.workers)
         return [[c[i] for c in per_chunk] for i in range(m)], [0.0] * m, [0.0] * m
 
     def draw_and_sum(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple]:
@@ -584,7 +564,7 @@ def _random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
                 out.append((None, 0.0, 0.0))
                 continue
             a = x.sub_(base).abs_()
-            out.append((pack_mask(mask, device), _sum64(a), _sum64(mul_mask_(a, torch.from_numpy(mask).to(device)))))
+            out.append((pack_mask(mask), _sum64(a), _sum64(mul_mask_(a, mask))))
         return out
 
     per_chunk = inputs.map(draw_and_sum)
@@ -594,41 +574,27 @@ def _random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
 
 
 def _dare_compiled(inputs: ChunkedInputs) -> bool:
-    """Whether the compiled kernel draws DARE's masks here (built with 128-bit integers, CPU inputs it reads,
-    a little-endian machine as `bernoulli_mask`'s raw route)."""
-    return (sys.byteorder == "little" and hasattr(kernels.compiled, "dare_chunk")
-            and kernels.readable(inputs.tensors + [inputs.base], inputs.numel))
-
-
-def pcg64_states(key: int, model: int, blocks: range) -> np.ndarray:
-    """The PCG64 states of `chunk_generator(key, model, b)` for b in `blocks`, as 4 uint64 per block (state high,
-    low, increment high, low): what the compiled kernel continues from."""
-    out = np.empty((max(1, len(blocks)), 4), dtype=np.uint64)
-    low = (1 << 64) - 1
-    for row, b in enumerate(blocks):
-        state = chunk_generator(key, model, b).bit_generator.state["state"]
-        out[row] = (state["state"] >> 64, state["state"] & low, state["inc"] >> 64, state["inc"] & low)
-    return out
+    """Whether the compiled kernel draws DARE's masks here (CPU inputs it reads)."""
+    return hasattr(kernels.compiled, "dare_chunk") and kernels.readable(inputs.tensors + [inputs.base], inputs.numel)
 
 
 def _random_masks_compiled(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
                            ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
-    """`random_masks` in one compiled pass per chunk (masks drawn from the same PCG64 streams, sums in numpy's
-    order: the same bits, tested), straight from the stored inputs."""
+    """`random_masks` in one compiled pass per chunk (the same Philox words, sums in numpy's order: the same
+    bits, tested), straight from the stored inputs."""
     m = len(inputs.tensors)
     drawn = [i for i in range(m) if keep[i] < 1]
-    thresholds = {i: math.ceil(float(np.float32(keep[i])) * 2**24) for i in drawn}
+    thresholds = {i: philox.keep_threshold(keep[i]) for i in drawn}
+    key_words = philox.split_key(key)
     base_code = kernels.DTYPE_CODES[inputs.base.dtype]
 
     def visit(index: int) -> list[tuple[torch.Tensor | None, float, float]]:
         start, stop = inputs.span(index)
-        blocks = range(start // CHUNK_ELEMENTS, max(1, -(-stop // CHUNK_ELEMENTS)))
-        states = [pcg64_states(key, i, blocks) for i in drawn]
         masks = [torch.empty(-(-(stop - start) // 8), dtype=torch.uint8) for _ in drawn]
         args = tuple((kernels.address(inputs.tensors[i], start), kernels.DTYPE_CODES[inputs.tensors[i].dtype],
-                      st.ctypes.data, thresholds[i], mask.data_ptr()) for i, st, mask in zip(drawn, states, masks))
-        result = kernels.compiled.dare_chunk(kernels.address(inputs.base, start), base_code, stop - start,
-                                             CHUNK_ELEMENTS, args, sums)
+                      *key_words, i, thresholds[i], mask.data_ptr()) for i, mask in zip(drawn, masks))
+        result = kernels.compiled.dare_chunk(kernels.address(inputs.base, start), base_code, stop - start, start,
+                                             args, sums)
         out: list[tuple[torch.Tensor | None, float, float]] = [(None, 0.0, 0.0)] * m
         for i, mask, (total, kept) in zip(drawn, masks, result):
             out[i] = (mask, total, kept)

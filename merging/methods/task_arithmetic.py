@@ -18,8 +18,9 @@ Task arithmetic, TIES, DARE and Breadcrumbs stream: `TaskVectorMerge` finds each
 threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, then merges chunk by chunk
 (merging.methods.chunking), never holding a float32 copy of a whole input; on the CPU both passes run in the
 compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA (per-row ranks),
-Model Stock and SCE work on whole tensors. DARE's masks come from PCG64 streams seeded by (a key drawn
-from the per-tensor generator, model index, chunk index), DELLA's from the per-tensor generator, drawn
+Model Stock and SCE work on whole tensors. DARE's masks come from the counter-based Philox generator
+(merging.methods.philox) keyed by (a key drawn from the per-tensor generator, model index, entry index), so they
+are the same for any chunk size, thread count or device; DELLA's from the per-tensor generator, drawn
 model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
 """
 

@@ -1,7 +1,8 @@
-"""DARE's prepare pass in the compiled kernel (`_fused.dare_chunk`) against the numpy route of
-`sparsify.random_masks`, bit for bit: the packed masks (numpy's PCG64 streams, 8 lanes jumped apart in C) and the
-float64 L1 sums (numpy's buffered pairwise order), on bf16 and float32, odd sizes (the last byte's padding), chunks
-of several blocks, 1 and 2 threads, NaN and infinities."""
+"""DARE's random source and prepare pass: Philox4x32-10 (`merging.methods.philox`) against Random123's published
+known-answer vectors and a scalar pure-Python reference written from the paper (Salmon et al. 2011); the compiled
+kernel (`_fused.dare_chunk`) against the torch route of `sparsify.random_masks`, bit for bit: the packed masks and
+the float64 L1 sums (numpy's buffered pairwise order), on bf16 and float32, odd sizes (the last byte's padding),
+chunks of several blocks, 1 and 2 threads, NaN and infinities; the keep rate and independence of the streams."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from merging.methods import kernels, sparsify
+from merging.methods import kernels, philox, sparsify
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs
 
 pytestmark = pytest.mark.skipif(not hasattr(kernels.compiled, "dare_chunk"), reason="kernel not built")
@@ -24,7 +25,7 @@ def _inputs(n: int, dtype: torch.dtype, seed: int = 0, specials: bool = False):
     return models, base
 
 
-def _numpy_route(inputs, keep, key, sums):
+def _torch_route(inputs, keep, key, sums):
     saved, sparsify.kernels.compiled = kernels.compiled, None
     try:
         return sparsify.random_masks(inputs, keep, key, sums)
@@ -46,13 +47,13 @@ def _same(a, b) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 7, 9, 15, 16, 17, 8191, 8193, CHUNK_ELEMENTS, CHUNK_ELEMENTS + 9])
-def test_compiled_dare_masks_and_sums_equal_the_numpy_route(n, dtype):
+def test_compiled_dare_masks_and_sums_equal_the_torch_route(n, dtype):
     models, base = _inputs(n, dtype, seed=n)
     inputs = ChunkedInputs(models, base)
     assert sparsify._dare_compiled(inputs)
     keep = [0.5, 0.3, 1.0]  # the last model: no mask
     got = sparsify.random_masks(inputs, keep, 12345, sums=True)
-    _same(got, _numpy_route(inputs, keep, 12345, sums=True))
+    _same(got, _torch_route(inputs, keep, 12345, sums=True))
     assert got[0][2] == [None] * inputs.num_chunks
     density = float(sparsify.unpack_mask(got[0][0][0], min(n, CHUNK_ELEMENTS)).float().mean())
     assert n < 1000 or abs(density - 0.5) < 0.01
@@ -64,7 +65,7 @@ def test_compiled_dare_is_independent_of_threads_and_chunk_size(workers, chunk_b
     models, base = _inputs(n, torch.bfloat16, specials=True)
     inputs = ChunkedInputs(models, base, workers, chunk_blocks * CHUNK_ELEMENTS)
     got = sparsify.random_masks(inputs, [0.25, 0.9, 0.6], 7, sums)
-    _same(got, _numpy_route(inputs, [0.25, 0.9, 0.6], 7, sums))
+    _same(got, _torch_route(inputs, [0.25, 0.9, 0.6], 7, sums))
     single = sparsify.random_masks(ChunkedInputs(models, base), [0.25, 0.9, 0.6], 7, sums)
     whole = [torch.cat([sparsify.unpack_mask(p, CHUNK_ELEMENTS * chunk_blocks) for p in row])[:n] for row in got[0]]
     parts = [torch.cat([sparsify.unpack_mask(p, CHUNK_ELEMENTS) for p in row])[:n] for row in single[0]]
@@ -73,12 +74,66 @@ def test_compiled_dare_is_independent_of_threads_and_chunk_size(workers, chunk_b
         assert np.isnan(got[1][1]) and got[1][0] == single[1][0]  # NaN flows into the sum as in numpy
 
 
-def test_pcg64_states_continue_numpys_stream():
-    """What the kernel starts from is the generator's state: its first raw output is one LCG step away."""
-    state = sparsify.pcg64_states(3, 1, range(5, 6))[0]
-    s = (int(state[0]) << 64) | int(state[1])
-    inc = (int(state[2]) << 64) | int(state[3])
-    s = (s * 0x2360ED051FC65DA44385DF649FCCF645 + inc) % 2**128
-    x, rot = ((s >> 64) ^ s) % 2**64, s >> 122
-    expected = ((x >> rot) | (x << (64 - rot))) % 2**64
-    assert int(sparsify.chunk_generator(3, 1, 5).bit_generator.random_raw()) == expected
+KNOWN_ANSWERS = [  # Random123's kat_vectors for philox4x32 10: counter, key, output
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def _philox_scalar(counter, key):
+    """Philox4x32-10 on Python integers, one counter at a time (the paper's round: two 32 x 32 -> 64-bit products,
+    the halves swapped and xored with the other words and the key; key bumped by the Weyl constants)."""
+    x, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * x[0], 0xCD9E8D57 * x[2]
+        x = [(p1 >> 32) ^ x[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ x[3] ^ k[1], p0 & 0xFFFFFFFF]
+        k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+    return tuple(x)
+
+
+@pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
+def test_philox_matches_random123s_known_answers(counter, key, expected):
+    assert _philox_scalar(counter, key) == expected
+    assert tuple(philox.philox4x32(torch.tensor([counter]), key)[0].tolist()) == expected
+
+
+def test_keep_mask_is_the_scalar_reference_entry_by_entry():
+    key, stream, keep = 0x1234_5678_9ABC_DEF0, 3, 0.3
+    threshold = philox.keep_threshold(keep)
+    assert threshold == int(np.ceil(np.float64(np.float32(keep)) * 2**24))  # u = (r >> 8) 2^-24 < float32(keep)
+    k0, k1 = philox.split_key(key)
+    start, n = (1 << 33) - 6, 23  # block numbers past 2^32: the counter's high word in use
+    expected = []
+    for j in range(start, start + n):
+        words = _philox_scalar(((j // 4) & 0xFFFFFFFF, (j // 4) >> 32, stream, 0), (k0, k1))
+        expected.append((words[j % 4] >> 8) < threshold)
+    assert philox.keep_mask(key, stream, start, n, threshold).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_masks_equal_keep_mask_at_any_start(dtype):
+    n = 1000
+    models, base = _inputs(n, dtype)
+    for start in (0, 8, 1 << 20, (1 << 34) + 16):
+        out = torch.empty(-(-n // 8), dtype=torch.uint8)
+        kernels.compiled.dare_chunk(base.data_ptr(), kernels.DTYPE_CODES[dtype], n, start,
+                                    ((models[0].data_ptr(), kernels.DTYPE_CODES[dtype], *philox.split_key(99), 2,
+                                      philox.keep_threshold(0.4), out.data_ptr()),), False)
+        assert torch.equal(out, sparsify.pack_mask(philox.keep_mask(99, 2, start, n, philox.keep_threshold(0.4))))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.compiled.dare_chunk(base.data_ptr(), 0, n, 4, (), False)
+
+
+def test_masks_keep_at_the_rate_asked_and_streams_are_independent():
+    n = 1 << 20
+    a = philox.keep_mask(5, 0, 0, n, philox.keep_threshold(0.5)).double()
+    b = philox.keep_mask(5, 1, 0, n, philox.keep_threshold(0.5)).double()
+    c = philox.keep_mask(6, 0, 0, n, philox.keep_threshold(0.1)).double()
+    sigma = (0.25 / n) ** 0.5
+    assert abs(a.mean() - 0.5) < 5 * sigma and abs(b.mean() - 0.5) < 5 * sigma
+    assert abs(c.mean() - 0.1) < 5 * (0.09 / n) ** 0.5
+    assert abs(((a - 0.5) * (b - 0.5)).mean()) < 5 * 0.25 / n ** 0.5  # streams uncorrelated
+    assert abs(((a[1:] - 0.5) * (a[:-1] - 0.5)).mean()) < 5 * 0.25 / n ** 0.5  # neighbours uncorrelated
+    assert philox.keep_mask(5, 0, 0, 10, 0).sum() == 0 and philox.keep_mask(5, 0, 0, 10, 1 << 24).all()

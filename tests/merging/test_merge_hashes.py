@@ -1,5 +1,6 @@
 """Every tensorwise method keeps its bits: the content hashes of benchmarks/merge_hashes.py's merges equal the
-recorded ones (recorded before the pipeline reshape, on the same seeded inputs).
+recorded ones (recorded before the pipeline reshape, on the same seeded inputs; DARE's two re-recorded when its
+masks moved from numpy's PCG64 streams to the counter-based Philox generator, merging.methods.philox).
 
 Methods built on a full SVD (LAPACK) get different last bits on CPUs with different SIMD paths (AVX2 vs AVX-512),
 so for them the test asserts run-to-run identity on this machine instead of the recorded hash."""

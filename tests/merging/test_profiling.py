@@ -63,3 +63,26 @@ def test_outside_profiling_nothing_is_gathered():
             profiling.stop("scan", profiling.start(), 5)
         profiling.stop("apply", profiling.start(), 7)
     assert inner.bytes == {"scan": 5} and outer.bytes == {"apply": 7}
+
+
+def test_cpu_seconds_count_the_pool_threads_work_for_the_phase_that_waited_on_it():
+    """A phase that spreads work over the chunk pool is charged its tasks' CPU time (they run on other threads),
+    and only once: busy tasks of known CPU cost on 2 workers give the phase about their sum."""
+    import time
+
+    from merging.methods.chunking import map_threads
+
+    def busy(_: int) -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+
+    with profiling.profiling() as profile:
+        started = profiling.start()
+        map_threads(busy, 4, 2)
+        profiling.stop("apply", started)
+        started = profiling.start()
+        profiling.stop("write", started)  # nothing charged to a later phase
+    assert 0.2 <= profile.cpu_seconds["apply"] < 0.3
+    assert profile.cpu_seconds["write"] < 0.01
+    assert profile.to_json()["apply"]["cpu_seconds"] == round(profile.cpu_seconds["apply"], 4)

@@ -172,31 +172,20 @@ def test_bracket_tally_in_numpy_equals_the_torch_ops_used_on_accelerators(bracke
     assert fast[2] > 0 if bracket[2] is not None else fast[2] == 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 1001, CHUNK_ELEMENTS])
-def test_bernoulli_mask_is_the_float32_uniform_draw_bit_for_bit(n):
-    import numpy as np
-
-    from merging.methods.sparsify import bernoulli_mask, chunk_generator
-
-    for keep in (1e-7, 0.1, 0.3, 1 / 3, 0.5, 0.9, 1 - 1e-9):
-        fast = bernoulli_mask(chunk_generator(7, 1, n), n, keep)
-        reference = chunk_generator(7, 1, n).random(n, dtype=np.float32) < np.float32(keep)
-        assert fast.shape == (n,) and np.array_equal(fast, reference)
-
-
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 300, CHUNK_ELEMENTS + 3])
 def test_packed_masks_unpack_to_the_same_bools_at_an_eighth_of_the_memory(n):
     import numpy as np
 
-    from merging.methods.sparsify import _unpack_bits, pack_mask, unpack_mask
+    from merging.methods.sparsify import _pack_bits, _unpack_bits, pack_mask, unpack_mask
 
     mask = np.random.default_rng(n).random(n) < 0.3
-    packed = pack_mask(mask, torch.device("cpu"))
+    packed = pack_mask(torch.from_numpy(mask))
     assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
     assert np.array_equal(unpack_mask(packed, n).numpy(), mask)
     # entry j is bit j % 8 of byte j // 8, as the kernel reads it
     assert [bool(packed[j // 8] >> (j % 8) & 1) for j in range(min(n, 40))] == list(mask[:40])
     assert torch.equal(_unpack_bits(packed, n), torch.from_numpy(mask))  # the accelerators' unpacking, run here
+    assert torch.equal(_pack_bits(torch.from_numpy(mask)), packed)  # the accelerators' packing, run here
 
 
 def test_mul_mask_equals_torch_multiply_bit_for_bit():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from merging.methods import philox
 from merging.methods.apply import tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.sparsify import kth_largest, rank_keep_probability, topk_mask
@@ -162,14 +163,14 @@ def test_dare_against_formula_with_the_documented_draws():
     seed, name = 3, "layer.w"
     for rescale in (True, "unbiased"):
         out = run("dare_ties", models, base, seed=seed, name=name, density=0.4, rescale=rescale, weight=[1.0, 2.0])
-        # the contract: a key from the tensor's generator; model i's chunk c draws float32 uniforms from
-        # PCG64(SeedSequence([key, i, c])), keep if u < density (one chunk here)
+        # the contract: a key from the tensor's generator; entry j of model i is kept when Philox's word for
+        # (key, stream i, entry j) is below the float32 uniform's threshold (keep_mask, checked against Random123's
+        # known answers and a scalar reference in test_dare_kernel.py)
         key = int(torch.randint(0, 2**62, (1,), generator=tensor_rng(seed, name)))
         weighted = []
         for i, (m, w) in enumerate(zip(models, [1.0, 2.0])):
             tau = (m - base).numpy()
-            u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([key, i, 0]))).random(40, dtype=np.float32)
-            keep = u.reshape(tau.shape) < 0.4
+            keep = philox.keep_mask(key, i, 0, 40, philox.keep_threshold(0.4)).numpy().reshape(tau.shape)
             kept = tau * keep
             scale = 1 / 0.4 if rescale == "unbiased" else np.abs(tau).sum() / np.abs(kept).sum()
             weighted.append(kept * scale * w)
