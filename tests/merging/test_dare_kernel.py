@@ -137,3 +137,25 @@ def test_masks_keep_at_the_rate_asked_and_streams_are_independent():
     assert abs(((a - 0.5) * (b - 0.5)).mean()) < 5 * 0.25 / n ** 0.5  # streams uncorrelated
     assert abs(((a[1:] - 0.5) * (a[:-1] - 0.5)).mean()) < 5 * 0.25 / n ** 0.5  # neighbours uncorrelated
     assert philox.keep_mask(5, 0, 0, 10, 0).sum() == 0 and philox.keep_mask(5, 0, 0, 10, 1 << 24).all()
+
+
+def test_every_philox_kernel_version_this_processor_has_gives_the_same_masks():
+    """The AVX-512, AVX2 and plain C versions (chosen when the module loads) against keep_mask, at a start whose
+    blocks cross 2^32 (the counter's high word changes inside a vector) and an odd length."""
+    chosen = kernels.compiled.philox_version()
+    n, start = 3000 + 5, (1 << 34) - 1000 * 8
+    expected = sparsify.pack_mask(philox.keep_mask(42, 1, start, n, philox.keep_threshold(0.3)))
+    models, base = _inputs(n, torch.float32)
+    ran = []
+    try:
+        for version in ("avx512f", "avx2", "plain"):
+            if not kernels.compiled.philox_use(version):
+                continue
+            ran.append(version)
+            out = torch.empty(-(-n // 8), dtype=torch.uint8)
+            kernels.compiled.dare_chunk(base.data_ptr(), 0, n, start, ((models[0].data_ptr(), 0, *philox.split_key(42),
+                                        1, philox.keep_threshold(0.3), out.data_ptr()),), False)
+            assert torch.equal(out, expected), version
+    finally:
+        kernels.compiled.philox_use(chosen)
+    assert "plain" in ran and kernels.compiled.philox_version() == chosen
