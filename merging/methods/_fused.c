@@ -909,28 +909,41 @@ typedef struct {
     double total, kept;
 } Draw;
 
-/* sums over [0, n) of |x - base| and of its kept entries, per model, in numpy's order */
-VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int base_dtype, Py_ssize_t n,
-                                     float *work) {
-    float *b = work, *a = work + SUM_BUFFER, *k = work + 2 * SUM_BUFFER;
+typedef struct {
+    double total, kept;
+} Sums;
+
+/* numpy's pairwise sums (pairwise_sum above) of |x - base| and of its kept entries over entries [start, start + n),
+ * each leaf's values made from the stored x, base and mask bits as it is summed (no buffers written and read back).
+ * `bits` holds entry start's bit at bit 0 of its first byte (leaves start at multiples of 8 entries). */
+static Sums masked_pairwise(const void *x, int x_dtype, const void *base, int base_dtype, Py_ssize_t start,
+                            Py_ssize_t n, const uint8_t *bits) {
+    if (n <= 128) {
+        float a[136], k[136];
+        load(x, x_dtype, start, (int)n, a);
+        load(base, base_dtype, start, (int)n, k);
+        for (int j = 0; j < n; j++) a[j] = fabsf(a[j] - k[j]);
+        for (int q = 0; q < (n + 7) / 8; q++) memcpy(k + 8 * q, bit_floats[bits[q]], sizeof(bit_floats[0]));
+        for (int j = 0; j < n; j++) k[j] = a[j] * k[j];
+        return (Sums){pairwise_sum(a, n), pairwise_sum(k, n)};
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    const Sums left = masked_pairwise(x, x_dtype, base, base_dtype, start, n2, bits);
+    const Sums right = masked_pairwise(x, x_dtype, base, base_dtype, start + n2, n - n2, bits + n2 / 8);
+    return (Sums){left.total + right.total, left.kept + right.kept};
+}
+
+/* sums over [0, n) of |x - base| and of its kept entries, per model, in numpy's order: per buffer of SUM_BUFFER
+ * entries a pairwise sum, the buffers' sums added left to right */
+VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int base_dtype, Py_ssize_t n) {
     for (Py_ssize_t start = 0; start < n; start += SUM_BUFFER) {
-        int len = (int)(n - start < SUM_BUFFER ? n - start : SUM_BUFFER);
-        for (int off = 0; off < len; off += BLOCK)
-            load(base, base_dtype, start + off, len - off < BLOCK ? len - off : BLOCK, b + off);
+        const Py_ssize_t len = n - start < SUM_BUFFER ? n - start : SUM_BUFFER;
         for (int i = 0; i < m; i++) {
             Draw *d = &draws[i];
-            for (int off = 0; off < len; off += BLOCK)
-                load(d->x, d->dtype, start + off, len - off < BLOCK ? len - off : BLOCK, a + off);
-            const uint8_t *bits = d->mask + start / 8; /* buffers start at multiples of 8 entries */
-            for (int q = 0; q < (len + 7) / 8; q++) /* the bits as 0 / 1, eight at a time */
-                memcpy(k + 8 * q, bit_floats[bits[q]], sizeof(bit_floats[0]));
-            for (int j = 0; j < len; j++) {
-                a[j] = fabsf(a[j] - b[j]);
-                k[j] = a[j] * k[j];
-            }
-            double total = pairwise_sum(a, len), kept = pairwise_sum(k, len);
-            d->total = start == 0 ? total : d->total + total;
-            d->kept = start == 0 ? kept : d->kept + kept;
+            const Sums s = masked_pairwise(d->x, d->dtype, base, base_dtype, start, len, d->mask + start / 8);
+            d->total = start == 0 ? s.total : d->total + s.total;
+            d->kept = start == 0 ? s.kept : d->kept + s.kept;
         }
     }
 }
@@ -951,19 +964,14 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
     }
     Py_ssize_t m = PyTuple_GET_SIZE(draws_obj);
     Draw *draws = (Draw *)calloc(m > 0 ? (size_t)m : 1, sizeof(Draw));
-    float *work = (float *)malloc(sizeof(float) * (3 * SUM_BUFFER + 8));
-    if (!draws || !work) {
-        free(draws);
-        free(work);
+    if (!draws)
         return PyErr_NoMemory();
-    }
     for (Py_ssize_t i = 0; i < m; i++) {
         unsigned long long x, mask;
         Draw *d = &draws[i];
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(draws_obj, i), "KiIIIIK", &x, &d->dtype, &d->k0, &d->k1, &d->stream,
                               &d->threshold, &mask)) {
             free(draws);
-            free(work);
             return NULL;
         }
         d->x = (const void *)(uintptr_t)x;
@@ -973,7 +981,7 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < m; i++)
         philox_mask(draws[i].k0, draws[i].k1, draws[i].stream, start, n, draws[i].threshold, draws[i].mask);
     if (sums)
-        sum_masked(draws, (int)m, (const void *)(uintptr_t)base, base_dtype, n, work);
+        sum_masked(draws, (int)m, (const void *)(uintptr_t)base, base_dtype, n);
     Py_END_ALLOW_THREADS
     PyObject *result = PyTuple_New(m);
     for (Py_ssize_t i = 0; result && i < m; i++) {
@@ -985,7 +993,6 @@ static PyObject *py_dare_chunk(PyObject *self, PyObject *args) {
         PyTuple_SET_ITEM(result, i, item);
     }
     free(draws);
-    free(work);
     return result;
 }
 
