@@ -49,6 +49,9 @@ typedef struct {
     long long inner_allowed;
 } Model;
 
+static uint32_t spread_bits[256]; /* bit l of the index moved to bit 4 l: one word's keep bits into entry order */
+static float bit_floats[256][8];  /* bit r of the index as 0.0f or 1.0f at position r (mask bytes as floats) */
+
 INLINE void load(const void *data, int dtype, Py_ssize_t start, int len, float *out) {
     if (dtype == DTYPE_F32) {
         memcpy(out, (const float *)data + start, (size_t)len * sizeof(float));
@@ -161,14 +164,20 @@ typedef struct {
  * values in registers instead of round trips through L1 buffers (M is a constant in each instance, so the loop
  * over models unrolls and the loop over entries vectorizes). KEEP_ALL is a cut at -inf, as in `trim`. */
 INLINE void merge_in_registers(const Model *models, const int M, const int bf16, const void *base, Py_ssize_t n,
-                               const Combine *c, float *restrict out, const int masked, const float *restrict kept) {
+                               const Combine *c, float *restrict out, const int masked, const float *restrict kept,
+                               const int banded) {
     const void *data[REGISTER_MODELS];
-    float cut[REGISTER_MODELS], times[REGISTER_MODELS], weight[REGISTER_MODELS];
+    float cut[REGISTER_MODELS], inner[REGISTER_MODELS], times[REGISTER_MODELS], weight[REGISTER_MODELS];
+    int band[REGISTER_MODELS];
     for (int i = 0; i < M; i++) {
-        data[i] = models[i].data;
-        cut[i] = models[i].keep == KEEP_ALL ? -INFINITY : models[i].cut;
-        times[i] = models[i].post == POST_MULTIPLY ? models[i].post_value : 1.0f;
-        weight[i] = models[i].weight;
+        const Model *md = &models[i];
+        band[i] = md->keep == KEEP_BAND;
+        const int outer_rule = band[i] ? md->outer_keep : md->keep;
+        data[i] = md->data;
+        cut[i] = outer_rule == KEEP_ALL ? -INFINITY : md->cut;
+        inner[i] = md->inner_keep == KEEP_ALL ? -INFINITY : md->inner_cut;
+        times[i] = md->post == POST_MULTIPLY ? md->post_value : 1.0f;
+        weight[i] = md->weight;
     }
     /* the options as operands (dividing or multiplying by 1 leaves every float32 as it is, NaN included), so the
      * loops hold no branch */
@@ -181,8 +190,10 @@ INLINE void merge_in_registers(const Model *models, const int M, const int bf16,
     const float b = VALUE(base, j);                                                                           \
     float tau[REGISTER_MODELS];                                                                               \
     for (int i = 0; i < M; i++) {                                                                             \
-        float t = VALUE(data[i], j) - b, a = fabsf(t);                                                        \
-        t = copysignf(a <= cut[i] ? 0.0f : a, t);                                                             \
+        float t = VALUE(data[i], j) - b, a = fabsf(t), outer = a <= cut[i] ? 0.0f : a;                        \
+        if (banded) /* Breadcrumbs, as `band`: what the outer cut keeps minus what the inner one keeps */     \
+            outer = outer - (band[i] ? (a <= inner[i] ? 0.0f : a) : 0.0f);                                    \
+        t = copysignf(outer, t);                                                                              \
         if (masked) t = t * kept[i * BLOCK + j]; /* (x - b) * bit, as `trim` (copysign(|t|, t) is t) */       \
         tau[i] = (t * times[i]) * weight[i];                                                                  \
     }
@@ -225,22 +236,32 @@ static inline const void *shifted(const void *data, int dtype, Py_ssize_t start)
  * as 0 / 1 (1 for a model without a mask) where n <= BLOCK and some model is KEEP_MASK */
 INLINE int merge_fast_kept(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
                            const Combine *c, float *out, const float *kept) {
+    int banded = 0;
     if (m > REGISTER_MODELS)
         return 0;
-    for (int i = 0; i < m; i++)
-        if ((models[i].keep != KEEP_ALL && models[i].keep != KEEP_ABOVE && !(kept && models[i].keep == KEEP_MASK))
-            || models[i].post == POST_DIVIDE || models[i].dtype != base_dtype)
+    for (int i = 0; i < m; i++) {
+        const Model *md = &models[i];
+        const int plain_band = !kept && md->keep == KEEP_BAND && (md->outer_keep == KEEP_ALL ||
+            md->outer_keep == KEEP_ABOVE) && (md->inner_keep == KEEP_ALL || md->inner_keep == KEEP_ABOVE);
+        if ((md->keep != KEEP_ALL && md->keep != KEEP_ABOVE && !(kept && md->keep == KEEP_MASK) && !plain_band)
+            || md->post == POST_DIVIDE || md->dtype != base_dtype)
             return 0;
+        banded |= plain_band;
+    }
 #define CASE(M)                                                                                               \
     case M:                                                                                                   \
         if (kept && base_dtype == DTYPE_BF16)                                                                 \
-            merge_in_registers(models, M, 1, base, n, c, out, 1, kept);                                       \
+            merge_in_registers(models, M, 1, base, n, c, out, 1, kept, 0);                                    \
         else if (kept)                                                                                        \
-            merge_in_registers(models, M, 0, base, n, c, out, 1, kept);                                       \
+            merge_in_registers(models, M, 0, base, n, c, out, 1, kept, 0);                                    \
+        else if (banded && base_dtype == DTYPE_BF16)                                                          \
+            merge_in_registers(models, M, 1, base, n, c, out, 0, NULL, 1);                                    \
+        else if (banded)                                                                                      \
+            merge_in_registers(models, M, 0, base, n, c, out, 0, NULL, 1);                                    \
         else if (base_dtype == DTYPE_BF16)                                                                    \
-            merge_in_registers(models, M, 1, base, n, c, out, 0, NULL);                                       \
+            merge_in_registers(models, M, 1, base, n, c, out, 0, NULL, 0);                                    \
         else                                                                                                  \
-            merge_in_registers(models, M, 0, base, n, c, out, 0, NULL);                                       \
+            merge_in_registers(models, M, 0, base, n, c, out, 0, NULL, 0);                                    \
         return 1;
     switch (m) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
@@ -282,7 +303,7 @@ INLINE int merge_masked(const Model *models, int m, const void *base, int base_d
             if (models[i].keep == KEEP_MASK) {
                 const uint8_t *bits = models[i].mask + start / 8; /* blocks start at multiples of 256 entries */
                 for (int q = 0; q < (len + 7) / 8; q++)
-                    for (int r = 0; r < 8; r++) kept[i * BLOCK + 8 * q + r] = (float)((bits[q] >> r) & 1);
+                    memcpy(kept + i * BLOCK + 8 * q, bit_floats[bits[q]], sizeof(bit_floats[0]));
             }
         }
         merge_fast_kept(segment, m, shifted(base, base_dtype, start), base_dtype, len, c, out + start, kept);
@@ -688,8 +709,6 @@ static PyObject *py_tally_chunk(PyObject *self, PyObject *args) {
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 
-static uint32_t spread_bits[256]; /* bit l of the index moved to bit 4 l: one word's keep bits into entry order */
-static float bit_floats[256][8];  /* bit r of the index as 0.0f or 1.0f at position r */
 
 /* The keep bits of counters first .. first + PHILOX_GROUPS - 1 (entries 4 first ..): 32 bytes into `bytes`. Three
  * versions of the same integer operations (the same bits): plain C, AVX2 (8 counters per vector) and AVX-512 (16),

@@ -3,6 +3,7 @@
 - TIES' chunk where a model's kept ties run out, split at that model's allowed-th tie into plain cuts (several
   models running out in the same chunk, ties across chunk borders);
 - DARE's masked chunks in registers (masks expanded per block of 256);
+- Breadcrumbs' bands in registers (beside a model kept whole, with NaN and infinities);
 - the threshold scan's candidate collection (bf16 magnitudes on few values: heavy ties at every cut).
 On bf16 and float32, 1 and 2 threads, cache-sized and larger chunks."""
 
@@ -88,3 +89,23 @@ def test_dare_in_registers_equals_the_torch_ops(dtype, method, raw):
     assert torch.equal(_bits(one), _bits(off)) and torch.equal(_bits(two), _bits(off))
     other = run_chunked(m, models, base, params, tensor_rng(8, "w"), torch.float32, 1)
     assert not torch.equal(one, other)  # the masks (seeded per tensor) shape the result
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_breadcrumbs_bands_in_registers_equal_the_reference_and_the_torch_ops(method, dtype, workers):
+    """Breadcrumbs' bands (outer cut minus inner cut) in the register path, beside a model kept whole (density 1)
+    whose task vector holds infinities, signed zeros and a NaN: the same bits as the whole-tensor reference and the
+    kernel-off torch ops, including the chunks where a cut's ties run out (the block path)."""
+    models, base = _leveled(dtype, 5)
+    models[2][10:15] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 0.0], dtype=dtype)
+    m = get_method(method)
+    params = full_params(m, {"weight": [0.5, 1.0, 0.3], "density": [0.45, 0.5, 1.0], "gamma": [0.01, 0.2, 0.0]}, 3)
+    got = run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers)
+    expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
+                                           "outliers", method == "breadcrumbs_ties")
+    assert torch.equal(_bits(got), _bits(expected))
+    off = _kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers))
+    assert torch.equal(_bits(got), _bits(off))
+    assert bool(torch.isnan(got[12])) and torch.isinf(got[10:12]).all()
