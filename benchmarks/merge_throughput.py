@@ -11,7 +11,8 @@ method and N runs, each in a fresh subprocess:
   - strict floor, our own stricter yardstick (no target): every input shard mapped and populated from the
     page cache, every byte passed through the CPU once (copied into one reused 4 MB buffer), and one model's
     worth of bytes written with `os.pwrite`; no fresh memory is touched, so it runs 2-3x faster than the
-    safetensors floor;
+    safetensors floor; its read and write parts are timed apart, and (outside the floor) sha256 of the written
+    model, what basin's content hash costs, so each phase of basin's profile has its own yardstick;
 - basin: `merging.merge` of the recipe;
 - mergekit (if --mergekit points at a `mergekit-yaml`): the same YAML.
 Records wall time, peak RSS (VmHWM) and RSS after imports (the interpreter's baseline) per run, and for basin the
@@ -191,17 +192,18 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseli
 """
 
 STRICT_FLOOR_CHILD = RSS_PROBE + """
-import json, mmap, os, sys, time
+import hashlib, json, mmap, os, sys, time
 import numpy as np
 from pathlib import Path
 baseline = _rss('VmRSS')
 t0 = time.perf_counter()
 scratch = np.empty(1 << 22, dtype=np.uint8)
 out = os.open(sys.argv[1] + "/model.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-written = 0
+written, reading, writing = 0, 0.0, 0.0
 for k, folder in enumerate(sys.argv[2:]):
     index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())["weight_map"]
     for shard in sorted(set(index.values())):
+        started = time.perf_counter()
         with open(Path(folder) / shard, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -212,15 +214,28 @@ for k, folder in enumerate(sys.argv[2:]):
         for start in range(0, data.size, scratch.size):  # every byte through the CPU once
             piece = data[start:start + scratch.size]
             scratch[:piece.size] = piece
+        reading += time.perf_counter() - started
         if k == 0:  # write one model's worth of bytes
+            started = time.perf_counter()
             done = 0
             while done < data.size:
                 done += os.pwrite(out, data[done:], written + done)
             written += data.size
+            writing += time.perf_counter() - started
         del data, piece
         mapped.close()
 os.close(out)
-print(json.dumps({"seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
+seconds = time.perf_counter() - t0
+# not part of the floor: what sha256 of one model's bytes costs (basin hashes every output tensor for its content hash
+# and resume journal, on a thread of its own); timed on the bytes just written, from the page cache
+started = time.perf_counter()
+with open(sys.argv[1] + "/model.bin", "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    hashlib.sha256(memoryview(mapped))
+    mapped.close()
+print(json.dumps({"seconds": seconds, "read_seconds": reading, "write_seconds": writing,
+                  "sha256_one_model_seconds": time.perf_counter() - started,
+                  "baseline_rss_mb": baseline, "peak_rss_mb": _rss('VmHWM'),
                   "process": {"user_seconds": os.times().user, "system_seconds": os.times().system}}))
 """
 
@@ -413,7 +428,8 @@ def main() -> None:
         "floors": {"safetensors_floor": "the issues' floor (their targets refer to it): every input tensor read once "
                                         "with safetensors get_tensor + clone, one model written with save_file",
                    "floor": "strict, no target: inputs mapped + populated, each byte copied once into a reused 4 MB "
-                            "buffer, one model pwritten"},
+                            "buffer, one model pwritten; its read and write parts timed apart, and (outside the floor) "
+                            "sha256 of one model's bytes, what basin's content hash costs"},
         "targets": {"linear_time_over_safetensors_floor": 1.5, "ties_time_over_safetensors_floor": 2.0,
                     "rss_above_baseline_mb": 1500, "mergekit_over_basin_time": 2.0},
         "runs": runs + results,

@@ -60,8 +60,13 @@ def profile_row(r: dict) -> str | None:
     cells = [f"{LABELS.get(r['method'], r['method'])}, {r['n_models']} models", _seconds(r["basin"]["seconds"])]
     for p in PHASES:
         ph = phases.get(p)
-        cells.append(f"{ph['thread_seconds']:.2f} s / {ph['bytes'] / 1e9:.1f} GB" if ph and ph["bytes"]
-                     else f"{ph['thread_seconds']:.2f} s" if ph else "")
+        if not ph:
+            cells.append("")
+            continue
+        cell = f"{ph['thread_seconds']:.2f} s"
+        if "cpu_seconds" in ph:  # profiles recorded since the CPU seconds were added
+            cell += f" ({ph['cpu_seconds']:.2f} CPU)"
+        cells.append(cell + (f" / {ph['bytes'] / 1e9:.1f} GB" if ph["bytes"] else ""))
     cpu = r["basin"].get("process", {})
     cells.append(f"{cpu.get('user_seconds', 0) + cpu.get('system_seconds', 0):.1f} s")
     return "| " + " | ".join(cells) + " |"
@@ -94,8 +99,8 @@ def main() -> None:
         print()
     profiled = [line for line in map(profile_row, runs) if line]
     if profiled:
-        print("\nWhere basin's time goes (thread-seconds summed over threads, and bytes, per phase; CPU = the "
-              "process's user + system seconds):\n")
+        print("\nWhere basin's time goes (per phase: thread-seconds summed over threads, the CPU seconds those threads "
+              "spent where recorded, and bytes; CPU = the process's user + system seconds):\n")
         print("| merge | wall | " + " | ".join(PHASES) + " | CPU |")
         print("| --- " * (len(PHASES) + 3) + "|")
         for line in profiled:
