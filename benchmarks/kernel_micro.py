@@ -46,6 +46,7 @@ def measure(method: str, models, base, workers: int, repeats: int, kernel: bool)
             run = {"cpu_seconds": round(time.process_time() - cpu, 4),
                    "wall_seconds": round(time.perf_counter() - wall, 4),
                    "phases": {p: round(s, 4) for p, s in profile.seconds.items()},
+                   "phase_cpu_seconds": {p: round(s, 4) for p, s in profile.cpu_seconds.items()},
                    "sha256": hashlib.sha256(out.view(torch.int16).numpy().tobytes()).hexdigest()}
             best = run if best is None or run["cpu_seconds"] < best["cpu_seconds"] else best
     finally:
@@ -56,8 +57,9 @@ def measure(method: str, models, base, workers: int, repeats: int, kernel: bool)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--note", default="", help="free text recorded in the JSON (e.g. machine load)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_micro.json")
     args = parser.parse_args()
     from merging import profiling
@@ -74,8 +76,12 @@ def main() -> None:
                 print(json.dumps(row))
         same = {r["sha256"] for r in rows if r["method"] == method}
         assert len(same) == 1, f"{method}: bits differ between threads or kernel on/off"
+    from merging.methods import kernels
+
+    philox = kernels.compiled.philox_version() if hasattr(kernels.compiled, "philox_version") else None
     args.out.write_text(json.dumps({"benchmark": "kernel_micro", "shape": [5504, 2048], "models": 4,
-                                    "machine": profiling.machine(), "runs": rows}, indent=1) + "\n")
+                                    "machine": profiling.machine(), "philox_kernel": philox, "note": args.note,
+                                    "runs": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
