@@ -335,7 +335,8 @@ def machine_block() -> dict:
 
     return {**profiling.machine(), "compiled_kernel": kernels.compiled is not None,
             "kernel_functions": sorted(n for n in dir(kernels.compiled) if not n.startswith("_"))
-            if kernels.compiled is not None else []}
+            if kernels.compiled is not None else [],
+            "philox_kernel": kernels.compiled.philox_version() if hasattr(kernels.compiled, "philox_version") else None}
 
 
 def main() -> None:
