@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from evaluations.bench.executors import Local, Ray
-from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
+from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge, run_merges
 from evaluations.bench.pools import ModelPool, State, TaskPool
 from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
@@ -232,8 +232,7 @@ def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict
         return candidates[0], [], None
     selection: list[dict[str, Any]] = []
     best, best_val, best_state = candidates[0], -math.inf, None
-    for params in candidates:
-        merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
+    for params, merged in zip(candidates, run_merges(entry.method, pool, tasks, candidates, suite.seed)):
         val = tasks.evaluate(pool.module(merged), "val")
         score = sum(val.values()) / len(val)
         selection.append({"params": params, "val": score})
