@@ -10,9 +10,11 @@ As mergekit-moe chooses: Mixtral when it fits, else the one class that does (`ar
 are written in the per-expert layout the Hub's MoE checkpoints use (Mixtral's `block_sparse_moe.experts.K.w1`,
 the Qwen-MoEs' `mlp.experts.K.gate_proj`), which every transformers version loads (5.x fuses them on load) and
 which lets each expert tensor be copied on its own. The config is the base's, read by its transformers config
-class (so its defaults, e.g. `tie_word_embeddings`, are the base's), with the MoE fields set; a base whose
-attention the MoE class cannot reproduce (biases it lacks, sliding windows on some layers only) is refused,
-naming the field, rather than written as another model.
+class (so its defaults, e.g. `tie_word_embeddings`, are the base's), with the MoE fields set; both steps are done
+by `merging.moe.hf_config` without importing transformers where it reproduces the classes (then the output's
+tensors are checked against `expected_tensors`), else by transformers. A base whose attention the MoE class
+cannot reproduce (biases it lacks, sliding windows on some layers only) is refused, naming the field, rather
+than written as another model.
 """
 
 from __future__ import annotations

@@ -495,3 +495,21 @@ def test_random_and_cheap_embed_never_import_transformers(tmp_path, family):
                          env={**os.environ, "PYTHONPATH": str(root)}, check=True)
     assert out.stdout.strip() == "['tokenizers']", out.stderr
     assert (tmp_path / "cheap_embed" / "model.safetensors").is_file()
+
+
+def test_benchmark_import_split():
+    """benchmarks/moe_vs_mergekit.py's split of `-X importtime` output (torch pulled in by transformers counts as
+    transformers; what no tracked package imports is "other")."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_mergekit.py"
+    spec = importlib.util.spec_from_file_location("moe_vs_mergekit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = "\n".join(f"import time: {s * 1000:>9} | {c * 1000:>10} | {'  ' * d}{n}" for s, c, d, n in [
+        (0, 0, 0, "self [us]"), (10, 10, 2, "torch._C"), (20, 30, 1, "torch"), (5, 35, 0, "merging.moe"),
+        (40, 40, 2, "torch.distributed"), (10, 50, 1, "transformers.models.x"), (1, 51, 0, "transformers"),
+        (3, 3, 1, "tokenizers"), (2, 5, 0, "yaml")])
+    got = bench.import_split(text.replace("import time:         0 |          0 | self [us]",
+                                          "import time: self [us] | cumulative | imported package"))
+    assert got == pytest.approx({"torch": 0.030, "transformers": 0.051, "tokenizers": 0.003, "other": 0.007})
