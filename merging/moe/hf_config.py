@@ -6,8 +6,8 @@ the derived ones, RoPE parameters standardised, unknown keys kept as attributes)
 same steps on plain dicts for the classes basin reads and writes, with the defaults of transformers 5's
 `LlamaConfig`, `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `MixtralConfig`, `Qwen2MoeConfig` and
 `Qwen3MoeConfig` (tests hold these tables, and every config written, against transformers' own). Anything
-outside what it reproduces (a RoPE scaling type, a key it does not know, a value of an unexpected type) returns
-None, and the caller asks transformers instead.
+outside what it reproduces (a RoPE type other than default/linear/dynamic/llama3, a key it does not know, a
+value of an unexpected type) returns None, and the caller asks transformers instead.
 """
 
 from __future__ import annotations
@@ -170,15 +170,22 @@ def _plain(value: Any, default: Any) -> bool:
     return isinstance(value, (int, list)) and not isinstance(value, bool)
 
 
-def _rope(rope: Any, kwargs: dict, theta: float) -> dict:
-    """transformers' `convert_rope_params_to_dict` + `standardize_rope_params`, default RoPE only."""
+ROPE_KEYS = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"},
+             "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+
+
+def _rope(rope: Any, kwargs: dict, theta: float, max_positions: Any) -> dict:
+    """transformers' `convert_rope_params_to_dict` + `standardize_rope_params` for the RoPE types of `ROPE_KEYS`."""
     scaling = kwargs.pop("rope_scaling", None)
     rope = dict(scaling or rope or {})
     rope.setdefault("rope_theta", kwargs.pop("rope_theta", theta))
     kwargs.pop("rope_theta", None)
     rope.setdefault("rope_type", "default")
-    if set(rope) != {"rope_type", "rope_theta"} or rope["rope_type"] != "default" or \
-            isinstance(rope["rope_theta"], bool) or not isinstance(rope["rope_theta"], (int, float)):
+    kind = rope["rope_type"]
+    if kind == "llama3":
+        rope.setdefault("original_max_position_embeddings", max_positions)
+    if kind not in ROPE_KEYS or set(rope) != {"rope_type", "rope_theta"} | ROPE_KEYS[kind] or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in rope.items() if k != "rope_type"):
         raise Unsupported("rope")
     return rope
 
@@ -202,7 +209,7 @@ def build(cls: ConfigClass, kwargs: dict[str, Any]) -> Fields:
         out["label2id"] = {"LABEL_0": 0, "LABEL_1": 1}
     else:
         out["id2label"] = {int(k): v for k, v in out["id2label"].items()}
-    out["rope_parameters"] = _rope(out["rope_parameters"], kwargs, cls.default_theta)
+    out["rope_parameters"] = _rope(out["rope_parameters"], kwargs, cls.default_theta, out["max_position_embeddings"])
     out["_name_or_path"] = str(kwargs.pop("name_or_path", ""))
     output_attentions = kwargs.pop("output_attentions", False)
     for key, value in kwargs.items():
@@ -230,7 +237,7 @@ def read_dense(raw: dict[str, Any]) -> Fields | None:
         elif key in defaults:
             if key not in FREE and not _plain(value, defaults[key]):
                 return None
-        elif key not in ACCEPTED or (key == "rope_scaling" and value is not None):
+        elif key not in ACCEPTED or (key == "rope_scaling" and value is not None and not isinstance(value, dict)):
             return None
     types = raw.get("layer_types")
     if raw.get("id2label") is not None or (types is not None and not all(isinstance(t, str) for t in types)):

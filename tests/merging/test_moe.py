@@ -333,8 +333,13 @@ def _raw_configs():
         legacy = {k: v for k, v in saved.items() if k not in ("rope_parameters", "dtype", "layer_types")}
         legacy.update(rope_theta=500000.0, torch_dtype="float16", rope_scaling=None, transformers_version="4.44.0")
         minimal = dict(SMALL, model_type=cfg.model_type, **extra)
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
         for label, raw in (("saved", saved), ("legacy", legacy), ("minimal", minimal),
-                           ("eos list", dict(minimal, eos_token_id=[2, 3], bos_token_id=None))):
+                           ("eos list", dict(minimal, eos_token_id=[2, 3], bos_token_id=None)),
+                           ("llama3 rope", dict(legacy, rope_scaling=llama3)),
+                           ("linear rope", dict(minimal, rope_parameters={"rope_type": "linear", "factor": 2.0})),
+                           ("dynamic rope", dict(legacy, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))):
             yield f"{kind} {label}", raw
 
 
@@ -355,7 +360,7 @@ def test_own_config_writer_equals_transformers_field_for_field():
                 got = A.moe_config(arch, ours, 3, 2, dtype, label)
                 assert json.dumps(got, indent=2) == json.dumps(want, indent=2), (label, arch.name, dtype)
                 cases += 1
-    assert cases == 4 * (3 * 2 + 2 + 1) * 2  # 4 variants x (llama, llama_tied, mistral: 2 archs; qwen2 x2, qwen3) x 2
+    assert cases == 7 * (3 * 2 + 2 + 1) * 2  # 7 variants x (llama, llama_tied, mistral: 2 archs; qwen2 x2, qwen3) x 2
 
 
 def test_own_config_tables_are_transformers_defaults():
@@ -382,7 +387,9 @@ def test_configs_outside_the_own_writer_go_to_transformers():
 
     raw = dict(SMALL, model_type="llama")
     assert read_dense(raw) is not None
-    for extra in ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"some_new_field": 1},
+    for extra in ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, {"rope_scaling": {"type": "linear",
+                                                                                         "factor": 2.0}},
+                  {"rope_scaling": {"rope_type": "linear"}}, {"some_new_field": 1},
                   {"hidden_size": "16"}, {"torch_dtype": "auto"}, {"id2label": {"0": "a"}}):
         assert read_dense({**raw, **extra}) is None, extra
     assert read_dense({**raw, "model_type": "gemma"}) is None
@@ -436,14 +443,15 @@ def test_rope_scaling_base_goes_through_transformers_and_loads(tmp_path):
     import transformers
 
     cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False,
-                                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+                                   rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 32})
     for k in range(3):
         torch.manual_seed(k)
         transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"r{k}")
     report = build_moe(_config([tmp_path / f"r{k}" for k in range(3)], "random"), tmp_path / "out", progress=False)
     assert not report.plan.own_config
     model = _load(tmp_path / "out")
-    assert model.config.rope_parameters["rope_type"] == "linear"
+    assert model.config.rope_parameters["rope_type"] == "yarn"
 
 
 def _byte_bpe(folder: Path) -> None:
