@@ -155,10 +155,19 @@ class Unsupported(Exception):
     """A config this module does not reproduce (the caller asks transformers)."""
 
 
-def _plain(value: Any, default: Any) -> bool:
+# fields whose type admits null though their default is not (the others: null means ask transformers)
+NULLABLE = frozenset({"sliding_window", "num_key_value_heads", "pretraining_tp", "attention_dropout",
+                      "output_hidden_states", "return_dict"})
+POSITIVE = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim"})
+
+
+def _plain(name: str, value: Any, default: Any) -> bool:
     """Whether `value` is of the simple JSON kind that the field's default suggests (else: ask transformers)."""
     if value is None:
-        return True
+        return default is None or name in NULLABLE
+    if name in POSITIVE and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        return False
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -235,14 +244,12 @@ def read_dense(raw: dict[str, Any]) -> Fields | None:
             if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
                 return None
         elif key in defaults:
-            if key not in FREE and not _plain(value, defaults[key]):
+            if key not in FREE and not _plain(key, value, defaults[key]):
                 return None
         elif key not in ACCEPTED or (key == "rope_scaling" and value is not None and not isinstance(value, dict)):
             return None
     types = raw.get("layer_types")
     if raw.get("id2label") is not None or (types is not None and not all(isinstance(t, str) for t in types)):
-        return None
-    if not isinstance(raw.get("hidden_size", 1), int) or not isinstance(raw.get("num_attention_heads", 1), int):
         return None
     try:
         dense = build(cls, {k: v for k, v in raw.items() if k != "model_type"})

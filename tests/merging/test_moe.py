@@ -390,7 +390,8 @@ def test_configs_outside_the_own_writer_go_to_transformers():
     for extra in ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, {"rope_scaling": {"type": "linear",
                                                                                          "factor": 2.0}},
                   {"rope_scaling": {"rope_type": "linear"}}, {"some_new_field": 1},
-                  {"hidden_size": "16"}, {"torch_dtype": "auto"}, {"id2label": {"0": "a"}}):
+                  {"hidden_size": "16"}, {"num_attention_heads": 0}, {"hidden_size": None},
+                  {"torch_dtype": "auto"}, {"id2label": {"0": "a"}}):
         assert read_dense({**raw, **extra}) is None, extra
     assert read_dense({**raw, "model_type": "gemma"}) is None
 
