@@ -425,7 +425,8 @@ def _without_own_writer(monkeypatch):
 @pytest.mark.parametrize("kind,mode,shared", [("llama", "random", False), ("llama", "cheap_embed", False),
                                               ("mistral", "random", False), ("qwen2", "random", True),
                                               ("qwen2_tied", "cheap_embed", True), ("qwen3_tied", "random", False),
-                                              ("llama_tied", "hidden", False)])
+                                              ("llama_tied", "hidden", False), ("mistral", "hidden", False),
+                                              ("qwen2", "hidden", True)])
 def test_output_bit_identical_to_the_transformers_path(tmp_path, family, monkeypatch, kind, mode, shared):
     """The transformers-free config.json, check and tokenizer (and the hidden forward's direct import) change no
     byte of the output."""
