@@ -17,7 +17,7 @@ fine-tune's, then merge with `params["then"]`, default the simple average `linea
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,8 +147,6 @@ def tensorwise(method: str, pool: ModelPool, params: Mapping[str, Any], seed: in
     return merge_state_dicts(method, models, base=pool.base if needs_base else None, params=params, seed=seed)
 
 
-
-
 def run_merge(method: str | Merger, pool: ModelPool, tasks: TaskPool, params: dict[str, Any], seed: int) -> State:
     """The merged body state of one grid entry with one parameter set."""
     if callable(method):
@@ -162,3 +160,39 @@ def run_merge(method: str | Merger, pool: ModelPool, tasks: TaskPool, params: di
     if get_info(method).name in MODEL_LEVEL:
         return model_level(get_info(method).name, pool, tasks, params, seed)
     return tensorwise(method, pool, params, seed)
+
+
+def _scaled_method(method: str | Merger) -> str | None:
+    """The catalog name of a tensorwise method whose merge is anchor + lambda * delta, else None."""
+    if callable(method) or method == "weight_matching":
+        return None
+    from merging.methods.catalog import get_method
+    from merging.modelwise.catalog import MODEL_LEVEL
+    from taxonomy import get as get_info
+
+    name = get_info(method).name
+    if name in MODEL_LEVEL:
+        return None
+    return name if get_method(name).scaled is not None else None
+
+
+def run_merges(method: str | Merger, pool: ModelPool, tasks: TaskPool, candidates: Sequence[dict[str, Any]],
+               seed: int) -> Iterator[State]:
+    """`run_merge` for each candidate parameter set, in order. For TSV-M, Iso-C, Iso-CTS and CART (merge = anchor
+    + lambda * delta), consecutive candidates that differ only in lambda share one computation of the parts (one
+    set of SVDs, not one per lambda) and give the same bits as `run_merge`."""
+    name = _scaled_method(method)
+    if name is None or not all("lambda" in c for c in candidates):
+        for params in candidates:
+            yield run_merge(method, pool, tasks, dict(params), seed)
+        return
+    from merging.methods.catalog import get_method
+    from merging.modelwise.state_dicts import scaled_merge
+
+    base = pool.base if get_method(name).info.needs_base else None
+    key, parts = None, None
+    for params in candidates:
+        rest = {k: v for k, v in params.items() if k != "lambda"}
+        if parts is None or rest != key:  # one group's parts held at a time
+            key, parts = rest, scaled_merge(name, list(pool.models.values()), base, rest, seed)
+        yield parts.at(params["lambda"])

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from evaluations.bench.executors import Local, Ray
-from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge
+from evaluations.bench.grid import MethodEntry, MethodGrid, run_merge, run_merges
 from evaluations.bench.pools import ModelPool, State, TaskPool
 from merging.io.atomic import atomic_write_text
 from taxonomy.errors import BasinError
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: a path's end points are the models themselves
 
 
 @dataclass
@@ -201,12 +201,12 @@ def run_cell(suite: Suite, cell: Cell, threads: int = 1) -> dict[str, Any]:
 
 def _compute(suite: Suite, cell: Cell) -> dict[str, Any]:
     pool, tasks = suite.models, suite.tasks
-    from evaluations.bench.geometry import merge_paths
+    from evaluations.bench.geometry import evaluate_with_values, merge_paths
 
     if cell.kind == "pretrained":
-        return {"label": "pretrained", "kind": "reference", "scores": tasks.evaluate(pool.module(pool.base)),
-                "distance_from_base": 0.0, "data": "none",
-                "paths": merge_paths(pool, tasks, pool.base, suite.path_points)}
+        scores, values = evaluate_with_values(pool, tasks, pool.base)
+        return {"label": "pretrained", "kind": "reference", "scores": scores, "distance_from_base": 0.0,
+                "data": "none", "paths": merge_paths(pool, tasks, pool.base, suite.path_points, values)}
     if cell.kind == "individual":
         scores = {t: tasks[t].score(pool.module(s)) for t, s in pool.models.items()}
         return {"label": "individual fine-tunes", "kind": "reference", "scores": scores,
@@ -232,8 +232,7 @@ def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict
         return candidates[0], [], None
     selection: list[dict[str, Any]] = []
     best, best_val, best_state = candidates[0], -math.inf, None
-    for params in candidates:
-        merged = run_merge(entry.method, pool, tasks, dict(params), suite.seed)
+    for params, merged in zip(candidates, run_merges(entry.method, pool, tasks, candidates, suite.seed)):
         val = tasks.evaluate(pool.module(merged), "val")
         score = sum(val.values()) / len(val)
         selection.append({"params": params, "val": score})
@@ -243,16 +242,17 @@ def _select(suite: Suite, entry: MethodEntry) -> tuple[dict[str, Any], list[dict
 
 
 def _merge_cell(suite: Suite, entry: MethodEntry) -> dict[str, Any]:
-    from evaluations.bench.geometry import merge_paths
+    from evaluations.bench.geometry import evaluate_with_values, merge_paths
     from evaluations.bench.grid import data_used
 
     pool, tasks = suite.models, suite.tasks
     best, selection, merged = _select(suite, entry)
     if merged is None:
         merged = run_merge(entry.method, pool, tasks, dict(best), suite.seed)
-    return {"label": entry.label, "kind": "merge", "scores": tasks.evaluate(pool.module(merged)),
-            "params": dict(best), "selection": selection, "distance_from_base": _distance(merged, pool.base),
-            "data": data_used(entry), "paths": merge_paths(pool, tasks, merged, suite.path_points)}
+    scores, values = evaluate_with_values(pool, tasks, merged)
+    return {"label": entry.label, "kind": "merge", "scores": scores, "params": dict(best), "selection": selection,
+            "distance_from_base": _distance(merged, pool.base), "data": data_used(entry),
+            "paths": merge_paths(pool, tasks, merged, suite.path_points, values)}
 
 
 def plan_cells(suite: Suite, geometry: bool = True) -> list[Cell]:

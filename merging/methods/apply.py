@@ -41,17 +41,10 @@ def merge_tensor(
     """Merge one tensor: float32 compute, result cast to `out_dtype` (default: the first input's)."""
     if method.info.needs_lora:
         return _merge_lora(method, name, tensors, base, params, seed, out_dtype)
-    first = tensors[0] if tensors else base
-    if first is None:
-        raise BasinError(f"{name}: no inputs to merge")
+    first = _checked_first(name, tensors, base)
     dtype = out_dtype or first.dtype
     if not first.is_floating_point():  # integer buffers (position ids, counters): take the base's
         return (base if base is not None else first).clone()
-    for i, t in enumerate(tensors):
-        if t.shape != first.shape:
-            raise BasinError(f"{name}: model {i} has shape {tuple(t.shape)}, expected {tuple(first.shape)}")
-    if base is not None and base.shape != first.shape:
-        raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
     rng = tensor_rng(seed, name)
     try:
         large_on_cpu = first.numel() > CHUNK_ELEMENTS and first.device.type == "cpu"
@@ -61,6 +54,43 @@ def merge_tensor(
         b32 = base.to(torch.float32) if base is not None else None
         return method.fn(f32, b32, params, rng).to(dtype)
     except BasinError as err:  # the method's message, prefixed with the tensor it was merging
+        raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
+
+
+def _checked_first(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The first input (the base when there are none), after checking every input has its shape."""
+    first = tensors[0] if tensors else base
+    if first is None:
+        raise BasinError(f"{name}: no inputs to merge")
+    for i, t in enumerate(tensors):
+        if t.shape != first.shape:
+            raise BasinError(f"{name}: model {i} has shape {tuple(t.shape)}, expected {tuple(first.shape)}")
+    if base is not None and base.shape != first.shape:
+        raise BasinError(f"{name}: base has shape {tuple(base.shape)}, models have {tuple(first.shape)}")
+    return first
+
+
+def merge_tensor_parts(
+    method: RegisteredMethod,
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: dict[str, Any],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
+    """`merge_tensor` of a method with `scaled` parts, before lambda: the float32 (anchor, delta), or, for a
+    non-floating tensor, the tensor every lambda's merge holds. `scaled_sum(parts, lambda).to(dtype)` is then
+    `merge_tensor`'s result, bit for bit."""
+    if method.scaled is None or method.chunked or method.info.needs_lora:
+        raise BasinError(f"method {method.info.name!r} has no lambda-free parts")
+    first = _checked_first(name, tensors, base)
+    if not first.is_floating_point():
+        return (base if base is not None else first).clone()
+    f32 = [t.to(torch.float32) for t in tensors]
+    b32 = base.to(torch.float32) if base is not None else None
+    try:
+        return method.scaled(f32, b32, params, tensor_rng(seed, name))
+    except BasinError as err:
         raise BasinError(str(err) if str(err).startswith(name) else f"{name}: {err}") from None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from merging.methods.registry import merge_method
+from merging.methods.registry import merge_method, scaled_sum
 from merging.methods.subspace import polar_factor
 
 
@@ -54,25 +54,34 @@ def iso_cts_delta(task_vectors: list[torch.Tensor], fraction: float) -> torch.Te
     return (polar_factor(torch.cat(us, dim=1)) * sigma) @ polar_factor(torch.cat(vhs, dim=0))
 
 
-def _merge(tensors: list[torch.Tensor], base: torch.Tensor, scale: float, delta_2d: Any) -> torch.Tensor:
+def _parts(tensors: list[torch.Tensor], base: torch.Tensor, delta_2d: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, Delta): the merge is base + lambda * Delta."""
     task_vectors = [t - base for t in tensors]
     if base.dim() == 2:
-        delta = delta_2d(task_vectors)
-    else:
-        delta = torch.stack(task_vectors).mean(0)
-    return base + scale * delta
+        return base, delta_2d(task_vectors)
+    return base, torch.stack(task_vectors).mean(0)
 
 
-@merge_method("iso_c")
+def iso_c_parts(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+                rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _parts(tensors, base, iso_c_delta)
+
+
+def iso_cts_parts(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+                  rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    fraction = params["common_space_fraction"]
+    return _parts(tensors, base, lambda tvs: iso_cts_delta(tvs, fraction))
+
+
+@merge_method("iso_c", scaled=iso_c_parts)
 def iso_c(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
           rng: torch.Generator) -> torch.Tensor:
     """Iso-C (Marczak et al. 2025, eq. 7); see the module docstring."""
-    return _merge(tensors, base, params["lambda"], iso_c_delta)
+    return scaled_sum(iso_c_parts(tensors, base, params), params["lambda"])
 
 
-@merge_method("iso_cts")
+@merge_method("iso_cts", scaled=iso_cts_parts)
 def iso_cts(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
             rng: torch.Generator) -> torch.Tensor:
     """Iso-CTS (Marczak et al. 2025, Alg. 1); see the module docstring."""
-    fraction = params["common_space_fraction"]
-    return _merge(tensors, base, params["lambda"], lambda tvs: iso_cts_delta(tvs, fraction))
+    return scaled_sum(iso_cts_parts(tensors, base, params), params["lambda"])

@@ -61,7 +61,11 @@ class RegisteredMethod:
     - `fused(inputs, params[, state])`: the compiled kernel's per-chunk function, or None where it does not apply;
     - `optional_base`: the method uses a recipe's base_model when one is given but does not need one;
     - `task_outputs`: per-task tensors (masks, a task vector) the merge writes beside the merged model, for
-      methods whose tasks are rebuilt at inference from the task's identity (`TaskOutputs`).
+      methods whose tasks are rebuilt at inference from the task's identity (`TaskOutputs`);
+    - `scaled(tensors, base, params, rng) -> (anchor, delta)`: for methods whose merge is anchor + lambda * delta
+      with neither part depending on `params["lambda"]` (`delta` None where lambda is not applied); `fn` computes
+      exactly that expression, so a sweep over lambda can compute the parts once
+      (`merging.modelwise.state_dicts.scaled_merge`) and get the same bits.
     """
 
     info: MethodInfo
@@ -70,6 +74,7 @@ class RegisteredMethod:
     fused: Callable[..., Any] | None = None
     optional_base: bool = False
     task_outputs: TaskOutputs | None = None
+    scaled: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @property
     def two_phase(self) -> bool:
@@ -99,13 +104,21 @@ class RegisteredMethod:
 
 
 def merge_method(name: str, *, elementwise: bool = False, fused: Callable[..., Any] | None = None,
-                 optional_base: bool = False, task_outputs: TaskOutputs | None = None
+                 optional_base: bool = False, task_outputs: TaskOutputs | None = None,
+                 scaled: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
                  ) -> Callable[[MergeFn], RegisteredMethod]:
     """Bind `fn` to taxonomy entry `name` (which must exist) with its capabilities; `merging.methods.catalog`
     collects the bound methods. A two-phase object's own `fused` method is its kernel."""
 
     def wrap(fn: MergeFn) -> RegisteredMethod:
         kernel = fused if fused is not None else getattr(fn, "fused", None)
-        return RegisteredMethod(get_info(name), fn, elementwise, kernel, optional_base, task_outputs)
+        return RegisteredMethod(get_info(name), fn, elementwise, kernel, optional_base, task_outputs, scaled)
 
     return wrap
+
+
+def scaled_sum(parts: tuple[torch.Tensor, torch.Tensor | None], scale: float) -> torch.Tensor:
+    """anchor + scale * delta (the anchor itself where delta is None): the one expression every `scaled` method's
+    merge ends with."""
+    anchor, delta = parts
+    return anchor if delta is None else anchor + scale * delta

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from merging.methods.registry import merge_method
+from merging.methods.registry import merge_method, scaled_sum
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -60,16 +60,20 @@ def tsv_delta(task_vectors: list[torch.Tensor], sv_reduction: float) -> torch.Te
     return (u_perp * torch.cat(ss)) @ vh_perp
 
 
-@merge_method("tsv")
+def tsv_parts(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+              rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, Delta): TSV-Merge is base + lambda * Delta."""
+    task_vectors = [t - base for t in tensors]
+    if base.dim() == 2:
+        return base, tsv_delta(task_vectors, params["sv_reduction"])
+    return base, torch.stack(task_vectors).mean(0)
+
+
+@merge_method("tsv", scaled=tsv_parts)
 def tsv(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
         rng: torch.Generator) -> torch.Tensor:
     """TSV-Merge (Gargiulo et al. 2025, Task Singular Vectors, Alg. 1); see the module docstring."""
-    task_vectors = [t - base for t in tensors]
-    if base.dim() == 2:
-        delta = tsv_delta(task_vectors, params["sv_reduction"])
-    else:
-        delta = torch.stack(task_vectors).mean(0)
-    return base + params["lambda"] * delta
+    return scaled_sum(tsv_parts(tensors, base, params), params["lambda"])
 
 
 def truncated(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,15 +82,21 @@ def truncated(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return (u[:, :k] * s[:k]) @ vh[:k]
 
 
-@merge_method("cart")
-def cart(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
-         rng: torch.Generator) -> torch.Tensor:
-    """CART (Choi et al. 2024, eq. 5); see the module docstring."""
+def cart_parts(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+               rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(m, sum_i SVD_k(theta_i - m)): CART is m + lambda * that sum (m alone for tensors of other ranks)."""
     mean = torch.stack(tensors).mean(0)
     if mean.dim() != 2:
-        return mean
+        return mean, None
     k = max(1, int(min(mean.shape) * params["rank_ratio"]))
     delta = torch.zeros_like(mean)
     for t in tensors:
         delta += truncated(t - mean, k)
-    return mean + params["lambda"] * delta
+    return mean, delta
+
+
+@merge_method("cart", scaled=cart_parts)
+def cart(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+         rng: torch.Generator) -> torch.Tensor:
+    """CART (Choi et al. 2024, eq. 5); see the module docstring."""
+    return scaled_sum(cart_parts(tensors, base, params), params["lambda"])

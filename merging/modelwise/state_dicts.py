@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from merging.methods.apply import full_params, merge_tensor
+from merging.methods.apply import full_params, merge_tensor, merge_tensor_parts
 from merging.methods.catalog import get_method
+from merging.methods.registry import RegisteredMethod, scaled_sum
 from taxonomy.errors import BasinError
 
 
@@ -25,6 +26,17 @@ def merge_state_dicts(
     with `models` or scalars.
     """
     m = get_method(method)
+    resolved, names = _checked(method, m, models, base, params)
+    return {
+        name: merge_tensor(m, name, [sd[name] for sd in models], None if base is None else base[name], resolved, seed)
+        for name in names
+    }
+
+
+def _checked(method: str, m: RegisteredMethod, models: Sequence[Mapping[str, torch.Tensor]],
+             base: Mapping[str, torch.Tensor] | None, params: Mapping[str, Any] | None
+             ) -> tuple[dict[str, Any], list[str]]:
+    """The resolved parameters and the tensor names, after checking the models and the base agree."""
     if m.info.needs_base and base is None:
         raise BasinError(f"method {method!r} needs a base model")
     problem = m.info.model_count_problem(len(models))
@@ -41,7 +53,36 @@ def merge_state_dicts(
         lacks = sorted(set(names) - set(base))[:5]
         extra = sorted(set(base) - set(names))[:5]
         raise BasinError(f"base tensor names differ from the models': base lacks {lacks}, models lack {extra}")
-    return {
-        name: merge_tensor(m, name, [sd[name] for sd in models], None if base is None else base[name], resolved, seed)
-        for name in names
-    }
+    return resolved, names
+
+
+class ScaledMerge:
+    """A merge anchor + lambda * delta (TSV-M, Iso-C, Iso-CTS, CART: the methods with `scaled` parts) with its
+    parts computed once: `at(lambda)` is `merge_state_dicts(method, ..., params | {"lambda": lambda})`, bit for
+    bit, without recomputing the SVDs for every lambda of a sweep."""
+
+    def __init__(self, method: str, models: Sequence[Mapping[str, torch.Tensor]],
+                 base: Mapping[str, torch.Tensor] | None = None, params: Mapping[str, Any] | None = None,
+                 seed: int = 0) -> None:
+        m = get_method(method)
+        if m.scaled is None:
+            raise BasinError(f"method {method!r}: its merge is not base + lambda * delta (no lambda-free parts)")
+        self.method, self.params, self.n_models = m, dict(params or {}), len(models)
+        resolved, names = _checked(method, m, models, base, params)
+        self.dtypes = {name: models[0][name].dtype for name in names}
+        self.parts = {name: merge_tensor_parts(m, name, [sd[name] for sd in models],
+                                               None if base is None else base[name], resolved, seed)
+                      for name in names}
+
+    def at(self, scale: float) -> dict[str, torch.Tensor]:
+        """The merged state dict with lambda = `scale` (checked against the method's range)."""
+        lam = full_params(self.method, {**self.params, "lambda": scale}, self.n_models)["lambda"]
+        return {name: (part.clone() if isinstance(part, torch.Tensor) else scaled_sum(part, lam).to(self.dtypes[name]))
+                for name, part in self.parts.items()}
+
+
+def scaled_merge(method: str, models: Sequence[Mapping[str, torch.Tensor]],
+                 base: Mapping[str, torch.Tensor] | None = None, params: Mapping[str, Any] | None = None,
+                 seed: int = 0) -> ScaledMerge:
+    """`ScaledMerge`: a lambda sweep of `method` with the lambda-free parts computed once."""
+    return ScaledMerge(method, models, base, params, seed)

@@ -10,9 +10,11 @@ As mergekit-moe chooses: Mixtral when it fits, else the one class that does (`ar
 are written in the per-expert layout the Hub's MoE checkpoints use (Mixtral's `block_sparse_moe.experts.K.w1`,
 the Qwen-MoEs' `mlp.experts.K.gate_proj`), which every transformers version loads (5.x fuses them on load) and
 which lets each expert tensor be copied on its own. The config is the base's, read by its transformers config
-class (so its defaults, e.g. `tie_word_embeddings`, are the base's), with the MoE fields set; a base whose
-attention the MoE class cannot reproduce (biases it lacks, sliding windows on some layers only) is refused,
-naming the field, rather than written as another model.
+class (so its defaults, e.g. `tie_word_embeddings`, are the base's), with the MoE fields set; both steps are done
+by `merging.moe.hf_config` without importing transformers where it reproduces the classes (then the output's
+tensors are checked against `expected_tensors`), else by transformers. A base whose attention the MoE class
+cannot reproduce (biases it lacks, sliding windows on some layers only) is refused, naming the field, rather
+than written as another model.
 """
 
 from __future__ import annotations
@@ -82,8 +84,14 @@ def choose(model_types: dict[str, str | None], shared: int, wanted: str | None) 
     raise BasinError(f"{arch.name} has no shared experts: remove `shared_experts:` (got {shared})")
 
 
-def dense_config(raw: dict[str, Any], where: str) -> Any:
-    """The base's config.json read by its transformers config class (defaults filled in)."""
+def dense_config(raw: dict[str, Any], where: str, use_transformers: bool = False) -> Any:
+    """The base's config.json read by its transformers config class (defaults filled in): by
+    `merging.moe.hf_config` where it reproduces that class (a `Fields` dict), else by transformers."""
+    from merging.moe.hf_config import read_dense
+
+    dense = None if use_transformers else read_dense(raw)
+    if dense is not None:
+        return dense
     from transformers import CONFIG_MAPPING
 
     try:
@@ -125,8 +133,9 @@ def _check_attention(arch: MoEArch, dense: Any, where: str) -> dict[str, Any]:
 
 def moe_config(arch: MoEArch, dense: Any, experts: int, per_token: int, dtype: str | None,
                where: str) -> dict[str, Any]:
-    """config.json of the output: the dense base's config with the MoE class's fields."""
-    import transformers
+    """config.json of the output: the dense base's config with the MoE class's fields (the MoE class's
+    `to_dict()`: by `merging.moe.hf_config` when `dense` came from it, else by transformers)."""
+    from merging.moe import hf_config
 
     fields = {k: v for k, v in dense.to_dict().items() if k not in DROPPED}
     fields.update(_check_attention(arch, dense, where))
@@ -137,10 +146,55 @@ def moe_config(arch: MoEArch, dense: Any, experts: int, per_token: int, dtype: s
         moe.update(num_experts=experts, decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[])
         if arch is QWEN2_MOE:
             moe.update(shared_expert_intermediate_size=dense.intermediate_size, qkv_bias=True)
-    config = getattr(transformers, arch.config_class)(**fields, **moe)
-    out = config.to_dict()
+    out = None
+    if isinstance(dense, hf_config.Fields):
+        try:
+            out = dict(hf_config.build(hf_config.CLASSES[hf_config.MOE_TYPES[arch.config_class]], {**fields, **moe}))
+        except hf_config.Unsupported:
+            out = None
+    if out is None:
+        import transformers
+
+        out = getattr(transformers, arch.config_class)(**fields, **moe).to_dict()
     out["architectures"] = [arch.class_name]
     if dtype is not None:
         out["dtype"] = dtype
     out.pop("transformers_version", None)
     return out
+
+
+def expected_tensors(arch: MoEArch, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor (name -> shape) the MoE class builds from `config`, in the per-expert layout basin writes:
+    what transformers' `check_loadable` would ask of the output, derived from the class's structure (tests hold
+    it against transformers' meta-device model)."""
+    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or h // heads
+    inter = config["intermediate_size"] if arch is MIXTRAL else config["moe_intermediate_size"]
+    n = config["num_local_experts"] if "num_local_experts" in config else config["num_experts"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], h),
+                                       "model.norm.weight": (h,)}
+    if not config.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (config["vocab_size"], h)
+    bias = {"qwen": "qkv", "qwen3": "qkvo" if config.get("attention_bias") else ""}.get(arch.key, "")
+    rows = {"q": heads * hd, "k": kv * hd, "v": kv * hd, "o": h}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (h,)
+        for proj in "qkvo":
+            out[f"{p}self_attn.{proj}_proj.weight"] = (rows[proj], heads * hd if proj == "o" else h)
+        for proj in bias:
+            out[f"{p}self_attn.{proj}_proj.bias"] = (rows[proj],)
+        if arch is QWEN3_MOE:
+            out[p + "self_attn.q_norm.weight"] = out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[arch.router(i)] = (n, h)
+        for k in range(n):
+            out.update(_mlp(lambda proj, k=k, i=i: arch.expert(i, k, proj), h, inter))
+        if arch.shared:
+            shared = config["shared_expert_intermediate_size"]
+            out.update(_mlp(lambda proj, i=i: arch.shared_expert(i, proj), h, shared))
+            out[arch.shared_gate(i)] = (1, h)
+    return out
+
+
+def _mlp(name: Any, h: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {name("gate_proj"): (inter, h), name("up_proj"): (inter, h), name("down_proj"): (h, inter)}

@@ -3,7 +3,8 @@
 Order of work, so that mistakes cost seconds: read and check the YAML (no I/O); refuse an existing output;
 open every model lazily; choose the output architecture from the config.json files (`merging.moe.arch`); plan
 every output tensor from headers (every expert's MLP tensors checked against the base's: names and shapes) and
-check the output loads in transformers (on the meta device); only then compute the router weights
+check the output loads in transformers (against the tensors its class builds; `random` and `cheap_embed` never
+import transformers, `hidden` only the base's modeling module); only then compute the router weights
 (`merging.moe.router`) and stream the tensors one at a time into the shard writer: attention, norms and
 embeddings from the base, each expert's MLP from its source; config.json, generation_config.json, the base's
 tokenizer and the YAML (`mergekit_moe_config.yml`, as mergekit names it) beside them; rename into place.
@@ -24,8 +25,9 @@ import torch
 from merging.dtypes import torch_dtype
 from merging.io.checkpoint import Checkpoint, open_checkpoint, read_config
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardWriter, parse_size
-from merging.moe.arch import MLP_PROJ, QWEN2_MOE, MoEArch, choose, dense_config, moe_config
+from merging.moe.arch import MLP_PROJ, QWEN2_MOE, MoEArch, choose, dense_config, expected_tensors, moe_config
 from merging.moe.config import RANDOM_MODES, Expert, MoEConfig
+from merging.moe.hf_config import Fields
 from taxonomy.errors import BasinError
 
 DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
@@ -51,6 +53,7 @@ class MoEPlan:
     entries: list[Entry]
     layers: int
     hidden: int
+    own_config: bool = False  # config.json from `merging.moe.hf_config` (no transformers involved)
 
     def table(self) -> str:
         """The dry run's listing: architecture, then one line per output tensor with its source."""
@@ -129,7 +132,7 @@ def plan_moe(config: MoEConfig, ckpts: dict[str, Checkpoint]) -> MoEPlan:
     for layer in range(layers):
         entries += _layer_entries(config, ckpts, arch, layer, hidden)
     dtype = torch_dtype(dtype_name) if dtype_name else base.meta(_first(base)).dtype
-    return MoEPlan(arch, out_config, dtype, entries, layers, hidden)
+    return MoEPlan(arch, out_config, dtype, entries, layers, hidden, isinstance(dense, Fields))
 
 
 def _base_dtype(dense: Any) -> str | None:
@@ -215,10 +218,24 @@ def _check_extra(config: MoEConfig, ckpts: dict[str, Checkpoint], layers: int) -
 
 
 def check_plan(plan: MoEPlan) -> None:
-    """Refuse, before any data is read, an output transformers would not load with its config."""
+    """Refuse, before any data is read, an output transformers would not load with its config: with basin's own
+    config, against the tensors that config's class builds (`merging.moe.arch.expected_tensors`); else by
+    building the class in transformers (on the meta device)."""
     from merging.output.config import check_loadable
 
-    check_loadable(plan.config, {e.name: e.shape for e in plan.entries})
+    planned = {e.name: e.shape for e in plan.entries}
+    if not plan.own_config:
+        check_loadable(plan.config, planned)
+        return
+    want = expected_tensors(plan.arch, plan.config)
+    problems = ([f"missing {n}" for n in want if n not in planned]
+                + [f"unexpected {n}" for n in planned if n not in want]
+                + [f"shape: {n} is {list(s)}, the model's is {list(want[n])}" for n, s in planned.items()
+                   if n in want and tuple(s) != want[n]])
+    if problems:
+        raise BasinError(f"the output would not load in transformers as {plan.arch.class_name} "
+                         f"({plan.layers} layers): {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}; "
+                         "nothing was written")
 
 
 def router_weights(config: MoEConfig, plan: MoEPlan, base: Checkpoint, device: str = "cpu",

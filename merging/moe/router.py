@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from merging.io.checkpoint import Checkpoint
+from merging.io.checkpoint import Checkpoint, read_config
 from merging.moe.config import Expert
 from taxonomy.errors import BasinError
 
@@ -32,16 +32,82 @@ EPS = 1e-8
 
 
 def tokenizer_of(folder: Path | None, where: str) -> Any:
-    """The base's tokenizer (local files only, no remote code)."""
-    from transformers import AutoTokenizer
-
+    """The base's tokenizer (local files only, no remote code): read with the `tokenizers` library where
+    transformers would use tokenizer.json as it is (`Tokenizer`), else by transformers' AutoTokenizer."""
     if folder is None:
         raise BasinError(f"{where}: no folder with tokenizer files: gate_mode hidden/cheap_embed tokenise prompts")
+    plain = Tokenizer.of(folder)
+    if plain is not None:
+        return plain
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise BasinError(f"{folder}: cannot load the tokenizer ({str(err).splitlines()[0]}); gate_mode "
                          "hidden/cheap_embed tokenise the prompts with it") from None
+
+
+SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# config.json model_types for which AutoTokenizer keeps a generic tokenizer_class (qwen2 is on its list of Hub
+# classes it replaces: Qwen2Tokenizer, rebuilt from the vocabulary)
+PLAIN_TYPES = ("llama", "mistral", "qwen3")
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, for a folder that transformers 5's AutoTokenizer reads
+    into its generic `TokenizersBackend` without changing it: tokenizer_class `TokenizersBackend` /
+    `PreTrainedTokenizerFast` and a config.json model_type of `PLAIN_TYPES`, every special token and every
+    `added_tokens_decoder` entry already in tokenizer.json, no truncation or padding, no `split_special_tokens`,
+    `add_prefix_space`, tekken.json or special_tokens_map.json, no vocabulary over 100000 tokens for a Mistral
+    (transformers patches its regex). Encodes as `tokenizer(text, add_special_tokens=False)` does there; any
+    other folder is left to transformers (`of` returns None)."""
+
+    def __init__(self, backend: Any, bos_token: str | None):
+        self.backend = backend
+        self.bos_token = bos_token
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    @classmethod
+    def of(cls, folder: Path) -> Tokenizer | None:
+        import json
+
+        try:
+            tok_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            model = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(config, dict) or not isinstance(tok_json, dict) or not isinstance(model, dict)
+                or model.get("model_type") not in PLAIN_TYPES
+                or any((folder / f).exists() for f in ("special_tokens_map.json", "tekken.json"))
+                or config.get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast")
+                or any(config.get(k) for k in ("split_special_tokens", "add_prefix_space", "auto_map"))
+                or tok_json.get("truncation") is not None or tok_json.get("padding") is not None):
+            return None
+        added = {str(t.get("id")): {k: v for k, v in t.items() if k != "id"} for t in tok_json.get("added_tokens", [])}
+        contents = {t.get("content") for t in added.values()}
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict) or any(
+                added.get(str(i)) != {k: v for k, v in t.items() if k != "__type"} for i, t in decoder.items()):
+            return None
+        named = [config.get(k) for k in SPECIAL] + list(config.get("extra_special_tokens") or [])
+        named += list(config.get("additional_special_tokens") or [])
+        names = [t.get("content") if isinstance(t, dict) else t for t in named if t is not None]
+        if not all(isinstance(t, str) and t in contents for t in names):
+            return None
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 (tokenizers raises its own Exception): let transformers say why
+            return None
+        if backend.get_vocab_size() > 100000 and model["model_type"] == "mistral":
+            return None
+        bos = config.get("bos_token")
+        return cls(backend, bos.get("content") if isinstance(bos, dict) else bos)
 
 
 def token_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
@@ -124,27 +190,50 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(inner.layers)
 
 
-def base_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> Any:
-    """The base's decoder stack (transformers' base model of its config.json's class, e.g. LlamaModel: no output
-    head, so no vocabulary-sized weight copied nor logits computed; no remote code), weights streamed from the
-    checkpoint one tensor at a time (so `base+lora` and Hub references work as everywhere else)."""
+# the dense classes whose decoder basin runs: model_type -> transformers module (configuration_X, modeling_X)
+DENSE_MODULES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def _decoder_class(ckpt: Checkpoint) -> tuple[Any, Any]:
+    """(config, base model class) of the checkpoint's config.json, importing only that model's transformers
+    modules (not transformers' Auto* machinery); other model types through AutoConfig."""
+    import importlib
+
     import transformers
-    from transformers.initialization import no_init_weights
+
+    raw = read_config(ckpt) or {}
+    name = DENSE_MODULES.get(raw.get("model_type"))
+    if name is not None:
+        package = f"transformers.models.{raw['model_type']}"
+        config_class = getattr(importlib.import_module(f"{package}.configuration_{raw['model_type']}"),
+                               f"{name}Config")
+        modeling = importlib.import_module(f"{package}.modeling_{raw['model_type']}")
+        config = config_class.from_pretrained(str(ckpt.folder), local_files_only=True)
+        return config, getattr(modeling, f"{name}Model")
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    folder = ckpt.folder
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    config = transformers.AutoConfig.from_pretrained(str(ckpt.folder), local_files_only=True, trust_remote_code=False)
     cls = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0], None)
     if cls is None or not hasattr(cls, "config_class") or type(config) not in MODEL_MAPPING:
-        raise BasinError(f"{folder}: config.json names no transformers class basin can run")
+        raise BasinError(f"{ckpt.folder}: config.json names no transformers class basin can run")
+    return config, MODEL_MAPPING[type(config)]
+
+
+def base_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> Any:
+    """The base's decoder stack (transformers' base model of its config.json's model_type, e.g. LlamaModel: no
+    output head, so no vocabulary-sized weight copied nor logits computed; no remote code), weights streamed from
+    the checkpoint one tensor at a time (so `base+lora` and Hub references work as everywhere else)."""
+    from transformers.initialization import no_init_weights
+
+    config, model_class = _decoder_class(ckpt)
     with no_init_weights(), torch.device(device):
-        model = MODEL_MAPPING[type(config)](config)
+        model = model_class(config)
     model = model.to(dtype).eval()
-    prefix = f"{cls.base_model_prefix}." if cls.base_model_prefix else ""
+    prefix = f"{model_class.base_model_prefix}." if model_class.base_model_prefix else ""
     names = set(ckpt.names())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if prefix + name not in names:
-                raise BasinError(f"{ckpt.label}: tensor {prefix + name!r} of {cls.__name__} is missing")
+                raise BasinError(f"{ckpt.label}: tensor {prefix + name!r} of {model_class.__name__} is missing")
             t.copy_(ckpt.get(prefix + name))
     return model

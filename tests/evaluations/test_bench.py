@@ -185,3 +185,25 @@ def test_weight_matching_undoes_a_permuted_fine_tune(suite):
     for k in pool.base:
         torch.testing.assert_close(merged[k], (pool.models[a][k] + pool.models[b][k]) / 2)
     assert any(not torch.equal(permuted[k], pool.models[b][k]) for k in pool.base)
+
+
+def test_lambda_sweeps_share_their_parts_and_keep_the_bits(suite, monkeypatch):
+    """TSV-M, Iso-C, Iso-CTS, CART: a cell's candidates that differ only in lambda compute the SVD parts once
+    (one `merge_tensor_parts` call per tensor, not one per lambda) and give `run_merge`'s bits at every lambda;
+    other methods run candidate by candidate."""
+    from evaluations.bench.grid import run_merge, run_merges
+    from merging.modelwise import state_dicts
+
+    pool, tasks = suite.models, suite.tasks
+    calls = []
+    real = state_dicts.merge_tensor_parts
+    monkeypatch.setattr(state_dicts, "merge_tensor_parts", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    for method, fixed in (("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("cart", {"rank_ratio": 0.5}),
+                          ("task_arithmetic", {})):
+        calls.clear()
+        candidates = [{**fixed, "lambda": lam} for lam in (0.3, 0.7, 1.5)]
+        swept = list(run_merges(method, pool, tasks, candidates, seed=1))
+        assert len(calls) == (0 if method == "task_arithmetic" else len(pool.base))
+        for params, merged in zip(candidates, swept):
+            direct = run_merge(method, pool, tasks, dict(params), seed=1)
+            assert all(torch.equal(merged[k].view(torch.int32), direct[k].view(torch.int32)) for k in pool.base)

@@ -129,14 +129,20 @@ def test_minilm_tasks_data_is_offline_balanced_deterministic_and_labeled_by_its_
     from evaluations.bench.suites import minilm_tasks as m
 
     config = m.MiniLMConfig()
-    for task in m.TASKS:
+    for task in m.EXAMPLES:
         splits = m.task_splits(task, config)
         assert splits == m.task_splits(task, config)
         texts = [t for rows in splits.values() for t, _ in rows]
         assert len(texts) == len(set(texts))  # no example in two splits
         labels = [y for _, y in splits["test"] + splits["val"] + splits["train"]]
-        assert len(set(labels)) == (4 if task in ("topic", "module") else 2)
+        assert len(set(labels)) == (4 if task in ("topic", "pydoc_topic", "module") else 2)
         assert len(splits["test"]) == config.test and len(splits["val"]) == config.val
+    topics = list(m.TOPIC_WORDS)
+    for text, label in m.topic_examples():
+        main = text.split("mainly about the ")[1].split()[0].rstrip(".")
+        other = text.split("briefly about the ")[1].split()[0].rstrip(".")
+        assert main in m.TOPIC_WORDS[topics[label]] and other not in m.TOPIC_WORDS[topics[label]]
+        assert any(other in words for words in m.TOPIC_WORDS.values())
     for text, label in m.order_examples():
         words = text.rstrip(".").split()
         assert label == int(words[1] in m.PETS) and {words[1], words[-1]} & set(m.WILD)
@@ -144,7 +150,14 @@ def test_minilm_tasks_data_is_offline_balanced_deterministic_and_labeled_by_its_
         good = any(f" {a}." in text for a in m.GOOD)
         negations = text.count(" not ") + text.startswith("I doubt")
         assert label == int(good != bool(negations % 2))
+    counted = set()
     for text, label in m.counting_examples():
+        owned = dict(part.split(" has ") for part in text.rstrip(".").split("; "))
+        n = {who: owned[who].count("a ") for who in ("Anna", "Ben")}
+        assert label == int(n["Anna"] > n["Ben"]) and n["Anna"] != n["Ben"]
+        counted.add((n["Anna"], n["Ben"], text.startswith("Ben")))
+    assert len(counted) == 12  # every unequal pair of 1-3 items, either owner first
+    for text, label in m.list_length_examples():
         assert label == int(text.count(" a ") >= 4)
 
 
@@ -213,3 +226,30 @@ def test_an_interrupted_training_resumes_after_the_last_saved_fine_tune(tmp_path
     assert not list((tmp_path / "k.tmp").rglob("*.partial"))
     out = prepare_cached(Config(), tmp_path, tmp_path, train)
     assert calls == ["a", "b", "b"] and trained(out, "a") and trained(out, "b") and (out / "config.json").is_file()
+
+
+def test_minilm_suite_smoke_runs_and_reruns_from_its_cache(tmp_path, monkeypatch):
+    """A tiny minilm-tasks (2 tasks, 2 fine-tuning steps): every row scored, both lambdas of task arithmetic
+    validated, the paths' end points the models' own values, and a rebuilt suite trains nothing (cached)."""
+    import math
+
+    from evaluations.bench import MethodEntry, MethodGrid, run_benchmark
+    from evaluations.bench.geometry import finetune_values, point_values
+    from evaluations.bench.suites import minilm_tasks as m
+
+    config = m.MiniLMConfig(test=16, val=16, train=32, probe_steps=5, steps=2, batch_size=4, merge_sample=4,
+                            tasks=("topic", "counting"))
+    grid = MethodGrid((MethodEntry("TA", "task_arithmetic", search={"lambda": [0.5, 1.0]}),))
+    suite = m.build_suite(tmp_path, config, grid=grid)
+    result = run_benchmark(suite, progress=False, geometry=False)
+    assert [r.label for r in result.rows] == ["pretrained", "individual fine-tunes", "output ensemble", "TA"]
+    assert all(math.isfinite(v) for r in result.rows for v in r.scores.values())
+    assert [s["params"]["lambda"] for s in result.row("TA").selection] == [0.5, 1.0]
+    paths = result.row("pretrained").paths
+    pool, tasks = suite.models, suite.tasks
+    for t in config.tasks:
+        assert paths["loss"][t][0] == point_values(pool.module(pool.base), tasks[t])[0]
+        assert paths["loss"][t][-1] == finetune_values(pool, tasks, t, t)[0]
+    monkeypatch.setattr(m, "_train", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = m.build_suite(tmp_path, config, grid=grid)
+    assert again.fingerprint() == suite.fingerprint()

@@ -317,3 +317,209 @@ def test_cli_help_and_listing(capsys):
         main(["moe", "--help"])
     assert stop.value.code == 0 and "--dry-run" in capsys.readouterr().out
     assert main(["--help"]) == 0 and "  moe " in capsys.readouterr().out
+
+
+# --- transformers-free config.json, loadability check and tokenizer (merging.moe.hf_config) ---------------------
+
+def _raw_configs():
+    """config.json variants of every dense kind: as transformers 5 saves it, as a 4.x checkpoint has it (rope_theta,
+    torch_dtype, rope_scaling null), minimal (defaults left to the class), with a list of eos ids."""
+    import transformers
+
+    for kind, (cfg_name, _, extra) in KINDS.items():
+        cfg = getattr(transformers, cfg_name)(**SMALL, **extra, dtype="bfloat16")
+        saved = json.loads(cfg.to_json_string())
+        saved["architectures"] = [KINDS[kind][1]]
+        legacy = {k: v for k, v in saved.items() if k not in ("rope_parameters", "dtype", "layer_types")}
+        legacy.update(rope_theta=500000.0, torch_dtype="float16", rope_scaling=None, transformers_version="4.44.0")
+        minimal = dict(SMALL, model_type=cfg.model_type, **extra)
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+        for label, raw in (("saved", saved), ("legacy", legacy), ("minimal", minimal),
+                           ("eos list", dict(minimal, eos_token_id=[2, 3], bos_token_id=None)),
+                           ("llama3 rope", dict(legacy, rope_scaling=llama3)),
+                           ("linear rope", dict(minimal, rope_parameters={"rope_type": "linear", "factor": 2.0})),
+                           ("dynamic rope", dict(legacy, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))):
+            yield f"{kind} {label}", raw
+
+
+def test_own_config_writer_equals_transformers_field_for_field():
+    from merging.moe import arch as A
+    from merging.moe.hf_config import Fields
+
+    cases = 0
+    for label, raw in _raw_configs():
+        ours = A.dense_config(raw, label)
+        theirs = A.dense_config(raw, label, use_transformers=True)
+        assert isinstance(ours, Fields) and not isinstance(theirs, Fields), label
+        for arch in A.ARCHS:
+            if raw["model_type"] not in arch.inputs:
+                continue
+            for dtype in (None, "bfloat16"):
+                want = A.moe_config(arch, theirs, 3, 2, dtype, label)
+                got = A.moe_config(arch, ours, 3, 2, dtype, label)
+                assert json.dumps(got, indent=2) == json.dumps(want, indent=2), (label, arch.name, dtype)
+                cases += 1
+    assert cases == 7 * (3 * 2 + 2 + 1) * 2  # 7 variants x (llama, llama_tied, mistral: 2 archs; qwen2 x2, qwen3) x 2
+
+
+def test_own_config_tables_are_transformers_defaults():
+    import dataclasses
+
+    import transformers
+    from transformers.configuration_utils import PreTrainedConfig
+
+    from merging.moe.hf_config import BASE_FIELDS, CLASSES
+
+    def declared(cls):
+        return tuple((f.name, f.default) for f in dataclasses.fields(cls))
+
+    assert declared(PreTrainedConfig) == BASE_FIELDS
+    for c in CLASSES.values():
+        cls = getattr(transformers, c.name)
+        assert cls.model_type == c.model_type and cls.default_theta == c.default_theta, c.name
+        assert declared(cls) == BASE_FIELDS + c.fields, c.name
+        assert dict(cls.attribute_map) == dict(c.attribute_map), c.name
+
+
+def test_configs_outside_the_own_writer_go_to_transformers():
+    from merging.moe.hf_config import read_dense
+
+    raw = dict(SMALL, model_type="llama")
+    assert read_dense(raw) is not None
+    for extra in ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, {"rope_scaling": {"type": "linear",
+                                                                                         "factor": 2.0}},
+                  {"rope_scaling": {"rope_type": "linear"}}, {"some_new_field": 1},
+                  {"hidden_size": "16"}, {"num_attention_heads": 0}, {"hidden_size": None},
+                  {"torch_dtype": "auto"}, {"id2label": {"0": "a"}}):
+        assert read_dense({**raw, **extra}) is None, extra
+    assert read_dense({**raw, "model_type": "gemma"}) is None
+
+
+@pytest.mark.parametrize("kind,shared", [("llama", False), ("mistral", False), ("llama_tied", False),
+                                         ("qwen3_tied", False), ("qwen2", True), ("llama", True)])
+def test_expected_tensors_are_what_transformers_builds(family, kind, shared):
+    from merging.moe.arch import expected_tensors
+    from merging.moe.build import load_config, open_models, plan_moe
+    from merging.output.config import _model_class, _problems
+
+    config = load_config(_config(family[kind], "random", shared=shared))
+    plan = plan_moe(config, open_models(config))
+    assert plan.own_config
+    want = expected_tensors(plan.arch, plan.config)
+    assert want == {e.name: e.shape for e in plan.entries}
+    assert _problems(_model_class(plan.config["architectures"][0]), plan.config, want) == []
+    wrong = dict(want)
+    wrong.pop(plan.arch.router(0))
+    assert _problems(_model_class(plan.config["architectures"][0]), plan.config, wrong)
+
+
+def _without_own_writer(monkeypatch):
+    from merging.moe import hf_config, router
+
+    monkeypatch.setattr(hf_config, "read_dense", lambda raw: None)
+    monkeypatch.setattr(router.Tokenizer, "of", classmethod(lambda cls, folder: None))
+    monkeypatch.setattr(router, "DENSE_MODULES", {})  # the hidden forward's model class through AutoConfig
+
+
+@pytest.mark.parametrize("kind,mode,shared", [("llama", "random", False), ("llama", "cheap_embed", False),
+                                              ("mistral", "random", False), ("qwen2", "random", True),
+                                              ("qwen2_tied", "cheap_embed", True), ("qwen3_tied", "random", False),
+                                              ("llama_tied", "hidden", False), ("mistral", "hidden", False),
+                                              ("qwen2", "hidden", True)])
+def test_output_bit_identical_to_the_transformers_path(tmp_path, family, monkeypatch, kind, mode, shared):
+    """The transformers-free config.json, check and tokenizer (and the hidden forward's direct import) change no
+    byte of the output."""
+    config = _config(family[kind], mode, shared=shared)
+    ours = build_moe(config, tmp_path / "ours", progress=False)
+    assert ours.plan.own_config
+    with monkeypatch.context() as m:
+        _without_own_writer(m)
+        theirs = build_moe(config, tmp_path / "theirs", progress=False)
+    assert ours.content_hash == theirs.content_hash
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+
+
+def test_rope_scaling_base_goes_through_transformers_and_loads(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False,
+                                   rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 32})
+    for k in range(3):
+        torch.manual_seed(k)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"r{k}")
+    report = build_moe(_config([tmp_path / f"r{k}" for k in range(3)], "random"), tmp_path / "out", progress=False)
+    assert not report.plan.own_config
+    model = _load(tmp_path / "out")
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+
+
+def _byte_bpe(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox", "jumps over the lazy dog"] * 5,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin|>", "<|end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>").save_pretrained(folder)
+
+
+def test_plain_tokenizer_encodes_as_transformers(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    from merging.moe.router import Tokenizer, token_ids
+
+    _byte_bpe(tmp_path / "bpe")
+    (tmp_path / "bpe" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    prompts = ["w1 w2 w3", "the quick dog", " lazy  fox!", "<s>w4", "<|end|> over"]
+    for folder in (family["llama"][0], family["mistral"][0], family["qwen3_tied"][0], tmp_path / "bpe"):
+        ours, theirs = Tokenizer.of(folder), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        assert ours is not None and ours.bos_token == theirs.bos_token
+        for p in prompts:
+            assert torch.equal(token_ids(ours, p), token_ids(theirs, p)), (folder, p)
+    config = json.loads((tmp_path / "bpe" / "tokenizer_config.json").read_text())
+    for change in ({"tokenizer_class": "LlamaTokenizer"}, {"split_special_tokens": True},
+                   {"bos_token": "<not in the vocabulary>"}):
+        (tmp_path / "bpe" / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        assert Tokenizer.of(tmp_path / "bpe") is None, change
+    assert Tokenizer.of(family["qwen2"][0]) is None  # AutoTokenizer gives qwen2 its Qwen2Tokenizer
+
+
+def test_random_and_cheap_embed_never_import_transformers(tmp_path, family):
+    """A whole process builds both without importing transformers (the import is most of its time)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, json; from merging.moe import build_moe; cfgs = json.loads(sys.argv[1]);"
+            "[build_moe(c, o, progress=False) for c, o in cfgs];"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'tokenizers'}))")
+    cfgs = [[_config(family["llama"], mode), str(tmp_path / mode)] for mode in ("random", "cheap_embed")]
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfgs)], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    assert out.stdout.strip() == "['tokenizers']", out.stderr
+    assert (tmp_path / "cheap_embed" / "model.safetensors").is_file()
+
+
+def test_benchmark_import_split():
+    """benchmarks/moe_vs_mergekit.py's split of `-X importtime` output (torch pulled in by transformers counts as
+    transformers; what no tracked package imports is "other")."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_mergekit.py"
+    spec = importlib.util.spec_from_file_location("moe_vs_mergekit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = "\n".join(f"import time: {s * 1000:>9} | {c * 1000:>10} | {'  ' * d}{n}" for s, c, d, n in [
+        (0, 0, 0, "self [us]"), (10, 10, 2, "torch._C"), (20, 30, 1, "torch"), (5, 35, 0, "merging.moe"),
+        (40, 40, 2, "torch.distributed"), (10, 50, 1, "transformers.models.x"), (1, 51, 0, "transformers"),
+        (3, 3, 1, "tokenizers"), (2, 5, 0, "yaml")])
+    got = bench.import_split(text.replace("import time:         0 |          0 | self [us]",
+                                          "import time: self [us] | cumulative | imported package"))
+    assert got == pytest.approx({"torch": 0.030, "transformers": 0.051, "tokenizers": 0.003, "other": 0.007})
