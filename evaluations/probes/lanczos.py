@@ -271,6 +271,18 @@ class _Check:
     deflated: bool = False
 
 
+def _filter_sum(alpha: torch.Tensor, beta: torch.Tensor, x: float) -> float:
+    """K(x) = sum_l pi_l(x)^2 over the Lanczos polynomials of a tridiagonal (diagonal alpha [j], off-diagonal
+    beta [j-1]): beta_i pi_{i+1}(x) = (x - alpha_i) pi_i(x) - beta_{i-1} pi_{i-1}(x), pi_0 = 1. For the start
+    vector u of the sequence, 1 / K(mu) = min ||p(B) u||^2 over polynomials of degree < j with p(mu) = 1."""
+    a, b = alpha.tolist(), beta.tolist()
+    prev, cur, total = 0.0, 1.0, 1.0
+    for i in range(len(a) - 1):
+        prev, cur = cur, ((x - a[i]) * cur - (b[i - 1] * prev if i else 0.0)) / b[i]
+        total += cur * cur
+    return total
+
+
 def _miss_probability(sub: _Subspace, lo: int, theta: torch.Tensor, tau: float, which: str) -> float:
     """An upper bound on the probability that a Krylov sequence from a uniformly random unit start u (rows lo: of
     the basis, orthogonal to rows :lo) of B = A compressed to the complement of rows :lo looks like this one
@@ -298,13 +310,8 @@ def _miss_probability(sub: _Subspace, lo: int, theta: torch.Tensor, tau: float, 
         points, inside = [abs(tau), -abs(tau)], bool(theta.abs().max() < abs(tau))
     if not inside or tau == 0:
         return 1.0
-    total = 0.0
-    for x in points:
-        prev, cur, k = 0.0, 1.0, 1.0
-        for i in range(j - 1):  # beta_i pi_{i+1}(x) = (x - alpha_i) pi_i(x) - beta_{i-1} pi_{i-1}(x)
-            prev, cur = cur, ((x - float(alpha[i])) * cur - (float(beta[i - 1]) * prev if i else 0.0)) / float(beta[i])
-            k += cur * cur
-        total += (2 * max(sub.n - lo - 1, 1) / (np.pi * k)) ** 0.5
+    scale = 2 * max(sub.n - lo - 1, 1) / np.pi
+    total = sum((scale / _filter_sum(alpha, beta, x)) ** 0.5 for x in points)
     return min(total, 1.0)
 
 
