@@ -5,7 +5,8 @@ reorthogonalization) builds an orthonormal Krylov basis Q_m; the Ritz values of 
 approximate A's extreme eigenvalues. A Ritz pair (theta, y) with residual |A y - theta y| <= r has an
 eigenvalue within r of theta (Parlett, The Symmetric Eigenvalue Problem, Thm. 4.5.1): `lanczos` stops
 on that rigorous bound, then confirms that no wanted eigenvalue was missed with a second Krylov sequence
-from a random vector orthogonal to the basis (see `lanczos` for what `converged` guarantees). By default
+from a random vector orthogonal to the basis (on large operators: to the wanted Ritz vectors, after a thick
+restart, with a quantified stopping test; see `lanczos` for what `converged` guarantees). By default
 the start vector is the loss gradient (plus a little noise) when the operator provides one (`start_vector`).
 `lanczos_tridiag` is the plain three-term recurrence (for quadrature). Power iteration with deflation
 (as PyHessian does) is provided for comparison.
@@ -355,18 +356,23 @@ def lanczos(
     a Lanczos sequence of the operator deflated by the basis found so far, run until its own extremal Ritz
     pair has a residual <= tol |theta_k|. If that changes a wanted value by more than tol relative (an
     eigenvalue the first sequence had missed, e.g. the second copy of a double eigenvalue), the wanted pairs
-    are re-converged and confirmed again.
+    are re-converged and confirmed again. Where the budget cannot reach the whole space (n > max_iter), the
+    basis is first restarted to the k wanted Ritz vectors (a thick restart), so the confirmation runs on A
+    deflated by them alone, and it may also stop once `_miss_probability` (Kuczynski & Wozniakowski 1992's
+    polynomial argument on its tridiagonal) is <= MISS_PROBABILITY = 1e-3.
 
     `converged=True` guarantees, for the operator as applied: (a) rigorous: each returned theta_i has an
     eigenvalue within r_i = error_bounds[i] <= tol |theta_i| (Parlett, The Symmetric Eigenvalue Problem,
     Thm. 4.5.1), and for "LA" theta_i <= lambda_i, the i-th largest eigenvalue (Cauchy interlacing; >= the
     i-th smallest for "SA"); (b) the values are the top k to that tolerance unless an eigenvector is
     invisible to two independent Krylov sequences, the second from a random start (a probability-zero event
-    in exact arithmetic, not observed in the seeded tests). It is also True when the basis spans the whole
-    space and (a) holds. Otherwise `max_iter` operator applications (default min(n, 200)) were spent.
-    `which`: "LA" largest algebraic, "SA" smallest ("auto" then starts from a random vector: the gradient lies
-    near the top eigenvectors), "LM" largest magnitude. `iterations` counts operator
-    applications; `extra["confirmation_steps"]` those spent confirming.
+    in exact arithmetic, not observed in the seeded tests); where the bound stopped the confirmation: with
+    probability >= 1 - 1e-3 over its random start, A compressed to the complement of the k Ritz vectors it
+    started from has no eigenvalue at or beyond theta_k, so lambda_i <= theta_i + |R| (R: their residuals,
+    Weyl). It is also True when the basis spans the whole space and (a) holds. Otherwise `max_iter` operator
+    applications (default min(n, 200)) were spent. `which`: "LA" largest algebraic, "SA" smallest ("auto" then
+    starts from a random vector: the gradient lies near the top eigenvectors), "LM" largest magnitude.
+    `iterations` counts operator applications; `extra["confirmation_steps"]` those spent confirming.
     """
     op = as_operator(op, size)
     matvec, n = op.matvec, op.shape[0]
