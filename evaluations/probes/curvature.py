@@ -124,6 +124,32 @@ def vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotange
                                    create_graph=create_graph, allow_unused=True)
 
 
+def batched_vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+                retain_graph: bool | None = None, create_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """k vjps at once (cotangents [k, *output shape]): `torch.autograd.grad(..., is_grads_batched=True)`'s own path,
+    torch's legacy vmap over the autograd engine's backward, bit-identical, without its shape check of tensor
+    `grad_outputs` (that imports sympy, 1-2.5 s once per process; the shapes are checked here). Outputs that do
+    not require grad contribute nothing."""
+    from torch import _vmap_internals
+    from torch.autograd.graph import _engine_run_backward
+
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    for o, c in pairs:
+        if tuple(c.shape[1:]) != tuple(o.shape):
+            raise ProbeError(f"batched_vjp: cotangent of shape {tuple(c.shape)} for an output of shape "
+                             f"{tuple(o.shape)}")
+    if not pairs:
+        return (None,) * len(inputs)
+    outs, cots = tuple(o for o, _ in pairs), tuple(c for _, c in pairs)
+    retain = create_graph if retain_graph is None else retain_graph
+
+    def one(grads):
+        return _engine_run_backward(outs, grads, retain, create_graph, tuple(inputs), True, accumulate_grad=False)
+
+    with torch.enable_grad():
+        return _vmap_internals._vmap(one, 0, 0, allow_none_pass_through=True)(cots)
+
+
 class _Predict(nn.Module):
     """`predict(model, batch)` as a module, so `functional_call` swaps the model's parameters under any predict."""
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from evaluations.probes.curvature import CurvatureOperator, vjp
+from evaluations.probes.curvature import CurvatureOperator, batched_vjp, vjp
 from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
@@ -93,9 +93,7 @@ class OutputCurvature(CurvatureOperator):
             return torch.zeros((len(next(iter(tangents.values()))),) * batched + tuple(f.shape), dtype=f.dtype,
                                device=f.device)
         if batched:
-            with torch.enable_grad():
-                (ju,) = torch.autograd.grad([g for g, _ in used], dummy, [t for _, t in used], retain_graph=True,
-                                            allow_unused=True, is_grads_batched=True)
+            (ju,) = batched_vjp([g for g, _ in used], [dummy], [t for _, t in used], retain_graph=True)
         else:
             (ju,) = vjp([g for g, _ in used], [dummy], [t for _, t in used], retain_graph=True)
         return torch.zeros_like(f) if ju is None else ju
@@ -104,10 +102,7 @@ class OutputCurvature(CurvatureOperator):
         leaves, out = graph[0], graph[1]
         if not batched:
             return dict(zip(leaves, vjp([out], list(leaves.values()), [w], retain_graph=retain)))
-        with torch.enable_grad():
-            parts = torch.autograd.grad(out, list(leaves.values()), w, retain_graph=retain, allow_unused=True,
-                                        is_grads_batched=True)
-        return dict(zip(leaves, parts))
+        return dict(zip(leaves, batched_vjp([out], list(leaves.values()), [w], retain_graph=retain)))
 
     def _product(self, tangent: dict[str, torch.Tensor], i: int, batch) -> dict[str, torch.Tensor | None]:
         graph = self._linear(i, batch)

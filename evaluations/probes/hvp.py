@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from evaluations.probes.curvature import MODES, CurvatureOperator, as_batches, network_mode, vjp
+from evaluations.probes.curvature import MODES, CurvatureOperator, as_batches, batched_vjp, network_mode, vjp
 from evaluations.probes.params import Selection
 from taxonomy.errors import ProbeError
 
@@ -111,9 +111,7 @@ class HessianOperator(CurvatureOperator):
         if self.method == "forward_over_reverse":
             return vmap(lambda v: self._hvp(v, i, batch))(tangents)
         p, g = self._gradient_graph(i, batch)
-        with torch.enable_grad():
-            hv = torch.autograd.grad(g, list(p.values()), grad_outputs=[tangents[n] for n in p],
-                                     allow_unused=True, retain_graph=True, is_grads_batched=True)
+        hv = batched_vjp(g, list(p.values()), [tangents[n] for n in p], retain_graph=True)
         return {n: torch.zeros_like(tangents[n]) if h is None else h for n, h in zip(p, hv)}
 
     def _batch_gradient(self, p: dict[str, torch.Tensor], i: int, batch) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from evaluations.probes.curvature import vjp
 from taxonomy.errors import ProbeError
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -178,8 +179,7 @@ class LayerCapture:
             raise ProbeError("KFAC: the objective's outputs do not depend on the selected parameters "
                              "(is predict running under torch.no_grad?)")
         live = [i for i, o in enumerate(self.outputs) if o.requires_grad]
-        found = torch.autograd.grad(outputs, [self.outputs[i] for i in live], grad_outputs=seed.to(outputs.dtype),
-                                    retain_graph=True, allow_unused=True)
+        found = vjp([outputs], [self.outputs[i] for i in live], [seed.to(outputs.dtype)], retain_graph=True)
         grads: list[torch.Tensor | None] = [None] * len(self.outputs)
         for i, g in zip(live, found):
             grads[i] = g

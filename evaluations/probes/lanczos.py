@@ -5,7 +5,8 @@ reorthogonalization) builds an orthonormal Krylov basis Q_m; the Ritz values of 
 approximate A's extreme eigenvalues. A Ritz pair (theta, y) with residual |A y - theta y| <= r has an
 eigenvalue within r of theta (Parlett, The Symmetric Eigenvalue Problem, Thm. 4.5.1): `lanczos` stops
 on that rigorous bound, then confirms that no wanted eigenvalue was missed with a second Krylov sequence
-from a random vector orthogonal to the basis (see `lanczos` for what `converged` guarantees). By default
+from a random vector orthogonal to the basis (on large operators: to the wanted Ritz vectors, after a thick
+restart, with a quantified stopping test; see `lanczos` for what `converged` guarantees). By default
 the start vector is the loss gradient (plus a little noise) when the operator provides one (`start_vector`).
 `lanczos_tridiag` is the plain three-term recurrence (for quadrature). Power iteration with deflation
 (as PyHessian does) is provided for comparison.
@@ -128,8 +129,9 @@ class _Subspace:
     Rayleigh-Ritz on span(Q) works for any basis, not only a single Krylov sequence, so restarted and
     confirmation vectors join the same subspace. Residuals |A y - theta y| are formed explicitly from W
     (`residuals`); `screen` estimates them from G and C alone (|r|^2 = s^T G s - theta^2 for an orthonormal Q),
-    so a step costs two passes over Q and one over W, and the explicit residuals are formed only when the
-    estimate says they may pass.
+    so the explicit residuals are formed only when the estimate says they may pass. A step reads W once (C's
+    new row and column, A being symmetric, and G's) and Q twice (one Gram-Schmidt pass after the three-term
+    recurrence, `reorthogonalize`).
     """
 
     def __init__(self, n: int, capacity: int):
@@ -139,6 +141,7 @@ class _Subspace:
         self.w = torch.empty(capacity, n, dtype=torch.float64)
         self.c = torch.zeros(capacity, capacity, dtype=torch.float64)
         self.g = torch.zeros(capacity, capacity, dtype=torch.float64)
+        self.sequence = 0  # the row where the current Krylov sequence started (a random vector, not a continuation)
 
     def orthogonalize(self, v: torch.Tensor, coefficients: torch.Tensor | None = None) -> torch.Tensor:
         """v less its components along Q (classical Gram-Schmidt twice: "twice is enough"); `coefficients`: Q v
@@ -147,6 +150,26 @@ class _Subspace:
             coefficients = self.q[: self.m] @ v if coefficients is None else coefficients
             v = v - self.q[: self.m].T @ coefficients
             coefficients = None
+        return v
+
+    def continuation(self) -> torch.Tensor:
+        """The Lanczos continuation of the last image w_j = A q_j: w_j less its components along Q (the three-term
+        recurrence, then classical Gram-Schmidt passes until one keeps at least 1/sqrt(2) of the norm: Daniel,
+        Gragg, Kaufman & Stewart 1976, three at most), unnormalized. The coefficients removed are Q w_j: they
+        become C's last column exactly (it held the symmetric mirror of its row until now)."""
+        j = self.m - 1
+        coefficients = torch.zeros(self.m, dtype=torch.float64)
+        lo = max(j - 1, 0)
+        coefficients[lo:] = self.c[j, lo : j + 1]
+        v = self.w[j] - coefficients[lo:] @ self.q[lo : j + 1]
+        for _ in range(3):
+            before = v.norm()
+            d = self.q[: self.m] @ v
+            v = v - self.q[: self.m].T @ d
+            coefficients += d
+            if v.norm() >= 0.7071 * before:
+                break
+        self.c[: j + 1, j] = coefficients
         return v
 
     def _grow(self) -> None:
@@ -166,15 +189,23 @@ class _Subspace:
         j = self.m
         self.q[j], self.w[j] = q, w
         self.m += 1
-        self.c[: j + 1, j] = self.q[: j + 1] @ w
         both = torch.mm(torch.stack([q, w]), self.w[: j + 1].T)  # one pass over W: W q (C's row), W w (G's column)
-        self.c[j, :j] = both[0, :j]
+        self.c[j, : j + 1] = both[0]
+        self.c[:j, j] = both[0, :j]  # (A q_i) . q_j = q_i . (A q_j): A is symmetric
         self.g[: j + 1, j] = both[1]
         self.g[j, :j] = both[1, :j]
 
-    def projection(self) -> torch.Tensor:
-        """Q w_last: the last image's coefficients along the basis (for `orthogonalize`)."""
-        return self.c[: self.m, self.m - 1]
+    def restart(self, s: torch.Tensor) -> None:
+        """Replace the basis by the Ritz vectors Q^T s (columns of s, orthonormal): rows, images, C and G
+        transformed exactly (a thick restart keeping only these vectors)."""
+        st = s.T.contiguous()
+        m, ell = self.m, s.shape[1]
+        self.q[:ell] = torch.mm(st, self.q[:m])
+        self.w[:ell] = torch.mm(st, self.w[:m])
+        for name in ("c", "g"):
+            buf = getattr(self, name)
+            buf[:ell, :ell] = st @ buf[:m, :m] @ s
+        self.m = ell
 
     def ritz(self, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Ritz values and coefficient vectors of the compression of A onto rows lo: of Q."""
@@ -205,14 +236,16 @@ class _Subspace:
         return torch.mm(s.T.contiguous(), self.q[: self.m])
 
 
-def _next_vector(sub: _Subspace, w: torch.Tensor, gen: torch.Generator, fresh: bool) -> torch.Tensor | None:
+def _next_vector(sub: _Subspace, w: torch.Tensor, gen: torch.Generator, fresh: bool,
+                 continuation: torch.Tensor | None = None) -> torch.Tensor | None:
     """The next basis vector: w (the Lanczos continuation) or, if `fresh` or w is (numerically) inside the
     subspace (an invariant subspace: the Krylov sequence ended early), a random vector orthogonal to it.
     None when the subspace is the whole space."""
     if not fresh:
-        v = sub.orthogonalize(w, sub.projection())
+        v = sub.continuation() if continuation is None else continuation
         if v.norm() > 1e-10 * max(w.norm(), 1e-300):
             return v / v.norm()
+    sub.sequence = sub.m
     for _ in range(3):
         v = sub.orthogonalize(torch.randn(sub.n, generator=gen, dtype=torch.float64))
         if v.norm() > 1e-6:
@@ -225,23 +258,76 @@ def _explicit_ok(sub: _Subspace, s: torch.Tensor, theta: torch.Tensor, bound: to
     return bool((sub.residuals(s, theta) <= bound).all())
 
 
+MISS_PROBABILITY = 1e-3  # the deflated confirmation's bound on missing an eigenvalue (see `_miss_probability`)
+
+
 @dataclass
 class _Check:
-    """Where the confirmation sequence starts in the basis and the wanted Ritz values when it started."""
+    """Where the confirmation sequence starts in the basis, the wanted Ritz values when it started, the products
+    spent before it, and whether it runs on the operator deflated by those Ritz vectors alone (`deflated`)."""
 
     start: int
     values: torch.Tensor
+    products: int = 0
+    deflated: bool = False
+
+
+def _filter_sum(alpha: torch.Tensor, beta: torch.Tensor, x: float) -> float:
+    """K(x) = sum_l pi_l(x)^2 over the Lanczos polynomials of a tridiagonal (diagonal alpha [j], off-diagonal
+    beta [j-1]): beta_i pi_{i+1}(x) = (x - alpha_i) pi_i(x) - beta_{i-1} pi_{i-1}(x), pi_0 = 1. For the start
+    vector u of the sequence, 1 / K(mu) = min ||p(B) u||^2 over polynomials of degree < j with p(mu) = 1."""
+    a, b = alpha.tolist(), beta.tolist()
+    prev, cur, total = 0.0, 1.0, 1.0
+    for i in range(len(a) - 1):
+        prev, cur = cur, ((x - a[i]) * cur - (b[i - 1] * prev if i else 0.0)) / b[i]
+        total += cur * cur
+    return total
+
+
+def _miss_probability(sub: _Subspace, lo: int, theta: torch.Tensor, tau: float, which: str) -> float:
+    """An upper bound on the probability that a Krylov sequence from a uniformly random unit start u (rows lo: of
+    the basis, orthogonal to rows :lo) of B = A compressed to the complement of rows :lo looks like this one
+    although B has an eigenvalue at or beyond tau (>= tau for "LA", <= tau for "SA", |.| >= |tau| for "LM");
+    1.0 where the argument does not apply.
+
+    Kuczynski & Wozniakowski 1992's argument, sharpened a posteriori: the sequence's vectors are q_l = pi_l(B) u
+    with the Lanczos polynomials pi_l (three-term recurrence of its tridiagonal T), so for any unit eigenvector x
+    of B with eigenvalue mu, (u . x)^2 <= 1 / sum_l pi_l(mu)^2 <= 1 / K, K = sum_l pi_l(tau)^2, once every Ritz
+    value lies on the near side of tau (then each |pi_l| grows beyond tau). For u uniform on the sphere of
+    dimension N, P((u . x)^2 <= s) <= sqrt(2 (N - 1) s / pi) (the Beta(1/2, (N-1)/2) tail).
+    """
+    m, j, big = sub.m, sub.m - lo, float(theta.abs().max())
+    if j < 2 or sub.sequence > lo or big == 0:  # a random vector joined mid-sequence: not one Krylov sequence
+        return 1.0
+    c = sub.c[lo:m, lo:m]
+    alpha, beta = c.diagonal(), (c.diagonal(1) + c.diagonal(-1)) / 2
+    if bool((beta <= 1e-8 * big).any()):  # (near) breakdown: rounding, not the polynomial, would make q_l
+        return 1.0
+    if which == "LA":
+        points, inside = [tau], bool(theta.max() < tau)
+    elif which == "SA":
+        points, inside = [tau], bool(theta.min() > tau)
+    else:
+        points, inside = [abs(tau), -abs(tau)], bool(theta.abs().max() < abs(tau))
+    if not inside or tau == 0:
+        return 1.0
+    scale = 2 * max(sub.n - lo - 1, 1) / np.pi
+    total = sum((scale / _filter_sum(alpha, beta, x)) ** 0.5 for x in points)
+    return min(total, 1.0)
 
 
 def _confirmed(sub: _Subspace, check: _Check, values: torch.Tensor, tol: float, which: str) -> bool | None:
     """True: the confirmation sequence's extremal Ritz pair (of the operator deflated by the earlier basis)
-    has converged without changing the wanted values; False: the wanted values moved (start another);
-    None: not yet."""
+    has converged without changing the wanted values, or (deflated by the wanted Ritz vectors alone) its
+    `_miss_probability` is below MISS_PROBABILITY; False: the wanted values moved (start another); None: not yet."""
     if len(values) != len(check.values) or bool(((values - check.values).abs() > tol * values.abs()).any()):
         return False
     if sub.m - check.start < 1:
         return None
     theta, s = sub.ritz(check.start)
+    if check.deflated and _miss_probability(sub, check.start, theta, float(check.values[-1]), which) \
+            <= MISS_PROBABILITY:
+        return True
     i = _pick(theta, 1, which)
     bound = tol * values[-1].abs()
     if not sub.screen(s[:, i], theta[i], bound, check.start, deflate=True):
@@ -270,18 +356,23 @@ def lanczos(
     a Lanczos sequence of the operator deflated by the basis found so far, run until its own extremal Ritz
     pair has a residual <= tol |theta_k|. If that changes a wanted value by more than tol relative (an
     eigenvalue the first sequence had missed, e.g. the second copy of a double eigenvalue), the wanted pairs
-    are re-converged and confirmed again.
+    are re-converged and confirmed again. Where the budget cannot reach the whole space (n > max_iter), the
+    basis is first restarted to the k wanted Ritz vectors (a thick restart), so the confirmation runs on A
+    deflated by them alone, and it may also stop once `_miss_probability` (Kuczynski & Wozniakowski 1992's
+    polynomial argument on its tridiagonal) is <= MISS_PROBABILITY = 1e-3.
 
     `converged=True` guarantees, for the operator as applied: (a) rigorous: each returned theta_i has an
     eigenvalue within r_i = error_bounds[i] <= tol |theta_i| (Parlett, The Symmetric Eigenvalue Problem,
     Thm. 4.5.1), and for "LA" theta_i <= lambda_i, the i-th largest eigenvalue (Cauchy interlacing; >= the
     i-th smallest for "SA"); (b) the values are the top k to that tolerance unless an eigenvector is
     invisible to two independent Krylov sequences, the second from a random start (a probability-zero event
-    in exact arithmetic, not observed in the seeded tests). It is also True when the basis spans the whole
-    space and (a) holds. Otherwise `max_iter` operator applications (default min(n, 200)) were spent.
-    `which`: "LA" largest algebraic, "SA" smallest ("auto" then starts from a random vector: the gradient lies
-    near the top eigenvectors), "LM" largest magnitude. `iterations` counts operator
-    applications; `extra["confirmation_steps"]` those spent confirming.
+    in exact arithmetic, not observed in the seeded tests); where the bound stopped the confirmation: with
+    probability >= 1 - 1e-3 over its random start, A compressed to the complement of the k Ritz vectors it
+    started from has no eigenvalue at or beyond theta_k, so lambda_i <= theta_i + |R| (R: their residuals,
+    Weyl). It is also True when the basis spans the whole space and (a) holds. Otherwise `max_iter` operator
+    applications (default min(n, 200)) were spent. `which`: "LA" largest algebraic, "SA" smallest ("auto" then
+    starts from a random vector: the gradient lies near the top eigenvectors), "LM" largest magnitude.
+    `iterations` counts operator applications; `extra["confirmation_steps"]` those spent confirming.
     """
     op = as_operator(op, size)
     matvec, n = op.matvec, op.shape[0]
@@ -289,6 +380,7 @@ def lanczos(
         raise ProbeError(f"k: must be between 1 and the operator size {n}, got {k}")
     _pick(torch.zeros(1), 1, which)  # validates `which`
     max_iter = min(n, max_iter or 200)
+    deflate = n > max_iter  # the basis cannot reach the whole space: confirm on A deflated by the wanted pairs
     if start == "auto" and which == "SA":  # the gradient start aims at the top of the spectrum
         start = "random"
     v0, used = start_vector(op, n, start, seed, op.dtype) if v0 is None else (v0, "given")
@@ -298,9 +390,12 @@ def lanczos(
     q: torch.Tensor | None = v0.double() / v0.double().norm()
     check: _Check | None = None
     converged = False
-    while q is not None and sub.m < max_iter:
+    products = 0
+    while q is not None and products < max_iter:
         w = matvec(q.to(dtype)).double()
+        products += 1
         sub.add(q, w)
+        cont = sub.continuation()  # (also completes C's new column)
         theta, s = sub.ritz()
         idx = _pick(theta, min(k, sub.m), which)
         bound = tol * theta[idx].abs()
@@ -314,15 +409,19 @@ def lanczos(
                 break
             ok = False
         fresh = ok and (check is None or state is False)  # start (or restart) a confirmation sequence
-        check = (_Check(sub.m, theta[idx].clone()) if fresh else check) if ok else None
-        q = _next_vector(sub, w, gen, fresh)
+        if fresh and deflate:  # keep only the wanted Ritz vectors: the confirmation runs on A deflated by them
+            sub.restart(s[:, idx])
+            theta, s = sub.ritz()
+            idx = _pick(theta, k, which)
+        check = (_Check(sub.m, theta[idx].clone(), products, deflate) if fresh else check) if ok else None
+        q = _next_vector(sub, w, gen, fresh, cont)
     theta, s = sub.ritz()
     idx = _pick(theta, min(k, sub.m), which)
     res = sub.residuals(s[:, idx], theta[idx])
     extra = {"error_bounds": [float(r) for r in res], "start": used,
-             "confirmation_steps": sub.m - check.start if converged and check is not None else 0,
+             "confirmation_steps": products - check.products if converged and check is not None else 0,
              "mode": operator_mode(op)}  # a HessianOperator's network mode ("eval" / "train")
-    return Eigen(theta[idx], sub.vectors(s[:, idx]).to(dtype), converged, sub.m, res, "lanczos", extra)
+    return Eigen(theta[idx], sub.vectors(s[:, idx]).to(dtype), converged, products, res, "lanczos", extra)
 
 
 def power_iteration(

@@ -12,8 +12,9 @@ from torch.nn import functional as F
 
 from evaluations.digits import make_mlp
 from evaluations.probes import curvature_operator, lanczos
-from evaluations.probes.curvature import vjp
+from evaluations.probes.curvature import batched_vjp, vjp
 from evaluations.probes.lanczos import _next_vector, _Subspace
+from taxonomy.errors import ProbeError
 
 
 def test_vjp_is_bit_identical_to_autograd_grad_with_grad_outputs():
@@ -36,23 +37,49 @@ def test_vjp_is_bit_identical_to_autograd_grad_with_grad_outputs():
     assert vjp([torch.ones(3)], params, [torch.ones(3)]) == (None,) * len(params)  # nothing requires grad
 
 
+def test_batched_vjp_is_bit_identical_to_autograd_grad_with_batched_grad_outputs():
+    model = make_mlp([5, 7, 3], seed=1).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    params = list(model.parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    vs = [torch.randn(4, *p.shape, generator=gen, dtype=torch.float64) for p in params]
+    ref = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
+    ours = batched_vjp(g, params, vs, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    out = model(x)
+    extra = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(3, *out.shape, generator=gen, dtype=torch.float64)
+    ref = torch.autograd.grad(out, [*params, extra], cot, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    ours = batched_vjp([out], [*params, extra], [cot], retain_graph=True)
+    assert ours[-1] is None and ref[-1] is None
+    assert all(torch.equal(a, b) for a, b in zip(ours[:-1], ref[:-1]))
+    with pytest.raises(ProbeError, match="cotangent of shape"):
+        batched_vjp([out], params, [cot[:, :3]])
+
+
 CHILD = """
 import sys
 import torch
 from torch import nn
 from evaluations.digits import make_mlp
-from evaluations.probes import curvature_operator
+from evaluations.objective import supervised
+from evaluations.probes import KFACOperator, curvature_operator, hutchinson_trace, xtrace
 model = make_mlp([4, 6, 3], seed=0)
 x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-for name in ("hessian", "ggn", "fisher"):
+for name in ("hessian", "ggn", "fisher", "mc_fisher"):
     op = curvature_operator(name, model, nn.CrossEntropyLoss(), (x, y), batch_size=16)
-    op.matvec(torch.ones(op.size)), op.gradient(), op.loss()
+    op.matvec(torch.ones(op.size)), op.gradient(), op.loss(), op.matmat(torch.ones(3, op.size)), op.dense()
+    hutchinson_trace(op, max_samples=12), xtrace(op, matvecs=12)
+kfac = KFACOperator(model, supervised(), [(x[:16], y[:16]), (x[16:], y[16:])])
+kfac.matvec(torch.ones(kfac.size)), kfac.matmat(torch.ones(2, kfac.size)), kfac.gradient()
 print(sorted(m for m in ("sympy", "torch._dynamo") if m in sys.modules))
 """
 
 
 def test_first_products_and_gradients_import_neither_sympy_nor_dynamo():
-    # torch imports sympy (1.5-2.5 s) for a tensor grad_outputs and torch._dynamo inside torch.func.grad
+    # torch imports sympy (1.5-2.5 s) for a tensor grad_outputs (batched ones too: matmat, dense(), Hutch++,
+    # XTrace, KFAC's factor pass) and torch._dynamo inside torch.func.grad
     proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
