@@ -194,3 +194,27 @@ def test_batched_chunks_are_sized_by_real_activation_sizes():
     mlp = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
     assert _widest(mlp, torch.randn(4, 3)) == 16
     assert _widest(mlp, torch.randn(4, 7)) == 16  # cannot run: falls back to the widest parameter
+
+
+def test_batched_chunks_stay_under_the_heap_budget(two_mlps, data):
+    """Auto-sized vmap chunks keep P * (parameters + 2 * activations) under CHUNK_FLOATS (at least one point a
+    chunk), and a path split into several such chunks matches the hand computation."""
+    from evaluations.landscape.evaluate import CHUNK_FLOATS, _chunk_size, _widest
+
+    for n_params, rows, widest in [(301_066, 1797, 512), (2410, 1797, 32), (26_122, 256, 128), (2410, 64, 32)]:
+        size = _chunk_size(n_params, 441, rows, widest)
+        per_point = n_params + 2 * rows * widest
+        assert 1 <= size <= 441
+        assert size == 1 or size * per_point <= CHUNK_FLOATS  # under the budget
+        assert size == 441 or (size + 1) * per_point > CHUNK_FLOATS  # and as large as it allows
+    assert _chunk_size(10**7, 441, 1, 1) == 1  # one point over the budget still runs, alone
+    a, b = two_mlps
+    x, y = data
+    n_params = sum(p.numel() for p in a.parameters())
+    assert _chunk_size(n_params, 150, len(x), _widest(a, x)) < 150  # several chunks below
+    alphas = np.linspace(0, 1, 150)
+    res = evaluate_path(a, linear_path(a, b), data, alphas=alphas, batched=True)
+    ref_loss, ref_acc = manual_path_losses([64, 32, 10], a, b, alphas, x, y)
+    assert res.batched
+    np.testing.assert_allclose(res.loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(res.accuracy, ref_acc, atol=1e-9)
