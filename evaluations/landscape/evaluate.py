@@ -30,11 +30,12 @@ from taxonomy.errors import BasinError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 AUTO_MAX_PARAMS = 200_000
-# Both engines take the points a chunk at a time, a chunk's floats under this many (10 MB): small enough for its
-# tensors to reuse heap memory. Larger tensors are fresh mmaps that glibc hands back to the kernel when they are
-# freed, so every chunk page-faults them in again. The loop counts a chunk's stacked points; vmap also the
-# activations of its P models, P * (parameters + 2 * widest activation * batch rows).
+# Both engines take the points a chunk at a time, a chunk's floats under this many (10 MB), so that its tensors
+# reuse the heap memory `_keep_freed_memory` keeps: larger ones would be fresh memory, page-faulted in again for
+# every chunk. The loop counts a chunk's stacked points; vmap also the activations of its P models,
+# P * (parameters + 2 * widest activation * batch rows).
 CHUNK_FLOATS = 2_500_000
+HEAP_KEEP_BYTES = 30 << 20
 
 
 def default_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,15 @@ def _choose_batched(model: nn.Module, batched: bool | str, bn_reset: bool, n_par
     if batched and bn_reset:
         raise BasinError("batched=True cannot re-estimate BatchNorm statistics per point; use batched=False")
     return bool(batched)
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks up to HEAP_KEEP_BYTES (30 MiB) for reuse, and a free heap top of twice
+    that, as it does once the process has freed one such block (mallopt(3), dynamic mmap threshold): before that
+    it hands every larger block back to the kernel, and each chunk page-faults its tensors in afresh, so the time
+    depended on what the process had run before. Allocating and freeing one untouched block of that size does it
+    (no page is touched; a no-op once done, and for other allocators)."""
+    torch.empty(HEAP_KEEP_BYTES, dtype=torch.uint8)  # freed at once
 
 
 def _chunk_size(n_params: int, n_points: int, batch_rows: int, widest: int) -> int:
@@ -133,6 +143,7 @@ def evaluate_points(
     Returns (loss[n_points], accuracy[n_points], batched_used).
     """
     loss_fn = loss_fn or default_loss
+    _keep_freed_memory()
     first = points(torch.arange(1))
     n_params = sum(v[0].numel() for v in first.values() if v.is_floating_point())
     use_vmap = _choose_batched(model, batched, bn_reset_data is not None, n_params)
