@@ -29,12 +29,13 @@ from taxonomy.errors import BasinError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# batched="auto" stacks points while P * (parameters + widest activation * batch) stays under this many floats
-AUTO_BATCH_FLOATS = 16_000_000
 AUTO_MAX_PARAMS = 200_000
-# the loop builds this many floats of points at once: small enough to reuse heap memory (large chunks are
-# fresh mmaps that page-fault on every build: 64 MB chunks cost 6x more per point than 10 MB ones)
-LOOP_CHUNK_FLOATS = 2_500_000
+# Both engines take the points a chunk at a time, a chunk's floats under this many (10 MB), so that its tensors
+# reuse the heap memory `_keep_freed_memory` keeps: larger ones would be fresh memory, page-faulted in again for
+# every chunk. The loop counts a chunk's stacked points; vmap also the activations of its P models,
+# P * (parameters + 2 * widest activation * batch rows).
+CHUNK_FLOATS = 2_500_000
+HEAP_KEEP_BYTES = 30 << 20
 
 
 def default_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,9 +70,18 @@ def _choose_batched(model: nn.Module, batched: bool | str, bn_reset: bool, n_par
     return bool(batched)
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks up to HEAP_KEEP_BYTES (30 MiB) for reuse, and a free heap top of twice
+    that, as it does once the process has freed one such block (mallopt(3), dynamic mmap threshold): before that
+    it hands every larger block back to the kernel, and each chunk page-faults its tensors in afresh, so the time
+    depended on what the process had run before. Allocating and freeing one untouched block of that size does it
+    (no page is touched; a no-op once done, and for other allocators)."""
+    torch.empty(HEAP_KEEP_BYTES, dtype=torch.uint8)  # freed at once
+
+
 def _chunk_size(n_params: int, n_points: int, batch_rows: int, widest: int) -> int:
     per_point = n_params + batch_rows * max(widest, 1) * 2
-    return max(1, min(n_points, AUTO_BATCH_FLOATS // max(per_point, 1)))
+    return max(1, min(n_points, CHUNK_FLOATS // max(per_point, 1)))
 
 
 def _widest(model: nn.Module, x: object) -> int:
@@ -133,6 +143,7 @@ def evaluate_points(
     Returns (loss[n_points], accuracy[n_points], batched_used).
     """
     loss_fn = loss_fn or default_loss
+    _keep_freed_memory()
     first = points(torch.arange(1))
     n_params = sum(v[0].numel() for v in first.values() if v.is_floating_point())
     use_vmap = _choose_batched(model, batched, bn_reset_data is not None, n_params)
@@ -166,7 +177,7 @@ def evaluate_points(
                 # points are still built a chunk at a time (few large tensor ops instead of many small ones
                 # per point); each point is then one functional_call per batch
                 work = copy.deepcopy(model) if bn_reset_data is not None else model
-                size = chunk or max(1, min(n_points, LOOP_CHUNK_FLOATS // max(n_params, 1)))
+                size = chunk or max(1, min(n_points, CHUNK_FLOATS // max(n_params, 1)))
                 for s in range(0, n_points, size):
                     idx = torch.arange(s, min(s + size, n_points))
                     stacked = points(idx)
