@@ -9,13 +9,13 @@ import: wall, and CPU = user + sys of every thread):
 - plain: `basin merge recipe out/`;
 - measured: `basin merge recipe out/ --measure calib.txt` (points, seq-len and examples below), each phase of it
   timed by wrapping the functions it calls (`PHASES`: prepare, merge, statistics, forwards, point writes, weight
-  copies, the output's data check, report writing, plot); then, in the same process, the floor: the merged model
-  loaded (`load_model(out)`) and the report's data (`load_data`, the report's settings), both before the clock
-  starts, and N forward passes by hand (`measure_loss`), N = the passes the report needs: one per distinct model
-  it measures (every input and the merge), plus the interior points of its paths and barriers (a path's end
-  points are those models: their losses are reused), read from its measure.json. The floor's loss must equal the
-  merge's loss in measure.json (the same forwards). `forwards_every_point` counts what the report made before it
-  reused the end points (every loss and every point of every path and barrier).
+  copies, the output's data check, report writing, the plot on its thread); then, in the same process, the floor:
+  the merged model loaded (`load_model(out)`) and the report's data (`load_data`, the report's settings), both
+  before the clock starts, and N forward passes by hand (`measure_loss`), N = the passes the report needs: one per
+  distinct model it measures (every input and the merge), plus the interior points of its paths and barriers (a
+  path's end points are those models: their losses are reused), read from its measure.json. The floor's loss
+  must equal the merge's loss in measure.json (the same forwards). `forwards_every_point` counts what the report
+  made before it reused the end points (every loss and every point of every path and barrier).
 
 added = measured - plain (in-process `main()`, wall and CPU); target: added / floor <= 1 (the report adds nothing
 but the forward passes it needs). `phases` says where the rest goes. The machine is shared: the load average is
@@ -54,7 +54,7 @@ PHASES = [
     ("  weight copies", "evaluations.models", "copy_weights"),
     ("  output data check", "evaluations.merge_report", "_output_data"),
     ("write report", "evaluations.merge_report", "write_report"),
-    ("  plot", "evaluations.merge_report", "plot_paths"),
+    ("plot (on its thread)", "evaluations.merge_report", "render_paths"),
 ]
 
 
@@ -135,7 +135,7 @@ class Phases:
         """The phases, rounded, with what is left outside them (`other`: imports, the CLI, recipe loading)."""
         out = {label.strip(): {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
                for label, row in self.totals.items()}
-        top = [label for label, _, _ in PHASES if not label.startswith(" ")]
+        top = [label for label, _, _ in PHASES if not label.startswith(" ") and "thread" not in label]
         out["other"] = {k: round(total[k] - sum(self.totals[t][k] for t in top), 3)
                         for k in ("seconds", "cpu_seconds")}
         return out
@@ -268,8 +268,9 @@ def main() -> None:
                                      "tokenising; merge and other: measured minus plain (merge: the data-free "
                                      "statistics and their hook; other: imports and CLI); measure: its forward "
                                      "passes, point writes, weight copies, the output's tokenizer check, the rest; "
-                                     "write report: measure.json, the card, waiting for the plot (drawn on a "
-                                     "thread during the barriers)",
+                                     "write report: measure.json, the card, waiting for the plot; the plot is "
+                                     "drawn on a thread during the barriers (`phases`: its wall seconds overlap "
+                                     "them, and its CPU seconds, every thread's, are in theirs too)",
               "added_beyond_forwards": {k: round(added[k] - fwd[k], 3) for k in ("seconds", "cpu_seconds")},
               "added_over_forwards": _ratio(added["seconds"], fwd["seconds"]),
               "added_cpu_over_forwards": _ratio(added["cpu_seconds"], fwd["cpu_seconds"]),

@@ -855,7 +855,9 @@ typedef struct {
 } Term;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FMA_CLONES __attribute__((target_clones("arch=haswell", "default"))) /* fma() inlined and vectorized */
+/* fma() inlined and vectorized. Not "arch=haswell": its resolver tests the CPU model (haswell itself), so every
+ * other AVX2 CPU ran the default clone, one libm fma() call per entry; x86-64-v3 tests the features. */
+#define FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FMA_CLONES
 #endif
@@ -946,11 +948,6 @@ typedef struct {
     int dtype;
 } Vec;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define AVX_CLONES __attribute__((target_clones("arch=haswell", "default"))) /* no fma: -ffp-contract=off */
-#else
-#define AVX_CLONES
-#endif
 
 INLINE void load_doubles(const Vec *v, Py_ssize_t start, int len, double *out) {
     if (v->dtype == DTYPE_F32) {
@@ -990,7 +987,7 @@ typedef struct {
 } Stats;
 
 /* The pairwise sums of entries [start, start + n) into out[0..pairs): the squares, then the dots (i < j). */
-AVX_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, double *out, double *scratch) {
+VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, double *out, double *scratch) {
     if (n <= PW_BLOCK) {
         int len = (int)n, m = st->m;
         for (int i = 0; i < m; i++) {
