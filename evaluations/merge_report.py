@@ -14,7 +14,8 @@ memory-mapped checkpoints (never all inputs in memory):
   `params` selects) at each input and at the merge.
 
 `MeasureReport.to_json` is `out/measure.json` (no times or paths that vary: the same recipe and seed give the same
-bytes); `card_section` the model card's "Measurements" section; the loss along the paths is `measure_paths.png`.
+bytes); `card_section` the model card's "Measurements" section; the loss along the paths is `measure_paths.png`,
+drawn on a thread (`_Figure`) while the barriers' forward passes run.
 Each distinct model is measured once (`_Points`): a path's end points are the losses of the models at its ends, so
 4 inputs and a merge at 3 points per path take 15 forward passes, not 35. The private `_load_data`, `_loss` and
 `_Points` are the only places that name the data, loss and path API.
