@@ -14,7 +14,8 @@ memory-mapped checkpoints (never all inputs in memory):
   `params` selects) at each input and at the merge.
 
 `MeasureReport.to_json` is `out/measure.json` (no times or paths that vary: the same recipe and seed give the same
-bytes); `card_section` the model card's "Measurements" section; the loss along the paths is `measure_paths.png`.
+bytes); `card_section` the model card's "Measurements" section; the loss along the paths is `measure_paths.png`,
+drawn on a thread (`_Figure`) while the barriers' forward passes run.
 Each distinct model is measured once (`_Points`): a path's end points are the losses of the models at its ends, so
 4 inputs and a merge at 3 points per path take 15 forward passes, not 35. The private `_load_data`, `_loss` and
 `_Points` are the only places that name the data, loss and path API.
@@ -307,9 +308,12 @@ def measure(session: Session, out_dir: str | Path, stats=None) -> MeasureReport:
         report.losses = {label: _row(points.loss(label)) for label in models}
     if "paths" in probes:
         report.paths = [{"from": ref, "to": MERGE, **_series(points.path(ref, MERGE))} for ref in session.inputs]
+        report.figure = _Figure(report.paths)  # drawn while the barriers run
     if "barriers" in probes:
         report.barriers = _barriers(session, points)
     if "hessian" in probes:
+        if report.figure is not None:  # no imports of two threads at once (the probes import their own)
+            report.figure.png()
         report.hessian = [_top_eigenvalue(session, ckpt, label, data) for label, ckpt in models.items()]
     return report
 
@@ -343,6 +347,7 @@ class MeasureReport:
     hessian: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] | None = None
     plot: str | None = None  # "measure_paths.png", or None (no paths, or no matplotlib)
+    figure: _Figure | None = field(default=None, repr=False, compare=False)  # the plot being drawn (`measure`)
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "data_sha256": self.data_sha256, "objective": self.objective,
@@ -417,37 +422,83 @@ def _stats_lines(stats: dict | None) -> list[str]:
 
 
 # --- writing --------------------------------------------------------------------------------------------------
-def plot_paths(report: MeasureReport, path: Path) -> str | None:
-    """Loss along each input -> merge path (alpha 0: the input, 1: the merge); None without matplotlib."""
-    from evaluations.plotting import optional_pyplot, save_figure
+def render_paths(paths: list[dict[str, Any]]) -> bytes | None:
+    """The PNG of the loss along each input -> merge path (alpha 0: the input, 1: the merge); None without
+    matplotlib."""
+    import io
+
+    from evaluations.plotting import optional_pyplot
 
     plt = optional_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for p in report.paths:
-        ax.plot(p["alphas"], p["loss"], "o-", markersize=3, label=p["from"])
-    ax.set_xlabel("alpha (0: input, 1: merge)")
-    ax.set_ylabel("loss")
-    ax.set_title("loss along the paths to the merge")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110, metadata={"Software": None})
+    try:
+        for p in paths:
+            ax.plot(p["alphas"], p["loss"], "o-", markersize=3, label=p["from"])
+        ax.set_xlabel("alpha (0: input, 1: merge)")
+        ax.set_ylabel("loss")
+        ax.set_title("loss along the paths to the merge")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110, metadata={"Software": None})
+        return png.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def plot_paths(report: MeasureReport, path: Path) -> str | None:
+    """`render_paths(report.paths)` written to `path`; None (nothing written) without matplotlib."""
+    from merging.io.atomic import atomic_write
+
+    png = render_paths(report.paths)
+    if png is None:
+        return None
+    atomic_write(path, lambda tmp: tmp.write_bytes(png))
     return str(path)
+
+
+class _Figure:
+    """`render_paths` on a thread, started as soon as the paths are measured: matplotlib's import and the drawing
+    (about a second of CPU) overlap the barriers' forward passes, which release the GIL in torch's ops. `png()`
+    waits for it and re-raises what it raised."""
+
+    def __init__(self, paths: list[dict[str, Any]]):
+        import threading
+
+        self.paths = paths
+        self._png: bytes | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._draw, name="basin-measure-plot", daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> None:
+        try:
+            self._png = render_paths(self.paths)
+        except BaseException as err:  # handed to the caller of png()
+            self._error = err
+
+    def png(self) -> bytes | None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._png
 
 
 def write_report(report: MeasureReport, out_dir: str | Path) -> tuple[MeasureReport, list[Path]]:
     """measure.json, measure_paths.png (with matplotlib) and the card's section, each written atomically into the
     merged output; returns the report as written (with its `plot`) and the files."""
     from evaluations.cli.outputs import Outputs
-    from evaluations.plotting import optional_pyplot
     from merging.output.model_card import with_section
 
     with Outputs(overwrite=True) as outputs:
         folder = outputs.folder(out_dir, list(FILES), "OUT_DIR")
-        if report.paths and optional_pyplot() is not None:
+        figure = report.figure if report.figure is not None and report.figure.paths == report.paths else None
+        png = figure.png() if figure is not None else render_paths(report.paths) if report.paths else None
+        if png is not None:
             report = replace(report, plot=FILES[1])
-            outputs.write(folder / FILES[1], lambda tmp: plot_paths(report, tmp))
+            outputs.write(folder / FILES[1], lambda tmp: tmp.write_bytes(png))
         outputs.write_text(folder / FILES[0], json.dumps(report.to_json(), indent=2) + "\n")
         card = folder / FILES[2]
         text = card.read_text(encoding="utf-8") if card.is_file() else ""

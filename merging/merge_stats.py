@@ -12,8 +12,9 @@ Task Arithmetic", Sec. 2) when the merge has a base, else the input weights them
   drops (DARE, DELLA), computed from the density parameters (the masks live inside the fused kernels).
 
 Sums are accumulated in float64 over fixed chunks (`CHUNK` entries), chunk sums added with math.fsum: the same
-inputs give bit-identical statistics. The engine calls `MergeStats.observe` only inside `merging.engine.observing`
-(a merge without it pays nothing).
+inputs give bit-identical statistics. Float32/bf16 CPU tensors go through the compiled `stats_chunks`
+(merging/methods/_fused.c: numpy's pairwise sum of each chunk replayed in one pass, the same bits). The engine
+calls `MergeStats.observe` only inside `merging.engine.observing` (a merge without it pays nothing).
 """
 
 from __future__ import annotations
@@ -80,11 +81,36 @@ def _dot(x: np.ndarray, y: np.ndarray, buffer: np.ndarray) -> float:
     return float(np.multiply(x, y, out=buffer[: len(x)]).sum())
 
 
+def _compiled_sums(flats: list[torch.Tensor], ref: torch.Tensor | None) -> tuple[np.ndarray, int] | None:
+    """(chunk sums [chunks, squares then dots], sign conflicts) from the compiled `stats_chunks` (numpy's pairwise
+    sums, the same bits), or None where it cannot read the tensors (no build; not float32/bf16 on the CPU)."""
+    from merging.methods import kernels
+
+    n = flats[0].numel()
+    if kernels.compiled is None or n == 0 or len(flats) > 64 or not kernels.readable(
+            flats + ([] if ref is None else [ref]), n):
+        return None
+    m = len(flats)
+    sums = np.empty((-(-n // CHUNK), m + m * (m - 1) // 2), dtype=np.float64)
+    code = kernels.DTYPE_CODES
+    conflicts = kernels.compiled.stats_chunks(
+        sums.ctypes.data, n, CHUNK, tuple((kernels.address(f), code[f.dtype]) for f in flats),
+        None if ref is None else (kernels.address(ref), code[ref.dtype]))
+    return sums, conflicts
+
+
 def tensor_stats(name: str, vectors: list[torch.Tensor], reference: torch.Tensor | None) -> TensorStats:
-    """Sums for task vectors `vectors[i] - reference` (the vectors themselves when `reference` is None)."""
-    flats = [v.reshape(-1) for v in vectors]
-    ref = None if reference is None else reference.reshape(-1)
+    """Sums for task vectors `vectors[i] - reference` (the vectors themselves when `reference` is None): in one
+    compiled pass where it reads the tensors, else chunk by chunk in numpy; the same bits."""
+    flats = [v.detach().reshape(-1) for v in vectors]
+    ref = None if reference is None else reference.detach().reshape(-1)
     m, n = len(flats), flats[0].numel()
+    compiled = _compiled_sums(flats, ref)
+    if compiled is not None:
+        sums, conflicts = compiled
+        pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+        return TensorStats(name, n, [math.fsum(sums[:, i].tolist()) for i in range(m)],
+                           {k: math.fsum(sums[:, m + p].tolist()) for p, k in enumerate(pairs)}, conflicts)
     squares: list[list[float]] = [[] for _ in range(m)]
     dots: dict[tuple[int, int], list[float]] = {(i, j): [] for i in range(m) for j in range(i + 1, m)}
     buffer = np.empty(min(n, CHUNK), dtype=np.float64)

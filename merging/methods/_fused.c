@@ -4,6 +4,7 @@
  * weighted_sum_chunk: one chunk of a linear merge (interpolation.linear and model_soup).
  * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): Philox drop masks and L1 sums.
  * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
+ * stats_chunks: a tensor's data-free merge statistics (merging/merge_stats.py), numpy's pairwise sums.
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -1027,7 +1028,9 @@ typedef struct {
 } Term;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FMA_CLONES __attribute__((target_clones("arch=haswell", "default"))) /* fma() inlined and vectorized */
+/* fma() inlined and vectorized. Not "arch=haswell": its resolver tests the CPU model (haswell itself), so every
+ * other AVX2 CPU ran the default clone, one libm fma() call per entry; x86-64-v3 tests the features. */
+#define FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FMA_CLONES
 #endif
@@ -1105,11 +1108,156 @@ static PyObject *py_point_chunk(PyObject *self, PyObject *args) {
     return PyBool_FromLong(finite);
 }
 
+/* stats_chunks: the data-free merge statistics of one tensor (merging/merge_stats.py, tensor_stats), numpy's bits.
+ * Task vectors tau_i = x_i - base (or x_i), each entry read exactly as a double; per chunk of `chunk` entries, the
+ * squared norms and pairwise dots are numpy's `np.multiply(a, b).sum()` of that chunk: 0.0 + the pairwise sum of
+ * numpy's DOUBLE_pairwise_sum (blocks of at most 128 entries summed by 8 accumulators, longer ranges split at
+ * n/2 rounded down to a multiple of 8), each product rounded before it is added (-ffp-contract=off). One pass
+ * over the inputs instead of one numpy call per pair and chunk. */
+#define PW_BLOCK 128
+
+typedef struct {
+    const void *data;
+    int dtype;
+} Vec;
+
+
+INLINE void load_doubles(const Vec *v, Py_ssize_t start, int len, double *out) {
+    if (v->dtype == DTYPE_F32) {
+        const float *x = (const float *)v->data + start;
+        for (int k = 0; k < len; k++) out[k] = (double)x[k];
+    } else {
+        const uint16_t *h = (const uint16_t *)v->data + start;
+        for (int k = 0; k < len; k++) {
+            union { uint32_t u; float f; } b = {.u = (uint32_t)h[k] << 16};
+            out[k] = (double)b.f;
+        }
+    }
+}
+
+INLINE double pw_leaf(const double *x, const double *y, int n) {
+    if (n < 8) {
+        double res = 0.;
+        for (int i = 0; i < n; i++) res += x[i] * y[i];
+        return res;
+    }
+    double r[8];
+    for (int k = 0; k < 8; k++) r[k] = x[k] * y[k];
+    int i = 8;
+    for (; i < n - (n % 8); i += 8)
+        for (int k = 0; k < 8; k++) r[k] += x[i + k] * y[i + k];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += x[i] * y[i];
+    return res;
+}
+
+typedef struct {
+    const Vec *x;
+    int m, pairs;
+    const Vec *base;    /* NULL: the inputs themselves */
+    double *tau;        /* m x PW_BLOCK */
+    long long conflicts;
+} Stats;
+
+/* The pairwise sums of entries [start, start + n) into out[0..pairs): the squares, then the dots (i < j). */
+VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, double *out, double *scratch) {
+    if (n <= PW_BLOCK) {
+        int len = (int)n, m = st->m;
+        for (int i = 0; i < m; i++) {
+            double *t = st->tau + (size_t)i * PW_BLOCK;
+            load_doubles(&st->x[i], start, len, t);
+            if (st->base) {
+                double b[PW_BLOCK];
+                load_doubles(st->base, start, len, b);
+                for (int k = 0; k < len; k++) t[k] -= b[k];
+            }
+        }
+        if (m > 1) {
+            unsigned char pos[PW_BLOCK] = {0}, neg[PW_BLOCK] = {0};
+            for (int i = 0; i < m; i++) {
+                const double *t = st->tau + (size_t)i * PW_BLOCK;
+                for (int k = 0; k < len; k++) {
+                    pos[k] |= t[k] > 0;
+                    neg[k] |= t[k] < 0;
+                }
+            }
+            int both = 0;
+            for (int k = 0; k < len; k++) both += pos[k] & neg[k];
+            st->conflicts += both;
+        }
+        int p = 0;
+        for (int i = 0; i < m; i++, p++)
+            out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)i * PW_BLOCK, len);
+        for (int i = 0; i < m; i++)
+            for (int j = i + 1; j < m; j++, p++)
+                out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)j * PW_BLOCK, len);
+        return;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    pw_node(st, start, n2, out, scratch);
+    pw_node(st, start + n2, n - n2, scratch, scratch + st->pairs);
+    for (int p = 0; p < st->pairs; p++) out[p] += scratch[p];
+}
+
+/* stats_chunks(out, n, chunk, inputs, base): out a float64 buffer of ceil(n / chunk) x pairs entries (pairs = m
+ * squares, then the m (m - 1) / 2 dots i < j); inputs a tuple of m (address, dtype); base (address, dtype) or
+ * None. Returns the sign conflicts (entries where some tau > 0 and another < 0). Releases the GIL. */
+static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
+    unsigned long long out_addr;
+    Py_ssize_t n, chunk;
+    PyObject *inputs_obj, *base_obj;
+    if (!PyArg_ParseTuple(args, "KnnO!O", &out_addr, &n, &chunk, &PyTuple_Type, &inputs_obj, &base_obj))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
+    if (m < 1 || m > 64 || chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "stats_chunks: 1 to 64 inputs and a positive chunk");
+        return NULL;
+    }
+    Vec *x = (Vec *)calloc((size_t)m + 1, sizeof(Vec));
+    int pairs = (int)(m + m * (m - 1) / 2);
+    double *tau = (double *)malloc((size_t)m * PW_BLOCK * sizeof(double));
+    double *scratch = (double *)malloc((size_t)pairs * 64 * sizeof(double));
+    if (!x || !tau || !scratch) {
+        free(x); free(tau); free(scratch);
+        return PyErr_NoMemory();
+    }
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < m && ok; i++) {
+        unsigned long long data;
+        ok = PyArg_ParseTuple(PyTuple_GET_ITEM(inputs_obj, i), "Ki", &data, &x[i].dtype);
+        x[i].data = (const void *)(uintptr_t)data;
+    }
+    Vec *base = NULL;
+    if (ok && base_obj != Py_None) {
+        unsigned long long data;
+        ok = PyArg_ParseTuple(base_obj, "Ki", &data, &x[m].dtype);
+        x[m].data = (const void *)(uintptr_t)data;
+        base = &x[m];
+    }
+    if (!ok) {
+        free(x); free(tau); free(scratch);
+        return NULL;
+    }
+    Stats st = {x, (int)m, pairs, base, tau, 0};
+    double *out = (double *)(uintptr_t)out_addr;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t start = 0, c = 0; start < n; start += chunk, c++) {
+        double *row = out + (size_t)c * pairs;
+        pw_node(&st, start, n - start < chunk ? n - start : chunk, row, scratch);
+        for (int p = 0; p < pairs; p++) row[p] = 0.0 + row[p]; /* numpy adds the sum to the identity */
+    }
+    Py_END_ALLOW_THREADS
+    free(x); free(tau); free(scratch);
+    return PyLong_FromLongLong(st.conflicts);
+}
+
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
     {"weighted_sum_chunk", py_weighted_sum_chunk, METH_VARARGS, "One chunk of a linear merge (see _fused.c)."},
     {"point_chunk", py_point_chunk, METH_VARARGS, "One chunk of a point between checkpoints (see _fused.c)."},
+    {"stats_chunks", py_stats_chunks, METH_VARARGS, "A tensor's merge statistics, chunk by chunk (see _fused.c)."},
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
     {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
     {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},

@@ -482,6 +482,33 @@ def test_card_without_matplotlib_says_so(fam, measured, tmp_path, monkeypatch):
     assert [f.name for f in files] == ["measure.json", "README.md"]
 
 
+def test_plot_drawn_on_its_thread_is_the_main_threads(measured):
+    """measure_paths.png, drawn on a thread while the barriers run, equals the figure drawn afresh here from
+    measure.json's paths."""
+    from evaluations.merge_report import render_paths
+
+    out = measured["llama", 0]
+    paths = json.loads((out / "measure.json").read_text())["paths"]
+    assert (out / "measure_paths.png").read_bytes() == render_paths(paths)
+
+
+def test_plot_thread_error_is_raised_by_write_report(fam, measured, tmp_path, monkeypatch):
+    from evaluations import merge_report
+    from evaluations.merge_report import MeasureReport, MeasureSpec, write_report
+
+    def broken(paths):
+        raise RuntimeError("plot broke")
+
+    monkeypatch.setattr(merge_report, "render_paths", broken)
+    payload = json.loads((measured["llama", 0] / "measure.json").read_text())
+    report = MeasureReport(spec=MeasureSpec(data=str(fam["calib"]), seq_len=SEQ, points=3), objective="x",
+                           data_sha256="0" * 64, models=payload["models"], paths=payload["paths"])
+    report.figure = merge_report._Figure(report.paths)
+    with pytest.raises(RuntimeError, match="plot broke"):
+        write_report(report, tmp_path / "out")
+    assert not (tmp_path / "out" / "measure.json").exists()
+
+
 # --- bad input: one line, exit 2, nothing merged ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bare(fam, tmp_path_factory) -> list[Path]:

@@ -35,6 +35,36 @@ def test_tensor_stats_equal_float64_reference(dtype, shape):
     assert again.squares == got.squares and again.dots == got.dots  # bit-identical reruns
 
 
+def _bits(stats) -> tuple:
+    return (stats.numel, [x.hex() for x in stats.squares], {k: v.hex() for k, v in stats.dots.items()},
+            stats.conflicts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,with_base", [(4, True), (4, False), (2, True), (1, True), (1, False)])
+def test_compiled_stats_are_numpys_bits(dtype, m, with_base, monkeypatch):
+    """`stats_chunks` (_fused.c) replays numpy's pairwise sum of each chunk: the same bits as the numpy path, at
+    every size around its blocks (8, 128, the halving) and chunks, with zeros, signed zeros, infinities and NaN."""
+    from merging.methods import kernels
+
+    if kernels.compiled is None:
+        pytest.skip("the compiled kernels are not built")
+    g = torch.Generator().manual_seed(m)
+    for n in (1, 7, 8, 9, 127, 128, 129, 136, 255, 1000, CHUNK - 1, CHUNK, CHUNK + 9, 2 * CHUNK + 517):
+        models = [(torch.randn(n, generator=g) * 10.0 ** (k - 2)).to(dtype) for k in range(m)]
+        base = torch.randn(n, generator=g).to(dtype) if with_base else None
+        if n > 8:
+            models[0][:2] = 0 if base is None else base[:2]  # zero task-vector entries
+            models[-1][2] = -0.0
+            if n == 1000:
+                models[0][5], models[-1][6] = float("inf"), float("nan")
+        got = tensor_stats("w", models, base)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "compiled", None)
+            want = tensor_stats("w", models, base)
+        assert _bits(got) == _bits(want), n
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 def test_chunk64_is_torch_conversion_bit_for_bit(dtype):
     """The float64 chunk (numpy's conversion on this thread) equals torch's `.to(float64)`, signed zeros, NaN,
