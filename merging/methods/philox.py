@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
@@ -42,6 +43,19 @@ def philox4x32(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     return torch.stack((x0, x1, x2, x3), dim=-1)
 
 
+def _philox4x32_numpy(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """`philox4x32` in numpy uint64 (the CPU route without the compiled kernel): the products of two uint32 fit
+    in uint64, so no split is needed."""
+    x0, x1, x2, x3 = (counters[:, w].copy() for w in range(4))
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    m0, m1, low, shift = np.uint64(MULTIPLIERS[0]), np.uint64(MULTIPLIERS[1]), np.uint64(_LOW32), np.uint64(32)
+    for _ in range(ROUNDS):
+        p0, p1 = x0 * m0, x2 * m1
+        x0, x1, x2, x3 = (p1 >> shift) ^ x1 ^ k0, p1 & low, (p0 >> shift) ^ x3 ^ k1, p0 & low
+        k0, k1 = (k0 + np.uint64(WEYL[0])) & low, (k1 + np.uint64(WEYL[1])) & low
+    return np.stack((x0, x1, x2, x3), axis=-1)
+
+
 def keep_threshold(keep: float) -> int:
     """The 24-bit threshold of Bernoulli(keep): a word r keeps its entry when (r >> 8) < threshold, which is the
     float32 uniform (r >> 8) 2^-24 < float32(keep)."""
@@ -58,12 +72,17 @@ def keep_mask(key: int, stream: int, start: int, n: int, threshold: int,
     """Entries [start, start + n) of stream `stream`'s Bernoulli mask under `key`, as bools on `device`."""
     out = torch.empty(n, dtype=torch.bool, device=device)
     words = split_key(key)
+    on_cpu = torch.device(device).type == "cpu"
     for piece in range(start, start + n, _PIECE):
         stop = min(start + n, piece + _PIECE)
         first = piece // 4
         blocks = torch.arange(first, -(-stop // 4), dtype=torch.int64, device=device)
         counters = torch.stack((blocks & _LOW32, blocks >> 32, torch.full_like(blocks, stream),
                                 torch.zeros_like(blocks)), dim=-1)
-        drawn = philox4x32(counters, words).reshape(-1)[piece - 4 * first:stop - 4 * first]
+        if on_cpu:
+            drawn = torch.from_numpy(_philox4x32_numpy(counters.numpy().astype(np.uint64), words).astype(np.int64))
+        else:
+            drawn = philox4x32(counters, words)
+        drawn = drawn.reshape(-1)[piece - 4 * first:stop - 4 * first]
         out[piece - start:stop - start] = (drawn >> 8) < threshold
     return out

@@ -159,3 +159,13 @@ def test_every_philox_kernel_version_this_processor_has_gives_the_same_masks():
     finally:
         kernels.compiled.philox_use(chosen)
     assert "plain" in ran and kernels.compiled.philox_version() == chosen
+
+
+def test_philox_numpy_route_equals_the_torch_ops():
+    """keep_mask on the CPU runs numpy uint64 products; accelerators run the 16-bit-split int64 torch ops."""
+    g = torch.Generator().manual_seed(1)
+    counters = torch.randint(0, 2**32, (1000, 4), generator=g, dtype=torch.int64)
+    counters[:3] = torch.tensor([[0, 0, 0, 0], [2**32 - 1] * 4, [5, 2**32 - 1, 7, 0]])
+    key = (0xA4093822, 0xFFFFFFFF)
+    via_numpy = philox._philox4x32_numpy(counters.numpy().astype(np.uint64), key).astype(np.int64)
+    assert np.array_equal(via_numpy, philox.philox4x32(counters, key).numpy())
