@@ -936,8 +936,8 @@ typedef struct {
 /* numpy's pairwise sums (pairwise_sum above) of |x - base| and of its kept entries over entries [start, start + n),
  * each leaf's values made from the stored x, base and mask bits as it is summed (no buffers written and read back).
  * `bits` holds entry start's bit at bit 0 of its first byte (leaves start at multiples of 8 entries). */
-static Sums masked_pairwise(const void *x, int x_dtype, const void *base, int base_dtype, Py_ssize_t start,
-                            Py_ssize_t n, const uint8_t *bits) {
+VECTOR_CLONES static Sums masked_pairwise(const void *x, int x_dtype, const void *base, int base_dtype,
+                                          Py_ssize_t start, Py_ssize_t n, const uint8_t *bits) {
     if (n <= 128) {
         float a[136], k[136];
         load(x, x_dtype, start, (int)n, a);
@@ -956,7 +956,7 @@ static Sums masked_pairwise(const void *x, int x_dtype, const void *base, int ba
 
 /* sums over [0, n) of |x - base| and of its kept entries, per model, in numpy's order: per buffer of SUM_BUFFER
  * entries a pairwise sum, the buffers' sums added left to right */
-VECTOR_CLONES static void sum_masked(Draw *draws, int m, const void *base, int base_dtype, Py_ssize_t n) {
+static void sum_masked(Draw *draws, int m, const void *base, int base_dtype, Py_ssize_t n) {
     for (Py_ssize_t start = 0; start < n; start += SUM_BUFFER) {
         const Py_ssize_t len = n - start < SUM_BUFFER ? n - start : SUM_BUFFER;
         for (int i = 0; i < m; i++) {

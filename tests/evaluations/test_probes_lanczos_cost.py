@@ -17,12 +17,17 @@ from evaluations.probes.lanczos import _next_vector, _Subspace
 from taxonomy.errors import ProbeError
 
 
-def test_vjp_is_bit_identical_to_autograd_grad_with_grad_outputs():
-    model = make_mlp([5, 7, 3], seed=0).double()
-    gen = torch.Generator().manual_seed(0)
+def _mlp_gradient(seed: int):
+    """A float64 MLP, its data, parameters and the loss gradient kept differentiable (for second-order vjps)."""
+    model = make_mlp([5, 7, 3], seed=seed).double()
+    gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
     params = list(model.parameters())
-    g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    return model, gen, x, params, torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+
+
+def test_vjp_is_bit_identical_to_autograd_grad_with_grad_outputs():
+    model, gen, x, params, g = _mlp_gradient(0)
     vs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
     ref = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True)
     ours = vjp(g, params, vs, retain_graph=True)
@@ -38,11 +43,7 @@ def test_vjp_is_bit_identical_to_autograd_grad_with_grad_outputs():
 
 
 def test_batched_vjp_is_bit_identical_to_autograd_grad_with_batched_grad_outputs():
-    model = make_mlp([5, 7, 3], seed=1).double()
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
-    params = list(model.parameters())
-    g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    model, gen, x, params, g = _mlp_gradient(1)
     vs = [torch.randn(4, *p.shape, generator=gen, dtype=torch.float64) for p in params]
     ref = torch.autograd.grad(g, params, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
     ours = batched_vjp(g, params, vs, retain_graph=True)
