@@ -17,8 +17,10 @@ CellFn = Callable[[Any, Any], Any]
 
 @dataclass
 class Local:
-    """Run cells one after another in this process."""
+    """Run cells one after another in this process; with `workers` > 1, `harness.run_seeds` runs the seeds'
+    training and cells on that many worker processes instead (`evaluations.bench.parallel`: the same results)."""
 
+    workers: int = 1
     name: str = "local"
 
     def map(self, fn: CellFn, suite: Any, cells: Sequence[Any]) -> Iterator[tuple[int, Any]]:
@@ -54,9 +56,11 @@ class Ray:
             yield pending.pop(done[0]), ray.get(done[0])
 
 
-def make_executor(name: str, address: str | None = None) -> Local | Ray:
+def make_executor(name: str, address: str | None = None, workers: int = 1) -> Local | Ray:
     if name == "local":
-        return Local()
+        if workers < 1:
+            raise BasinError(f"--workers: give a positive number of worker processes, got {workers}")
+        return Local(workers)
     if name == "ray":
         return Ray(address=address)
     raise BasinError(f"--executor: unknown executor {name!r}; choose local or ray")

@@ -261,25 +261,42 @@ def plan_cells(suite: Suite, geometry: bool = True) -> list[Cell]:
     return cells + ([Cell("geometry")] if geometry else [])
 
 
+def plan(suite: Suite, methods: Sequence[str] | None = None, geometry: bool = True
+         ) -> tuple[Suite, list[Cell], list[str]]:
+    """The suite narrowed to `methods`, its cells and each cell's cache key."""
+    suite = Suite(suite.name, suite.models, suite.tasks, suite.methods.select(methods), suite.seed, suite.description,
+                  suite.path_points)
+    cells = plan_cells(suite, geometry)
+    fp = suite.fingerprint()
+    return suite, cells, [_cell_key(fp, c, suite.seed) for c in cells]
+
+
+def cached_cells(cache: Path | None, keys: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """The cells already in `cache` (index -> result)."""
+    if cache is None:
+        return {}
+    cache.mkdir(parents=True, exist_ok=True)
+    return {i: json.loads((cache / f"{k}.json").read_text()) for i, k in enumerate(keys)
+            if (cache / f"{k}.json").is_file()}
+
+
+def store_cell(cache: Path | None, key: str, out: dict[str, Any]) -> dict[str, Any]:
+    """A finished cell in its cached form (so fresh and resumed runs are identical), written to `cache`."""
+    out = json.loads(json.dumps(out))
+    if cache is not None:
+        atomic_write_text(cache / f"{key}.json", json.dumps(out))
+    return out
+
+
 def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: str | Path | None = None,
                   methods: Sequence[str] | None = None, geometry: bool = True, progress: bool = True
                   ) -> BenchmarkResult:
     """Run every cell of `suite` (the grid narrowed to `methods`), reusing cells cached in `cache_dir`."""
     executor = executor or Local()
     start = time.perf_counter()
-    suite = Suite(suite.name, suite.models, suite.tasks, suite.methods.select(methods), suite.seed, suite.description,
-                  suite.path_points)
-    cells = plan_cells(suite, geometry)
-    fp = suite.fingerprint()
-    keys = [_cell_key(fp, c, suite.seed) for c in cells]
+    suite, cells, keys = plan(suite, methods, geometry)
     cache = Path(cache_dir) if cache_dir is not None else None
-    results: dict[int, dict[str, Any]] = {}
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        for i, k in enumerate(keys):
-            path = cache / f"{k}.json"
-            if path.is_file():
-                results[i] = json.loads(path.read_text())
+    results = cached_cells(cache, keys)
     cached = len(results)
     todo = [i for i in range(len(cells)) if i not in results]
     bar = None
@@ -290,16 +307,23 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
     try:
         for j, out in executor.map(run_cell, suite, [cells[i] for i in todo]):
             i = todo[j]
-            out = json.loads(json.dumps(out))  # the cached form, so fresh and resumed runs are identical
-            results[i] = out
-            if cache is not None:
-                atomic_write_text(cache / f"{keys[i]}.json", json.dumps(out))
+            results[i] = store_cell(cache, keys[i], out)
             if bar is not None:
-                bar.set_postfix_str(cells[i].entry.label if cells[i].entry else cells[i].kind)
+                bar.set_postfix_str(cell_label(cells[i]))
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    return assemble(suite, cells, results, cached, executor.name, time.perf_counter() - start)
+
+
+def cell_label(cell: Cell) -> str:
+    return cell.entry.label if cell.entry else cell.kind
+
+
+def assemble(suite: Suite, cells: Sequence[Cell], results: Mapping[int, dict[str, Any]], cached: int,
+             executor: str, seconds: float) -> BenchmarkResult:
+    """The result of `suite` from every cell's output (rows in the cells' order, normalized by the fine-tunes)."""
     rows, geo = [], {}
     for i, cell in enumerate(cells):
         out = results[i]
@@ -316,8 +340,8 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
                             for t in individual.scores}
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus_torch_threads": torch.get_num_threads()}
-    return BenchmarkResult(suite.name, suite.tasks.names, rows, geo, suite.seed, executor.name,
-                           time.perf_counter() - start, cached, env, [suite.seed])
+    return BenchmarkResult(suite.name, suite.tasks.names, rows, geo, suite.seed, executor, seconds, cached, env,
+                           [suite.seed])
 
 
 def run_seeds(build: Callable[[int], Suite], seeds: Sequence[int], executor: Local | Ray | None = None,
@@ -328,6 +352,15 @@ def run_seeds(build: Callable[[int], Suite], seeds: Sequence[int], executor: Loc
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise BasinError(f"--seeds: give distinct seeds, got {list(seeds)}")
+    if isinstance(executor, Local) and executor.workers > 1:
+        from evaluations.bench.parallel import run_seeds_on_workers
+
+        results, seconds, prepared = run_seeds_on_workers(build, seeds, executor.workers, cache_dir, methods, geometry,
+                                                          progress)
+        result = aggregate(results)
+        result.wall_seconds = seconds  # the seeds overlap: the whole run's wall time, not their sum
+        result.environment.update(suite_seconds=prepared, workers=executor.workers)
+        return result
     results = []
     for seed in seeds:
         start = time.perf_counter()

@@ -83,9 +83,15 @@ def to_markdown(result: Any) -> str:
     lines += landscape_markdown(result)
     lines += geometry_markdown(result.geometry, list(result.geometry.get("models", [])))
     prepared = result.environment.get("suite_seconds")
-    lines += ["", f"{len(result.rows)} rows, seeds {seeds}, executor {result.executor}, "
-              f"cells wall {result.wall_seconds:.1f} s ({result.cached_cells} cells from cache)"
-              + ("." if prepared is None else f"; suites loaded (training if not cached) in {prepared:.1f} s.")]
+    workers = result.environment.get("workers")
+    if workers:
+        lines += ["", f"{len(result.rows)} rows, seeds {seeds}, executor {result.executor} on {workers} worker "
+                  f"processes: {result.wall_seconds:.1f} s wall for training and cells together "
+                  f"({result.cached_cells} cells from cache; the last suite ready at {prepared:.1f} s)."]
+    else:
+        lines += ["", f"{len(result.rows)} rows, seeds {seeds}, executor {result.executor}, "
+                  f"cells wall {result.wall_seconds:.1f} s ({result.cached_cells} cells from cache)"
+                  + ("." if prepared is None else f"; suites loaded (training if not cached) in {prepared:.1f} s.")]
     return "\n".join(lines) + "\n"
 
 

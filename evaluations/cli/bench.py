@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds of a built-in suite: each row is the "
                         "mean and spread over them (default 0 1 2); a suite file's models are given, not trained")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run")
+    parser.add_argument("--workers", type=int, help="worker processes of the local executor for a built-in suite's "
+                        "seeds: training and cells in parallel, one thread each, the same results (default: the "
+                        "usable cores, at most one per seed's job)")
     parser.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local one)")
     parser.add_argument("--out", default="bench-results", help="output folder (bench.md/.json/.csv/.png, cells/)")
     parser.add_argument("--cache", help="where built-in suites keep their trained models "
@@ -46,11 +49,22 @@ def run(args: argparse.Namespace) -> int:
             raise BasinError(f"--out {out}: {cells} is not a folder")
         if args.no_resume and cells.exists():
             shutil.rmtree(cells)
-        result = _run(args, cells, make_executor(args.executor, args.address))
+        result = _run(args, cells, make_executor(args.executor, args.address, _workers(args)))
         paths = _save(outputs, out, result, plots=not args.no_plots)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, or the usable cores (for a built-in suite's seeds; one process otherwise)."""
+    import os
+
+    if args.workers is not None:
+        return args.workers
+    from evaluations.bench.suites import BUILTIN
+
+    return len(os.sched_getaffinity(0)) if (args.suite in BUILTIN and args.executor == "local") else 1
 
 
 def _run(args: argparse.Namespace, cells, executor):
@@ -59,13 +73,12 @@ def _run(args: argparse.Namespace, cells, executor):
 
     from evaluations.bench import load_suite, run_benchmark
     from evaluations.bench.harness import run_seeds
-    from evaluations.bench.suites import BUILTIN, DEFAULT_SEEDS
+    from evaluations.bench.suites import BUILTIN, DEFAULT_SEEDS, BuiltinSuite
     from taxonomy.errors import BasinError
 
     if args.suite in BUILTIN:
         seeds = args.seeds or list(DEFAULT_SEEDS)
-        return run_seeds(lambda seed: load_suite(args.suite, cache_dir=args.cache, seed=seed), seeds, executor,
-                         cells, args.methods)
+        return run_seeds(BuiltinSuite(args.suite, cache_dir=args.cache), seeds, executor, cells, args.methods)
     if args.seeds:
         raise BasinError(f"--seeds: suite {args.suite!r} is a file whose models are given, not trained; its seed is "
                          "the file's `seed:` field")

@@ -12,6 +12,17 @@ BUILTIN = {"digits-tasks": "evaluations.bench.suites.digits_tasks",
 DEFAULT_SEEDS = (0, 1, 2)  # built-in suites train their fine-tunes: each row is the mean over these
 
 
+class BuiltinSuite:
+    """`build(seed)` for `harness.run_seeds`: the built-in suite `name` trained with `seed` (picklable, so worker
+    processes can build it)."""
+
+    def __init__(self, name: str, cache_dir: str | Path | None = None, **options: Any):
+        self.name, self.cache_dir, self.options = name, cache_dir, options
+
+    def __call__(self, seed: int):
+        return load_suite(self.name, cache_dir=self.cache_dir, seed=seed, **self.options)
+
+
 def load_suite(name_or_path: str, cache_dir: str | Path | None = None, **options: Any):
     """A built-in suite by name (`digits-tasks`, `minilm-tasks`; `seed=` picks the training seed), or a user suite
     from `*.yaml`/`*.yml` or `*.py`."""
