@@ -209,11 +209,11 @@ def layer_inputs(get: Callable[[str], torch.Tensor], spec: Spec, prompts: list[t
     """Per prompt ((1, T) token ids), the (layers, hidden) input of every decoder layer, in `dtype`: the hidden
     state at the last token, or its mean over the tokens with `average` (what `hidden_states[:-1]` of
     transformers' `output_hidden_states` holds). `get(name)` reads one checkpoint tensor."""
-    table = get("model.embed_tokens.weight").to(device=device, dtype=dtype)
+    table = get("model.embed_tokens.weight")  # only the prompts' rows are converted (the same values)
     for ids in prompts:
         if int(ids.max()) >= table.shape[0]:
             raise BasinError(f"token id {int(ids.max())} is outside the embedding table ({table.shape[0]} rows)")
-    states = [F.embedding(ids.to(device), table) for ids in prompts]
+    states = [F.embedding(ids.to(table.device), table).to(device=device, dtype=dtype) for ids in prompts]
     del table
     longest = max(ids.shape[1] for ids in prompts)
     freqs = torch.arange(longest, device=device)[None, :, None].float() * inv_freq(spec).to(device)
