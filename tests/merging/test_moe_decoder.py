@@ -9,6 +9,8 @@ path (forward pre-hooks on the model class) in float32, and through `from_pretra
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -87,10 +89,20 @@ def folders(tmp_path_factory):
     for case in CASES:
         _save(case, root / case)
         out[case] = root / case
+    # a transformers 4.x config.json (rope_theta and rope_scaling at the top), as Llama 3.1 checkpoints ship it
+    _save("llama3", root / "llama3_legacy")
+    path = root / "llama3_legacy" / "config.json"
+    raw = json.loads(path.read_text())
+    rope = raw.pop("rope_parameters")
+    raw.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, torch_dtype="float32",
+               transformers_version="4.44.0")
+    raw.pop("dtype", None)
+    path.write_text(json.dumps(raw))
+    out["llama3_legacy"] = root / "llama3_legacy"
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, "llama3_legacy"])
 def test_layer_inputs_equal_transformers_float32(folders, case):
     prompts = _prompts()
     ckpt = open_checkpoint(str(folders[case]))
