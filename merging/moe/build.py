@@ -3,9 +3,9 @@
 Order of work, so that mistakes cost seconds: read and check the YAML (no I/O); refuse an existing output;
 open every model lazily; choose the output architecture from the config.json files (`merging.moe.arch`); plan
 every output tensor from headers (every expert's MLP tensors checked against the base's: names and shapes) and
-check the output loads in transformers (against the tensors its class builds; no mode imports transformers for a
-base `merging.moe.decoder` runs, `hidden` otherwise the base's modeling module); only then compute the router weights
-(`merging.moe.router`) and stream the tensors one at a time into the shard writer: attention, norms and
+check the output loads in transformers (against the tensors its class builds; no gate mode imports transformers
+where `merging.moe.decoder` covers the base, `hidden` otherwise its modeling module); only then compute the router
+weights (`merging.moe.router`) and stream the tensors one at a time into the shard writer: attention, norms and
 embeddings from the base, each expert's MLP from its source; config.json, generation_config.json, the base's
 tokenizer and the YAML (`mergekit_moe_config.yml`, as mergekit names it) beside them; rename into place.
 """
