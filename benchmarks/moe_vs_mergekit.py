@@ -8,8 +8,9 @@ process, both with `--threads` intra-op threads (default 1, as `extract_lora_vs_
 multithreaded BLAS/LAPACK calls wait on descheduled threads; the number is in the JSON); each tool `--repeats`
 times, the two alternating, best wall and best CPU time kept (the largest peak RSS). Also the import floor: CPU
 seconds of processes that only import what each tool must (basin: torch for `random`, + the tokenizers library
-for `cheap_embed`, + the base's transformers modeling module for the `hidden` forward passes; mergekit: its moe
-script): at this size most of both tools' time.
+for `cheap_embed` and for `hidden`, whose forward passes are basin's own `merging.moe.decoder`; + the base's
+transformers modeling module for the transformers forward `hidden` falls back to on other architectures;
+mergekit: its moe script): at this size most of both tools' time.
 
     python benchmarks/moe_vs_mergekit.py [--mergekit /work/peers/mk/bin/mergekit-moe] [--hidden 768 --layers 12]
         [--threads 1] [--repeats 3]
@@ -106,15 +107,23 @@ def _compare(basin: dict[str, torch.Tensor], mk: dict[str, torch.Tensor]) -> dic
             "differ_rel_fro": differ, "differing_are_routers_only": sorted(routers) == sorted(differ)}
 
 
-FLOOR = {"torch (random)": "import torch", "+ tokenizers (cheap_embed)": "import torch, tokenizers",
-         "+ the base's modeling module (hidden forward)": "import torch, tokenizers, "
-                                                          "transformers.models.llama.modeling_llama"}
-NOTE = ("basin's random and cheap_embed processes import no transformers (config.json written by merging.moe."
-        "hf_config, the loadability check structural, tokenizer.json read by the tokenizers library): torch's import "
-        "is most of what is left. hidden runs the base's forward passes through transformers (as the issue asks), "
-        "and importing its modeling module (transformers' package scan, torch.distributed / dynamo / scipy pulled in "
-        "by its modeling_utils) costs about as much CPU as all of mergekit-moe's imports: that import bounds hidden "
-        "near 1x. Figures from a 2-core machine shared with other sessions (loaded: see load_average).")
+FLOOR = {"torch (random)": "import torch", "+ tokenizers (cheap_embed, hidden)": "import torch, tokenizers",
+         "+ the base's transformers modeling module (hidden's fallback forward)":
+             "import torch, tokenizers, transformers.models.llama.modeling_llama"}
+NOTE = ("No basin process here imports transformers: config.json written by merging.moe.hf_config, the loadability "
+        "check structural, tokenizer.json read by the tokenizers library, and hidden's forward passes run by basin's "
+        "own decoder (merging.moe.decoder: plain torch, layer by layer, the last layer not read; equal to "
+        "transformers' in tests, bit for bit in float32), so torch's import is most of what is left in every mode. "
+        "The third import floor is what the transformers forward (kept for architectures the decoder does not "
+        "cover) would add.")
+
+
+def load_note(loads: list[float], cpus: int) -> str:
+    """Whether the machine was loaded while the runs were timed (1-minute load averages, one per gate mode)."""
+    top = max(loads)
+    state = "loaded" if top > 0.75 * cpus else "quiet"
+    return (f" Timed {state}: 1-minute load average {min(loads):.1f}-{top:.1f} on {cpus} CPUs (other sessions' "
+            "jobs share the machine); CPU-second ratios are the headline figures.")
 
 
 def _import_profile(cmd: list[str], env: dict[str, str]) -> dict:
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row, indent=1)[:1500], file=sys.stderr)
     result = {"benchmark": "moe_vs_mergekit", "model": f"llama hidden {args.hidden}, {args.layers} layers, "
               f"4 experts, bfloat16", "threads": args.threads, "machine": platform.platform(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "repeats": args.repeats, "note": NOTE,
+              "torch": torch.__version__, "repeats": args.repeats,
+              "note": NOTE + load_note([r["load_average"][0] for r in runs], os.cpu_count() or 1),
               "import_floor": _import_floor(args.mergekit, env, args.repeats), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,9 +3,9 @@
 Order of work, so that mistakes cost seconds: read and check the YAML (no I/O); refuse an existing output;
 open every model lazily; choose the output architecture from the config.json files (`merging.moe.arch`); plan
 every output tensor from headers (every expert's MLP tensors checked against the base's: names and shapes) and
-check the output loads in transformers (against the tensors its class builds; `random` and `cheap_embed` never
-import transformers, `hidden` only the base's modeling module); only then compute the router weights
-(`merging.moe.router`) and stream the tensors one at a time into the shard writer: attention, norms and
+check the output loads in transformers (against the tensors its class builds; no gate mode imports transformers
+where `merging.moe.decoder` covers the base, `hidden` otherwise its modeling module); only then compute the router
+weights (`merging.moe.router`) and stream the tensors one at a time into the shard writer: attention, norms and
 embeddings from the base, each expert's MLP from its source; config.json, generation_config.json, the base's
 tokenizer and the YAML (`mergekit_moe_config.yml`, as mergekit names it) beside them; rename into place.
 """
@@ -251,11 +251,9 @@ def router_weights(config: MoEConfig, plan: MoEPlan, base: Checkpoint, device: s
     if mode == "cheap_embed":
         return router.gate_vectors(mode, gated, plan.layers, plan.hidden, tokenizer=tokenizer,
                                    embed=lambda: base.get("model.embed_tokens.weight"))
-    model = router.base_model(base, torch_dtype(hidden_dtype), device)
-    try:
-        return router.gate_vectors(mode, gated, plan.layers, plan.hidden, model=model, tokenizer=tokenizer)
-    finally:
-        del model
+    with torch.no_grad():
+        return router.gate_vectors(mode, gated, plan.layers, plan.hidden, tokenizer=tokenizer,
+                                   states=router.hidden_states(base, torch_dtype(hidden_dtype), device))
 
 
 def _tensor(entry: Entry, ckpts: dict[str, Checkpoint], gates: torch.Tensor, dtype: torch.dtype,

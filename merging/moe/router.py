@@ -9,8 +9,10 @@
 - `random`: standard normal; `uniform_random`: U(-1/sqrt(h), 1/sqrt(h)) (torch.nn.Linear's initialisation);
   both from a generator seeded with the config's `seed` (mergekit draws from torch's global generator).
 
-Prompts are tokenised as mergekit does: the tokenizer's BOS text prepended, no other special tokens. Each
-prompt is its own forward pass (mergekit pads a batch on the left: the same positions relative to each other,
+Prompts are tokenised as mergekit does: the tokenizer's BOS text prepended, no other special tokens. The
+forward pass is basin's own (`merging.moe.decoder`: Llama, Mistral, Qwen2, Qwen3, no transformers import) where
+it covers the base's config.json, else transformers' model class (`base_model`). Each distinct prompt is its own
+forward pass (mergekit pads a batch on the left: the same positions relative to each other,
 so the same values up to rounding). The forward pass runs in float32 by default (mergekit: bfloat16; pass
 `dtype="bfloat16"` to reproduce it); sums over prompts accumulate in float64.
 """
@@ -29,6 +31,8 @@ from merging.moe.config import Expert
 from taxonomy.errors import BasinError
 
 EPS = 1e-8
+# (token ids of each prompt, average over the tokens?) -> each prompt's (layers, hidden) decoder-layer inputs
+States = Callable[[list[torch.Tensor], bool], list[torch.Tensor]]
 
 
 def tokenizer_of(folder: Path | None, where: str) -> Any:
@@ -123,9 +127,10 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
 
 
 def gate_vectors(mode: str, experts: list[Expert], layers: int, hidden: int, *, seed: int = 0,
-                 embed: Callable[[], torch.Tensor] | None = None, model: Any = None,
+                 embed: Callable[[], torch.Tensor] | None = None, states: States | None = None,
                  tokenizer: Any = None) -> torch.Tensor:
-    """(layers, len(experts), hidden) router rows in float32 (see the module docstring)."""
+    """(layers, len(experts), hidden) router rows in float32 (see the module docstring). `states` gives the
+    hidden modes each prompt's layer inputs (`hidden_states`)."""
     if mode in ("random", "uniform_random"):
         g = torch.Generator().manual_seed(seed)
         if mode == "random":
@@ -139,8 +144,15 @@ def gate_vectors(mode: str, experts: list[Expert], layers: int, hidden: int, *, 
         def one(prompts: list[str]) -> torch.Tensor:
             return _cheap_embed(table, [token_ids(tokenizer, p) for p in prompts], layers)
     else:
+        assert states is not None
+        texts = list(dict.fromkeys(p for e in experts for p in e.positive_prompts + e.negative_prompts))
+        per_prompt = dict(zip(texts, states([token_ids(tokenizer, p) for p in texts], mode == "hidden_avg")))
+
         def one(prompts: list[str]) -> torch.Tensor:
-            return layer_inputs(model, [token_ids(tokenizer, p) for p in prompts], average=mode == "hidden_avg")
+            total = torch.zeros(layers, hidden, dtype=torch.float64)
+            for p in prompts:
+                total += per_prompt[p].double().cpu()
+            return (total / len(prompts)).float()
     rows = []
     for expert in experts:
         h = one(expert.positive_prompts)
@@ -159,9 +171,27 @@ def _cheap_embed(table: torch.Tensor, prompts: list[torch.Tensor], layers: int) 
     return _unit(total.float()).repeat(layers, 1)
 
 
-def layer_inputs(model: Any, prompts: list[torch.Tensor], average: bool = False) -> torch.Tensor:
-    """(layers, hidden): the mean over prompts of each decoder layer's input at the last token (or averaged
-    over the tokens), captured by forward pre-hooks on the decoder layers."""
+def hidden_states(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> States:
+    """The base's layer inputs: by basin's own forward pass (`merging.moe.decoder`, no transformers import) where
+    it covers the config.json, else through transformers (`base_model`, `layer_inputs`)."""
+    from merging.moe import decoder
+    from merging.moe.hf_config import read_dense
+
+    def run(prompts: list[torch.Tensor], average: bool) -> list[torch.Tensor]:
+        spec = decoder.spec_of(read_dense(read_config(ckpt) or {}), max(ids.shape[1] for ids in prompts))
+        if spec is not None:
+            return decoder.layer_inputs(ckpt.get, spec, prompts, dtype, device, average)
+        model = base_model(ckpt, dtype, device)
+        try:
+            return layer_inputs(model, prompts, average)
+        finally:
+            del model
+    return run
+
+
+def layer_inputs(model: Any, prompts: list[torch.Tensor], average: bool = False) -> list[torch.Tensor]:
+    """Per prompt, (layers, hidden): each decoder layer's input at the last token (or averaged over the tokens),
+    captured by forward pre-hooks on a transformers model's decoder layers."""
     layers = decoder_layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
 
@@ -173,16 +203,16 @@ def layer_inputs(model: Any, prompts: list[torch.Tensor], average: bool = False)
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    total = torch.zeros(len(layers), model.config.hidden_size, dtype=torch.float64)
+    out = []
     try:
         with torch.no_grad():
             for ids in prompts:
                 model(input_ids=ids.to(device), use_cache=False)
-                total += torch.stack([c.double().cpu() for c in captured if c is not None])
+                out.append(torch.stack([c for c in captured if c is not None]))
     finally:
         for h in handles:
             h.remove()
-    return (total / len(prompts)).float()
+    return out
 
 
 def decoder_layers(model: Any) -> list[Any]:

@@ -2,7 +2,7 @@
 
 Experts are the base with other MLP weights (fine-tunes that changed only their MLPs), so the MoE with its
 router forced to expert k is exactly expert k's dense model; router weights are checked against a hand
-computation through transformers' `output_hidden_states` (not the pre-hooks the builder uses).
+computation through transformers' `output_hidden_states` (not the forward pass the builder uses).
 """
 
 from __future__ import annotations
@@ -415,21 +415,22 @@ def test_expected_tensors_are_what_transformers_builds(family, kind, shared):
 
 
 def _without_own_writer(monkeypatch):
-    from merging.moe import hf_config, router
+    from merging.moe import decoder, hf_config, router
 
     monkeypatch.setattr(hf_config, "read_dense", lambda raw: None)
     monkeypatch.setattr(router.Tokenizer, "of", classmethod(lambda cls, folder: None))
     monkeypatch.setattr(router, "DENSE_MODULES", {})  # the hidden forward's model class through AutoConfig
+    monkeypatch.setattr(decoder, "SUPPORTED", ())  # and the forward pass itself by transformers
 
 
 @pytest.mark.parametrize("kind,mode,shared", [("llama", "random", False), ("llama", "cheap_embed", False),
                                               ("mistral", "random", False), ("qwen2", "random", True),
                                               ("qwen2_tied", "cheap_embed", True), ("qwen3_tied", "random", False),
                                               ("llama_tied", "hidden", False), ("mistral", "hidden", False),
-                                              ("qwen2", "hidden", True)])
+                                              ("qwen2", "hidden", True), ("qwen3_tied", "hidden_avg", False)])
 def test_output_bit_identical_to_the_transformers_path(tmp_path, family, monkeypatch, kind, mode, shared):
-    """The transformers-free config.json, check and tokenizer (and the hidden forward's direct import) change no
-    byte of the output."""
+    """The transformers-free config.json, check, tokenizer and hidden-state forward pass (`merging.moe.decoder`)
+    change no byte of the output (float32 forward)."""
     config = _config(family[kind], mode, shared=shared)
     ours = build_moe(config, tmp_path / "ours", progress=False)
     assert ours.plan.own_config
@@ -439,6 +440,72 @@ def test_output_bit_identical_to_the_transformers_path(tmp_path, family, monkeyp
     assert ours.content_hash == theirs.content_hash
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3_tied"])
+def test_bfloat16_hidden_routers_equal_the_transformers_path(tmp_path, family, monkeypatch, kind):
+    """With hidden_dtype bfloat16 too (there basin's transformers path rounds the RoPE frequencies to bfloat16, as
+    `model.to(bfloat16)` does; the native forward keeps them float32 as `from_pretrained` does): routers agree to
+    bfloat16's rounding."""
+    config = _config(family[kind], "hidden", shared=kind == "qwen2")
+    ours = build_moe(config, tmp_path / "ours", progress=False, hidden_dtype="bfloat16")
+    with monkeypatch.context() as m:
+        _without_own_writer(m)
+        build_moe(config, tmp_path / "theirs", progress=False, hidden_dtype="bfloat16")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    routers = [n for n in a if n.endswith(("gate.weight", "shared_expert_gate.weight")) and ".experts." not in n]
+    assert len(routers) >= 2 * ours.plan.layers - 2
+    for n in a:
+        if n in routers:
+            torch.testing.assert_close(a[n].float(), b[n].float(), rtol=2e-2, atol=1e-2)
+        else:
+            assert torch.equal(a[n], b[n]), n
+
+
+def _count_transformers_forward(monkeypatch) -> list[str]:
+    from merging.moe import router
+
+    calls: list[str] = []
+    real = router.base_model
+
+    def counted(ckpt, dtype, device):  # noqa: ANN001
+        calls.append(ckpt.label)
+        return real(ckpt, dtype, device)
+
+    monkeypatch.setattr(router, "base_model", counted)
+    return calls
+
+
+def test_hidden_forward_falls_back_to_transformers_outside_the_native_one(tmp_path, family, monkeypatch):
+    """A base whose config.json the native forward does not cover (YaRN RoPE here) goes through transformers
+    (and its routers are still the hand computation's); a covered one never builds the transformers model."""
+    import transformers
+
+    calls = _count_transformers_forward(monkeypatch)
+    build_moe(_config(family["llama"], "hidden"), tmp_path / "native", progress=False)
+    assert calls == []
+    cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False,
+                                   rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 32})
+    folders = []
+    for k in range(3):
+        torch.manual_seed(k)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"y{k}")
+        _tokenizer().save_pretrained(tmp_path / f"y{k}")
+        folders.append(tmp_path / f"y{k}")
+    build_moe(_config(folders, "hidden"), tmp_path / "out", progress=False)
+    assert len(calls) == 1
+    for k in range(2):
+        h = _hand_hidden(folders[0], PROMPTS[k])
+        if NEGATIVE[k]:
+            h = h - _hand_hidden(folders[0], NEGATIVE[k])
+        want = h / h.norm(dim=-1, keepdim=True)
+        for layer in range(2):
+            torch.testing.assert_close(_router(tmp_path / "out", layer)[k].double(), want[layer], rtol=1e-5,
+                                       atol=1e-6)
 
 
 def test_rope_scaling_base_goes_through_transformers_and_loads(tmp_path):
@@ -490,8 +557,9 @@ def test_plain_tokenizer_encodes_as_transformers(tmp_path, family):
     assert Tokenizer.of(family["qwen2"][0]) is None  # AutoTokenizer gives qwen2 its Qwen2Tokenizer
 
 
-def test_random_and_cheap_embed_never_import_transformers(tmp_path, family):
-    """A whole process builds both without importing transformers (the import is most of its time)."""
+def test_no_gate_mode_imports_transformers(tmp_path, family):
+    """A whole process builds every gate mode without importing transformers (the import is most of its time):
+    random, cheap_embed, and hidden / hidden_avg by basin's own forward pass."""
     import os
     import subprocess
     import sys
@@ -500,11 +568,12 @@ def test_random_and_cheap_embed_never_import_transformers(tmp_path, family):
     code = ("import sys, json; from merging.moe import build_moe; cfgs = json.loads(sys.argv[1]);"
             "[build_moe(c, o, progress=False) for c, o in cfgs];"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'tokenizers'}))")
-    cfgs = [[_config(family["llama"], mode), str(tmp_path / mode)] for mode in ("random", "cheap_embed")]
+    cfgs = [[_config(family[kind], mode), str(tmp_path / mode)] for kind, mode in (
+        ("llama", "random"), ("llama", "cheap_embed"), ("llama", "hidden"), ("qwen3_tied", "hidden_avg"))]
     out = subprocess.run([sys.executable, "-c", code, json.dumps(cfgs)], cwd=root, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root)}, check=True)
     assert out.stdout.strip() == "['tokenizers']", out.stderr
-    assert (tmp_path / "cheap_embed" / "model.safetensors").is_file()
+    assert all((tmp_path / mode / "model.safetensors").is_file() for mode in ("cheap_embed", "hidden", "hidden_avg"))
 
 
 def test_benchmark_import_split():
