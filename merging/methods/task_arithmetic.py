@@ -43,10 +43,12 @@ from merging.methods.sparsify import (
     magnitude_cuts,
     mask_and_rescale_,
     mul_mask_,
+    pack_mask,
     random_mask,
     random_masks,
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
+    sum64,
     topk_mask,
     unpack_mask,
 )
@@ -78,9 +80,10 @@ def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: 
         mask = random_mask(delta.shape, density, rng, delta.device)
         return mask_and_rescale_(delta, mask, rescale, density)
     if how == "della":
-        keep = rank_keep_probability(delta.abs(), density, params["epsilon"][i])
+        magnitude = delta.abs()
+        keep = rank_keep_probability(magnitude, density, params["epsilon"][i])
         mask = random_mask(delta.shape, keep, rng, delta.device)
-        return mask_and_rescale_(delta, mask, rescale, keep)
+        return mask_and_rescale_(delta, mask, rescale, keep, magnitude)
     raise ValueError(how)
 
 
@@ -168,9 +171,36 @@ class TaskVectorMerge:
             state["masks"] = masks
             if rescale is True:
                 state["scale"] = [l1_rescale_factor(totals[i], kept[i]) if keep[i] < 1 else 1.0 for i in range(m)]
+        elif self.sparsify == "della":
+            self._prepare_della(inputs, params, rng, state)
         elif self.sparsify is not None:
             raise ValueError(self.sparsify)
         return state
+
+    def _prepare_della(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator,
+                       state: dict[str, Any]) -> None:
+        """DELLA's MagPrune masks, model by model in model order (the draws of `sparsify_task_vector_`): per-row
+        ranks need the whole task vector, so it is formed once per model (never all at once), its mask packed per
+        chunk as DARE's, with the L1 sums or (`rescale: unbiased`) the keep probabilities the chunks divide by."""
+        m, shape, base = len(inputs.tensors), inputs.shape or (inputs.numel,), inputs.base
+        rescale = params["rescale"]
+        state["span"] = (inputs.chunk_elements, inputs.numel)
+        state["masks"], state["keep"] = [None] * m, [None] * m
+        b32 = base.to(torch.float32).view(shape)
+        for i in range(m):
+            if not self._sparsified(params, i):
+                continue
+            delta = inputs.tensors[i].to(torch.float32).view(shape) - b32
+            magnitude = delta.abs()
+            keep = rank_keep_probability(magnitude, params["density"][i], params["epsilon"][i])
+            mask = random_mask(delta.shape, keep, rng, delta.device).view(-1)
+            del delta
+            if rescale is True:
+                before = sum64(magnitude)
+                state["scale"][i] = l1_rescale_factor(before, sum64(mul_mask_(magnitude, mask.view(shape))))
+            elif rescale == "unbiased":
+                state["keep"][i] = keep.view(-1)
+            state["masks"][i] = [pack_mask(mask[slice(*inputs.span(c))]) for c in range(inputs.num_chunks)]
 
     def fused(self, inputs: ChunkedInputs, params: Params, state: dict[str, Any]
               ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
@@ -179,6 +209,8 @@ class TaskVectorMerge:
         apply (not built, not on the CPU, float16 or non-contiguous inputs): then `apply` runs, with the same
         bits (tested)."""
         if not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
+            return None
+        if self.sparsify == "della" and params["rescale"] == "unbiased":  # a division by a tensor: torch ops
             return None
         weights = [float(w) for w in params["weight"]]
         rescale, normalize, lam = params["rescale"], params["normalize"], params["lambda"]
@@ -191,7 +223,7 @@ class TaskVectorMerge:
             keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, kernels.POST_NONE, 0.0
             outer, inner = KEEP_ALL, (KEEP_ALL, 0.0, 0)
             if self._sparsified(params, i):
-                if self.sparsify == "random":
+                if self.sparsify in ("random", "della"):
                     keep, mask = KEEP_MASK, state["masks"][i][chunk].data_ptr()
                 elif self.sparsify == "outliers":  # Breadcrumbs: the band between two cuts
                     outer, cut, allowed = state["cuts"][i][0].rule(chunk)
@@ -221,8 +253,11 @@ class TaskVectorMerge:
         if not self._sparsified(params, i):
             return tau
         rescale = params["rescale"]
-        if self.sparsify == "random":
+        if self.sparsify in ("random", "della"):
             mul_mask_(tau, unpack_mask(state["masks"][i][chunk], tau.numel()))
+            if rescale == "unbiased" and self.sparsify == "della":
+                start, stop = self._span(state, chunk)
+                return tau.div_(state["keep"][i][start:stop])
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])
         else:
@@ -238,6 +273,11 @@ class TaskVectorMerge:
         if rescale is True and state["scale"][i] != 1.0:
             tau.mul_(state["scale"][i])
         return tau
+
+    @staticmethod
+    def _span(state: dict[str, Any], chunk: int) -> tuple[int, int]:
+        size, numel = state["span"]
+        return chunk * size, min(numel, (chunk + 1) * size)
 
     def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
               chunk: int) -> torch.Tensor:
@@ -286,19 +326,12 @@ breadcrumbs_ties = merge_method("breadcrumbs_ties")(TaskVectorMerge("outliers", 
 masks followed by TIES sign election and disjoint sum (mergekit's variant)."""))
 
 
-@merge_method("della")
-def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
-    """Deep et al. 2024 (DELLA, MagPrune): keep entry j of a row with probability
-    density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept), rescale,
-    TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=True)
+della = merge_method("della")(TaskVectorMerge("della", True, """Deep et al. 2024 (DELLA, MagPrune): keep \
+entry j of a row with probability density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept),
+rescale, TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""))
 
-
-@merge_method("della_linear")
-def della_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-    """DELLA's MagPrune drop and rescale followed by a weighted sum (mergekit's `della_linear`)."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=False)
+della_linear = merge_method("della_linear")(TaskVectorMerge("della", False, """DELLA's MagPrune drop and rescale \
+followed by a weighted sum (mergekit's `della_linear`)."""))
 
 
 @merge_method("model_stock")

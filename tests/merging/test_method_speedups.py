@@ -1,0 +1,129 @@
+"""The per-tensor methods made faster for issues 24 and 26, bit for bit against their previous implementations,
+copied here as `reference_*` (whole-tensor torch ops, the code that produced benchmarks/results/merge_hashes.json):
+on float32 and bf16 inputs, odd and 1-D shapes, magnitudes with many ties, several seeds, and the compiled kernel
+on and off."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from merging.methods import kernels
+from merging.methods.apply import full_params, merge_tensor, tensor_rng
+from merging.methods.catalog import get_method
+from merging.methods.chunking import CHUNK_ELEMENTS
+from merging.methods.sparsify import mask_and_rescale_, random_mask, rank_keep_probability, \
+    sign_consensus_disjoint_sum_
+
+SHAPES = [(37, 53), (301,), (1,), (5, 1), (2, 3, 7), (2 * CHUNK_ELEMENTS // 512 + 3, 512)]
+
+
+def _kernel_off(fn):
+    saved, kernels.compiled = kernels.compiled, None
+    try:
+        return fn()
+    finally:
+        kernels.compiled = saved
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _inputs(shape, dtype, seed, n=3, tied=False):
+    """A base and `n` models; `tied`: task vectors on a few magnitudes (ties at every rank and threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    if tied:
+        steps = torch.randint(-3, 4, (n, *shape), generator=g).float() * 2.0**-9
+    else:
+        steps = torch.randn((n, *shape), generator=g) * 0.003
+    return [(base.float() + s).to(dtype) for s in steps], base
+
+
+def _cases():
+    for shape, dtype, tied in itertools.product(SHAPES, (torch.float32, torch.bfloat16), (False, True)):
+        yield pytest.param(shape, dtype, tied, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{'tied' if tied else 'randn'}")
+
+
+# ---- previous implementations (references) ----
+
+def reference_rank_keep_probability(magnitude, density, epsilon):
+    rows = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude.reshape(magnitude.shape[0], -1)
+    width = rows.shape[1]
+    order = torch.sort(rows, dim=1, stable=True).indices
+    ranks = torch.empty_like(rows)
+    positions = torch.arange(width, dtype=rows.dtype, device=rows.device).expand_as(rows)
+    ranks.scatter_(1, order, positions)
+    scaled = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2 * epsilon * scaled).reshape(magnitude.shape)
+
+
+def reference_della(tensors, base, params, rng, consensus):
+    weights = [float(w) for w in params["weight"]]
+
+    def weighted(i):
+        delta = tensors[i] - base
+        if params["density"][i] < 1:
+            keep = reference_rank_keep_probability(delta.abs(), params["density"][i], params["epsilon"][i])
+            mask = random_mask(delta.shape, keep, rng, delta.device)
+            delta = mask_and_rescale_(delta, mask, params["rescale"], keep)
+        return delta.mul_(weights[i]) if weights[i] != 1 else delta
+
+    if consensus:
+        mixed = sign_consensus_disjoint_sum_([weighted(i) for i in range(len(tensors))], weights, params["normalize"])
+    else:
+        mixed = weighted(0)
+        for i in range(1, len(tensors)):
+            mixed.add_(weighted(i))
+        if params["normalize"] and abs(sum(weights)) >= 1e-8:
+            mixed.div_(sum(weights))
+    if params["lambda"] != 1:
+        mixed.mul_(params["lambda"])
+    return mixed.add_(base)
+
+
+# ---- tests ----
+
+def _merge(name, models, base, raw, seed=0):
+    method = get_method(name)
+    params = full_params(method, raw, len(models))
+    return merge_tensor(method, "w", models, base, params, seed, torch.float32), params
+
+
+@pytest.mark.parametrize("values", ["randn", "tied", "signed zeros, infinities, NaN"])
+@pytest.mark.parametrize("shape", [(37, 53), (301,), (1,), (), (4, 1), (2, 3, 5), (9, 4099)])
+def test_row_ranks_equal_the_stable_sort(shape, values):
+    g = torch.Generator().manual_seed(len(shape) + len(values))
+    x = torch.randn(shape, generator=g)
+    if values == "tied":
+        x = x.mul(4).round()
+    elif values.startswith("signed"):
+        x.view(-1)[::5] = -0.0
+        x.view(-1)[1::7] = 0.0
+        x.view(-1)[2::11] = float("inf")
+        x.view(-1)[3::13] = -float("inf")
+        x.view(-1)[4::3] = float("nan")
+    for magnitude in (x.abs(), x):  # DELLA ranks magnitudes; the ranks are those of any float row
+        expected = reference_rank_keep_probability(magnitude, 0.4, 0.15)
+        assert torch.equal(_bits(rank_keep_probability(magnitude, 0.4, 0.15)), _bits(expected))
+        assert torch.equal(_bits(_kernel_off(lambda m=magnitude: rank_keep_probability(m, 0.4, 0.15))), _bits(expected))
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("name, raw", [
+    ("della", {"density": 0.4, "epsilon": 0.1}),
+    ("della", {"density": [0.3, 1.0, 0.6], "weight": [0.5, 1.0, -0.3], "rescale": "unbiased", "lambda": 1.5}),
+    ("della_linear", {"density": [0.5, 0.25, 0.7], "weight": [0.3, 0.4, 0.3], "rescale": False}),
+    ("della_linear", {"density": 0.3, "normalize": True}),
+])
+def test_della_equals_the_whole_tensor_reference(shape, dtype, tied, name, raw):
+    models, base = _inputs(shape, dtype, 7, tied=tied)
+    got, params = _merge(name, models, base, raw, seed=5)
+    expected = reference_della([m.float() for m in models], base.float(), params, tensor_rng(5, "w"),
+                               name == "della")
+    assert torch.equal(_bits(got), _bits(expected))
+    off, _ = _kernel_off(lambda: _merge(name, models, base, raw, seed=5))
+    assert torch.equal(_bits(off), _bits(expected))
