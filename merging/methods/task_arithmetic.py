@@ -26,6 +26,7 @@ model by model; mergekit's draws (global torch RNG) are not reproducible, so onl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -334,9 +335,7 @@ della_linear = merge_method("della_linear")(TaskVectorMerge("della", False, """D
 followed by a weighted sum (mergekit's `della_linear`)."""))
 
 
-@merge_method("model_stock")
-def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                rng: torch.Generator) -> torch.Tensor:
+class ModelStock:
     """Jang et al. 2024 (Model Stock, eq. 2): t = N cos(theta) / (1 + (N - 1) cos(theta)),
     theta_H = t * mean_i theta_i + (1 - t) * base.
 
@@ -345,30 +344,77 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: 
     `filter_wise` (1-D tensors: one row). Norm products are clamped at 1e-6 as mergekit. The one
     deviation: where 1 + (N - 1) cos(theta) = 0 (exactly opposite task vectors) t is undefined and
     this raises, where mergekit would write inf/nan.
+
+    Two phases (merging.methods.chunking): `prepare` finds t per row from the float64 norms and dots (on the CPU
+    one compiled pass over the stored inputs, numpy's pairwise sums of `merging.reductions.row_dots64`: the same
+    bits), `apply` interpolates chunk by chunk.
     """
-    n = len(tensors)
-    shape = base.shape
-    per_row = params["filter_wise"] and base.dim() >= 2
 
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    two_phase = True
 
-    b = rows(base)
-    offsets = [rows(t) - b for t in tensors]
-    lengths = [row_norms64(o) for o in offsets]  # float64 accumulation (norms and dots over whole rows)
-    cosines = []
-    for i in range(n):
-        for j in range(i + 1, n):
+    @property
+    def fn(self) -> ModelStock:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        n, numel, shape = len(inputs.tensors), inputs.numel, inputs.shape or (inputs.numel,)
+        width = math.prod(shape[1:]) if params["filter_wise"] and len(shape) >= 2 else numel
+        rows = numel // width if width else 1
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        sums = self._compiled_sums(inputs, rows, width, n) if width else None
+        if sums is not None:
+            lengths = [sums[:, i].sqrt_() for i in range(n)]
+            dots = [sums[:, n + p] for p in range(len(pairs))]
+        else:  # the float32 task vectors as rows, float64 reductions in torch ops
+            b = inputs.base.to(torch.float32).reshape(rows, -1)
+            offsets = [t.to(torch.float32).reshape(rows, -1) - b for t in inputs.tensors]
+            lengths = [row_norms64(o) for o in offsets]
+            dots = [row_dots64(offsets[i], offsets[j]) for i, j in pairs]
+        cosines = []
+        for (i, j), dot in zip(pairs, dots):
             norms = (lengths[i] * lengths[j]).clamp_(min=1e-6)
-            cosines.append((row_dots64(offsets[i], offsets[j]) / norms).clamp_(-1, 1))
-    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
-    denominator = 1 + (n - 1) * cos
-    if bool((denominator.abs() < 1e-6).any()):
-        raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
-                         "the interpolation ratio is undefined")
-    t = (n * cos / denominator).to(b.dtype)
-    average = torch.stack([rows(x) for x in tensors]).mean(0)
-    return (t * average + (1 - t) * b).reshape(shape)
+            cosines.append((dot / norms).clamp_(-1, 1))
+        cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+        denominator = 1 + (n - 1) * cos
+        if bool((denominator.abs() < 1e-6).any()):
+            raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
+                             "the interpolation ratio is undefined")
+        t = (n * cos / denominator).to(torch.float32).reshape(-1)
+        return {"t": t, "width": max(1, width), "span": (inputs.chunk_elements, numel)}
+
+    @staticmethod
+    def _compiled_sums(inputs: ChunkedInputs, rows: int, width: int, n: int) -> torch.Tensor | None:
+        """[rows, n squares then the dots i < j] of the float32 task vectors' rows, float64, or None where the
+        kernel cannot read the inputs."""
+        if not hasattr(kernels.compiled, "stats_chunks") or n > 64 or not kernels.readable(
+                inputs.tensors + [inputs.base], inputs.numel):
+            return None
+        sums = torch.empty(rows, n + n * (n - 1) // 2, dtype=torch.float64)
+        code = kernels.DTYPE_CODES
+        kernels.compiled.stats_chunks(sums.data_ptr(), inputs.numel, width,
+                                      tuple((kernels.address(t), code[t.dtype]) for t in inputs.tensors),
+                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True)
+        return sums
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        size, numel = state["span"]
+        start, stop = chunk * size, min(numel, (chunk + 1) * size)
+        t, width = state["t"].to(base.device), state["width"]
+        first, last = start // width, (stop - 1) // width
+        if first == last:
+            t = t[first:first + 1]
+        else:
+            t = t[first:last + 1].repeat_interleave(width)[start - first * width:stop - first * width]
+        average = torch.stack(chunks).mean(0)
+        return t * average + (1 - t) * base
+
+
+model_stock = merge_method("model_stock")(ModelStock())
 
 
 @merge_method("sce")

@@ -16,6 +16,8 @@ from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
 from merging.methods.sparsify import mask_and_rescale_, random_mask, rank_keep_probability, \
     sign_consensus_disjoint_sum_
+from merging.reductions import row_dots64, row_norms64
+from taxonomy.errors import BasinError
 
 SHAPES = [(37, 53), (301,), (1,), (5, 1), (2, 3, 7), (2 * CHUNK_ELEMENTS // 512 + 3, 512)]
 
@@ -85,6 +87,31 @@ def reference_della(tensors, base, params, rng, consensus):
     return mixed.add_(base)
 
 
+def reference_model_stock(tensors, base, params):
+    n = len(tensors)
+    shape = base.shape
+    per_row = params["filter_wise"] and base.dim() >= 2
+
+    def rows(x):
+        return x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+
+    b = rows(base)
+    offsets = [rows(t) - b for t in tensors]
+    lengths = [row_norms64(o) for o in offsets]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = (lengths[i] * lengths[j]).clamp_(min=1e-6)
+            cosines.append((row_dots64(offsets[i], offsets[j]) / norms).clamp_(-1, 1))
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    if bool((denominator.abs() < 1e-6).any()):
+        raise BasinError("model_stock: the task vectors point in opposite directions")
+    t = (n * cos / denominator).to(b.dtype)
+    average = torch.stack([rows(x) for x in tensors]).mean(0)
+    return (t * average + (1 - t) * b).reshape(shape)
+
+
 # ---- tests ----
 
 def _merge(name, models, base, raw, seed=0):
@@ -127,3 +154,26 @@ def test_della_equals_the_whole_tensor_reference(shape, dtype, tied, name, raw):
     assert torch.equal(_bits(got), _bits(expected))
     off, _ = _kernel_off(lambda: _merge(name, models, base, raw, seed=5))
     assert torch.equal(_bits(off), _bits(expected))
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("n, filter_wise", [(2, False), (3, False), (4, True), (3, True)])
+def test_model_stock_equals_the_whole_tensor_reference(shape, dtype, tied, n, filter_wise):
+    models, base = _inputs(shape, dtype, 11 + n, n=n, tied=tied)
+    models[-1] = base.clone() if tied else models[-1]  # a zero task vector: clamped norms, cos 0
+    raw = {"filter_wise": filter_wise}
+    params = full_params(get_method("model_stock"), raw, n)
+    try:
+        expected = reference_model_stock([m.float() for m in models], base.float(), params)
+    except BasinError:  # a row of opposite task vectors (rows of one entry): both refuse
+        with pytest.raises(BasinError, match="opposite directions"):
+            _merge("model_stock", models, base, raw)
+        return
+    got, _ = _merge("model_stock", models, base, raw)
+    assert torch.equal(_bits(got), _bits(expected))
+    off, _ = _kernel_off(lambda: _merge("model_stock", models, base, raw))
+    assert torch.equal(_bits(off), _bits(expected))
+    half = [m.to(torch.float16) for m in models]  # a dtype the kernel does not read
+    got16, _ = _merge("model_stock", half, base.to(torch.float16), raw)
+    expected16 = reference_model_stock([m.float() for m in half], base.to(torch.float16).float(), params)
+    assert torch.equal(_bits(got16), _bits(expected16))
