@@ -53,7 +53,7 @@ from merging.methods.sparsify import (
     topk_mask,
     unpack_mask,
 )
-from merging.reductions import row_dots64, row_norms64, sum_squares64
+from merging.reductions import REDUCTION_CHUNK, row_dots64, row_norms64, square_parts64
 from taxonomy.errors import BasinError
 
 Params = dict[str, Any]
@@ -417,25 +417,84 @@ class ModelStock:
 model_stock = merge_method("model_stock")(ModelStock())
 
 
-@merge_method("sce")
-def sce(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+class Sce:
     """Wan et al. 2024 (FuseChat, SCE): Select the int(select_topk * nnz) entries of highest variance
     across the task vectors (population variance; nnz counts entries of nonzero variance), Calculate
     per-model weights mean(tau_i^2) / sum_j mean(tau_j^2) (uniform if that sum is < 1e-6), Erase
     entries whose sign disagrees with the elected sign of sum_i tau_i; base + sum of kept weighted
     entries / sum of their weights (clamped at 1e-6). As mergekit; ties in the variance ranking keep
     the lowest indices.
+
+    Two phases (merging.methods.chunking): `prepare` gathers the variance mask (whole-tensor top-k) and the
+    weights' float64 sums of squares (`merging.reductions.sum_squares64`'s parts, chunk by chunk; on the CPU
+    without selection one compiled pass over the stored inputs), `apply` elects and erases chunk by chunk.
     """
-    tvs = torch.stack([t - base for t in tensors])
-    fraction = params["select_topk"]
-    if fraction < 1:
-        variance = tvs.var(dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(variance)) * fraction)
-        tvs = tvs * topk_mask(variance.abs(), k)
-    energy = torch.tensor([sum_squares64(tv) / max(1, tv.numel()) for tv in tvs], dtype=torch.float64)
-    total = float(energy.sum())
-    weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))).to(tvs.dtype)
-    positive = tvs.sum(0) >= 0
-    agree = torch.where(positive, tvs > 0, tvs < 0)
-    erased = weights.view(-1, *[1] * base.dim()) * agree
-    return base + (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+
+    two_phase = True
+
+    @property
+    def fn(self) -> Sce:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        n, numel = len(inputs.tensors), inputs.numel
+        mask = None
+        if params["select_topk"] < 1:
+            variance = torch.empty(numel, dtype=torch.float32, device=inputs.base.device)
+
+            def spread(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> None:
+                start, stop = inputs.span(index)
+                variance[start:stop] = torch.stack([x.sub_(base) for x in chunks]).var(dim=0, unbiased=False)
+
+            inputs.map(spread)
+            k = int(int(torch.count_nonzero(variance)) * params["select_topk"])
+            mask = topk_mask(variance.abs(), k)
+            del variance
+        parts = self._compiled_parts(inputs) if mask is None else None
+        if parts is None:
+
+            def squares(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[list[float]]:
+                start, stop = inputs.span(index)
+                taus = [x.sub_(base) for x in chunks]
+                if mask is not None:
+                    taus = [tau * mask[start:stop] for tau in taus]
+                return [square_parts64(tau) for tau in taus]
+
+            per_chunk = inputs.map(squares)
+            parts = [[p for c in per_chunk for p in c[i]] for i in range(n)]
+        energy = torch.tensor([math.fsum(parts[i]) / max(1, numel) for i in range(n)], dtype=torch.float64)
+        total = float(energy.sum())
+        weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / n)).to(torch.float32)
+        return {"mask": mask, "weights": weights.view(-1, 1), "span": (inputs.chunk_elements, numel)}
+
+    @staticmethod
+    def _compiled_parts(inputs: ChunkedInputs) -> list[list[float]] | None:
+        """`square_parts64` of each float32 task vector from one compiled pass, or None where it does not apply."""
+        n, numel = len(inputs.tensors), inputs.numel
+        if not hasattr(kernels.compiled, "stats_chunks") or n > 64 or numel == 0 or not kernels.readable(
+                inputs.tensors + [inputs.base], numel):
+            return None
+        sums = torch.empty(-(-numel // REDUCTION_CHUNK), n + n * (n - 1) // 2, dtype=torch.float64)
+        code = kernels.DTYPE_CODES
+        kernels.compiled.stats_chunks(sums.data_ptr(), numel, REDUCTION_CHUNK,
+                                      tuple((kernels.address(t), code[t.dtype]) for t in inputs.tensors),
+                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True)
+        return [sums[:, i].tolist() for i in range(n)]
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        tvs = torch.stack([x.sub_(base) for x in chunks])
+        if state["mask"] is not None:
+            size, numel = state["span"]
+            mul_mask_(tvs, state["mask"][chunk * size:min(numel, (chunk + 1) * size)].expand_as(tvs).contiguous())
+        # agree: tau > 0 where the elected sign is + (sum >= 0), tau < 0 elsewhere, as tau * (+-1) > 0 (exact)
+        elected = torch.where(tvs.sum(0) >= 0, 1.0, -1.0)
+        erased = state["weights"].to(tvs.device) * (tvs * elected > 0)
+        return base + tvs.mul_(erased).sum(0) / erased.sum(0).clamp_(min=1e-6)
+
+
+sce = merge_method("sce")(Sce())

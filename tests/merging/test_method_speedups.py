@@ -14,9 +14,14 @@ from merging.methods import kernels
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
-from merging.methods.sparsify import mask_and_rescale_, random_mask, rank_keep_probability, \
-    sign_consensus_disjoint_sum_
-from merging.reductions import row_dots64, row_norms64
+from merging.methods.sparsify import (
+    mask_and_rescale_,
+    random_mask,
+    rank_keep_probability,
+    sign_consensus_disjoint_sum_,
+    topk_mask,
+)
+from merging.reductions import row_dots64, row_norms64, sum_squares64
 from taxonomy.errors import BasinError
 
 SHAPES = [(37, 53), (301,), (1,), (5, 1), (2, 3, 7), (2 * CHUNK_ELEMENTS // 512 + 3, 512)]
@@ -47,7 +52,8 @@ def _inputs(shape, dtype, seed, n=3, tied=False):
 
 def _cases():
     for shape, dtype, tied in itertools.product(SHAPES, (torch.float32, torch.bfloat16), (False, True)):
-        yield pytest.param(shape, dtype, tied, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{'tied' if tied else 'randn'}")
+        name = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{'tied' if tied else 'randn'}"
+        yield pytest.param(shape, dtype, tied, id=name)
 
 
 # ---- previous implementations (references) ----
@@ -110,6 +116,22 @@ def reference_model_stock(tensors, base, params):
     t = (n * cos / denominator).to(b.dtype)
     average = torch.stack([rows(x) for x in tensors]).mean(0)
     return (t * average + (1 - t) * b).reshape(shape)
+
+
+def reference_sce(tensors, base, params):
+    tvs = torch.stack([t - base for t in tensors])
+    fraction = params["select_topk"]
+    if fraction < 1:
+        variance = tvs.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(variance)) * fraction)
+        tvs = tvs * topk_mask(variance.abs(), k)
+    energy = torch.tensor([sum_squares64(tv) / max(1, tv.numel()) for tv in tvs], dtype=torch.float64)
+    total = float(energy.sum())
+    weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))).to(tvs.dtype)
+    positive = tvs.sum(0) >= 0
+    agree = torch.where(positive, tvs > 0, tvs < 0)
+    erased = weights.view(-1, *[1] * base.dim()) * agree
+    return base + (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 
 
 # ---- tests ----
@@ -177,3 +199,22 @@ def test_model_stock_equals_the_whole_tensor_reference(shape, dtype, tied, n, fi
     got16, _ = _merge("model_stock", half, base.to(torch.float16), raw)
     expected16 = reference_model_stock([m.float() for m in half], base.to(torch.float16).float(), params)
     assert torch.equal(_bits(got16), _bits(expected16))
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("n, select_topk", [(3, 1.0), (4, 0.3), (2, 0.75), (1, 1.0)])
+def test_sce_equals_the_whole_tensor_reference(shape, dtype, tied, n, select_topk):
+    models, base = _inputs(shape, dtype, 17 + n, n=n, tied=tied)
+    raw = {"select_topk": select_topk}
+    got, params = _merge("sce", models, base, raw)
+    expected = reference_sce([m.float() for m in models], base.float(), params)
+    assert torch.equal(_bits(got), _bits(expected))
+    off, _ = _kernel_off(lambda: _merge("sce", models, base, raw))
+    assert torch.equal(_bits(off), _bits(expected))
+
+
+def test_sce_with_identical_models_takes_uniform_weights():
+    """Zero task vectors: every sum of squares 0, uniform weights, nothing agrees (the clamped divisor)."""
+    base = torch.randn(300, 7)
+    got, params = _merge("sce", [base.clone(), base.clone()], base, {"select_topk": 0.5})
+    assert torch.equal(_bits(got), _bits(reference_sce([base.clone(), base.clone()], base, params)))
