@@ -14,7 +14,9 @@ from merging.methods import kernels
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
+from merging.methods.competition import minmax_, ranked_values
 from merging.methods.sparsify import (
+    kth_largest,
     mask_and_rescale_,
     random_mask,
     rank_keep_probability,
@@ -134,6 +136,33 @@ def reference_sce(tensors, base, params):
     return base + (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 
 
+def reference_ranked_value(rows, index):
+    k = rows.shape[1] - index
+    values = []
+    for row in rows:
+        if k <= int(torch.count_nonzero(row > 0)):
+            values.append(kth_largest(torch.where(row > 0, row, 0.0), k))
+        else:
+            values.append(torch.kthvalue(row, index + 1).values)
+    return torch.stack(values).unsqueeze(1)
+
+
+def reference_pcb_delta(task_vectors, ratio, clamp_ratio):
+    rows = torch.stack([t.reshape(-1) for t in task_vectors])
+    n, d = rows.shape
+    magnitude = rows.abs()
+    low = reference_ranked_value(magnitude, int(d * clamp_ratio))
+    high = reference_ranked_value(magnitude, max(0, int(d * (1 - clamp_ratio) - 1)))
+    magnitude = torch.maximum(torch.minimum(magnitude, high), low)
+    clamped = torch.sign(rows).mul_(magnitude)
+    score = minmax_(magnitude).square_().mul_(n).exp_()
+    score.mul_(torch.tanh(rows * rows.sum(0)))
+    score = torch.maximum(score, reference_ranked_value(score, min(d - 1, int(d * (1 - ratio)))))
+    scale = minmax_(score)
+    merged = (clamped.mul_(scale)).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
+    return merged.view(task_vectors[0].shape)
+
+
 # ---- tests ----
 
 def _merge(name, models, base, raw, seed=0):
@@ -218,3 +247,32 @@ def test_sce_with_identical_models_takes_uniform_weights():
     base = torch.randn(300, 7)
     got, params = _merge("sce", [base.clone(), base.clone()], base, {"select_topk": 0.5})
     assert torch.equal(_bits(got), _bits(reference_sce([base.clone(), base.clone()], base, params)))
+
+
+@pytest.mark.parametrize("values", ["randn", "tied", "zeros of both signs", "NaN", "all zero"])
+def test_ranked_values_equal_the_previous_selection(values):
+    g = torch.Generator().manual_seed(len(values))
+    rows = torch.randn(3, 4001, generator=g)
+    if values == "tied":
+        rows = rows.mul(3).round()
+    elif values == "zeros of both signs":
+        rows = rows.mul(2).round() * 0.0 + torch.where(rows > 1, rows, 0.0)  # -0, +0 and some positives
+    elif values == "NaN":
+        rows[1, ::17] = float("nan")
+    elif values == "all zero":
+        rows = torch.zeros(3, 4001)
+    indices = [0, 1, 2000, 3999, 4000, 3000]
+    for r in (rows, rows.abs(), -rows):
+        for index, got in zip(indices, ranked_values(r, indices)):
+            assert torch.equal(_bits(got), _bits(reference_ranked_value(r, index))), (values, index)
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("n, raw", [(3, {}), (4, {"pcb_ratio": 0.5, "clamp_ratio": 0.05, "lambda": 0.7}),
+                                    (2, {"pcb_ratio": 1.0, "clamp_ratio": 0.0})])
+def test_pcb_equals_the_previous_code(shape, dtype, tied, n, raw):
+    models, base = _inputs(shape, dtype, 23 + n, n=n, tied=tied)
+    got, params = _merge("pcb", models, base, raw)
+    delta = reference_pcb_delta([m.float() - base.float() for m in models], params["pcb_ratio"],
+                                params["clamp_ratio"])
+    assert torch.equal(_bits(got), _bits(base.float() + params["lambda"] * delta))
