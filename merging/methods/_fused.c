@@ -6,6 +6,7 @@
  * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
  * stats_chunks: a tensor's data-free merge statistics (merging/merge_stats.py), numpy's pairwise sums.
  * row_ranks: stable ascending ranks per row (DELLA's MagPrune probabilities), by radix sort.
+ * elect_chunk: one chunk of MagMax, consensus TA, EMR or RAM (elementwise elections over task vectors).
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -1261,6 +1262,119 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(st.conflicts);
 }
 
+/* elect_chunk(kind, out, n, base, inputs, a, b, k) -> bool: one chunk of an elementwise task-vector election, the
+ * float32 operations of its torch code in order (tau_i = x_i - base rounded first; scalars rounded to float32, as
+ * torch does with Python numbers): ELECT_MAGMAX (competition.magmax: the tau of largest |tau|, the later one on
+ * equal magnitudes; a = lambda), ELECT_CONSENSUS (masks.consensus_ta: TALL masks |tau_t| > a |total - tau_t|,
+ * kept where at least k agree, b = lambda), ELECT_EMR (masks.emr: the elected sign's largest magnitude),
+ * ELECT_RAM (ram.ram: entries |tau| > a kept, averaged over the models keeping them). Returns False, leaving `out`
+ * unspecified, where an input, a task vector or their sum is not finite: NaNs take torch's own bits there, which
+ * its vectorised and scalar loops choose differently, so the caller merges that chunk with the torch ops.
+ * inputs a tuple of 1 to 64 (address, dtype); base (address, dtype). Releases the GIL. */
+enum { ELECT_MAGMAX = 0, ELECT_CONSENSUS = 1, ELECT_EMR = 2, ELECT_RAM = 3 };
+
+VECTOR_CLONES static int elect_chunk(int kind, float *out, Py_ssize_t n, const Vec *base, const Vec *x, int m,
+                                     float a, float b, long long k, float *tau) {
+    int finite = 1;
+    float base_block[BLOCK], total[BLOCK];
+    for (Py_ssize_t start = 0; start < n && finite; start += BLOCK) {
+        const int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        load(base->data, base->dtype, start, len, base_block);
+        for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
+        for (int i = 0; i < m; i++) {
+            float *t = tau + (size_t)i * BLOCK;
+            load(x[i].data, x[i].dtype, start, len, t);
+            for (int j = 0; j < len; j++) {
+                t[j] = t[j] - base_block[j];
+                finite &= fabsf(t[j]) <= FLT_MAX;
+            }
+        }
+        if (kind == ELECT_CONSENSUS || kind == ELECT_EMR) {
+            memcpy(total, tau, (size_t)len * sizeof(float));
+            for (int i = 1; i < m; i++)
+                for (int j = 0; j < len; j++) total[j] = total[j] + tau[(size_t)i * BLOCK + j];
+            for (int j = 0; j < len; j++) finite &= fabsf(total[j]) <= FLT_MAX;
+        }
+        float *o = out + start;
+        if (kind == ELECT_MAGMAX) {
+            for (int j = 0; j < len; j++) {
+                float best = tau[j];
+                for (int i = 1; i < m; i++) {
+                    const float v = tau[(size_t)i * BLOCK + j];
+                    if (fabsf(v) >= fabsf(best)) best = v;
+                }
+                o[j] = base_block[j] + a * best;
+            }
+        } else if (kind == ELECT_CONSENSUS) {
+            for (int j = 0; j < len; j++) {
+                long long votes = 0;
+                for (int i = 0; i < m; i++) {
+                    const float v = tau[(size_t)i * BLOCK + j];
+                    votes += fabsf(v) > fabsf(total[j] - v) * a;
+                }
+                o[j] = base_block[j] + b * (total[j] * (votes >= k ? 1.0f : 0.0f));
+            }
+        } else if (kind == ELECT_EMR) {
+            for (int j = 0; j < len; j++) {
+                const float sign = total[j] > 0 ? 1.0f : -1.0f;
+                float largest = 0.0f;
+                for (int i = 0; i < m; i++) {
+                    const float v = tau[(size_t)i * BLOCK + j];
+                    const float kept = fabsf(v) * (v * sign > 0 ? 1.0f : 0.0f);
+                    largest = kept > largest ? kept : largest;
+                }
+                o[j] = base_block[j] + largest * sign;
+            }
+        } else {
+            for (int j = 0; j < len; j++) {
+                int count = 0;
+                for (int i = 0; i < m; i++) count += fabsf(tau[(size_t)i * BLOCK + j]) > a;
+                const float divisor = (float)(count > 1 ? count : 1);
+                float merged = 0.0f;
+                for (int i = 0; i < m; i++) {
+                    const float v = tau[(size_t)i * BLOCK + j];
+                    merged = merged + (fabsf(v) > a ? v : 0.0f) / divisor;
+                }
+                o[j] = base_block[j] + merged;
+            }
+        }
+    }
+    return finite;
+}
+
+static PyObject *py_elect_chunk(PyObject *self, PyObject *args) {
+    int kind;
+    unsigned long long out_addr, base_addr;
+    Py_ssize_t n;
+    int base_dtype;
+    PyObject *inputs_obj;
+    double a, b;
+    long long k;
+    if (!PyArg_ParseTuple(args, "iKn(Ki)O!ddL", &kind, &out_addr, &n, &base_addr, &base_dtype, &PyTuple_Type,
+                          &inputs_obj, &a, &b, &k))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
+    if (m < 1 || m > 64 || kind < ELECT_MAGMAX || kind > ELECT_RAM) {
+        PyErr_SetString(PyExc_ValueError, "elect_chunk: 1 to 64 inputs and a known kind");
+        return NULL;
+    }
+    Vec x[64];
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(inputs_obj, i), "Ki", &data, &x[i].dtype)) return NULL;
+        x[i].data = (const void *)(uintptr_t)data;
+    }
+    Vec base = {(const void *)(uintptr_t)base_addr, base_dtype};
+    float *tau = (float *)malloc((size_t)m * BLOCK * sizeof(float));
+    if (!tau) return PyErr_NoMemory();
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = elect_chunk(kind, (float *)(uintptr_t)out_addr, n, &base, x, (int)m, (float)a, (float)b, k, tau);
+    Py_END_ALLOW_THREADS
+    free(tau);
+    return PyBool_FromLong(finite);
+}
+
 /* row_ranks(values, rows, width, out): per row of a contiguous float32 matrix, each entry's 0-based position in the
  * row's stable ascending sort, as a float32 (DELLA's MagPrune ranks, sparsify.rank_keep_probability): the order of
  * torch.sort(stable=True), where -0 equals +0, NaNs are equal and last, and ties keep their index order. An LSD
@@ -1334,6 +1448,7 @@ static PyMethodDef methods[] = {
     {"point_chunk", py_point_chunk, METH_VARARGS, "One chunk of a point between checkpoints (see _fused.c)."},
     {"stats_chunks", py_stats_chunks, METH_VARARGS, "A tensor's merge statistics, chunk by chunk (see _fused.c)."},
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
+    {"elect_chunk", py_elect_chunk, METH_VARARGS, "One chunk of MagMax, consensus TA, EMR or RAM (see _fused.c)."},
     {"row_ranks", py_row_ranks, METH_VARARGS, "Stable ascending ranks per row of a float32 matrix (see _fused.c)."},
     {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
     {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},

@@ -15,7 +15,7 @@ constant task vector, or a tensor of one entry) normalises to 0 where the author
 
 MagMax (section 3.2): per entry, the task-vector entry of largest magnitude, theta = base + lambda * tau_max;
 on equal magnitudes the later model's entry wins (the authors' `merge_max_abs`, FusionBench's `magmax`).
-Elementwise: large tensors stream in chunks like TIES.
+Elementwise: large tensors stream in chunks like TIES (on the CPU through the compiled `elect_chunk`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from merging.methods import kernels
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import kth_largest
 
@@ -117,7 +118,11 @@ def pcb(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str
     return base + params["lambda"] * delta
 
 
-@merge_method("magmax", elementwise=True)
+def _magmax_kernel(inputs: Any, params: dict[str, Any]) -> Any:
+    return kernels.elect(kernels.ELECT_MAGMAX, inputs, lambda x, b: magmax.fn(x, b, params, None), params["lambda"])
+
+
+@merge_method("magmax", elementwise=True, fused=_magmax_kernel)
 def magmax(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
            rng: torch.Generator) -> torch.Tensor:
     """MagMax (Marczak et al. 2024, eq. 2): the largest-magnitude task-vector entry; see the module docstring."""

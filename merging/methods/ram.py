@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from merging.methods import kernels
 from merging.methods.registry import merge_method
 
 Params = dict[str, Any]
@@ -35,7 +36,11 @@ def contributions(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: floa
     return taus, masks, count
 
 
-@merge_method("ram", elementwise=True)
+def _ram_kernel(inputs: Any, params: Params) -> Any:
+    return kernels.elect(kernels.ELECT_RAM, inputs, lambda x, b: ram.fn(x, b, params, None), float(params["epsilon"]))
+
+
+@merge_method("ram", elementwise=True, fused=_ram_kernel)
 def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
     """RAM: unique task-vector entries kept, overlapping ones averaged over the contributing models."""
     taus, masks, count = contributions(tensors, base, float(params["epsilon"]))

@@ -163,6 +163,54 @@ def reference_pcb_delta(task_vectors, ratio, clamp_ratio):
     return merged.view(task_vectors[0].shape)
 
 
+def reference_magmax(tensors, base, params):
+    best = tensors[0] - base
+    for t in tensors[1:]:
+        tau = t - base
+        best = torch.where(tau.abs() >= best.abs(), tau, best)
+    return base + params["lambda"] * best
+
+
+def reference_consensus_ta(tensors, base, params):
+    task_vectors = [t - base for t in tensors]
+    total = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        total += tau
+    masks = [tau.abs() > (total - tau).abs_().mul_(params["tall_lambda"]) for tau in task_vectors]
+    votes = torch.stack(masks).sum(0)
+    return base + params["lambda"] * (total * (votes >= params["min_agreement"]))
+
+
+def reference_emr(tensors, base, params):
+    task_vectors = [t - base for t in tensors]
+    total = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        total += tau
+    sign = torch.where(total > 0, 1.0, -1.0)
+    masks = [tau * sign > 0 for tau in task_vectors]
+    largest = torch.zeros_like(total)
+    for tau, mask in zip(task_vectors, masks):
+        largest = torch.maximum(largest, tau.abs() * mask)
+    return base + largest * sign
+
+
+def reference_ram(tensors, base, params):
+    taus = [t - base for t in tensors]
+    masks = [tau.abs() > float(params["epsilon"]) for tau in taus]
+    count = torch.zeros(base.shape, dtype=torch.int32)
+    for m in masks:
+        count.add_(m.to(torch.int32))
+    divisor = count.clamp(min=1).to(base.dtype)
+    merged = torch.zeros_like(base)
+    for tau, m in zip(taus, masks):
+        merged.add_(torch.where(m, tau, 0.0) / divisor)
+    return base + merged
+
+
+ELECTIONS = {"magmax": reference_magmax, "consensus_ta": reference_consensus_ta, "emr": reference_emr,
+             "ram": reference_ram}
+
+
 # ---- tests ----
 
 def _merge(name, models, base, raw, seed=0):
@@ -276,3 +324,34 @@ def test_pcb_equals_the_previous_code(shape, dtype, tied, n, raw):
     delta = reference_pcb_delta([m.float() - base.float() for m in models], params["pcb_ratio"],
                                 params["clamp_ratio"])
     assert torch.equal(_bits(got), _bits(base.float() + params["lambda"] * delta))
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("name, n, raw", [
+    ("magmax", 3, {"lambda": 0.7}), ("magmax", 1, {}),
+    ("consensus_ta", 4, {"lambda": 1.3, "tall_lambda": 0.4, "min_agreement": 2}),
+    ("consensus_ta", 3, {"min_agreement": 1}), ("consensus_ta", 2, {"min_agreement": 3}),
+    ("emr", 3, {}), ("emr", 1, {}),
+    ("ram", 4, {"epsilon": 2.0 ** -9}), ("ram", 3, {"epsilon": 0.1}), ("ram", 2, {"epsilon": 0.0}),
+])
+def test_elections_equal_the_previous_code(shape, dtype, tied, name, n, raw):
+    models, base = _inputs(shape, dtype, 29 + n, n=n, tied=tied)
+    if tied and n > 1:
+        models[1] = base.clone()  # a zero task vector: ties in every magnitude comparison, zero sums
+    got, params = _merge(name, models, base, raw)
+    expected = ELECTIONS[name]([m.float() for m in models], base.float(), params)
+    assert torch.equal(_bits(got), _bits(expected))
+    off, _ = _kernel_off(lambda: _merge(name, models, base, raw))
+    assert torch.equal(_bits(off), _bits(expected))
+
+
+@pytest.mark.parametrize("name", sorted(ELECTIONS))
+def test_elections_with_non_finite_chunks_take_the_torch_bits(name):
+    models, base = _inputs((3 * CHUNK_ELEMENTS + 77,), torch.float32, 31, n=3)
+    models[0][5] = float("nan")
+    models[1][CHUNK_ELEMENTS + 9] = float("inf")
+    models[2][-3] = -float("inf")
+    base[2 * CHUNK_ELEMENTS + 1] = float("nan")
+    got, params = _merge(name, models, base, {})
+    expected = ELECTIONS[name]([m.float() for m in models], base.float(), params)
+    assert torch.equal(_bits(got), _bits(expected))
