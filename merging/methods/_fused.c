@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1274,7 +1275,7 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
 enum { ELECT_MAGMAX = 0, ELECT_CONSENSUS = 1, ELECT_EMR = 2, ELECT_RAM = 3 };
 
 VECTOR_CLONES static int elect_chunk(int kind, float *out, Py_ssize_t n, const Vec *base, const Vec *x, int m,
-                                     float a, float b, long long k, float *tau) {
+                                     float a, float b, int k, float *tau) {
     int finite = 1;
     float base_block[BLOCK], total[BLOCK];
     for (Py_ssize_t start = 0; start < n && finite; start += BLOCK) {
@@ -1295,48 +1296,50 @@ VECTOR_CLONES static int elect_chunk(int kind, float *out, Py_ssize_t n, const V
                 for (int j = 0; j < len; j++) total[j] = total[j] + tau[(size_t)i * BLOCK + j];
             for (int j = 0; j < len; j++) finite &= fabsf(total[j]) <= FLT_MAX;
         }
-        float *o = out + start;
+        float *o = out + start, acc[BLOCK], divisor[BLOCK]; /* per entry, models in the inner loop over entries */
+        int votes[BLOCK];
         if (kind == ELECT_MAGMAX) {
-            for (int j = 0; j < len; j++) {
-                float best = tau[j];
-                for (int i = 1; i < m; i++) {
-                    const float v = tau[(size_t)i * BLOCK + j];
-                    if (fabsf(v) >= fabsf(best)) best = v;
-                }
-                o[j] = base_block[j] + a * best;
+            memcpy(acc, tau, (size_t)len * sizeof(float));
+            for (int i = 1; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) acc[j] = fabsf(t[j]) >= fabsf(acc[j]) ? t[j] : acc[j];
             }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + a * acc[j];
         } else if (kind == ELECT_CONSENSUS) {
-            for (int j = 0; j < len; j++) {
-                long long votes = 0;
-                for (int i = 0; i < m; i++) {
-                    const float v = tau[(size_t)i * BLOCK + j];
-                    votes += fabsf(v) > fabsf(total[j] - v) * a;
-                }
-                o[j] = base_block[j] + b * (total[j] * (votes >= k ? 1.0f : 0.0f));
+            memset(votes, 0, sizeof(votes));
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) votes[j] += fabsf(t[j]) > fabsf(total[j] - t[j]) * a;
             }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + b * (total[j] * (votes[j] >= k ? 1.0f : 0.0f));
         } else if (kind == ELECT_EMR) {
             for (int j = 0; j < len; j++) {
-                const float sign = total[j] > 0 ? 1.0f : -1.0f;
-                float largest = 0.0f;
-                for (int i = 0; i < m; i++) {
-                    const float v = tau[(size_t)i * BLOCK + j];
-                    const float kept = fabsf(v) * (v * sign > 0 ? 1.0f : 0.0f);
-                    largest = kept > largest ? kept : largest;
-                }
-                o[j] = base_block[j] + largest * sign;
+                divisor[j] = total[j] > 0 ? 1.0f : -1.0f; /* the elected sign */
+                acc[j] = 0.0f;
             }
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) {
+                    const float kept = fabsf(t[j]) * (t[j] * divisor[j] > 0 ? 1.0f : 0.0f);
+                    acc[j] = kept > acc[j] ? kept : acc[j];
+                }
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + acc[j] * divisor[j];
         } else {
-            for (int j = 0; j < len; j++) {
-                int count = 0;
-                for (int i = 0; i < m; i++) count += fabsf(tau[(size_t)i * BLOCK + j]) > a;
-                const float divisor = (float)(count > 1 ? count : 1);
-                float merged = 0.0f;
-                for (int i = 0; i < m; i++) {
-                    const float v = tau[(size_t)i * BLOCK + j];
-                    merged = merged + (fabsf(v) > a ? v : 0.0f) / divisor;
-                }
-                o[j] = base_block[j] + merged;
+            memset(votes, 0, sizeof(votes));
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) votes[j] += fabsf(t[j]) > a;
             }
+            for (int j = 0; j < len; j++) {
+                divisor[j] = (float)(votes[j] > 1 ? votes[j] : 1);
+                acc[j] = 0.0f;
+            }
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) acc[j] = acc[j] + (fabsf(t[j]) > a ? t[j] : 0.0f) / divisor[j];
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + acc[j];
         }
     }
     return finite;
@@ -1369,7 +1372,8 @@ static PyObject *py_elect_chunk(PyObject *self, PyObject *args) {
     if (!tau) return PyErr_NoMemory();
     int finite;
     Py_BEGIN_ALLOW_THREADS
-    finite = elect_chunk(kind, (float *)(uintptr_t)out_addr, n, &base, x, (int)m, (float)a, (float)b, k, tau);
+    finite = elect_chunk(kind, (float *)(uintptr_t)out_addr, n, &base, x, (int)m, (float)a, (float)b,
+                         k < INT_MIN ? INT_MIN : k > INT_MAX ? INT_MAX : (int)k, tau);
     Py_END_ALLOW_THREADS
     free(tau);
     return PyBool_FromLong(finite);
