@@ -351,6 +351,7 @@ class ModelStock:
     """
 
     two_phase = True
+    fused = None  # no compiled kernel
 
     @property
     def fn(self) -> ModelStock:
@@ -431,6 +432,7 @@ class Sce:
     """
 
     two_phase = True
+    fused = None  # no compiled kernel
 
     @property
     def fn(self) -> Sce:

@@ -207,6 +207,26 @@ def reference_ram(tensors, base, params):
     return base + merged
 
 
+def reference_ramplus_tl(tensors, base, params):
+    epsilon = float(params["epsilon"])
+    taus = [t - base for t in tensors]
+    masks = [tau.abs() > epsilon for tau in taus]
+    count = torch.zeros(base.shape, dtype=torch.int32)
+    for m in masks:
+        count.add_(m.to(torch.int32))
+    unique, overlap = count == 1, count > 1
+    divisor = count.clamp(min=1).to(base.dtype)
+    merged = torch.zeros_like(base)
+    for tau, m in zip(taus, masks):
+        shared_n = torch.count_nonzero(m & (count > 1)).to(torch.float32)
+        unique_n = torch.count_nonzero(m & (count == 1)).to(torch.float32)
+        rho = (shared_n / unique_n.clamp(min=epsilon)).clamp(min=0, max=float(params["alpha"]))
+        gain = 1 + float(params["r"]) * rho
+        merged.add_(torch.where(m & unique, tau * gain, 0.0))
+        merged.add_(torch.where(m & overlap, tau, 0.0) / divisor)
+    return base + merged
+
+
 ELECTIONS = {"magmax": reference_magmax, "consensus_ta": reference_consensus_ta, "emr": reference_emr,
              "ram": reference_ram}
 
@@ -354,4 +374,13 @@ def test_elections_with_non_finite_chunks_take_the_torch_bits(name):
     base[2 * CHUNK_ELEMENTS + 1] = float("nan")
     got, params = _merge(name, models, base, {})
     expected = ELECTIONS[name]([m.float() for m in models], base.float(), params)
+    assert torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
+@pytest.mark.parametrize("n, raw", [(4, {}), (3, {"r": 0.7, "alpha": 0.9, "epsilon": 2.0 ** -9}), (1, {"r": 2.0})])
+def test_ramplus_tl_equals_the_previous_code(shape, dtype, tied, n, raw):
+    models, base = _inputs(shape, dtype, 37 + n, n=n, tied=tied)
+    got, params = _merge("ramplus_tl", models, base, raw)
+    expected = reference_ramplus_tl([m.float() for m in models], base.float(), params)
     assert torch.equal(_bits(got), _bits(expected))
