@@ -14,7 +14,7 @@ from merging.methods import kernels
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
-from merging.methods.competition import minmax_, ranked_values
+from merging.methods.competition import ranked_values
 from merging.methods.sparsify import (
     kth_largest,
     mask_and_rescale_,
@@ -145,6 +145,13 @@ def reference_ranked_value(rows, index):
         else:
             values.append(torch.kthvalue(row, index + 1).values)
     return torch.stack(values).unsqueeze(1)
+
+
+def minmax_(rows):
+    low = rows.amin(dim=1, keepdim=True)
+    span = rows.amax(dim=1, keepdim=True) - low
+    rows.sub_(low).div_(torch.where(span > 0, span, torch.ones_like(span)))
+    return rows
 
 
 def reference_pcb_delta(task_vectors, ratio, clamp_ratio):
