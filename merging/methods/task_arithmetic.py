@@ -19,10 +19,10 @@ threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, th
 (merging.methods.chunking), never holding a float32 copy of a whole input; on the CPU both passes run in the
 compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA streams the same way once
 each model's mask is drawn (its per-row ranks need that model's whole task vector, formed one model at a time);
-Model Stock and SCE are two-phase too (`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's masks come from the counter-based Philox generator
-(merging.methods.philox) keyed by (a key drawn from the per-tensor generator, model index, entry index), so they
-are the same for any chunk size, thread count or device; DELLA's from the per-tensor generator, drawn
-model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
+Model Stock and SCE are two-phase too (`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's masks
+come from the counter-based Philox generator (merging.methods.philox) keyed by (a key drawn from the per-tensor
+generator, model index, entry index), so they are the same for any chunk size, thread count or device; DELLA's
+from the per-tensor generator, drawn model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
 """
 
 from __future__ import annotations
