@@ -22,7 +22,8 @@ each model's mask is drawn (its per-row ranks need that model's whole task vecto
 Model Stock and SCE are two-phase too (`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's masks
 come from the counter-based Philox generator (merging.methods.philox) keyed by (a key drawn from the per-tensor
 generator, model index, entry index), so they are the same for any chunk size, thread count or device; DELLA's
-from the per-tensor generator, drawn model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
+from the per-tensor generator, drawn model by model; mergekit's draws (global torch RNG) are not reproducible, so
+only the distribution matches.
 """
 
 from __future__ import annotations
