@@ -85,17 +85,17 @@ def main() -> None:
 
 def write(path: Path, models: int, rows: list[dict], started_load: float) -> None:
     """The JSON so far (rewritten after each method, so a stopped run keeps what it measured), with the machine's
-    1-minute load average at the start and after each method: above its core count, the figures are "loaded"
-    (other processes shared the cores; the ratios to TIES, timed beside each, are the comparable figures)."""
+    1-minute load average at the start and after each method: where other processes add half a core or more to
+    this benchmark's threads, the figures are "loaded" (the ratios to TIES, timed beside each, stay comparable)."""
     from merging import profiling
     from merging.io.atomic import atomic_write_text
 
-    machine = profiling.machine()
+    machine, threads = profiling.machine(), torch.get_num_threads()
     loads = [started_load] + [r["load_average_1min"] for r in rows]
-    notes = (f"loaded: 1-minute load average {min(loads)}-{max(loads)} on {machine.get('usable_cpus')} usable cores"
-             if max(loads) > (machine.get("usable_cpus") or 1) else "unloaded")
+    notes = (f"loaded: 1-minute load average {min(loads)}-{max(loads)} on {machine.get('usable_cpus')} usable cores, "
+             f"this benchmark running {threads} thread(s)" if max(loads) - threads >= 0.5 else "unloaded")
     result = {"benchmark": "method_time", "shape": [5504, 2048], "dtype": "bfloat16", "models": models,
-              "torch_threads": torch.get_num_threads(), "machine": machine, "load_average_1min_at_start": started_load,
+              "torch_threads": threads, "machine": machine, "load_average_1min_at_start": started_load,
               "notes": notes, "runs": rows}
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
