@@ -1195,7 +1195,7 @@ VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, dou
         int p = 0;
         for (int i = 0; i < m; i++, p++)
             out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)i * PW_BLOCK, len);
-        for (int i = 0; i < m; i++)
+        for (int i = 0; i < m && st->pairs > m; i++) /* the dots, unless only the squares are asked for */
             for (int j = i + 1; j < m; j++, p++)
                 out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)j * PW_BLOCK, len);
         return;
@@ -1207,18 +1207,19 @@ VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, dou
     for (int p = 0; p < st->pairs; p++) out[p] += scratch[p];
 }
 
-/* stats_chunks(out, n, chunk, inputs, base[, float_difference]): out a float64 buffer of ceil(n / chunk) x pairs
- * entries (pairs = m squares, then the m (m - 1) / 2 dots i < j); inputs a tuple of m (address, dtype); base
- * (address, dtype) or None; float_difference: tau_i = x_i - base rounded to float32 before the products (Model
- * Stock's row norms and dots, task_arithmetic.model_stock, with chunk = its row length). Returns the sign
+/* stats_chunks(out, n, chunk, inputs, base[, float_difference[, squares_only]]): out a float64 buffer of
+ * ceil(n / chunk) x pairs entries (pairs = m squares, then the m (m - 1) / 2 dots i < j; with squares_only the m
+ * squares alone); inputs a tuple of m (address, dtype); base (address, dtype) or None; float_difference: tau_i =
+ * x_i - base rounded to float32 before the products (Model Stock's row norms and dots with chunk = its row
+ * length, SCE's sums of squares; task_arithmetic.ModelStock and Sce). Returns the sign
  * conflicts (entries where some tau > 0 and another < 0). Releases the GIL. */
 static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
     unsigned long long out_addr;
     Py_ssize_t n, chunk;
     PyObject *inputs_obj, *base_obj;
-    int float_difference = 0;
-    if (!PyArg_ParseTuple(args, "KnnO!O|p", &out_addr, &n, &chunk, &PyTuple_Type, &inputs_obj, &base_obj,
-                          &float_difference))
+    int float_difference = 0, squares_only = 0;
+    if (!PyArg_ParseTuple(args, "KnnO!O|pp", &out_addr, &n, &chunk, &PyTuple_Type, &inputs_obj, &base_obj,
+                          &float_difference, &squares_only))
         return NULL;
     Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
     if (m < 1 || m > 64 || chunk < 1) {
@@ -1226,7 +1227,7 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
         return NULL;
     }
     Vec *x = (Vec *)calloc((size_t)m + 1, sizeof(Vec));
-    int pairs = (int)(m + m * (m - 1) / 2);
+    int pairs = (int)(squares_only ? m : m + m * (m - 1) / 2);
     double *tau = (double *)malloc((size_t)m * PW_BLOCK * sizeof(double));
     double *scratch = (double *)malloc((size_t)pairs * 64 * sizeof(double));
     if (!x || !tau || !scratch) {

@@ -89,13 +89,13 @@ def _ranked_by_torch(row: torch.Tensor, index: int) -> torch.Tensor:
 PCB_BLOCK = 1 << 14  # columns per block of the elementwise steps: a few cache-sized temporaries per model
 
 
-def pcb_delta(task_vectors: list[torch.Tensor], ratio: float, clamp_ratio: float) -> torch.Tensor:
-    """PCB's merged task vector (without lambda), for task vectors of any shape; see the module docstring.
+def pcb_delta(rows: torch.Tensor, ratio: float, clamp_ratio: float) -> torch.Tensor:
+    """PCB's merged task vector (without lambda), flat, from the task vectors as the rows of one (models, entries)
+    float tensor (consumed); see the module docstring.
 
     The order statistics and the min-max ranges are taken over whole rows; the elementwise steps between them
     run over blocks of columns (the same float32 operations per entry, and per column the same sums over the
     models, as over the whole rows: tested), the scores written over the magnitudes."""
-    rows = torch.stack([t.reshape(-1) for t in task_vectors])
     n, d = rows.shape
     magnitude = rows.abs()
     low, high = ranked_values(magnitude, [int(d * clamp_ratio), max(0, int(d * (1 - clamp_ratio) - 1))])
@@ -112,7 +112,7 @@ def pcb_delta(task_vectors: list[torch.Tensor], ratio: float, clamp_ratio: float
         scale = score[:, c].sub_(s_low).div_(s_span)
         clamped = torch.sign(rows[:, c]).mul_(torch.maximum(torch.minimum(rows[:, c].abs(), high), low))
         merged[c] = clamped.mul_(scale).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
-    return merged.view(task_vectors[0].shape)
+    return merged
 
 
 def _row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,10 @@ def _blocks(d: int) -> list[slice]:
 def pcb(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
         rng: torch.Generator) -> torch.Tensor:
     """PCB-merging (Du et al. 2024, eq. 1-6); see the module docstring."""
-    delta = pcb_delta([t - base for t in tensors], params["pcb_ratio"], params["clamp_ratio"])
+    rows = torch.empty(len(tensors), base.numel(), dtype=base.dtype, device=base.device)
+    for i, t in enumerate(tensors):  # the task vectors, straight into their rows
+        torch.sub(t.reshape(-1), base.reshape(-1), out=rows[i])
+    delta = pcb_delta(rows, params["pcb_ratio"], params["clamp_ratio"]).view(base.shape)
     return base + params["lambda"] * delta
 
 

@@ -482,11 +482,11 @@ class Sce:
         if not hasattr(kernels.compiled, "stats_chunks") or n > 64 or numel == 0 or not kernels.readable(
                 inputs.tensors + [inputs.base], numel):
             return None
-        sums = torch.empty(-(-numel // REDUCTION_CHUNK), n + n * (n - 1) // 2, dtype=torch.float64)
+        sums = torch.empty(-(-numel // REDUCTION_CHUNK), n, dtype=torch.float64)
         code = kernels.DTYPE_CODES
         kernels.compiled.stats_chunks(sums.data_ptr(), numel, REDUCTION_CHUNK,
                                       tuple((kernels.address(t), code[t.dtype]) for t in inputs.tensors),
-                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True)
+                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True, True)
         return [sums[:, i].tolist() for i in range(n)]
 
     def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
