@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main() -> None:
               for _ in range(args.models)]
     ties = get_method("ties")
     ties_params = full_params(ties, PARAMS["ties"], args.models)
+    started_load = round(os.getloadavg()[0], 2)
     rows = []
     for name in args.methods or data_free_methods():
         method = get_method(name)
@@ -75,18 +77,26 @@ def main() -> None:
             scale = method.info.defaults()["iterations"] / params["iterations"]
             row["iterations"] = params["iterations"]
             row["cpu_vs_ties_at_default_iterations"] = round(row["cpu_vs_ties"] * scale, 1)
+        row["load_average_1min"] = round(os.getloadavg()[0], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write(args.out, args.models, rows)
+        write(args.out, args.models, rows, started_load)
 
 
-def write(path: Path, models: int, rows: list[dict]) -> None:
-    """The JSON so far (rewritten after each method, so a stopped run keeps what it measured)."""
+def write(path: Path, models: int, rows: list[dict], started_load: float) -> None:
+    """The JSON so far (rewritten after each method, so a stopped run keeps what it measured), with the machine's
+    1-minute load average at the start and after each method: where other processes add half a core or more to
+    this benchmark's threads, the figures are "loaded" (the ratios to TIES, timed beside each, stay comparable)."""
     from merging import profiling
     from merging.io.atomic import atomic_write_text
 
+    machine, threads = profiling.machine(), torch.get_num_threads()
+    loads = [started_load] + [r["load_average_1min"] for r in rows]
+    notes = (f"loaded: 1-minute load average {min(loads)}-{max(loads)} on {machine.get('usable_cpus')} usable cores, "
+             f"this benchmark running {threads} thread(s)" if max(loads) - threads >= 0.5 else "unloaded")
     result = {"benchmark": "method_time", "shape": [5504, 2048], "dtype": "bfloat16", "models": models,
-              "torch_threads": torch.get_num_threads(), "machine": profiling.machine(), "runs": rows}
+              "torch_threads": threads, "machine": machine, "load_average_1min_at_start": started_load,
+              "notes": notes, "runs": rows}
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 

@@ -35,6 +35,18 @@ def _fill(buffer: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 def _reduce(tensors: list[torch.Tensor], combine: Callable[..., object], chunk: int) -> float:
     """math.fsum over chunks of sum(combine(*float64 chunks)); `combine` may overwrite its arguments. On the CPU
     it gets numpy arrays and the sums are numpy's pairwise sums (independent of thread counts), elsewhere tensors."""
+    return math.fsum(_parts(tensors, combine, chunk))
+
+
+def square_parts64(x: torch.Tensor, chunk: int = REDUCTION_CHUNK) -> list[float]:
+    """The float64 sums of x_j^2 over each `chunk` entries of flat x, whose math.fsum is `sum_squares64(x)`: a
+    tensor's sum of squares from its pieces, each piece starting at a multiple of `chunk` (fsum's correct rounding
+    makes the result independent of the order the parts come in)."""
+    return _parts([x], _square, chunk)
+
+
+def _parts(tensors: list[torch.Tensor], combine: Callable[..., object], chunk: int) -> list[float]:
+    """[sum(combine(*float64 chunks)) per chunk], see `_reduce`."""
     flats = [t.detach().reshape(-1) for t in tensors]
     n = flats[0].numel()
     if any(f.numel() != n for f in flats):
@@ -45,7 +57,7 @@ def _reduce(tensors: list[torch.Tensor], combine: Callable[..., object], chunk: 
     for start, stop in _spans(n, chunk):
         chunks = [_fill(b[:stop - start], f[start:stop]) for b, f in zip(buffers, flats)]
         parts.append(float(combine(*[c.numpy() for c in chunks] if cpu else chunks).sum()))
-    return math.fsum(parts)
+    return parts
 
 
 def _product(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -5,6 +5,8 @@
  * dare_chunk: one chunk of DARE's prepare pass (sparsify.random_masks): Philox drop masks and L1 sums.
  * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
  * stats_chunks: a tensor's data-free merge statistics (merging/merge_stats.py), numpy's pairwise sums.
+ * row_ranks: stable ascending ranks per row (DELLA's MagPrune probabilities), by radix sort.
+ * elect_chunk: one chunk of MagMax, consensus TA, EMR or RAM (elementwise elections over task vectors).
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -17,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1157,6 +1160,7 @@ typedef struct {
     const Vec *base;    /* NULL: the inputs themselves */
     double *tau;        /* m x PW_BLOCK */
     long long conflicts;
+    int float_difference; /* tau = (double)((float)x - (float)base), model_stock's float32 task vectors */
 } Stats;
 
 /* The pairwise sums of entries [start, start + n) into out[0..pairs): the squares, then the dots (i < j). */
@@ -1169,7 +1173,10 @@ VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, dou
             if (st->base) {
                 double b[PW_BLOCK];
                 load_doubles(st->base, start, len, b);
-                for (int k = 0; k < len; k++) t[k] -= b[k];
+                if (st->float_difference)
+                    for (int k = 0; k < len; k++) t[k] = (double)((float)t[k] - (float)b[k]);
+                else
+                    for (int k = 0; k < len; k++) t[k] -= b[k];
             }
         }
         if (m > 1) {
@@ -1188,7 +1195,7 @@ VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, dou
         int p = 0;
         for (int i = 0; i < m; i++, p++)
             out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)i * PW_BLOCK, len);
-        for (int i = 0; i < m; i++)
+        for (int i = 0; i < m && st->pairs > m; i++) /* the dots, unless only the squares are asked for */
             for (int j = i + 1; j < m; j++, p++)
                 out[p] = pw_leaf(st->tau + (size_t)i * PW_BLOCK, st->tau + (size_t)j * PW_BLOCK, len);
         return;
@@ -1200,14 +1207,19 @@ VECTOR_CLONES static void pw_node(Stats *st, Py_ssize_t start, Py_ssize_t n, dou
     for (int p = 0; p < st->pairs; p++) out[p] += scratch[p];
 }
 
-/* stats_chunks(out, n, chunk, inputs, base): out a float64 buffer of ceil(n / chunk) x pairs entries (pairs = m
- * squares, then the m (m - 1) / 2 dots i < j); inputs a tuple of m (address, dtype); base (address, dtype) or
- * None. Returns the sign conflicts (entries where some tau > 0 and another < 0). Releases the GIL. */
+/* stats_chunks(out, n, chunk, inputs, base[, float_difference[, squares_only]]): out a float64 buffer of
+ * ceil(n / chunk) x pairs entries (pairs = m squares, then the m (m - 1) / 2 dots i < j; with squares_only the m
+ * squares alone); inputs a tuple of m (address, dtype); base (address, dtype) or None; float_difference: tau_i =
+ * x_i - base rounded to float32 before the products (Model Stock's row norms and dots with chunk = its row
+ * length, SCE's sums of squares; task_arithmetic.ModelStock and Sce). Returns the sign
+ * conflicts (entries where some tau > 0 and another < 0). Releases the GIL. */
 static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
     unsigned long long out_addr;
     Py_ssize_t n, chunk;
     PyObject *inputs_obj, *base_obj;
-    if (!PyArg_ParseTuple(args, "KnnO!O", &out_addr, &n, &chunk, &PyTuple_Type, &inputs_obj, &base_obj))
+    int float_difference = 0, squares_only = 0;
+    if (!PyArg_ParseTuple(args, "KnnO!O|pp", &out_addr, &n, &chunk, &PyTuple_Type, &inputs_obj, &base_obj,
+                          &float_difference, &squares_only))
         return NULL;
     Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
     if (m < 1 || m > 64 || chunk < 1) {
@@ -1215,7 +1227,7 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
         return NULL;
     }
     Vec *x = (Vec *)calloc((size_t)m + 1, sizeof(Vec));
-    int pairs = (int)(m + m * (m - 1) / 2);
+    int pairs = (int)(squares_only ? m : m + m * (m - 1) / 2);
     double *tau = (double *)malloc((size_t)m * PW_BLOCK * sizeof(double));
     double *scratch = (double *)malloc((size_t)pairs * 64 * sizeof(double));
     if (!x || !tau || !scratch) {
@@ -1239,7 +1251,7 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
         free(x); free(tau); free(scratch);
         return NULL;
     }
-    Stats st = {x, (int)m, pairs, base, tau, 0};
+    Stats st = {x, (int)m, pairs, base, tau, 0, float_difference};
     double *out = (double *)(uintptr_t)out_addr;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t start = 0, c = 0; start < n; start += chunk, c++) {
@@ -1252,6 +1264,188 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(st.conflicts);
 }
 
+/* elect_chunk(kind, out, n, base, inputs, a, b, k) -> bool: one chunk of an elementwise task-vector election, the
+ * float32 operations of its torch code in order (tau_i = x_i - base rounded first; scalars rounded to float32, as
+ * torch does with Python numbers): ELECT_MAGMAX (competition.magmax: the tau of largest |tau|, the later one on
+ * equal magnitudes; a = lambda), ELECT_CONSENSUS (masks.consensus_ta: TALL masks |tau_t| > a |total - tau_t|,
+ * kept where at least k agree, b = lambda), ELECT_EMR (masks.emr: the elected sign's largest magnitude),
+ * ELECT_RAM (ram.ram: entries |tau| > a kept, averaged over the models keeping them). Returns False, leaving `out`
+ * unspecified, where an input, a task vector or their sum is not finite: NaNs take torch's own bits there, which
+ * its vectorised and scalar loops choose differently, so the caller merges that chunk with the torch ops.
+ * inputs a tuple of 1 to 64 (address, dtype); base (address, dtype). Releases the GIL. */
+enum { ELECT_MAGMAX = 0, ELECT_CONSENSUS = 1, ELECT_EMR = 2, ELECT_RAM = 3 };
+
+VECTOR_CLONES static int elect_chunk(int kind, float *out, Py_ssize_t n, const Vec *base, const Vec *x, int m,
+                                     float a, float b, int k, float *tau) {
+    int finite = 1;
+    float base_block[BLOCK], total[BLOCK];
+    for (Py_ssize_t start = 0; start < n && finite; start += BLOCK) {
+        const int len = (int)(n - start < BLOCK ? n - start : BLOCK);
+        load(base->data, base->dtype, start, len, base_block);
+        for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
+        for (int i = 0; i < m; i++) {
+            float *t = tau + (size_t)i * BLOCK;
+            load(x[i].data, x[i].dtype, start, len, t);
+            for (int j = 0; j < len; j++) {
+                t[j] = t[j] - base_block[j];
+                finite &= fabsf(t[j]) <= FLT_MAX;
+            }
+        }
+        if (kind == ELECT_CONSENSUS || kind == ELECT_EMR) {
+            memcpy(total, tau, (size_t)len * sizeof(float));
+            for (int i = 1; i < m; i++)
+                for (int j = 0; j < len; j++) total[j] = total[j] + tau[(size_t)i * BLOCK + j];
+            for (int j = 0; j < len; j++) finite &= fabsf(total[j]) <= FLT_MAX;
+        }
+        float *o = out + start, acc[BLOCK], divisor[BLOCK]; /* per entry, models in the inner loop over entries */
+        int votes[BLOCK];
+        if (kind == ELECT_MAGMAX) {
+            memcpy(acc, tau, (size_t)len * sizeof(float));
+            for (int i = 1; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) acc[j] = fabsf(t[j]) >= fabsf(acc[j]) ? t[j] : acc[j];
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + a * acc[j];
+        } else if (kind == ELECT_CONSENSUS) {
+            memset(votes, 0, sizeof(votes));
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) votes[j] += fabsf(t[j]) > fabsf(total[j] - t[j]) * a;
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + b * (total[j] * (votes[j] >= k ? 1.0f : 0.0f));
+        } else if (kind == ELECT_EMR) {
+            for (int j = 0; j < len; j++) {
+                divisor[j] = total[j] > 0 ? 1.0f : -1.0f; /* the elected sign */
+                acc[j] = 0.0f;
+            }
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) {
+                    const float kept = fabsf(t[j]) * (t[j] * divisor[j] > 0 ? 1.0f : 0.0f);
+                    acc[j] = kept > acc[j] ? kept : acc[j];
+                }
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + acc[j] * divisor[j];
+        } else {
+            memset(votes, 0, sizeof(votes));
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) votes[j] += fabsf(t[j]) > a;
+            }
+            for (int j = 0; j < len; j++) {
+                divisor[j] = (float)(votes[j] > 1 ? votes[j] : 1);
+                acc[j] = 0.0f;
+            }
+            for (int i = 0; i < m; i++) {
+                const float *t = tau + (size_t)i * BLOCK;
+                for (int j = 0; j < len; j++) acc[j] = acc[j] + (fabsf(t[j]) > a ? t[j] : 0.0f) / divisor[j];
+            }
+            for (int j = 0; j < len; j++) o[j] = base_block[j] + acc[j];
+        }
+    }
+    return finite;
+}
+
+static PyObject *py_elect_chunk(PyObject *self, PyObject *args) {
+    int kind;
+    unsigned long long out_addr, base_addr;
+    Py_ssize_t n;
+    int base_dtype;
+    PyObject *inputs_obj;
+    double a, b;
+    long long k;
+    if (!PyArg_ParseTuple(args, "iKn(Ki)O!ddL", &kind, &out_addr, &n, &base_addr, &base_dtype, &PyTuple_Type,
+                          &inputs_obj, &a, &b, &k))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
+    if (m < 1 || m > 64 || kind < ELECT_MAGMAX || kind > ELECT_RAM) {
+        PyErr_SetString(PyExc_ValueError, "elect_chunk: 1 to 64 inputs and a known kind");
+        return NULL;
+    }
+    Vec x[64];
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(inputs_obj, i), "Ki", &data, &x[i].dtype)) return NULL;
+        x[i].data = (const void *)(uintptr_t)data;
+    }
+    Vec base = {(const void *)(uintptr_t)base_addr, base_dtype};
+    float *tau = (float *)malloc((size_t)m * BLOCK * sizeof(float));
+    if (!tau) return PyErr_NoMemory();
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = elect_chunk(kind, (float *)(uintptr_t)out_addr, n, &base, x, (int)m, (float)a, (float)b,
+                         k < INT_MIN ? INT_MIN : k > INT_MAX ? INT_MAX : (int)k, tau);
+    Py_END_ALLOW_THREADS
+    free(tau);
+    return PyBool_FromLong(finite);
+}
+
+/* row_ranks(values, rows, width, out): per row of a contiguous float32 matrix, each entry's 0-based position in the
+ * row's stable ascending sort, as a float32 (DELLA's MagPrune ranks, sparsify.rank_keep_probability): the order of
+ * torch.sort(stable=True), where -0 equals +0, NaNs are equal and last, and ties keep their index order. An LSD
+ * radix sort of order-preserving 32-bit keys (four stable byte passes, a pass skipped where all keys share its
+ * byte) instead of a comparison sort: 10x torch's on a 5504 x 2048 weight. width < 2^24 (exact float32 ranks).
+ * Releases the GIL. */
+INLINE uint32_t order_key(float f) {
+    union { float f; uint32_t u; } b = {.f = f};
+    if (f != f) return 0xFFFFFFFFu;             /* every NaN, above +inf */
+    if (f == 0.0f) b.u = 0;                      /* -0 as +0 */
+    return (b.u & 0x80000000u) ? ~b.u : (b.u | 0x80000000u);
+}
+
+static void row_ranks(const float *values, Py_ssize_t rows, Py_ssize_t width, float *out, uint64_t *work) {
+    uint64_t *a = work, *b = work + width; /* (key << 32) | index: one load and one store per move */
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *v = values + r * width;
+        uint32_t counts[4][256];
+        memset(counts, 0, sizeof(counts));
+        for (Py_ssize_t j = 0; j < width; j++) {
+            uint32_t k = order_key(v[j]);
+            a[j] = ((uint64_t)k << 32) | (uint64_t)j;
+            counts[0][k & 255]++;
+            counts[1][(k >> 8) & 255]++;
+            counts[2][(k >> 16) & 255]++;
+            counts[3][k >> 24]++;
+        }
+        uint64_t *src = a, *dst = b;
+        for (int pass = 0; pass < 4; pass++) {
+            uint32_t *c = counts[pass];
+            int shift = 32 + 8 * pass;
+            if (c[(src[0] >> shift) & 255] == (uint32_t)width) continue; /* one byte value: order unchanged */
+            uint32_t offset = 0;
+            for (int d = 0; d < 256; d++) {
+                uint32_t here = c[d];
+                c[d] = offset;
+                offset += here;
+            }
+            for (Py_ssize_t j = 0; j < width; j++) {
+                uint64_t e = src[j];
+                dst[c[(e >> shift) & 255]++] = e;
+            }
+            uint64_t *t = src; src = dst; dst = t;
+        }
+        float *o = out + r * width;
+        for (Py_ssize_t p = 0; p < width; p++) o[(uint32_t)src[p]] = (float)p;
+    }
+}
+
+static PyObject *py_row_ranks(PyObject *self, PyObject *args) {
+    unsigned long long values_addr, out_addr;
+    Py_ssize_t rows, width;
+    if (!PyArg_ParseTuple(args, "KnnK", &values_addr, &rows, &width, &out_addr)) return NULL;
+    if (rows < 0 || width < 1 || width >= (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "row_ranks: rows >= 0 and 1 <= width < 2^24");
+        return NULL;
+    }
+    uint64_t *work = (uint64_t *)malloc((size_t)width * 2 * sizeof(uint64_t));
+    if (!work) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    row_ranks((const float *)(uintptr_t)values_addr, rows, width, (float *)(uintptr_t)out_addr, work);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
@@ -1259,6 +1453,8 @@ static PyMethodDef methods[] = {
     {"point_chunk", py_point_chunk, METH_VARARGS, "One chunk of a point between checkpoints (see _fused.c)."},
     {"stats_chunks", py_stats_chunks, METH_VARARGS, "A tensor's merge statistics, chunk by chunk (see _fused.c)."},
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
+    {"elect_chunk", py_elect_chunk, METH_VARARGS, "One chunk of MagMax, consensus TA, EMR or RAM (see _fused.c)."},
+    {"row_ranks", py_row_ranks, METH_VARARGS, "Stable ascending ranks per row of a float32 matrix (see _fused.c)."},
     {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
     {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},
     {NULL, NULL, 0, NULL},

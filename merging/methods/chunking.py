@@ -98,6 +98,7 @@ class ChunkedInputs:
     base: torch.Tensor | None
     workers: int = 1
     chunk_elements: int = CHUNK_ELEMENTS  # a multiple of CHUNK_ELEMENTS
+    shape: tuple[int, ...] | None = None  # the tensor's shape (None: flat), for statistics per row (DELLA's ranks)
 
     @property
     def numel(self) -> int:
@@ -166,7 +167,7 @@ def run_chunked(
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS if first.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     inputs = ChunkedInputs([t.reshape(-1) for t in tensors], None if base is None else base.reshape(-1),
-                           _workers if workers is None else workers, chunk_elements)
+                           _workers if workers is None else workers, chunk_elements, tuple(first.shape))
     out = empty_like_on(first, out_dtype)
     flat_out = out.view(-1)
     fn, two_phase = method.fn, method.two_phase

@@ -7,6 +7,9 @@ compiler basin runs the same merges in torch ops, with the same bits, only slowe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 try:
@@ -29,3 +32,29 @@ def readable(tensors: list[torch.Tensor | None], numel: int) -> bool:
 def address(t: torch.Tensor, start: int = 0) -> int:
     """The address of entry `start` of contiguous `t`."""
     return t.data_ptr() + start * t.element_size()
+
+
+ELECT_MAGMAX, ELECT_CONSENSUS, ELECT_EMR, ELECT_RAM = 0, 1, 2, 3  # elect_chunk's kinds, as in _fused.c
+
+
+def elect(kind: int, inputs: Any, fallback: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
+          a: float = 0.0, b: float = 0.0, k: int = 0) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    """The compiled `elect_chunk` of an elementwise election over task vectors (MagMax, consensus TA, EMR, RAM) as
+    `run_chunked`'s kernel(chunk, out), or None where it does not apply (`inputs` a ChunkedInputs). A chunk holding
+    a value that is not finite is merged by `fallback(float32 chunks, float32 base chunk)`, the method's torch ops
+    (NaN bits are theirs)."""
+    if compiled is None or not hasattr(compiled, "elect_chunk") or inputs.base is None \
+            or not 1 <= len(inputs.tensors) <= 64 or not readable(inputs.tensors + [inputs.base], inputs.numel):
+        return None
+    base, tensors = inputs.base, inputs.tensors
+
+    def kernel(chunk: int, out: torch.Tensor) -> torch.Tensor:
+        start, stop = inputs.span(chunk)
+        models = tuple((address(t, start), DTYPE_CODES[t.dtype]) for t in tensors)
+        if compiled.elect_chunk(kind, out.data_ptr(), stop - start, (address(base, start), DTYPE_CODES[base.dtype]),
+                                models, float(a), float(b), int(k)):
+            return out
+        return out.copy_(fallback([t[start:stop].to(torch.float32) for t in tensors],
+                                  base[start:stop].to(torch.float32)))
+
+    return kernel

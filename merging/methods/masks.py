@@ -5,7 +5,8 @@ With tau_MTL = sum_t tau_t (task arithmetic's merged vector), task t's TALL mask
 where its task vector outweighs what the others add there: m_t = |tau_t| > tall_lambda * |tau_MTL - tau_t|
 (strict, as the authors' code). Consensus merging (eq. 7) keeps the entries that at least k = `min_agreement`
 masks hold, dropping the weights no task uses ("catastrophic") and, with k = 2, those only one task uses
-("selfish"): theta = base + lambda * 1[sum_t m_t >= k] * tau_MTL. Elementwise: large tensors stream in chunks.
+("selfish"): theta = base + lambda * 1[sum_t m_t >= k] * tau_MTL. Elementwise: large tensors stream in chunks
+(on the CPU through the compiled `elect_chunk`).
 
 `tall_masks` writes the task-arithmetic merge base + lambda * tau_MTL and, beside it, tau_MTL and every
 task's mask: task t is base + m_t * tau_MTL (eq. 6; `merging.output.task_files.task_tensors`), so inference
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from merging.methods import kernels
 from merging.methods.registry import Layout, TaskOutputs, merge_method
 
 
@@ -38,7 +40,12 @@ def tall_masks(task_vectors: list[torch.Tensor], tall_lambda: float) -> tuple[to
     return total, masks
 
 
-@merge_method("consensus_ta", elementwise=True)
+def _consensus_kernel(inputs: Any, params: dict[str, Any]) -> Any:
+    return kernels.elect(kernels.ELECT_CONSENSUS, inputs, lambda x, b: consensus_ta.fn(x, b, params, None),
+                         params["tall_lambda"], params["lambda"], params["min_agreement"])
+
+
+@merge_method("consensus_ta", elementwise=True, fused=_consensus_kernel)
 def consensus_ta(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
                  rng: torch.Generator) -> torch.Tensor:
     """Consensus Task Arithmetic (Wang et al. 2024, eq. 7); see the module docstring."""
@@ -97,7 +104,12 @@ def _emr_outputs(task_vectors: list[torch.Tensor], params: dict[str, Any],
             "numel": torch.tensor([float(unified.numel())], dtype=torch.float64)}
 
 
-@merge_method("emr", elementwise=True, task_outputs=TaskOutputs(_emr_layout, _emr_outputs, rescale=True))
+def _emr_kernel(inputs: Any, params: dict[str, Any]) -> Any:
+    return kernels.elect(kernels.ELECT_EMR, inputs, lambda x, b: emr.fn(x, b, params, None))
+
+
+@merge_method("emr", elementwise=True, fused=_emr_kernel,
+              task_outputs=TaskOutputs(_emr_layout, _emr_outputs, rescale=True))
 def emr(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
         rng: torch.Generator) -> torch.Tensor:
     """EMR-merging (Huang et al. 2024, Alg. 1): the unified model base + tau_uni; the per-task masks and the

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from merging.methods import kernels
+from merging.methods.chunking import ChunkedInputs, run_chunked
 from merging.methods.registry import merge_method
 
 Params = dict[str, Any]
@@ -35,7 +37,11 @@ def contributions(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: floa
     return taus, masks, count
 
 
-@merge_method("ram", elementwise=True)
+def _ram_kernel(inputs: Any, params: Params) -> Any:
+    return kernels.elect(kernels.ELECT_RAM, inputs, lambda x, b: ram.fn(x, b, params, None), float(params["epsilon"]))
+
+
+@merge_method("ram", elementwise=True, fused=_ram_kernel)
 def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
     """RAM: unique task-vector entries kept, overlapping ones averaged over the contributing models."""
     taus, masks, count = contributions(tensors, base, float(params["epsilon"]))
@@ -52,21 +58,60 @@ def unique_gain(mask: torch.Tensor, count: torch.Tensor, r: float, alpha: float,
     in float32 (as mergekit: the counts are exact, the ratio and gain are rounded to float32)."""
     shared = torch.count_nonzero(mask & (count > 1)).to(torch.float32)
     unique = torch.count_nonzero(mask & (count == 1)).to(torch.float32)
+    return gain_from_counts(shared, unique, r, alpha, epsilon)
+
+
+def gain_from_counts(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float,
+                     epsilon: float) -> torch.Tensor:
+    """`unique_gain` from the counts (float32 0-dim tensors)."""
     rho = shared / unique.clamp(min=epsilon)
     return 1 + r * rho.clamp(min=0, max=alpha)
 
 
-@merge_method("ramplus_tl")
-def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-               rng: torch.Generator) -> torch.Tensor:
-    """RAM+ (tensor-local): RAM with each model's unique entries scaled by its lambda_i (counted per tensor)."""
-    epsilon = float(params["epsilon"])
-    taus, masks, count = contributions(tensors, base, epsilon)
-    unique, overlap = count == 1, count > 1
-    divisor = count.clamp(min=1).to(base.dtype)
-    merged = torch.zeros_like(base)
-    for tau, m in zip(taus, masks):
-        gain = unique_gain(m, count, float(params["r"]), float(params["alpha"]), epsilon)
-        merged.add_(torch.where(m & unique, tau * gain.to(tau.device), 0.0))
-        merged.add_(torch.where(m & overlap, tau, 0.0) / divisor)
-    return base + merged
+class RamPlusTl:
+    """RAM+ (tensor-local): RAM with each model's unique entries scaled by its lambda_i (counted per tensor).
+
+    Two phases (merging.methods.chunking): `prepare` counts each model's shared and unique entries chunk by chunk
+    (exact integers), `apply` merges chunk by chunk with the gains.
+    """
+
+    two_phase = True
+    fused = None  # no compiled kernel
+
+    @property
+    def fn(self) -> RamPlusTl:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        epsilon = float(params["epsilon"])
+
+        def tally(_: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[tuple[int, int]]:
+            _, masks, count = contributions(chunks, base, epsilon)
+            shared, unique = count > 1, count == 1
+            return [(int(torch.count_nonzero(m & shared)), int(torch.count_nonzero(m & unique))) for m in masks]
+
+        per_chunk = inputs.map(tally)
+        gains = []
+        for i in range(len(inputs.tensors)):
+            shared = torch.tensor(sum(c[i][0] for c in per_chunk)).to(torch.float32)
+            unique = torch.tensor(sum(c[i][1] for c in per_chunk)).to(torch.float32)
+            gains.append(gain_from_counts(shared, unique, float(params["r"]), float(params["alpha"]), epsilon))
+        return {"gains": gains}
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        taus, masks, count = contributions(chunks, base, float(params["epsilon"]))
+        unique, overlap = count == 1, count > 1
+        divisor = count.clamp(min=1).to(base.dtype)
+        merged = torch.zeros_like(base)
+        for tau, m, gain in zip(taus, masks, state["gains"]):
+            merged.add_(torch.where(m & unique, tau * gain.to(tau.device), 0.0))
+            merged.add_(torch.where(m & overlap, tau, 0.0) / divisor)
+        return base + merged
+
+
+ramplus_tl = merge_method("ramplus_tl")(RamPlusTl())

@@ -111,12 +111,26 @@ def rank_keep_probability(magnitude: torch.Tensor, density: float, epsilon: floa
         raise BasinError(f"della: density +- epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}")
     rows = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude.reshape(magnitude.shape[0], -1)
     width = rows.shape[1]
+    if width <= 1:
+        return ((density - epsilon) + 2 * epsilon * torch.full_like(rows, 0.5)).reshape(magnitude.shape)
+    ranks = stable_row_ranks(rows)  # in place below: the same float32 operations as out of place
+    return ranks.div_(width - 1).mul_(2 * epsilon).add_(density - epsilon).reshape(magnitude.shape)
+
+
+def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D float tensor, each entry's position in the row's stable ascending sort (torch.sort's order:
+    -0 equals +0, NaN last), as floats of the rows' dtype. On the CPU by the compiled radix sort (the same ranks,
+    tested), else by a sort and a scatter."""
+    width = rows.shape[1]
+    if (kernels.compiled is not None and hasattr(kernels.compiled, "row_ranks") and rows.device.type == "cpu"
+            and rows.dtype == torch.float32 and rows.is_contiguous() and width < 1 << 24 and rows.numel() > 0):
+        ranks = torch.empty_like(rows)
+        kernels.compiled.row_ranks(rows.data_ptr(), rows.shape[0], width, ranks.data_ptr())
+        return ranks
     order = torch.sort(rows, dim=1, stable=True).indices
     ranks = torch.empty_like(rows)
     positions = torch.arange(width, dtype=rows.dtype, device=rows.device).expand_as(rows)
-    ranks.scatter_(1, order, positions)
-    scaled = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + 2 * epsilon * scaled).reshape(magnitude.shape)
+    return ranks.scatter_(1, order, positions)
 
 
 def mask_and_rescale_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool | str,
@@ -130,8 +144,8 @@ def mask_and_rescale_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool | s
     factor = 1.0
     if rescale is True:
         magnitude = delta.abs() if magnitude is None else magnitude
-        before = _sum64(magnitude)
-        factor = l1_rescale_factor(before, _sum64(mul_mask_(magnitude, mask)), eps)
+        before = sum64(magnitude)
+        factor = l1_rescale_factor(before, sum64(mul_mask_(magnitude, mask)), eps)
     mul_mask_(delta, mask)
     if rescale == "unbiased":
         delta.div_(keep_probability)
@@ -192,7 +206,7 @@ def sign_consensus_disjoint_sum_(weighted: list[torch.Tensor], weights: list[flo
     return mixed
 
 
-def _sum64(x: torch.Tensor) -> float:
+def sum64(x: torch.Tensor) -> float:
     """Sum in float64, independent of torch's thread count (numpy's pairwise sum on CPU)."""
     if x.device.type != "cpu":
         return float(x.sum(dtype=torch.float64))
@@ -276,7 +290,7 @@ def _split_at_bracket(a: torch.Tensor, bracket: Bracket, sums: bool) -> tuple[in
         heavy_count = int(np.count_nonzero(is_heavy))
         inside &= ~is_heavy
     return (int(np.count_nonzero(above)), torch.from_numpy(x[inside]), heavy_count,
-            _sum64(a * torch.from_numpy(above)) if sums else 0.0)
+            sum64(a * torch.from_numpy(above)) if sums else 0.0)
 
 
 def _tally_compiled(cuts: list[tuple[torch.Tensor, Bracket]], base: torch.Tensor, start: int, stop: int
@@ -304,7 +318,7 @@ def _split_at_bracket_torch(a: torch.Tensor, bracket: Bracket, sums: bool) -> tu
         heavy_count = int(torch.count_nonzero(is_heavy))
         inside &= ~is_heavy
     return (int(torch.count_nonzero(above)), torch.masked_select(a, inside), heavy_count,
-            _sum64(a.mul(above)) if sums else 0.0)
+            sum64(a.mul(above)) if sums else 0.0)
 
 
 _SAMPLE = 1 << 16
@@ -436,7 +450,7 @@ def _scan(inputs: ChunkedInputs, ks: list[list[int]], brackets: list[list[Bracke
             if torch.isnan(a.sum()):
                 _refuse_nan(i)
             cuts = [None if bracket is None else _split_at_bracket(a, bracket, sums) for bracket in brackets[i]]
-            out.append((cuts, _sum64(a) if with_totals else 0.0))
+            out.append((cuts, sum64(a) if with_totals else 0.0))
         return out
 
     return inputs.map(visit)
@@ -493,7 +507,7 @@ def _select_cut(k: int, n: int, heavy: float | None, tallies: list[tuple[int, to
         before = tuple(itertools.accumulate(tied_per_chunk, initial=0))
     kept = 0.0
     if sums:
-        kept = (sum(t[3] for t in tallies) + _sum64(candidates[candidates > threshold]) + threshold * ties_kept
+        kept = (sum(t[3] for t in tallies) + sum64(candidates[candidates > threshold]) + threshold * ties_kept
                 + (heavy * heavy_total if heavy is not None and heavy > threshold else 0.0))
     return MagnitudeCut(k, n, threshold, ties_kept, ties_total, before), kept
 
@@ -564,7 +578,7 @@ def _random_masks(inputs: ChunkedInputs, keep: list[float], key: int, sums: bool
                 out.append((None, 0.0, 0.0))
                 continue
             a = x.sub_(base).abs_()
-            out.append((pack_mask(mask), _sum64(a), _sum64(mul_mask_(a, mask))))
+            out.append((pack_mask(mask), sum64(a), sum64(mul_mask_(a, mask))))
         return out
 
     per_chunk = inputs.map(draw_and_sum)

@@ -17,15 +17,18 @@ Where this follows mergekit rather than the papers (documented per method):
 Task arithmetic, TIES, DARE and Breadcrumbs stream: `TaskVectorMerge` finds each model's exact top-k
 threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, then merges chunk by chunk
 (merging.methods.chunking), never holding a float32 copy of a whole input; on the CPU both passes run in the
-compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA (per-row ranks),
-Model Stock and SCE work on whole tensors. DARE's masks come from the counter-based Philox generator
-(merging.methods.philox) keyed by (a key drawn from the per-tensor generator, model index, entry index), so they
-are the same for any chunk size, thread count or device; DELLA's from the per-tensor generator, drawn
-model by model; mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
+compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA streams the same way once
+each model's mask is drawn (its per-row ranks need that model's whole task vector, formed one model at a time);
+Model Stock and SCE are two-phase too (`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's masks
+come from the counter-based Philox generator (merging.methods.philox) keyed by (a key drawn from the per-tensor
+generator, model index, entry index), so they are the same for any chunk size, thread count or device; DELLA's
+from the per-tensor generator, drawn model by model; mergekit's draws (global torch RNG) are not reproducible, so
+only the distribution matches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,14 +46,16 @@ from merging.methods.sparsify import (
     magnitude_cuts,
     mask_and_rescale_,
     mul_mask_,
+    pack_mask,
     random_mask,
     random_masks,
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
+    sum64,
     topk_mask,
     unpack_mask,
 )
-from merging.reductions import row_dots64, row_norms64, sum_squares64
+from merging.reductions import REDUCTION_CHUNK, row_dots64, row_norms64, square_parts64
 from taxonomy.errors import BasinError
 
 Params = dict[str, Any]
@@ -78,9 +83,10 @@ def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: 
         mask = random_mask(delta.shape, density, rng, delta.device)
         return mask_and_rescale_(delta, mask, rescale, density)
     if how == "della":
-        keep = rank_keep_probability(delta.abs(), density, params["epsilon"][i])
+        magnitude = delta.abs()
+        keep = rank_keep_probability(magnitude, density, params["epsilon"][i])
         mask = random_mask(delta.shape, keep, rng, delta.device)
-        return mask_and_rescale_(delta, mask, rescale, keep)
+        return mask_and_rescale_(delta, mask, rescale, keep, magnitude)
     raise ValueError(how)
 
 
@@ -168,9 +174,36 @@ class TaskVectorMerge:
             state["masks"] = masks
             if rescale is True:
                 state["scale"] = [l1_rescale_factor(totals[i], kept[i]) if keep[i] < 1 else 1.0 for i in range(m)]
+        elif self.sparsify == "della":
+            self._prepare_della(inputs, params, rng, state)
         elif self.sparsify is not None:
             raise ValueError(self.sparsify)
         return state
+
+    def _prepare_della(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator,
+                       state: dict[str, Any]) -> None:
+        """DELLA's MagPrune masks, model by model in model order (the draws of `sparsify_task_vector_`): per-row
+        ranks need the whole task vector, so it is formed once per model (never all at once), its mask packed per
+        chunk as DARE's, with the L1 sums or (`rescale: unbiased`) the keep probabilities the chunks divide by."""
+        m, shape, base = len(inputs.tensors), inputs.shape or (inputs.numel,), inputs.base
+        rescale = params["rescale"]
+        state["span"] = (inputs.chunk_elements, inputs.numel)
+        state["masks"], state["keep"] = [None] * m, [None] * m
+        b32 = base.to(torch.float32).view(shape)
+        for i in range(m):
+            if not self._sparsified(params, i):
+                continue
+            delta = inputs.tensors[i].to(torch.float32).view(shape) - b32
+            magnitude = delta.abs()
+            keep = rank_keep_probability(magnitude, params["density"][i], params["epsilon"][i])
+            mask = random_mask(delta.shape, keep, rng, delta.device).view(-1)
+            del delta
+            if rescale is True:
+                before = sum64(magnitude)
+                state["scale"][i] = l1_rescale_factor(before, sum64(mul_mask_(magnitude, mask.view(shape))))
+            elif rescale == "unbiased":
+                state["keep"][i] = keep.view(-1)
+            state["masks"][i] = [pack_mask(mask[slice(*inputs.span(c))]) for c in range(inputs.num_chunks)]
 
     def fused(self, inputs: ChunkedInputs, params: Params, state: dict[str, Any]
               ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
@@ -179,6 +212,8 @@ class TaskVectorMerge:
         apply (not built, not on the CPU, float16 or non-contiguous inputs): then `apply` runs, with the same
         bits (tested)."""
         if not kernels.readable(inputs.tensors + [inputs.base], inputs.numel):
+            return None
+        if self.sparsify == "della" and params["rescale"] == "unbiased":  # a division by a tensor: torch ops
             return None
         weights = [float(w) for w in params["weight"]]
         rescale, normalize, lam = params["rescale"], params["normalize"], params["lambda"]
@@ -191,7 +226,7 @@ class TaskVectorMerge:
             keep, cut, allowed, mask, post, post_value = KEEP_ALL, 0.0, 0, 0, kernels.POST_NONE, 0.0
             outer, inner = KEEP_ALL, (KEEP_ALL, 0.0, 0)
             if self._sparsified(params, i):
-                if self.sparsify == "random":
+                if self.sparsify in ("random", "della"):
                     keep, mask = KEEP_MASK, state["masks"][i][chunk].data_ptr()
                 elif self.sparsify == "outliers":  # Breadcrumbs: the band between two cuts
                     outer, cut, allowed = state["cuts"][i][0].rule(chunk)
@@ -221,8 +256,11 @@ class TaskVectorMerge:
         if not self._sparsified(params, i):
             return tau
         rescale = params["rescale"]
-        if self.sparsify == "random":
+        if self.sparsify in ("random", "della"):
             mul_mask_(tau, unpack_mask(state["masks"][i][chunk], tau.numel()))
+            if rescale == "unbiased" and self.sparsify == "della":
+                start, stop = self._span(state, chunk)
+                return tau.div_(state["keep"][i][start:stop])
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])
         else:
@@ -238,6 +276,11 @@ class TaskVectorMerge:
         if rescale is True and state["scale"][i] != 1.0:
             tau.mul_(state["scale"][i])
         return tau
+
+    @staticmethod
+    def _span(state: dict[str, Any], chunk: int) -> tuple[int, int]:
+        size, numel = state["span"]
+        return chunk * size, min(numel, (chunk + 1) * size)
 
     def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
               chunk: int) -> torch.Tensor:
@@ -286,24 +329,15 @@ breadcrumbs_ties = merge_method("breadcrumbs_ties")(TaskVectorMerge("outliers", 
 masks followed by TIES sign election and disjoint sum (mergekit's variant)."""))
 
 
-@merge_method("della")
-def della(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
-    """Deep et al. 2024 (DELLA, MagPrune): keep entry j of a row with probability
-    density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept), rescale,
-    TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=True)
+della = merge_method("della")(TaskVectorMerge("della", True, """Deep et al. 2024 (DELLA, MagPrune): keep \
+entry j of a row with probability density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept),
+rescale, TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""))
+
+della_linear = merge_method("della_linear")(TaskVectorMerge("della", False, """DELLA's MagPrune drop and rescale \
+followed by a weighted sum (mergekit's `della_linear`)."""))
 
 
-@merge_method("della_linear")
-def della_linear(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-    """DELLA's MagPrune drop and rescale followed by a weighted sum (mergekit's `della_linear`)."""
-    return generalized_task_arithmetic(tensors, base, params, rng, "della", consensus=False)
-
-
-@merge_method("model_stock")
-def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                rng: torch.Generator) -> torch.Tensor:
+class ModelStock:
     """Jang et al. 2024 (Model Stock, eq. 2): t = N cos(theta) / (1 + (N - 1) cos(theta)),
     theta_H = t * mean_i theta_i + (1 - t) * base.
 
@@ -312,51 +346,159 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor | None, params: 
     `filter_wise` (1-D tensors: one row). Norm products are clamped at 1e-6 as mergekit. The one
     deviation: where 1 + (N - 1) cos(theta) = 0 (exactly opposite task vectors) t is undefined and
     this raises, where mergekit would write inf/nan.
+
+    Two phases (merging.methods.chunking): `prepare` finds t per row from the float64 norms and dots (on the CPU
+    one compiled pass over the stored inputs, numpy's pairwise sums of `merging.reductions.row_dots64`: the same
+    bits), `apply` interpolates chunk by chunk.
     """
-    n = len(tensors)
-    shape = base.shape
-    per_row = params["filter_wise"] and base.dim() >= 2
 
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    two_phase = True
+    fused = None  # no compiled kernel
 
-    b = rows(base)
-    offsets = [rows(t) - b for t in tensors]
-    lengths = [row_norms64(o) for o in offsets]  # float64 accumulation (norms and dots over whole rows)
-    cosines = []
-    for i in range(n):
-        for j in range(i + 1, n):
+    @property
+    def fn(self) -> ModelStock:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        n, numel, shape = len(inputs.tensors), inputs.numel, inputs.shape or (inputs.numel,)
+        width = math.prod(shape[1:]) if params["filter_wise"] and len(shape) >= 2 else numel
+        rows = numel // width if width else 1
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        sums = self._compiled_sums(inputs, rows, width, n) if width else None
+        if sums is not None:
+            lengths = [sums[:, i].sqrt_() for i in range(n)]
+            dots = [sums[:, n + p] for p in range(len(pairs))]
+        else:  # the float32 task vectors as rows, float64 reductions in torch ops
+            b = inputs.base.to(torch.float32).reshape(rows, -1)
+            offsets = [t.to(torch.float32).reshape(rows, -1) - b for t in inputs.tensors]
+            lengths = [row_norms64(o) for o in offsets]
+            dots = [row_dots64(offsets[i], offsets[j]) for i, j in pairs]
+        cosines = []
+        for (i, j), dot in zip(pairs, dots):
             norms = (lengths[i] * lengths[j]).clamp_(min=1e-6)
-            cosines.append((row_dots64(offsets[i], offsets[j]) / norms).clamp_(-1, 1))
-    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
-    denominator = 1 + (n - 1) * cos
-    if bool((denominator.abs() < 1e-6).any()):
-        raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
-                         "the interpolation ratio is undefined")
-    t = (n * cos / denominator).to(b.dtype)
-    average = torch.stack([rows(x) for x in tensors]).mean(0)
-    return (t * average + (1 - t) * b).reshape(shape)
+            cosines.append((dot / norms).clamp_(-1, 1))
+        cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+        denominator = 1 + (n - 1) * cos
+        if bool((denominator.abs() < 1e-6).any()):
+            raise BasinError("model_stock: the task vectors point in opposite directions (cos = -1/(N-1)); "
+                             "the interpolation ratio is undefined")
+        t = (n * cos / denominator).to(torch.float32).reshape(-1)
+        return {"t": t, "width": max(1, width), "span": (inputs.chunk_elements, numel)}
+
+    @staticmethod
+    def _compiled_sums(inputs: ChunkedInputs, rows: int, width: int, n: int) -> torch.Tensor | None:
+        """[rows, n squares then the dots i < j] of the float32 task vectors' rows, float64, or None where the
+        kernel cannot read the inputs."""
+        if not hasattr(kernels.compiled, "stats_chunks") or n > 64 or not kernels.readable(
+                inputs.tensors + [inputs.base], inputs.numel):
+            return None
+        sums = torch.empty(rows, n + n * (n - 1) // 2, dtype=torch.float64)
+        code = kernels.DTYPE_CODES
+        kernels.compiled.stats_chunks(sums.data_ptr(), inputs.numel, width,
+                                      tuple((kernels.address(t), code[t.dtype]) for t in inputs.tensors),
+                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True)
+        return sums
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        size, numel = state["span"]
+        start, stop = chunk * size, min(numel, (chunk + 1) * size)
+        t, width = state["t"].to(base.device), state["width"]
+        first, last = start // width, (stop - 1) // width
+        if first == last:
+            t = t[first:first + 1]
+        else:
+            t = t[first:last + 1].repeat_interleave(width)[start - first * width:stop - first * width]
+        average = torch.stack(chunks).mean(0)
+        return t * average + (1 - t) * base
 
 
-@merge_method("sce")
-def sce(tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params, rng: torch.Generator) -> torch.Tensor:
+model_stock = merge_method("model_stock")(ModelStock())
+
+
+class Sce:
     """Wan et al. 2024 (FuseChat, SCE): Select the int(select_topk * nnz) entries of highest variance
     across the task vectors (population variance; nnz counts entries of nonzero variance), Calculate
     per-model weights mean(tau_i^2) / sum_j mean(tau_j^2) (uniform if that sum is < 1e-6), Erase
     entries whose sign disagrees with the elected sign of sum_i tau_i; base + sum of kept weighted
     entries / sum of their weights (clamped at 1e-6). As mergekit; ties in the variance ranking keep
     the lowest indices.
+
+    Two phases (merging.methods.chunking): `prepare` gathers the variance mask (whole-tensor top-k) and the
+    weights' float64 sums of squares (`merging.reductions.sum_squares64`'s parts, chunk by chunk; on the CPU
+    without selection one compiled pass over the stored inputs), `apply` elects and erases chunk by chunk.
     """
-    tvs = torch.stack([t - base for t in tensors])
-    fraction = params["select_topk"]
-    if fraction < 1:
-        variance = tvs.var(dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(variance)) * fraction)
-        tvs = tvs * topk_mask(variance.abs(), k)
-    energy = torch.tensor([sum_squares64(tv) / max(1, tv.numel()) for tv in tvs], dtype=torch.float64)
-    total = float(energy.sum())
-    weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(tensors))).to(tvs.dtype)
-    positive = tvs.sum(0) >= 0
-    agree = torch.where(positive, tvs > 0, tvs < 0)
-    erased = weights.view(-1, *[1] * base.dim()) * agree
-    return base + (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+
+    two_phase = True
+    fused = None  # no compiled kernel
+
+    @property
+    def fn(self) -> Sce:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
+
+    def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
+        n, numel = len(inputs.tensors), inputs.numel
+        mask = None
+        if params["select_topk"] < 1:
+            variance = torch.empty(numel, dtype=torch.float32, device=inputs.base.device)
+
+            def spread(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> None:
+                start, stop = inputs.span(index)
+                variance[start:stop] = torch.stack([x.sub_(base) for x in chunks]).var(dim=0, unbiased=False)
+
+            inputs.map(spread)
+            k = int(int(torch.count_nonzero(variance)) * params["select_topk"])
+            mask = topk_mask(variance.abs(), k)
+            del variance
+        parts = self._compiled_parts(inputs) if mask is None else None
+        if parts is None:
+
+            def squares(index: int, chunks: list[torch.Tensor], base: torch.Tensor | None) -> list[list[float]]:
+                start, stop = inputs.span(index)
+                taus = [x.sub_(base) for x in chunks]
+                if mask is not None:
+                    taus = [tau * mask[start:stop] for tau in taus]
+                return [square_parts64(tau) for tau in taus]
+
+            per_chunk = inputs.map(squares)
+            parts = [[p for c in per_chunk for p in c[i]] for i in range(n)]
+        energy = torch.tensor([math.fsum(parts[i]) / max(1, numel) for i in range(n)], dtype=torch.float64)
+        total = float(energy.sum())
+        weights = (energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / n)).to(torch.float32)
+        return {"mask": mask, "weights": weights.view(-1, 1), "span": (inputs.chunk_elements, numel)}
+
+    @staticmethod
+    def _compiled_parts(inputs: ChunkedInputs) -> list[list[float]] | None:
+        """`square_parts64` of each float32 task vector from one compiled pass, or None where it does not apply."""
+        n, numel = len(inputs.tensors), inputs.numel
+        if not hasattr(kernels.compiled, "stats_chunks") or n > 64 or numel == 0 or not kernels.readable(
+                inputs.tensors + [inputs.base], numel):
+            return None
+        sums = torch.empty(-(-numel // REDUCTION_CHUNK), n, dtype=torch.float64)
+        code = kernels.DTYPE_CODES
+        kernels.compiled.stats_chunks(sums.data_ptr(), numel, REDUCTION_CHUNK,
+                                      tuple((kernels.address(t), code[t.dtype]) for t in inputs.tensors),
+                                      (kernels.address(inputs.base), code[inputs.base.dtype]), True, True)
+        return [sums[:, i].tolist() for i in range(n)]
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: Params, state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        tvs = torch.stack([x.sub_(base) for x in chunks])
+        if state["mask"] is not None:
+            size, numel = state["span"]
+            mul_mask_(tvs, state["mask"][chunk * size:min(numel, (chunk + 1) * size)].expand_as(tvs).contiguous())
+        # agree: tau > 0 where the elected sign is + (sum >= 0), tau < 0 elsewhere, as tau * (+-1) > 0 (exact)
+        elected = torch.where(tvs.sum(0) >= 0, 1.0, -1.0)
+        erased = state["weights"].to(tvs.device) * (tvs * elected > 0)
+        return base + tvs.mul_(erased).sum(0) / erased.sum(0).clamp_(min=1e-6)
+
+
+sce = merge_method("sce")(Sce())
