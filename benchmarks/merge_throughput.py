@@ -43,8 +43,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-                "della_linear", "model_stock"}
 COMPARE = {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties"}
 # methods with top-k trims: (density, gamma); Breadcrumbs keeps ranks gamma n < r <= (density + gamma) n
 TRIMMED = {"ties": (0.5, 0.0), "breadcrumbs": (0.5, 0.01), "breadcrumbs_ties": (0.5, 0.01)}
@@ -131,11 +129,22 @@ def generate(folder: Path, shapes: dict, config: dict, seed: int, base: Path | N
     os.replace(tmp, folder)
 
 
+def needs_base(method: str) -> bool:
+    from merging.methods.catalog import get_method
+
+    return get_method(method).info.needs_base
+
+
+def accepts(method: str, name: str) -> bool:
+    from merging.methods.catalog import get_method
+
+    return name in {p.name for p in get_method(method).info.params}
+
+
 def recipe_for(method: str, models: list[Path], base: Path | None) -> dict:
-    if method in BASE_METHODS:
-        params = {"weight": 1.0 / len(models)}
-        if method not in ("task_arithmetic", "model_stock"):
-            params["density"] = TRIMMED.get(method, (0.5, 0.0))[0]
+    if needs_base(method):
+        params = {k: v for k, v in (("weight", 1.0 / len(models)), ("density", TRIMMED.get(method, (0.5, 0.0))[0]))
+                  if accepts(method, k)}
         r = {"merge_method": method, "base_model": str(base),
              "models": [{"model": str(m), "parameters": dict(params)} for m in models],
              "dtype": "float32", "out_dtype": "bfloat16"}
@@ -358,32 +367,32 @@ def main() -> None:
     shapes, config = llama_shapes(args.size_gb, itemsize)
     size = sum(int(torch.tensor(s).prod()) for s in shapes.values()) * itemsize
     data = args.workdir / f"llama-{args.size_gb:g}gb-{args.dtype}"
-    needs_base = any(m in BASE_METHODS for m in args.methods)
+    with_base = any(needs_base(m) for m in args.methods)
     n_max = max(args.n)
     print(f"generating {n_max} checkpoints of {size / 1e9:.2f} GB in {data}", file=sys.stderr)
     base = data / "base"
-    if needs_base:
+    if with_base:
         generate(base, shapes, config, 1000, None, 500 * 10**6)
     models = []
     for i in range(n_max):
         models.append(data / f"m{i}")
-        generate(models[-1], shapes, config, i, base if needs_base else None, 500 * 10**6)
+        generate(models[-1], shapes, config, i, base if with_base else None, 500 * 10**6)
     mergekit = args.mergekit if Path(args.mergekit).exists() else None
     results = []
     for method in args.methods:
         for n in args.n:
             inputs = models[:n]
-            recipe = recipe_for(method, inputs, base if method in BASE_METHODS else None)
+            recipe = recipe_for(method, inputs, base if needs_base(method) else None)
             recipe_path = args.workdir / f"recipe-{method}-{n}.yaml"
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            n_read = n + (1 if method in BASE_METHODS else 0)
+            n_read = n + (1 if needs_base(method) else 0)
             row: dict = {"method": method, "n_models": n, "inputs_read": n_read, "model_gb": round(size / 1e9, 3),
                          "dtype": args.dtype, "device": args.device, "note": args.note, "machine": machine_block()}
             out_floor, out_basin, out_mk = (args.workdir / x for x in ("out-floor", "out-basin", "out-mergekit"))
             floors: dict[str, list[dict]] = {"safetensors_floor": [], "floor": []}
             basins, mks = [], []
             for _ in range(args.repeats):
-                floor_inputs = [str(p) for p in inputs] + ([str(base)] if method in BASE_METHODS else [])
+                floor_inputs = [str(p) for p in inputs] + ([str(base)] if needs_base(method) else [])
                 for _ in range(3):  # a floor is the denominator: a slow one would flatter basin
                     for key, child in (("safetensors_floor", SAFETENSORS_FLOOR_CHILD), ("floor", STRICT_FLOOR_CHILD)):
                         shutil.rmtree(out_floor, ignore_errors=True)
