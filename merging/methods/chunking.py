@@ -199,3 +199,20 @@ def run_chunked(
     inputs.map(work)
     profiling.stop("apply", started, inputs.nbytes + out.nbytes)
     return out
+
+
+class TwoPhase:
+    """Base of a two-phase method object (`prepare` gathers whole-tensor statistics over chunks, `apply` merges one
+    chunk): the object is its own function, and calling it merges a whole tensor through the same two phases.
+    `fused` (the compiled kernel's per-chunk function) is None unless a subclass defines it."""
+
+    two_phase = True  # what run_chunked reads from a bound method
+    fused = None
+
+    @property
+    def fn(self) -> TwoPhase:
+        return self
+
+    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
+                 rng: torch.Generator) -> torch.Tensor:
+        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)

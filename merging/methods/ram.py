@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from merging.methods import kernels
-from merging.methods.chunking import ChunkedInputs, run_chunked
+from merging.methods.chunking import ChunkedInputs, TwoPhase
 from merging.methods.registry import merge_method
 
 Params = dict[str, Any]
@@ -68,23 +68,12 @@ def gain_from_counts(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha
     return 1 + r * rho.clamp(min=0, max=alpha)
 
 
-class RamPlusTl:
+class RamPlusTl(TwoPhase):
     """RAM+ (tensor-local): RAM with each model's unique entries scaled by its lambda_i (counted per tensor).
 
     Two phases (merging.methods.chunking): `prepare` counts each model's shared and unique entries chunk by chunk
     (exact integers), `apply` merges chunk by chunk with the gains.
     """
-
-    two_phase = True
-    fused = None  # no compiled kernel
-
-    @property
-    def fn(self) -> RamPlusTl:
-        return self
-
-    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
 
     def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
         epsilon = float(params["epsilon"])

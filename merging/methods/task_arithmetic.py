@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from merging.methods import kernels
-from merging.methods.chunking import ChunkedInputs, run_chunked
+from merging.methods.chunking import ChunkedInputs, TwoPhase
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
     KEEP_ALL,
@@ -120,7 +120,7 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
     return mixed.add_(base)
 
 
-class TaskVectorMerge:
+class TaskVectorMerge(TwoPhase):
     """Streaming `generalized_task_arithmetic` for the sparsifiers whose per-model statistics can be
     gathered in passes over chunks: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'random' (DARE).
 
@@ -132,16 +132,6 @@ class TaskVectorMerge:
 
     def __init__(self, sparsify: str | None, consensus: bool, doc: str) -> None:
         self.sparsify, self.consensus, self.__doc__ = sparsify, consensus, doc
-
-    two_phase = True  # what run_chunked reads from a bound method; the object is its own function
-
-    @property
-    def fn(self) -> TaskVectorMerge:
-        return self
-
-    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
 
     def _sparsified(self, params: Params, i: int) -> bool:
         return self.sparsify is not None and params["density"][i] < 1
@@ -337,7 +327,7 @@ della_linear = merge_method("della_linear")(TaskVectorMerge("della", False, """D
 followed by a weighted sum (mergekit's `della_linear`)."""))
 
 
-class ModelStock:
+class ModelStock(TwoPhase):
     """Jang et al. 2024 (Model Stock, eq. 2): t = N cos(theta) / (1 + (N - 1) cos(theta)),
     theta_H = t * mean_i theta_i + (1 - t) * base.
 
@@ -351,17 +341,6 @@ class ModelStock:
     one compiled pass over the stored inputs, numpy's pairwise sums of `merging.reductions.row_dots64`: the same
     bits), `apply` interpolates chunk by chunk.
     """
-
-    two_phase = True
-    fused = None  # no compiled kernel
-
-    @property
-    def fn(self) -> ModelStock:
-        return self
-
-    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
 
     def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
         n, numel, shape = len(inputs.tensors), inputs.numel, inputs.shape or (inputs.numel,)
@@ -420,7 +399,7 @@ class ModelStock:
 model_stock = merge_method("model_stock")(ModelStock())
 
 
-class Sce:
+class Sce(TwoPhase):
     """Wan et al. 2024 (FuseChat, SCE): Select the int(select_topk * nnz) entries of highest variance
     across the task vectors (population variance; nnz counts entries of nonzero variance), Calculate
     per-model weights mean(tau_i^2) / sum_j mean(tau_j^2) (uniform if that sum is < 1e-6), Erase
@@ -432,17 +411,6 @@ class Sce:
     weights' float64 sums of squares (`merging.reductions.sum_squares64`'s parts, chunk by chunk; on the CPU
     without selection one compiled pass over the stored inputs), `apply` elects and erases chunk by chunk.
     """
-
-    two_phase = True
-    fused = None  # no compiled kernel
-
-    @property
-    def fn(self) -> Sce:
-        return self
-
-    def __call__(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: Params,
-                 rng: torch.Generator) -> torch.Tensor:
-        return run_chunked(self, tensors, base, params, rng, torch.float32, workers=1)
 
     def prepare(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator) -> dict[str, Any]:
         n, numel = len(inputs.tensors), inputs.numel
