@@ -167,15 +167,20 @@ def _router(folder: Path, layer: int, block: str = "block_sparse_moe") -> torch.
 def test_hidden_router_equals_a_hand_computation(tmp_path, family, kind):
     folders = family[kind]
     build_moe(_config(folders, "hidden"), tmp_path / "out", progress=False)
-    block = "block_sparse_moe" if kind == "llama" else "mlp"
+    _assert_routers_are_the_hand_hidden_states(folders[0], tmp_path / "out",
+                                               "block_sparse_moe" if kind == "llama" else "mlp")
+
+
+def _assert_routers_are_the_hand_hidden_states(base, out, block: str = "block_sparse_moe") -> None:
+    """Each expert's router row, per layer, is its prompt's hand-computed hidden state (less the negative
+    prompt's), unit-normalised."""
     for k in range(2):
-        h = _hand_hidden(folders[0], PROMPTS[k])
+        h = _hand_hidden(base, PROMPTS[k])
         if NEGATIVE[k]:
-            h = h - _hand_hidden(folders[0], NEGATIVE[k])
+            h = h - _hand_hidden(base, NEGATIVE[k])
         want = h / h.norm(dim=-1, keepdim=True)
         for layer in range(2):
-            torch.testing.assert_close(_router(tmp_path / "out", layer, block)[k].double(), want[layer],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(_router(out, layer, block)[k].double(), want[layer], rtol=1e-5, atol=1e-6)
 
 
 def test_cheap_embed_router_equals_a_hand_computation(tmp_path, family):
@@ -498,14 +503,7 @@ def test_hidden_forward_falls_back_to_transformers_outside_the_native_one(tmp_pa
         folders.append(tmp_path / f"y{k}")
     build_moe(_config(folders, "hidden"), tmp_path / "out", progress=False)
     assert len(calls) == 1
-    for k in range(2):
-        h = _hand_hidden(folders[0], PROMPTS[k])
-        if NEGATIVE[k]:
-            h = h - _hand_hidden(folders[0], NEGATIVE[k])
-        want = h / h.norm(dim=-1, keepdim=True)
-        for layer in range(2):
-            torch.testing.assert_close(_router(tmp_path / "out", layer)[k].double(), want[layer], rtol=1e-5,
-                                       atol=1e-6)
+    _assert_routers_are_the_hand_hidden_states(folders[0], tmp_path / "out")
 
 
 def test_rope_scaling_base_goes_through_transformers_and_loads(tmp_path):
