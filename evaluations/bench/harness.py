@@ -314,16 +314,18 @@ def run_benchmark(suite: Suite, executor: Local | Ray | None = None, cache_dir: 
     finally:
         if bar is not None:
             bar.close()
-    return assemble(suite, cells, results, cached, executor.name, time.perf_counter() - start)
+    return assemble(suite.name, suite.tasks.names, suite.seed, cells, results, cached, executor.name,
+                    time.perf_counter() - start)
 
 
 def cell_label(cell: Cell) -> str:
     return cell.entry.label if cell.entry else cell.kind
 
 
-def assemble(suite: Suite, cells: Sequence[Cell], results: Mapping[int, dict[str, Any]], cached: int,
-             executor: str, seconds: float) -> BenchmarkResult:
-    """The result of `suite` from every cell's output (rows in the cells' order, normalized by the fine-tunes)."""
+def assemble(suite: str, tasks: Sequence[str], seed: int, cells: Sequence[Cell], results: Mapping[int, dict[str, Any]],
+             cached: int, executor: str, seconds: float) -> BenchmarkResult:
+    """The result of suite `suite` (its task names, training seed) from every cell's output (rows in the cells'
+    order, normalized by the fine-tunes)."""
     rows, geo = [], {}
     for i, cell in enumerate(cells):
         out = results[i]
@@ -340,8 +342,7 @@ def assemble(suite: Suite, cells: Sequence[Cell], results: Mapping[int, dict[str
                             for t in individual.scores}
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus_torch_threads": torch.get_num_threads()}
-    return BenchmarkResult(suite.name, suite.tasks.names, rows, geo, suite.seed, executor, seconds, cached, env,
-                           [suite.seed])
+    return BenchmarkResult(suite, list(tasks), rows, geo, seed, executor, seconds, cached, env, [seed])
 
 
 def run_seeds(build: Callable[[int], Suite], seeds: Sequence[int], executor: Local | Ray | None = None,

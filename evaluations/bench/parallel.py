@@ -3,8 +3,9 @@ is a job for a pool of spawned processes, so on N cores N jobs run at once and o
 seed trains. Every job runs on one intra-op thread, as `harness.run_cell` always does, so the results are the bytes
 a sequential run gives; the parent caches each cell as it arrives (an interrupted run keeps what finished).
 
-`build` must be picklable (e.g. `evaluations.bench.suites.BuiltinSuite`): the workers call it themselves and keep
-the last suites they built, so a worker runs a seed's cells without rebuilding it.
+`build` must be picklable (e.g. `evaluations.bench.suites.BuiltinSuite`): only the workers call it, and each keeps
+the last suites it built, so it runs a seed's cells without rebuilding it; the parent gets each seed's cells and
+cache keys from the worker that built it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from evaluations.bench import harness
 from evaluations.bench.harness import BenchmarkResult, Cell, Suite
 
 KEEP_SUITES = 2  # suites a worker keeps built (the MiniLM suite: ~0.5 GB each)
-_built: OrderedDict[int, tuple[Suite, list[Cell]]] = OrderedDict()
+_built: OrderedDict[int, tuple[Suite, list[Cell], list[str]]] = OrderedDict()
 
 
 def _start_worker() -> None:
@@ -31,26 +33,34 @@ def _start_worker() -> None:
 
 
 def _suite(build: Callable[[int], Suite], seed: int, methods: Sequence[str] | None,
-           geometry: bool) -> tuple[Suite, list[Cell]]:
+           geometry: bool) -> tuple[Suite, list[Cell], list[str]]:
     if seed not in _built:
-        suite, cells, _ = harness.plan(build(seed), methods, geometry)
-        _built[seed] = (suite, cells)
+        _built[seed] = harness.plan(build(seed), methods, geometry)
         while len(_built) > KEEP_SUITES:
             _built.popitem(last=False)
     _built.move_to_end(seed)
     return _built[seed]
 
 
-def _prepare(build: Callable[[int], Suite], seed: int, methods: Sequence[str] | None, geometry: bool) -> float:
-    """Build (train, when not cached) `seed`'s suite in this worker; its seconds."""
-    start = time.perf_counter()
-    _suite(build, seed, methods, geometry)
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Outline:
+    """What the parent needs of a seed's suite: its name, task names, cells and their cache keys."""
+
+    suite: str
+    tasks: list[str]
+    cells: list[Cell]
+    keys: list[str]
+
+
+def _prepare(build: Callable[[int], Suite], seed: int, methods: Sequence[str] | None, geometry: bool) -> Outline:
+    """Build (train, when not cached) `seed`'s suite in this worker; its outline."""
+    suite, cells, keys = _suite(build, seed, methods, geometry)
+    return Outline(suite.name, list(suite.tasks.names), cells, keys)
 
 
 def _cell(build: Callable[[int], Suite], seed: int, methods: Sequence[str] | None, geometry: bool,
           index: int) -> dict[str, Any]:
-    suite, cells = _suite(build, seed, methods, geometry)
+    suite, cells, _ = _suite(build, seed, methods, geometry)
     return harness.run_cell(suite, cells[index])
 
 
@@ -61,7 +71,7 @@ def run_seeds_on_workers(build: Callable[[int], Suite], seeds: Sequence[int], wo
     built."""
     start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else None
-    planned: dict[int, tuple[Suite, list[Cell], list[str]]] = {}
+    planned: dict[int, Outline] = {}
     results: dict[int, dict[int, dict[str, Any]]] = {}
     cached: dict[int, int] = {}
     seconds: dict[int, float] = {}
@@ -83,25 +93,24 @@ def run_seeds_on_workers(build: Callable[[int], Suite], seeds: Sequence[int], wo
                 out = job.result()
                 if index is None:
                     prepared = time.perf_counter() - start
-                    suite, cells, keys = harness.plan(build(seed), methods, geometry)  # the worker filled the cache
-                    planned[seed] = (suite, cells, keys)
-                    results[seed] = harness.cached_cells(cache, keys)
+                    planned[seed] = out
+                    results[seed] = harness.cached_cells(cache, out.keys)
                     cached[seed] = len(results[seed])
                     seconds[seed] = time.perf_counter()
-                    for i in range(len(cells)):
+                    for i in range(len(out.cells)):
                         if i not in results[seed]:
                             jobs[pool.submit(_cell, build, seed, methods, geometry, i)] = (seed, i)
                     if bar is not None:
-                        bar.total += len(cells)
+                        bar.total += len(out.cells)
                         bar.update(cached[seed])
                 else:
-                    suite, cells, keys = planned[seed]
-                    results[seed][index] = harness.store_cell(cache, keys[index], out)
+                    outline = planned[seed]
+                    results[seed][index] = harness.store_cell(cache, outline.keys[index], out)
                     if bar is not None:
-                        bar.set_description_str(f"bench {suite.name}")
-                        bar.set_postfix_str(f"seed {seed}, {harness.cell_label(cells[index])}")
+                        bar.set_description_str(f"bench {outline.suite}")
+                        bar.set_postfix_str(f"seed {seed}, {harness.cell_label(outline.cells[index])}")
                         bar.update(1)
-                if len(results.get(seed, ())) == len(planned.get(seed, (None, ()))[1]):
+                if seed in planned and len(results[seed]) == len(planned[seed].cells):
                     seconds[seed] = time.perf_counter() - seconds[seed]
     except BaseException:
         running = list((getattr(pool, "_processes", None) or {}).values())
@@ -113,5 +122,6 @@ def run_seeds_on_workers(build: Callable[[int], Suite], seeds: Sequence[int], wo
         if bar is not None:
             bar.close()
     pool.shutdown()
-    out = [harness.assemble(planned[s][0], planned[s][1], results[s], cached[s], "local", seconds[s]) for s in seeds]
+    out = [harness.assemble(planned[s].suite, planned[s].tasks, s, planned[s].cells, results[s], cached[s], "local",
+                            seconds[s]) for s in seeds]
     return out, time.perf_counter() - start, prepared
