@@ -78,6 +78,13 @@ def test_an_error_in_a_worker_reaches_the_caller(tmp_path, models):
                   progress=False)
 
 
-def test_workers_must_be_positive():
+def test_workers_must_be_positive(tmp_path, capsys):
+    from evaluations.cli import main
+
     with pytest.raises(BasinError, match="--workers"):
         make_executor("local", workers=0)
+    out = tmp_path / "out"
+    assert main(["bench", "digits-tasks", "--workers", "0", "--out", str(out), "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--workers" in err
+    assert not out.exists() and not (tmp_path / "c").exists()

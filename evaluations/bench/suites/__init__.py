@@ -16,11 +16,11 @@ class BuiltinSuite:
     """`build(seed)` for `harness.run_seeds`: the built-in suite `name` trained with `seed` (picklable, so worker
     processes can build it)."""
 
-    def __init__(self, name: str, cache_dir: str | Path | None = None, **options: Any):
-        self.name, self.cache_dir, self.options = name, cache_dir, options
+    def __init__(self, name: str, cache_dir: str | Path | None = None):
+        self.name, self.cache_dir = name, cache_dir
 
     def __call__(self, seed: int):
-        return load_suite(self.name, cache_dir=self.cache_dir, seed=seed, **self.options)
+        return load_suite(self.name, cache_dir=self.cache_dir, seed=seed)
 
 
 def load_suite(name_or_path: str, cache_dir: str | Path | None = None, **options: Any):
