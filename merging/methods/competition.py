@@ -20,12 +20,14 @@ Elementwise: large tensors stream in chunks like TIES (on the CPU through the co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from merging.methods import kernels
+from merging.methods.chunking import ChunkedInputs, TwoPhase
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import kth_largest
 
@@ -127,15 +129,151 @@ def _blocks(d: int) -> list[slice]:
     return [slice(start, min(d, start + PCB_BLOCK)) for start in range(0, max(d, 1), PCB_BLOCK)]
 
 
-@merge_method("pcb")
-def pcb(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
-        rng: torch.Generator) -> torch.Tensor:
-    """PCB-merging (Du et al. 2024, eq. 1-6); see the module docstring."""
-    rows = torch.empty(len(tensors), base.numel(), dtype=base.dtype, device=base.device)
-    for i, t in enumerate(tensors):  # the task vectors, straight into their rows
-        torch.sub(t.reshape(-1), base.reshape(-1), out=rows[i])
-    delta = pcb_delta(rows, params["pcb_ratio"], params["clamp_ratio"]).view(base.shape)
-    return base + params["lambda"] * delta
+RADIX = 1 << 16  # buckets per level of the streamed selection: two levels of 16 bits select a float32 exactly
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Int64 keys in [0, 2^32) that order like the float32 values of `x` (-0 just below +0): the bits of a
+    non-negative float plus 2^31, those of a negative one with the low 31 bits flipped, plus 2^31."""
+    bits = x.view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + (1 << 31)
+
+
+def key_value(key: torch.Tensor) -> torch.Tensor:
+    """The float32 values of `order_keys` keys (inverse)."""
+    bits = (key - (1 << 31)).to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def bucket_of_rank(counts: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the histograms `counts` (rows, RADIX), the bucket holding the entry of ascending rank `rank`
+    (0-based, int64 per row) and that entry's rank inside its bucket."""
+    cum = counts.cumsum(1)
+    bucket = torch.searchsorted(cum, rank.unsqueeze(1), right=True).squeeze(1)
+    before = torch.where(bucket > 0, cum.gather(1, (bucket - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+    return bucket, rank - before
+
+
+def high_histograms(keys: torch.Tensor) -> torch.Tensor:
+    """(rows, RADIX) counts of each row's keys by their top 16 bits."""
+    n = keys.shape[0]
+    offsets = torch.arange(n, dtype=torch.int64).unsqueeze(1) * RADIX
+    return torch.bincount(((keys >> 16) + offsets).view(-1), minlength=n * RADIX).view(n, RADIX)
+
+
+def low_histograms(keys: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """(rows, wanted, RADIX) counts by their low 16 bits of each row's keys whose top 16 bits are `buckets`
+    (rows, wanted)."""
+    n, wanted = buckets.shape
+    high = keys >> 16
+    slots = []
+    for w in range(wanted):
+        inside = high == buckets[:, w:w + 1]
+        slot = (torch.arange(n, dtype=torch.int64).unsqueeze(1) * wanted + w) * RADIX + (keys & (RADIX - 1))
+        slots.append(slot[inside])
+    return torch.bincount(torch.cat(slots), minlength=n * wanted * RADIX).view(n, wanted, RADIX)
+
+
+def streamed_ranks(inputs: ChunkedInputs, keys_of: Callable[..., torch.Tensor], ranks: list[int]
+                   ) -> torch.Tensor:
+    """Exact order statistics of rows streamed in chunks (radix selection, two passes of 16 bits):
+    `keys_of(chunk_index, chunks, base)` gives a chunk's (rows, entries) `order_keys`; returns the float32
+    values of ascending ranks `ranks` per row, (rows, len(ranks))."""
+    counts = sum(inputs.map(lambda i, c, b: high_histograms(keys_of(i, c, b))))
+    n = counts.shape[0]
+    found = [bucket_of_rank(counts, torch.full((n,), r, dtype=torch.int64)) for r in ranks]
+    buckets = torch.stack([f[0] for f in found], 1)
+    inner = torch.stack([f[1] for f in found], 1)
+    low_counts = sum(inputs.map(lambda i, c, b: low_histograms(keys_of(i, c, b), buckets)))
+    lows = [bucket_of_rank(low_counts[:, w], inner[:, w])[0] for w in range(len(ranks))]
+    return key_value((buckets << 16) | torch.stack(lows, 1))
+
+
+def task_rows(chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """A chunk's task vectors as the rows of one (models, entries) float32 tensor."""
+    rows = torch.empty(len(chunks), base.numel(), dtype=torch.float32)
+    for i, t in enumerate(chunks):
+        torch.sub(t, base, out=rows[i])
+    return rows
+
+
+class Pcb(TwoPhase):
+    """PCB-merging (Du et al. 2024, eq. 1-6; see the module docstring), streamed over chunks with the bits of
+    `pcb_delta` over whole rows.
+
+    `prepare`: the clamp bounds by radix selection over the chunks (`streamed_ranks` on |tau|, with its per-row
+    min and max, which clamping maps to those of the clamped magnitudes), then the score's rank value, min and
+    max by the same selection on the scores recomputed per chunk. `apply`: the scores once more, clamped and
+    normalised, and the weighted mean. Within a chunk the elementwise steps run over `PCB_BLOCK` columns as
+    `pcb_delta` does (chunks start at multiples of it, so every block is the same as there).
+    Known difference: where the score's rank value is a zero and the row holds zeros of both signs, the sign
+    of that zero (and of the weight range's min) is -0 below +0 here, whichever zero torch met there; and a
+    NaN task vector entry is not supported (torch.kthvalue's order there)."""
+
+    def prepare(self, inputs: ChunkedInputs, params: dict[str, Any], rng: torch.Generator) -> dict[str, Any]:
+        d, clamp_ratio, ratio = inputs.numel, float(params["clamp_ratio"]), float(params["pcb_ratio"])
+        state: dict[str, Any] = {"n": len(inputs.tensors)}
+
+        def magnitude_keys(_: int, chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+            return order_keys(task_rows(chunks, base).abs_())
+
+        bounds = streamed_ranks(inputs, magnitude_keys, [int(d * clamp_ratio), max(0, int(d * (1 - clamp_ratio) - 1))])
+        low, high = bounds[:, 0:1].contiguous(), bounds[:, 1:2].contiguous()
+        state["low"], state["high"] = low, high
+        lo, hi = _streamed_range(inputs, lambda i, c, b: task_rows(c, b).abs_())
+        m_low = torch.maximum(torch.minimum(lo, high), low)  # clamping is monotone: the range's ends map to the ends
+        m_high = torch.maximum(torch.minimum(hi, high), low)
+        state["m_low"], state["m_span"] = _low_span(m_low, m_high)
+
+        def score_keys(i: int, chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+            return order_keys(self.scores(task_rows(chunks, base), state))
+
+        cut = streamed_ranks(inputs, score_keys, [min(d - 1, int(d * (1 - ratio)))])
+        state["cut"] = cut
+        lo, hi = _streamed_range(inputs, lambda i, c, b: self.scores(task_rows(c, b), state))
+        state["s_low"], state["s_span"] = _low_span(torch.maximum(lo, cut), torch.maximum(hi, cut))
+        return state
+
+    @staticmethod
+    def scores(rows: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """A chunk's unclamped scores beta (intra * inter balancing), as `pcb_delta` computes them block by block."""
+        magnitude = rows.abs()
+        torch.maximum(torch.minimum(magnitude, state["high"], out=magnitude), state["low"], out=magnitude)
+        for c in _blocks(rows.shape[1]):
+            score = magnitude[:, c].sub_(state["m_low"]).div_(state["m_span"]).square_().mul_(state["n"]).exp_()
+            score.mul_(torch.tanh(rows[:, c] * rows[:, c].sum(0)))
+        return magnitude
+
+    def apply(self, chunks: list[torch.Tensor], base: torch.Tensor, params: dict[str, Any], state: dict[str, Any],
+              chunk: int) -> torch.Tensor:
+        rows = task_rows(chunks, base)
+        score = self.scores(rows, state)
+        torch.maximum(score, state["cut"], out=score)
+        low, high = state["low"], state["high"]
+        merged = torch.empty(rows.shape[1], dtype=torch.float32)
+        for c in _blocks(rows.shape[1]):
+            scale = score[:, c].sub_(state["s_low"]).div_(state["s_span"])
+            clamped = torch.sign(rows[:, c]).mul_(torch.maximum(torch.minimum(rows[:, c].abs(), high), low))
+            merged[c] = clamped.mul_(scale).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
+        return base + params["lambda"] * merged
+
+
+def _streamed_range(inputs: ChunkedInputs, rows_of: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, (min, max) as column vectors of the rows `rows_of(chunk_index, chunks, base)` streamed in chunks."""
+    parts = inputs.map(lambda i, c, b: (lambda r: (r.amin(1, keepdim=True), r.amax(1, keepdim=True)))(rows_of(i, c, b)))
+    lo, hi = parts[0]
+    for a, b in parts[1:]:
+        lo, hi = torch.minimum(lo, a), torch.maximum(hi, b)
+    return lo, hi
+
+
+def _low_span(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_row_range` from a row's min and max."""
+    span = high - low
+    return low, torch.where(span > 0, span, torch.ones_like(span))
+
+
+pcb = merge_method("pcb")(Pcb())
 
 
 def _magmax_kernel(inputs: Any, params: dict[str, Any]) -> Any:
