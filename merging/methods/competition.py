@@ -175,18 +175,27 @@ def low_histograms(keys: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
 
 
 def streamed_ranks(inputs: ChunkedInputs, keys_of: Callable[..., torch.Tensor], ranks: list[int]
-                   ) -> torch.Tensor:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact order statistics of rows streamed in chunks (radix selection, two passes of 16 bits):
     `keys_of(chunk_index, chunks, base)` gives a chunk's (rows, entries) `order_keys`; returns the float32
-    values of ascending ranks `ranks` per row, (rows, len(ranks))."""
-    counts = sum(inputs.map(lambda i, c, b: high_histograms(keys_of(i, c, b))))
+    values of ascending ranks `ranks` per row, (rows, len(ranks)), and each row's min and max (column
+    vectors, from the first pass; -0 below +0)."""
+
+    def first(i: int, c: list[torch.Tensor], b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = keys_of(i, c, b)
+        return high_histograms(keys), keys.amin(1, keepdim=True), keys.amax(1, keepdim=True)
+
+    parts = inputs.map(first)
+    counts = sum(p[0] for p in parts)
+    lowest = torch.stack([p[1] for p in parts]).amin(0)
+    highest = torch.stack([p[2] for p in parts]).amax(0)
     n = counts.shape[0]
     found = [bucket_of_rank(counts, torch.full((n,), r, dtype=torch.int64)) for r in ranks]
     buckets = torch.stack([f[0] for f in found], 1)
     inner = torch.stack([f[1] for f in found], 1)
     low_counts = sum(inputs.map(lambda i, c, b: low_histograms(keys_of(i, c, b), buckets)))
-    lows = [bucket_of_rank(low_counts[:, w], inner[:, w])[0] for w in range(len(ranks))]
-    return key_value((buckets << 16) | torch.stack(lows, 1))
+    lows = [bucket_of_rank(low_counts[:, w].contiguous(), inner[:, w].contiguous())[0] for w in range(len(ranks))]
+    return key_value((buckets << 16) | torch.stack(lows, 1)), key_value(lowest), key_value(highest)
 
 
 def task_rows(chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -201,13 +210,13 @@ class Pcb(TwoPhase):
     """PCB-merging (Du et al. 2024, eq. 1-6; see the module docstring), streamed over chunks with the bits of
     `pcb_delta` over whole rows.
 
-    `prepare`: the clamp bounds by radix selection over the chunks (`streamed_ranks` on |tau|, with its per-row
-    min and max, which clamping maps to those of the clamped magnitudes), then the score's rank value, min and
-    max by the same selection on the scores recomputed per chunk. `apply`: the scores once more, clamped and
+    `prepare` (four passes): the clamp bounds by radix selection over the chunks (`streamed_ranks` on |tau|, with
+    its per-row min and max, which clamping maps to those of the clamped magnitudes), then the score's rank value,
+    min and max by the same selection on the scores recomputed per chunk. `apply`: the scores once more, clamped and
     normalised, and the weighted mean. Within a chunk the elementwise steps run over `PCB_BLOCK` columns as
     `pcb_delta` does (chunks start at multiples of it, so every block is the same as there).
     Known difference: where the score's rank value is a zero and the row holds zeros of both signs, the sign
-    of that zero (and of the weight range's min) is -0 below +0 here, whichever zero torch met there; and a
+    of that zero (and of the score range's ends) is -0 below +0 here, whichever zero torch met there; and a
     NaN task vector entry is not supported (torch.kthvalue's order there)."""
 
     def prepare(self, inputs: ChunkedInputs, params: dict[str, Any], rng: torch.Generator) -> dict[str, Any]:
@@ -217,10 +226,10 @@ class Pcb(TwoPhase):
         def magnitude_keys(_: int, chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
             return order_keys(task_rows(chunks, base).abs_())
 
-        bounds = streamed_ranks(inputs, magnitude_keys, [int(d * clamp_ratio), max(0, int(d * (1 - clamp_ratio) - 1))])
+        bounds, lo, hi = streamed_ranks(inputs, magnitude_keys,
+                                        [int(d * clamp_ratio), max(0, int(d * (1 - clamp_ratio) - 1))])
         low, high = bounds[:, 0:1].contiguous(), bounds[:, 1:2].contiguous()
         state["low"], state["high"] = low, high
-        lo, hi = _streamed_range(inputs, lambda i, c, b: task_rows(c, b).abs_())
         m_low = torch.maximum(torch.minimum(lo, high), low)  # clamping is monotone: the range's ends map to the ends
         m_high = torch.maximum(torch.minimum(hi, high), low)
         state["m_low"], state["m_span"] = _low_span(m_low, m_high)
@@ -228,9 +237,8 @@ class Pcb(TwoPhase):
         def score_keys(i: int, chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
             return order_keys(self.scores(task_rows(chunks, base), state))
 
-        cut = streamed_ranks(inputs, score_keys, [min(d - 1, int(d * (1 - ratio)))])
+        cut, lo, hi = streamed_ranks(inputs, score_keys, [min(d - 1, int(d * (1 - ratio)))])
         state["cut"] = cut
-        lo, hi = _streamed_range(inputs, lambda i, c, b: self.scores(task_rows(c, b), state))
         state["s_low"], state["s_span"] = _low_span(torch.maximum(lo, cut), torch.maximum(hi, cut))
         return state
 
@@ -256,15 +264,6 @@ class Pcb(TwoPhase):
             clamped = torch.sign(rows[:, c]).mul_(torch.maximum(torch.minimum(rows[:, c].abs(), high), low))
             merged[c] = clamped.mul_(scale).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
         return base + params["lambda"] * merged
-
-
-def _streamed_range(inputs: ChunkedInputs, rows_of: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, (min, max) as column vectors of the rows `rows_of(chunk_index, chunks, base)` streamed in chunks."""
-    parts = inputs.map(lambda i, c, b: (lambda r: (r.amin(1, keepdim=True), r.amax(1, keepdim=True)))(rows_of(i, c, b)))
-    lo, hi = parts[0]
-    for a, b in parts[1:]:
-        lo, hi = torch.minimum(lo, a), torch.maximum(hi, b)
-    return lo, hi
 
 
 def _low_span(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
