@@ -20,6 +20,7 @@ Elementwise: large tensors stream in chunks like TIES (on the CPU through the co
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -185,17 +186,34 @@ def streamed_ranks(inputs: ChunkedInputs, keys_of: Callable[..., torch.Tensor], 
         keys = keys_of(i, c, b)
         return high_histograms(keys), keys.amin(1, keepdim=True), keys.amax(1, keepdim=True)
 
-    parts = inputs.map(first)
-    counts = sum(p[0] for p in parts)
-    lowest = torch.stack([p[1] for p in parts]).amin(0)
-    highest = torch.stack([p[2] for p in parts]).amax(0)
+    counts, lowest, highest = _folded(inputs, first, (torch.add, torch.minimum, torch.maximum))
     n = counts.shape[0]
     found = [bucket_of_rank(counts, torch.full((n,), r, dtype=torch.int64)) for r in ranks]
     buckets = torch.stack([f[0] for f in found], 1)
     inner = torch.stack([f[1] for f in found], 1)
-    low_counts = sum(inputs.map(lambda i, c, b: low_histograms(keys_of(i, c, b), buckets)))
+    low_counts, = _folded(inputs, lambda i, c, b: (low_histograms(keys_of(i, c, b), buckets),), (torch.add,))
     lows = [bucket_of_rank(low_counts[:, w].contiguous(), inner[:, w].contiguous())[0] for w in range(len(ranks))]
     return key_value((buckets << 16) | torch.stack(lows, 1)), key_value(lowest), key_value(highest)
+
+
+def _folded(inputs: ChunkedInputs, fn: Callable[..., tuple], folds: tuple[Callable[..., torch.Tensor], ...]
+            ) -> list[torch.Tensor]:
+    """fn(chunk_index, chunks, base)'s tensors folded over the chunks as they come (`folds`: associative and
+    commutative, exact: integer sums, min, max), so memory holds one result, not one per chunk."""
+    lock = threading.Lock()
+    total: list[torch.Tensor] = []
+
+    def visit(i: int, c: list[torch.Tensor], b: torch.Tensor) -> None:
+        parts = fn(i, c, b)
+        with lock:
+            if not total:
+                total.extend(parts)
+            else:
+                for t, part, fold in zip(total, parts, folds):
+                    fold(t, part, out=t)
+
+    inputs.map(visit)
+    return total
 
 
 def task_rows(chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
