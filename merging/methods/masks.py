@@ -93,12 +93,30 @@ def _emr_layout(shape: tuple[int, ...], n: int, dtype: torch.dtype) -> Layout:
                                             ("numel", (1,), torch.float64)]
 
 
+def emr_elect_inplace(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`emr_elect` (Huang et al. 2024, Alg. 1 lines 1-4) with the same float32 operations in the same order, into
+    reused buffers: two float32 temporaries of the tensor's size instead of 2 + 2 n (the same bits, NaN included)."""
+    total = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        total += tau
+    sign = torch.where(total > 0, 1.0, -1.0)
+    largest, kept = total.zero_(), torch.empty_like(total)
+    masks = []
+    for tau in task_vectors:
+        mask = torch.mul(tau, sign, out=kept).gt_(0).bool()
+        masks.append(mask)
+        torch.maximum(largest, torch.abs(tau, out=kept).mul_(mask), out=largest)
+    return largest.mul_(sign), masks
+
+
 def _emr_outputs(task_vectors: list[torch.Tensor], params: dict[str, Any],
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    unified, masks = emr_elect(task_vectors)
+    unified, masks = emr_elect_inplace(task_vectors)
+    scratch32 = torch.empty_like(unified)
+    l1 = [float(torch.abs(tau, out=scratch32).double().sum()) for tau in task_vectors]  # tau.abs(), reused buffer
     magnitude = unified.abs().double()
-    l1 = [float(tau.abs().double().sum()) for tau in task_vectors]
-    masked = [float((magnitude * m).sum()) for m in masks]
+    scratch = torch.empty_like(magnitude)  # (magnitude * m).sum(), each product into one reused float64 buffer
+    masked = [float(torch.mul(magnitude, m, out=scratch).sum()) for m in masks]
     return {"task_vector": unified.to(dtype), **{f"mask.{t}": m for t, m in enumerate(masks)},
             "l1": torch.tensor(l1, dtype=torch.float64), "masked_l1": torch.tensor(masked, dtype=torch.float64),
             "numel": torch.tensor([float(unified.numel())], dtype=torch.float64)}
