@@ -31,6 +31,7 @@ from merging.methods import kernels
 from merging.methods.chunking import ChunkedInputs, TwoPhase
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import kth_largest
+from taxonomy.errors import BasinError
 
 
 def ranked_value(rows: torch.Tensor, index: int) -> torch.Tensor:
@@ -235,14 +236,19 @@ class Pcb(TwoPhase):
     `pcb_delta` does (chunks start at multiples of it, so every block is the same as there).
     Known difference: where the score's rank value is a zero and the row holds zeros of both signs, the sign
     of that zero (and of the score range's ends) is -0 below +0 here, whichever zero torch met there; and a
-    NaN task vector entry is not supported (torch.kthvalue's order there)."""
+    NaN task-vector entry is refused (a one-line error naming the model), where torch.kthvalue ranked it."""
 
     def prepare(self, inputs: ChunkedInputs, params: dict[str, Any], rng: torch.Generator) -> dict[str, Any]:
         d, clamp_ratio, ratio = inputs.numel, float(params["clamp_ratio"]), float(params["pcb_ratio"])
         state: dict[str, Any] = {"n": len(inputs.tensors)}
 
         def magnitude_keys(_: int, chunks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-            return order_keys(task_rows(chunks, base).abs_())
+            magnitude = task_rows(chunks, base).abs_()
+            nan_rows = torch.isnan(magnitude.sum(1)).nonzero()
+            if nan_rows.numel():  # NaN has no rank: refuse, as TIES does
+                raise BasinError(f"pcb: model {int(nan_rows[0])}'s task vector has NaN entries, so its magnitudes "
+                                 "cannot be ranked")
+            return order_keys(magnitude)
 
         bounds, lo, hi = streamed_ranks(inputs, magnitude_keys,
                                         [int(d * clamp_ratio), max(0, int(d * (1 - clamp_ratio) - 1))])

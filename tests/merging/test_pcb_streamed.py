@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from merging.methods.apply import full_params, merge_tensor
+from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS, run_chunked
 from merging.methods.competition import key_value, order_keys, pcb, pcb_delta
+from taxonomy.errors import BasinError
 
 
 def _bits(x):
@@ -47,3 +50,11 @@ def test_order_keys_order_like_the_floats():
     keys = order_keys(x)
     assert bool((keys[1:] > keys[:-1]).all()) and int(keys.min()) >= 0 and int(keys.max()) < 2 ** 32
     assert torch.equal(_bits(key_value(keys)), _bits(x))
+
+
+def test_streamed_pcb_refuses_a_nan_task_vector_naming_the_model():
+    base = torch.zeros(64)
+    models = [torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    models[2][5] = float("nan")
+    with pytest.raises(BasinError, match="model 2"):
+        merge_tensor(get_method("pcb"), "w", models, base, full_params(get_method("pcb"), {}, 3), 0, torch.float32)
