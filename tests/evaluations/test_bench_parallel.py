@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from evaluations.bench import MethodEntry, MethodGrid
 from evaluations.bench.executors import Local, make_executor
@@ -69,7 +70,9 @@ def test_a_fine_tune_trained_by_a_worker_is_the_one_this_process_trains(tmp_path
     here = next(tmp_path.glob("*/rot90.safetensors"))
     there = models / here.parent.name / "rot90.safetensors"  # the same configuration key (seed 1)
     a, b = load_file(str(here)), load_file(str(there))
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # the same training; this process may run more intra-op threads than a worker, whose float32 sums then round
+    # differently on some CPUs (seen on AVX2), so equal up to that rounding
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_an_error_in_a_worker_reaches_the_caller(tmp_path, models):

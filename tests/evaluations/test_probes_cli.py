@@ -55,7 +55,7 @@ def test_basin_hessian_trace_by_xtrace(tmp_path, capsys):
         assert trace["method"] == "xtrace" and trace["samples"] == min(products // 2, 50)
         assert f"trace (xtrace) {trace['mean']:.6g}" in capsys.readouterr().out
         if products == 100:
-            assert trace["stderr"] == 0.0 and trace["converged"]
+            assert trace["stderr"] <= 1e-9 * abs(trace["mean"]) and trace["converged"]  # exact up to rounding
             assert abs(trace["mean"] - exact) <= 1e-5 * abs(exact)  # float32 products
         else:
             assert trace["products"] <= 20 and 0 < trace["stderr"] and abs(trace["mean"] - exact) <= 5 * trace["stderr"]

@@ -34,7 +34,7 @@ def test_randomised_error_is_close_to_the_eckart_young_optimum(decay):
         f = factorize(d.float(), r, seed_name="w")
         optimum = float(np.sqrt((s[r:] ** 2).sum() / (s ** 2).sum()))
         assert f.method == "svd_lowrank" and f.rank == r
-        assert optimum <= f.relative_error <= 1.01 * optimum + 1e-6
+        assert optimum * (1 - 1e-7) <= f.relative_error <= 1.01 * optimum + 1e-6  # float32 rounding below
         measured = float((d - f.b.double() @ f.a.double()).norm() / d.norm())  # the report's error is measured
         assert f.relative_error == pytest.approx(measured, rel=1e-5)
 

@@ -113,8 +113,8 @@ def test_layer_inputs_equal_transformers_float32(folders, case):
         theirs = _reference(folders[case], prompts, torch.float32, average)
         for a, b, c in zip(ours, hooked, theirs):
             assert a.shape == (TINY["num_hidden_layers"], TINY["hidden_size"]) and a.dtype == torch.float32
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # float32 BLAS rounding differs by CPU
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["llama", "llama_bias", "llama3", "mistral", "qwen2", "qwen3", "qwen3_tied"])
