@@ -6,6 +6,7 @@
  * point_chunk: one chunk of a point between checkpoints (evaluations.lm_path.write_point), float64 sums.
  * stats_chunks: a tensor's data-free merge statistics (merging/merge_stats.py), numpy's pairwise sums.
  * row_ranks: stable ascending ranks per row (DELLA's MagPrune probabilities), by radix sort.
+ * della_chunk: DELLA's MagPrune masks (row ranks, Philox draws) and L1 sums over a range of rows.
  * elect_chunk: one chunk of MagMax, consensus TA, EMR or RAM (elementwise elections over task vectors).
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
@@ -1393,39 +1394,44 @@ INLINE uint32_t order_key(float f) {
     return (b.u & 0x80000000u) ? ~b.u : (b.u | 0x80000000u);
 }
 
-static void row_ranks(const float *values, Py_ssize_t rows, Py_ssize_t width, float *out, uint64_t *work) {
-    uint64_t *a = work, *b = work + width; /* (key << 32) | index: one load and one store per move */
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const float *v = values + r * width;
-        uint32_t counts[4][256];
-        memset(counts, 0, sizeof(counts));
+/* The entries of one row of `width` floats in stable ascending order: (key << 32) | index, in `a` or `b` (both 2 width
+ * entries; which one holds the result is returned) */
+static uint64_t *sort_row(const float *v, Py_ssize_t width, uint64_t *a, uint64_t *b) {
+    uint32_t counts[4][256];
+    memset(counts, 0, sizeof(counts));
+    for (Py_ssize_t j = 0; j < width; j++) {
+        uint32_t k = order_key(v[j]);
+        a[j] = ((uint64_t)k << 32) | (uint64_t)j;
+        counts[0][k & 255]++;
+        counts[1][(k >> 8) & 255]++;
+        counts[2][(k >> 16) & 255]++;
+        counts[3][k >> 24]++;
+    }
+    uint64_t *src = a, *dst = b;
+    for (int pass = 0; pass < 4; pass++) {
+        uint32_t *c = counts[pass];
+        int shift = 32 + 8 * pass;
+        if (c[(src[0] >> shift) & 255] == (uint32_t)width) continue; /* one byte value: order unchanged */
+        uint32_t offset = 0;
+        for (int d = 0; d < 256; d++) {
+            uint32_t here = c[d];
+            c[d] = offset;
+            offset += here;
+        }
         for (Py_ssize_t j = 0; j < width; j++) {
-            uint32_t k = order_key(v[j]);
-            a[j] = ((uint64_t)k << 32) | (uint64_t)j;
-            counts[0][k & 255]++;
-            counts[1][(k >> 8) & 255]++;
-            counts[2][(k >> 16) & 255]++;
-            counts[3][k >> 24]++;
+            uint64_t e = src[j];
+            dst[c[(e >> shift) & 255]++] = e;
         }
-        uint64_t *src = a, *dst = b;
-        for (int pass = 0; pass < 4; pass++) {
-            uint32_t *c = counts[pass];
-            int shift = 32 + 8 * pass;
-            if (c[(src[0] >> shift) & 255] == (uint32_t)width) continue; /* one byte value: order unchanged */
-            uint32_t offset = 0;
-            for (int d = 0; d < 256; d++) {
-                uint32_t here = c[d];
-                c[d] = offset;
-                offset += here;
-            }
-            for (Py_ssize_t j = 0; j < width; j++) {
-                uint64_t e = src[j];
-                dst[c[(e >> shift) & 255]++] = e;
-            }
-            uint64_t *t = src; src = dst; dst = t;
-        }
+        uint64_t *t = src; src = dst; dst = t;
+    }
+    return src;
+}
+
+static void row_ranks(const float *values, Py_ssize_t rows, Py_ssize_t width, float *out, uint64_t *work) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const uint64_t *sorted = sort_row(values + r * width, width, work, work + width);
         float *o = out + r * width;
-        for (Py_ssize_t p = 0; p < width; p++) o[(uint32_t)src[p]] = (float)p;
+        for (Py_ssize_t p = 0; p < width; p++) o[(uint32_t)sorted[p]] = (float)p;
     }
 }
 
@@ -1446,6 +1452,178 @@ static PyObject *py_row_ranks(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------------------------------- DELLA
+ * della_chunk: DELLA's MagPrune drop (Deep et al. 2024, section 3) over entries [start, stop) of a tensor of rows of
+ * `width` entries (sparsify.magprune_masks, for TaskVectorMerge's `della` and `della_linear`). Per model and every row
+ * the range touches (whole rows, wherever the range cuts them): the task vector's magnitudes |x - base|, their
+ * stable ascending ranks in the row (sort_row: torch.sort(stable=True)'s order), the keep probabilities
+ * p = (rank / (width - 1)) * span + low in float32 (span = 2 epsilon, low = density - epsilon: the operations of
+ * sparsify.rank_keep_probability; a row of one entry: 0.5 span + low), and entry j kept when its Philox4x32-10
+ * uniform is below p: u = (r >> 8) 2^-24, r word j % 4 of the block of counter (j / 4 low and high 32 bits, stream =
+ * the model, 0) under the key (merging/methods/philox.py `uniforms`; the words dare_chunk draws), so the mask of an
+ * entry depends on its row and index only, not on the range. Writes the range's packed mask (entry start + q at bit
+ * q % 8 of byte q / 8) and, per SUM_BUFFER entries from start, numpy's pairwise sums of |tau| and of its kept entries
+ * (masked_pairwise: a whole tensor's numpy sum is these added left to right when start is a multiple of SUM_BUFFER);
+ * or instead (for `rescale: unbiased`) the range's keep probabilities. */
+#define DELLA_COUNTERS 64 /* Philox counters per batch: 256 entries */
+
+typedef struct {
+    const void *x;           /* the model's whole stored tensor (flat) */
+    int dtype;               /* DTYPE_* */
+    uint32_t k0, k1, stream; /* the Philox key words and stream (the model's index) */
+    float low, span;         /* density - epsilon, 2 epsilon as float32 */
+    uint8_t *mask;           /* ceil(n / 8) bytes, or NULL */
+    double *parts;           /* (total, kept) per SUM_BUFFER entries, or NULL */
+    float *keep;             /* n floats, or NULL: the keep probabilities instead of a mask */
+} Magprune;
+
+/* Philox4x32-10's four words of counters first .. first + DELLA_COUNTERS - 1 (stream, 0 as the high words), in
+ * entry order: out[4 g + w] is word w of counter first + g (the loop over counters vectorizes) */
+VECTOR_CLONES static void philox_words(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t first, uint32_t *out) {
+    uint32_t x0[DELLA_COUNTERS], x1[DELLA_COUNTERS], x2[DELLA_COUNTERS], x3[DELLA_COUNTERS];
+    for (int g = 0; g < DELLA_COUNTERS; g++) {
+        const uint64_t c = first + (uint64_t)g;
+        x0[g] = (uint32_t)c;
+        x1[g] = (uint32_t)(c >> 32);
+        x2[g] = stream;
+        x3[g] = 0;
+    }
+    uint32_t a = k0, b = k1;
+    for (int r = 0; r < 10; r++) {
+        for (int g = 0; g < DELLA_COUNTERS; g++) {
+            const uint64_t p0 = (uint64_t)PHILOX_M0 * x0[g], p1 = (uint64_t)PHILOX_M1 * x2[g];
+            const uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1[g] ^ a, y2 = (uint32_t)(p0 >> 32) ^ x3[g] ^ b;
+            x1[g] = (uint32_t)p1;
+            x3[g] = (uint32_t)p0;
+            x0[g] = y0;
+            x2[g] = y2;
+        }
+        a += PHILOX_W0;
+        b += PHILOX_W1;
+    }
+    for (int g = 0; g < DELLA_COUNTERS; g++) {
+        out[4 * g] = x0[g];
+        out[4 * g + 1] = x1[g];
+        out[4 * g + 2] = x2[g];
+        out[4 * g + 3] = x3[g];
+    }
+}
+
+/* The mask bits of entries [a, b) of one row (its keep probabilities `p` from entry row_start), into `mask` (bit 0 of
+ * byte 0 is entry `start`) */
+VECTOR_CLONES static void magprune_draw(const Magprune *d, const float *p, Py_ssize_t row_start, Py_ssize_t a,
+                                        Py_ssize_t b, Py_ssize_t start, uint8_t *mask) {
+    uint32_t words[4 * DELLA_COUNTERS];
+    uint8_t kept[4 * DELLA_COUNTERS];
+    for (Py_ssize_t q = a & ~(Py_ssize_t)3; q < b; q += 4 * DELLA_COUNTERS) {
+        philox_words(d->k0, d->k1, d->stream, (uint64_t)q / 4, words);
+        const Py_ssize_t lo = q > a ? q : a, hi = q + 4 * DELLA_COUNTERS < b ? q + 4 * DELLA_COUNTERS : b;
+        const float *pq = p + (lo - row_start);
+        const uint32_t *wq = words + (lo - q);
+        uint8_t *kq = kept + (lo - q);
+        for (Py_ssize_t t = 0; t < hi - lo; t++) /* u exact: a 24-bit integer times a power of two */
+            kq[t] = (float)(wq[t] >> 8) * 0x1p-24f < pq[t];
+        Py_ssize_t j = lo;
+        for (; j < hi && (j - start) % 8; j++) mask[(j - start) / 8] |= (uint8_t)(kept[j - q] << ((j - start) % 8));
+        for (; j + 8 <= hi; j += 8) {
+            const uint8_t *k = kept + (j - q);
+            mask[(j - start) / 8] = (uint8_t)(k[0] | k[1] << 1 | k[2] << 2 | k[3] << 3 | k[4] << 4 | k[5] << 5 |
+                                              k[6] << 6 | k[7] << 7);
+        }
+        for (; j < hi; j++) mask[(j - start) / 8] |= (uint8_t)(kept[j - q] << ((j - start) % 8));
+    }
+}
+
+/* work: 3 width floats, 2 width uint64 */
+static void della_range(const Magprune *models, int m, const void *base, int base_dtype, Py_ssize_t width,
+                        Py_ssize_t start, Py_ssize_t stop, float *work, uint64_t *order) {
+    const Py_ssize_t n = stop - start;
+    float *row = work, *base_row = work + width, *p = work + 2 * width;
+    for (int i = 0; i < m; i++)
+        if (models[i].mask) memset(models[i].mask, 0, (size_t)((n + 7) / 8));
+    for (Py_ssize_t row_start = start - start % width; row_start < stop; row_start += width) {
+        const Py_ssize_t a = row_start > start ? row_start : start;
+        const Py_ssize_t b = row_start + width < stop ? row_start + width : stop;
+        load(base, base_dtype, row_start, (int)width, base_row);
+        for (int i = 0; i < m; i++) {
+            const Magprune *d = &models[i];
+            load(d->x, d->dtype, row_start, (int)width, row);
+            for (Py_ssize_t j = 0; j < width; j++) row[j] = fabsf(row[j] - base_row[j]);
+            if (width == 1) {
+                p[0] = 0.5f * d->span + d->low;
+            } else {
+                const uint64_t *sorted = sort_row(row, width, order, order + width);
+                const float last = (float)(width - 1);
+                for (Py_ssize_t r = 0; r < width; r++) p[(uint32_t)sorted[r]] = ((float)r / last) * d->span + d->low;
+            }
+            if (d->keep)
+                memcpy(d->keep + (a - start), p + (a - row_start), (size_t)(b - a) * sizeof(float));
+            else
+                magprune_draw(d, p, row_start, a, b, start, d->mask);
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        const Magprune *d = &models[i];
+        if (!d->parts || d->keep) continue;
+        for (Py_ssize_t s = 0; s < n; s += SUM_BUFFER) {
+            const Py_ssize_t len = n - s < SUM_BUFFER ? n - s : SUM_BUFFER;
+            const Sums sums = masked_pairwise(d->x, d->dtype, base, base_dtype, start + s, len, d->mask + s / 8);
+            d->parts[2 * (s / SUM_BUFFER)] = sums.total;
+            d->parts[2 * (s / SUM_BUFFER) + 1] = sums.kept;
+        }
+    }
+}
+
+/* della_chunk(base, base_dtype, width, start, stop, models): models a tuple of (x, x_dtype, k0, k1, stream, low,
+ * span, mask, parts, keep) per model, x and base the whole flat tensors, mask / parts / keep addresses or 0 (see
+ * della_range). 1 <= width < 2^24. Releases the GIL. */
+static PyObject *py_della_chunk(PyObject *self, PyObject *args) {
+    unsigned long long base;
+    int base_dtype;
+    Py_ssize_t width, start, stop;
+    PyObject *models_obj;
+    if (!PyArg_ParseTuple(args, "KinnnO!", &base, &base_dtype, &width, &start, &stop, &PyTuple_Type, &models_obj))
+        return NULL;
+    if (width < 1 || width >= (1 << 24) || start < 0 || stop < start) {
+        PyErr_SetString(PyExc_ValueError, "della_chunk: 1 <= width < 2^24 and 0 <= start <= stop");
+        return NULL;
+    }
+    const Py_ssize_t m = PyTuple_GET_SIZE(models_obj);
+    Magprune *models = (Magprune *)calloc(m > 0 ? (size_t)m : 1, sizeof(Magprune));
+    float *work = (float *)malloc((size_t)width * 3 * sizeof(float));
+    uint64_t *order = (uint64_t *)malloc((size_t)width * 2 * sizeof(uint64_t));
+    if (!models || !work || !order) {
+        free(models);
+        free(work);
+        free(order);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long x, mask, parts, keep;
+        Magprune *d = &models[i];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models_obj, i), "KiIIIffKKK", &x, &d->dtype, &d->k0, &d->k1,
+                              &d->stream, &d->low, &d->span, &mask, &parts, &keep) ||
+            (!mask && !keep)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "della_chunk: a model needs a mask or keep");
+            free(models);
+            free(work);
+            free(order);
+            return NULL;
+        }
+        d->x = (const void *)(uintptr_t)x;
+        d->mask = (uint8_t *)(uintptr_t)mask;
+        d->parts = (double *)(uintptr_t)parts;
+        d->keep = (float *)(uintptr_t)keep;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    della_range(models, (int)m, (const void *)(uintptr_t)base, base_dtype, width, start, stop, work, order);
+    Py_END_ALLOW_THREADS
+    free(models);
+    free(work);
+    free(order);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"tally_chunk", py_tally_chunk, METH_VARARGS, "The threshold scan of one chunk, every cut at once (see _fused.c)."},
     {"merge_chunk", py_merge_chunk, METH_VARARGS, "One chunk of a task-arithmetic merge (see _fused.c)."},
@@ -1455,6 +1633,7 @@ static PyMethodDef methods[] = {
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
     {"elect_chunk", py_elect_chunk, METH_VARARGS, "One chunk of MagMax, consensus TA, EMR or RAM (see _fused.c)."},
     {"row_ranks", py_row_ranks, METH_VARARGS, "Stable ascending ranks per row of a float32 matrix (see _fused.c)."},
+    {"della_chunk", py_della_chunk, METH_VARARGS, "DELLA's MagPrune masks and L1 sums of a range (see _fused.c)."},
     {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
     {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},
     {NULL, NULL, 0, NULL},

@@ -1,17 +1,18 @@
 """Philox4x32-10 (Salmon, Moraes, Dror and Shaw 2011, "Parallel random numbers: as easy as 1, 2, 3", SC '11):
-a counter-based generator, the random source of DARE's drop masks (`keep_mask`).
+a counter-based generator, the random source of DARE's and DELLA's drop masks (`keep_mask`, `uniforms`).
 
 Block b of stream s under a 64-bit key is a pure function of (key, s, b): four 32-bit words from the counter
 (b mod 2^32, b div 2^32, s, 0) after ten rounds of the Philox S-box with the key bumped by the Weyl constants
 between rounds. Entry j of a mask is word j mod 4 of block j div 4, so any entry's draw is computed on its own:
-a mask is the same for any chunk size, thread count or device, and the compiled kernel (_fused.c `dare_chunk`)
-computes the same words. Integer ops only, exact on every device; the 32 x 32 -> 64-bit products are split into
-16-bit halves so that int64 tensors never overflow.
+a mask is the same for any chunk size, thread count or device, and the compiled kernels (_fused.c `dare_chunk`,
+`della_chunk`) compute the same words. Integer ops only, exact on every device; the 32 x 32 -> 64-bit products
+are split into 16-bit halves so that int64 tensors never overflow.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -67,10 +68,14 @@ def split_key(key: int) -> tuple[int, int]:
     return key & _LOW32, (key >> 32) & _LOW32
 
 
-def keep_mask(key: int, stream: int, start: int, n: int, threshold: int,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Entries [start, start + n) of stream `stream`'s Bernoulli mask under `key`, as bools on `device`."""
-    out = torch.empty(n, dtype=torch.bool, device=device)
+def draw_key(rng: torch.Generator) -> int:
+    """A tensor's 64-bit Philox key, drawn from its generator (DARE's and DELLA's masks: one draw per tensor)."""
+    return int(torch.randint(0, 2**62, (1,), generator=rng))
+
+
+def _words(key: int, stream: int, start: int, n: int, device: torch.device | str
+           ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, int64 words) for entries [start, start + n) of stream `stream` under `key`, piece by piece."""
     words = split_key(key)
     on_cpu = torch.device(device).type == "cpu"
     for piece in range(start, start + n, _PIECE):
@@ -83,6 +88,23 @@ def keep_mask(key: int, stream: int, start: int, n: int, threshold: int,
             drawn = torch.from_numpy(_philox4x32_numpy(counters.numpy().astype(np.uint64), words).astype(np.int64))
         else:
             drawn = philox4x32(counters, words)
-        drawn = drawn.reshape(-1)[piece - 4 * first:stop - 4 * first]
-        out[piece - start:stop - start] = (drawn >> 8) < threshold
+        yield piece - start, drawn.reshape(-1)[piece - 4 * first:stop - 4 * first]
+
+
+def keep_mask(key: int, stream: int, start: int, n: int, threshold: int,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries [start, start + n) of stream `stream`'s Bernoulli mask under `key`, as bools on `device`."""
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for offset, drawn in _words(key, stream, start, n, device):
+        out[offset:offset + drawn.numel()] = (drawn >> 8) < threshold
+    return out
+
+
+def uniforms(key: int, stream: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries [start, start + n) of stream `stream`'s float32 uniforms on [0, 1) under `key`: u = (r >> 8) 2^-24
+    (exact), r the entry's word (DELLA's draws: kept where u < the keep probability; `keep_mask` is u <
+    float32(keep))."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for offset, drawn in _words(key, stream, start, n, device):
+        out[offset:offset + drawn.numel()] = (drawn >> 8).to(torch.float32).mul_(2.0**-24)
     return out

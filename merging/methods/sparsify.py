@@ -33,7 +33,7 @@ import torch
 
 from merging import profiling
 from merging.methods import kernels, philox
-from merging.methods.chunking import ChunkedInputs, map_threads, scratch
+from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, map_threads, scratch
 from taxonomy.errors import BasinError
 
 _RADIX_MIN = 1 << 16  # below this size torch.kthvalue is as fast as anything
@@ -100,6 +100,19 @@ def random_mask(shape: torch.Size, keep: float | torch.Tensor, rng: torch.Genera
     return u < keep
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities must lie in (0, 1)."""
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise BasinError(f"della: density +- epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}")
+
+
+def row_width(shape: tuple[int, ...]) -> int:
+    """The rows `rank_keep_probability` ranks in: the last axis of a 2-D tensor, the whole of a 0-D or 1-D one,
+    (shape[0], -1) above."""
+    numel = math.prod(shape)
+    return numel if len(shape) < 2 or numel == 0 else numel // shape[0]
+
+
 def rank_keep_probability(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA MagPrune: keep probability density - epsilon + 2 epsilon * rank / (n - 1), per row.
 
@@ -107,8 +120,7 @@ def rank_keep_probability(magnitude: torch.Tensor, density: float, epsilon: floa
     one row; higher-rank tensors are viewed as (shape[0], -1)), ties ordered by index (stable
     sort). A row of one entry gets the midpoint, density.
     """
-    if not (0 < density - epsilon and density + epsilon < 1):
-        raise BasinError(f"della: density +- epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}")
+    check_della(density, epsilon)
     rows = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude.reshape(magnitude.shape[0], -1)
     width = rows.shape[1]
     if width <= 1:
@@ -618,3 +630,152 @@ def _random_masks_compiled(inputs: ChunkedInputs, keep: list[float], key: int, s
     masks = [[c[i][0] for c in per_chunk] for i in range(m)]
     return masks, [sum(c[i][1] for c in per_chunk) for i in range(m)], [sum(c[i][2] for c in per_chunk)
                                                                          for i in range(m)]
+
+
+Magprune = tuple[float, float]  # (density, epsilon) of a model DELLA drops entries of
+
+
+def magprune_masks(inputs: ChunkedInputs, drop: list[Magprune | None], key: int, sums: bool = False
+                   ) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
+    """DELLA's MagPrune masks (Deep et al. 2024, section 3) of model i (drop[i] = (density, epsilon), None: no
+    mask), one `pack_mask`ed tensor per chunk: entry j is kept when its Philox uniform (`philox.uniforms`: key,
+    stream i, entry j) is below `rank_keep_probability` of |tau_i| at j, so each range of rows is drawn on its own, in
+    parallel over groups of chunks (`_magprune_groups`: a row cut by a group border is ranked by both groups). With
+    `sums`, also sum |tau_i| and its kept entries, in float64: numpy's sums of each 8192 entries (its buffer) added
+    left to right, on the CPU the bits of `sum64` over the whole tensor."""
+    started = profiling.start()
+    m, width = len(inputs.tensors), row_width(inputs.shape or (inputs.numel,))
+    compiled = _della_compiled(inputs, width)
+    groups = _magprune_groups(inputs, width)
+
+    def visit(g: int) -> list[tuple[list[torch.Tensor], list[float], list[float]] | None]:
+        first, last = groups[g]
+        start, stop = inputs.span(first)[0], inputs.span(last - 1)[1]
+        if compiled:
+            return _magprune_compiled(inputs, drop, key, width, first, last, sums)
+        out: list[tuple[list[torch.Tensor], list[float], list[float]] | None] = []
+        for i in range(m):
+            if drop[i] is None:
+                out.append(None)
+                continue
+            bits = _magprune_range(inputs, i, drop[i], width, start, stop, key)
+            packed, totals, kept = [], [], []
+            for c in range(first, last):
+                a, b = inputs.span(c)
+                mask = bits[a - start:b - start]
+                packed.append(pack_mask(mask))
+                if sums:
+                    t, k = _buffer_sums(inputs.tensors[i][a:b], inputs.base[a:b], mask)
+                    totals += t
+                    kept += k
+            out.append((packed, totals, kept))
+        return out
+
+    per_group = map_threads(visit, len(groups), inputs.workers) if inputs.numel and any(drop) else []
+    masks: list[list[torch.Tensor]] = [[] for _ in range(m)]
+    totals, kept = [0.0] * m, [0.0] * m
+    for i in range(m):
+        if drop[i] is None:
+            continue
+        parts_total, parts_kept = [], []
+        for g in per_group:
+            masks[i] += g[i][0]
+            parts_total += g[i][1]
+            parts_kept += g[i][2]
+        totals[i], kept[i] = _left_to_right(parts_total), _left_to_right(parts_kept)
+    profiling.stop("masks", started, inputs.nbytes)
+    return masks, totals, kept
+
+
+def magprune_keep(inputs: ChunkedInputs, i: int, drop: Magprune, start: int, stop: int) -> torch.Tensor:
+    """Model i's DELLA keep probabilities (`rank_keep_probability`) at entries [start, stop), float32, from the rows
+    that range touches (what `rescale: unbiased` divides by, recomputed per chunk rather than stored)."""
+    width = row_width(inputs.shape or (inputs.numel,))
+    if not _della_compiled(inputs, width):
+        return _magprune_range(inputs, i, drop, width, start, stop, None)
+    keep = torch.empty(stop - start, dtype=torch.float32)
+    model = _della_model(inputs, i, drop, 0, 0, 0, keep.data_ptr())
+    kernels.compiled.della_chunk(kernels.address(inputs.base), kernels.DTYPE_CODES[inputs.base.dtype], width, start,
+                                 stop, (model,))
+    return keep
+
+
+def _della_compiled(inputs: ChunkedInputs, width: int) -> bool:
+    """Whether the compiled kernel draws DELLA's masks here (CPU inputs it reads, rows it ranks)."""
+    return (hasattr(kernels.compiled, "della_chunk") and 1 <= width < 1 << 24
+            and kernels.readable(inputs.tensors + [inputs.base], inputs.numel))
+
+
+def _magprune_groups(inputs: ChunkedInputs, width: int) -> list[tuple[int, int]]:
+    """The chunk ranges [first, last) drawn together: one chunk each, or where rows are wider than an eighth of a
+    chunk enough chunks to hold 8 rows, so that the rows cut at a group's ends (ranked by both neighbours) add at
+    most a quarter to the ranking."""
+    size = 1 if 8 * width <= inputs.chunk_elements else -(-8 * width // inputs.chunk_elements)
+    return [(c, min(inputs.num_chunks, c + size)) for c in range(0, inputs.num_chunks, size)]
+
+
+def _della_model(inputs: ChunkedInputs, i: int, drop: Magprune, key: int, mask: int, parts: int, keep: int) -> tuple:
+    """Model i's tuple for `della_chunk` (mask, parts and keep: addresses or 0)."""
+    density, epsilon = drop
+    t = inputs.tensors[i]
+    return (kernels.address(t), kernels.DTYPE_CODES[t.dtype], *philox.split_key(key), i, density - epsilon,
+            2 * epsilon, mask, parts, keep)
+
+
+def _magprune_compiled(inputs: ChunkedInputs, drop: list[Magprune | None], key: int, width: int, first: int,
+                       last: int, sums: bool) -> list[tuple[list[torch.Tensor], list[float], list[float]] | None]:
+    """Chunks [first, last) of `magprune_masks` in one call of the compiled kernel (the same bits, tested)."""
+    start, stop = inputs.span(first)[0], inputs.span(last - 1)[1]
+    n, drawn = stop - start, [i for i in range(len(inputs.tensors)) if drop[i] is not None]
+    masks = {i: torch.empty(-(-n // 8), dtype=torch.uint8) for i in drawn}
+    parts = {i: torch.empty(-(-n // SUM_BUFFER), 2, dtype=torch.float64) for i in drawn} if sums else {}
+    models = tuple(_della_model(inputs, i, drop[i], key, masks[i].data_ptr(), parts[i].data_ptr() if sums else 0, 0)
+                   for i in drawn)
+    kernels.compiled.della_chunk(kernels.address(inputs.base), kernels.DTYPE_CODES[inputs.base.dtype], width, start,
+                                 stop, models)
+    out: list[tuple[list[torch.Tensor], list[float], list[float]] | None] = [None] * len(inputs.tensors)
+    for i in drawn:
+        packed = [masks[i][(a - start) // 8:-(-(b - start) // 8)] for a, b in map(inputs.span, range(first, last))]
+        out[i] = (packed, parts[i][:, 0].tolist() if sums else [], parts[i][:, 1].tolist() if sums else [])
+    return out
+
+
+def _magprune_range(inputs: ChunkedInputs, i: int, drop: Magprune, width: int, start: int, stop: int,
+                    key: int | None) -> torch.Tensor:
+    """Model i's DELLA mask (bools; key None: the keep probabilities) at entries [start, stop), in torch ops: the
+    rows the range touches, at most a chunk's worth at a time."""
+    x, base = inputs.tensors[i], inputs.base
+    step = max(1, CHUNK_ELEMENTS // width)
+    first_row, end_row = start // width, -(-stop // width)
+    pieces = []
+    for row in range(first_row, end_row, step):
+        lo, hi = row * width, min(end_row, row + step) * width
+        magnitude = (x[lo:hi].to(torch.float32) - base[lo:hi].to(torch.float32)).abs_().view(-1, width)
+        keep = rank_keep_probability(magnitude, *drop).view(-1)[max(start, lo) - lo:min(stop, hi) - lo]
+        if key is not None:
+            keep = philox.uniforms(key, i, max(start, lo), keep.numel(), keep.device) < keep
+        pieces.append(keep)
+    return torch.cat(pieces)
+
+
+SUM_BUFFER = 8192  # numpy's buffer (np.getbufsize()): a float32 -> float64 sum adds its buffers' sums left to right
+
+
+def _buffer_sums(x: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
+    """The float64 sums of |x - base| and of its entries in `mask` per SUM_BUFFER entries (one chunk's; off the CPU,
+    one sum each)."""
+    a = (x.to(torch.float32) - base.to(torch.float32)).abs_()
+    if a.device.type != "cpu":
+        return [sum64(a)], [sum64(mul_mask_(a, mask))]
+    spans = [(s, min(a.numel(), s + SUM_BUFFER)) for s in range(0, a.numel(), SUM_BUFFER)]
+    totals = [sum64(a[s:e]) for s, e in spans]
+    kept = mul_mask_(a, mask)
+    return totals, [sum64(kept[s:e]) for s, e in spans]
+
+
+def _left_to_right(parts: list[float]) -> float:
+    """The float64 sum of `parts` in order (numpy's buffers' sums are added so)."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total

@@ -34,24 +34,25 @@ from typing import Any
 
 import torch
 
-from merging.methods import kernels
+from merging.methods import kernels, philox
 from merging.methods.chunking import ChunkedInputs, TwoPhase
 from merging.methods.registry import merge_method
 from merging.methods.sparsify import (
     KEEP_ALL,
     KEEP_BAND,
     KEEP_MASK,
+    check_della,
     l1_rescale_factor,
     magnitude_band_mask,
     magnitude_cuts,
+    magprune_keep,
+    magprune_masks,
     mask_and_rescale_,
     mul_mask_,
-    pack_mask,
     random_mask,
     random_masks,
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
-    sum64,
     topk_mask,
     unpack_mask,
 )
@@ -62,9 +63,10 @@ Params = dict[str, Any]
 
 
 def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: Params,
-                          rng: torch.Generator) -> torch.Tensor:
-    """Sparsify model i's task vector in place: 'magnitude' (TIES), 'random' (DARE), 'outliers'
-    (Breadcrumbs), 'della' (MagPrune), or None."""
+                          rng: torch.Generator, key: int | None = None) -> torch.Tensor:
+    """Sparsify model i's task vector in place: 'magnitude' (TIES), 'random' (DARE, drawn from `rng`), 'outliers'
+    (Breadcrumbs), 'della' (MagPrune: Philox uniforms under `key`, the tensor's, stream i; drawn from `rng` if
+    None), or None."""
     if how is None:
         return delta
     density = params["density"][i]
@@ -85,7 +87,8 @@ def sparsify_task_vector_(delta: torch.Tensor, how: str | None, i: int, params: 
     if how == "della":
         magnitude = delta.abs()
         keep = rank_keep_probability(magnitude, density, params["epsilon"][i])
-        mask = random_mask(delta.shape, keep, rng, delta.device)
+        key = philox.draw_key(rng) if key is None else key
+        mask = philox.uniforms(key, i, 0, delta.numel(), delta.device).view(delta.shape) < keep
         return mask_and_rescale_(delta, mask, rescale, keep, magnitude)
     raise ValueError(how)
 
@@ -94,16 +97,18 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
                                 rng: torch.Generator, sparsify: str | None, consensus: bool) -> torch.Tensor:
     """base + lambda * combine_i(w_i * sparsify(theta_i - base)), see the module docstring.
 
-    The whole-tensor form: DELLA runs on it, and the streaming `TaskVectorMerge` is tested bit for bit
-    against it.
+    The whole-tensor form (KnOTS merges its coefficients with it); the streaming `TaskVectorMerge` is tested bit
+    for bit against it (DARE there draws from Philox, here from `rng`; DELLA from Philox in both, under one key per
+    tensor drawn first).
 
     Without sign election the task vectors are summed as they are made (one in memory at a time).
     """
     weights = [float(w) for w in params["weight"]]
     normalize = params["normalize"]
+    key = philox.draw_key(rng) if sparsify == "della" else None
 
     def weighted(i: int) -> torch.Tensor:
-        delta = sparsify_task_vector_(tensors[i] - base, sparsify, i, params, rng)
+        delta = sparsify_task_vector_(tensors[i] - base, sparsify, i, params, rng, key)
         return delta.mul_(weights[i]) if weights[i] != 1 else delta
 
     if consensus:
@@ -158,7 +163,7 @@ class TaskVectorMerge(TwoPhase):
                 state["scale"] = [l1_rescale_factor(totals[i], kept[i][0] - sum(kept[i][1:])) if ks[i] else 1.0
                                   for i in range(m)]
         elif self.sparsify == "random":
-            key = int(torch.randint(0, 2**62, (1,), generator=rng))
+            key = philox.draw_key(rng)
             keep = [params["density"][i] if self._sparsified(params, i) else 1.0 for i in range(m)]
             masks, totals, kept = random_masks(inputs, keep, key, sums=rescale is True)
             state["masks"] = masks
@@ -172,28 +177,21 @@ class TaskVectorMerge(TwoPhase):
 
     def _prepare_della(self, inputs: ChunkedInputs, params: Params, rng: torch.Generator,
                        state: dict[str, Any]) -> None:
-        """DELLA's MagPrune masks, model by model in model order (the draws of `sparsify_task_vector_`): per-row
-        ranks need the whole task vector, so it is formed once per model (never all at once), its mask packed per
-        chunk as DARE's, with the L1 sums or (`rescale: unbiased`) the keep probabilities the chunks divide by."""
-        m, shape, base = len(inputs.tensors), inputs.shape or (inputs.numel,), inputs.base
+        """DELLA's MagPrune masks (`magprune_masks`: Philox uniforms under one key drawn from the tensor's generator,
+        the draws of `sparsify_task_vector_`), packed per chunk as DARE's, with the L1 sums; `rescale: unbiased`
+        keeps no probabilities: `apply` recomputes them per chunk (`magprune_keep`)."""
+        m = len(inputs.tensors)
+        key = philox.draw_key(rng)
+        drop = [(params["density"][i], params["epsilon"][i]) if self._sparsified(params, i) else None
+                for i in range(m)]
+        for d in drop:
+            if d is not None:
+                check_della(*d)
         rescale = params["rescale"]
-        state["span"] = (inputs.chunk_elements, inputs.numel)
-        state["masks"], state["keep"] = [None] * m, [None] * m
-        b32 = base.to(torch.float32).view(shape)
-        for i in range(m):
-            if not self._sparsified(params, i):
-                continue
-            delta = inputs.tensors[i].to(torch.float32).view(shape) - b32
-            magnitude = delta.abs()
-            keep = rank_keep_probability(magnitude, params["density"][i], params["epsilon"][i])
-            mask = random_mask(delta.shape, keep, rng, delta.device).view(-1)
-            del delta
-            if rescale is True:
-                before = sum64(magnitude)
-                state["scale"][i] = l1_rescale_factor(before, sum64(mul_mask_(magnitude, mask.view(shape))))
-            elif rescale == "unbiased":
-                state["keep"][i] = keep.view(-1)
-            state["masks"][i] = [pack_mask(mask[slice(*inputs.span(c))]) for c in range(inputs.num_chunks)]
+        masks, totals, kept = magprune_masks(inputs, drop, key, sums=rescale is True)
+        state.update(masks=masks, drop=drop, inputs=inputs, span=(inputs.chunk_elements, inputs.numel))
+        if rescale is True:
+            state["scale"] = [l1_rescale_factor(totals[i], kept[i]) if drop[i] else 1.0 for i in range(m)]
 
     def fused(self, inputs: ChunkedInputs, params: Params, state: dict[str, Any]
               ) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
@@ -250,7 +248,7 @@ class TaskVectorMerge(TwoPhase):
             mul_mask_(tau, unpack_mask(state["masks"][i][chunk], tau.numel()))
             if rescale == "unbiased" and self.sparsify == "della":
                 start, stop = self._span(state, chunk)
-                return tau.div_(state["keep"][i][start:stop])
+                return tau.div_(magprune_keep(state["inputs"], i, state["drop"][i], start, stop).to(tau.device))
             if rescale == "unbiased":
                 return tau.div_(params["density"][i])
         else:

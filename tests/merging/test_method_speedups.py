@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from merging.methods import kernels
+from merging.methods import kernels, philox
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
@@ -18,7 +18,6 @@ from merging.methods.competition import ranked_values
 from merging.methods.sparsify import (
     kth_largest,
     mask_and_rescale_,
-    random_mask,
     rank_keep_probability,
     sign_consensus_disjoint_sum_,
     topk_mask,
@@ -72,13 +71,17 @@ def reference_rank_keep_probability(magnitude, density, epsilon):
 
 
 def reference_della(tensors, base, params, rng, consensus):
+    """DELLA as before its masks moved to Philox (issue 26: drawn per range of rows), except the draws: the
+    uniforms were torch.rand from the tensor's generator, model by model; they are now Philox's for (a key drawn
+    from that generator, stream i, entry j), as DARE's (the one change in DELLA's bits)."""
     weights = [float(w) for w in params["weight"]]
+    key = int(torch.randint(0, 2**62, (1,), generator=rng))
 
     def weighted(i):
         delta = tensors[i] - base
         if params["density"][i] < 1:
             keep = reference_rank_keep_probability(delta.abs(), params["density"][i], params["epsilon"][i])
-            mask = random_mask(delta.shape, keep, rng, delta.device)
+            mask = philox.uniforms(key, i, 0, delta.numel()).view(delta.shape) < keep
             delta = mask_and_rescale_(delta, mask, params["rescale"], keep)
         return delta.mul_(weights[i]) if weights[i] != 1 else delta
 

@@ -182,13 +182,15 @@ def test_della_against_formula_with_the_documented_draws():
     base = rand(4, 6, seed=11)
     models = [base + rand(4, 6, seed=s) for s in (12, 13)]
     out = run("della", models, base, seed=1, name="x", density=0.5, epsilon=0.2, rescale="unbiased")
-    rng = tensor_rng(1, "x")
+    # the contract: a key from the tensor's generator; entry j of model i is kept when the float32 uniform of
+    # Philox's word for (key, stream i, entry j) is below its keep probability (as DARE's masks)
+    key = int(torch.randint(0, 2**62, (1,), generator=tensor_rng(1, "x")))
     weighted = []
-    for m in models:
+    for i, m in enumerate(models):
         tau = (m - base).numpy()
         ranks = np.argsort(np.argsort(np.abs(tau), axis=1), axis=1)
         p = 0.3 + 0.4 * ranks / 5
-        keep = torch.rand(tau.shape, generator=rng).numpy() < p
+        keep = philox.uniforms(key, i, 0, tau.size).numpy().reshape(tau.shape) < p
         weighted.append(tau * keep / p)
     expected = base.numpy() + np_disjoint(weighted, [1.0, 1.0], normalize=True)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
