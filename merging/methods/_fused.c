@@ -1384,8 +1384,8 @@ static PyObject *py_elect_chunk(PyObject *self, PyObject *args) {
 /* row_ranks(values, rows, width, out): per row of a contiguous float32 matrix, each entry's 0-based position in the
  * row's stable ascending sort, as a float32 (DELLA's MagPrune ranks, sparsify.rank_keep_probability): the order of
  * torch.sort(stable=True), where -0 equals +0, NaNs are equal and last, and ties keep their index order. An LSD
- * radix sort of order-preserving 32-bit keys (four stable byte passes, a pass skipped where all keys share its
- * byte) instead of a comparison sort: 10x torch's on a 5504 x 2048 weight. width < 2^24 (exact float32 ranks).
+ * radix sort of order-preserving 32-bit keys (rank_row: stable passes over the bits that vary in the row) instead of
+ * a comparison sort: 10x torch's on a 5504 x 2048 weight. width < 2^24 (exact float32 ranks).
  * Releases the GIL. */
 INLINE uint32_t order_key(float f) {
     union { float f; uint32_t u; } b = {.f = f};
@@ -1394,45 +1394,84 @@ INLINE uint32_t order_key(float f) {
     return (b.u & 0x80000000u) ? ~b.u : (b.u | 0x80000000u);
 }
 
-/* The entries of one row of `width` floats in stable ascending order: (key << 32) | index, in `a` or `b` (both 2 width
- * entries; which one holds the result is returned) */
-static uint64_t *sort_row(const float *v, Py_ssize_t width, uint64_t *a, uint64_t *b) {
-    uint32_t counts[4][256];
-    memset(counts, 0, sizeof(counts));
+/* One stable LSD radix sort of `items` (n of them, `a` or `b` holding the result, which is returned) by the `bits`
+ * bits of each item from bit `shift`: as few passes of up to RADIX_BITS bits as they need (buckets at most twice the
+ * items), a pass skipped where every item has the same digit. */
+#define RADIX_BITS 11
+#define RADIX_SORT(NAME, T)                                                                                      \
+    static T *NAME(T *a, T *b, Py_ssize_t n, int shift, int bits) {                                             \
+        int digit = RADIX_BITS;                                                                                 \
+        while (digit > 8 && ((Py_ssize_t)1 << digit) > 2 * n) digit--;                                          \
+        const int passes = (bits + digit - 1) / digit;                                                          \
+        digit = (bits + passes - 1) / passes;                                                                   \
+        const T mask = ((T)1 << digit) - 1;                                                                     \
+        uint32_t counts[4][1 << RADIX_BITS]; /* passes of at least 8 bits: 4 cover 32 */                       \
+        for (int pass = 0; pass < passes; pass++) memset(counts[pass], 0, sizeof(uint32_t) << digit);           \
+        for (Py_ssize_t j = 0; j < n; j++) {                                                                    \
+            const T k = a[j] >> shift;                                                                          \
+            for (int pass = 0; pass < passes; pass++) counts[pass][(k >> (pass * digit)) & mask]++;            \
+        }                                                                                                       \
+        T *src = a, *dst = b;                                                                                   \
+        for (int pass = 0; pass < passes; pass++) {                                                             \
+            uint32_t *c = counts[pass];                                                                         \
+            const int at = shift + pass * digit;                                                                \
+            if (c[(src[0] >> at) & mask] == (uint32_t)n) continue;                                              \
+            uint32_t offset = 0;                                                                                \
+            for (T d = 0; d <= mask; d++) {                                                                     \
+                const uint32_t here = c[d];                                                                     \
+                c[d] = offset;                                                                                  \
+                offset += here;                                                                                 \
+            }                                                                                                   \
+            for (Py_ssize_t j = 0; j < n; j++) {                                                                \
+                const T e = src[j];                                                                             \
+                dst[c[(e >> at) & mask]++] = e;                                                                 \
+            }                                                                                                   \
+            T *t = src; src = dst; dst = t;                                                                     \
+        }                                                                                                       \
+        return src;                                                                                             \
+    }
+RADIX_SORT(radix_sort32, uint32_t)
+RADIX_SORT(radix_sort64, uint64_t)
+
+/* out[j] = values[rank of entry j] for one row of `width` floats, the rank its position in the row's stable ascending
+ * order (work: 2 width uint64). Only the key bits that vary in the row order it (those above and below are the same in
+ * every key); where they and the index fit in 32 bits (a bf16 checkpoint's task vector: differences of bf16 values
+ * leave the low bits zero) the sort moves (key bits, index) as 32-bit items, else (key, index) as 64-bit ones. */
+static void rank_row(const float *v, Py_ssize_t width, uint64_t *work, const float *values, float *out) {
+    uint32_t any = 0, all = 0xFFFFFFFFu;
+    uint32_t *keys = (uint32_t *)(work + width); /* the upper half, free until the 64-bit sort's second buffer */
     for (Py_ssize_t j = 0; j < width; j++) {
-        uint32_t k = order_key(v[j]);
-        a[j] = ((uint64_t)k << 32) | (uint64_t)j;
-        counts[0][k & 255]++;
-        counts[1][(k >> 8) & 255]++;
-        counts[2][(k >> 16) & 255]++;
-        counts[3][k >> 24]++;
+        const uint32_t k = order_key(v[j]);
+        keys[j] = k;
+        any |= k;
+        all &= k;
     }
-    uint64_t *src = a, *dst = b;
-    for (int pass = 0; pass < 4; pass++) {
-        uint32_t *c = counts[pass];
-        int shift = 32 + 8 * pass;
-        if (c[(src[0] >> shift) & 255] == (uint32_t)width) continue; /* one byte value: order unchanged */
-        uint32_t offset = 0;
-        for (int d = 0; d < 256; d++) {
-            uint32_t here = c[d];
-            c[d] = offset;
-            offset += here;
-        }
-        for (Py_ssize_t j = 0; j < width; j++) {
-            uint64_t e = src[j];
-            dst[c[(e >> shift) & 255]++] = e;
-        }
-        uint64_t *t = src; src = dst; dst = t;
+    const uint32_t varying = any ^ all;
+    if (!varying) { /* every key equal: index order */
+        memcpy(out, values, (size_t)width * sizeof(float));
+        return;
     }
-    return src;
+    const int low = __builtin_ctz(varying), bits = 32 - __builtin_clz(varying) - low;
+    int index_bits = 0;
+    while (((Py_ssize_t)1 << index_bits) < width) index_bits++;
+    if (bits + index_bits <= 32) {
+        uint32_t *a = (uint32_t *)work, *b = a + width;
+        const uint32_t key_mask = bits == 32 ? 0xFFFFFFFFu : (1u << bits) - 1, index_mask = (1u << index_bits) - 1;
+        for (Py_ssize_t j = 0; j < width; j++) a[j] = (((keys[j] >> low) & key_mask) << index_bits) | (uint32_t)j;
+        const uint32_t *sorted = radix_sort32(a, b, width, index_bits, bits);
+        for (Py_ssize_t r = 0; r < width; r++) out[sorted[r] & index_mask] = values[r];
+    } else {
+        uint64_t *a = work, *b = work + width; /* b overlaps keys: written after they are read */
+        for (Py_ssize_t j = 0; j < width; j++) a[j] = ((uint64_t)keys[j] << 32) | (uint64_t)j;
+        const uint64_t *sorted = radix_sort64(a, b, width, 32 + low, bits);
+        for (Py_ssize_t r = 0; r < width; r++) out[(uint32_t)sorted[r]] = values[r];
+    }
 }
 
-static void row_ranks(const float *values, Py_ssize_t rows, Py_ssize_t width, float *out, uint64_t *work) {
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const uint64_t *sorted = sort_row(values + r * width, width, work, work + width);
-        float *o = out + r * width;
-        for (Py_ssize_t p = 0; p < width; p++) o[(uint32_t)sorted[p]] = (float)p;
-    }
+static void row_ranks(const float *values, Py_ssize_t rows, Py_ssize_t width, float *out, uint64_t *work,
+                      float *positions) {
+    for (Py_ssize_t p = 0; p < width; p++) positions[p] = (float)p;
+    for (Py_ssize_t r = 0; r < rows; r++) rank_row(values + r * width, width, work, positions, out + r * width);
 }
 
 static PyObject *py_row_ranks(PyObject *self, PyObject *args) {
@@ -1444,11 +1483,17 @@ static PyObject *py_row_ranks(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint64_t *work = (uint64_t *)malloc((size_t)width * 2 * sizeof(uint64_t));
-    if (!work) return PyErr_NoMemory();
+    float *positions = (float *)malloc((size_t)width * sizeof(float));
+    if (!work || !positions) {
+        free(work);
+        free(positions);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
-    row_ranks((const float *)(uintptr_t)values_addr, rows, width, (float *)(uintptr_t)out_addr, work);
+    row_ranks((const float *)(uintptr_t)values_addr, rows, width, (float *)(uintptr_t)out_addr, work, positions);
     Py_END_ALLOW_THREADS
     free(work);
+    free(positions);
     Py_RETURN_NONE;
 }
 
@@ -1456,7 +1501,7 @@ static PyObject *py_row_ranks(PyObject *self, PyObject *args) {
  * della_chunk: DELLA's MagPrune drop (Deep et al. 2024, section 3) over entries [start, stop) of a tensor of rows of
  * `width` entries (sparsify.magprune_masks, for TaskVectorMerge's `della` and `della_linear`). Per model and every row
  * the range touches (whole rows, wherever the range cuts them): the task vector's magnitudes |x - base|, their
- * stable ascending ranks in the row (sort_row: torch.sort(stable=True)'s order), the keep probabilities
+ * stable ascending ranks in the row (rank_row: torch.sort(stable=True)'s order), the keep probabilities
  * p = (rank / (width - 1)) * span + low in float32 (span = 2 epsilon, low = density - epsilon: the operations of
  * sparsify.rank_keep_probability; a row of one entry: 0.5 span + low), and entry j kept when its Philox4x32-10
  * uniform is below p: u = (r >> 8) 2^-24, r word j % 4 of the block of counter (j / 4 low and high 32 bits, stream =
@@ -1534,13 +1579,19 @@ VECTOR_CLONES static void magprune_draw(const Magprune *d, const float *p, Py_ss
     }
 }
 
-/* work: 3 width floats, 2 width uint64 */
+/* work: (3 + m) width floats, 2 width uint64 */
 static void della_range(const Magprune *models, int m, const void *base, int base_dtype, Py_ssize_t width,
                         Py_ssize_t start, Py_ssize_t stop, float *work, uint64_t *order) {
     const Py_ssize_t n = stop - start;
-    float *row = work, *base_row = work + width, *p = work + 2 * width;
-    for (int i = 0; i < m; i++)
+    float *row = work, *base_row = work + width, *p = work + 2 * width, *by_rank = work + 3 * width;
+    for (int i = 0; i < m; i++) {
         if (models[i].mask) memset(models[i].mask, 0, (size_t)((n + 7) / 8));
+        float *values = by_rank + i * width; /* model i's keep probability at each rank */
+        if (width == 1)
+            values[0] = 0.5f * models[i].span + models[i].low;
+        for (Py_ssize_t r = 0; width > 1 && r < width; r++)
+            values[r] = ((float)r / (float)(width - 1)) * models[i].span + models[i].low;
+    }
     for (Py_ssize_t row_start = start - start % width; row_start < stop; row_start += width) {
         const Py_ssize_t a = row_start > start ? row_start : start;
         const Py_ssize_t b = row_start + width < stop ? row_start + width : stop;
@@ -1549,13 +1600,7 @@ static void della_range(const Magprune *models, int m, const void *base, int bas
             const Magprune *d = &models[i];
             load(d->x, d->dtype, row_start, (int)width, row);
             for (Py_ssize_t j = 0; j < width; j++) row[j] = fabsf(row[j] - base_row[j]);
-            if (width == 1) {
-                p[0] = 0.5f * d->span + d->low;
-            } else {
-                const uint64_t *sorted = sort_row(row, width, order, order + width);
-                const float last = (float)(width - 1);
-                for (Py_ssize_t r = 0; r < width; r++) p[(uint32_t)sorted[r]] = ((float)r / last) * d->span + d->low;
-            }
+            rank_row(row, width, order, by_rank + i * width, p);
             if (d->keep)
                 memcpy(d->keep + (a - start), p + (a - row_start), (size_t)(b - a) * sizeof(float));
             else
@@ -1590,7 +1635,7 @@ static PyObject *py_della_chunk(PyObject *self, PyObject *args) {
     }
     const Py_ssize_t m = PyTuple_GET_SIZE(models_obj);
     Magprune *models = (Magprune *)calloc(m > 0 ? (size_t)m : 1, sizeof(Magprune));
-    float *work = (float *)malloc((size_t)width * 3 * sizeof(float));
+    float *work = (float *)malloc((size_t)width * (size_t)(3 + m) * sizeof(float));
     uint64_t *order = (uint64_t *)malloc((size_t)width * 2 * sizeof(uint64_t));
     if (!models || !work || !order) {
         free(models);
