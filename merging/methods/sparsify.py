@@ -15,7 +15,9 @@
   entries inside it, as in Floyd and Rivest's SELECT) and applied chunk by chunk, so TIES and
   Breadcrumbs stream like elementwise methods (on the CPU the scan runs in the compiled kernel where
   built); `random_masks`: DARE's Bernoulli masks from the counter-based Philox generator keyed by
-  (tensor key, model, entry), independent of thread count, chunk order, chunk size and device.
+  (tensor key, model, entry), independent of thread count, chunk order, chunk size and device;
+  `magprune_masks`: DELLA's, from the same uniforms below each entry's rank keep probability, drawn per range of
+  rows (compiled `della_chunk` where built).
 Functions ending in _ modify their first argument in place (the callers own those task vectors: in
 place saves the allocation of a fresh tensor per step, the costly part on CPU); the rest are pure.
 Randomness only through the generator passed in (drawn on CPU).

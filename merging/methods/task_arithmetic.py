@@ -17,13 +17,15 @@ Where this follows mergekit rather than the papers (documented per method):
 Task arithmetic, TIES, DARE and Breadcrumbs stream: `TaskVectorMerge` finds each model's exact top-k
 threshold (or draws its DARE mask) in a prepare pass over cache-sized chunks, then merges chunk by chunk
 (merging.methods.chunking), never holding a float32 copy of a whole input; on the CPU both passes run in the
-compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA streams the same way once
-each model's mask is drawn (its per-row ranks need that model's whole task vector, formed one model at a time);
-Model Stock and SCE are two-phase too (`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's masks
-come from the counter-based Philox generator (merging.methods.philox) keyed by (a key drawn from the per-tensor
-generator, model index, entry index), so they are the same for any chunk size, thread count or device; DELLA's
-from the per-tensor generator, drawn model by model; mergekit's draws (global torch RNG) are not reproducible, so
-only the distribution matches.
+compiled kernel (merging/methods/_fused.c, the same bits) where it was built. DELLA streams too: its masks are
+drawn per range of rows (`magprune_masks`: the rows a group of chunks touches, ranked on their own, a row cut by a
+group border ranked by both; in parallel over groups), its L1 sums in numpy's whole-tensor order; `rescale:
+unbiased` recomputes the keep probabilities per chunk instead of holding them. Model Stock and SCE are two-phase too
+(`ModelStock`, `Sce`: whole-tensor statistics, then chunks). DARE's and DELLA's masks come from the counter-based
+Philox generator (merging.methods.philox) keyed by (a key drawn from the per-tensor generator, model index, entry
+index), so they are the same for any chunk size, thread count or device (DELLA's drew torch.rand from the per-tensor
+generator, model by model, before issue 26: other draws, the same distribution, so its outputs changed bits);
+mergekit's draws (global torch RNG) are not reproducible, so only the distribution matches.
 """
 
 from __future__ import annotations
@@ -126,13 +128,13 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
 
 
 class TaskVectorMerge(TwoPhase):
-    """Streaming `generalized_task_arithmetic` for the sparsifiers whose per-model statistics can be
-    gathered in passes over chunks: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'random' (DARE).
+    """Streaming `generalized_task_arithmetic`: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'random'
+    (DARE), 'della' (MagPrune).
 
     `prepare` finds, per model, the exact top-k cut(s) of |tau_i| (`magnitude_cuts`) or draws the DARE
-    mask (`random_masks`), and the rescale factor; `apply` then merges one chunk with the same float32
-    operations, in the same order, as `generalized_task_arithmetic`. Calling the object merges whole
-    tensors through the same two phases.
+    or DELLA mask (`random_masks`, `magprune_masks`), and the rescale factor; `apply` then merges one chunk
+    with the same float32 operations, in the same order, as `generalized_task_arithmetic`. Calling the object
+    merges whole tensors through the same two phases.
     """
 
     def __init__(self, sparsify: str | None, consensus: bool, doc: str) -> None:
@@ -319,7 +321,9 @@ masks followed by TIES sign election and disjoint sum (mergekit's variant)."""))
 
 della = merge_method("della")(TaskVectorMerge("della", True, """Deep et al. 2024 (DELLA, MagPrune): keep \
 entry j of a row with probability density - epsilon + 2 epsilon rank_j / (n - 1) (larger magnitude, likelier kept),
-rescale, TIES sign election, disjoint mean (`normalize` true by default), as mergekit."""))
+rescale, TIES sign election, disjoint mean (`normalize` true by default), as mergekit. The draws are Philox uniforms
+at each entry's index (as DARE's; torch.rand before issue 26, so the bits changed then), the masks streamed per
+range of rows."""))
 
 della_linear = merge_method("della_linear")(TaskVectorMerge("della", False, """DELLA's MagPrune drop and rescale \
 followed by a weighted sum (mergekit's `della_linear`)."""))

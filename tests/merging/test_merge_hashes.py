@@ -1,6 +1,8 @@
 """Every tensorwise method keeps its bits: the content hashes of benchmarks/merge_hashes.py's merges equal the
 recorded ones (recorded before the pipeline reshape, on the same seeded inputs; DARE's two re-recorded when its
-masks moved from numpy's PCG64 streams to the counter-based Philox generator, merging.methods.philox).
+masks moved from numpy's PCG64 streams to the counter-based Philox generator, merging.methods.philox; DELLA's two
+when its draws moved from torch.rand on the tensor's generator to the same Philox uniforms, issue 26, so that its
+masks stream per range of rows).
 
 Methods built on a full SVD (LAPACK) get different last bits on CPUs with different SIMD paths (AVX2 vs AVX-512),
 so for them the test asserts run-to-run identity on this machine instead of the recorded hash."""
