@@ -123,6 +123,8 @@ def rank_keep_probability(magnitude: torch.Tensor, density: float, epsilon: floa
     sort). A row of one entry gets the midpoint, density.
     """
     check_della(density, epsilon)
+    if magnitude.numel() == 0:
+        return torch.empty_like(magnitude)
     rows = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude.reshape(magnitude.shape[0], -1)
     width = rows.shape[1]
     if width <= 1:
@@ -679,6 +681,9 @@ def magprune_masks(inputs: ChunkedInputs, drop: list[Magprune | None], key: int,
     for i in range(m):
         if drop[i] is None:
             continue
+        if not inputs.numel:  # an empty tensor's one empty chunk
+            masks[i] = [torch.zeros(0, dtype=torch.uint8, device=inputs.base.device)]
+            continue
         parts_total, parts_kept = [], []
         for g in per_group:
             masks[i] += g[i][0]
@@ -693,6 +698,8 @@ def magprune_keep(inputs: ChunkedInputs, i: int, drop: Magprune, start: int, sto
     """Model i's DELLA keep probabilities (`rank_keep_probability`) at entries [start, stop), float32, from the rows
     that range touches (what `rescale: unbiased` divides by, recomputed per chunk rather than stored)."""
     width = row_width(inputs.shape or (inputs.numel,))
+    if stop <= start:
+        return torch.zeros(0, dtype=torch.float32, device=inputs.base.device)
     if not _della_compiled(inputs, width):
         return _magprune_range(inputs, i, drop, width, start, stop, None)
     keep = torch.empty(stop - start, dtype=torch.float32)

@@ -26,6 +26,7 @@ compiled = pytest.mark.skipif(not hasattr(kernels.compiled, "della_chunk"), reas
 # rows cut by chunk borders (5003, 100003 wide: groups of chunks), one row over several chunks, widths 1 and 2
 SHAPES = [(37, 53), (301,), (1,), (), (5, 1), (2, 3, 7), (70, 5003), (600001,), (3, 100003), (300001, 1),
           (150001, 2), (2, 3, 50001)]
+EMPTY = [(0,), (0, 4), (3, 0)]
 
 
 def _kernel_off(fn):
@@ -144,7 +145,7 @@ RAWS = [("della", {"density": 0.4, "epsilon": 0.1}),
         ("della_linear", {"density": 0.6, "epsilon": 0.05})]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + EMPTY, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tied", [False, True])
 def test_streamed_merge_equals_the_whole_tensor_reference(shape, dtype, tied):
