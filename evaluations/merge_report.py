@@ -49,7 +49,7 @@ class MeasureSpec:
     points: int = 11
     probes: tuple[str, ...] = DEFAULT_PROBES
     params: str | None = None
-    seq_len: int = 128
+    seq_len: int | None = None  # None: `text_data.default_seq_len`, resolved by `prepare`
     max_examples: int | None = None
     batch_size: int = 8
     seed: int = 0
@@ -166,6 +166,7 @@ def prepare(recipe, spec: MeasureSpec, device: str = "cpu", allow_pickle: bool =
         check_names(model, ckpt, ref)
     objective = objective_for(model)
     data = _load_data(model, spec)
+    spec = replace(spec, seq_len=data.seq_len)  # the length used, in measure.json and the card
     return Session(spec, inputs, model, objective, data, _sha256(spec.data), recipe.base_model)
 
 
