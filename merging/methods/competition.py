@@ -259,6 +259,13 @@ SAMPLE_SIGMAS = 5.0  # bracket half-width in standard deviations of the sample q
 Bracket = tuple[int, int, int | None]  # order keys: (lo, hi, a heavily tied key inside or None)
 
 
+def candidate_cap(d: int) -> int:
+    """The most keys a bracket of a row of d entries collects (about 1% do, for a 5-sigma bracket at the score
+    cut); past it the bracket counts as missed (the radix passes run instead), so a wide bracket cannot grow memory
+    beyond 4 bytes x d / 16 per model and rank."""
+    return max(1 << 20, d // 16)
+
+
 def sample_positions(d: int) -> torch.Tensor:
     """The sampled flat positions of a tensor of d entries: all of them up to 2^16 (the sample is then the
     tensor, so every bracket holds its rank), else `sparsify._sample_positions` (2^16, in runs of 16)."""
@@ -336,7 +343,7 @@ class _Tally:
         self.top = [0] * m
         self.bad = -1
         self.per_row = per_row
-        self.cap = max(1 << 20, inputs.numel // 16)
+        self.cap = candidate_cap(inputs.numel)
         self.lock = threading.Lock()
         map_threads(self.visit, inputs.num_chunks, inputs.workers)
 
