@@ -11,7 +11,14 @@ one tensor, flattened to rows tau_i of d entries,
   5. theta = base + lambda * sum_i beta_i tau'_i / max(sum_i beta_i, 1e-12).
 Where basin differs: the statistics (ranks, min, max) are per tensor, as the engine streams one tensor at a
 time (the authors flatten the whole model into one row per task); a row whose max equals its min (a
-constant task vector, or a tensor of one entry) normalises to 0 where the authors' code divides 0 by 0.
+constant task vector, or a tensor of one entry) normalises to 0 where the authors' code divides 0 by 0. Since
+issue 24's speed work the elementwise steps are basin's own float32 code, the same bits in torch ops and in the
+compiled kernel: exp and tanh from merging/methods/float_math.py (within 1 and 2.5 ulp; torch's are library code
+a C kernel cannot reproduce), sums over the models in model order, clamps and maxima by comparisons (torch.maximum
+returns either zero of +-0 depending on the loop), sgn(+-0) = +0, and ranks that order -0 below +0. The float32
+results differ from the torch.exp / torch.tanh code's in their last bits (a few entries in a hundred, at most
+3e-7 relative), so a merge's content hash may change (the 4 x 1 GB bf16 benchmark's did; merge_hashes.json's did
+not). A task vector with a NaN or infinite entry is refused.
 
 MagMax (section 3.2): per entry, the task-vector entry of largest magnitude, theta = base + lambda * tau_max;
 on equal magnitudes the later model's entry wins (the authors' `merge_max_abs`, FusionBench's `magmax`).
