@@ -1536,7 +1536,7 @@ INLINE float basin_tanhf(float x) {
 }
 
 /* AVX-512 (x86-64-v4), AVX2 or the baseline, chosen when the module loads; the same bits on each (IEEE float32
- * operations, no contraction). On the 2-core AMD EPYC (Zen 4) the AVX-512 clone takes 0.93 ns per entry and model
+ * operations, no contraction). On the 2-core AMD EPYC reporting AVX-512 that clone takes 0.93 ns per entry and model
  * for a score tally and 0.81 for the merge, the AVX2 one 1.58 and 1.42 (measured, one thread). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define PCB_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
