@@ -358,7 +358,7 @@ def test_ranked_values_equal_the_previous_selection(values):
 @pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
 @pytest.mark.parametrize("n, raw", [(3, {}), (4, {"pcb_ratio": 0.5, "clamp_ratio": 0.05, "lambda": 0.7}),
                                     (2, {"pcb_ratio": 1.0, "clamp_ratio": 0.0})])
-def test_pcb_equals_the_previous_code(shape, dtype, tied, n, raw):
+def test_pcb_equals_the_whole_tensor_torch_reference(shape, dtype, tied, n, raw):
     models, base = _inputs(shape, dtype, 23 + n, n=n, tied=tied)
     got, params = _merge("pcb", models, base, raw)
     delta = reference_pcb_delta([m.float() - base.float() for m in models], params["pcb_ratio"],
