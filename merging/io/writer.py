@@ -144,7 +144,7 @@ def aborting_on_os_error(abort, out_dir: Path) -> Iterator[None]:
 
 
 class ShardWriter:
-    """`add(name, tensor)` for each tensor of `layout` (any order), then `close()`.
+    """`add(name, tensor)` (or `add_part` per part, in order) for each tensor of `layout` (any order), then `close()`.
 
     `protect`: the paths the run reads (`merging.io.guard.protected_paths`), which the output may not replace.
     The output's lock (`OutputLock`) is held from construction to `close()` / `abort()`. A failed write
@@ -161,6 +161,7 @@ class ShardWriter:
         self.overwrite = overwrite
         self._layout = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
         self._hashes: dict[str, str] = {}
+        self._parts: dict[str, tuple[int, object]] = {}  # tensors written in parts: entries done, sha256 so far
         self._fds: list[int] = []
         self._journal: int | None = None
         self._lock: OutputLock | None = None
@@ -266,6 +267,41 @@ class ShardWriter:
         with self._writing():
             self._write(name, tensor)
 
+    def add_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Entries [start, start + part.numel()) of tensor `name` in flat order (the layout's dtype), the parts in
+        order from entry 0 (each starting where the previous one stopped): a tensor written as it is computed,
+        never whole in memory. The last part completes it (hashed and journalled as by `add`)."""
+        if name not in self._layout:
+            raise OutputError(f"writer: tensor {name!r} is not in the output layout")
+        shape, dtype = self._layout[name]
+        numel = math.prod(shape)
+        done, hasher = self._parts.get(name, (0, None))
+        if name in self._hashes or part.dtype != dtype or start != done or start + part.numel() > numel:
+            raise OutputError(f"writer: part [{start}, {start + part.numel()}) of {name!r} ({part.dtype}) does not "
+                              f"continue it: {done} of {numel} {dtype} entries written")
+        with self._writing():
+            k, offset, _ = self._where[name]
+            data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            hasher = hasher or hashlib.sha256()
+            hashing = _hash_thread().submit(hasher.update, data) if len(data) >= HASH_APART else None
+            if hashing is None:
+                hasher.update(data)
+            at, written = offset + start * element_size(dtype), 0
+            while written < len(data):
+                written += os.pwrite(self._fds[k], data[written:], at + written)
+            if hashing is not None:
+                hashing.result()
+            if start + part.numel() < numel:
+                self._parts[name] = (start + part.numel(), hasher)
+                return
+            self._parts.pop(name, None)
+            self._finished(name, hasher.hexdigest())
+
+    def _finished(self, name: str, digest: str) -> None:
+        self._hashes[name] = digest
+        if self._journal is not None:
+            os.write(self._journal, (json.dumps({"name": name, "sha256": digest}) + "\n").encode())
+
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         k, offset, n = self._where[name]
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -276,9 +312,7 @@ class ShardWriter:
         done = 0
         while done < n:
             done += os.pwrite(self._fds[k], data[done:], offset + done)
-        self._hashes[name] = (digest if hashing is None else hashing.result()).hexdigest()
-        if self._journal is not None:
-            os.write(self._journal, (json.dumps({"name": name, "sha256": self._hashes[name]}) + "\n").encode())
+        self._finished(name, (digest if hashing is None else hashing.result()).hexdigest())
 
     def content_hash(self) -> str:
         """sha256 over (name, dtype, shape, sha256 of bytes) in name order: order- and shard-independent."""
