@@ -149,14 +149,19 @@ class ShardWriter:
     `protect`: the paths the run reads (`merging.io.guard.protected_paths`), which the output may not replace.
     The output's lock (`OutputLock`) is held from construction to `close()` / `abort()`. A failed write
     (full disk, read-only folder) removes the temporary folder and raises a one-line `BasinError`.
+    `hashed=False`: the tensors' bytes are not hashed (no `content_hash`, no resume), for outputs nothing reads
+    a hash of (the side outputs of TALL masks and EMR beside a merged model, three times its bytes).
     """
 
     def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
                  shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, resume_key: str | None = None,
-                 protect: Iterable[Path] = ()):
+                 protect: Iterable[Path] = (), hashed: bool = True):
         self.out_dir = output_path(out_dir)
         if shard_size <= 0:
             raise OutputError(f"shard size must be positive, got {shard_size}")
+        if resume_key is not None and not hashed:
+            raise OutputError("writer: a resumable output is hashed")
+        self.hashed = hashed
         self.tmp = temp_folder(self.out_dir)
         self.overwrite = overwrite
         self._layout = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
@@ -282,9 +287,11 @@ class ShardWriter:
         with self._writing():
             k, offset, _ = self._where[name]
             data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            hasher = hasher or hashlib.sha256()
-            hashing = _hash_thread().submit(hasher.update, data) if len(data) >= HASH_APART else None
-            if hashing is None:
+            hasher = hasher or (hashlib.sha256() if self.hashed else None)
+            hashing = None
+            if hasher is not None and len(data) >= HASH_APART:
+                hashing = _hash_thread().submit(hasher.update, data)
+            elif hasher is not None:
                 hasher.update(data)
             at, written = offset + start * element_size(dtype), 0
             while written < len(data):
@@ -295,7 +302,7 @@ class ShardWriter:
                 self._parts[name] = (start + part.numel(), hasher)
                 return
             self._parts.pop(name, None)
-            self._finished(name, hasher.hexdigest())
+            self._finished(name, "" if hasher is None else hasher.hexdigest())
 
     def _finished(self, name: str, digest: str) -> None:
         self._hashes[name] = digest
@@ -307,15 +314,17 @@ class ShardWriter:
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         # sha256 and pwrite both release the GIL: side by side they take the time of the longer one (on a writer-bound
         # merge, a linear merge of 2 x 1 GB bf16 models, hashing then writing was the critical path)
-        hashing = _hash_thread().submit(hashlib.sha256, data) if n >= HASH_APART else None
-        digest = None if hashing is not None else hashlib.sha256(data)
+        hashing = _hash_thread().submit(hashlib.sha256, data) if n >= HASH_APART and self.hashed else None
+        digest = None if hashing is not None or not self.hashed else hashlib.sha256(data)
         done = 0
         while done < n:
             done += os.pwrite(self._fds[k], data[done:], offset + done)
-        self._finished(name, (digest if hashing is None else hashing.result()).hexdigest())
+        self._finished(name, "" if not self.hashed else (digest if hashing is None else hashing.result()).hexdigest())
 
     def content_hash(self) -> str:
         """sha256 over (name, dtype, shape, sha256 of bytes) in name order: order- and shard-independent."""
+        if not self.hashed:
+            raise OutputError("writer: an output written with hashed=False has no content hash")
         h = hashlib.sha256()
         for name in sorted(self._layout):
             shape, dtype = self._layout[name]

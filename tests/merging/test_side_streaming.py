@@ -144,9 +144,16 @@ def test_add_part_writes_what_add_writes(tmp_path):
         parts.close()
     parts.add_part("b", 2, torch.ones(1))
     assert parts.content_hash() == whole.content_hash()
-    whole.close(), parts.close()
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "parts" / "model.safetensors"
-                                                                         ).read_bytes()
+    unhashed = ShardWriter(tmp_path / "unhashed", layout, hashed=False)  # as the side outputs are written
+    unhashed.add_part("a", 0, x[:500])
+    unhashed.add_part("a", 500, x[500:])
+    unhashed.add("b", torch.ones(3))
+    with pytest.raises(OutputError, match="no content hash"):
+        unhashed.content_hash()
+    whole.close(), parts.close(), unhashed.close()
+    for folder in ("parts", "unhashed"):
+        assert (tmp_path / folder / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors"
+                                                                            ).read_bytes()
 
 
 def _models(folder: Path, n: int, shapes: dict[str, tuple[int, ...]], dtype=torch.bfloat16) -> list[str]:
