@@ -24,7 +24,8 @@ Both methods' side outputs stream chunk by chunk (`SideStream`, on the CPU one c
 reading the stored inputs once), with the same bits as the whole-tensor functions `_tall_outputs` and
 `_emr_outputs` kept as their reference. EMR's float64 sums have one order, independent of chunk size and threads
 (`ordered_sum`): per block of SUM_BLOCK entries of the flat tensor numpy's float64 sum of the float32 summands,
-the blocks' sums added in block order.
+the blocks' sums added in block order (a NaN sum stored as float("nan")). Before, torch summed each whole tensor,
+an order chunks cannot replay: the stored l1 / masked_l1, and so the rescalers, changed in their last bits.
 """
 
 from __future__ import annotations
