@@ -152,7 +152,7 @@ def recording_task_outputs(method: RegisteredMethod, plan: MergePlan, writer: Sh
     if spec is None:
         yield
         return
-    side = ShardWriter(writer.tmp / TASK_FOLDER, side_layout(spec, plan), hashed=False)  # 3x the model's bytes
+    side = ShardWriter(writer.tmp / TASK_FOLDER, side_layout(spec, plan), hashed=False, drop_behind=True)
     writes = SideWrites(side)
 
     def observe(p: MergePlan, k: int, tensors: list[torch.Tensor], base: torch.Tensor | None) -> None:
