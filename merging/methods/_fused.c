@@ -7,6 +7,7 @@
  * stats_chunks: a tensor's data-free merge statistics (merging/merge_stats.py), numpy's pairwise sums.
  * row_ranks: stable ascending ranks per row (DELLA's MagPrune probabilities), by radix sort.
  * elect_chunk: one chunk of MagMax, consensus TA, EMR or RAM (elementwise elections over task vectors).
+ * side_chunk: one chunk of TALL masks' and EMR's per-task side outputs (task vector, masks, EMR's L1 sums).
  *
  * Yadav et al. 2023 (TIES-Merging, Alg. 1), Yu et al. 2024 (DARE, eq. 1-2), Davari and Belilovsky 2024
  * (Model Breadcrumbs), Ilharco et al. 2023 (task arithmetic). The float32 operations, their order, and the edge
@@ -1380,6 +1381,158 @@ static PyObject *py_elect_chunk(PyObject *self, PyObject *args) {
     return PyBool_FromLong(finite);
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * side_chunk: one chunk of the per-task side outputs of TALL masks and EMR-merging (masks.py `tall_side_chunk`,
+ * `emr_side_chunk`; written by merging/output/task_files.py beside the merged model), read once from the stored
+ * inputs. SIDE_TALL (Wang et al. 2024, eq. 5): tau_MTL = sum_t tau_t folded from model 0, masks
+ * |tau_t| > a |tau_MTL - tau_t|. SIDE_EMR (Huang et al. 2024, Alg. 1 lines 1-4): the unified vector
+ * tau_uni = sign * max_t |tau_t| 1[tau_t sign > 0] with sign = 1 where the sum is > 0, else -1, masks
+ * tau_t sign > 0, and with `sums` the rescalers' float64 sums of |tau_t| and of |tau_uni| M_t over the chunk (one
+ * sum block, masks.SUM_BLOCK entries or the tensor's tail) in numpy's order: per SUM_BUFFER entries a pairwise sum
+ * (pairwise_sum above), the buffers' sums added left to right (masks.block_sum). The float32 operations and their
+ * order are those of masks.tall_masks and masks.emr_elect_inplace; the task vector goes out as float32 or as bf16
+ * rounded to nearest even (torch's rounding of finite values). Returns False, leaving the outputs unspecified,
+ * where an input, a task vector or their sum is not finite (NaN bits are torch's own: the caller runs the torch
+ * ops on that chunk), else the sums (l1_0..l1_{m-1}, masked_0..masked_{m-1}), an empty tuple without `sums`.
+ * --------------------------------------------------------------------------------------------------------------- */
+enum { SIDE_TALL = 0, SIDE_EMR = 1 };
+
+INLINE uint16_t bf16_nearest_even(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* `work`: m BLOCK floats (task vectors), and with `sums` 2 m SUM_BUFFER floats (the summands of one buffer) */
+VECTOR_CLONES static int side_chunk(int kind, Py_ssize_t n, const Vec *base, const Vec *x, int m, float a,
+                                    void *tv, int tv_dtype, uint8_t *const *masks, int sums, double *out,
+                                    float *work) {
+    float *tau = work, *l1_terms = work + (size_t)m * BLOCK, *masked_terms = l1_terms + (size_t)m * SUM_BUFFER;
+    float base_block[BLOCK], total[BLOCK], sign[BLOCK], acc[BLOCK], vec[BLOCK];
+    for (Py_ssize_t buffer = 0; buffer < n; buffer += SUM_BUFFER) {
+        const Py_ssize_t buffer_len = n - buffer < SUM_BUFFER ? n - buffer : SUM_BUFFER;
+        for (Py_ssize_t start = buffer; start < buffer + buffer_len; start += BLOCK) {
+            const int len = (int)(buffer + buffer_len - start < BLOCK ? buffer + buffer_len - start : BLOCK);
+            const Py_ssize_t at = start - buffer; /* the entries' place in this buffer's summands */
+            int finite = 1;
+            load(base->data, base->dtype, start, len, base_block);
+            for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
+            for (int i = 0; i < m; i++) {
+                float *t = tau + (size_t)i * BLOCK;
+                load(x[i].data, x[i].dtype, start, len, t);
+                for (int j = 0; j < len; j++) {
+                    t[j] = t[j] - base_block[j];
+                    finite &= fabsf(t[j]) <= FLT_MAX;
+                }
+            }
+            memcpy(total, tau, (size_t)len * sizeof(float));
+            for (int i = 1; i < m; i++)
+                for (int j = 0; j < len; j++) total[j] = total[j] + tau[(size_t)i * BLOCK + j];
+            for (int j = 0; j < len; j++) finite &= fabsf(total[j]) <= FLT_MAX;
+            if (!finite) return 0;
+            if (kind == SIDE_TALL) {
+                for (int i = 0; i < m; i++) {
+                    const float *t = tau + (size_t)i * BLOCK;
+                    uint8_t *mask = masks[i] + start;
+                    for (int j = 0; j < len; j++) mask[j] = fabsf(t[j]) > fabsf(total[j] - t[j]) * a;
+                }
+                memcpy(vec, total, (size_t)len * sizeof(float));
+            } else {
+                for (int j = 0; j < len; j++) {
+                    sign[j] = total[j] > 0 ? 1.0f : -1.0f;
+                    acc[j] = 0.0f;
+                }
+                for (int i = 0; i < m; i++) {
+                    const float *t = tau + (size_t)i * BLOCK;
+                    uint8_t *mask = masks[i] + start;
+                    for (int j = 0; j < len; j++) {
+                        const int keep = t[j] * sign[j] > 0;
+                        const float kept = fabsf(t[j]) * (keep ? 1.0f : 0.0f);
+                        mask[j] = (uint8_t)keep;
+                        acc[j] = kept > acc[j] ? kept : acc[j];
+                    }
+                    if (sums) {
+                        float *terms = l1_terms + (size_t)i * SUM_BUFFER + at;
+                        for (int j = 0; j < len; j++) terms[j] = fabsf(t[j]);
+                    }
+                }
+                if (sums) /* |tau_uni| M_t: acc where the mask holds, else +0 (acc is finite here) */
+                    for (int i = 0; i < m; i++) {
+                        const uint8_t *mask = masks[i] + start;
+                        float *terms = masked_terms + (size_t)i * SUM_BUFFER + at;
+                        for (int j = 0; j < len; j++) terms[j] = acc[j] * (mask[j] ? 1.0f : 0.0f);
+                    }
+                for (int j = 0; j < len; j++) vec[j] = acc[j] * sign[j];
+            }
+            if (tv_dtype == DTYPE_F32) {
+                memcpy((float *)tv + start, vec, (size_t)len * sizeof(float));
+            } else {
+                uint16_t *h = (uint16_t *)tv + start;
+                for (int j = 0; j < len; j++) h[j] = bf16_nearest_even(vec[j]);
+            }
+        }
+        if (sums)
+            for (int i = 0; i < m; i++) {
+                const double l1 = pairwise_sum(l1_terms + (size_t)i * SUM_BUFFER, buffer_len);
+                const double masked = pairwise_sum(masked_terms + (size_t)i * SUM_BUFFER, buffer_len);
+                out[i] = buffer == 0 ? l1 : out[i] + l1;
+                out[m + i] = buffer == 0 ? masked : out[m + i] + masked;
+            }
+    }
+    if (sums && n == 0)
+        for (int i = 0; i < 2 * m; i++) out[i] = 0.0;
+    return 1;
+}
+
+/* side_chunk(kind, n, base, inputs, a, tv, tv_dtype, masks, work, sums) -> False | tuple: base (address, dtype),
+ * inputs a tuple of 1 to 64 (address, dtype), tv the task vector's address (DTYPE_F32 or DTYPE_BF16), masks a tuple
+ * of m addresses of n bytes, work the address of m BLOCK (+ 2 m SUM_BUFFER with sums) float32s. Releases the GIL. */
+static PyObject *py_side_chunk(PyObject *self, PyObject *args) {
+    int kind, base_dtype, tv_dtype, sums;
+    Py_ssize_t n;
+    unsigned long long base_addr, tv_addr, work_addr;
+    PyObject *inputs_obj, *masks_obj;
+    double a;
+    if (!PyArg_ParseTuple(args, "in(Ki)O!dKiO!Kp", &kind, &n, &base_addr, &base_dtype, &PyTuple_Type, &inputs_obj,
+                          &a, &tv_addr, &tv_dtype, &PyTuple_Type, &masks_obj, &work_addr, &sums))
+        return NULL;
+    Py_ssize_t m = PyTuple_GET_SIZE(inputs_obj);
+    if (m < 1 || m > 64 || PyTuple_GET_SIZE(masks_obj) != m || n < 0 || (kind != SIDE_TALL && kind != SIDE_EMR) ||
+        (tv_dtype != DTYPE_F32 && tv_dtype != DTYPE_BF16) || (sums && kind != SIDE_EMR)) {
+        PyErr_SetString(PyExc_ValueError, "side_chunk: 1 to 64 inputs and as many masks, a known kind and dtype");
+        return NULL;
+    }
+    Vec x[64];
+    uint8_t *masks[64];
+    for (Py_ssize_t i = 0; i < m; i++) {
+        unsigned long long data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(inputs_obj, i), "Ki", &data, &x[i].dtype)) return NULL;
+        x[i].data = (const void *)(uintptr_t)data;
+        unsigned long long mask = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(masks_obj, i));
+        if (PyErr_Occurred()) return NULL;
+        masks[i] = (uint8_t *)(uintptr_t)mask;
+    }
+    Vec base = {(const void *)(uintptr_t)base_addr, base_dtype};
+    double out[128];
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = side_chunk(kind, n, &base, x, (int)m, (float)a, (void *)(uintptr_t)tv_addr, tv_dtype, masks, sums, out,
+                        (float *)(uintptr_t)work_addr);
+    Py_END_ALLOW_THREADS
+    if (!finite) Py_RETURN_FALSE;
+    PyObject *result = PyTuple_New(sums ? 2 * m : 0);
+    if (!result) return NULL;
+    for (Py_ssize_t i = 0; sums && i < 2 * m; i++) {
+        PyObject *value = PyFloat_FromDouble(out[i]);
+        if (!value) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, i, value);
+    }
+    return result;
+}
+/* ------------------------------------------ end of side_chunk ------------------------------------------------ */
+
 /* row_ranks(values, rows, width, out): per row of a contiguous float32 matrix, each entry's 0-based position in the
  * row's stable ascending sort, as a float32 (DELLA's MagPrune ranks, sparsify.rank_keep_probability): the order of
  * torch.sort(stable=True), where -0 equals +0, NaNs are equal and last, and ties keep their index order. An LSD
@@ -1454,6 +1607,7 @@ static PyMethodDef methods[] = {
     {"stats_chunks", py_stats_chunks, METH_VARARGS, "A tensor's merge statistics, chunk by chunk (see _fused.c)."},
     {"dare_chunk", py_dare_chunk, METH_VARARGS, "One chunk of DARE's masks and L1 sums (see _fused.c)."},
     {"elect_chunk", py_elect_chunk, METH_VARARGS, "One chunk of MagMax, consensus TA, EMR or RAM (see _fused.c)."},
+    {"side_chunk", py_side_chunk, METH_VARARGS, "One chunk of TALL masks' and EMR's side outputs (see _fused.c)."},
     {"row_ranks", py_row_ranks, METH_VARARGS, "Stable ascending ranks per row of a float32 matrix (see _fused.c)."},
     {"philox_version", py_philox_version, METH_NOARGS, "Which Philox kernel runs: avx512f, avx2 or plain."},
     {"philox_use", py_philox_use, METH_VARARGS, "Run this Philox kernel (tests); whether the processor has it."},
