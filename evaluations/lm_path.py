@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from evaluations.landscape.evaluate import PathResult, alpha_grid, reset_batchnorm
+from evaluations.load_names import FusedView, fused_view
 from evaluations.models import check_names, tied_groups
 from evaluations.objective import Objective, supervised
 from evaluations.results import as_float64
@@ -80,9 +81,12 @@ class CheckpointSource:
         self.ckpt = open_checkpoint(ref, allow_pickle=allow_pickle,
                                     label=None if isinstance(ref, (str, Path)) else label)
         self.label = self.ckpt.label
+        self.ckpt = fused_view(model, self.ckpt)
         self.names = check_names(model, self.ckpt, self.label)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if isinstance(self.ckpt, FusedView):  # a fused tensor reads only the parts of these rows
+            return self.ckpt.rows(self.names[name], start, stop)
         t = self.ckpt.get(self.names[name])
         return t if t.dim() == 0 else t[start:stop]
 

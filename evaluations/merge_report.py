@@ -49,7 +49,7 @@ class MeasureSpec:
     points: int = 11
     probes: tuple[str, ...] = DEFAULT_PROBES
     params: str | None = None
-    seq_len: int = 128
+    seq_len: int | None = None  # None: `text_data.default_seq_len`, resolved by `prepare`
     max_examples: int | None = None
     batch_size: int = 8
     seed: int = 0
@@ -149,6 +149,7 @@ def _sha256(path: str) -> str:
 
 def prepare(recipe, spec: MeasureSpec, device: str = "cpu", allow_pickle: bool = False) -> Session:
     """Every check the measurement needs, before the merge reads a tensor (see the module docstring)."""
+    from evaluations.load_names import fused_view
     from evaluations.model_losses import objective_for
     from evaluations.models import build_model, check_names, load_config, model_class, parse_device
     from merging.architectures import config_source
@@ -163,16 +164,19 @@ def prepare(recipe, spec: MeasureSpec, device: str = "cpu", allow_pickle: bool =
     model = build_model(config, model_class(config, folder / "config.json"), torch.float32, parse_device(device))
     model.basin_folder = folder
     for ref, ckpt in inputs.items():
-        check_names(model, ckpt, ref)
+        check_names(model, fused_view(model, ckpt), ref)
     objective = objective_for(model)
     data = _load_data(model, spec)
+    spec = replace(spec, seq_len=data.seq_len)  # the length used, in measure.json and the card
     return Session(spec, inputs, model, objective, data, _sha256(spec.data), recipe.base_model)
 
 
 # --- after the merge --------------------------------------------------------------------------------------------
 def _write_weights(model: nn.Module, ckpt, label: str) -> None:
+    from evaluations.load_names import fused_view
     from evaluations.models import check_names, copy_weights
 
+    ckpt = fused_view(model, ckpt)
     copy_weights(model, ckpt, check_names(model, ckpt, label))
 
 
@@ -294,10 +298,11 @@ def _barriers(session: Session, points: _Points) -> list[dict[str, Any]]:
 
 def measure(session: Session, out_dir: str | Path, stats=None) -> MeasureReport:
     """The report on the merged output `out_dir` (see the module docstring); `stats`: a `MergeStats` or None."""
+    from evaluations.load_names import fused_view
     from evaluations.models import check_names
 
     out = _open(str(out_dir), False)
-    check_names(session.model, out, str(out_dir))  # the output fits the model (names, shapes)
+    check_names(session.model, fused_view(session.model, out), str(out_dir))  # the output fits (names, shapes)
     data = _output_data(session, out)
     models = {**session.inputs, MERGE: out}
     probes = session.spec.probes

@@ -7,8 +7,11 @@ the requested dtype (torch's default dtype set while it is built, as `from_pretr
 float32 copy, no conversion pass, float32-by-design buffers such as RoPE's `inv_freq` stay float32), and copies
 each tensor from `merging.io.checkpoint.open_checkpoint(ref).get(name)` (memory-mapped) into it. Tied weights
 (parameters sharing storage, e.g. `lm_head.weight` and the input embedding) need only one of their names in the
-checkpoint and stay tied. Peak anonymous memory: one model in the requested dtype (measured 1.00x, float32 and
-bfloat16, tied or untied heads; `tests/evaluations/test_checkpoint_paths.py`).
+checkpoint and stay tied. Names transformers renames on load are read by their stored names (GPT-NeoX's
+`embed_out`, older `LayerNorm.gamma`/`.beta`) and tensors it fuses on load (Mixtral's per-expert weights into one
+`gate_up_proj`) are assembled from their parts (`evaluations.load_names`). Peak anonymous memory: one model in the
+requested dtype (measured 1.00x, float32 and bfloat16, tied or untied heads;
+`tests/evaluations/test_checkpoint_paths.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evaluations.load_names import fused_view, load_renames
 from merging.dtypes import EVAL_DTYPES, canonical, torch_dtype
 from taxonomy.errors import CheckpointError
 
@@ -147,22 +151,29 @@ def ignorable(model: nn.Module, name: str) -> bool:
 
 
 def check_names(model: nn.Module, ckpt, label: object) -> dict[str, str]:
-    """model tensor name -> the checkpoint name to read it from (a tied partner when it is absent); missing,
-    unexpected or mis-shaped tensors are a one-line error."""
+    """model tensor name -> the checkpoint name to read it from (a tied partner when it is absent, or the name
+    transformers would rename on load: `load_names.load_renames`; pass `load_names.fused_view(model, ckpt)` for
+    tensors it fuses); missing, unexpected or mis-shaped tensors are a one-line
+    error."""
     names = set(ckpt.names())
     state = model.state_dict()
     groups = tied_groups(model)
+    renamed, fused = load_renames(model, names - set(state))
     source: dict[str, str] = {}
     for name, t in state.items():
-        present = [n for n in groups[name] if n in names]
+        present = [n for n in groups[name] if n in names] or [renamed[n] for n in groups[name] if n in renamed]
         if not present:
+            if fused:
+                raise CheckpointError(f"{label}: tensor {name!r} of {type(model).__name__} is stored as separate "
+                                      f"tensors that transformers fuses on load (e.g. {fused[0]!r}) in a way basin "
+                                      "does not read (`evaluations.load_names`)")
             raise CheckpointError(f"{label}: tensor {name!r} of {type(model).__name__} is missing from the checkpoint")
         source[name] = name if name in names else present[0]
         shape = tuple(ckpt.meta(source[name]).shape)
         if shape != tuple(t.shape):
             raise CheckpointError(f"{label}: tensor {source[name]!r} has shape {shape}, {type(model).__name__} "
                                   f"expects {tuple(t.shape)}")
-    extra = sorted(n for n in names - set(state) if not ignorable(model, n))
+    extra = sorted(n for n in names - set(state) - set(renamed.values()) if not ignorable(model, n))
     if extra:
         raise CheckpointError(f"{label}: tensor {extra[0]!r} is not in {type(model).__name__} "
                               f"({len(extra)} unexpected)")
@@ -188,6 +199,7 @@ def load_model(ref: object, dtype: str | torch.dtype = "float32", device: str = 
     config = load_config(folder)
     cls = model_class(config, folder / "config.json")
     model = build_model(config, cls, dtype, device)
+    ckpt = fused_view(model, ckpt)
     copy_weights(model, ckpt, check_names(model, ckpt, ref))
     model.basin_folder = folder
     return model

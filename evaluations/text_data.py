@@ -49,6 +49,7 @@ class TextData:
     tokens: int  # non-padding input tokens, both sides of pairs, special tokens included
     source: Path
     kind: str  # "packed text", "text rows", "text pairs", "labelled text", "labelled text pairs"
+    seq_len: int  # tokens per block (packed text) or at most per row: as asked, or `default_seq_len`
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.batches)
@@ -112,11 +113,20 @@ def max_positions(config) -> int | None:
     return None
 
 
+DEFAULT_SEQ_LEN = 128
+
+
+def default_seq_len(config) -> int:
+    """Tokens per block when none is asked for: 128, or the model's positions where it has fewer."""
+    return min(DEFAULT_SEQ_LEN, max_positions(config) or DEFAULT_SEQ_LEN)
+
+
 def _check_sizes(seq_len: int, max_examples: int | None, batch_size: int, limit: int | None) -> None:
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len}: need at least 2 tokens per block")
     if limit is not None and seq_len > limit:
-        raise DataError(f"seq_len={seq_len} exceeds the model's {limit} positions")
+        raise DataError(f"seq_len={seq_len} exceeds the model's {limit} positions (ask for at most {limit} tokens "
+                        "per block)")
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}: need at least 1")
     if max_examples is not None and max_examples < 1:
@@ -320,12 +330,13 @@ def _check_pairs(path: Path, kind: str, n: int, batch_size: int) -> None:
                         f"batch_size={batch_size}, {n} pairs)")
 
 
-def load_data(model_or_ref: object, path: str | Path, *, seq_len: int = 128, max_examples: int | None = None,
+def load_data(model_or_ref: object, path: str | Path, *, seq_len: int | None = None, max_examples: int | None = None,
               batch_size: int = 8, seed: int = 0) -> TextData:
     """Batches of the data file `path` for the model of `model_or_ref` (a model from
     `evaluations.models.load_model` or a checkpoint reference); see the module docstring."""
     path = Path(path)
     target = _target(model_or_ref)
+    seq_len = default_seq_len(target.config) if seq_len is None else seq_len
     _check_sizes(seq_len, max_examples, batch_size, max_positions(target.config))
     packed = check_suffix(path) == ".txt"
     tokenizer = _tokenizer(target.folder)
@@ -343,5 +354,6 @@ def load_data(model_or_ref: object, path: str | Path, *, seq_len: int = 128, max
     batches = [_collate(examples[a:b], target.kind, pad, width) for a, b in _spans(len(examples), batch_size,
                                                                                      target.kind)]
     tokens = sum(len(e["input_ids"]) + len(e.get("pair_input_ids", [])) for e in examples)
-    return TextData(batches=batches, examples=len(examples), tokens=tokens, source=path, kind=kind)
+    return TextData(batches=batches, examples=len(examples), tokens=tokens, source=path, kind=kind,
+                    seq_len=seq_len)
 

@@ -3,7 +3,8 @@
 The phases (`PHASES`) are those of a task-arithmetic merge: the engine's reads (mapping the inputs; the page
 faults that bring their bytes in land in the first phase that touches them) and writes, and per tensor the
 threshold scan (bracket sample, scan, selection), DARE's mask draws and L1 sums, and the merge pass (`apply`: task
-vectors, trim or mask, election, sum, base, in one pass where the kernel is built). Seconds are summed over the
+vectors, trim or mask, election, sum, base, in one pass where the kernel is built), and the per-task side outputs of
+TALL masks and EMR (`side`: their pass over the inputs; `side_write`: their writer thread). Seconds are summed over the
 threads a phase runs on (thread-seconds, which may exceed the wall time), CPU seconds likewise (those threads' own
 user + system time: on a shared machine, what the phase cost without the waits for a core), bytes are those the
 phase reads or writes. Outside `profiling()` a call costs one global lookup.
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-PHASES = ("read", "sample", "scan", "select", "masks", "apply", "write")
+PHASES = ("read", "sample", "scan", "select", "masks", "apply", "side", "write", "side_write")
 
 
 @dataclass

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "transformers model of A's config.json)")
     parser.add_argument("--data", required=True, help="module:fn returning (x, y) tensors or a DataLoader; without "
                         "--model-factory, a .txt file of calibration text")
-    parser.add_argument("--seq-len", type=int_range(2), default=128, help="tokens per text block (default 128)")
+    parser.add_argument("--seq-len", type=int_range(2),
+                        help="tokens per text block (default 128, or the model's positions where it has fewer)")
     parser.add_argument("--max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
     parser.add_argument("--dtype", choices=EVAL_DTYPES, default="float32", help="model dtype (default float32)")
@@ -95,6 +96,7 @@ def load_text_model(args: argparse.Namespace, ref: str):
     model = load_model(ref, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     data = load_data(model, args.data, seq_len=args.seq_len, max_examples=args.max_examples,
                           batch_size=args.batch_size)
+    args.seq_len = data.seq_len  # the length used, for `used_line`
     return model, data, None
 
 

@@ -32,7 +32,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="a transformers checkpoint (folder, .safetensors or Hub id) with "
                         "--data calib.txt; default: the digits MLP demo")
     parser.add_argument("--data", help="with MODEL: a .txt file of calibration text")
-    parser.add_argument("--seq-len", type=int_range(2), default=128, help="tokens per text block (default 128)")
+    parser.add_argument("--seq-len", type=int_range(2),
+                        help="tokens per text block (default 128, or the model's positions where it has fewer)")
     parser.add_argument("--max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
@@ -88,7 +89,7 @@ def load_checkpoint_task(args: argparse.Namespace):
     examples = sum(len(b["input_ids"]) for b in batches)
     rows = objective.rows(batches)
     line = (f"model {type(model).__name__} ({args.dtype}, {args.device}); objective: {objective.name}; "
-            f"{examples} examples of {args.seq_len} tokens, {rows} {objective.unit}")
+            f"{examples} examples of {batches.seq_len} tokens, {rows} {objective.unit}")
     return model, objective, batches, line
 
 

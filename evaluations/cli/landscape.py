@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the plane through MODEL, A and B instead of random directions (checkpoint form)")
     parser.add_argument("--margin", type=float_range(0, 10), default=0.2,
                         help="with --through: grid margin around the three points, a fraction of their extent")
-    parser.add_argument("--seq-len", type=int_range(2), default=128, help="tokens per text block (default 128)")
+    parser.add_argument("--seq-len", type=int_range(2),
+                        help="tokens per text block (default 128, or the model's positions where it has fewer)")
     parser.add_argument("--max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
     parser.add_argument("--batch-size", type=int_range(1), default=8, help="blocks per batch (default 8)")
     parser.add_argument("--dtype", choices=EVAL_DTYPES, default="float32", help="model dtype (default float32)")

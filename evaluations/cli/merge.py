@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-points", type=int_range(2), help="points on each path (default 11)")
     parser.add_argument("--measure-hessian", action="store_true", help="also the top Hessian eigenvalue per model")
     parser.add_argument("--measure-params", metavar="REGEX", help="parameters of the Hessian (default: all)")
-    parser.add_argument("--measure-seq-len", type=int_range(2), help="tokens per text block (default 128)")
+    parser.add_argument("--measure-seq-len", type=int_range(2),
+                        help="tokens per text block (default 128, or the model's positions where it has fewer)")
     parser.add_argument("--measure-max-examples", type=int_range(1), help="at most this many blocks (seeded draw)")
     parser.add_argument("--intermediate-dir", help="multi-stage recipe (several '---' documents): where named stages "
                                                    "are written (default: OUT.stages beside OUT)")

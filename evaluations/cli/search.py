@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge each trial into the live model (auto: when the output matches and fits)")
     parser.add_argument("--scratch", help="folder for trials merged on disk (default: the system's temporary folder)")
     parser.add_argument("--write-best", metavar="MERGED", help="merge best.yaml into this folder at the end")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per example (default 128, or the model's positions where it has fewer)")
     parser.add_argument("--max-examples", type=int, help="examples drawn from --data (default all)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
     parser.add_argument("--device", default="cpu", help="merge and scoring device (default cpu)")

@@ -21,10 +21,11 @@ def load_into(ref: str, model: nn.Module, allow_pickle: bool = False) -> nn.Modu
     holds one model, never a second copy. Names are checked first (`evaluations.models.check_names`: a tied
     tensor may be saved under one name only; tensors the model recomputes, e.g. non-persistent buffers, are
     skipped); returns `model`."""
+    from evaluations.load_names import fused_view
     from evaluations.models import check_names, copy_weights
     from merging.io.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
+    ckpt = fused_view(model, open_checkpoint(ref, allow_pickle=allow_pickle))
     copy_weights(model, ckpt, check_names(model, ckpt, ref))
     return model
 

@@ -65,7 +65,7 @@ class DataSpec:
     """What `evaluations.text_data.load_data` reads for the `loss` objective."""
 
     path: str
-    seq_len: int = 128
+    seq_len: int | None = None  # None: `text_data.default_seq_len`
     max_examples: int | None = None
     batch_size: int = 8
     seed: int = 0

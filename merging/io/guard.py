@@ -10,7 +10,8 @@ replaces nothing the run reads. The check does not depend on `--overwrite`: a re
 whether or not it exists.
 
 `OutputLock`: an exclusive `fcntl.flock` on `.NAME.basin-lock` beside the output, taken before the temporary
-folder is touched and held until the output is renamed into place. A second run on the same output fails at
+folder is touched and held until the output is renamed into place (missing parent folders are made first, as
+mergekit does). A second run on the same output fails at
 once with a one-line error (it does not wait); the kernel releases the lock when its holder dies, so a run
 killed mid-merge never blocks the rerun that resumes it.
 """
@@ -147,9 +148,19 @@ class OutputLock:
         self.path = out.parent / f".{out.name}.basin-lock"
         self.fd: int | None = None
         try:
+            self._make_parents(out)
             self.fd = self._acquire(out)
         except OSError as err:
             raise io_error(out, err) from None
+
+    @staticmethod
+    def _make_parents(out: Path) -> None:
+        """The output's missing parent folders, as mergekit makes them."""
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(f"{out}: cannot write the output: a file stands where its folder {out.parent} or one "
+                              "above it would be; nothing was written") from None
 
     def _acquire(self, out: Path) -> int:
         while True:

@@ -52,6 +52,11 @@ def set_chunk_workers(workers: int) -> int:
     return old
 
 
+def chunk_workers() -> int:
+    """The threads the chunks of one tensor are spread over (`set_chunk_workers`)."""
+    return _workers
+
+
 def map_threads(fn: Callable[[int], T], n: int, workers: int) -> list[T]:
     """[fn(0), ..., fn(n - 1)], on the shared pool of `workers` threads (not from inside a pool task)."""
     if workers <= 1 or n <= 1:

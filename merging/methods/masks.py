@@ -19,15 +19,26 @@ rescaler c_t = sum_n mean|tau_t^n| / sum_n mean|M_t^n tau_uni^n| over the tensor
 paper's eq. 6 writes the plain sums over all entries). The merged model written is base + tau_uni; tau_uni,
 the masks and the per-tensor sums (the rescalers need the whole model) go beside it, and task t is
 base + c_t M_t * tau_uni.
+
+Both methods' side outputs stream chunk by chunk (`SideStream`, on the CPU one compiled `side_chunk` pass per chunk
+reading the stored inputs once), with the same bits as the whole-tensor functions `_tall_outputs` and
+`_emr_outputs` kept as their reference. EMR's float64 sums have one order, independent of chunk size and threads
+(`ordered_sum`): per block of SUM_BLOCK entries of the flat tensor numpy's float64 sum of the float32 summands,
+the blocks' sums added in block order (a NaN sum stored as float("nan")). Before, torch summed each whole tensor,
+an order chunks cannot replay: the stored l1 / masked_l1, and so the rescalers, changed in their last bits.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from merging.methods import kernels
+from merging.methods.chunking import CHUNK_ELEMENTS, scratch
 from merging.methods.registry import Layout, TaskOutputs, merge_method
 
 
@@ -64,7 +75,13 @@ def _tall_outputs(task_vectors: list[torch.Tensor], params: dict[str, Any],
     return {"task_vector": total.to(dtype), **{f"mask.{t}": m for t, m in enumerate(masks)}}
 
 
-@merge_method("tall_masks", elementwise=True, task_outputs=TaskOutputs(_mask_layout, _tall_outputs))
+def _tall_stream(tensors: list[torch.Tensor], base: torch.Tensor, params: dict[str, Any],
+                 dtype: torch.dtype) -> SideStream:
+    return SideStream(SIDE_TALL, tensors, base, dtype, params["tall_lambda"])
+
+
+@merge_method("tall_masks", elementwise=True,
+              task_outputs=TaskOutputs(_mask_layout, _tall_outputs, stream=_tall_stream))
 def tall_masks_merge(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
                      rng: torch.Generator) -> torch.Tensor:
     """TALL masks (Wang et al. 2024, eq. 5-6): the merged model is task arithmetic, base + lambda * tau_MTL;
@@ -109,17 +126,112 @@ def emr_elect_inplace(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, l
     return largest.mul_(sign), masks
 
 
+SUM_BLOCK = CHUNK_ELEMENTS  # entries per block of EMR's float64 sums (ordered_sum)
+
+
+def block_sum(values: torch.Tensor) -> float:
+    """numpy's float64 sum of one block's float32 values: per 8192-entry buffer (np.getbufsize()) a pairwise sum,
+    the buffers' sums added left to right (replayed by `side_chunk` in merging/methods/_fused.c)."""
+    return float(values.cpu().numpy().sum(dtype=np.float64))
+
+
+def fold_blocks(sums: Iterable[float]) -> float:
+    """Block sums added left to right from 0.0 (float64); a NaN total as float("nan")."""
+    total = 0.0
+    for s in sums:
+        total += s
+    return math.nan if math.isnan(total) else total
+
+
+def ordered_sum(values: torch.Tensor) -> float:
+    """The float64 sum of float32 `values` in EMR's fixed order, independent of chunk size and threads: per block of
+    SUM_BLOCK entries of the flat tensor `block_sum`, the blocks' sums added in block order (`fold_blocks`). Within
+    a few ulps of any other float64 order (torch's whole-tensor sum, which chunks cannot replay, rounds otherwise)."""
+    flat = values.reshape(-1)
+    return fold_blocks(block_sum(flat[s:s + SUM_BLOCK]) for s in range(0, flat.numel(), SUM_BLOCK))
+
+
+def _emr_sums(task_vectors: list[torch.Tensor], unified: torch.Tensor, masks: list[torch.Tensor],
+              summed: Callable[[torch.Tensor], float]) -> list[float]:
+    """[sum |tau_t| for each t] + [sum |tau_uni| M_t for each t], float32 summands (exact: M_t is 0 or 1) summed by
+    `summed` in float64."""
+    magnitude = unified.abs()
+    return [summed(tau.abs()) for tau in task_vectors] + [summed(magnitude * m) for m in masks]
+
+
+def _emr_totals(l1: list[float], masked: list[float], numel: int) -> dict[str, torch.Tensor]:
+    return {"l1": torch.tensor(l1, dtype=torch.float64), "masked_l1": torch.tensor(masked, dtype=torch.float64),
+            "numel": torch.tensor([float(numel)], dtype=torch.float64)}
+
+
 def _emr_outputs(task_vectors: list[torch.Tensor], params: dict[str, Any],
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """EMR's side outputs of one whole tensor: the reference of the streamed `SideStream` (same bits)."""
     unified, masks = emr_elect_inplace(task_vectors)
-    scratch32 = torch.empty_like(unified)
-    l1 = [float(torch.abs(tau, out=scratch32).double().sum()) for tau in task_vectors]  # tau.abs(), reused buffer
-    magnitude = unified.abs().double()
-    scratch = torch.empty_like(magnitude)  # (magnitude * m).sum(), each product into one reused float64 buffer
-    masked = [float(torch.mul(magnitude, m, out=scratch).sum()) for m in masks]
+    sums = _emr_sums(task_vectors, unified, masks, ordered_sum)
+    n = len(task_vectors)
     return {"task_vector": unified.to(dtype), **{f"mask.{t}": m for t, m in enumerate(masks)},
-            "l1": torch.tensor(l1, dtype=torch.float64), "masked_l1": torch.tensor(masked, dtype=torch.float64),
-            "numel": torch.tensor([float(unified.numel())], dtype=torch.float64)}
+            **_emr_totals(sums[:n], sums[n:], unified.numel())}
+
+
+SIDE_TALL, SIDE_EMR = 0, 1  # side_chunk's kinds, as in _fused.c
+
+
+class SideStream:
+    """One tensor's side outputs (TALL masks or EMR), chunk by chunk: `chunk(start, stop, task_vector, masks)` fills
+    entries [start, stop) (one sum block: start a multiple of `block`, stop the block's end or the tensor's) of the
+    task vector (in the output dtype) and of every task's bool mask, and returns that block's EMR sums (l1 of each
+    task, then masked_l1 of each; none for TALL masks); `finish(block sums in block order, numel)` gives the
+    per-tensor statistics (EMR: l1, masked_l1, numel; TALL masks: none). Where the kernel reads the inputs (CPU,
+    float32 or bf16), one compiled pass per chunk; chunks holding a non-finite value, and everything without the
+    kernel, run `tall_masks` / `emr_elect_inplace` on float32 copies of the chunk (torch's NaN bits)."""
+
+    block = SUM_BLOCK
+
+    def __init__(self, kind: int, tensors: list[torch.Tensor], base: torch.Tensor, dtype: torch.dtype,
+                 tall_lambda: float = 0.0):
+        self.kind, self.tensors, self.base, self.dtype, self.tall_lambda = kind, tensors, base, dtype, tall_lambda
+        self.sums = kind == SIDE_EMR
+        self.compiled = kernels.compiled is not None and hasattr(kernels.compiled, "side_chunk") \
+            and 1 <= len(tensors) <= 64 and kernels.readable(tensors + [base], base.numel())
+        self.work = len(tensors) * (256 + (2 * 8192 if self.sums else 0))  # side_chunk's float32 work space
+
+    def chunk(self, start: int, stop: int, task_vector: torch.Tensor, masks: list[torch.Tensor]) -> tuple[float, ...]:
+        if self.compiled:
+            direct = self.dtype in kernels.DTYPE_CODES
+            buffers = scratch(2, max(self.work, stop - start))
+            out = task_vector if direct else buffers[1][:stop - start]
+            got = kernels.compiled.side_chunk(
+                self.kind, stop - start, (kernels.address(self.base, start), kernels.DTYPE_CODES[self.base.dtype]),
+                tuple((kernels.address(t, start), kernels.DTYPE_CODES[t.dtype]) for t in self.tensors),
+                float(self.tall_lambda), out.data_ptr(), kernels.DTYPE_CODES[out.dtype],
+                tuple(m.data_ptr() for m in masks), buffers[0].data_ptr(), self.sums)
+            if got is not False:
+                if not direct:
+                    task_vector.copy_(out)
+                return got
+        b = self.base[start:stop].to("cpu", torch.float32)
+        taus = [t[start:stop].to("cpu", torch.float32) - b for t in self.tensors]
+        if self.kind == SIDE_TALL:
+            vector, ms = tall_masks(taus, self.tall_lambda)
+        else:
+            vector, ms = emr_elect_inplace(taus)
+        task_vector.copy_(vector)
+        for out_mask, m in zip(masks, ms):
+            out_mask.copy_(m)
+        return tuple(_emr_sums(taus, vector, ms, block_sum)) if self.sums else ()
+
+    def finish(self, block_sums: list[tuple[float, ...]], numel: int) -> dict[str, torch.Tensor]:
+        if not self.sums:
+            return {}
+        n = len(self.tensors)
+        totals = [fold_blocks(s[i] for s in block_sums) for i in range(2 * n)]
+        return _emr_totals(totals[:n], totals[n:], numel)
+
+
+def _emr_stream(tensors: list[torch.Tensor], base: torch.Tensor, params: dict[str, Any],
+                dtype: torch.dtype) -> SideStream:
+    return SideStream(SIDE_EMR, tensors, base, dtype)
 
 
 def _emr_kernel(inputs: Any, params: dict[str, Any]) -> Any:
@@ -127,7 +239,7 @@ def _emr_kernel(inputs: Any, params: dict[str, Any]) -> Any:
 
 
 @merge_method("emr", elementwise=True, fused=_emr_kernel,
-              task_outputs=TaskOutputs(_emr_layout, _emr_outputs, rescale=True))
+              task_outputs=TaskOutputs(_emr_layout, _emr_outputs, rescale=True, stream=_emr_stream))
 def emr(tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any],
         rng: torch.Generator) -> torch.Tensor:
     """EMR-merging (Huang et al. 2024, Alg. 1): the unified model base + tau_uni; the per-task masks and the

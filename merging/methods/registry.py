@@ -43,12 +43,15 @@ class TaskOutputs:
       "task_vector" (the vector the tasks share, in `dtype`), "mask.{t}" (task t's bool mask) and any per-task
       statistics (float64 vectors of n_models entries);
     - `rescale`: True when task t is base + c_t mask_t * task_vector with c_t from the statistics (EMR),
-      False when c_t = 1 (TALL masks).
+      False when c_t = 1 (TALL masks);
+    - `stream(tensors, base, params, dtype)`: the same outputs chunk by chunk, from the flat stored inputs (an
+      object like `merging.methods.masks.SideStream`, with the same bits as `compute`); None: `compute` whole.
     """
 
     layout: Callable[[tuple[int, ...], int, torch.dtype], Layout]
     compute: Callable[[list[torch.Tensor], dict[str, Any], torch.dtype], dict[str, torch.Tensor]]
     rescale: bool = False
+    stream: Callable[[list[torch.Tensor], torch.Tensor, dict[str, Any], torch.dtype], Any] | None = None
 
 
 @dataclass(frozen=True)

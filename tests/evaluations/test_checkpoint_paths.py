@@ -403,3 +403,20 @@ def test_load_model_bfloat16_matches_from_pretrained(ckpts, name):  # noqa: F811
     x = torch.tensor([[1, 3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(model(x)[0], ref(x)[0])
+
+
+def test_cli_default_seq_len_fits_a_short_model(llamas, tmp_path, capsys):
+    """`basin barrier` / `basin hessian` without --seq-len on a model of fewer than 128 positions use its length and
+    say so."""
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(llamas[0]).max_position_embeddings
+    assert positions < 128
+    calib = llamas[0].parent / "calib.txt"
+    rc, out, err = _basin(capsys, "barrier", llamas[0], llamas[1], "--data", calib, "--alphas", 3,
+                          "--out", tmp_path / "b")
+    assert rc == 0, err
+    assert f"examples of {positions} tokens" in out
+    rc, out, err = _basin(capsys, "hessian", llamas[0], "--data", calib, "-k", 1, "--tol", "1e-2")
+    assert rc == 0, err
+    assert f"examples of {positions} tokens" in out

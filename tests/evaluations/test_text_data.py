@@ -243,3 +243,20 @@ def test_a_model_without_a_checkpoint_folder_is_refused(tmp_path):
 
     with pytest.raises(BasinError, match="no text objective|no checkpoint folder"):
         load_data(nn.Linear(2, 2), tmp_path / "x.txt")
+
+
+def test_default_block_length_fits_the_model(kind_ckpts, tmp_path):
+    """No seq_len asked: 128 tokens per block, or the model's positions where it has fewer (these tiny models have
+    24-40); an explicit length over them stays an error naming the limit."""
+    from evaluations.models import load_model
+
+    path = tmp_path / "calib.txt"
+    path.write_text("apple banana cherry date " * 60 + "\n")
+    for name, positions in (("gpt2", 24), ("bert_mlm", 40), ("llama", 32)):
+        data = load_data(kind_ckpts[name], path)
+        assert data.seq_len == positions
+        assert max(b["input_ids"].shape[1] for b in data) == positions
+        model = load_model(kind_ckpts[name])
+        assert load_data(model, path).seq_len == positions
+    with pytest.raises(DataError, match="ask for at most 24 tokens per block"):
+        load_data(kind_ckpts["gpt2"], path, seq_len=25)

@@ -1,6 +1,11 @@
 """EMR's per-task side outputs (masks.py `_emr_outputs`, in reused buffers) against the whole-tensor reference
-main computed before (kept here): the same bits for every key, float32 and bf16 inputs, with NaN, inf and zeros."""
+main computed before (kept here): the same bits for the task vector and the masks, float32 and bf16 inputs, with
+NaN, inf and zeros; the float64 sums, whose order is now fixed by blocks (`masks.ordered_sum`), against that order
+written out here with numpy and against an exact sum (math.fsum)."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +21,41 @@ def reference_outputs(task_vectors, dtype):
     return {"task_vector": unified.to(dtype), **{f"mask.{t}": m for t, m in enumerate(ms)},
             "l1": torch.tensor(l1, dtype=torch.float64), "masked_l1": torch.tensor(masked, dtype=torch.float64),
             "numel": torch.tensor([float(unified.numel())], dtype=torch.float64)}
+
+
+def block_order_sum(values: np.ndarray) -> float:
+    """The documented order: per block of 2^18 entries numpy's float64 sum of the float32 values, blocks added left
+    to right from 0.0; a NaN total as float("nan")."""
+    flat = values.reshape(-1)
+    total = 0.0
+    for s in range(0, flat.size, 1 << 18):
+        total += float(np.sum(flat[s:s + (1 << 18)], dtype=np.float64))
+    return math.nan if math.isnan(total) else total
+
+
+def exact_sum(values: np.ndarray) -> float:
+    return math.fsum(values.reshape(-1).astype(np.float64).tolist())
+
+
+def check_sums(got, task_vectors):
+    """l1 and masked_l1 of `got` (EMR's outputs) in the block order bit for bit, and within 1e-12 of exact sums."""
+    taus = [t.numpy() for t in task_vectors]
+    unified = got["task_vector"]
+    magnitude = masks.emr_elect_inplace([t.clone() for t in task_vectors])[0].abs().numpy()
+    ms = [got[f"mask.{t}"].numpy() for t in range(len(taus))]
+    with np.errstate(invalid="ignore"):  # inf * 0: NaN, as in the method
+        masked = [magnitude * m for m in ms]
+    for key, terms in (("l1", [np.abs(t) for t in taus]), ("masked_l1", masked)):
+        for t, v in enumerate(terms):
+            value = float(got[key][t])
+            want = block_order_sum(v.astype(np.float32))
+            assert np.float64(value).tobytes() == np.float64(want).tobytes(), (key, t, value, want)
+            exact = exact_sum(v) if np.isfinite(v).all() else float(np.sum(v, dtype=np.float64))
+            if math.isfinite(exact) and exact != 0:
+                assert abs(value - exact) <= 1e-12 * exact, (key, t, value, exact)
+            else:
+                assert value == exact or (math.isnan(value) and math.isnan(exact)), (key, t, value, exact)
+    assert float(got["numel"][0]) == unified.numel()
 
 
 def task_vectors(shape, n, dtype, seed, special):
@@ -51,10 +91,16 @@ def test_same_bits_as_reference(dtype, shape, n, special, threads):
     assert got.keys() == want.keys()
     for key in want:
         assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        if key in ("l1", "masked_l1"):
+            continue
         a, b = got[key], want[key]
         if a.is_floating_point():
             a, b = a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
         assert torch.equal(a, b), key
+    check_sums(got, tv)
+    if not special:  # torch's whole-tensor float64 sums: within a few ulps of the block order
+        for key in ("l1", "masked_l1"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-13, atol=0)
 
 
 def test_inputs_unchanged():

@@ -14,7 +14,8 @@ from merging.methods import kernels, philox
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
-from merging.methods.competition import ranked_values
+from merging.methods.competition import key_value, order_keys, ranked_values
+from merging.methods.float_math import exp32, tanh32
 from merging.methods.sparsify import (
     kth_largest,
     mask_and_rescale_,
@@ -150,26 +151,38 @@ def reference_ranked_value(rows, index):
     return torch.stack(values).unsqueeze(1)
 
 
-def minmax_(rows):
-    low = rows.amin(dim=1, keepdim=True)
-    span = rows.amax(dim=1, keepdim=True) - low
-    rows.sub_(low).div_(torch.where(span > 0, span, torch.ones_like(span)))
-    return rows
-
-
 def reference_pcb_delta(task_vectors, ratio, clamp_ratio):
+    """PCB as redefined for issue 24's speed (session 14: basin's float32 exp and tanh, sums in model order,
+    clamps by comparisons, sgn(+-0) = +0, zeros ordered -0 below +0), in whole-tensor torch ops with sorts and
+    the ranges taken from the data (the previous code, with torch.exp and torch.tanh, is gone with its bits)."""
     rows = torch.stack([t.reshape(-1) for t in task_vectors])
     n, d = rows.shape
+
+    def at(x, index):  # per row, the value of ascending position `index` by order keys
+        return key_value(order_keys(x).sort(dim=1).values[:, index:index + 1].contiguous())
+
+    def in_order(parts):
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total = total + part
+        return total
+
     magnitude = rows.abs()
-    low = reference_ranked_value(magnitude, int(d * clamp_ratio))
-    high = reference_ranked_value(magnitude, max(0, int(d * (1 - clamp_ratio) - 1)))
-    magnitude = torch.maximum(torch.minimum(magnitude, high), low)
-    clamped = torch.sign(rows).mul_(magnitude)
-    score = minmax_(magnitude).square_().mul_(n).exp_()
-    score.mul_(torch.tanh(rows * rows.sum(0)))
-    score = torch.maximum(score, reference_ranked_value(score, min(d - 1, int(d * (1 - ratio)))))
-    scale = minmax_(score)
-    merged = (clamped.mul_(scale)).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
+    low = at(magnitude, int(d * clamp_ratio))
+    high = at(magnitude, max(0, int(d * (1 - clamp_ratio) - 1)))
+    clamped = torch.where(magnitude < high, magnitude, high)
+    clamped = torch.where(clamped > low, clamped, low)
+    m_low = clamped.amin(dim=1, keepdim=True)
+    span = clamped.amax(dim=1, keepdim=True) - m_low
+    u = (clamped - m_low) / torch.where(span > 0, span, torch.ones_like(span))
+    score = exp32((u * u) * n) * tanh32(rows * in_order(rows))
+    cut = at(score, min(d - 1, int(d * (1 - ratio))))
+    score = torch.where(score > cut, score, cut)
+    s_low, s_high = at(score, 0), at(score, d - 1)
+    s_span = s_high - s_low
+    scale = (score - s_low) / torch.where(s_span > 0, s_span, torch.ones_like(s_span))
+    sign = (rows > 0).float() - (rows < 0).float()
+    merged = in_order((sign * clamped) * scale) / in_order(scale).clamp(min=1e-12)
     return merged.view(task_vectors[0].shape)
 
 
@@ -348,7 +361,7 @@ def test_ranked_values_equal_the_previous_selection(values):
 @pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
 @pytest.mark.parametrize("n, raw", [(3, {}), (4, {"pcb_ratio": 0.5, "clamp_ratio": 0.05, "lambda": 0.7}),
                                     (2, {"pcb_ratio": 1.0, "clamp_ratio": 0.0})])
-def test_pcb_equals_the_previous_code(shape, dtype, tied, n, raw):
+def test_pcb_equals_the_whole_tensor_torch_reference(shape, dtype, tied, n, raw):
     models, base = _inputs(shape, dtype, 23 + n, n=n, tied=tied)
     got, params = _merge("pcb", models, base, raw)
     delta = reference_pcb_delta([m.float() - base.float() for m in models], params["pcb_ratio"],

@@ -143,3 +143,18 @@ def test_report_writers_never_replace_their_inputs(work, capsys):
              ["bench", "digits-tasks", "--out", "res", "--cache", "res/cells", "--no-resume"]]
     for argv in cases:
         _refused(capsys, argv, work)
+
+
+def test_missing_parent_folders_are_made_and_a_file_parent_is_one_line(work, capsys):
+    """As mergekit: `basin merge recipe.yaml new/nested/out` makes the folders; a parent that is a file is a
+    one-line error, exit 2, nothing written."""
+    assert main(["merge", "recipe.yaml", "new/nested/out"]) == 0
+    assert (work / "new" / "nested" / "out" / "model.safetensors").is_file()
+    assert not list((work / "new" / "nested").glob(".*"))  # no lock or temporary left beside it
+    (work / "plain").write_text("a file")
+    capsys.readouterr()
+    before = _snapshot(work)
+    assert main(["merge", "recipe.yaml", "plain/out"]) == 2
+    last = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bar's erased line
+    assert last.startswith("basin merge: error: ") and "a file stands where its folder" in last and "\n" not in last
+    assert _snapshot(work) == before
