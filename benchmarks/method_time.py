@@ -42,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", type=int, default=4)
-    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="method names (default: every data-free one); cart:lowrank / tsv:lowrank for svd: lowrank")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default torch's; 1 gives stable ratios on a shared machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/method_time.json")
@@ -61,13 +62,14 @@ def main() -> None:
     ties_params = full_params(ties, PARAMS["ties"], args.models)
     started_load = round(os.getloadavg()[0], 2)
     rows = []
-    for name in args.methods or data_free_methods():
+    for entry in args.methods or data_free_methods():
+        name, _, svd = entry.partition(":")  # "cart:lowrank": the method with `svd: lowrank`
         method = get_method(name)
         n = min(args.models, method.info.max_models or args.models)
-        params = full_params(method, PARAMS.get(name, {}), n)
+        params = full_params(method, {**PARAMS.get(name, {}), **({"svd": svd} if svd else {})}, n)
         inputs = models[:n]
         reference = best_of(lambda: merge_tensor(ties, "w", models, base, ties_params, 0), args.repeats, SLOW_SECONDS)
-        row = {"method": name, "models": n, "svd": name in {"iso_c", "iso_cts", "tsv", "cart"},
+        row = {"method": entry, "models": n, "svd": name in {"iso_c", "iso_cts", "tsv", "cart"},
                **best_of(lambda m=method, x=inputs, p=params: merge_tensor(m, "w", x, base, p, 0), args.repeats,
                           SLOW_SECONDS)}
         row["ties_cpu_seconds"] = reference["cpu_seconds"]

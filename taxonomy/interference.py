@@ -73,6 +73,8 @@ ENTRIES: tuple[MethodInfo, ...] = (
             Param("rank_ratio", 0.08, "fraction of min(shape) singular components kept of each centred task "
                                       "vector (the paper's optimum, about 8%)", low=0.0, high=1.0, low_open=True),
             Param("lambda", 1.0, "scale of the summed low-rank centred task vectors added to the average"),
+            Param("svd", "exact", "how the leading singular triplets are found: exact (a full SVD, as FusionBench) or "
+                  "lowrank (torch.svd_lowrank, seeded per tensor: faster, approximate)", choices=("exact", "lowrank")),
         ),
         summary="per matrix: task vectors centred at the weight average, each cut to its top singular "
                 "components: mean + lambda * sum_i SVD_k(theta_i - mean); other tensors: the mean",

@@ -134,6 +134,8 @@ ENTRIES: tuple[MethodInfo, ...] = (
             Param("sv_reduction", 0.0,
                   "fraction of each task vector's singular components kept per matrix; 0 = 1/number of models",
                   low=0.0, high=1.0),
+            Param("svd", "exact", "how the leading singular triplets are found: exact (a full SVD, as FusionBench) or "
+                  "lowrank (torch.svd_lowrank, seeded per tensor: faster, approximate)", choices=("exact", "lowrank")),
         ),
         in_mergekit=False,
         summary="per matrix: low-rank SVD of each task vector, orthogonalise the concatenated singular vectors",

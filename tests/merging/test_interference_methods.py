@@ -486,3 +486,56 @@ def test_bad_parameters_are_one_line_errors():
     base, models = family((4, 3))
     with pytest.raises(BasinError, match="common_space_fraction"):
         run("iso_cts", models, base, common_space_fraction=1.5)
+
+
+# ---------------------------------------------------------------- svd: lowrank (CART, TSV)
+
+
+def test_leading_triplets_lowrank_against_the_exact_truncation():
+    """torch.svd_lowrank's rank-k cut against Eckart-Young (a float64 numpy SVD): on a decaying spectrum the same
+    matrix to 1e-6; on a flat one (noise) within 5% of the best rank-k error; seeded: the same bits twice."""
+    from merging.methods.subspace import leading_triplets
+
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(300, 120, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(200, 120, generator=g))
+    decaying = (u * 0.7 ** torch.arange(120.0)) @ v.T
+    flat = torch.randn(300, 200, generator=g)
+    for matrix, k in ((decaying, 12), (flat, 16)):
+        exact = np_truncated(matrix.double().numpy(), k)
+        a = leading_triplets(matrix, k, "lowrank", seed=5)
+        b = leading_triplets(matrix, k, "lowrank", seed=5)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        approx = ((a[0] * a[1]) @ a[2]).double().numpy()
+        best = np.linalg.norm(matrix.double().numpy() - exact)
+        got = np.linalg.norm(matrix.double().numpy() - approx)
+        if matrix is decaying:
+            np.testing.assert_allclose(approx, exact, atol=1e-6)
+        else:
+            assert best <= got <= 1.05 * best, (got, best)
+    ue, se, vhe = leading_triplets(flat, 16, "exact")
+    np.testing.assert_allclose((ue * se).numpy() @ vhe.numpy(), np_truncated(flat.double().numpy(), 16), atol=1e-4)
+
+
+@pytest.mark.parametrize("method, params", [("cart", {"rank_ratio": 0.1}), ("tsv", {"sv_reduction": 0.1})])
+def test_lowrank_merges_are_seeded_and_close_to_exact(method, params):
+    """`svd: lowrank` through the public path: per-tensor seeded (the same merge twice, bit for bit; another seed
+    other bits), close to `svd: exact` on task vectors of decaying spectra, and refused with a one-line error for a
+    value it does not know."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(240, 160, generator=g)
+    models = []
+    for _ in range(3):
+        u, _ = torch.linalg.qr(torch.randn(240, 60, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(160, 60, generator=g))
+        models.append(base + 0.1 * (u * 0.8 ** torch.arange(60.0)) @ v.T)
+    b = None if method == "cart" else base
+    exact = run(method, models, b, **params)
+    low = run(method, models, b, svd="lowrank", **params)
+    assert torch.equal(low, run(method, models, b, svd="lowrank", **params))
+    assert not torch.equal(low, run(method, models, b, seed=1, svd="lowrank", **params))
+    assert not torch.equal(low, exact)
+    assert float((low - exact).norm() / (exact - base).norm()) < 1e-3
+    with pytest.raises(BasinError, match="svd") as err:
+        run(method, models, b, svd="fast", **params)
+    assert "\n" not in str(err.value)
