@@ -174,6 +174,31 @@ def test_cli_barrier_and_hessian_on_t5(ckpts, tmp_path, capsys):
                           "--params", r"decoder\.final_layer_norm", "--dtype", "float64")
     assert rc == 0, err
     assert f"model T5ForConditionalGeneration (float64, cpu); objective: {OBJECTIVE}; 5 examples" in out
+    rc, out, err = _basin(capsys, "ntk", a, "--data", pairs, "--rows", "4", "--seq-len", str(SEQ_LEN))
+    assert rc == 0, err
+    assert f"model T5ForConditionalGeneration (float32, cpu); objective: {OBJECTIVE}; 5 examples" in out
+
+
+def test_merge_measure_on_t5(ckpts, tmp_path, capsys):
+    """`basin merge --measure`: the inputs' and the merge's losses are the seq2seq objective's, each as measured on
+    its own."""
+    base, other = ckpts["t5"], ckpts["t5_b"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    out = tmp_path / "merged"
+    rc, _, err = _basin(capsys, "merge", str(recipe), str(out), "--measure", str(ckpts["pairs"]), "--measure-seq-len",
+                        str(SEQ_LEN), "--measure-points", "3", "--no-progress")
+    assert rc == 0, err
+    report = json.loads((out / "measure.json").read_text())
+    assert report["objective"] == OBJECTIVE
+    for ref, key in ((base, str(base)), (out, "merge")):
+        model = load_model(ref)
+        want = measure_loss(model, load_data(model, ckpts["pairs"], seq_len=SEQ_LEN))
+        got = report["losses"][key]
+        assert got["unit"] == "target tokens" and got["tokens"] == want.rows
+        assert got["loss"] == pytest.approx(want.loss, rel=1e-6) and got["perplexity"] == pytest.approx(
+            math.exp(got["loss"]), rel=1e-12)
 
 
 BAD = [
