@@ -11,6 +11,10 @@ The kind follows the model's class (`model_kind`), and `evaluations.text_data.lo
   sentence-transformers' MultipleNegativesRankingLoss (van den Oord et al. 2018, InfoNCE; Henderson et al. 2017):
   mean-pooled embeddings of `text` and `text_pair`, cosine similarities times 20, cross-entropy of each row against
   its own pair (the diagonal).
+- seq2seq LM (an encoder-decoder `*ForConditionalGeneration`: T5, BART, ...): teacher-forced cross-entropy over
+  the non-padding target tokens (`input_ids`, `attention_mask` of the encoder input, `labels` the target with -100
+  on padding); the decoder inputs are the labels shifted right after the decoder start token, made by the model's
+  own `prepare_decoder_input_ids_from_labels` (what its `labels=` path does), so the loss is the model's own.
 
 Each `predict` returns 2-D outputs and their targets (logits upcast to float32 from float16/bfloat16).
 """
@@ -26,6 +30,7 @@ from taxonomy.errors import DataError
 
 IGNORE = -100
 CAUSAL, CLASSIFIER, MASKED, ENCODER = "causal LM", "sequence classifier", "masked LM", "encoder"
+SEQ2SEQ = "seq2seq LM"
 SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default scale
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -80,6 +85,37 @@ def masked_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return _float(logits[keep]), target[keep]
 
 
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs the model's own `labels=` path makes: `labels` shifted right one place, the decoder start
+    token first, -100 replaced by the pad token (`prepare_decoder_input_ids_from_labels`, else that shift here)."""
+    config = model.config
+    try:
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None:
+            return prepare(labels=labels)
+        start, pad = config.decoder_start_token_id, config.pad_token_id
+        if start is None or pad is None:
+            raise ValueError("no decoder_start_token_id or pad_token_id")
+    except (ValueError, AttributeError):
+        raise DataError(f"{type(model).__name__}: cannot make decoder inputs from the targets: config.json needs "
+                        "decoder_start_token_id and pad_token_id") from None
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE, pad)
+
+
+def target_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder logits at every target token, the target tokens): rows where `labels` is not -100, the decoder
+    teacher-forced with the labels shifted right (`decoder_inputs`)."""
+    _need(batch, ("input_ids", "attention_mask", "labels"), SEQ2SEQ)
+    device = model_device(model)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   decoder_input_ids=decoder_inputs(model, labels)).logits
+    keep = labels != IGNORE
+    return _float(logits[keep]), labels[keep]
+
+
 def mean_pooled(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """Mean of the last hidden states over the non-padding tokens (sentence-transformers' mean pooling), float32."""
     inputs = _inputs(model, batch, prefix)
@@ -116,7 +152,10 @@ MASKED_LM = Objective(name="masked LM cross-entropy (fixed 15% mask)", loss="cro
                       predict=masked_token_logits, unit="masked tokens", perplexity=True, count=_masked)
 CONTRASTIVE = Objective(name="in-batch contrastive (mean pooling, cosine x 20)", loss="cross_entropy",
                         predict=pair_similarities, unit="pairs", count=_rows)
-OBJECTIVES = {CAUSAL: CAUSAL_LM, CLASSIFIER: SEQUENCE_CLASSIFICATION, MASKED: MASKED_LM, ENCODER: CONTRASTIVE}
+SEQ2SEQ_LM = Objective(name="seq2seq LM target-token cross-entropy (teacher forcing)", loss="cross_entropy",
+                        predict=target_token_logits, unit="target tokens", perplexity=True, count=_masked)
+OBJECTIVES = {CAUSAL: CAUSAL_LM, CLASSIFIER: SEQUENCE_CLASSIFICATION, MASKED: MASKED_LM, ENCODER: CONTRASTIVE,
+              SEQ2SEQ: SEQ2SEQ_LM}
 
 
 def _names(mapping: dict) -> set[str]:
@@ -127,7 +166,8 @@ def _names(mapping: dict) -> set[str]:
 
 
 def model_kind(class_name: str, config: object = None) -> str:
-    """CAUSAL, CLASSIFIER, MASKED or ENCODER for a transformers class name; a one-line error otherwise."""
+    """CAUSAL, CLASSIFIER, MASKED, ENCODER or SEQ2SEQ for a transformers class name (SEQ2SEQ: a class of
+    AutoModelForSeq2SeqLM whose config, when given, is an encoder-decoder); a one-line error otherwise."""
     from transformers.models.auto import modeling_auto as auto
 
     if class_name in _names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
@@ -138,8 +178,12 @@ def model_kind(class_name: str, config: object = None) -> str:
         return MASKED
     if class_name in _names(auto.MODEL_MAPPING_NAMES) and not getattr(config, "is_encoder_decoder", False):
         return ENCODER
+    seq2seq = _names(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    if class_name in seq2seq and getattr(config, "is_encoder_decoder", True):  # not e.g. audio encoder + LM
+        return SEQ2SEQ
     raise DataError(f"{class_name}: no text objective for this model class (causal LMs, sequence classifiers, "
-                    "masked LMs and encoders without a head are supported); pass --model-factory and module:fn data")
+                    "masked LMs, encoders without a head and encoder-decoder seq2seq LMs are supported); pass "
+                    "--model-factory and module:fn data")
 
 
 def is_causal_lm(model: nn.Module) -> bool:

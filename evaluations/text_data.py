@@ -8,17 +8,21 @@ own tokenizer (local files only, never remote code):
 - a `.jsonl`/`.csv`/`.parquet` file (`evaluations.data_files`, the `datasets` extra) with a `text` column, and
   optionally `label` ("labelled text", sequence classifiers) or `text_pair` ("text pairs", encoders; for a
   classifier the pair is encoded with the text): one example per row, truncated to `seq_len` tokens, batches
-  padded to their longest row.
+  padded to their longest row. An encoder-decoder seq2seq LM ("text-target pairs") reads `text` (the encoder
+  input) and `target` (the decoder output) columns, each tokenised on its own side (`text_target=`) and
+  truncated to `seq_len` tokens.
 
 Batches are dicts (`evaluations.model_losses` reads them): `input_ids`, `attention_mask` (and `token_type_ids`
 when the model has a token-type table); `labels` (causal LM: the inputs, -100 on padding; classifier: the class
-per row; masked LM: the original token at the masked positions, -100 elsewhere); `pair_*` for an encoder's pairs.
+per row; masked LM: the original token at the masked positions, -100 elsewhere; seq2seq LM: the target tokens,
+-100 on padding); `pair_*` for an encoder's pairs.
 
 The masked-LM mask is drawn here, once, with the seed: 15% of each example's non-special tokens (at least one),
 every one replaced by the mask token (no 80/10/10 split: the loss then measures exactly "recover the hidden
 token", with no noise from random replacements), so every point of a path or landscape sees the same mask.
 An encoder is measured on pairs (an in-batch contrastive loss needs a positive for each text): plain `.txt` is
-refused with a one-line error asking for `text`/`text_pair` rows rather than inventing pairs from adjacent lines.
+refused with a one-line error asking for `text`/`text_pair` rows rather than inventing pairs from adjacent lines;
+so is it for a seq2seq LM (it needs `text`/`target` rows).
 `max_examples` examples are drawn without replacement (seeded) and kept in file order.
 """
 
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from evaluations.data_files import check_suffix, check_text, read_rows
-from evaluations.model_losses import CAUSAL, CLASSIFIER, ENCODER, IGNORE, MASKED, check_causal_lm, model_kind
+from evaluations.model_losses import CAUSAL, CLASSIFIER, ENCODER, IGNORE, MASKED, SEQ2SEQ, check_causal_lm, model_kind
 from taxonomy.errors import DataError
 
 __all__ = ["TextData", "load_data", "max_positions", "check_causal_lm"]
@@ -46,9 +50,10 @@ class TextData:
 
     batches: list[dict[str, torch.Tensor]] = field(repr=False)
     examples: int  # sequences (rows, blocks or pairs)
-    tokens: int  # non-padding input tokens, both sides of pairs, special tokens included
+    tokens: int  # non-padding input tokens, both sides of pairs (and targets), special tokens included
     source: Path
-    kind: str  # "packed text", "text rows", "text pairs", "labelled text", "labelled text pairs"
+    kind: str  # "packed text", "text rows", "text pairs", "labelled text", "labelled text pairs",
+    # "text-target pairs"
     seq_len: int  # tokens per block (packed text) or at most per row: as asked, or `default_seq_len`
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -134,7 +139,8 @@ def _check_sizes(seq_len: int, max_examples: int | None, batch_size: int, limit:
 
 
 def _check_vocab(path: Path, examples: list[Example], vocab: int | None) -> None:
-    top = max((max(e[k]) for e in examples for k in ("input_ids", "pair_input_ids") if e.get(k)), default=-1)
+    keys = ("input_ids", "pair_input_ids", "target_ids")
+    top = max((max(e[k]) for e in examples for k in keys if e.get(k)), default=-1)
     if vocab is not None and top >= vocab:
         raise DataError(f"{path}: token id {top} is outside the model's vocabulary of {vocab}")
 
@@ -155,9 +161,11 @@ def _read_text(path: Path) -> str:
 
 def _packed(path: Path, tokenizer, seq_len: int, kind: str) -> list[Example]:
     """Consecutive blocks of the file's tokens; for a masked LM, wrapped in the special tokens to `seq_len`."""
-    if kind in (CLASSIFIER, ENCODER):
-        need = ("a sequence classifier is measured on rows with a `label` column" if kind == CLASSIFIER else
-                "an encoder is measured on rows with `text` and `text_pair` columns (positive pairs)")
+    if kind in (CLASSIFIER, ENCODER, SEQ2SEQ):
+        need = {CLASSIFIER: "a sequence classifier is measured on rows with a `label` column",
+                ENCODER: "an encoder is measured on rows with `text` and `text_pair` columns (positive pairs)",
+                SEQ2SEQ: "a seq2seq LM is measured on rows with `text` (encoder input) and `target` (decoder output) "
+                         "columns"}[kind]
         raise DataError(f"{path}: {need}: give a .jsonl/.csv/.parquet file")
     text = _read_text(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
@@ -197,11 +205,17 @@ def _check_columns(path: Path, rows: dict[str, list], kind: str) -> None:
     if kind == ENCODER and "text_pair" not in rows:
         raise DataError(f"{path}: an encoder without a head is measured on pairs: add a 'text_pair' column "
                         f"(columns: {columns})")
+    if kind == SEQ2SEQ and "label" in rows:
+        raise DataError(f"{path}: column 'label' is only for a sequence classifier, not a seq2seq LM (put the decoder "
+                        f"output text in a 'target' column; columns: {columns})")
+    if kind == SEQ2SEQ and "target" not in rows:
+        raise DataError(f"{path}: a seq2seq LM needs a 'target' column (the decoder output) beside 'text' (columns: "
+                        f"{columns})")
     if kind != CLASSIFIER and "label" in rows:
         raise DataError(f"{path}: column 'label' is only for a sequence classifier, not a {kind} (drop it, or "
                         "measure a *ForSequenceClassification checkpoint)")
-    if kind == CAUSAL and "text_pair" in rows:
-        raise DataError(f"{path}: column 'text_pair' is not used by a causal LM (drop it, or join it into 'text')")
+    if kind in (CAUSAL, SEQ2SEQ) and "text_pair" in rows:
+        raise DataError(f"{path}: column 'text_pair' is not used by a {kind} (drop it, or join it into 'text')")
 
 
 def _texts(path: Path, rows: dict[str, list], column: str) -> list[str]:
@@ -250,6 +264,12 @@ def _rows(path: Path, tokenizer, seq_len: int, target: _Target) -> tuple[list[Ex
         for e, p in zip(examples, _encode(tokenizer, pairs, None, seq_len, token_types)):
             e.update({"pair_" + k: v for k, v in p.items() if k != "special"})
         return examples, "text pairs"
+    if target.kind == SEQ2SEQ:
+        examples = _encode(tokenizer, texts, None, seq_len, token_types)
+        enc = tokenizer(text_target=_texts(path, rows, "target"), truncation=True, max_length=seq_len)
+        for e, ids in zip(examples, enc["input_ids"]):
+            e["target_ids"] = ids
+        return examples, "text-target pairs"
     examples = _encode(tokenizer, texts, pairs, seq_len, token_types)
     if target.kind == CLASSIFIER:
         for i, (e, value) in enumerate(zip(examples, rows["label"])):
@@ -310,6 +330,9 @@ def _collate(examples: list[Example], kind: str, pad: int, width: int | None) ->
         batch["labels"] = _pad([e["labels"] for e in examples], batch["input_ids"].shape[1], IGNORE)
     elif kind == CLASSIFIER:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    elif kind == SEQ2SEQ:
+        targets = [e["target_ids"] for e in examples]
+        batch["labels"] = _pad(targets, max(map(len, targets)), IGNORE)
     else:
         batch.update(_side(examples, "pair_", pad, width))
     return batch
@@ -353,7 +376,8 @@ def load_data(model_or_ref: object, path: str | Path, *, seq_len: int | None = N
     width = seq_len if packed else None
     batches = [_collate(examples[a:b], target.kind, pad, width) for a, b in _spans(len(examples), batch_size,
                                                                                      target.kind)]
-    tokens = sum(len(e["input_ids"]) + len(e.get("pair_input_ids", [])) for e in examples)
+    tokens = sum(len(e["input_ids"]) + len(e.get("pair_input_ids", [])) + len(e.get("target_ids", []))
+                 for e in examples)
     return TextData(batches=batches, examples=len(examples), tokens=tokens, source=path, kind=kind,
                     seq_len=seq_len)
 

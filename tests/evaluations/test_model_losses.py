@@ -219,9 +219,12 @@ def test_report_json_and_model_kinds():
                                         "RobertaForMaskedLM", "RobertaModel", "GPT2LMHeadModel")}
     assert kinds == {"MistralForCausalLM": "causal LM", "RobertaForSequenceClassification": "sequence classifier",
                      "RobertaForMaskedLM": "masked LM", "RobertaModel": "encoder", "GPT2LMHeadModel": "causal LM"}
-    for name in ("T5ForConditionalGeneration", "BartForConditionalGeneration", "ViTForImageClassification"):
+    assert {model_kind(n) for n in ("T5ForConditionalGeneration", "BartForConditionalGeneration")} == {"seq2seq LM"}
+    from transformers import T5Config
+
+    for name, config in (("T5Model", T5Config()), ("ViTForImageClassification", None)):
         with pytest.raises(DataError, match=f"{name}: no text objective"):
-            model_kind(name)
+            model_kind(name, config)
 
 
 def test_data_of_another_kind_is_a_one_line_error(kind_ckpts, tmp_path):
