@@ -238,6 +238,30 @@ static inline const void *shifted(const void *data, int dtype, Py_ssize_t start)
     return dtype == DTYPE_BF16 ? (const void *)((const uint16_t *)data + start) : (const void *)((const float *)data + start);
 }
 
+/* Append the 4-byte entries of src[0 .. len) whose `wanted` flag is 1 to out[kept ..]; returns the new count.
+ * Every entry of a 16-entry group holding some is written and the count advanced past the wanted ones only (no
+ * branch to mispredict; the caller leaves room for len more entries past `kept`). */
+INLINE long long append_wanted(void *out, long long kept, const void *src, const uint8_t *wanted, int len) {
+    unsigned char *o = (unsigned char *)out;
+    const unsigned char *in = (const unsigned char *)src;
+    int j = 0;
+    for (; j + 16 <= len; j += 16) { /* a group's 16 flags tested as two 8-byte words */
+        uint64_t w0, w1;
+        memcpy(&w0, wanted + j, 8);
+        memcpy(&w1, wanted + j + 8, 8);
+        if (w0 | w1)
+            for (int q = j; q < j + 16; q++) {
+                memcpy(o + 4 * kept, in + 4 * (size_t)q, 4);
+                kept += wanted[q];
+            }
+    }
+    for (; j < len; j++) {
+        memcpy(o + 4 * kept, in + 4 * (size_t)j, 4);
+        kept += wanted[j];
+    }
+    return kept;
+}
+
 /* merge_in_registers where it applies (returns 1), else 0; `kept`: NULL, or each model's BLOCK entries' mask bits
  * as 0 / 1 (1 for a model without a mask) where n <= BLOCK and some model is KEEP_MASK */
 INLINE int merge_fast_kept(const Model *models, int m, const void *base, int base_dtype, Py_ssize_t n,
@@ -632,26 +656,8 @@ VECTOR_CLONES static void tally_chunk(Cut *cuts, int count, const void *base, in
             cut->heavy_count += block_same;
             cut->nan |= block_nan > 0;
             if (block_inside) {
-                /* about 1% of the entries: write every entry of a group holding some, advance past the wanted
-                 * ones (no branch to mispredict; `candidates` has room: kept < n before each write) */
-                float *out = cut->candidates;
-                long long kept = cut->kept;
-                int j = 0;
-                for (; j + 16 <= len; j += 16) { /* a group's 16 flags tested as two 8-byte words */
-                    uint64_t w0, w1;
-                    memcpy(&w0, wanted + j, 8);
-                    memcpy(&w1, wanted + j + 8, 8);
-                    if (w0 | w1)
-                        for (int q = j; q < j + 16; q++) {
-                            out[kept] = a[q];
-                            kept += wanted[q];
-                        }
-                }
-                for (; j < len; j++) {
-                    out[kept] = a[j];
-                    kept += wanted[j];
-                }
-                cut->kept = kept;
+                /* about 1% of the entries (`candidates` has room: kept < n before each write) */
+                cut->kept = append_wanted(cut->candidates, cut->kept, a, wanted, len);
             }
         }
     }
@@ -1277,22 +1283,31 @@ static PyObject *py_stats_chunks(PyObject *self, PyObject *args) {
  * inputs a tuple of 1 to 64 (address, dtype); base (address, dtype). Releases the GIL. */
 enum { ELECT_MAGMAX = 0, ELECT_CONSENSUS = 1, ELECT_EMR = 2, ELECT_RAM = 3 };
 
+/* One block of the base into base_block and the task vectors tau[i * BLOCK + j] = x_i - base (float32); returns
+ * whether every base entry and every task-vector entry is finite. */
+INLINE int load_task_vectors(const Vec *base, const Vec *x, int m, Py_ssize_t start, int len, float *base_block,
+                             float *tau) {
+    int finite = 1;
+    load(base->data, base->dtype, start, len, base_block);
+    for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
+    for (int i = 0; i < m; i++) {
+        float *t = tau + (size_t)i * BLOCK;
+        load(x[i].data, x[i].dtype, start, len, t);
+        for (int j = 0; j < len; j++) {
+            t[j] = t[j] - base_block[j];
+            finite &= fabsf(t[j]) <= FLT_MAX;
+        }
+    }
+    return finite;
+}
+
 VECTOR_CLONES static int elect_chunk(int kind, float *out, Py_ssize_t n, const Vec *base, const Vec *x, int m,
                                      float a, float b, int k, float *tau) {
     int finite = 1;
     float base_block[BLOCK], total[BLOCK];
     for (Py_ssize_t start = 0; start < n && finite; start += BLOCK) {
         const int len = (int)(n - start < BLOCK ? n - start : BLOCK);
-        load(base->data, base->dtype, start, len, base_block);
-        for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
-        for (int i = 0; i < m; i++) {
-            float *t = tau + (size_t)i * BLOCK;
-            load(x[i].data, x[i].dtype, start, len, t);
-            for (int j = 0; j < len; j++) {
-                t[j] = t[j] - base_block[j];
-                finite &= fabsf(t[j]) <= FLT_MAX;
-            }
-        }
+        finite = load_task_vectors(base, x, m, start, len, base_block, tau);
         if (kind == ELECT_CONSENSUS || kind == ELECT_EMR) {
             memcpy(total, tau, (size_t)len * sizeof(float));
             for (int i = 1; i < m; i++)
@@ -1414,17 +1429,7 @@ VECTOR_CLONES static int side_chunk(int kind, Py_ssize_t n, const Vec *base, con
         for (Py_ssize_t start = buffer; start < buffer + buffer_len; start += BLOCK) {
             const int len = (int)(buffer + buffer_len - start < BLOCK ? buffer + buffer_len - start : BLOCK);
             const Py_ssize_t at = start - buffer; /* the entries' place in this buffer's summands */
-            int finite = 1;
-            load(base->data, base->dtype, start, len, base_block);
-            for (int j = 0; j < len; j++) finite &= fabsf(base_block[j]) <= FLT_MAX;
-            for (int i = 0; i < m; i++) {
-                float *t = tau + (size_t)i * BLOCK;
-                load(x[i].data, x[i].dtype, start, len, t);
-                for (int j = 0; j < len; j++) {
-                    t[j] = t[j] - base_block[j];
-                    finite &= fabsf(t[j]) <= FLT_MAX;
-                }
-            }
+            int finite = load_task_vectors(base, x, m, start, len, base_block, tau);
             memcpy(total, tau, (size_t)len * sizeof(float));
             for (int i = 1; i < m; i++)
                 for (int j = 0; j < len; j++) total[j] = total[j] + tau[(size_t)i * BLOCK + j];
@@ -2028,26 +2033,8 @@ INLINE void pcb_bracket_block(PcbBracket *br, int count, const uint32_t *keys, i
             }
         c->below += below;
         c->heavy_count += same;
-        if (inside_count) { /* as tally_chunk: write every entry of a group holding some, advance past the wanted */
-            uint32_t *out = c->candidates;
-            long long kept = c->kept;
-            int j = 0;
-            for (; j + 16 <= len; j += 16) {
-                uint64_t w0, w1;
-                memcpy(&w0, wanted + j, 8);
-                memcpy(&w1, wanted + j + 8, 8);
-                if (w0 | w1)
-                    for (int q = j; q < j + 16; q++) {
-                        out[kept] = keys[q];
-                        kept += wanted[q];
-                    }
-            }
-            for (; j < len; j++) {
-                out[kept] = keys[j];
-                kept += wanted[j];
-            }
-            c->kept = kept;
-        }
+        if (inside_count) /* as tally_chunk */
+            c->kept = append_wanted(c->candidates, c->kept, keys, wanted, len);
     }
 }
 
