@@ -146,3 +146,14 @@ def family_dirs(tmp_path_factory):
         return tuple(root / f"{name}-{s}" for s in range(n))
 
     return get
+
+
+def kernel_off(fn):
+    """fn() with the compiled kernels switched off (`merging.methods.kernels.compiled = None`): the torch path."""
+    from merging.methods import kernels
+
+    saved, kernels.compiled = kernels.compiled, None
+    try:
+        return fn()
+    finally:
+        kernels.compiled = saved

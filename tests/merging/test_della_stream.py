@@ -19,6 +19,7 @@ from merging.methods.apply import full_params, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, run_chunked
 from merging.methods.task_arithmetic import generalized_task_arithmetic
+from tests.merging.conftest import kernel_off
 from tests.merging.test_dare_kernel import _philox_scalar
 
 compiled = pytest.mark.skipif(not hasattr(kernels.compiled, "della_chunk"), reason="kernel not built")
@@ -27,14 +28,6 @@ compiled = pytest.mark.skipif(not hasattr(kernels.compiled, "della_chunk"), reas
 SHAPES = [(37, 53), (301,), (1,), (), (5, 1), (2, 3, 7), (70, 5003), (600001,), (3, 100003), (300001, 1),
           (150001, 2), (2, 3, 50001)]
 EMPTY = [(0,), (0, 4), (3, 0)]
-
-
-def _kernel_off(fn):
-    saved, kernels.compiled = kernels.compiled, None
-    try:
-        return fn()
-    finally:
-        kernels.compiled = saved
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +75,7 @@ def test_compiled_masks_and_sums_equal_the_torch_route(shape, dtype, values):
     drop = [(0.4, 0.15), None, (0.6, 0.3)]
     assert sparsify._della_compiled(inputs, sparsify.row_width(tuple(base.shape)))
     got = sparsify.magprune_masks(inputs, drop, 99, sums=True)
-    off = _kernel_off(lambda: sparsify.magprune_masks(inputs, drop, 99, sums=True))
+    off = kernel_off(lambda: sparsify.magprune_masks(inputs, drop, 99, sums=True))
     assert np.array_equal(got[1], off[1], equal_nan=True) and np.array_equal(got[2], off[2], equal_nan=True)
     assert got[0][1] == [] and len(got[0][0]) == inputs.num_chunks
     for a, b in zip(got[0], off[0]):
@@ -90,7 +83,7 @@ def test_compiled_masks_and_sums_equal_the_torch_route(shape, dtype, values):
     n = inputs.numel
     for start, stop in [(0, n), (n // 3, n - n // 5)]:  # ranges cutting rows
         keep = sparsify.magprune_keep(inputs, 2, drop[2], start, stop)
-        off = _kernel_off(lambda a=start, b=stop: sparsify.magprune_keep(inputs, 2, drop[2], a, b))
+        off = kernel_off(lambda a=start, b=stop: sparsify.magprune_keep(inputs, 2, drop[2], a, b))
         assert torch.equal(_bits(keep), _bits(off))
 
 
@@ -130,7 +123,7 @@ def test_sums_are_numpys_whole_tensor_sums(shape, kernel):
     def run():
         return sparsify.magprune_masks(inputs, drop, 7, sums=True)
 
-    masks, totals, kept = run() if kernel else _kernel_off(run)
+    masks, totals, kept = run() if kernel else kernel_off(run)
     for i in range(3):
         magnitude = (models[i].float() - base.float()).abs().reshape(-1)
         mask = torch.cat([sparsify.unpack_mask(p, CHUNK_ELEMENTS) for p in masks[i]])[:inputs.numel]
@@ -163,7 +156,7 @@ def test_streamed_merge_equals_the_whole_tensor_reference(shape, dtype, tied):
             def merge(m=method, p=params, w=workers, c=chunk):
                 return run_chunked(m, models, base, p, tensor_rng(0, "w"), torch.float32, workers=w, chunk_elements=c)
 
-            got = merge() if kernel else _kernel_off(merge)
+            got = merge() if kernel else kernel_off(merge)
             assert torch.equal(_bits(got), _bits(expected)), (name, raw, workers, chunk, kernel)
 
 

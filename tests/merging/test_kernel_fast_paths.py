@@ -17,6 +17,7 @@ from merging.methods.apply import full_params, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS, ChunkedInputs, run_chunked
 from merging.methods.task_arithmetic import generalized_task_arithmetic
+from tests.merging.conftest import kernel_off
 
 pytestmark = pytest.mark.skipif(kernels.compiled is None, reason="kernel not built (no C compiler)")
 N = 3 * CHUNK_ELEMENTS + 101
@@ -29,14 +30,6 @@ def _leveled(dtype: torch.dtype, seed: int, n_models: int = 3):
     models = [(base.float() + torch.randint(-2, 3, (N,), generator=g).float() * 2.0**-10).to(dtype)
               for _ in range(n_models)]
     return models, base
-
-
-def _kernel_off(fn):
-    saved, kernels.compiled = kernels.compiled, None
-    try:
-        return fn()
-    finally:
-        kernels.compiled = saved
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +50,7 @@ def test_ties_where_kept_ties_run_out_equals_the_whole_tensor_reference(dtype, w
     expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
                                            "magnitude", True)
     assert torch.equal(_bits(got), _bits(expected))
-    off = _kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers, chunk))
+    off = kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers, chunk))
     assert torch.equal(_bits(got), _bits(off))
 
 
@@ -85,7 +78,7 @@ def test_dare_in_registers_equals_the_torch_ops(dtype, method, raw):
     params = full_params(m, raw, 3)
     one = run_chunked(m, models, base, params, tensor_rng(7, "w"), torch.float32, 1)
     two = run_chunked(m, models, base, params, tensor_rng(7, "w"), torch.float32, 2, 2 * CHUNK_ELEMENTS)
-    off = _kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(7, "w"), torch.float32, 2))
+    off = kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(7, "w"), torch.float32, 2))
     assert torch.equal(_bits(one), _bits(off)) and torch.equal(_bits(two), _bits(off))
     other = run_chunked(m, models, base, params, tensor_rng(8, "w"), torch.float32, 1)
     assert not torch.equal(one, other)  # the masks (seeded per tensor) shape the result
@@ -106,6 +99,6 @@ def test_breadcrumbs_bands_in_registers_equal_the_reference_and_the_torch_ops(me
     expected = generalized_task_arithmetic([x.float() for x in models], base.float(), params, tensor_rng(0, "w"),
                                            "outliers", method == "breadcrumbs_ties")
     assert torch.equal(_bits(got), _bits(expected))
-    off = _kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers))
+    off = kernel_off(lambda: run_chunked(m, models, base, params, tensor_rng(0, "w"), torch.float32, workers))
     assert torch.equal(_bits(got), _bits(off))
     assert bool(torch.isnan(got[12])) and torch.isinf(got[10:12]).all()

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from merging.methods import kernels, philox
+from merging.methods import philox
 from merging.methods.apply import full_params, merge_tensor, tensor_rng
 from merging.methods.catalog import get_method
 from merging.methods.chunking import CHUNK_ELEMENTS
@@ -25,16 +25,9 @@ from merging.methods.sparsify import (
 )
 from merging.reductions import row_dots64, row_norms64, sum_squares64
 from taxonomy.errors import BasinError
+from tests.merging.conftest import kernel_off
 
 SHAPES = [(37, 53), (301,), (1,), (5, 1), (2, 3, 7), (2 * CHUNK_ELEMENTS // 512 + 3, 512)]
-
-
-def _kernel_off(fn):
-    saved, kernels.compiled = kernels.compiled, None
-    try:
-        return fn()
-    finally:
-        kernels.compiled = saved
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -278,7 +271,7 @@ def test_row_ranks_equal_the_stable_sort(shape, values):
     for magnitude in (x.abs(), x):  # DELLA ranks magnitudes; the ranks are those of any float row
         expected = reference_rank_keep_probability(magnitude, 0.4, 0.15)
         assert torch.equal(_bits(rank_keep_probability(magnitude, 0.4, 0.15)), _bits(expected))
-        assert torch.equal(_bits(_kernel_off(lambda m=magnitude: rank_keep_probability(m, 0.4, 0.15))), _bits(expected))
+        assert torch.equal(_bits(kernel_off(lambda m=magnitude: rank_keep_probability(m, 0.4, 0.15))), _bits(expected))
 
 
 @pytest.mark.parametrize("shape, dtype, tied", list(_cases()))
@@ -294,7 +287,7 @@ def test_della_equals_the_whole_tensor_reference(shape, dtype, tied, name, raw):
     expected = reference_della([m.float() for m in models], base.float(), params, tensor_rng(5, "w"),
                                name == "della")
     assert torch.equal(_bits(got), _bits(expected))
-    off, _ = _kernel_off(lambda: _merge(name, models, base, raw, seed=5))
+    off, _ = kernel_off(lambda: _merge(name, models, base, raw, seed=5))
     assert torch.equal(_bits(off), _bits(expected))
 
 
@@ -313,7 +306,7 @@ def test_model_stock_equals_the_whole_tensor_reference(shape, dtype, tied, n, fi
         return
     got, _ = _merge("model_stock", models, base, raw)
     assert torch.equal(_bits(got), _bits(expected))
-    off, _ = _kernel_off(lambda: _merge("model_stock", models, base, raw))
+    off, _ = kernel_off(lambda: _merge("model_stock", models, base, raw))
     assert torch.equal(_bits(off), _bits(expected))
     half = [m.to(torch.float16) for m in models]  # a dtype the kernel does not read
     got16, _ = _merge("model_stock", half, base.to(torch.float16), raw)
@@ -329,7 +322,7 @@ def test_sce_equals_the_whole_tensor_reference(shape, dtype, tied, n, select_top
     got, params = _merge("sce", models, base, raw)
     expected = reference_sce([m.float() for m in models], base.float(), params)
     assert torch.equal(_bits(got), _bits(expected))
-    off, _ = _kernel_off(lambda: _merge("sce", models, base, raw))
+    off, _ = kernel_off(lambda: _merge("sce", models, base, raw))
     assert torch.equal(_bits(off), _bits(expected))
 
 
@@ -384,7 +377,7 @@ def test_elections_equal_the_previous_code(shape, dtype, tied, name, n, raw):
     got, params = _merge(name, models, base, raw)
     expected = ELECTIONS[name]([m.float() for m in models], base.float(), params)
     assert torch.equal(_bits(got), _bits(expected))
-    off, _ = _kernel_off(lambda: _merge(name, models, base, raw))
+    off, _ = kernel_off(lambda: _merge(name, models, base, raw))
     assert torch.equal(_bits(off), _bits(expected))
 
 
